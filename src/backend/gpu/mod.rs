@@ -1,0 +1,1 @@
+//! The GPU backend: host side of the CUDA path, generic over a driver.

@@ -1,0 +1,265 @@
+//! The op set every compute backend provides, and nothing more.
+//!
+//! Buffers are opaque handles owned by the backend: the CPU reference keeps
+//! NCHW `f32`, a GPU backend may keep another layout. Every buffer reports its
+//! *logical* shape (NCHW for images, `[N, F]` for features), and all shapes in
+//! this trait are logical. Ops are pure functions of their inputs unless they
+//! take `&mut`; reductions are deterministic for a given shape.
+
+pub mod cpu;
+pub mod gpu;
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Stride and zero padding of a 2-D convolution (same on both axes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    /// Step between output positions, in input pixels.
+    pub stride: usize,
+    /// Zeros added on each side of the input.
+    pub pad: usize,
+}
+
+impl ConvParams {
+    /// Output extent along one axis for an input extent and a kernel extent.
+    pub fn out_len(&self, input: usize, kernel: usize) -> usize {
+        (input + 2 * self.pad - kernel) / self.stride + 1
+    }
+}
+
+/// Window, stride and padding of a 2-D pooling op (same on both axes).
+/// Average pooling counts padded zeros in the divisor, as PyTorch does by
+/// default (`count_include_pad=True`); max pooling ignores padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolParams {
+    /// Window extent.
+    pub kernel: usize,
+    /// Step between windows.
+    pub stride: usize,
+    /// Padding on each side.
+    pub pad: usize,
+}
+
+impl PoolParams {
+    /// Output extent along one axis (floor mode, as PyTorch's default).
+    pub fn out_len(&self, input: usize) -> usize {
+        (input + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+}
+
+/// What the train-mode batch norm keeps for its backward pass.
+pub struct BnSaved<B> {
+    /// Per-channel batch mean, `[C]`.
+    pub mean: B,
+    /// Per-channel `1 / sqrt(biased batch variance + eps)`, `[C]`.
+    pub invstd: B,
+}
+
+/// Hyper-parameters of one SGD-with-momentum update (PyTorch's convention:
+/// `g' = g + wd * p; v = momentum * v + g'; p -= lr * v`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdParams {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum factor.
+    pub momentum: f32,
+    /// L2 weight decay (0 for parameters that must not decay).
+    pub weight_decay: f32,
+}
+
+/// The op set of the engine. Shapes are logical NCHW; `x` is an input,
+/// `y` an output, `d*` a gradient of the loss with respect to that tensor.
+pub trait Backend: Send + Sync {
+    /// A buffer on the backend's device.
+    type Buf: Send + Sync;
+
+    /// A short name for reports ("cpu", "cuda:0 NVIDIA H200", "emu").
+    fn name(&self) -> String;
+
+    /// Copies a host tensor onto the device.
+    fn upload(&self, t: &Tensor) -> Result<Self::Buf>;
+    /// Copies a buffer back to the host, in logical (NCHW) order.
+    fn download(&self, b: &Self::Buf) -> Result<Tensor>;
+    /// The logical shape of a buffer.
+    fn shape<'a>(&self, b: &'a Self::Buf) -> &'a [usize];
+    /// A buffer of zeros.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Buf>;
+    /// The same data under another logical shape with as many elements
+    /// (for `[N,C,H,W] <-> [N,C*H*W]` this is PyTorch's `flatten(1)` order).
+    fn reshape(&self, x: &Self::Buf, shape: &[usize]) -> Result<Self::Buf>;
+
+    /// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`.
+    fn conv2d(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        p: ConvParams,
+    ) -> Result<Self::Buf>;
+    /// Gradient of `conv2d` with respect to its input, of shape `x_shape`.
+    fn conv2d_backward_data(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<Self::Buf>;
+    /// Gradients of `conv2d` with respect to the filter (shape `w_shape`)
+    /// and, when `with_bias`, the bias (sum of `dy` over N, H, W).
+    fn conv2d_backward_filter(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        w_shape: &[usize],
+        p: ConvParams,
+        with_bias: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+
+    /// Batch norm with running statistics:
+    /// `y = (x - mean) / sqrt(var + eps) * gamma + beta`, per channel.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_eval(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        mean: &Self::Buf,
+        var: &Self::Buf,
+        eps: f32,
+    ) -> Result<Self::Buf>;
+    /// Input gradient of `batch_norm_eval`: `dy * gamma / sqrt(var + eps)`.
+    fn batch_norm_eval_backward(
+        &self,
+        dy: &Self::Buf,
+        gamma: &Self::Buf,
+        var: &Self::Buf,
+        eps: f32,
+    ) -> Result<Self::Buf>;
+    /// Batch norm with batch statistics (biased variance to normalise).
+    /// Updates the running statistics in place with `momentum` and the
+    /// unbiased variance, as PyTorch does.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<(Self::Buf, BnSaved<Self::Buf>)>;
+    /// Gradients of `batch_norm_train`: `(dx, dgamma, dbeta)`.
+    fn batch_norm_train_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        saved: &BnSaved<Self::Buf>,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+
+    /// `max(x, 0)`.
+    fn relu(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `dy` where the ReLU's output `y` is positive, else 0.
+    fn relu_backward(&self, dy: &Self::Buf, y: &Self::Buf) -> Result<Self::Buf>;
+    /// `a + b`, same shapes.
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `a += b` in place, same shapes (gradient accumulation).
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
+
+    /// Max pooling; padded positions never win.
+    fn max_pool2d(&self, x: &Self::Buf, p: PoolParams) -> Result<Self::Buf>;
+    /// Gradient of `max_pool2d`, routed to the first maximum of each window
+    /// (row-major scan order, as PyTorch on the CPU).
+    fn max_pool2d_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        p: PoolParams,
+    ) -> Result<Self::Buf>;
+    /// Average pooling (padded zeros counted in the divisor).
+    fn avg_pool2d(&self, x: &Self::Buf, p: PoolParams) -> Result<Self::Buf>;
+    /// Gradient of `avg_pool2d` with respect to an input of shape `x_shape`.
+    fn avg_pool2d_backward(
+        &self,
+        dy: &Self::Buf,
+        x_shape: &[usize],
+        p: PoolParams,
+    ) -> Result<Self::Buf>;
+    /// Mean over H and W: `[N,C,H,W] -> [N,C]`.
+    fn global_avg_pool(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// Gradient of `global_avg_pool` for an input of shape `x_shape`.
+    fn global_avg_pool_backward(&self, dy: &Self::Buf, x_shape: &[usize]) -> Result<Self::Buf>;
+
+    /// `x [N,K] * w[O,K]^T + bias [O]`.
+    fn linear(&self, x: &Self::Buf, w: &Self::Buf, bias: Option<&Self::Buf>) -> Result<Self::Buf>;
+    /// Input gradient of `linear`: `dy [N,O] * w [O,K]`.
+    fn linear_backward_data(&self, dy: &Self::Buf, w: &Self::Buf) -> Result<Self::Buf>;
+    /// Weight gradient `dy^T * x` (`[O,K]`) and, when `with_bias`, the bias
+    /// gradient (sum of `dy` over N).
+    fn linear_backward_weight(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        with_bias: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+
+    /// Per-channel input normalisation `(x - mean[c]) / std[c]`.
+    fn normalize(&self, x: &Self::Buf, mean: &[f32], std: &[f32]) -> Result<Self::Buf>;
+    /// Input gradient of `normalize`: `dy / std[c]`.
+    fn normalize_backward(&self, dy: &Self::Buf, std: &[f32]) -> Result<Self::Buf>;
+
+    /// Softmax cross-entropy of `logits [N,K]` against `labels`.
+    /// Returns the per-sample losses and `dlogits[n] = weights[n] *
+    /// (softmax(logits[n]) - onehot(labels[n]))`, so a mean over the batch is
+    /// `weights = 1/N` and a search's own mean is `alpha / B` on its rows.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        labels: &[usize],
+        weights: &[f32],
+    ) -> Result<(Vec<f32>, Self::Buf)>;
+
+    /// The search composite for S searches with B images each:
+    /// `out[s*B+b] = mask[s] * canvas[s] + (1 - mask[s]) * others[s*B+b]`,
+    /// the `[S,H,W]` mask broadcast over channels.
+    fn composite(
+        &self,
+        canvas: &Self::Buf,
+        mask: &Self::Buf,
+        others: &Self::Buf,
+    ) -> Result<Self::Buf>;
+    /// The mask gradient of each search from the gradient `dx` of its
+    /// composites: `dmask[s,h,w] = l1_grad + sum_{b,c} dx[s*B+b,c,h,w] *
+    /// (canvas[s,c,h,w] - others[s*B+b,c,h,w])`, summed in a fixed order.
+    fn mask_grad(
+        &self,
+        dx: &Self::Buf,
+        canvas: &Self::Buf,
+        others: &Self::Buf,
+        l1_grad: f32,
+    ) -> Result<Self::Buf>;
+    /// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`
+    /// with `sign(0) = 0`.
+    fn sign_step_clamp(&self, mask: &mut Self::Buf, grad: &Self::Buf, lr: f32) -> Result<()>;
+
+    /// One SGD-with-momentum update of `param` in place.
+    fn sgd_step(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        velocity: &mut Self::Buf,
+        p: SgdParams,
+    ) -> Result<()>;
+    /// One L-infinity PGD ascent step in place:
+    /// `x = clamp(clamp(x + step * sign(g), x0 - eps, x0 + eps), 0, 1)`.
+    fn pgd_step(
+        &self,
+        x: &mut Self::Buf,
+        grad: &Self::Buf,
+        x0: &Self::Buf,
+        step: f32,
+        eps: f32,
+    ) -> Result<()>;
+}

@@ -1,0 +1,373 @@
+//! Forward and backward passes of a [`Graph`] on a [`Backend`].
+
+use super::{Graph, Op, ParamId};
+use crate::backend::{Backend, BnSaved};
+use crate::error::{Error, Result};
+
+/// Batch-norm behaviour of a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Running statistics (inference, search, evaluation).
+    Eval,
+    /// Batch statistics; running statistics updated with `momentum`.
+    Train {
+        /// PyTorch's BN momentum (0.1 by default).
+        momentum: f32,
+    },
+}
+
+/// Everything a forward pass kept for its backward pass.
+pub struct Trace<B: Backend> {
+    mode: Mode,
+    input: B::Buf,
+    outs: Vec<Option<B::Buf>>,
+    bn: Vec<Option<BnSaved<B::Buf>>>,
+}
+
+impl<B: Backend> Trace<B> {
+    /// The model output (logits).
+    pub fn logits(&self) -> &B::Buf {
+        self.outs
+            .last()
+            .and_then(|o| o.as_ref())
+            .unwrap_or(&self.input)
+    }
+
+    /// The input the pass ran on.
+    pub fn input(&self) -> &B::Buf {
+        &self.input
+    }
+}
+
+/// Gradient per parameter (`None` for BN running statistics, for
+/// parameters the output does not depend on, and when not requested).
+pub type ParamGrads<B> = Vec<Option<<B as Backend>::Buf>>;
+
+/// The result of a backward pass.
+pub struct Grads<B: Backend> {
+    /// Gradient with respect to the model input.
+    pub dx: B::Buf,
+    /// Parameter gradients, indexed like [`Graph::params`] (empty when not requested).
+    pub params: ParamGrads<B>,
+}
+
+enum Params<'a, B: Backend> {
+    Shared(&'a [B::Buf]),
+    Train(&'a mut [B::Buf], f32),
+}
+
+impl<B: Backend> Params<'_, B> {
+    fn get(&self, id: ParamId) -> &B::Buf {
+        match self {
+            Params::Shared(p) => &p[id],
+            Params::Train(p, _) => &p[id],
+        }
+    }
+}
+
+impl Graph {
+    fn check_input<B: Backend>(&self, be: &B, params_len: usize, x: &B::Buf) -> Result<()> {
+        if params_len != self.params.len() {
+            return Err(Error::Msg(format!(
+                "{}: {} parameter buffers given, {} needed",
+                self.arch,
+                params_len,
+                self.params.len()
+            )));
+        }
+        let s = be.shape(x);
+        if s.len() != 4 || s[1..] != self.input {
+            return Err(Error::shape(
+                "x (model input)",
+                &self.input_shape(s.first().copied().unwrap_or(0)),
+                s,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Last node reading each node's output (the node itself when none does).
+    fn last_use(&self) -> Vec<usize> {
+        let mut last: Vec<usize> = (0..self.nodes.len()).collect();
+        for (j, node) in self.nodes.iter().enumerate() {
+            for &i in &node.inputs {
+                last[i] = last[i].max(j);
+            }
+        }
+        last
+    }
+
+    fn run<B: Backend>(
+        &self,
+        be: &B,
+        mut params: Params<'_, B>,
+        x: &B::Buf,
+        keep: bool,
+    ) -> Result<(Vec<Option<B::Buf>>, Vec<Option<BnSaved<B::Buf>>>)> {
+        let n = self.nodes.len();
+        let last_use = self.last_use();
+        let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
+        let mut bn: Vec<Option<BnSaved<B::Buf>>> = (0..n).map(|_| None).collect();
+        for j in 1..n {
+            let node = &self.nodes[j];
+            let arg = |k: usize| -> Result<&B::Buf> {
+                let i = node.inputs[k];
+                if i == 0 {
+                    Ok(x)
+                } else {
+                    outs[i].as_ref().ok_or_else(|| {
+                        Error::Msg(format!("graph: node {i} freed before node {j} read it"))
+                    })
+                }
+            };
+            let y = match &node.op {
+                Op::Input => return Err(Error::Msg("graph: a second input node".into())),
+                Op::Normalize { mean, std } => be.normalize(arg(0)?, mean, std)?,
+                Op::Conv { w, b, p } => {
+                    be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), *p)?
+                }
+                Op::BatchNorm {
+                    gamma,
+                    beta,
+                    mean,
+                    var,
+                    eps,
+                } => match &mut params {
+                    Params::Shared(p) => be.batch_norm_eval(
+                        arg(0)?,
+                        &p[*gamma],
+                        &p[*beta],
+                        &p[*mean],
+                        &p[*var],
+                        *eps,
+                    )?,
+                    Params::Train(p, momentum) => {
+                        let [g, bt, rm, rv] = p
+                            .get_disjoint_mut([*gamma, *beta, *mean, *var])
+                            .map_err(|e| {
+                                Error::Msg(format!("graph: BN parameters overlap: {e}"))
+                            })?;
+                        let (y, saved) =
+                            be.batch_norm_train(arg(0)?, g, bt, rm, rv, *momentum, *eps)?;
+                        bn[j] = Some(saved);
+                        y
+                    }
+                },
+                Op::Relu => be.relu(arg(0)?)?,
+                Op::Add => be.add(arg(0)?, arg(1)?)?,
+                Op::MaxPool(p) => be.max_pool2d(arg(0)?, *p)?,
+                Op::AvgPool(p) => be.avg_pool2d(arg(0)?, *p)?,
+                Op::GlobalAvgPool => be.global_avg_pool(arg(0)?)?,
+                Op::Flatten => {
+                    let s = be.shape(arg(0)?);
+                    let flat = [s[0], s[1..].iter().product()];
+                    be.reshape(arg(0)?, &flat)?
+                }
+                Op::Linear { w, b } => {
+                    be.linear(arg(0)?, params.get(*w), b.map(|b| params.get(b)))?
+                }
+            };
+            outs[j] = Some(y);
+            if !keep {
+                for &i in &node.inputs {
+                    if i != 0 && last_use[i] == j {
+                        outs[i] = None;
+                    }
+                }
+            }
+        }
+        Ok((outs, bn))
+    }
+
+    /// Eval-mode forward that keeps nothing: returns the logits `[N, classes]`.
+    pub fn forward<B: Backend>(&self, be: &B, params: &[B::Buf], x: &B::Buf) -> Result<B::Buf> {
+        self.check_input(be, params.len(), x)?;
+        let (mut outs, _) = self.run(be, Params::Shared(params), x, false)?;
+        outs.pop()
+            .flatten()
+            .ok_or_else(|| Error::Msg(format!("{}: graph has no output node", self.arch)))
+    }
+
+    /// Eval-mode forward that keeps what [`Graph::backward`] needs.
+    pub fn forward_trace<B: Backend>(
+        &self,
+        be: &B,
+        params: &[B::Buf],
+        x: B::Buf,
+    ) -> Result<Trace<B>> {
+        self.check_input(be, params.len(), &x)?;
+        let (outs, bn) = self.run(be, Params::Shared(params), &x, true)?;
+        Ok(Trace {
+            mode: Mode::Eval,
+            input: x,
+            outs,
+            bn,
+        })
+    }
+
+    /// Train-mode forward (batch statistics; running statistics in `params`
+    /// updated in place) that keeps what [`Graph::backward`] needs.
+    pub fn forward_train<B: Backend>(
+        &self,
+        be: &B,
+        params: &mut [B::Buf],
+        x: B::Buf,
+        momentum: f32,
+    ) -> Result<Trace<B>> {
+        self.check_input(be, params.len(), &x)?;
+        let (outs, bn) = self.run(be, Params::Train(params, momentum), &x, true)?;
+        Ok(Trace {
+            mode: Mode::Train { momentum },
+            input: x,
+            outs,
+            bn,
+        })
+    }
+
+    /// Backward pass from `dlogits`: the input gradient and, when
+    /// `param_grads`, the gradient of every trainable parameter.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        params: &[B::Buf],
+        trace: &Trace<B>,
+        dlogits: B::Buf,
+        param_grads: bool,
+    ) -> Result<Grads<B>> {
+        let n = self.nodes.len();
+        let out_of = |i: usize| -> Result<&B::Buf> {
+            if i == 0 {
+                Ok(&trace.input)
+            } else {
+                trace.outs[i]
+                    .as_ref()
+                    .ok_or_else(|| Error::Msg(format!("graph: node {i} output was not kept")))
+            }
+        };
+        let mut grads: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
+        let mut pgrads: ParamGrads<B> = if param_grads {
+            (0..self.params.len()).map(|_| None).collect()
+        } else {
+            Vec::new()
+        };
+        grads[n - 1] = Some(dlogits);
+
+        // Adds a gradient contribution to node `i`'s output gradient.
+        let accumulate = |grads: &mut Vec<Option<B::Buf>>, i: usize, g: B::Buf| -> Result<()> {
+            match &mut grads[i] {
+                Some(acc) => be.add_assign(acc, &g),
+                slot => {
+                    *slot = Some(g);
+                    Ok(())
+                }
+            }
+        };
+
+        for j in (1..n).rev() {
+            let Some(dy) = grads[j].take() else { continue };
+            let node = &self.nodes[j];
+            let input = node.inputs.first().copied().unwrap_or(0);
+            match &node.op {
+                Op::Input => {}
+                Op::Normalize { std, .. } => {
+                    accumulate(&mut grads, input, be.normalize_backward(&dy, std)?)?
+                }
+                Op::Conv { w, b, p } => {
+                    let x = out_of(input)?;
+                    let x_shape = be.shape(x).to_vec();
+                    let dx = be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p)?;
+                    if param_grads {
+                        let w_shape = &self.params[*w].shape;
+                        let (dw, db) =
+                            be.conv2d_backward_filter(x, &dy, w_shape, *p, b.is_some())?;
+                        pgrads[*w] = Some(dw);
+                        if let (Some(b), Some(db)) = (b, db) {
+                            pgrads[*b] = Some(db);
+                        }
+                    }
+                    accumulate(&mut grads, input, dx)?;
+                }
+                Op::BatchNorm {
+                    gamma,
+                    beta,
+                    var,
+                    eps,
+                    ..
+                } => {
+                    let dx = match (trace.mode, &trace.bn[j]) {
+                        (Mode::Train { .. }, Some(saved)) => {
+                            let (dx, dg, db) = be.batch_norm_train_backward(
+                                &dy,
+                                out_of(input)?,
+                                &params[*gamma],
+                                saved,
+                            )?;
+                            if param_grads {
+                                pgrads[*gamma] = Some(dg);
+                                pgrads[*beta] = Some(db);
+                            }
+                            dx
+                        }
+                        _ => {
+                            be.batch_norm_eval_backward(&dy, &params[*gamma], &params[*var], *eps)?
+                        }
+                    };
+                    accumulate(&mut grads, input, dx)?;
+                }
+                Op::Relu => {
+                    let dx = be.relu_backward(&dy, out_of(j)?)?;
+                    accumulate(&mut grads, input, dx)?;
+                }
+                Op::Add => {
+                    let (a, b) = (node.inputs[0], node.inputs[1]);
+                    let copy = be.reshape(&dy, be.shape(&dy))?;
+                    accumulate(&mut grads, a, copy)?;
+                    accumulate(&mut grads, b, dy)?;
+                }
+                Op::MaxPool(p) => {
+                    let dx = be.max_pool2d_backward(out_of(input)?, &dy, *p)?;
+                    accumulate(&mut grads, input, dx)?;
+                }
+                Op::AvgPool(p) => {
+                    let x_shape = be.shape(out_of(input)?).to_vec();
+                    accumulate(
+                        &mut grads,
+                        input,
+                        be.avg_pool2d_backward(&dy, &x_shape, *p)?,
+                    )?;
+                }
+                Op::GlobalAvgPool => {
+                    let x_shape = be.shape(out_of(input)?).to_vec();
+                    accumulate(
+                        &mut grads,
+                        input,
+                        be.global_avg_pool_backward(&dy, &x_shape)?,
+                    )?;
+                }
+                Op::Flatten => {
+                    let x_shape = be.shape(out_of(input)?).to_vec();
+                    accumulate(&mut grads, input, be.reshape(&dy, &x_shape)?)?;
+                }
+                Op::Linear { w, b } => {
+                    let dx = be.linear_backward_data(&dy, &params[*w])?;
+                    if param_grads {
+                        let (dw, db) =
+                            be.linear_backward_weight(out_of(input)?, &dy, b.is_some())?;
+                        pgrads[*w] = Some(dw);
+                        if let (Some(b), Some(db)) = (b, db) {
+                            pgrads[*b] = Some(db);
+                        }
+                    }
+                    accumulate(&mut grads, input, dx)?;
+                }
+            }
+        }
+        let dx = grads[0].take().ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: the output does not depend on the input",
+                self.arch
+            ))
+        })?;
+        Ok(Grads { dx, params: pgrads })
+    }
+}

@@ -1,0 +1,20 @@
+//! classwise: class-wise pattern search (Zhao et al., "What Do Deep Nets
+//! Learn? Class-wise Patterns Revealed in the Input Space") on a Rust engine
+//! with a CPU reference backend and hand-written CUDA kernels.
+//!
+//! Data flows one way: [`data`] -> [`graph`] (built by [`zoo`], filled by
+//! [`weights`]) -> [`backend`]; [`train`], [`search`] and [`report`] sit on top.
+
+pub mod backend;
+pub mod data;
+pub mod error;
+pub mod graph;
+pub mod report;
+pub mod search;
+pub mod tensor;
+pub mod train;
+pub mod weights;
+pub mod zoo;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;

@@ -1,0 +1,1 @@
+//! Reports: PNG images and grids, plots, JSON, HTML.

@@ -1,0 +1,1 @@
+//! Class-wise pattern search: canvas, mask optimisation, top-k pattern, predictive power.

@@ -1,0 +1,1 @@
+//! Training: SGD, augmentation, poisoning (triggers), adversarial training.

@@ -1,0 +1,1 @@
+//! Safetensors weights in and out.

@@ -1,0 +1,1 @@
+//! Architectures as graphs, with PyTorch parameter names.
