@@ -9,6 +9,7 @@ pub mod backend;
 pub mod data;
 pub mod error;
 pub mod graph;
+pub mod io;
 pub mod report;
 pub mod search;
 pub mod tensor;
