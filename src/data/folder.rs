@@ -1,7 +1,8 @@
 //! Image folders: one sub-folder per class (sorted by name = class index,
 //! folder name = class name) of `.png`/`.jpg`/`.jpeg` files. A folder with
-//! `train/` and `test/` (or `val/`) sub-folders has those as its splits;
-//! any other folder serves both splits whole.
+//! `train/` and `test/` (or `val/`) sub-folders has those as its splits
+//! (the test split must have the same class folders); any other folder
+//! serves both splits whole.
 //!
 //! Every image is converted to the model's `[C, H, W]`: resized (triangle
 //! filter, like torchvision's bilinear `Resize`) so that it just covers
@@ -30,7 +31,8 @@ pub fn is_image_name(name: &str) -> bool {
         .any(|ext| lower.ends_with(ext))
 }
 
-/// The folders of the train and test splits of `dir`.
+/// The folders of the train and test splits of `dir`: `dir/train` and
+/// `dir/test` (else `dir/val`) when both exist, otherwise `dir` for both.
 pub fn split_dirs(dir: &Path) -> (PathBuf, PathBuf) {
     let train = dir.join("train");
     if train.is_dir() {
