@@ -91,8 +91,8 @@ pub fn list_images(class_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Resizes `img` so it just covers `w × h` (aspect ratio kept), then crops
-/// the centre `w × h`.
+/// Resizes `img` (non-empty) so it just covers `w × h` (aspect ratio kept;
+/// unchanged when it already does exactly), then crops the centre `w × h`.
 pub fn resize_and_crop<P>(
     img: &ImageBuffer<P, Vec<P::Subpixel>>,
     w: u32,
@@ -115,7 +115,8 @@ where
     imageops::crop_imm(src, (nw - w) / 2, (nh - h) / 2, w, h).to_image()
 }
 
-/// Converts a decoded image to `[C, H, W]` bytes (C = 1 or 3).
+/// Converts a decoded, non-empty image to `[C, H, W]` bytes (C = 1 or 3;
+/// H, W > 0).
 pub fn convert(img: &DynamicImage, shape: [usize; 3]) -> Vec<u8> {
     let [c, h, w] = shape;
     let (w32, h32) = (w as u32, h as u32);
@@ -139,6 +140,9 @@ fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
     let bytes = read_file(path)?;
     let img = image::load_from_memory(&bytes)
         .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(Error::format(path, "image with no pixels"));
+    }
     Ok(convert(&img, shape))
 }
 
