@@ -26,7 +26,10 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     /// Uploads host parameters.
     pub fn upload(be: &'a B, graph: &'a Graph, params: &[Tensor]) -> Result<Self> {
         graph.check_params(params)?;
-        let params = params.iter().map(|t| be.upload(t)).collect::<Result<Vec<_>>>()?;
+        let params = params
+            .iter()
+            .map(|t| be.upload(t))
+            .collect::<Result<Vec<_>>>()?;
         Ok(DeviceModel { be, graph, params })
     }
 
@@ -45,10 +48,16 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     /// Mean cross-entropy loss and input gradient (eval mode) of a host batch.
     pub fn loss_and_input_grad(&self, x: &Tensor, labels: &[usize]) -> Result<(f32, Tensor)> {
         let n = labels.len();
-        let trace = self.graph.forward_trace(self.be, &self.params, self.be.upload(x)?)?;
+        let trace = self
+            .graph
+            .forward_trace(self.be, &self.params, self.be.upload(x)?)?;
         let weights = vec![1.0 / n as f32; n];
-        let (losses, dlogits) = self.be.softmax_cross_entropy(trace.logits(), labels, &weights)?;
-        let grads = self.graph.backward(self.be, &self.params, &trace, dlogits, false)?;
+        let (losses, dlogits) = self
+            .be
+            .softmax_cross_entropy(trace.logits(), labels, &weights)?;
+        let grads = self
+            .graph
+            .backward(self.be, &self.params, &trace, dlogits, false)?;
         let loss = losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
         Ok((loss as f32, self.be.download(&grads.dx)?))
     }
@@ -148,7 +157,11 @@ pub fn summarise(labels: &[usize], preds: &[usize], classes: usize) -> Accuracy 
         .collect();
     Accuracy {
         images: labels.len(),
-        accuracy: if labels.is_empty() { 0.0 } else { correct as f64 / labels.len() as f64 },
+        accuracy: if labels.is_empty() {
+            0.0
+        } else {
+            correct as f64 / labels.len() as f64
+        },
         per_class,
         confusion,
     }
@@ -180,12 +193,18 @@ pub fn attack_success<B: Backend>(
     if target >= data.num_classes() {
         return Err(Error::arg(
             "--target",
-            format!("class {target} does not exist ({} classes)", data.num_classes()),
+            format!(
+                "class {target} does not exist ({} classes)",
+                data.num_classes()
+            ),
         ));
     }
     trigger.check_fits(data.shape())?;
-    let idx: Vec<usize> = (0..data.len()).filter(|&i| data.label(i) != target).collect();
-    let hit = |p: &[usize]| p.iter().filter(|&&c| c == target).count() as f64 / p.len().max(1) as f64;
+    let idx: Vec<usize> = (0..data.len())
+        .filter(|&i| data.label(i) != target)
+        .collect();
+    let hit =
+        |p: &[usize]| p.iter().filter(|&&c| c == target).count() as f64 / p.len().max(1) as f64;
     let stamped = predict_all(model, data, &idx, batch, |x| trigger.apply_batch(x), |_| {})?;
     let clean = predict_all(model, data, &idx, batch, |_| Ok(()), |_| {})?;
     Ok(AttackSuccess {

@@ -22,13 +22,21 @@ pub struct ForwardOutput {
 }
 
 /// Runs the model on `x` (labels `y`) in eval mode.
-pub fn forward<B: Backend>(be: &B, model: &Model, x: &Tensor, y: &[usize]) -> Result<ForwardOutput> {
+pub fn forward<B: Backend>(
+    be: &B,
+    model: &Model,
+    x: &Tensor,
+    y: &[usize],
+) -> Result<ForwardOutput> {
     let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
     let trace = model.graph.forward_trace(be, &dm.params, be.upload(x)?)?;
     let n = y.len();
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])?;
+    let (losses, dlogits) =
+        be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])?;
     let logits = be.download(trace.logits())?;
-    let grads = model.graph.backward(be, &dm.params, &trace, dlogits, false)?;
+    let grads = model
+        .graph
+        .backward(be, &dm.params, &trace, dlogits, false)?;
     let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32;
     Ok(ForwardOutput {
         logits,
@@ -39,33 +47,46 @@ pub fn forward<B: Backend>(be: &B, model: &Model, x: &Tensor, y: &[usize]) -> Re
 
 /// Reads `x` (f32 NCHW) and `y` (integers) from `input`, runs [`forward`],
 /// and writes `logits`, `loss` and `dx` to `out` (atomically).
-pub fn forward_file<B: Backend>(be: &B, model: &Model, input: &Path, out: &Path) -> Result<ForwardOutput> {
+pub fn forward_file<B: Backend>(
+    be: &B,
+    model: &Model,
+    input: &Path,
+    out: &Path,
+) -> Result<ForwardOutput> {
     let file = read_tensors(input)?;
     let x = file.float("x", input)?;
-    let want = model.graph.input_shape(x.shape().first().copied().unwrap_or(0));
+    let want = model
+        .graph
+        .input_shape(x.shape().first().copied().unwrap_or(0));
     if x.shape() != want.as_slice() {
         return Err(Error::format(
             input,
-            format!("tensor `x` has shape {:?}; the model needs {:?}", x.shape(), want),
+            format!(
+                "tensor `x` has shape {:?}; the model needs {:?}",
+                x.shape(),
+                want
+            ),
         ));
     }
     let (yshape, yv) = file.int("y", input)?;
     if yshape != [want[0]] {
         return Err(Error::format(
             input,
-            format!("tensor `y` has shape {yshape:?}; {} labels are needed", want[0]),
+            format!(
+                "tensor `y` has shape {yshape:?}; {} labels are needed",
+                want[0]
+            ),
         ));
     }
     let k = model.graph.num_classes;
-    let y = yv
-        .iter()
-        .map(|&v| {
-            usize::try_from(v)
-                .ok()
-                .filter(|&c| c < k)
-                .ok_or_else(|| Error::format(input, format!("label {v} in `y` is outside 0..{k}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let y =
+        yv.iter()
+            .map(|&v| {
+                usize::try_from(v).ok().filter(|&c| c < k).ok_or_else(|| {
+                    Error::format(input, format!("label {v} in `y` is outside 0..{k}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
     let res = forward(be, model, x, &y)?;
     let loss = Tensor::new(&[1], vec![res.loss])?;
     let mut meta = BTreeMap::new();

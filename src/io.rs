@@ -44,3 +44,14 @@ pub fn check_writable(path: &Path, option: &str) -> Result<()> {
         .map(|_| ())
         .map_err(|e| Error::arg(option, format!("cannot write to {}: {e}", path.display())))
 }
+
+/// Hex SHA-256 of the concatenation of `parts` (fingerprints of runs and caches).
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}

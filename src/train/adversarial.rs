@@ -47,7 +47,12 @@ impl Attack {
     /// Parses `eps,step,steps` (e.g. `0.1,0.01,20`).
     pub fn parse_pgd(s: &str, option: &str) -> Result<Attack> {
         let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-        let bad = || Error::arg(option, format!("`{s}` is not EPS,STEP,STEPS (e.g. 0.1,0.01,20)"));
+        let bad = || {
+            Error::arg(
+                option,
+                format!("`{s}` is not EPS,STEP,STEPS (e.g. 0.1,0.01,20)"),
+            )
+        };
         if parts.len() != 3 {
             return Err(bad());
         }
@@ -67,10 +72,16 @@ impl Attack {
     /// Checks ε in [0, 1], a positive step and at least one step.
     pub fn validate(&self, option: &str) -> Result<()> {
         if !(0.0..=1.0).contains(&self.eps) {
-            return Err(Error::arg(option, format!("epsilon {} is outside [0, 1]", self.eps)));
+            return Err(Error::arg(
+                option,
+                format!("epsilon {} is outside [0, 1]", self.eps),
+            ));
         }
         if !(self.step > 0.0 && self.step.is_finite()) {
-            return Err(Error::arg(option, format!("step {} must be positive", self.step)));
+            return Err(Error::arg(
+                option,
+                format!("step {} must be positive", self.step),
+            ));
         }
         if self.steps == 0 {
             return Err(Error::arg(option, "at least one step is needed"));

@@ -14,12 +14,18 @@ pub struct Augment {
 
 impl Augment {
     /// No augmentation.
-    pub const NONE: Augment = Augment { crop_pad: 0, flip: false };
+    pub const NONE: Augment = Augment {
+        crop_pad: 0,
+        flip: false,
+    };
 
     /// The default for an input shape: crop 4 + flip for 32×32 RGB, none otherwise.
     pub fn default_for(shape: [usize; 3]) -> Augment {
         if shape == [3, 32, 32] {
-            Augment { crop_pad: 4, flip: true }
+            Augment {
+                crop_pad: 4,
+                flip: true,
+            }
         } else {
             Augment::NONE
         }
@@ -29,7 +35,7 @@ impl Augment {
     pub fn apply<R: Rng>(&self, img: &mut [f32], shape: [usize; 3], rng: &mut R) {
         let [c, h, w] = shape;
         if self.crop_pad > 0 {
-            let p = self.crop_pad as isize;
+            let p = self.crop_pad as i64;
             let dy = rng.random_range(-p..=p);
             let dx = rng.random_range(-p..=p);
             if dy != 0 || dx != 0 {
@@ -37,8 +43,8 @@ impl Augment {
                 for ch in 0..c {
                     for y in 0..h {
                         for x in 0..w {
-                            let (sy, sx) = (y as isize + dy, x as isize + dx);
-                            let inside = sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize;
+                            let (sy, sx) = (y as i64 + dy, x as i64 + dx);
+                            let inside = sy >= 0 && sy < h as i64 && sx >= 0 && sx < w as i64;
                             img[(ch * h + y) * w + x] = if inside {
                                 src[(ch * h + sy as usize) * w + sx as usize]
                             } else {

@@ -150,10 +150,16 @@ impl TrainConfig {
             return Err(Error::arg("--epochs", "at least one epoch is needed"));
         }
         if self.batch_size < 2 {
-            return Err(Error::arg("--batch", "batch norm needs at least 2 images per batch"));
+            return Err(Error::arg(
+                "--batch",
+                "batch norm needs at least 2 images per batch",
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::arg("--lr", format!("{} must be a positive number", self.lr)));
+            return Err(Error::arg(
+                "--lr",
+                format!("{} must be a positive number", self.lr),
+            ));
         }
         if let Some(p) = &self.poison {
             if p.target >= num_classes {
@@ -163,7 +169,10 @@ impl TrainConfig {
                 ));
             }
             if !(0.0..=1.0).contains(&p.rate) {
-                return Err(Error::arg("--poison-rate", format!("{} is outside [0, 1]", p.rate)));
+                return Err(Error::arg(
+                    "--poison-rate",
+                    format!("{} is outside [0, 1]", p.rate),
+                ));
             }
         }
         if let Some(a) = &self.adversarial {
@@ -220,7 +229,10 @@ pub fn init_params(graph: &Graph, seed: u64) -> Vec<Tensor> {
 
 /// Where the per-epoch checkpoint of an output file lives.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".ckpt");
     out.with_file_name(name)
 }
@@ -245,7 +257,10 @@ fn save_checkpoint(path: &Path, graph: &Graph, fingerprint: &str, ck: &Checkpoin
     let mut entries: Vec<(String, OutTensor<'_>)> = Vec::new();
     for (i, spec) in graph.params.iter().enumerate() {
         entries.push((spec.name.clone(), OutTensor::F32(&ck.params[i])));
-        entries.push((format!("velocity.{}", spec.name), OutTensor::F32(&ck.velocity[i])));
+        entries.push((
+            format!("velocity.{}", spec.name),
+            OutTensor::F32(&ck.velocity[i]),
+        ));
     }
     let mut meta = BTreeMap::new();
     meta.insert("fingerprint".into(), fingerprint.to_string());
@@ -269,7 +284,10 @@ fn load_checkpoint(path: &Path, graph: &Graph, fingerprint: &str) -> Result<Chec
     let get = |name: &str| -> Result<Tensor> {
         match file.tensors.get(name) {
             Some(FileTensor::Float(t)) => Ok(t.clone()),
-            _ => Err(Error::format(path, format!("checkpoint lacks tensor `{name}`"))),
+            _ => Err(Error::format(
+                path,
+                format!("checkpoint lacks tensor `{name}`"),
+            )),
         }
     };
     let mut params = Vec::new();
@@ -320,20 +338,22 @@ pub fn train<B: Backend>(
     if let Some(p) = &cfg.poison {
         p.trigger.check_fits(graph.input)?;
     }
-    let fingerprint = {
-        let mut h = Sha256::new();
-        h.update(format!("{:?}", spec).as_bytes());
-        h.update(cfg.describe(spec, train_set.name()).to_string().as_bytes());
-        h.update(format!("{} {}", train_set.len(), test_set.len()).as_bytes());
-        format!("{:x}", h.finalize())
-    };
+    let fingerprint = crate::io::sha256_hex(&[
+        format!("{spec:?}").as_bytes(),
+        cfg.describe(spec, train_set.name()).to_string().as_bytes(),
+        format!("{} {}", train_set.len(), test_set.len()).as_bytes(),
+    ]);
     let ckpt_path = checkpoint_path(out);
 
     let mut ck = if resume && ckpt_path.exists() {
         load_checkpoint(&ckpt_path, &graph, &fingerprint)?
     } else {
         let params = init_params(&graph, cfg.seed);
-        let velocity = graph.params.iter().map(|p| Tensor::zeros(&p.shape)).collect();
+        let velocity = graph
+            .params
+            .iter()
+            .map(|p| Tensor::zeros(&p.shape))
+            .collect();
         Checkpoint {
             epochs_done: 0,
             params,
@@ -361,8 +381,16 @@ pub fn train<B: Backend>(
     };
     let total_steps = steps_per_epoch * cfg.epochs;
 
-    let mut params: Vec<B::Buf> = ck.params.iter().map(|t| be.upload(t)).collect::<Result<_>>()?;
-    let mut velocity: Vec<B::Buf> = ck.velocity.iter().map(|t| be.upload(t)).collect::<Result<_>>()?;
+    let mut params: Vec<B::Buf> = ck
+        .params
+        .iter()
+        .map(|t| be.upload(t))
+        .collect::<Result<_>>()?;
+    let mut velocity: Vec<B::Buf> = ck
+        .velocity
+        .iter()
+        .map(|t| be.upload(t))
+        .collect::<Result<_>>()?;
 
     for epoch in ck.epochs_done..cfg.epochs {
         let start = Instant::now();
@@ -374,10 +402,18 @@ pub fn train<B: Backend>(
                 order.swap(i, j);
             }
         }
-        let mut bar = Progress::new(&format!("epoch {}/{}", epoch + 1, cfg.epochs), steps_per_epoch as u64, cfg.quiet);
+        let mut bar = Progress::new(
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            steps_per_epoch as u64,
+            cfg.quiet,
+        );
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let mut lr = cfg.lr;
-        for (step, chunk) in order.chunks(cfg.batch_size).enumerate().take(steps_per_epoch) {
+        for (step, chunk) in order
+            .chunks(cfg.batch_size)
+            .enumerate()
+            .take(steps_per_epoch)
+        {
             let mut x = train_set.batch(chunk);
             let mut labels = train_set.batch_labels(chunk);
             let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 2 + epoch as u64, step as u64));
@@ -400,17 +436,24 @@ pub fn train<B: Backend>(
             };
             let n = labels.len();
             let trace = graph.forward_train(be, &mut params, xb, cfg.bn_momentum)?;
-            let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), &labels, &vec![1.0 / n as f32; n])?;
+            let (losses, dlogits) =
+                be.softmax_cross_entropy(trace.logits(), &labels, &vec![1.0 / n as f32; n])?;
             let preds = be.download(trace.logits())?.argmax_rows();
             let grads = graph.backward(be, &params, &trace, dlogits, true)?;
             drop(trace);
-            lr = cfg.schedule.lr(cfg.lr, epoch * steps_per_epoch + step, total_steps, epoch);
+            lr = cfg
+                .schedule
+                .lr(cfg.lr, epoch * steps_per_epoch + step, total_steps, epoch);
             for (i, spec) in graph.params.iter().enumerate() {
                 if let Some(g) = &grads.params[i] {
                     let p = SgdParams {
                         lr,
                         momentum: cfg.momentum,
-                        weight_decay: if spec.kind.decays() { cfg.weight_decay } else { 0.0 },
+                        weight_decay: if spec.kind.decays() {
+                            cfg.weight_decay
+                        } else {
+                            0.0
+                        },
                     };
                     be.sgd_step(&mut params[i], g, &mut velocity[i], p)?;
                 }
@@ -437,7 +480,10 @@ pub fn train<B: Backend>(
         bar.finish();
         let seconds = start.elapsed().as_secs_f64();
 
-        let host: Vec<Tensor> = params.iter().map(|b| be.download(b)).collect::<Result<_>>()?;
+        let host: Vec<Tensor> = params
+            .iter()
+            .map(|b| be.download(b))
+            .collect::<Result<_>>()?;
         let dm = DeviceModel {
             be,
             graph: &graph,
@@ -466,14 +512,18 @@ pub fn train<B: Backend>(
                 stats.loss,
                 100.0 * stats.train_accuracy,
                 100.0 * stats.test_accuracy,
-                asr.map(|a| format!(", ASR {:.2}%", 100.0 * a)).unwrap_or_default(),
+                asr.map(|a| format!(", ASR {:.2}%", 100.0 * a))
+                    .unwrap_or_default(),
                 seconds
             );
         }
         ck.stats.push(stats);
         ck.epochs_done = epoch + 1;
         ck.params = host;
-        ck.velocity = velocity.iter().map(|b| be.download(b)).collect::<Result<_>>()?;
+        ck.velocity = velocity
+            .iter()
+            .map(|b| be.download(b))
+            .collect::<Result<_>>()?;
         save_checkpoint(&ckpt_path, &graph, &fingerprint, &ck)?;
     }
 
@@ -483,12 +533,24 @@ pub fn train<B: Backend>(
     let mut training = cfg.describe(spec, train_set.name());
     if let Some(s) = &last {
         training["clean_accuracy"] = serde_json::json!(s.test_accuracy);
-        model.meta.extra.insert("clean_accuracy".into(), format!("{:.4}", s.test_accuracy));
+        model
+            .meta
+            .extra
+            .insert("clean_accuracy".into(), format!("{:.4}", s.test_accuracy));
         if let (Some(asr), Some(p)) = (s.asr, &cfg.poison) {
             training["attack_success_rate"] = serde_json::json!(asr);
-            model.meta.extra.insert("attack_success_rate".into(), format!("{asr:.4}"));
-            model.meta.extra.insert("trigger".into(), p.trigger.spec().to_string());
-            model.meta.extra.insert("target".into(), p.target.to_string());
+            model
+                .meta
+                .extra
+                .insert("attack_success_rate".into(), format!("{asr:.4}"));
+            model
+                .meta
+                .extra
+                .insert("trigger".into(), p.trigger.spec().to_string());
+            model
+                .meta
+                .extra
+                .insert("target".into(), p.target.to_string());
         }
     }
     if let Some((attack, n)) = &cfg.robust_eval {
@@ -500,7 +562,10 @@ pub fn train<B: Backend>(
         let r = eval::robust_accuracy(&dm, test_set, attack, 256, Some(*n), cfg.seed, |_| {})?;
         training["robust_accuracy"] = serde_json::json!(r.robust_accuracy);
         training["robust_eval"] = serde_json::json!({"attack": attack, "images": r.images});
-        model.meta.extra.insert("robust_accuracy".into(), format!("{:.4}", r.robust_accuracy));
+        model.meta.extra.insert(
+            "robust_accuracy".into(),
+            format!("{:.4}", r.robust_accuracy),
+        );
         if !cfg.quiet {
             eprintln!(
                 "robust accuracy (eps {}, {} steps of {}, {} images): {:.2}%",
@@ -512,11 +577,21 @@ pub fn train<B: Backend>(
             );
         }
     }
-    training["epochs_log"] = serde_json::to_value(&ck.stats).map_err(|e| Error::Msg(e.to_string()))?;
-    model.meta.extra.insert("training".into(), training.to_string());
-    model.meta.extra.insert("trained".into(), cfg.kind().to_string());
+    training["epochs_log"] =
+        serde_json::to_value(&ck.stats).map_err(|e| Error::Msg(e.to_string()))?;
+    model
+        .meta
+        .extra
+        .insert("training".into(), training.to_string());
+    model
+        .meta
+        .extra
+        .insert("trained".into(), cfg.kind().to_string());
     if !cfg.command.is_empty() {
-        model.meta.extra.insert("command".into(), cfg.command.clone());
+        model
+            .meta
+            .extra
+            .insert("command".into(), cfg.command.clone());
     }
     model.save(out)?;
     // The finished weights supersede the checkpoint.

@@ -110,7 +110,8 @@ impl std::str::FromStr for TriggerSpec {
         };
         match kind {
             "badnets" | "patch" => {
-                let (mut size, mut pos, mut margin, mut fill) = (None, Position::BottomRight, 1, Fill::White);
+                let (mut size, mut pos, mut margin, mut fill) =
+                    (None, Position::BottomRight, 1, Fill::White);
                 for (k, v) in kv {
                     match k {
                         "size" => size = Some(num(v, "size")?),
@@ -155,7 +156,12 @@ impl std::str::FromStr for TriggerSpec {
                 if size == Some(0) {
                     return Err(bad(spec, "size must be at least 1"));
                 }
-                Ok(TriggerSpec::Patch { size, pos, margin, fill })
+                Ok(TriggerSpec::Patch {
+                    size,
+                    pos,
+                    margin,
+                    fill,
+                })
             }
             "blend" | "blended" => {
                 let (mut alpha, mut pattern) = (0.1f32, Pattern::Noise(0));
@@ -169,9 +175,14 @@ impl std::str::FromStr for TriggerSpec {
                         "pattern" => {
                             pattern = match seed_of(v, "noise:")? {
                                 Some(s) => Pattern::Noise(s),
-                                None if v.to_ascii_lowercase().ends_with(".png") => Pattern::Png(PathBuf::from(v)),
+                                None if v.to_ascii_lowercase().ends_with(".png") => {
+                                    Pattern::Png(PathBuf::from(v))
+                                }
                                 None => {
-                                    return Err(bad(spec, format!("unknown pattern `{v}` (noise:SEED or a .png)")))
+                                    return Err(bad(
+                                        spec,
+                                        format!("unknown pattern `{v}` (noise:SEED or a .png)"),
+                                    ))
                                 }
                             }
                         }
@@ -183,7 +194,10 @@ impl std::str::FromStr for TriggerSpec {
                 }
                 Ok(TriggerSpec::Blend { alpha, pattern })
             }
-            other => Err(bad(spec, format!("unknown trigger kind `{other}` (badnets or blend)"))),
+            other => Err(bad(
+                spec,
+                format!("unknown trigger kind `{other}` (badnets or blend)"),
+            )),
         }
     }
 }
@@ -191,7 +205,12 @@ impl std::str::FromStr for TriggerSpec {
 impl fmt::Display for TriggerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TriggerSpec::Patch { size, pos, margin, fill } => {
+            TriggerSpec::Patch {
+                size,
+                pos,
+                margin,
+                fill,
+            } => {
                 write!(f, "badnets:")?;
                 if let Some(s) = size {
                     write!(f, "size={s},")?;
@@ -225,10 +244,15 @@ impl fmt::Display for TriggerSpec {
 
 /// Reads a PNG as `[C, H, W]` in [0, 1] with `channels` channels.
 fn read_png(path: &std::path::Path, channels: usize) -> Result<Tensor> {
-    let img = image::open(path).map_err(|e| Error::format(path, format!("cannot read trigger image: {e}")))?;
+    let img = image::open(path)
+        .map_err(|e| Error::format(path, format!("cannot read trigger image: {e}")))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data: Vec<f32> = if channels == 1 {
-        img.to_luma8().into_raw().iter().map(|&v| v as f32 / 255.0).collect()
+        img.to_luma8()
+            .into_raw()
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect()
     } else {
         let rgb = img.to_rgb8();
         let mut out = vec![0.0; 3 * h * w];
@@ -252,8 +276,15 @@ pub struct Trigger {
 
 #[derive(Clone, Debug)]
 enum Concrete {
-    Patch { row: usize, col: usize, patch: Tensor },
-    Blend { alpha: f32, pattern: Tensor },
+    Patch {
+        row: usize,
+        col: usize,
+        patch: Tensor,
+    },
+    Blend {
+        alpha: f32,
+        pattern: Tensor,
+    },
 }
 
 impl TriggerSpec {
@@ -263,7 +294,12 @@ impl TriggerSpec {
         let [c, h, w] = shape;
         let spec = self.to_string();
         let kind = match self {
-            TriggerSpec::Patch { size, pos, margin, fill } => {
+            TriggerSpec::Patch {
+                size,
+                pos,
+                margin,
+                fill,
+            } => {
                 let patch = match fill {
                     Fill::Png(p) => {
                         let t = read_png(p, c)?;
@@ -272,9 +308,9 @@ impl TriggerSpec {
                             return Err(Error::arg(
                                 "--trigger",
                                 format!(
-                                    "trigger PNG {} is {pw}x{ph}; the patch needs {0}x{0}",
+                                    "trigger PNG {} is {pw}x{ph}; the patch needs {side}x{side}",
                                     p.display(),
-                                    size.unwrap_or(ph)
+                                    side = size.unwrap_or(ph)
                                 ),
                             ));
                         }
@@ -298,7 +334,12 @@ impl TriggerSpec {
                 };
                 let s = patch.shape()[1];
                 if s + margin > h || s + margin > w {
-                    return Err(bad(&spec, format!("a {s}x{s} patch with margin {margin} does not fit a {h}x{w} image")));
+                    return Err(bad(
+                        &spec,
+                        format!(
+                            "a {s}x{s} patch with margin {margin} does not fit a {h}x{w} image"
+                        ),
+                    ));
                 }
                 let (row, col) = match pos {
                     Position::BottomRight => (h - s - margin, w - s - margin),
@@ -309,7 +350,10 @@ impl TriggerSpec {
                     Position::At(r, q) => (*r, *q),
                 };
                 if row + s > h || col + s > w {
-                    return Err(bad(&spec, format!("a {s}x{s} patch at ({row}, {col}) falls outside a {h}x{w} image")));
+                    return Err(bad(
+                        &spec,
+                        format!("a {s}x{s} patch at ({row}, {col}) falls outside a {h}x{w} image"),
+                    ));
                 }
                 Concrete::Patch { row, col, patch }
             }
@@ -335,7 +379,10 @@ impl TriggerSpec {
                         t
                     }
                 };
-                Concrete::Blend { alpha: *alpha, pattern }
+                Concrete::Blend {
+                    alpha: *alpha,
+                    pattern,
+                }
             }
         };
         Ok(Trigger {
@@ -357,7 +404,10 @@ impl Trigger {
         if shape != self.shape {
             return Err(Error::arg(
                 "--trigger",
-                format!("trigger made for {:?} images, data has {shape:?}", self.shape),
+                format!(
+                    "trigger made for {:?} images, data has {shape:?}",
+                    self.shape
+                ),
             ));
         }
         Ok(())
@@ -388,7 +438,11 @@ impl Trigger {
     /// Stamps every image of a `[N, C, H, W]` batch in place.
     pub fn apply_batch(&self, x: &mut Tensor) -> Result<()> {
         if x.shape().len() != 4 || x.shape()[1..] != self.shape {
-            return Err(Error::shape("x (triggered batch)", &[0, self.shape[0], self.shape[1], self.shape[2]], x.shape()));
+            return Err(Error::shape(
+                "x (triggered batch)",
+                &[0, self.shape[0], self.shape[1], self.shape[2]],
+                x.shape(),
+            ));
         }
         let per = self.shape.iter().product::<usize>();
         for img in x.data_mut().chunks_mut(per) {

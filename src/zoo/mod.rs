@@ -84,7 +84,7 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
                 ),
             ));
         }
-        if std.iter().any(|s| !(*s > 0.0) || !s.is_finite()) {
+        if std.iter().any(|s| *s <= 0.0 || !s.is_finite()) {
             return Err(Error::arg(
                 "normalization",
                 "every std must be a positive number",

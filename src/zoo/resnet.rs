@@ -2,8 +2,13 @@
 //! pre-activation blocks), the RobustBench WideResNet, and torchvision's
 //! ImageNet ResNet-50. Parameters are registered in PyTorch's order.
 
+use crate::backend::ConvParams;
 use crate::error::Result;
 use crate::graph::Builder;
+
+fn cp(stride: usize, pad: usize) -> ConvParams {
+    ConvParams { stride, pad }
+}
 
 /// The residual block family of a CIFAR ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +41,7 @@ fn conv_bn(
     k: usize,
     stride: usize,
 ) -> Result<usize> {
-    let y = b.conv(x, conv, out, k, stride, k / 2, false)?;
+    let y = b.conv(x, conv, out, k, cp(stride, k / 2), false)?;
     Ok(b.bn(y, bn))
 }
 
@@ -82,12 +87,12 @@ fn block(
         Block::PreAct => {
             let a = b.bn(x, &n("bn1"));
             let a = b.relu(a);
-            let mut y = b.conv(a, &n("conv1"), planes, 3, stride, 1, false)?;
+            let mut y = b.conv(a, &n("conv1"), planes, 3, cp(stride, 1), false)?;
             y = b.bn(y, &n("bn2"));
             y = b.relu(y);
-            y = b.conv(y, &n("conv2"), planes, 3, 1, 1, false)?;
+            y = b.conv(y, &n("conv2"), planes, 3, cp(1, 1), false)?;
             let skip = if needs_shortcut {
-                b.conv(a, &n("shortcut.0"), cout, 1, stride, 0, false)?
+                b.conv(a, &n("shortcut.0"), cout, 1, cp(stride, 0), false)?
             } else {
                 x
             };
@@ -105,7 +110,7 @@ pub(super) fn cifar_resnet(
     blocks: [usize; 4],
     classes: usize,
 ) -> Result<usize> {
-    let mut x = b.conv(x, "conv1", 64, 3, 1, 1, false)?;
+    let mut x = b.conv(x, "conv1", 64, 3, cp(1, 1), false)?;
     if kind != Block::PreAct {
         x = b.bn(x, "bn1");
         x = b.relu(x);
@@ -131,7 +136,7 @@ pub(super) fn wide_resnet(
 ) -> Result<usize> {
     let n = (depth - 4) / 6;
     let widths = [16 * widen, 32 * widen, 64 * widen];
-    let mut x = b.conv(x, "conv1", 16, 3, 1, 1, false)?;
+    let mut x = b.conv(x, "conv1", 16, 3, cp(1, 1), false)?;
     for (g, width) in widths.into_iter().enumerate() {
         for i in 0..n {
             let stride = if g > 0 && i == 0 { 2 } else { 1 };
@@ -139,10 +144,10 @@ pub(super) fn wide_resnet(
             let cin = b.shape(x)[0];
             let a = b.bn(x, &format!("{name}.bn1"));
             let a = b.relu(a);
-            let mut y = b.conv(a, &format!("{name}.conv1"), width, 3, stride, 1, false)?;
+            let mut y = b.conv(a, &format!("{name}.conv1"), width, 3, cp(stride, 1), false)?;
             y = b.bn(y, &format!("{name}.bn2"));
             y = b.relu(y);
-            y = b.conv(y, &format!("{name}.conv2"), width, 3, 1, 1, false)?;
+            y = b.conv(y, &format!("{name}.conv2"), width, 3, cp(1, 1), false)?;
             let skip = if cin == width {
                 x
             } else {
@@ -151,8 +156,7 @@ pub(super) fn wide_resnet(
                     &format!("{name}.convShortcut"),
                     width,
                     1,
-                    stride,
-                    0,
+                    cp(stride, 0),
                     false,
                 )?
             };
@@ -168,7 +172,7 @@ pub(super) fn wide_resnet(
 /// torchvision's `resnet50` (V1.5: stride on the 3×3 conv): 7×7/2 stem,
 /// 3×3/2 max-pool, bottleneck stages with `downsample.{0,1}`, `fc`.
 pub(super) fn imagenet_resnet50(b: &mut Builder, x: usize, classes: usize) -> Result<usize> {
-    let mut x = b.conv(x, "conv1", 64, 7, 2, 3, false)?;
+    let mut x = b.conv(x, "conv1", 64, 7, cp(2, 3), false)?;
     x = b.bn(x, "bn1");
     x = b.relu(x);
     x = b.max_pool(x, 3, 2, 1)?;

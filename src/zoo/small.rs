@@ -1,14 +1,19 @@
 //! Plain (non-residual) networks: our SmallCNN and the CIFAR VGG-16 with BN.
 
+use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 use crate::graph::Builder;
+
+fn cp(stride: usize, pad: usize) -> ConvParams {
+    ConvParams { stride, pad }
+}
 
 /// conv(32)-bn-relu, conv(32)-bn-relu, maxpool2, conv(64)-bn-relu,
 /// conv(64)-bn-relu, maxpool2, fc(256)-relu, fc(classes); 3×3 convs, pad 1, bias.
 pub(super) fn smallcnn(b: &mut Builder, x: usize, classes: usize) -> Result<usize> {
     let mut x = x;
     for (i, ch) in [32, 32, 64, 64].into_iter().enumerate() {
-        x = b.conv(x, &format!("conv{}", i + 1), ch, 3, 1, 1, true)?;
+        x = b.conv(x, &format!("conv{}", i + 1), ch, 3, cp(1, 1), true)?;
         x = b.bn(x, &format!("bn{}", i + 1));
         x = b.relu(x);
         if i == 1 || i == 3 {
@@ -42,7 +47,7 @@ pub(super) fn vgg16(b: &mut Builder, x: usize, classes: usize) -> Result<usize> 
             x = b.max_pool(x, 2, 2, 0)?;
             idx += 1;
         } else {
-            x = b.conv(x, &format!("features.{idx}"), v, 3, 1, 1, true)?;
+            x = b.conv(x, &format!("features.{idx}"), v, 3, cp(1, 1), true)?;
             x = b.bn(x, &format!("features.{}", idx + 1));
             x = b.relu(x);
             idx += 3;
