@@ -22,14 +22,21 @@ fn fwd_bwd(c: &mut Criterion) {
         ("resnet50", [3, 32, 32], 16),
     ] {
         let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
-        let params: Vec<_> = init_params(&graph, 0).iter().map(|t| be.upload(t).unwrap()).collect();
-        let x = Tensor::from_fn(&graph.input_shape(batch), |i| ((i * 37) % 101) as f32 / 100.0);
+        let params: Vec<_> = init_params(&graph, 0)
+            .iter()
+            .map(|t| be.upload(t).unwrap())
+            .collect();
+        let x = Tensor::from_fn(&graph.input_shape(batch), |i| {
+            ((i * 37) % 101) as f32 / 100.0
+        });
         let y: Vec<usize> = (0..batch).map(|i| i % 10).collect();
         let w = vec![1.0 / batch as f32; batch];
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(format!("{arch}_b{batch}"), |b| {
             b.iter(|| {
-                let trace = graph.forward_trace(&be, &params, be.upload(&x).unwrap()).unwrap();
+                let trace = graph
+                    .forward_trace(&be, &params, be.upload(&x).unwrap())
+                    .unwrap();
                 let (_, dl) = be.softmax_cross_entropy(trace.logits(), &y, &w).unwrap();
                 let grads = graph.backward(&be, &params, &trace, dl, false).unwrap();
                 black_box(grads.dx);

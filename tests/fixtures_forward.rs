@@ -15,12 +15,19 @@ use classwise::Tensor;
 use common::*;
 
 /// Eval-mode logits, mean CE and input gradient on the CPU backend.
-fn eval_forward(graph: &Graph, params: &[Tensor], x: &Tensor, y: &[usize]) -> (Tensor, f32, Tensor) {
+fn eval_forward(
+    graph: &Graph,
+    params: &[Tensor],
+    x: &Tensor,
+    y: &[usize],
+) -> (Tensor, f32, Tensor) {
     let be = CpuBackend::default();
     let p: Vec<_> = params.iter().map(|t| be.upload(t).unwrap()).collect();
     let trace = graph.forward_trace(&be, &p, be.upload(x).unwrap()).unwrap();
     let n = y.len();
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n]).unwrap();
+    let (losses, dlogits) = be
+        .softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])
+        .unwrap();
     let logits = be.download(trace.logits()).unwrap();
     let grads = graph.backward(&be, &p, &trace, dlogits, false).unwrap();
     let loss = losses.iter().sum::<f32>() / n as f32;
@@ -36,9 +43,24 @@ fn check_forward_fixture(arch: &str, c: usize, hw: usize, classes: usize, deep: 
     let y = labels(&f, "y");
     let (logits, loss, dx) = eval_forward(&graph, &params, x, &y);
     let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
-    assert_close_abs(&format!("{name} logits"), logits.data(), f.float("logits", name.as_ref()).unwrap().data(), ltol);
-    assert_close_abs(&format!("{name} loss"), &[loss], f.float("loss", name.as_ref()).unwrap().data(), ltol);
-    assert_close_rel(&format!("{name} dx"), dx.data(), f.float("dx", name.as_ref()).unwrap().data(), gtol);
+    assert_close_abs(
+        &format!("{name} logits"),
+        logits.data(),
+        f.float("logits", name.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_abs(
+        &format!("{name} loss"),
+        &[loss],
+        f.float("loss", name.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_rel(
+        &format!("{name} dx"),
+        dx.data(),
+        f.float("dx", name.as_ref()).unwrap().data(),
+        gtol,
+    );
 }
 
 #[test]
@@ -89,16 +111,36 @@ fn resnet50_imagenet_forward_matches_pytorch() {
 
 /// Train-mode loss, input gradient, parameter gradients and updated running
 /// statistics of the formula model on `x`.
-fn train_step(graph: &Graph, x: &Tensor, y: &[usize]) -> (f32, Tensor, Vec<Option<Tensor>>, Vec<Tensor>) {
+fn train_step(
+    graph: &Graph,
+    x: &Tensor,
+    y: &[usize],
+) -> (f32, Tensor, Vec<Option<Tensor>>, Vec<Tensor>) {
     let be = CpuBackend::default();
-    let mut p: Vec<_> = formula_params(graph).iter().map(|t| be.upload(t).unwrap()).collect();
+    let mut p: Vec<_> = formula_params(graph)
+        .iter()
+        .map(|t| be.upload(t).unwrap())
+        .collect();
     let n = y.len();
-    let trace = graph.forward_train(&be, &mut p, be.upload(x).unwrap(), 0.1).unwrap();
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n]).unwrap();
+    let trace = graph
+        .forward_train(&be, &mut p, be.upload(x).unwrap(), 0.1)
+        .unwrap();
+    let (losses, dlogits) = be
+        .softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])
+        .unwrap();
     let grads = graph.backward(&be, &p, &trace, dlogits, true).unwrap();
-    let pg = grads.params.iter().map(|g| g.as_ref().map(|g| be.download(g).unwrap())).collect();
+    let pg = grads
+        .params
+        .iter()
+        .map(|g| g.as_ref().map(|g| be.download(g).unwrap()))
+        .collect();
     let buffers = p.iter().map(|b| be.download(b).unwrap()).collect();
-    (losses.iter().sum::<f32>() / n as f32, be.download(&grads.dx).unwrap(), pg, buffers)
+    (
+        losses.iter().sum::<f32>() / n as f32,
+        be.download(&grads.dx).unwrap(),
+        pg,
+        buffers,
+    )
 }
 
 /// Checks a train-mode fixture. With `calibrate`, the tolerance of each
@@ -115,7 +157,9 @@ fn check_train_fixture(arch: &str, c: usize, hw: usize, deep: bool, calibrate: b
     let y = labels(&f, "y");
     let (loss, dx, grads, buffers) = train_step(&graph, x, &y);
     let perturbed = calibrate.then(|| {
-        let xp = Tensor::from_fn(x.shape(), |i| x.data()[i] * (1.0 + 1e-7 * ((i * 7919 % 13) as f32 / 6.0 - 1.0)));
+        let xp = Tensor::from_fn(x.shape(), |i| {
+            x.data()[i] * (1.0 + 1e-7 * ((i * 7919 % 13) as f32 / 6.0 - 1.0))
+        });
         train_step(&graph, &xp, &y)
     });
     let base: f64 = if deep { 5e-3 } else { 1e-3 };
@@ -125,39 +169,70 @@ fn check_train_fixture(arch: &str, c: usize, hw: usize, deep: bool, calibrate: b
             None => base,
         }
     };
-    assert_close_abs(&format!("{name} loss"), &[loss], f.float("loss", name.as_ref()).unwrap().data(), 1e-4);
+    assert_close_abs(
+        &format!("{name} loss"),
+        &[loss],
+        f.float("loss", name.as_ref()).unwrap().data(),
+        1e-4,
+    );
     let want_dx = f.float("dx", name.as_ref()).unwrap();
     let dx_tol = tol(&dx, perturbed.as_ref().map(|p| &p.1));
     if calibrate {
-        assert!(dx_tol > base, "{name}: dx is well-conditioned after all; drop the calibration");
+        assert!(
+            dx_tol > base,
+            "{name}: dx is well-conditioned after all; drop the calibration"
+        );
     }
     assert_close_rel(&format!("{name} dx"), dx.data(), want_dx.data(), dx_tol);
     let mut checked = 0;
-    for key in f.tensors.keys().filter(|k| k.starts_with("grad.") || k.starts_with("after.")) {
+    for key in f
+        .tensors
+        .keys()
+        .filter(|k| k.starts_with("grad.") || k.starts_with("after."))
+    {
         let want = f.float(key, name.as_ref()).unwrap();
         if let Some(param) = key.strip_prefix("grad.") {
-            let id = graph.param_id(param).unwrap_or_else(|| panic!("{name}: no parameter {param}"));
-            let g = grads[id].as_ref().unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-            let norm = |t: &Tensor| t.data().iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let id = graph
+                .param_id(param)
+                .unwrap_or_else(|| panic!("{name}: no parameter {param}"));
+            let g = grads[id]
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
+            let norm = |t: &Tensor| {
+                t.data()
+                    .iter()
+                    .map(|v| (*v as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            };
             if norm(want) < 1e-12 {
                 // A bias right before train-mode BN has an analytically zero
                 // gradient (BN removes the channel mean); ours must be zero up
                 // to rounding relative to the layer's weight gradient.
                 let w = param.replace(".bias", ".weight");
                 let wg = grads[graph.param_id(&w).unwrap()].as_ref().unwrap();
-                assert!(norm(g) <= 1e-5 * norm(wg), "{key}: {} should be ~0", norm(g));
+                assert!(
+                    norm(g) <= 1e-5 * norm(wg),
+                    "{key}: {} should be ~0",
+                    norm(g)
+                );
             } else {
                 let other = perturbed.as_ref().and_then(|p| p.2[id].as_ref());
                 assert_close_rel(key, g.data(), want.data(), tol(g, other));
             }
             checked += 1;
         } else if let Some(buffer) = key.strip_prefix("after.") {
-            let id = graph.param_id(buffer).unwrap_or_else(|| panic!("{name}: no buffer {buffer}"));
+            let id = graph
+                .param_id(buffer)
+                .unwrap_or_else(|| panic!("{name}: no buffer {buffer}"));
             assert_close_rel(key, buffers[id].data(), want.data(), 1e-5);
             checked += 1;
         }
     }
-    assert!(checked >= 7, "{name}: only {checked} gradients/buffers compared");
+    assert!(
+        checked >= 7,
+        "{name}: only {checked} gradients/buffers compared"
+    );
 }
 
 #[test]
@@ -189,9 +264,24 @@ fn check_real_weights(arch: &str, tag: &str, c: usize, hw: usize, deep: bool) {
     let y = labels(&e, "y");
     let (logits, loss, dx) = eval_forward(&model.graph, &model.params, x, &y);
     let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
-    assert_close_abs(&format!("{ename} logits"), logits.data(), e.float("logits", ename.as_ref()).unwrap().data(), ltol);
-    assert_close_abs(&format!("{ename} loss"), &[loss], e.float("loss", ename.as_ref()).unwrap().data(), ltol);
-    assert_close_rel(&format!("{ename} dx"), dx.data(), e.float("dx", ename.as_ref()).unwrap().data(), gtol);
+    assert_close_abs(
+        &format!("{ename} logits"),
+        logits.data(),
+        e.float("logits", ename.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_abs(
+        &format!("{ename} loss"),
+        &[loss],
+        e.float("loss", ename.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_rel(
+        &format!("{ename} dx"),
+        dx.data(),
+        e.float("dx", ename.as_ref()).unwrap().data(),
+        gtol,
+    );
 }
 
 #[test]

@@ -69,7 +69,12 @@ impl std::str::FromStr for CanvasSpec {
 
 impl std::fmt::Display for CanvasSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let join = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let join = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         match self {
             CanvasSpec::Test(v) => write!(f, "test:{}", join(v)),
             CanvasSpec::Train(v) => write!(f, "train:{}", join(v)),
@@ -77,7 +82,10 @@ impl std::fmt::Display for CanvasSpec {
             CanvasSpec::Solid(v) => write!(
                 f,
                 "solid:{}",
-                v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ),
         }
     }
@@ -122,7 +130,8 @@ pub fn choose<B: Backend>(
     train: Option<&Dataset>,
     search_set: &[usize],
 ) -> Result<Vec<Canvas>> {
-    let of_class = |d: &Dataset| -> Vec<usize> { (0..d.len()).filter(|&i| d.label(i) == target).collect() };
+    let of_class =
+        |d: &Dataset| -> Vec<usize> { (0..d.len()).filter(|&i| d.label(i) == target).collect() };
     let by_index = |d: &Dataset, which: &[usize], source: &str| -> Result<Vec<Canvas>> {
         let idx = of_class(d);
         let mut out = Vec::new();
@@ -137,7 +146,15 @@ pub fn choose<B: Backend>(
                 )
             })?;
             let img = d.image(di);
-            let conf = target_prob(&model.logits(&img.clone().reshape(&[1, img.shape()[0], img.shape()[1], img.shape()[2]])?)?, target)[0];
+            let conf = target_prob(
+                &model.logits(&img.clone().reshape(&[
+                    1,
+                    img.shape()[0],
+                    img.shape()[1],
+                    img.shape()[2],
+                ])?)?,
+                target,
+            )[0];
             out.push(Canvas {
                 id: format!("{source}{i}"),
                 source: source.to_string(),
@@ -151,7 +168,12 @@ pub fn choose<B: Backend>(
     match spec {
         CanvasSpec::Test(v) => by_index(test, v, "test"),
         CanvasSpec::Train(v) => {
-            let train = train.ok_or_else(|| Error::arg("--canvas", "train: canvases need the training split of the data"))?;
+            let train = train.ok_or_else(|| {
+                Error::arg(
+                    "--canvas",
+                    "train: canvases need the training split of the data",
+                )
+            })?;
             by_index(train, v, "train")
         }
         CanvasSpec::Solid(values) => {
@@ -173,7 +195,10 @@ pub fn choose<B: Backend>(
         }
         CanvasSpec::Auto(n) => {
             let excluded: std::collections::HashSet<usize> = search_set.iter().copied().collect();
-            let candidates: Vec<usize> = of_class(test).into_iter().filter(|i| !excluded.contains(i)).collect();
+            let candidates: Vec<usize> = of_class(test)
+                .into_iter()
+                .filter(|i| !excluded.contains(i))
+                .collect();
             if candidates.is_empty() {
                 return Err(Error::arg(
                     "--canvas",

@@ -99,33 +99,51 @@ impl SearchConfig {
         if let Some(&c) = self.classes.iter().find(|&&c| c >= num_classes) {
             return Err(Error::arg(
                 "--classes",
-                format!("class {c} does not exist: the model has {num_classes} classes (0..{})", num_classes - 1),
+                format!(
+                    "class {c} does not exist: the model has {num_classes} classes (0..{})",
+                    num_classes - 1
+                ),
             ));
         }
         if self.top_k == 0 || self.top_k > pixels {
             return Err(Error::arg(
                 "--top-k",
-                format!("{} is not in 1..={pixels} (the image has {pixels} pixels)", self.top_k),
+                format!(
+                    "{} is not in 1..={pixels} (the image has {pixels} pixels)",
+                    self.top_k
+                ),
             ));
         }
         if let Some(&k) = self.k_sweep.iter().find(|&&k| k == 0 || k > pixels) {
-            return Err(Error::arg("--k-sweep", format!("{k} is not in 1..={pixels}")));
+            return Err(Error::arg(
+                "--k-sweep",
+                format!("{k} is not in 1..={pixels}"),
+            ));
         }
         let m = &self.mask;
         if m.epochs == 0 {
             return Err(Error::arg("--epochs", "at least one epoch is needed"));
         }
         if m.batch == 0 {
-            return Err(Error::arg("--batch", "at least one image per step is needed"));
+            return Err(Error::arg(
+                "--batch",
+                "at least one image per step is needed",
+            ));
         }
         if !(m.lr > 0.0 && m.lr.is_finite()) {
             return Err(Error::arg("--lr", format!("{} must be positive", m.lr)));
         }
         if !(0.0..=1.0).contains(&m.init) {
-            return Err(Error::arg("--mask-init", format!("{} is outside [0, 1]", m.init)));
+            return Err(Error::arg(
+                "--mask-init",
+                format!("{} is outside [0, 1]", m.init),
+            ));
         }
         if !(self.search_frac > 0.0 && self.search_frac <= 1.0) {
-            return Err(Error::arg("--search-frac", format!("{} is outside (0, 1]", self.search_frac)));
+            return Err(Error::arg(
+                "--search-frac",
+                format!("{} is outside (0, 1]", self.search_frac),
+            ));
         }
         Ok(())
     }
@@ -256,7 +274,12 @@ pub struct RunInputs<'a> {
 
 /// Runs the whole search for `cfg` and writes per-search results under
 /// `out/searches/`. Returns the report (the caller renders it).
-pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: &Path) -> Result<RunReport> {
+pub fn run<B: Backend>(
+    be: &B,
+    inputs: &RunInputs<'_>,
+    cfg: &SearchConfig,
+    out: &Path,
+) -> Result<RunReport> {
     let start = Instant::now();
     let model = inputs.model;
     let graph = &model.graph;
@@ -320,10 +343,22 @@ pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: 
                 images: &units[i].2,
             })
             .collect();
-        let total: u64 = jobs.iter().map(|j| ((j.images.len() / cfg.mask.batch) * cfg.mask.epochs) as u64).sum();
+        let total: u64 = jobs
+            .iter()
+            .map(|j| ((j.images.len() / cfg.mask.batch) * cfg.mask.epochs) as u64)
+            .sum();
         let mut bar = Progress::new("search", total, inputs.quiet);
         let t0 = Instant::now();
-        let optimised = optimize::optimise(be, graph, &dm.params, test, &jobs, &cfg.mask, cfg.max_images, &mut bar)?;
+        let optimised = optimize::optimise(
+            be,
+            graph,
+            &dm.params,
+            test,
+            &jobs,
+            &cfg.mask,
+            cfg.max_images,
+            &mut bar,
+        )?;
         bar.finish();
         search_seconds = t0.elapsed().as_secs_f64();
         steps_total = optimised.iter().map(|o| o.steps).sum();
@@ -331,7 +366,17 @@ pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: 
         let mut bar = Progress::new("evaluate", pending.len() as u64, inputs.quiet);
         for (&i, opt) in pending.iter().zip(optimised) {
             let (t, canvas, _, key) = &units[i];
-            let r = evaluate(&dm, test, cfg, *t, canvas.clone(), opt, &class_idx, &sweep_images, &clean)?;
+            let r = evaluate(
+                &dm,
+                test,
+                cfg,
+                *t,
+                canvas.clone(),
+                opt,
+                &class_idx,
+                &sweep_images,
+                &clean,
+            )?;
             store.save(key, &r)?;
             results[i] = Some(r);
             bar.inc(1);
@@ -351,7 +396,11 @@ pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: 
                 a.1.power
                     .overall
                     .total_cmp(&b.1.power.overall)
-                    .then(b.1.min_k.unwrap_or(usize::MAX).cmp(&a.1.min_k.unwrap_or(usize::MAX)))
+                    .then(
+                        b.1.min_k
+                            .unwrap_or(usize::MAX)
+                            .cmp(&a.1.min_k.unwrap_or(usize::MAX)),
+                    )
                     .then(b.0.cmp(&a.0))
             })
             .map(|(i, _)| i)
@@ -370,7 +419,10 @@ pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: 
     let pixels = graph.input[1] * graph.input[2];
     let class_ids: Vec<usize> = classes.iter().map(|c| c.class).collect();
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
-        let v: Vec<f64> = classes.iter().map(|c| c.min_k.unwrap_or(pixels + 1) as f64).collect();
+        let v: Vec<f64> = classes
+            .iter()
+            .map(|c| c.min_k.unwrap_or(pixels + 1) as f64)
+            .collect();
         verdict::analyse("min_k", &class_ids, &v)
     });
     let verdict_mask = verdict::analyse(
@@ -406,8 +458,16 @@ pub fn run<B: Backend>(be: &B, inputs: &RunInputs<'_>, cfg: &SearchConfig, out: 
         flagged,
         reused,
         search_seconds,
-        steps_per_second: if search_seconds > 0.0 { steps_total as f64 / search_seconds } else { 0.0 },
-        images_per_second: if search_seconds > 0.0 { images as f64 / search_seconds } else { 0.0 },
+        steps_per_second: if search_seconds > 0.0 {
+            steps_total as f64 / search_seconds
+        } else {
+            0.0
+        },
+        images_per_second: if search_seconds > 0.0 {
+            images as f64 / search_seconds
+        } else {
+            0.0
+        },
         total_seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -429,10 +489,28 @@ fn evaluate<B: Backend>(
     let t0 = Instant::now();
     let order = pattern::top_k(&opt.mask, opt.mask.len());
     let positions = order[..cfg.top_k].to_vec();
-    let power = pattern::predictive_power(dm, test, target, &canvas.pixels, &positions, class_idx, clean, cfg.eval_batch)?;
+    let power = pattern::predictive_power(
+        dm,
+        test,
+        target,
+        &canvas.pixels,
+        &positions,
+        class_idx,
+        clean,
+        cfg.eval_batch,
+    )?;
     let mut power_at = |k: usize| -> Result<f64> {
-        Ok(pattern::predictive_power(dm, test, target, &canvas.pixels, &order[..k], sweep_images, clean, cfg.eval_batch)?
-            .overall)
+        Ok(pattern::predictive_power(
+            dm,
+            test,
+            target,
+            &canvas.pixels,
+            &order[..k],
+            sweep_images,
+            clean,
+            cfg.eval_batch,
+        )?
+        .overall)
     };
     let mut sweep = Vec::new();
     for &k in &cfg.k_sweep {
@@ -466,7 +544,11 @@ fn evaluate<B: Backend>(
     let mask_mean = opt.mask.iter().map(|&v| v as f64).sum::<f64>() / plane as f64;
     Ok(SearchResult {
         class: target,
-        class_name: test.class_names().get(target).cloned().unwrap_or_else(|| target.to_string()),
+        class_name: test
+            .class_names()
+            .get(target)
+            .cloned()
+            .unwrap_or_else(|| target.to_string()),
         canvas,
         mask_mean,
         steps: opt.steps,

@@ -84,7 +84,10 @@ pub fn step<B: Backend>(
     let (c, m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
     let x = be.composite(&c, &m, &o)?;
     let trace = graph.forward_trace(be, params, x)?;
-    let labels: Vec<usize> = targets.iter().flat_map(|&t| std::iter::repeat_n(t, cfg.batch)).collect();
+    let labels: Vec<usize> = targets
+        .iter()
+        .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
+        .collect();
     let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
     let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), &labels, &weights)?;
     let logits = be.download(trace.logits())?;
@@ -131,7 +134,11 @@ pub struct Optimised {
 /// A seed per (run seed, target class, epoch): the batch order of a search
 /// depends on nothing else, so batched and separate runs agree.
 fn order_seed(seed: u64, target: usize, epoch: usize) -> u64 {
-    let parts = [seed.to_le_bytes(), (target as u64).to_le_bytes(), (epoch as u64).to_le_bytes()];
+    let parts = [
+        seed.to_le_bytes(),
+        (target as u64).to_le_bytes(),
+        (epoch as u64).to_le_bytes(),
+    ];
     let hex = crate::io::sha256_hex(&[&parts[0], &parts[1], &parts[2]]);
     u64::from_str_radix(&hex[..16], 16).unwrap_or(seed)
 }
@@ -181,7 +188,8 @@ pub fn optimise<B: Backend>(
     let mut masks: Vec<Vec<f32>> = jobs.iter().map(|_| vec![cfg.init; plane]).collect();
     let mut curves: Vec<Vec<(usize, f32)>> = jobs.iter().map(|_| Vec::new()).collect();
     let mut window: Vec<(f64, usize)> = vec![(0.0, 0); jobs.len()];
-    let mut orders: Vec<(usize, Vec<usize>)> = jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
+    let mut orders: Vec<(usize, Vec<usize>)> =
+        jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
 
     for t in 0..longest {
         let active: Vec<usize> = (0..jobs.len()).filter(|&s| t < total[s]).collect();
@@ -194,7 +202,10 @@ pub fn optimise<B: Backend>(
                 let job = &jobs[s];
                 let epoch = t / steps_per_epoch[s];
                 if orders[s].0 != epoch {
-                    orders[s] = (epoch, crate::data::shuffled(job.images, order_seed(cfg.seed, job.target, epoch)));
+                    orders[s] = (
+                        epoch,
+                        crate::data::shuffled(job.images, order_seed(cfg.seed, job.target, epoch)),
+                    );
                 }
                 let j = t % steps_per_epoch[s];
                 idx.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
@@ -228,6 +239,10 @@ pub fn optimise<B: Backend>(
         .into_iter()
         .zip(curves)
         .zip(total)
-        .map(|((mask, ce_curve), steps)| Optimised { mask, ce_curve, steps })
+        .map(|((mask, ce_curve), steps)| Optimised {
+            mask,
+            ce_curve,
+            steps,
+        })
         .collect())
 }

@@ -66,7 +66,11 @@ pub struct Power {
 
 /// Predictions of the model on every image of the test set, clean (computed
 /// once per run and shared by all patterns).
-pub fn clean_predictions<B: Backend>(model: &DeviceModel<'_, B>, test: &Dataset, batch: usize) -> Result<Vec<usize>> {
+pub fn clean_predictions<B: Backend>(
+    model: &DeviceModel<'_, B>,
+    test: &Dataset,
+    batch: usize,
+) -> Result<Vec<usize>> {
     let idx: Vec<usize> = (0..test.len()).collect();
     crate::eval::predict_all(model, test, &idx, batch, |_| Ok(()), |_| {})
 }
@@ -155,7 +159,11 @@ pub fn minimal_k(
         return Ok(None);
     };
     let mut hi = sweep[first_ok].0;
-    let mut lo = if first_ok == 0 { 0 } else { sweep[first_ok - 1].0 };
+    let mut lo = if first_ok == 0 {
+        0
+    } else {
+        sweep[first_ok - 1].0
+    };
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         if power_of(mid)? >= threshold {

@@ -22,7 +22,13 @@ struct Stored {
 }
 
 /// The key of one search: a hash of every input that changes its result.
-pub fn unit_key(model_id: &str, data: &str, cfg: &SearchConfig, target: usize, canvas: &Canvas) -> String {
+pub fn unit_key(
+    model_id: &str,
+    data: &str,
+    cfg: &SearchConfig,
+    target: usize,
+    canvas: &Canvas,
+) -> String {
     let settings = serde_json::json!({
         "format": 1,
         "mask": cfg.mask,
@@ -38,7 +44,12 @@ pub fn unit_key(model_id: &str, data: &str, cfg: &SearchConfig, target: usize, c
     })
     .to_string();
     let pixels: &[u8] = bytemuck::cast_slice(&canvas.pixels);
-    crate::io::sha256_hex(&[model_id.as_bytes(), data.as_bytes(), settings.as_bytes(), pixels])
+    crate::io::sha256_hex(&[
+        model_id.as_bytes(),
+        data.as_bytes(),
+        settings.as_bytes(),
+        pixels,
+    ])
 }
 
 impl Store {
@@ -66,7 +77,8 @@ impl Store {
             key: key.to_string(),
             result: result.clone(),
         };
-        let text = serde_json::to_vec(&stored).map_err(|e| Error::Msg(format!("cannot serialise a search result: {e}")))?;
+        let text = serde_json::to_vec(&stored)
+            .map_err(|e| Error::Msg(format!("cannot serialise a search result: {e}")))?;
         crate::io::write_atomic(&self.path(key), &text)
     }
 }

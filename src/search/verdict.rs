@@ -90,7 +90,9 @@ mod tests {
     #[test]
     fn a_class_far_below_the_others_is_flagged_and_no_other() {
         let classes: Vec<usize> = (0..10).collect();
-        let values = [120.0, 100.0, 9.0, 110.0, 95.0, 130.0, 105.0, 98.0, 125.0, 115.0];
+        let values = [
+            120.0, 100.0, 9.0, 110.0, 95.0, 130.0, 105.0, 98.0, 125.0, 115.0,
+        ];
         let v = analyse("min_k90", &classes, &values);
         assert_eq!(v.median, 112.5);
         assert_eq!(v.flagged, vec![2]);
