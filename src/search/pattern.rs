@@ -127,21 +127,13 @@ pub fn predictive_power<B: Backend>(
     })
 }
 
-/// The k values of a default sweep for `pixels` positions: powers of two and
-/// their 1.5 multiples up to all pixels.
+/// The k values of a default sweep for `pixels` positions: the powers of
+/// two below it, then all pixels (the minimal k is refined by bisection).
 pub fn default_sweep(pixels: usize) -> Vec<usize> {
-    let mut ks = Vec::new();
-    let mut k = 1usize;
-    while k < pixels {
-        ks.push(k);
-        let mid = k + k / 2;
-        if k >= 2 && mid < pixels {
-            ks.push(mid);
-        }
-        k *= 2;
-    }
+    let mut ks: Vec<usize> = std::iter::successors(Some(1usize), |k| Some(k * 2))
+        .take_while(|&k| k < pixels)
+        .collect();
     ks.push(pixels);
-    ks.dedup();
     ks
 }
 

@@ -37,6 +37,7 @@ pub fn unit_key(
         "threshold": cfg.threshold,
         "search_frac": cfg.search_frac,
         "sweep_per_class": cfg.sweep_per_class,
+        "eval_per_class": cfg.eval_per_class,
         "examples": cfg.examples,
         "target": target,
         "canvas_id": canvas.id,
