@@ -231,7 +231,7 @@ struct SearchArgs {
     beta: f32,
     /// Step of the signed-gradient update.
     #[arg(long, default_value_t = 0.02)]
-    lr: f32,
+    lr: f64,
     /// Seed of the search set and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -22,8 +22,8 @@ pub struct MaskConfig {
     pub alpha: f32,
     /// Weight of the L1 term `sum(m) / (H*W/2)`.
     pub beta: f32,
-    /// Step of the signed-gradient update.
-    pub lr: f32,
+    /// Step of the signed-gradient update (f64: see `Backend::sign_step_clamp`).
+    pub lr: f64,
     /// Initial mask value.
     pub init: f32,
     /// Seed of the batch order.
