@@ -268,7 +268,7 @@ fn parse_bytes(s: &str, option: &str) -> Result<usize> {
     let v: f64 = num
         .parse()
         .with_context(|| format!("option {option}: `{s}` is not a size such as 2G or 512M"))?;
-    if !(v > 0.0) {
+    if v <= 0.0 || !v.is_finite() {
         bail!("option {option}: `{s}` must be positive");
     }
     Ok((v * mult as f64) as usize)
@@ -327,7 +327,7 @@ macro_rules! with_backend {
     ($dev:expr, |$be:ident| $body:expr) => {
         match $dev {
             Device::Cpu => {
-                let $be = CpuBackend::default();
+                let $be = CpuBackend;
                 $body
             }
         }

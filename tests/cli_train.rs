@@ -12,11 +12,21 @@ fn refused(args: &[&str], out_dir: &std::path::Path) -> String {
     }
     all.extend_from_slice(args);
     let t = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_cwp")).args(&all).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(&all)
+        .output()
+        .unwrap();
     let msg = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "{args:?} was accepted");
-    assert!(t.elapsed().as_secs() < 20, "{args:?}: the error came only after {:?}", t.elapsed());
-    assert!(std::fs::read_dir(out_dir).unwrap().next().is_none(), "{args:?} left files behind");
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "{args:?}: the error came only after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        std::fs::read_dir(out_dir).unwrap().next().is_none(),
+        "{args:?} left files behind"
+    );
     msg
 }
 
@@ -29,20 +39,31 @@ fn bad_training_options_are_clear_errors_before_training() {
     let msg = refused(&["--poison", "badnets", "--target", "10"], d);
     assert!(msg.contains("--target") && msg.contains("10"), "{msg}");
     let msg = refused(&["--adversarial", "pgd:1.5,0.1,10"], d);
-    assert!(msg.contains("--adversarial") && msg.contains("1.5"), "{msg}");
+    assert!(
+        msg.contains("--adversarial") && msg.contains("1.5"),
+        "{msg}"
+    );
     let msg = refused(&["--adversarial", "fgsm:-0.1"], d);
     assert!(msg.contains("--adversarial"), "{msg}");
     let msg = refused(&["--out", "/nonexistent-dir/m.safetensors"], d);
-    assert!(msg.contains("--out") && msg.contains("/nonexistent-dir"), "{msg}");
+    assert!(
+        msg.contains("--out") && msg.contains("/nonexistent-dir"),
+        "{msg}"
+    );
 
     // A PNG trigger of the wrong size (5x4 for a 3x3 patch, and for a blend).
     let pngs = tempfile::tempdir().unwrap();
     let png = pngs.path().join("trigger.png");
-    image::GrayImage::from_pixel(5, 4, image::Luma([255])).save(&png).unwrap();
+    image::GrayImage::from_pixel(5, 4, image::Luma([255]))
+        .save(&png)
+        .unwrap();
     let patch = format!("badnets:size=3,fill={}", png.display());
     let msg = refused(&["--poison", &patch, "--target", "1"], d);
     assert!(msg.contains("trigger.png") && msg.contains("5x4"), "{msg}");
     let blend = format!("blend:alpha=0.2,pattern={}", png.display());
     let msg = refused(&["--poison", &blend, "--target", "1"], d);
-    assert!(msg.contains("trigger.png") && msg.contains("28x28"), "{msg}");
+    assert!(
+        msg.contains("trigger.png") && msg.contains("28x28"),
+        "{msg}"
+    );
 }

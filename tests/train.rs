@@ -20,7 +20,11 @@ use rand::SeedableRng;
 fn fashion(split: Split, per_class: usize) -> Dataset {
     let spec: DataSpec = "fashion-mnist".parse().unwrap();
     let d = data::load(&spec, split, Some([1, 28, 28])).unwrap();
-    let idx: Vec<usize> = d.class_indices().iter().flat_map(|c| c[..per_class].to_vec()).collect();
+    let idx: Vec<usize> = d
+        .class_indices()
+        .iter()
+        .flat_map(|c| c[..per_class].to_vec())
+        .collect();
     d.subset(&idx)
 }
 
@@ -37,8 +41,13 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
     }
 }
 
-fn fit(cfg: &TrainConfig, train_set: &Dataset, test: &Dataset, out: &Path) -> (Model, Vec<EpochStats>) {
-    train(&CpuBackend::default(), &spec(), train_set, test, cfg, out, false).unwrap()
+fn fit(
+    cfg: &TrainConfig,
+    train_set: &Dataset,
+    test: &Dataset,
+    out: &Path,
+) -> (Model, Vec<EpochStats>) {
+    train(&CpuBackend, &spec(), train_set, test, cfg, out, false).unwrap()
 }
 
 fn badnets() -> TriggerSpec {
@@ -57,7 +66,10 @@ fn natural_training_lowers_the_loss_and_learns() {
     assert_eq!(back.params, model.params);
     assert_eq!(back.meta.extra["trained"], "natural");
     assert!(back.meta.extra.contains_key("clean_accuracy"));
-    assert!(!dir.path().join("m.safetensors.ckpt").exists(), "checkpoint left behind");
+    assert!(
+        !dir.path().join("m.safetensors.ckpt").exists(),
+        "checkpoint left behind"
+    );
 }
 
 #[test]
@@ -74,7 +86,12 @@ fn a_backdoor_planted_at_rate_one_tenth_succeeds_and_clean_accuracy_stays() {
     let (model, stats) = fit(&cfg, &tr, &te, &dir.path().join("b.safetensors"));
     let last = stats.last().unwrap();
     assert!(last.asr.unwrap() > 0.9, "ASR {:?}", last.asr);
-    assert!(last.test_accuracy > clean[1].test_accuracy - 0.05, "clean {} vs {}", last.test_accuracy, clean[1].test_accuracy);
+    assert!(
+        last.test_accuracy > clean[1].test_accuracy - 0.05,
+        "clean {} vs {}",
+        last.test_accuracy,
+        clean[1].test_accuracy
+    );
     assert_eq!(model.meta.extra["target"], "0");
     assert_eq!(model.meta.extra["trained"], "backdoor");
 }
@@ -87,14 +104,19 @@ fn adversarial_training_beats_natural_training_under_the_same_attack() {
     let mut cfg = config(2, 1);
     cfg.adversarial = Some(Attack::fgsm_rs(0.1).unwrap());
     let (robust, _) = fit(&cfg, &tr, &te, &dir.path().join("a.safetensors"));
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let attack = Attack::pgd(0.1, 0.025, 10).unwrap();
     let acc = |m: &Model| {
         let dm = DeviceModel::upload(&be, &m.graph, &m.params).unwrap();
-        eval::robust_accuracy(&dm, &te, &attack, 100, None, 7, |_| {}).unwrap().robust_accuracy
+        eval::robust_accuracy(&dm, &te, &attack, 100, None, 7, |_| {})
+            .unwrap()
+            .robust_accuracy
     };
     let (rn, ra) = (acc(&natural), acc(&robust));
-    assert!(ra > rn + 0.15, "robust accuracy: adversarial {ra}, natural {rn}");
+    assert!(
+        ra > rn + 0.15,
+        "robust accuracy: adversarial {ra}, natural {rn}"
+    );
 }
 
 #[test]
@@ -102,11 +124,18 @@ fn the_same_seed_gives_bit_identical_weights() {
     let (tr, te) = (fashion(Split::Train, 60), fashion(Split::Test, 20));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(1, 4);
-    cfg.augment = Augment { crop_pad: 2, flip: true };
+    cfg.augment = Augment {
+        crop_pad: 2,
+        flip: true,
+    };
     let (a, _) = fit(&cfg, &tr, &te, &dir.path().join("a.safetensors"));
     let (b, _) = fit(&cfg, &tr, &te, &dir.path().join("b.safetensors"));
     for (x, y) in a.params.iter().zip(&b.params) {
-        assert!(x.data().iter().zip(y.data()).all(|(p, q)| p.to_bits() == q.to_bits()));
+        assert!(x
+            .data()
+            .iter()
+            .zip(y.data())
+            .all(|(p, q)| p.to_bits() == q.to_bits()));
     }
     let (c, _) = fit(&config(1, 5), &tr, &te, &dir.path().join("c.safetensors"));
     assert_ne!(a.params, c.params, "another seed gave the same weights");

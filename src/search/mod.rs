@@ -356,16 +356,7 @@ pub fn run<B: Backend>(
             .sum();
         let mut bar = Progress::new("search", total, inputs.quiet);
         let t0 = Instant::now();
-        let optimised = optimize::optimise(
-            be,
-            graph,
-            &dm.params,
-            test,
-            &jobs,
-            &cfg.mask,
-            cfg.max_images,
-            &mut bar,
-        )?;
+        let optimised = optimize::optimise(&dm, test, &jobs, &cfg.mask, cfg.max_images, &mut bar)?;
         bar.finish();
         search_seconds = t0.elapsed().as_secs_f64();
         steps_total = optimised.iter().map(|o| o.steps).sum();

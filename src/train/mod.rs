@@ -439,7 +439,14 @@ pub fn train<B: Backend>(
             .take(steps_per_epoch)
         {
             let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 2 + epoch as u64, step as u64));
-            let (x, labels) = training_batch(train_set, chunk, &poisoned, cfg.poison.as_ref(), cfg.augment, &mut rng);
+            let (x, labels) = training_batch(
+                train_set,
+                chunk,
+                &poisoned,
+                cfg.poison.as_ref(),
+                cfg.augment,
+                &mut rng,
+            );
             let xb = match &cfg.adversarial {
                 Some(attack) => {
                     let seed = mix(cfg.seed, 3 + epoch as u64, step as u64);
