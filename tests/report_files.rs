@@ -711,3 +711,45 @@ fn preview() {
     report::write_comparison(&runs, &fashion, "classwise demo", &notes, &dir.join("demo")).unwrap();
     println!("{}", report::terminal_summary(&grey, &names()));
 }
+
+#[test]
+fn large_runs_get_thumbnails_and_a_grey_crowd_in_the_plot() {
+    let classes = report::GRID_MANY + 1;
+    let r = make_report([1, 28, 28], classes, true);
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&r, &[], dir.path()).unwrap();
+    // 28×28 is shown at 112 px, more than a thumbnail: the grid shrinks it.
+    let t = report::GRID_THUMB as u32;
+    let sep = raster::SEPARATOR as u32;
+    let rows = classes as u32;
+    check_png(
+        &dir.path().join("images/grid.png"),
+        (4 * t + 5 * sep, rows * t + (rows + 1) * sep),
+        ColorType::Rgb8,
+    );
+    // The per-search pictures keep their display size.
+    check_png(
+        &dir.path().join("images/c7_auto0_pattern.png"),
+        (112, 112),
+        ColorType::L8,
+    );
+    let svg = std::fs::read_to_string(dir.path().join("pp_vs_k.svg")).unwrap();
+    assert!(svg.contains("other classes"));
+    assert!(svg.matches("<polyline").count() > classes);
+}
+
+#[test]
+fn an_empty_run_still_renders() {
+    let mut r = make_report([1, 28, 28], 4, true);
+    r.searches.clear();
+    r.classes.clear();
+    r.flagged.clear();
+    r.verdict_min_k = None;
+    r.verdict_mask = verdict::analyse("mask_mean", &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    check_self_contained(&html);
+    assert!(verdict_box(&html).contains("No class flagged"));
+    png(&dir.path().join("images/grid.png"));
+}
