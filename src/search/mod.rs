@@ -165,6 +165,10 @@ pub struct Example {
     pub clean_pred: usize,
     /// Prediction with the pattern pasted in.
     pub stamped_pred: usize,
+    /// The stamped image `[C, H, W]` in [0, 1], for the report's pictures
+    /// (empty in results stored before it was kept).
+    #[serde(default)]
+    pub pixels: Vec<f32>,
 }
 
 /// The result of one (class, canvas) search.
@@ -537,6 +541,7 @@ fn evaluate<B: Backend>(
             label: source,
             clean_pred: clean[i],
             stamped_pred: dm.predict(&x)?[0],
+            pixels: x.into_data(),
         });
     }
     let mask_mean = opt.mask.iter().map(|&v| v as f64).sum::<f64>() / plane as f64;
