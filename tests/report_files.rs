@@ -199,6 +199,7 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
             search_frac: 0.2,
             mask: MaskConfig::default(),
             sweep_per_class: Some(100),
+            eval_per_class: None,
             examples: 3,
             eval_batch: 256,
             max_images: 4096,
