@@ -62,7 +62,7 @@ pub fn verdict_in_force(report: &RunReport) -> &Verdict {
 pub fn statistic_words(report: &RunReport) -> String {
     if report.verdict_min_k.is_some() {
         format!(
-            "minimal k reaching {} predictive power (verdict_min_k)",
+            "ln of the minimal k reaching {} predictive power (verdict_min_k)",
             pct(report.config.threshold)
         )
     } else {

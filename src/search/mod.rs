@@ -423,9 +423,9 @@ pub fn run<B: Backend>(
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
         let v: Vec<f64> = classes
             .iter()
-            .map(|c| c.min_k.unwrap_or(pixels + 1) as f64)
+            .map(|c| (c.min_k.unwrap_or(pixels + 1) as f64).ln())
             .collect();
-        verdict::analyse("min_k", &class_ids, &v)
+        verdict::analyse("ln_min_k", &class_ids, &v)
     });
     let verdict_mask = verdict::analyse(
         "mask_mean",
