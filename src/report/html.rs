@@ -50,7 +50,7 @@ table.data th { background: var(--soft); font-weight: 600; white-space: normal; 
 table.data td.l, table.data th.l { text-align: left; }
 table.data tr.flagged td { background: var(--badbg); font-weight: 600; }
 table.data tr.flagged td.flag { color: var(--bad); }
-table.kv td { padding: 2px 14px 2px 0; vertical-align: top; }
+table.kv td { padding: 2px 14px 2px 0; vertical-align: top; overflow-wrap: anywhere; }
 table.kv td:first-child { color: var(--muted); white-space: nowrap; }
 table.small th, table.small td { padding: 3px 8px; font-size: 13px; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; vertical-align: 0; }
@@ -170,7 +170,20 @@ fn model_rows(out: &mut String, model: &serde_json::Value) {
                     );
                 }
                 for (k, v) in m {
-                    kv(out, &format!("metadata: {k}"), &json_text(v));
+                    // Structured metadata (how a model was trained) is a JSON
+                    // string: shown folded and pretty, not as one long line.
+                    let nested = v
+                        .as_str()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+                        .filter(|j| j.is_object());
+                    let html = match nested {
+                        Some(j) => format!(
+                            "<details><summary>show</summary><pre>{}</pre></details>",
+                            esc(&serde_json::to_string_pretty(&j).unwrap_or_default())
+                        ),
+                        None => json_text(v),
+                    };
+                    kv(out, &format!("metadata: {k}"), &html);
                 }
             }
             (k, v) => kv(out, k, &json_text(v)),
