@@ -6,21 +6,23 @@
 //! invariant. 1x1 stride-1 unpadded convolutions read the input as the
 //! column matrix directly.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
-use super::{dims4, expect_shape, matmul, MatRef};
+use super::{dims4, expect_shape, matmul, transpose, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Upper bound, in values, of the column buffer backward-filter keeps for a
-/// group of images (32 MiB): enough images per group to keep both cores
-/// busy, bounded so that large batches do not need gigabytes.
-const FILTER_COL_BUDGET: usize = 1 << 23;
+/// Backward-filter cuts the batch into this many ranges of images, one
+/// partial gradient each: enough to keep a few cores busy, few enough that
+/// the partials (one filter's size each) stay small.
+const FILTER_PARTS: usize = 4;
 
-/// Output channels per backward-filter task. Fixed, so the GEMM shapes (and
-/// thereby the bits) do not depend on the number of threads.
-const FILTER_ROWS: usize = 16;
+/// Upper bound, in values, of the buffers one backward-filter range fills
+/// at a time (16 MiB), so large batches do not need gigabytes.
+const FILTER_BUDGET: usize = 1 << 22;
 
 /// The extents of one convolution, checked once.
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +101,15 @@ impl Geom {
     /// column matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// True when the output has few positions and `other` (the extent of
+    /// the product's other axis) is larger. Gemm vectorises along the
+    /// output's contiguous axis in tiles of 64 values; a late layer's 16 or
+    /// 64 positions per row would leave most of each tile idle, so such
+    /// products are computed transposed and then transposed back.
+    fn few_positions(&self, other: usize) -> bool {
+        self.positions() < SHORT_ROW && other > self.positions()
     }
 
     /// Values of the column matrix of one image (0 when none is needed).
@@ -196,7 +207,8 @@ fn col2im(col: &[f32], g: &Geom, x: &mut [f32]) {
     }
 }
 
-/// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`.
+/// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`:
+/// per image, `Y = W col` (`[O, C*KH*KW] x [C*KH*KW, OH*OW]`).
 pub(super) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -207,27 +219,42 @@ pub(super) fn conv2d(
     if let Some(b) = bias {
         expect_shape("bias", b, &[g.o])?;
     }
-    let wm = MatRef::row_major(w.data(), g.o, g.rows());
+    let (rows, pos) = (g.rows(), g.positions());
+    let wm = MatRef::row_major(w.data(), g.o, rows);
+    // The transposed product `Y^T = col^T W^T` is fast only with `W^T`
+    // stored densely, so it is built once for the whole batch.
+    let few = g.few_positions(g.o);
+    let mut wt = Vec::new();
+    if few {
+        wt.resize(rows * g.o, 0.0);
+        transpose(w.data(), g.o, rows, &mut wt);
+    }
     let mut y = vec![0.0f32; g.n * g.out_len()];
     y.par_chunks_mut(g.out_len())
         .zip(x.data().par_chunks(g.in_len()))
         .for_each_init(
-            || vec![0.0f32; g.col_len()],
-            |col, (y_n, x_n)| {
+            || {
+                (
+                    vec![0.0f32; g.col_len()],
+                    vec![0.0f32; if few { g.out_len() } else { 0 }],
+                )
+            },
+            |(col, yt), (y_n, x_n)| {
                 let cols: &[f32] = if g.pointwise() {
                     x_n
                 } else {
                     im2col(x_n, &g, col);
                     col
                 };
-                matmul(
-                    y_n,
-                    wm,
-                    MatRef::row_major(cols, g.rows(), g.positions()),
-                    false,
-                );
+                let colm = MatRef::row_major(cols, rows, pos);
+                if few {
+                    matmul(yt, colm.t(), MatRef::row_major(&wt, rows, g.o), false);
+                    transpose(yt, pos, g.o, y_n);
+                } else {
+                    matmul(y_n, wm, colm, false);
+                }
                 if let Some(b) = bias {
-                    for (row, &b_o) in y_n.chunks_exact_mut(g.positions()).zip(b.data()) {
+                    for (row, &b_o) in y_n.chunks_exact_mut(pos).zip(b.data()) {
                         row.iter_mut().for_each(|v| *v += b_o);
                     }
                 }
@@ -246,18 +273,31 @@ pub(super) fn conv2d_backward_data(
 ) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
-    let wt = MatRef::row_major(w.data(), g.o, g.rows()).t();
+    let (rows, pos) = (g.rows(), g.positions());
+    let wm = MatRef::row_major(w.data(), g.o, rows);
+    let few = g.few_positions(rows);
     let mut dx = vec![0.0f32; g.n * g.in_len()];
     dx.par_chunks_mut(g.in_len())
         .zip(dy.data().par_chunks(g.out_len()))
         .for_each_init(
-            || vec![0.0f32; g.col_len()],
-            |dcol, (dx_n, dy_n)| {
-                let dym = MatRef::row_major(dy_n, g.o, g.positions());
-                if g.pointwise() {
-                    matmul(dx_n, wt, dym, false);
+            || {
+                (
+                    vec![0.0f32; g.col_len()],
+                    vec![0.0f32; if few { rows * pos } else { 0 }],
+                )
+            },
+            |(dcol, dcol_t), (dx_n, dy_n)| {
+                let dym = MatRef::row_major(dy_n, g.o, pos);
+                // The column gradient `W^T dY` ([rows, pos]); a pointwise
+                // convolution's is the input gradient itself.
+                let target: &mut [f32] = if g.pointwise() { dx_n } else { dcol };
+                if few {
+                    matmul(dcol_t, dym.t(), wm, false);
+                    transpose(dcol_t, pos, rows, target);
                 } else {
-                    matmul(dcol, wt, dym, false);
+                    matmul(target, wm.t(), dym, false);
+                }
+                if !g.pointwise() {
                     col2im(dcol, &g, dx_n);
                 }
             },
@@ -265,12 +305,13 @@ pub(super) fn conv2d_backward_data(
     Tensor::new(x_shape, dx)
 }
 
-/// Gradients of [`conv2d`] with respect to the filter (`sum_n dY_n col_n^T`)
-/// and, when `with_bias`, the bias.
+/// Gradients of [`conv2d`] with respect to the filter
+/// (`sum_n dY_n col_n^T`) and, when `with_bias`, the bias.
 ///
-/// Images are unfolded a group at a time; each task owns
-/// [`FILTER_ROWS`] output channels and adds the images' products in image
-/// order, so the sum order is fixed by the shapes alone.
+/// The batch is cut into [`FILTER_PARTS`] fixed ranges of images; each range
+/// gives a partial filter gradient on one thread, and the partials are added
+/// in range order. The cut depends on the batch size only, so the bits do
+/// not depend on the number of threads.
 pub(super) fn conv2d_backward_filter(
     x: &Tensor,
     dy: &Tensor,
@@ -280,44 +321,21 @@ pub(super) fn conv2d_backward_filter(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
-    let (rows, pos) = (g.rows(), g.positions());
-    let group = if g.pointwise() {
-        g.n.max(1)
-    } else {
-        (FILTER_COL_BUDGET / g.col_len()).clamp(1, g.n.max(1))
-    };
-    let mut cols = vec![0.0f32; group * g.col_len()];
-    let mut dw = vec![0.0f32; g.o * rows];
-    for start in (0..g.n).step_by(group) {
-        let end = (start + group).min(g.n);
-        if !g.pointwise() {
-            cols[..(end - start) * g.col_len()]
-                .par_chunks_mut(g.col_len())
-                .zip(x.data()[start * g.in_len()..end * g.in_len()].par_chunks(g.in_len()))
-                .for_each(|(col, x_n)| im2col(x_n, &g, col));
-        }
-        dw.par_chunks_mut(FILTER_ROWS * rows)
-            .enumerate()
-            .for_each(|(chunk, dw_rows)| {
-                let o0 = chunk * FILTER_ROWS;
-                let m = dw_rows.len() / rows;
-                for img in start..end {
-                    let col_n = if g.pointwise() {
-                        &x.data()[img * g.in_len()..(img + 1) * g.in_len()]
-                    } else {
-                        &cols[(img - start) * g.col_len()..(img - start + 1) * g.col_len()]
-                    };
-                    let dy_rows = &dy.data()[img * g.out_len() + o0 * pos..][..m * pos];
-                    matmul(
-                        dw_rows,
-                        MatRef::row_major(dy_rows, m, pos),
-                        MatRef::row_major(col_n, rows, pos).t(),
-                        img > 0,
-                    );
-                }
-            });
+    let per_part = g.n.div_ceil(FILTER_PARTS).max(1);
+    let starts: Vec<usize> = (0..g.n).step_by(per_part).collect();
+    let partials: Vec<Vec<f32>> = starts
+        .par_iter()
+        .map(|&first| filter_part(x.data(), dy.data(), &g, first..(first + per_part).min(g.n)))
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().unwrap_or_else(|| vec![0.0; g.o * g.rows()]);
+    for part in parts {
+        dw.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(part.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, p)| *d += p));
     }
     let db = if with_bias {
+        let pos = g.positions();
         let sums: Vec<f32> = (0..g.o)
             .into_par_iter()
             .map(|o| {
@@ -334,4 +352,51 @@ pub(super) fn conv2d_backward_filter(
         None
     };
     Ok((Tensor::new(w_shape, dw)?, db))
+}
+
+/// The filter gradient contributed by the images `images`, on one thread.
+///
+/// Images are taken a few at a time (as many as [`FILTER_BUDGET`] allows)
+/// and laid out so that one long GEMM covers them all: the patches as rows
+/// `[images*OH*OW, C*KH*KW]` and `dY` as `[O, images*OH*OW]`.
+fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>) -> Vec<f32> {
+    let (rows, pos) = (g.rows(), g.positions());
+    let group = (FILTER_BUDGET / ((rows + g.o) * pos)).clamp(1, images.len().max(1));
+    let mut dw = vec![0.0f32; g.o * rows];
+    let mut col = vec![0.0f32; g.col_len()];
+    let mut patches = vec![0.0f32; group * pos * rows];
+    let mut dyg = vec![0.0f32; g.o * group * pos];
+    for (i, first) in images.clone().step_by(group).enumerate() {
+        let last = (first + group).min(images.end);
+        let k = (last - first) * pos;
+        for (j, img) in (first..last).enumerate() {
+            let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
+            let cols: &[f32] = if g.pointwise() {
+                x_n
+            } else {
+                im2col(x_n, g, &mut col);
+                &col
+            };
+            transpose(
+                cols,
+                rows,
+                pos,
+                &mut patches[j * pos * rows..(j + 1) * pos * rows],
+            );
+            let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
+            for (dst, src) in dyg[..g.o * k]
+                .chunks_exact_mut(k)
+                .zip(dy_n.chunks_exact(pos))
+            {
+                dst[j * pos..(j + 1) * pos].copy_from_slice(src);
+            }
+        }
+        matmul(
+            &mut dw,
+            MatRef::row_major(&dyg[..g.o * k], g.o, k),
+            MatRef::row_major(&patches[..k * rows], k, rows),
+            i > 0,
+        );
+    }
+    dw
 }

@@ -374,3 +374,24 @@ fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         );
     }
 }
+
+/// Convolutions with fewer output positions than this (and more channels)
+/// compute their products transposed; see [`conv`].
+const SHORT_ROW: usize = 128;
+
+/// Writes the transpose of the row-major `rows x cols` matrix `src` into
+/// `dst` (`cols x rows`), in square tiles so both sides stay in cache.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let src_row = &src[r * cols..(r + 1) * cols];
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src_row[c];
+                }
+            }
+        }
+    }
+}
