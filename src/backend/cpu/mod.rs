@@ -20,6 +20,8 @@ mod mask;
 mod norm;
 mod optim;
 mod pool;
+#[cfg(test)]
+mod testutil;
 
 use crate::backend::{Backend, BnSaved, ConvParams, PoolParams, SgdParams};
 use crate::error::{Error, Result};
@@ -391,6 +393,65 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
                 for c in c0..(c0 + TILE).min(cols) {
                     dst[c * rows + r] = src_row[c];
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testutil::*;
+
+    #[test]
+    fn buffers_round_trip_and_reshape_keeps_flatten_order() {
+        let be = CpuBackend;
+        let t = Tensor::from_fn(&[2, 3, 2, 2], |i| i as f32);
+        let b = be.upload(&t).unwrap();
+        assert_eq!(be.download(&b).unwrap(), t);
+        assert_eq!(be.shape(&b), &[2, 3, 2, 2]);
+        let flat = be.reshape(&b, &[2, 12]).unwrap();
+        assert_eq!(flat.shape(), &[2, 12]);
+        assert_eq!(flat.data(), t.data());
+        assert!(be.reshape(&b, &[2, 11]).is_err());
+        assert_eq!(be.zeros(&[3, 1]).unwrap(), Tensor::zeros(&[3, 1]));
+        assert_eq!(be.name(), "cpu");
+    }
+
+    #[test]
+    fn matmul_handles_transposed_views_and_accumulation() {
+        let mut g = rng(1);
+        let (m, k, n) = (5, 7, 3);
+        let a = uniform(&mut g, &[m, k], -1.0, 1.0);
+        let bt = uniform(&mut g, &[n, k], -1.0, 1.0);
+        let want: Vec<f64> = (0..m * n)
+            .map(|i| dot(&f64s(&a)[i / n * k..][..k], &f64s(&bt)[i % n * k..][..k]))
+            .collect();
+        let mut dst = vec![0.0; m * n];
+        let b = MatRef::row_major(bt.data(), n, k).t();
+        matmul(&mut dst, MatRef::row_major(a.data(), m, k), b, false);
+        assert_close("a b", &dst, &want, 1e-6);
+        matmul(&mut dst, MatRef::row_major(a.data(), m, k), b, true);
+        let twice: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();
+        assert_close("accumulated", &dst, &twice, 1e-6);
+        let mut empty_k = vec![1.0; m * n];
+        matmul(
+            &mut empty_k,
+            MatRef::row_major(&[], m, 0),
+            MatRef::row_major(&[], 0, n),
+            false,
+        );
+        assert_eq!(empty_k, vec![0.0; m * n]);
+    }
+
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        let src: Vec<f32> = (0..35).map(|i| i as f32).collect();
+        let mut dst = vec![0.0; 35];
+        transpose(&src, 5, 7, &mut dst);
+        for r in 0..5 {
+            for c in 0..7 {
+                assert_eq!(dst[c * 5 + r], src[r * 7 + c]);
             }
         }
     }
