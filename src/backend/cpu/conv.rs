@@ -622,10 +622,12 @@ mod tests {
     }
 
     /// Shapes for the bitwise properties: gemm along positions, transposed
-    /// products, pointwise, and a strided 7x7 stem.
-    const INVARIANCE_SHAPES: [Case; 4] = [
+    /// products (one with an inner dimension over gemm's 512-deep blocks),
+    /// pointwise, and a strided 7x7 stem.
+    const INVARIANCE_SHAPES: [Case; 5] = [
         case([6, 3, 12, 12], [8, 3, 3, 3], 1, 1),
         case([6, 16, 4, 4], [40, 16, 3, 3], 1, 1),
+        case([6, 64, 6, 6], [96, 64, 3, 3], 1, 1),
         case([6, 24, 5, 5], [32, 24, 1, 1], 1, 0),
         case([6, 3, 15, 15], [8, 3, 7, 7], 2, 3),
     ];
