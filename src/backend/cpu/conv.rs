@@ -10,7 +10,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{dims4, expect_shape, matmul, transpose, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW};
+use super::{
+    dims4, expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW,
+};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -229,17 +231,12 @@ pub(super) fn conv2d(
         wt.resize(rows * g.o, 0.0);
         transpose(w.data(), g.o, rows, &mut wt);
     }
+    let yt_len = if few { g.out_len() } else { 0 };
     let mut y = vec![0.0f32; g.n * g.out_len()];
     y.par_chunks_mut(g.out_len())
         .zip(x.data().par_chunks(g.in_len()))
-        .for_each_init(
-            || {
-                (
-                    vec![0.0f32; g.col_len()],
-                    vec![0.0f32; if few { g.out_len() } else { 0 }],
-                )
-            },
-            |(col, yt), (y_n, x_n)| {
+        .for_each(|(y_n, x_n)| {
+            with_scratch([g.col_len(), yt_len], |[col, yt]| {
                 let cols: &[f32] = if g.pointwise() {
                     x_n
                 } else {
@@ -258,8 +255,8 @@ pub(super) fn conv2d(
                         row.iter_mut().for_each(|v| *v += b_o);
                     }
                 }
-            },
-        );
+            })
+        });
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
 }
 
@@ -276,17 +273,12 @@ pub(super) fn conv2d_backward_data(
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
     let few = g.few_positions(rows);
+    let dcol_t_len = if few { rows * pos } else { 0 };
     let mut dx = vec![0.0f32; g.n * g.in_len()];
     dx.par_chunks_mut(g.in_len())
         .zip(dy.data().par_chunks(g.out_len()))
-        .for_each_init(
-            || {
-                (
-                    vec![0.0f32; g.col_len()],
-                    vec![0.0f32; if few { rows * pos } else { 0 }],
-                )
-            },
-            |(dcol, dcol_t), (dx_n, dy_n)| {
+        .for_each(|(dx_n, dy_n)| {
+            with_scratch([g.col_len(), dcol_t_len], |[dcol, dcol_t]| {
                 let dym = MatRef::row_major(dy_n, g.o, pos);
                 // The column gradient `W^T dY` ([rows, pos]); a pointwise
                 // convolution's is the input gradient itself.
@@ -300,8 +292,8 @@ pub(super) fn conv2d_backward_data(
                 if !g.pointwise() {
                     col2im(dcol, &g, dx_n);
                 }
-            },
-        );
+            })
+        });
     Tensor::new(x_shape, dx)
 }
 
@@ -379,41 +371,41 @@ fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>, budget: us
     let (rows, pos) = (g.rows(), g.positions());
     let group = (budget / ((rows + g.o) * pos)).clamp(1, images.len().max(1));
     let mut dw = vec![0.0f32; g.o * rows];
-    let mut col = vec![0.0f32; g.col_len()];
-    let mut patches = vec![0.0f32; group * pos * rows];
-    let mut dyg = vec![0.0f32; g.o * group * pos];
-    for (i, first) in images.clone().step_by(group).enumerate() {
-        let last = (first + group).min(images.end);
-        let k = (last - first) * pos;
-        for (j, img) in (first..last).enumerate() {
-            let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
-            let cols: &[f32] = if g.pointwise() {
-                x_n
-            } else {
-                im2col(x_n, g, &mut col);
-                &col
-            };
-            transpose(
-                cols,
-                rows,
-                pos,
-                &mut patches[j * pos * rows..(j + 1) * pos * rows],
-            );
-            let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
-            for (dst, src) in dyg[..g.o * k]
-                .chunks_exact_mut(k)
-                .zip(dy_n.chunks_exact(pos))
-            {
-                dst[j * pos..(j + 1) * pos].copy_from_slice(src);
+    let lens = [g.col_len(), group * pos * rows, g.o * group * pos];
+    with_scratch(lens, |[col, patches, dyg]| {
+        for (i, first) in images.clone().step_by(group).enumerate() {
+            let last = (first + group).min(images.end);
+            let k = (last - first) * pos;
+            for (j, img) in (first..last).enumerate() {
+                let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
+                let cols: &[f32] = if g.pointwise() {
+                    x_n
+                } else {
+                    im2col(x_n, g, col);
+                    col
+                };
+                transpose(
+                    cols,
+                    rows,
+                    pos,
+                    &mut patches[j * pos * rows..(j + 1) * pos * rows],
+                );
+                let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
+                for (dst, src) in dyg[..g.o * k]
+                    .chunks_exact_mut(k)
+                    .zip(dy_n.chunks_exact(pos))
+                {
+                    dst[j * pos..(j + 1) * pos].copy_from_slice(src);
+                }
             }
+            matmul(
+                &mut dw,
+                MatRef::row_major(&dyg[..g.o * k], g.o, k),
+                MatRef::row_major(&patches[..k * rows], k, rows),
+                i > 0,
+            );
         }
-        matmul(
-            &mut dw,
-            MatRef::row_major(&dyg[..g.o * k], g.o, k),
-            MatRef::row_major(&patches[..k * rows], k, rows),
-            i > 0,
-        );
-    }
+    });
     dw
 }
 
