@@ -15,8 +15,14 @@ use crate::tensor::Tensor;
 fn search_dims(canvas: &Tensor, others: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let [s, c, h, w] = dims4("canvas", canvas.shape())?;
     let [n, oc, oh, ow] = dims4("others", others.shape())?;
-    if s == 0 {
-        return Err(Error::tensor("canvas", "no searches (S = 0)"));
+    if s == 0 || c * h * w == 0 {
+        return Err(Error::tensor(
+            "canvas",
+            format!(
+                "needs at least one non-empty search image, got shape {:?}",
+                canvas.shape()
+            ),
+        ));
     }
     if (oc, oh, ow) != (c, h, w) || n % s != 0 {
         let b = (n / s).max(1);
@@ -32,7 +38,7 @@ pub(super) fn composite(canvas: &Tensor, mask: &Tensor, others: &Tensor) -> Resu
     let [_, _, h, w] = dims4("canvas", canvas.shape())?;
     expect_shape("mask", mask, &[s, h, w])?;
     let mut out = vec![0.0f32; others.len()];
-    if hw > 0 && b > 0 {
+    if b > 0 {
         out.par_chunks_mut(c * hw)
             .zip(others.data().par_chunks(c * hw))
             .enumerate()
@@ -69,26 +75,24 @@ pub(super) fn mask_grad(
     expect_shape("dx", dx, others.shape())?;
     let [_, _, h, w] = dims4("canvas", canvas.shape())?;
     let mut grad = vec![0.0f32; s * hw];
-    if hw > 0 {
-        grad.par_chunks_mut(hw).enumerate().for_each(|(si, g)| {
-            let canvas_s = &canvas.data()[si * c * hw..(si + 1) * c * hw];
-            let images = si * b * c * hw..(si + 1) * b * c * hw;
-            let dx_s = &dx.data()[images.clone()];
-            let others_s = &others.data()[images];
-            for (dx_i, other_i) in dx_s.chunks_exact(c * hw).zip(others_s.chunks_exact(c * hw)) {
-                for ((d, x), cv) in dx_i
-                    .chunks_exact(hw)
-                    .zip(other_i.chunks_exact(hw))
-                    .zip(canvas_s.chunks_exact(hw))
-                {
-                    for (((g, &d), &x), &cv) in g.iter_mut().zip(d).zip(x).zip(cv) {
-                        *g += d * (cv - x);
-                    }
+    grad.par_chunks_mut(hw).enumerate().for_each(|(si, g)| {
+        let canvas_s = &canvas.data()[si * c * hw..(si + 1) * c * hw];
+        let images = si * b * c * hw..(si + 1) * b * c * hw;
+        let dx_s = &dx.data()[images.clone()];
+        let others_s = &others.data()[images];
+        for (dx_i, other_i) in dx_s.chunks_exact(c * hw).zip(others_s.chunks_exact(c * hw)) {
+            for ((d, x), cv) in dx_i
+                .chunks_exact(hw)
+                .zip(other_i.chunks_exact(hw))
+                .zip(canvas_s.chunks_exact(hw))
+            {
+                for (((g, &d), &x), &cv) in g.iter_mut().zip(d).zip(x).zip(cv) {
+                    *g += d * (cv - x);
                 }
             }
-            g.iter_mut().for_each(|g| *g += l1_grad);
-        });
-    }
+        }
+        g.iter_mut().for_each(|g| *g += l1_grad);
+    });
     Tensor::new(&[s, h, w], grad)
 }
 
@@ -237,6 +241,15 @@ mod tests {
         assert!(composite(&d.canvas, &Tensor::zeros(&[S, H, W + 1]), &d.others).is_err());
         assert!(composite(&d.canvas, &d.mask, &Tensor::zeros(&[S * B, C + 1, H, W])).is_err());
         assert!(composite(&Tensor::zeros(&[0, C, H, W]), &d.mask, &d.others).is_err());
+        let no_channels = Tensor::zeros(&[S, 0, H, W]);
+        assert!(composite(&no_channels, &d.mask, &Tensor::zeros(&[S * B, 0, H, W])).is_err());
+        assert!(mask_grad(
+            &Tensor::zeros(&[S * B, 0, H, W]),
+            &no_channels,
+            &Tensor::zeros(&[S * B, 0, H, W]),
+            0.0
+        )
+        .is_err());
         assert!(mask_grad(&bad_others, &d.canvas, &d.others, 0.0).is_err());
         assert!(mask_grad(&d.dx, &d.canvas, &bad_others, 0.0).is_err());
     }
