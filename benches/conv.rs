@@ -1,6 +1,6 @@
 //! Throughput of the CPU backend's convolutions on the layer shapes of a
-//! CIFAR ResNet-18 at batch 32 (forward, backward-data, backward-filter),
-//! and of a whole ResNet-18 forward + backward-to-input, the search's step.
+//! CIFAR ResNet-18 at batch 32: forward, backward-data, backward-filter.
+//! (Whole models are in `benches/models.rs`.)
 //!
 //! Run: `cargo bench --bench conv` (criterion reports elements/s; an
 //! element is one floating-point operation, so it reads as FLOP/s).
@@ -9,8 +9,6 @@ use std::hint::black_box;
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::{Backend, ConvParams};
-use classwise::graph::ParamKind;
-use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -101,48 +99,5 @@ fn conv_layers(c: &mut Criterion) {
     group.finish();
 }
 
-/// ResNet-18 (3x32x32, 10 classes) forward + backward to the input at batch
-/// 32, weights frozen: what PyTorch's `torch_cpu_bench.py` measures.
-fn resnet18_step(c: &mut Criterion) {
-    let be = CpuBackend;
-    let graph = build(&ModelSpec::new("resnet18", [3, 32, 32], 10)).unwrap();
-    let params: Vec<Tensor> = graph
-        .params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| match p.kind {
-            ParamKind::BnVar | ParamKind::BnWeight => Tensor::full(&p.shape, 1.0),
-            ParamKind::BnMean | ParamKind::BnBias | ParamKind::Bias => Tensor::zeros(&p.shape),
-            _ => {
-                let fan_in = p.shape[1..].iter().product::<usize>() as f32;
-                let mut t = filled(&p.shape, i as u32);
-                t.data_mut()
-                    .iter_mut()
-                    .for_each(|v| *v *= (3.0 / fan_in).sqrt());
-                t
-            }
-        })
-        .collect();
-    let x = Tensor::from_fn(&[BATCH, 3, 32, 32], |i| (i % 97) as f32 / 97.0);
-    let labels: Vec<usize> = (0..BATCH).map(|i| i % 10).collect();
-    let weights = vec![1.0 / BATCH as f32; BATCH];
-    let mut group = c.benchmark_group("resnet18");
-    group.sample_size(10);
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("fwd_bwd_input_images", |b| {
-        b.iter(|| {
-            let trace = graph.forward_trace(&be, &params, x.clone()).unwrap();
-            let (_, dlogits) = be
-                .softmax_cross_entropy(trace.logits(), &labels, &weights)
-                .unwrap();
-            graph
-                .backward(&be, &params, &trace, dlogits, false)
-                .unwrap()
-                .dx
-        })
-    });
-    group.finish();
-}
-
-criterion_group!(benches, conv_layers, resnet18_step);
+criterion_group!(benches, conv_layers);
 criterion_main!(benches);

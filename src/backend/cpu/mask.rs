@@ -108,15 +108,16 @@ pub(super) fn sign(g: f32) -> f32 {
     }
 }
 
-/// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`.
-pub(super) fn sign_step_clamp(mask: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
+/// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`,
+/// in f64 and rounded once to f32, so the step is exactly the reference's.
+pub(super) fn sign_step_clamp(mask: &mut Tensor, grad: &Tensor, lr: f64) -> Result<()> {
     expect_shape("grad", grad, mask.shape())?;
     mask.data_mut()
         .par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(grad.data().par_chunks(ELEMENTWISE_CHUNK))
         .for_each(|(m, g)| {
             for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m - lr * sign(g)).clamp(0.0, 1.0);
+                *m = (*m as f64 - lr * sign(g) as f64).clamp(0.0, 1.0) as f32;
             }
         });
     Ok(())
@@ -229,7 +230,8 @@ mod tests {
         let mut m = Tensor::new(&[1, 1, 5], vec![0.5, 0.5, 0.5, 0.01, 0.99]).unwrap();
         let g = Tensor::new(&[1, 1, 5], vec![3.0, -1e-9, 0.0, 2.0, -2.0]).unwrap();
         sign_step_clamp(&mut m, &g, 0.02).unwrap();
-        assert_eq!(m.data(), &[0.5 - 0.02, 0.5 + 0.02, 0.5, 0.0, 1.0]);
+        let (down, up) = ((0.5f64 - 0.02) as f32, (0.5f64 + 0.02) as f32);
+        assert_eq!(m.data(), &[down, up, 0.5, 0.0, 1.0]);
         assert!(sign_step_clamp(&mut m, &Tensor::zeros(&[1, 5]), 0.02).is_err());
     }
 
