@@ -66,7 +66,9 @@ impl DemoConfig {
             ));
         }
         if let Some(n) = self.sweep_per_class {
-            notes.push(format!("The k-sweep and the minimal k use the first {n} test images of each other class."));
+            notes.push(format!(
+                "The k-sweep and the minimal k use the first {n} test images of each other class."
+            ));
         }
         notes
     }
@@ -84,7 +86,10 @@ pub fn run<B: Backend>(
     let start = Instant::now();
     let mut runs = Vec::new();
     for shipped in models::ALL {
-        runs.push((shipped.title.to_string(), run_one(be, &shipped, test, cfg, out, command)?));
+        runs.push((
+            shipped.title.to_string(),
+            run_one(be, &shipped, test, cfg, out, command)?,
+        ));
     }
     let title = format!(
         "What do deep nets learn? Class-wise patterns of three SmallCNNs on Fashion-MNIST ({:.0} s on {})",

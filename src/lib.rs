@@ -7,11 +7,13 @@
 
 pub mod backend;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod forward;
 pub mod graph;
 pub mod io;
+pub mod models;
 pub mod progress;
 pub mod report;
 pub mod search;

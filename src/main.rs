@@ -42,6 +42,35 @@ enum Cmd {
     Train(TrainArgs),
     /// Search every class's pattern (the paper's method), batched; report in --out.
     Search(SearchArgs),
+    /// The paper's three settings on one page: the embedded natural, backdoored and adversarially trained models.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "cwp-demo")]
+    out: PathBuf,
+    /// Fashion-MNIST data: fashion-mnist[:DIR].
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Passes over the search set (the authors' 5 takes longer).
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Canvases: auto:N, test:I, train:I or solid:V.
+    #[arg(long, default_value = "auto:1")]
+    canvas: String,
+    /// Images per other class for the power at the default k: a number or `all`.
+    #[arg(long, default_value = "300")]
+    eval_per_class: String,
+    /// Images per other class for the k-sweep: a number or `all`.
+    #[arg(long, default_value = "50")]
+    sweep_per_class: String,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -735,17 +764,8 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
             v
         }
     };
-    let count = |s: &str, option: &str| -> Result<Option<usize>> {
-        match s {
-            "all" => Ok(None),
-            n => match n.parse::<usize>() {
-                Ok(v) if v > 0 => Ok(Some(v)),
-                _ => bail!("option {option}: `{n}` is not a positive number or `all`"),
-            },
-        }
-    };
-    cfg.sweep_per_class = count(&a.sweep_per_class, "--sweep-per-class")?;
-    cfg.eval_per_class = count(&a.eval_per_class, "--eval-per-class")?;
+    cfg.sweep_per_class = count_option(&a.sweep_per_class, "--sweep-per-class")?;
+    cfg.eval_per_class = count_option(&a.eval_per_class, "--eval-per-class")?;
     if let Some(e) = a.epochs {
         cfg.mask.epochs = e;
     }
@@ -792,6 +812,60 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
     Ok(())
 }
 
+fn count_option(s: &str, option: &str) -> Result<Option<usize>> {
+    match s {
+        "all" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(v) if v > 0 => Ok(Some(v)),
+            _ => bail!("option {option}: `{n}` is not a positive number or `all`"),
+        },
+    }
+}
+
+fn cmd_demo(a: &DemoArgs) -> Result<()> {
+    let cfg = classwise::demo::DemoConfig {
+        epochs: a.epochs,
+        canvas: a.canvas.parse::<CanvasSpec>()?.to_string(),
+        eval_per_class: count_option(&a.eval_per_class, "--eval-per-class")?,
+        sweep_per_class: count_option(&a.sweep_per_class, "--sweep-per-class")?,
+        quiet: a.quiet,
+    };
+    if cfg.epochs == 0 {
+        bail!("option --epochs: at least one epoch is needed");
+    }
+    let spec: DataSpec = a.data.parse()?;
+    let test = data::load(&spec, Split::Test, Some([1, 28, 28])).with_context(|| {
+        "the demo needs Fashion-MNIST: `apt-get install dataset-fashion-mnist`, or --data fashion-mnist:DIR"
+    })?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("option --out: cannot create {}", a.out.display()))?;
+    let start = std::time::Instant::now();
+    let dev = select_device(&a.device.device)?;
+    let runs = with_backend!(dev, |be| classwise::demo::run(
+        &be,
+        &test,
+        &cfg,
+        &a.out,
+        &command_line()
+    )?);
+    for (label, r) in &runs {
+        println!("== {label}");
+        println!(
+            "{}\n",
+            classwise::report::terminal_summary(r, test.class_names())
+        );
+    }
+    for note in cfg.notes() {
+        println!("note: {note}");
+    }
+    println!(
+        "demo finished in {:.0}s; report: {}",
+        start.elapsed().as_secs_f64(),
+        a.out.join("report.html").display()
+    );
+    Ok(())
+}
+
 /// Writes a run's report files and prints its summary.
 fn write_search_outputs(
     report: &RunReport,
@@ -830,6 +904,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Train(a) => cmd_train(a),
         Cmd::Search(a) => cmd_search(a),
+        Cmd::Demo(a) => cmd_demo(a),
     }
 }
 

@@ -138,3 +138,64 @@ fn assert_same(a: &[f32], b: &[f32], what: &str) {
         .count();
     assert_eq!(differ, 0, "{what}: {differ} of {} values differ", a.len());
 }
+
+/// A small but complete run: 3 classes, a tiny search set, 1 epoch.
+fn tiny_run(
+    model: &classwise::weights::Model,
+    test: &Dataset,
+    lr: f64,
+    out: &std::path::Path,
+) -> classwise::search::RunReport {
+    use classwise::search::{run, RunInputs, SearchConfig};
+    let mut cfg = SearchConfig::defaults(model.graph.input, 10);
+    cfg.classes = vec![1, 4, 8];
+    cfg.search_frac = 0.1;
+    cfg.mask.epochs = 1;
+    cfg.mask.lr = lr;
+    cfg.k_sweep = vec![8, 64, 784];
+    cfg.sweep_per_class = Some(5);
+    cfg.eval_per_class = Some(10);
+    let inputs = RunInputs {
+        model,
+        model_id: "formula".into(),
+        model_label: "formula".into(),
+        test,
+        train: None,
+        command: "test".into(),
+        quiet: true,
+    };
+    run(&CpuBackend, &inputs, &cfg, out).unwrap()
+}
+
+#[test]
+fn a_rerun_reuses_finished_searches_and_a_changed_option_does_not() {
+    let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
+    let graph = build(&spec).unwrap();
+    let model = classwise::weights::Model::new(&spec, common::formula_params(&graph)).unwrap();
+    let test = small_test_set();
+    let out = tempfile::tempdir().unwrap();
+    let first = tiny_run(&model, &test, 0.02, out.path());
+    assert_eq!((first.searches.len(), first.reused), (3, 0));
+    let again = tiny_run(&model, &test, 0.02, out.path());
+    assert_eq!(again.reused, 3);
+    for (a, b) in first.searches.iter().zip(&again.searches) {
+        assert_eq!(a.mask, b.mask);
+        assert_eq!(a.power, b.power);
+    }
+    let changed = tiny_run(&model, &test, 0.05, out.path());
+    assert_eq!(
+        changed.reused, 0,
+        "a different step size reused old results"
+    );
+    // Every result file is complete JSON (written atomically), none is a temp file.
+    for entry in std::fs::read_dir(out.path().join("searches")).unwrap() {
+        let p = entry.unwrap().path();
+        assert_eq!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("json"),
+            "{}",
+            p.display()
+        );
+        let _: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    }
+}
