@@ -8,7 +8,11 @@
 pub mod backend;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod forward;
 pub mod graph;
+pub mod io;
+pub mod progress;
 pub mod report;
 pub mod search;
 pub mod tensor;

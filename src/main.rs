@@ -1,1 +1,572 @@
-fn main() {}
+//! `cwp`: the command line of classwise. Parsing and printing only; every
+//! capability is a library function.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use classwise::backend::cpu::CpuBackend;
+use classwise::backend::Backend;
+use classwise::data::{self, DataSpec, Split};
+use classwise::eval::{self, DeviceModel};
+use classwise::train::adversarial::Attack;
+use classwise::train::augment::Augment;
+use classwise::train::poison::{Poisoning, TriggerSpec};
+use classwise::train::{self, Schedule, TrainConfig};
+use classwise::weights::{LoadOptions, Model};
+use classwise::zoo::{self, ModelSpec};
+
+#[derive(Parser)]
+#[command(name = "cwp", version, about = "Class-wise pattern search: what has an image classifier learned?")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the architectures: input shape, parameters, FLOPs per image.
+    Zoo(ZooArgs),
+    /// Logits, mean cross-entropy and input gradient of a model on a tensor file.
+    Forward(ForwardArgs),
+    /// Accuracy (overall, per class, confusion), attack success rate, robust accuracy.
+    Eval(EvalArgs),
+    /// Train a model: natural, backdoored (--poison) or adversarial (--adversarial).
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+struct DeviceArg {
+    /// Compute device: auto, cpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Weights (safetensors with PyTorch state_dict names).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Architecture; may be left out when the weights' metadata names it.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Input shape CxHxW, when neither the metadata nor the arch's default fits.
+    #[arg(long = "input-shape", value_parser = parse_shape)]
+    input: Option<[usize; 3]>,
+    /// Per-channel mean of an input normalisation inside the model (comma list).
+    #[arg(long, requires = "norm_std")]
+    norm_mean: Option<String>,
+    /// Per-channel std of an input normalisation inside the model (comma list).
+    #[arg(long, requires = "norm_mean")]
+    norm_std: Option<String>,
+}
+
+#[derive(Args)]
+struct ZooArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Safetensors file with `x` (f32 NCHW) and `y` (integer labels).
+    #[arg(long = "input")]
+    input_file: PathBuf,
+    /// Output safetensors file: `logits`, `loss`, `dx`.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Data: fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, folder:DIR.
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Which split to evaluate on.
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    split: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Also measure the attack success rate of this trigger (needs --target).
+    #[arg(long, requires = "target")]
+    trigger: Option<String>,
+    /// Target class of the trigger.
+    #[arg(long)]
+    target: Option<usize>,
+    /// Also measure robust accuracy under PGD: EPS,STEP,STEPS.
+    #[arg(long)]
+    pgd: Option<String>,
+    /// Images used for the PGD evaluation (the first N of the split).
+    #[arg(long)]
+    pgd_limit: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Architecture to train.
+    #[arg(long)]
+    arch: String,
+    /// Training data (the test split is used for per-epoch evaluation).
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Output weights file (a checkpoint is kept beside it as OUT.ckpt).
+    #[arg(long)]
+    out: PathBuf,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Weight decay (not on BN parameters or biases).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f32,
+    /// Learning-rate schedule: cosine, constant, or step:EVERY:GAMMA.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Augmentation: default (crop+flip for 32x32 RGB, none otherwise), none, or crop:PAD[,flip] / flip.
+    #[arg(long, default_value = "default")]
+    augment: String,
+    /// Backdoor trigger to plant (e.g. badnets:size=3,pos=br or blend:alpha=0.1,pattern=noise:1).
+    #[arg(long, requires = "target")]
+    poison: Option<String>,
+    /// Target class of the backdoor.
+    #[arg(long)]
+    target: Option<usize>,
+    /// Share of the other classes' training images that get the trigger.
+    #[arg(long, default_value_t = 0.1)]
+    poison_rate: f64,
+    /// Adversarial training: pgd:EPS,STEP,STEPS or fgsm:EPS (random start, step 1.25 EPS).
+    #[arg(long)]
+    adversarial: Option<String>,
+    /// Robust accuracy at the end: EPS,STEP,STEPS[:IMAGES] (default for adversarial runs: EPS,EPS/4,20:1000).
+    #[arg(long)]
+    robust_eval: Option<String>,
+    /// Train on a seeded, class-balanced subset of this many images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Continue from the checkpoint of an interrupted run with the same options.
+    #[arg(long)]
+    resume: bool,
+    /// Input shape CxHxW (default: the data's; folder data is resized to it).
+    #[arg(long = "input-shape", value_parser = parse_shape)]
+    input: Option<[usize; 3]>,
+    /// Per-channel mean of an input normalisation inside the model (comma list).
+    #[arg(long, requires = "norm_std")]
+    norm_mean: Option<String>,
+    /// Per-channel std of an input normalisation inside the model (comma list).
+    #[arg(long, requires = "norm_mean")]
+    norm_std: Option<String>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+fn parse_shape(s: &str) -> std::result::Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("`{s}` is not CxHxW (e.g. 3x32x32)"))?;
+    match v.as_slice() {
+        [c, h, w] if *c > 0 && *h > 0 && *w > 0 => Ok([*c, *h, *w]),
+        _ => Err(format!("`{s}` is not CxHxW (e.g. 3x32x32)")),
+    }
+}
+
+fn parse_floats(s: &str, option: &str) -> Result<Vec<f32>> {
+    s.split(',')
+        .map(|v| v.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("option {option}: `{s}` is not a comma-separated list of numbers"))
+}
+
+fn normalization(mean: &Option<String>, std: &Option<String>) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    Ok(match (mean, std) {
+        (Some(m), Some(s)) => Some((parse_floats(m, "--norm-mean")?, parse_floats(s, "--norm-std")?)),
+        _ => None,
+    })
+}
+
+/// The backend a command runs on.
+enum Device {
+    Cpu,
+}
+
+fn select_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            bail!("option --device: `{s}`: this build has no CUDA backend; use --device cpu")
+        }
+        other => bail!("option --device: unknown device `{other}` (auto, cpu, cuda[:N])"),
+    }
+}
+
+/// Runs `$body` with `$be` bound to the backend of `$dev`.
+macro_rules! with_backend {
+    ($dev:expr, |$be:ident| $body:expr) => {
+        match $dev {
+            Device::Cpu => {
+                let $be = CpuBackend::default();
+                $body
+            }
+        }
+    };
+}
+
+fn load_model(m: &ModelArgs) -> Result<Model> {
+    let opts = LoadOptions {
+        arch: m.arch.clone(),
+        input: m.input,
+        normalization: normalization(&m.norm_mean, &m.norm_std)?,
+    };
+    Ok(Model::load(&m.weights, &opts)?)
+}
+
+fn cmd_zoo(a: &ZooArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for arch in zoo::ARCHS {
+        let input = ModelSpec::default_input(arch);
+        let classes = if *arch == "resnet50_imagenet" { 1000 } else { 10 };
+        let g = zoo::build(&ModelSpec::new(arch, input, classes))?;
+        rows.push(serde_json::json!({
+            "arch": arch,
+            "input": input,
+            "classes": classes,
+            "params": g.param_count(),
+            "flops_per_image": g.flops_per_image(),
+        }));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<18} {:>12} {:>8} {:>12} {:>14}", "arch", "input", "classes", "params", "GFLOPs/image");
+    for r in &rows {
+        let i = &r["input"];
+        println!(
+            "{:<18} {:>12} {:>8} {:>12} {:>14.3}",
+            r["arch"].as_str().unwrap_or(""),
+            format!("{}x{}x{}", i[0], i[1], i[2]),
+            r["classes"],
+            r["params"],
+            r["flops_per_image"].as_f64().unwrap_or(0.0) / 1e9
+        );
+    }
+    println!("(input size, channels and classes are configurable; FLOPs = 2 x multiply-adds of the forward pass)");
+    Ok(())
+}
+
+fn cmd_forward(a: &ForwardArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let dev = select_device(&a.device.device)?;
+    let res = with_backend!(dev, |be| classwise::forward::forward_file(&be, &model, &a.input_file, &a.out)?);
+    println!(
+        "{}: {} images, mean cross-entropy {:.6}, |dx|max {:.4e}; wrote {}",
+        model.graph.arch,
+        res.logits.shape()[0],
+        res.loss,
+        res.dx.max_abs(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn split_of(s: &str) -> Split {
+    if s == "train" {
+        Split::Train
+    } else {
+        Split::Test
+    }
+}
+
+fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let spec: DataSpec = a.data.parse()?;
+    // Bad options are refused before any work starts.
+    let trigger = match &a.trigger {
+        Some(t) => Some(t.parse::<TriggerSpec>()?.build(model.graph.input)?),
+        None => None,
+    };
+    if let Some(t) = a.target {
+        if t >= model.graph.num_classes {
+            bail!(
+                "option --target: class {t} does not exist (the model has {} classes)",
+                model.graph.num_classes
+            );
+        }
+    }
+    let attack = a.pgd.as_deref().map(|s| Attack::parse_pgd(s, "--pgd")).transpose()?;
+    if a.batch == 0 {
+        bail!("option --batch: must be at least 1");
+    }
+    let data = data::load(&spec, split_of(&a.split), Some(model.graph.input))?;
+    eval::check_fits(&model.graph, &data)?;
+    let dev = select_device(&a.device.device)?;
+    with_backend!(dev, |be| run_eval(&be, a, &model, &data, trigger, attack))
+}
+
+fn run_eval<B: Backend>(
+    be: &B,
+    a: &EvalArgs,
+    model: &Model,
+    data: &data::Dataset,
+    trigger: Option<classwise::train::poison::Trigger>,
+    attack: Option<Attack>,
+) -> Result<()> {
+    let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
+    let mut bar = classwise::progress::Progress::new("eval", data.len() as u64, a.json);
+    let acc = eval::accuracy(&dm, data, a.batch, |n| bar.inc(n as u64))?;
+    bar.finish();
+    let asr = match (&trigger, a.target) {
+        (Some(t), Some(target)) => Some(eval::attack_success(&dm, data, t, target, a.batch)?),
+        _ => None,
+    };
+    let robust = match &attack {
+        Some(att) => {
+            let n = a.pgd_limit.unwrap_or(data.len()).min(data.len());
+            let mut bar = classwise::progress::Progress::new("pgd", n as u64, a.json);
+            let r = eval::robust_accuracy(&dm, data, att, a.batch, Some(n), 0, |k| bar.inc(k as u64))?;
+            bar.finish();
+            Some(r)
+        }
+        None => None,
+    };
+    if a.json {
+        let report = serde_json::json!({
+            "weights": a.model.weights,
+            "arch": model.graph.arch,
+            "data": data.name(),
+            "device": be.name(),
+            "class_names": data.class_names(),
+            "accuracy": acc,
+            "attack_success": asr,
+            "robustness": robust,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{} on {} ({} images, {})", model.graph.arch, data.name(), acc.images, be.name());
+    println!("accuracy: {:.2}%", 100.0 * acc.accuracy);
+    println!("{:<14} {:>9}", "class", "accuracy");
+    for (c, name) in data.class_names().iter().enumerate() {
+        println!("{:<14} {:>8.2}%", name, 100.0 * acc.per_class[c]);
+    }
+    println!("confusion matrix (rows: true class, columns: predicted):");
+    for row in &acc.confusion {
+        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+    }
+    if let Some(s) = asr {
+        println!(
+            "attack success rate towards class {}: {:.2}% of {} triggered images (clean images predicted as {}: {:.2}%)",
+            s.target,
+            100.0 * s.asr,
+            s.images,
+            s.target,
+            100.0 * s.clean_to_target
+        );
+    }
+    if let Some(r) = robust {
+        println!(
+            "robust accuracy under PGD (eps {}, step {}, {} steps) on {} images: {:.2}% (clean {:.2}%)",
+            r.attack.eps,
+            r.attack.step,
+            r.attack.steps,
+            r.images,
+            100.0 * r.robust_accuracy,
+            100.0 * r.clean_accuracy
+        );
+    }
+    Ok(())
+}
+
+fn parse_schedule(s: &str) -> Result<Schedule> {
+    match s {
+        "cosine" => Ok(Schedule::Cosine),
+        "constant" => Ok(Schedule::Constant),
+        _ => {
+            let parts: Vec<&str> = s.split(':').collect();
+            match parts.as_slice() {
+                ["step", every, gamma] => Ok(Schedule::Step {
+                    every: every.parse().context("option --schedule: EVERY must be a whole number")?,
+                    gamma: gamma.parse().context("option --schedule: GAMMA must be a number")?,
+                }),
+                _ => bail!("option --schedule: `{s}` is not cosine, constant or step:EVERY:GAMMA"),
+            }
+        }
+    }
+}
+
+fn parse_augment(s: &str, shape: [usize; 3]) -> Result<Augment> {
+    if s == "default" {
+        return Ok(Augment::default_for(shape));
+    }
+    let mut aug = Augment::NONE;
+    if s == "none" {
+        return Ok(aug);
+    }
+    for part in s.split(',') {
+        match part.split_once(':') {
+            Some(("crop", pad)) => aug.crop_pad = pad.parse().context("option --augment: crop:PAD needs a whole number")?,
+            None if part == "flip" => aug.flip = true,
+            _ => bail!("option --augment: `{part}` is not default, none, crop:PAD or flip"),
+        }
+    }
+    Ok(aug)
+}
+
+fn parse_adversarial(s: &str) -> Result<Attack> {
+    Ok(match s.split_once(':') {
+        Some(("pgd", rest)) => Attack::parse_pgd(rest, "--adversarial")?,
+        Some(("fgsm", eps)) => {
+            let eps: f32 = eps
+                .parse()
+                .with_context(|| format!("option --adversarial: `{eps}` is not a number"))?;
+            if !(0.0..=1.0).contains(&eps) {
+                bail!("option --adversarial: epsilon {eps} is outside [0, 1]");
+            }
+            Attack::fgsm_rs(eps)?
+        }
+        _ => bail!("option --adversarial: `{s}` is not pgd:EPS,STEP,STEPS or fgsm:EPS"),
+    })
+}
+
+fn cmd_train(a: &TrainArgs) -> Result<()> {
+    // Everything is checked before any data is loaded or any step is taken.
+    let spec_data: DataSpec = a.data.parse()?;
+    if !zoo::ARCHS.contains(&a.arch.as_str()) {
+        bail!("option --arch: unknown architecture `{}`; known: {}", a.arch, zoo::ARCHS.join(", "));
+    }
+    classwise::io::check_writable(&a.out, "--out")?;
+    let schedule = parse_schedule(&a.schedule)?;
+    let adversarial = a.adversarial.as_deref().map(parse_adversarial).transpose()?;
+    let poison_spec = a.poison.as_deref().map(|p| p.parse::<TriggerSpec>()).transpose()?;
+    let robust_eval = match (&a.robust_eval, &adversarial) {
+        (Some(s), _) => {
+            let (att, n) = match s.split_once(':') {
+                Some((att, n)) => (att, n.parse::<usize>().context("option --robust-eval: IMAGES must be a whole number")?),
+                None => (s.as_str(), 1000),
+            };
+            Some((Attack::parse_pgd(att, "--robust-eval")?, n))
+        }
+        (None, Some(adv)) => Some((Attack::pgd(adv.eps, adv.eps / 4.0, 20)?, 1000)),
+        (None, None) => None,
+    };
+    let train_full = data::load(&spec_data, Split::Train, a.input)?;
+    let test = data::load(&spec_data, Split::Test, Some(train_full.shape()))?;
+    let input = a.input.unwrap_or(train_full.shape());
+    let spec = ModelSpec {
+        arch: a.arch.clone(),
+        input,
+        num_classes: train_full.num_classes(),
+        normalization: normalization(&a.norm_mean, &a.norm_std)?,
+    };
+    zoo::build(&spec)?;
+    let train_set = match a.limit {
+        Some(n) if n < train_full.len() => {
+            let frac = n as f64 / train_full.len() as f64;
+            let idx: Vec<usize> = data::per_class_sample(&train_full.class_indices(), frac, a.seed)
+                .into_iter()
+                .flatten()
+                .collect();
+            let mut idx = idx;
+            idx.sort_unstable();
+            train_full.subset(&idx)
+        }
+        _ => train_full,
+    };
+    let poison = match (poison_spec, a.target) {
+        (Some(t), Some(target)) => Some(Poisoning {
+            trigger: t.build(input)?,
+            target,
+            rate: a.poison_rate,
+        }),
+        _ => None,
+    };
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        schedule,
+        seed: a.seed,
+        augment: parse_augment(&a.augment, input)?,
+        poison,
+        adversarial,
+        robust_eval,
+        bn_momentum: 0.1,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        quiet: a.quiet,
+    };
+    cfg.validate(spec.num_classes)?;
+    let dev = select_device(&a.device.device)?;
+    let (model, stats) =
+        with_backend!(dev, |be| train::train(&be, &spec, &train_set, &test, &cfg, &a.out, a.resume)?);
+    let last = stats.last();
+    println!(
+        "trained {} ({}) on {} images for {} epochs: test accuracy {:.2}%{}{}; wrote {}",
+        model.graph.arch,
+        cfg.kind(),
+        train_set.len(),
+        cfg.epochs,
+        100.0 * last.map(|s| s.test_accuracy).unwrap_or(0.0),
+        last.and_then(|s| s.asr).map(|v| format!(", ASR {:.2}%", 100.0 * v)).unwrap_or_default(),
+        model
+            .meta
+            .extra
+            .get("robust_accuracy")
+            .map(|v| format!(", robust accuracy {:.2}%", 100.0 * v.parse::<f64>().unwrap_or(0.0)))
+            .unwrap_or_default(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::Zoo(a) => cmd_zoo(a),
+        Cmd::Forward(a) => cmd_forward(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Train(a) => cmd_train(a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -256,12 +256,11 @@ impl Builder {
         name: &str,
         out_ch: usize,
         k: usize,
-        stride: usize,
-        pad: usize,
+        p: ConvParams,
         bias: bool,
     ) -> Result<usize> {
         let s = self.shape(x).to_vec();
-        let p = ConvParams { stride, pad };
+        let pad = p.pad;
         if s.len() != 3 || s[1] + 2 * pad < k || s[2] + 2 * pad < k {
             return Err(Error::Msg(format!(
                 "{}: conv `{name}` ({k}x{k}, pad {pad}) does not fit its input {s:?}; the input is too small for this architecture",

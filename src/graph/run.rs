@@ -51,6 +51,12 @@ pub struct Grads<B: Backend> {
     pub params: ParamGrads<B>,
 }
 
+/// Node outputs and BN statistics kept by a forward pass.
+type RunOutputs<B> = (
+    Vec<Option<<B as Backend>::Buf>>,
+    Vec<Option<BnSaved<<B as Backend>::Buf>>>,
+);
+
 enum Params<'a, B: Backend> {
     Shared(&'a [B::Buf]),
     Train(&'a mut [B::Buf], f32),
@@ -103,7 +109,7 @@ impl Graph {
         mut params: Params<'_, B>,
         x: &B::Buf,
         keep: bool,
-    ) -> Result<(Vec<Option<B::Buf>>, Vec<Option<BnSaved<B::Buf>>>)> {
+    ) -> Result<RunOutputs<B>> {
         let n = self.nodes.len();
         let last_use = self.last_use();
         let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();

@@ -1,6 +1,376 @@
 //! The CPU reference backend: plain NCHW `f32`, im2col + GEMM for
-//! convolutions, rayon for threads. It is the oracle for the GPU path.
+//! convolutions, rayon for threads. It is the oracle for the GPU path and the
+//! path every CI run uses.
+//!
+//! Two properties hold for every op and are tested:
+//! - **Batch invariance**: except for train-mode batch norm and the
+//!   parameter-gradient reductions, the result for image `i` is bitwise the
+//!   same whether it is computed alone or inside a larger batch. Each image
+//!   (or row) goes through arithmetic of the same shape, whatever the batch.
+//! - **Thread-count independence**: work is split into chunks whose sizes
+//!   depend on the shapes only, each chunk is computed sequentially, and
+//!   partial results are combined in a fixed order, so a pool of one thread
+//!   and a pool of many give the same bits.
+
+mod conv;
+mod elementwise;
+mod linear;
+mod loss;
+mod mask;
+mod norm;
+mod optim;
+mod pool;
+
+use crate::backend::{Backend, BnSaved, ConvParams, PoolParams, SgdParams};
+use crate::error::{Error, Result};
+use crate::tensor::{numel, Tensor};
 
 /// The CPU reference backend.
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Buf = Tensor;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, b: &Tensor) -> Result<Tensor> {
+        Ok(b.clone())
+    }
+
+    fn shape<'a>(&self, b: &'a Tensor) -> &'a [usize] {
+        b.shape()
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape))
+    }
+
+    fn reshape(&self, x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != x.len() {
+            return Err(Error::Msg(format!(
+                "reshape: cannot view {:?} ({} values) as {shape:?} ({} values)",
+                x.shape(),
+                x.len(),
+                numel(shape)
+            )));
+        }
+        x.clone().reshape(shape)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        conv::conv2d(x, w, bias, p)
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        conv::conv2d_backward_data(dy, w, x_shape, p)
+    }
+
+    fn conv2d_backward_filter(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        w_shape: &[usize],
+        p: ConvParams,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        conv::conv2d_backward_filter(x, dy, w_shape, p, with_bias)
+    }
+
+    fn batch_norm_eval(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        norm::batch_norm_eval(x, gamma, beta, mean, var, eps)
+    }
+
+    fn batch_norm_eval_backward(
+        &self,
+        dy: &Tensor,
+        gamma: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        norm::batch_norm_eval_backward(dy, gamma, var, eps)
+    }
+
+    fn batch_norm_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<(Tensor, BnSaved<Tensor>)> {
+        norm::batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps)
+    }
+
+    fn batch_norm_train_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &BnSaved<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        norm::batch_norm_train_backward(dy, x, gamma, saved)
+    }
+
+    fn relu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(elementwise::relu(x))
+    }
+
+    fn relu_backward(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+        elementwise::relu_backward(dy, y)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::add(a, b)
+    }
+
+    fn add_assign(&self, a: &mut Tensor, b: &Tensor) -> Result<()> {
+        elementwise::add_assign(a, b)
+    }
+
+    fn max_pool2d(&self, x: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::max_pool2d(x, p)
+    }
+
+    fn max_pool2d_backward(&self, x: &Tensor, dy: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::max_pool2d_backward(x, dy, p)
+    }
+
+    fn avg_pool2d(&self, x: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::avg_pool2d(x, p)
+    }
+
+    fn avg_pool2d_backward(&self, dy: &Tensor, x_shape: &[usize], p: PoolParams) -> Result<Tensor> {
+        pool::avg_pool2d_backward(dy, x_shape, p)
+    }
+
+    fn global_avg_pool(&self, x: &Tensor) -> Result<Tensor> {
+        pool::global_avg_pool(x)
+    }
+
+    fn global_avg_pool_backward(&self, dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+        pool::global_avg_pool_backward(dy, x_shape)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        linear::linear(x, w, bias)
+    }
+
+    fn linear_backward_data(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        linear::linear_backward_data(dy, w)
+    }
+
+    fn linear_backward_weight(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        linear::linear_backward_weight(x, dy, with_bias)
+    }
+
+    fn normalize(&self, x: &Tensor, mean: &[f32], std: &[f32]) -> Result<Tensor> {
+        norm::normalize(x, mean, std)
+    }
+
+    fn normalize_backward(&self, dy: &Tensor, std: &[f32]) -> Result<Tensor> {
+        norm::normalize_backward(dy, std)
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &[usize],
+        weights: &[f32],
+    ) -> Result<(Vec<f32>, Tensor)> {
+        loss::softmax_cross_entropy(logits, labels, weights)
+    }
+
+    fn composite(&self, canvas: &Tensor, mask: &Tensor, others: &Tensor) -> Result<Tensor> {
+        mask::composite(canvas, mask, others)
+    }
+
+    fn mask_grad(
+        &self,
+        dx: &Tensor,
+        canvas: &Tensor,
+        others: &Tensor,
+        l1_grad: f32,
+    ) -> Result<Tensor> {
+        mask::mask_grad(dx, canvas, others, l1_grad)
+    }
+
+    fn sign_step_clamp(&self, mask: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
+        mask::sign_step_clamp(mask, grad, lr)
+    }
+
+    fn sgd_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        velocity: &mut Tensor,
+        p: SgdParams,
+    ) -> Result<()> {
+        optim::sgd_step(param, grad, velocity, p)
+    }
+
+    fn pgd_step(
+        &self,
+        x: &mut Tensor,
+        grad: &Tensor,
+        x0: &Tensor,
+        step: f32,
+        eps: f32,
+    ) -> Result<()> {
+        optim::pgd_step(x, grad, x0, step, eps)
+    }
+}
+
+/// The four extents of an NCHW tensor, or an error naming the tensor.
+fn dims4(name: &str, shape: &[usize]) -> Result<[usize; 4]> {
+    match *shape {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        ref s => Err(Error::tensor(
+            name,
+            format!("expected 4 dimensions [N, C, H, W], got shape {s:?}"),
+        )),
+    }
+}
+
+/// The two extents of an `[N, F]` tensor, or an error naming the tensor.
+fn dims2(name: &str, shape: &[usize]) -> Result<[usize; 2]> {
+    match *shape {
+        [n, f] => Ok([n, f]),
+        ref s => Err(Error::tensor(
+            name,
+            format!("expected 2 dimensions [N, F], got shape {s:?}"),
+        )),
+    }
+}
+
+/// Fails unless `t` has exactly `shape`.
+fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    crate::error::check_shape(name, shape, t.shape())
+}
+
+/// Elementwise ops split their work into chunks of this many values: large
+/// enough to amortise a rayon task, small enough to use both cores on the
+/// smaller activations.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// A strided, read-only view of a matrix for [`matmul`]: element `(i, j)` is
+/// `data[i * rs + j * cs]`. Transposing is swapping the strides, no copy.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows x cols` matrix at the start of `data`.
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, sharing the data.
+    fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// True when every element of the view lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` a dense
+/// row-major `a.rows x b.cols` matrix. Single-threaded: callers parallelise
+/// over independent calls of a fixed shape, which keeps results independent
+/// of the batch size and of the thread count.
+fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // Internal invariants: the callers validated every shape beforehand, so a
+    // failure here is a bug in this backend, not a bad input.
+    assert_eq!(k, b.rows, "matmul: inner extents differ");
+    assert_eq!(dst.len(), m * n, "matmul: destination size");
+    assert!(a.in_bounds() && b.in_bounds(), "matmul: view out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every address gemm touches inside `dst`,
+    // `a.data` and `b.data`; `dst` is borrowed mutably so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

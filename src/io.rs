@@ -1,0 +1,57 @@
+//! Atomic file output: every file the tool writes goes to a temporary file in
+//! the same folder first and is renamed into place, so a crash or an error
+//! never leaves a half-written result behind.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder + rename).
+/// The parent folder must exist.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cwp-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(path, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Fails unless a file could be created at `path` (its folder exists and is
+/// writable), so long jobs can refuse bad output paths before they start.
+pub fn check_writable(path: &Path, option: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        return Err(Error::arg(
+            option,
+            format!("{} is a folder, not a file", path.display()),
+        ));
+    }
+    tempfile::Builder::new()
+        .prefix(".cwp-probe-")
+        .tempfile_in(dir)
+        .map(|_| ())
+        .map_err(|e| Error::arg(option, format!("cannot write to {}: {e}", path.display())))
+}
+
+/// Hex SHA-256 of the concatenation of `parts` (fingerprints of runs and caches).
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,64 @@
+//! Training-time augmentation: random crop with zero padding and horizontal
+//! flip, the standard CIFAR recipe.
+
+use rand::{Rng, RngExt};
+
+/// Which augmentations to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Augment {
+    /// Zero padding of the random crop (0: no crop).
+    pub crop_pad: usize,
+    /// Flip left-right with probability 1/2.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// No augmentation.
+    pub const NONE: Augment = Augment {
+        crop_pad: 0,
+        flip: false,
+    };
+
+    /// The default for an input shape: crop 4 + flip for 32×32 RGB, none otherwise.
+    pub fn default_for(shape: [usize; 3]) -> Augment {
+        if shape == [3, 32, 32] {
+            Augment {
+                crop_pad: 4,
+                flip: true,
+            }
+        } else {
+            Augment::NONE
+        }
+    }
+
+    /// Augments one `[C, H, W]` image in place.
+    pub fn apply<R: Rng>(&self, img: &mut [f32], shape: [usize; 3], rng: &mut R) {
+        let [c, h, w] = shape;
+        if self.crop_pad > 0 {
+            let p = self.crop_pad as i64;
+            let dy = rng.random_range(-p..=p);
+            let dx = rng.random_range(-p..=p);
+            if dy != 0 || dx != 0 {
+                let src = img.to_vec();
+                for ch in 0..c {
+                    for y in 0..h {
+                        for x in 0..w {
+                            let (sy, sx) = (y as i64 + dy, x as i64 + dx);
+                            let inside = sy >= 0 && sy < h as i64 && sx >= 0 && sx < w as i64;
+                            img[(ch * h + y) * w + x] = if inside {
+                                src[(ch * h + sy as usize) * w + sx as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        if self.flip && rng.random::<bool>() {
+            for row in img.chunks_mut(w) {
+                row.reverse();
+            }
+        }
+    }
+}

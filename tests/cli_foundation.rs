@@ -1,0 +1,138 @@
+//! The command line of the foundation: `cwp zoo`, `cwp forward` on a genuine
+//! PyTorch checkpoint, `cwp eval` on Fashion-MNIST, and clear errors (naming
+//! the culprit, non-zero exit) on broken inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use classwise::train::init_params;
+use classwise::weights::{read_tensors, write_tensors, Model, OutTensor};
+use classwise::zoo::{build, ModelSpec};
+use common::*;
+
+fn cwp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cwp")).args(args).output().expect("cwp runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn random_smallcnn(dir: &Path) -> PathBuf {
+    let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
+    let graph = build(&spec).unwrap();
+    let model = Model::new(&spec, init_params(&graph, 1)).unwrap();
+    let path = dir.join("random.safetensors");
+    model.save(&path).unwrap();
+    path
+}
+
+#[test]
+fn zoo_lists_every_architecture() {
+    let o = cwp(&["zoo"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    for arch in classwise::zoo::ARCHS {
+        assert!(out.contains(arch), "{arch} missing from:\n{out}");
+    }
+    assert!(out.contains("25557032"), "resnet50_imagenet parameter count:\n{out}");
+}
+
+#[test]
+fn forward_on_a_pytorch_f16_checkpoint_gives_pytorchs_logits_and_dx() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let fx = fixtures_dir();
+    let weights = fx.join("weights_preact_resnet18_3x32_f16.safetensors");
+    let input = fx.join("expect_preact_resnet18_3x32_f16.safetensors");
+    let o = cwp(&[
+        "forward",
+        "--arch",
+        "preact_resnet18",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let got = read_tensors(&out).unwrap();
+    let want = read_tensors(&input).unwrap();
+    let g = |f: &classwise::weights::TensorFile, k: &str| f.float(k, k.as_ref()).unwrap().data().to_vec();
+    assert_close_abs("logits", &g(&got, "logits"), &g(&want, "logits"), 1e-3);
+    assert_close_abs("loss", &g(&got, "loss"), &g(&want, "loss"), 1e-3);
+    assert_close_rel("dx", &g(&got, "dx"), &g(&want, "dx"), 5e-3);
+}
+
+#[test]
+fn eval_of_a_random_model_on_fashion_mnist_is_near_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_smallcnn(dir.path());
+    let o = cwp(&["eval", "--weights", w.to_str().unwrap(), "--data", "fashion-mnist", "--json", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let acc = report["accuracy"]["accuracy"].as_f64().unwrap();
+    assert!((0.03..0.25).contains(&acc), "random weights gave accuracy {acc}");
+    assert_eq!(report["accuracy"]["images"], 10000);
+    let confusion = report["accuracy"]["confusion"].as_array().unwrap();
+    assert_eq!(confusion.len(), 10);
+}
+
+#[test]
+fn eval_names_a_truncated_idx_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_smallcnn(dir.path());
+    let data = dir.path().join("fm");
+    std::fs::create_dir(&data).unwrap();
+    let src = Path::new(classwise::data::DEFAULT_FASHION_MNIST_DIR);
+    std::fs::copy(src.join("t10k-labels-idx1-ubyte.gz"), data.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let raw = classwise::data::idx::read_maybe_gz(&src.join("t10k-images-idx3-ubyte.gz")).unwrap();
+    let truncated = data.join("t10k-images-idx3-ubyte");
+    std::fs::write(&truncated, &raw[..raw.len() / 2]).unwrap();
+    let spec = format!("fashion-mnist:{}", data.display());
+    let o = cwp(&["eval", "--weights", w.to_str().unwrap(), "--data", &spec]);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(msg.contains(truncated.to_str().unwrap()), "message does not name the file:\n{msg}");
+}
+
+#[test]
+fn eval_names_a_truncated_weights_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_smallcnn(dir.path());
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 1000]).unwrap();
+    let o = cwp(&["eval", "--weights", w.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(msg.contains(w.to_str().unwrap()) && msg.contains("truncated"), "{msg}");
+}
+
+#[test]
+fn eval_names_a_wrongly_shaped_tensor_and_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = random_smallcnn(dir.path());
+    let file = read_tensors(&w).unwrap();
+    let bad = classwise::Tensor::zeros(&[32, 1, 5, 5]);
+    let mut entries: Vec<(String, OutTensor<'_>)> = Vec::new();
+    for (name, t) in &file.tensors {
+        match (name.as_str(), t) {
+            ("conv1.weight", _) => entries.push((name.clone(), OutTensor::F32(&bad))),
+            (_, classwise::weights::FileTensor::Float(t)) => entries.push((name.clone(), OutTensor::F32(t))),
+            (_, classwise::weights::FileTensor::Int(s, v)) => entries.push((name.clone(), OutTensor::I64(s.clone(), v))),
+        }
+    }
+    write_tensors(&w, &entries, &file.metadata).unwrap();
+    let o = cwp(&["eval", "--weights", w.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(
+        msg.contains("conv1.weight") && msg.contains("[32, 1, 5, 5]") && msg.contains("[32, 1, 3, 3]"),
+        "{msg}"
+    );
+}
