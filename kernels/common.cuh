@@ -25,7 +25,8 @@
 // Sum over the 32 lanes of a warp, the same bits in every lane (a butterfly:
 // each step adds the same two values in every lane pair, and float addition
 // is commutative).
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -39,16 +40,16 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Sum over a block of NT threads (NT a multiple of 32, 1-D block), returned to
 // every thread. Deterministic. Every thread of the block must call it.
-template <int NT>
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float red[NT / 32];
+template <int NT, typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T red[NT / 32];
   v = warp_sum(v);
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   __syncthreads();  // an earlier call's readers of red[0] are done
   if (lane == 0) red[w] = v;
   __syncthreads();
   if (w == 0) {
-    float r = lane < NT / 32 ? red[lane] : 0.f;
+    T r = lane < NT / 32 ? red[lane] : T(0);
     r = warp_sum(r);
     if (lane == 0) red[0] = r;
   }

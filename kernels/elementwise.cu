@@ -31,7 +31,7 @@ __device__ __forceinline__ void map2(int n, const float* a, const float* b, floa
 }
 
 struct ReluOp {
-  __device__ __forceinline__ float operator()(float x, float) const { return x > 0.f ? x : 0.f; }
+  __device__ __forceinline__ float operator()(float x, float) const { return x <= 0.f ? 0.f : x; }
 };
 struct ReluBackOp {
   __device__ __forceinline__ float operator()(float dy, float y) const { return y > 0.f ? dy : 0.f; }

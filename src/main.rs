@@ -19,7 +19,11 @@ use classwise::weights::{LoadOptions, Model};
 use classwise::zoo::{self, ModelSpec};
 
 #[derive(Parser)]
-#[command(name = "cwp", version, about = "Class-wise pattern search: what has an image classifier learned?")]
+#[command(
+    name = "cwp",
+    version,
+    about = "Class-wise pattern search: what has an image classifier learned?"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -207,9 +211,15 @@ fn parse_floats(s: &str, option: &str) -> Result<Vec<f32>> {
         .with_context(|| format!("option {option}: `{s}` is not a comma-separated list of numbers"))
 }
 
-fn normalization(mean: &Option<String>, std: &Option<String>) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+fn normalization(
+    mean: &Option<String>,
+    std: &Option<String>,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
     Ok(match (mean, std) {
-        (Some(m), Some(s)) => Some((parse_floats(m, "--norm-mean")?, parse_floats(s, "--norm-std")?)),
+        (Some(m), Some(s)) => Some((
+            parse_floats(m, "--norm-mean")?,
+            parse_floats(s, "--norm-std")?,
+        )),
         _ => None,
     })
 }
@@ -255,7 +265,11 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
     let mut rows = Vec::new();
     for arch in zoo::ARCHS {
         let input = ModelSpec::default_input(arch);
-        let classes = if *arch == "resnet50_imagenet" { 1000 } else { 10 };
+        let classes = if *arch == "resnet50_imagenet" {
+            1000
+        } else {
+            10
+        };
         let g = zoo::build(&ModelSpec::new(arch, input, classes))?;
         rows.push(serde_json::json!({
             "arch": arch,
@@ -269,7 +283,10 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<18} {:>12} {:>8} {:>12} {:>14}", "arch", "input", "classes", "params", "GFLOPs/image");
+    println!(
+        "{:<18} {:>12} {:>8} {:>12} {:>14}",
+        "arch", "input", "classes", "params", "GFLOPs/image"
+    );
     for r in &rows {
         let i = &r["input"];
         println!(
@@ -288,7 +305,12 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
 fn cmd_forward(a: &ForwardArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let dev = select_device(&a.device.device)?;
-    let res = with_backend!(dev, |be| classwise::forward::forward_file(&be, &model, &a.input_file, &a.out)?);
+    let res = with_backend!(dev, |be| classwise::forward::forward_file(
+        &be,
+        &model,
+        &a.input_file,
+        &a.out
+    )?);
     println!(
         "{}: {} images, mean cross-entropy {:.6}, |dx|max {:.4e}; wrote {}",
         model.graph.arch,
@@ -324,7 +346,11 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
             );
         }
     }
-    let attack = a.pgd.as_deref().map(|s| Attack::parse_pgd(s, "--pgd")).transpose()?;
+    let attack = a
+        .pgd
+        .as_deref()
+        .map(|s| Attack::parse_pgd(s, "--pgd"))
+        .transpose()?;
     if a.batch == 0 {
         bail!("option --batch: must be at least 1");
     }
@@ -354,7 +380,8 @@ fn run_eval<B: Backend>(
         Some(att) => {
             let n = a.pgd_limit.unwrap_or(data.len()).min(data.len());
             let mut bar = classwise::progress::Progress::new("pgd", n as u64, a.json);
-            let r = eval::robust_accuracy(&dm, data, att, a.batch, Some(n), 0, |k| bar.inc(k as u64))?;
+            let r =
+                eval::robust_accuracy(&dm, data, att, a.batch, Some(n), 0, |k| bar.inc(k as u64))?;
             bar.finish();
             Some(r)
         }
@@ -374,7 +401,13 @@ fn run_eval<B: Backend>(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{} on {} ({} images, {})", model.graph.arch, data.name(), acc.images, be.name());
+    println!(
+        "{} on {} ({} images, {})",
+        model.graph.arch,
+        data.name(),
+        acc.images,
+        be.name()
+    );
     println!("accuracy: {:.2}%", 100.0 * acc.accuracy);
     println!("{:<14} {:>9}", "class", "accuracy");
     for (c, name) in data.class_names().iter().enumerate() {
@@ -382,7 +415,10 @@ fn run_eval<B: Backend>(
     }
     println!("confusion matrix (rows: true class, columns: predicted):");
     for row in &acc.confusion {
-        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+        println!(
+            "  {}",
+            row.iter().map(|v| format!("{v:>5}")).collect::<String>()
+        );
     }
     if let Some(s) = asr {
         println!(
@@ -416,8 +452,12 @@ fn parse_schedule(s: &str) -> Result<Schedule> {
             let parts: Vec<&str> = s.split(':').collect();
             match parts.as_slice() {
                 ["step", every, gamma] => Ok(Schedule::Step {
-                    every: every.parse().context("option --schedule: EVERY must be a whole number")?,
-                    gamma: gamma.parse().context("option --schedule: GAMMA must be a number")?,
+                    every: every
+                        .parse()
+                        .context("option --schedule: EVERY must be a whole number")?,
+                    gamma: gamma
+                        .parse()
+                        .context("option --schedule: GAMMA must be a number")?,
                 }),
                 _ => bail!("option --schedule: `{s}` is not cosine, constant or step:EVERY:GAMMA"),
             }
@@ -435,7 +475,11 @@ fn parse_augment(s: &str, shape: [usize; 3]) -> Result<Augment> {
     }
     for part in s.split(',') {
         match part.split_once(':') {
-            Some(("crop", pad)) => aug.crop_pad = pad.parse().context("option --augment: crop:PAD needs a whole number")?,
+            Some(("crop", pad)) => {
+                aug.crop_pad = pad
+                    .parse()
+                    .context("option --augment: crop:PAD needs a whole number")?
+            }
             None if part == "flip" => aug.flip = true,
             _ => bail!("option --augment: `{part}` is not default, none, crop:PAD or flip"),
         }
@@ -463,16 +507,32 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     // Everything is checked before any data is loaded or any step is taken.
     let spec_data: DataSpec = a.data.parse()?;
     if !zoo::ARCHS.contains(&a.arch.as_str()) {
-        bail!("option --arch: unknown architecture `{}`; known: {}", a.arch, zoo::ARCHS.join(", "));
+        bail!(
+            "option --arch: unknown architecture `{}`; known: {}",
+            a.arch,
+            zoo::ARCHS.join(", ")
+        );
     }
     classwise::io::check_writable(&a.out, "--out")?;
     let schedule = parse_schedule(&a.schedule)?;
-    let adversarial = a.adversarial.as_deref().map(parse_adversarial).transpose()?;
-    let poison_spec = a.poison.as_deref().map(|p| p.parse::<TriggerSpec>()).transpose()?;
+    let adversarial = a
+        .adversarial
+        .as_deref()
+        .map(parse_adversarial)
+        .transpose()?;
+    let poison_spec = a
+        .poison
+        .as_deref()
+        .map(|p| p.parse::<TriggerSpec>())
+        .transpose()?;
     let robust_eval = match (&a.robust_eval, &adversarial) {
         (Some(s), _) => {
             let (att, n) = match s.split_once(':') {
-                Some((att, n)) => (att, n.parse::<usize>().context("option --robust-eval: IMAGES must be a whole number")?),
+                Some((att, n)) => (
+                    att,
+                    n.parse::<usize>()
+                        .context("option --robust-eval: IMAGES must be a whole number")?,
+                ),
                 None => (s.as_str(), 1000),
             };
             Some((Attack::parse_pgd(att, "--robust-eval")?, n))
@@ -529,8 +589,9 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     };
     cfg.validate(spec.num_classes)?;
     let dev = select_device(&a.device.device)?;
-    let (model, stats) =
-        with_backend!(dev, |be| train::train(&be, &spec, &train_set, &test, &cfg, &a.out, a.resume)?);
+    let (model, stats) = with_backend!(dev, |be| train::train(
+        &be, &spec, &train_set, &test, &cfg, &a.out, a.resume
+    )?);
     let last = stats.last();
     println!(
         "trained {} ({}) on {} images for {} epochs: test accuracy {:.2}%{}{}; wrote {}",
@@ -539,12 +600,17 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         train_set.len(),
         cfg.epochs,
         100.0 * last.map(|s| s.test_accuracy).unwrap_or(0.0),
-        last.and_then(|s| s.asr).map(|v| format!(", ASR {:.2}%", 100.0 * v)).unwrap_or_default(),
+        last.and_then(|s| s.asr)
+            .map(|v| format!(", ASR {:.2}%", 100.0 * v))
+            .unwrap_or_default(),
         model
             .meta
             .extra
             .get("robust_accuracy")
-            .map(|v| format!(", robust accuracy {:.2}%", 100.0 * v.parse::<f64>().unwrap_or(0.0)))
+            .map(|v| format!(
+                ", robust accuracy {:.2}%",
+                100.0 * v.parse::<f64>().unwrap_or(0.0)
+            ))
             .unwrap_or_default(),
         a.out.display()
     );

@@ -13,11 +13,18 @@ use classwise::zoo::{build, ModelSpec};
 use common::*;
 
 fn cwp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cwp")).args(args).output().expect("cwp runs")
+    Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(args)
+        .output()
+        .expect("cwp runs")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn random_smallcnn(dir: &Path) -> PathBuf {
@@ -37,7 +44,10 @@ fn zoo_lists_every_architecture() {
     for arch in classwise::zoo::ARCHS {
         assert!(out.contains(arch), "{arch} missing from:\n{out}");
     }
-    assert!(out.contains("25557032"), "resnet50_imagenet parameter count:\n{out}");
+    assert!(
+        out.contains("25557032"),
+        "resnet50_imagenet parameter count:\n{out}"
+    );
 }
 
 #[test]
@@ -63,7 +73,9 @@ fn forward_on_a_pytorch_f16_checkpoint_gives_pytorchs_logits_and_dx() {
     assert!(o.status.success(), "{}", text(&o));
     let got = read_tensors(&out).unwrap();
     let want = read_tensors(&input).unwrap();
-    let g = |f: &classwise::weights::TensorFile, k: &str| f.float(k, k.as_ref()).unwrap().data().to_vec();
+    let g = |f: &classwise::weights::TensorFile, k: &str| {
+        f.float(k, k.as_ref()).unwrap().data().to_vec()
+    };
     assert_close_abs("logits", &g(&got, "logits"), &g(&want, "logits"), 1e-3);
     assert_close_abs("loss", &g(&got, "loss"), &g(&want, "loss"), 1e-3);
     assert_close_rel("dx", &g(&got, "dx"), &g(&want, "dx"), 5e-3);
@@ -73,11 +85,23 @@ fn forward_on_a_pytorch_f16_checkpoint_gives_pytorchs_logits_and_dx() {
 fn eval_of_a_random_model_on_fashion_mnist_is_near_chance() {
     let dir = tempfile::tempdir().unwrap();
     let w = random_smallcnn(dir.path());
-    let o = cwp(&["eval", "--weights", w.to_str().unwrap(), "--data", "fashion-mnist", "--json", "--device", "cpu"]);
+    let o = cwp(&[
+        "eval",
+        "--weights",
+        w.to_str().unwrap(),
+        "--data",
+        "fashion-mnist",
+        "--json",
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let acc = report["accuracy"]["accuracy"].as_f64().unwrap();
-    assert!((0.03..0.25).contains(&acc), "random weights gave accuracy {acc}");
+    assert!(
+        (0.03..0.25).contains(&acc),
+        "random weights gave accuracy {acc}"
+    );
     assert_eq!(report["accuracy"]["images"], 10000);
     let confusion = report["accuracy"]["confusion"].as_array().unwrap();
     assert_eq!(confusion.len(), 10);
@@ -90,7 +114,11 @@ fn eval_names_a_truncated_idx_file() {
     let data = dir.path().join("fm");
     std::fs::create_dir(&data).unwrap();
     let src = Path::new(classwise::data::DEFAULT_FASHION_MNIST_DIR);
-    std::fs::copy(src.join("t10k-labels-idx1-ubyte.gz"), data.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    std::fs::copy(
+        src.join("t10k-labels-idx1-ubyte.gz"),
+        data.join("t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
     let raw = classwise::data::idx::read_maybe_gz(&src.join("t10k-images-idx3-ubyte.gz")).unwrap();
     let truncated = data.join("t10k-images-idx3-ubyte");
     std::fs::write(&truncated, &raw[..raw.len() / 2]).unwrap();
@@ -98,7 +126,10 @@ fn eval_names_a_truncated_idx_file() {
     let o = cwp(&["eval", "--weights", w.to_str().unwrap(), "--data", &spec]);
     assert!(!o.status.success());
     let msg = text(&o);
-    assert!(msg.contains(truncated.to_str().unwrap()), "message does not name the file:\n{msg}");
+    assert!(
+        msg.contains(truncated.to_str().unwrap()),
+        "message does not name the file:\n{msg}"
+    );
 }
 
 #[test]
@@ -110,7 +141,10 @@ fn eval_names_a_truncated_weights_file() {
     let o = cwp(&["eval", "--weights", w.to_str().unwrap()]);
     assert!(!o.status.success());
     let msg = text(&o);
-    assert!(msg.contains(w.to_str().unwrap()) && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains(w.to_str().unwrap()) && msg.contains("truncated"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -123,8 +157,12 @@ fn eval_names_a_wrongly_shaped_tensor_and_both_shapes() {
     for (name, t) in &file.tensors {
         match (name.as_str(), t) {
             ("conv1.weight", _) => entries.push((name.clone(), OutTensor::F32(&bad))),
-            (_, classwise::weights::FileTensor::Float(t)) => entries.push((name.clone(), OutTensor::F32(t))),
-            (_, classwise::weights::FileTensor::Int(s, v)) => entries.push((name.clone(), OutTensor::I64(s.clone(), v))),
+            (_, classwise::weights::FileTensor::Float(t)) => {
+                entries.push((name.clone(), OutTensor::F32(t)))
+            }
+            (_, classwise::weights::FileTensor::Int(s, v)) => {
+                entries.push((name.clone(), OutTensor::I64(s.clone(), v)))
+            }
         }
     }
     write_tensors(&w, &entries, &file.metadata).unwrap();
@@ -132,7 +170,9 @@ fn eval_names_a_wrongly_shaped_tensor_and_both_shapes() {
     assert!(!o.status.success());
     let msg = text(&o);
     assert!(
-        msg.contains("conv1.weight") && msg.contains("[32, 1, 5, 5]") && msg.contains("[32, 1, 3, 3]"),
+        msg.contains("conv1.weight")
+            && msg.contains("[32, 1, 5, 5]")
+            && msg.contains("[32, 1, 3, 3]"),
         "{msg}"
     );
 }

@@ -15,12 +15,19 @@ use classwise::Tensor;
 use common::*;
 
 /// Eval-mode logits, mean CE and input gradient on the CPU backend.
-fn eval_forward(graph: &Graph, params: &[Tensor], x: &Tensor, y: &[usize]) -> (Tensor, f32, Tensor) {
+fn eval_forward(
+    graph: &Graph,
+    params: &[Tensor],
+    x: &Tensor,
+    y: &[usize],
+) -> (Tensor, f32, Tensor) {
     let be = CpuBackend::default();
     let p: Vec<_> = params.iter().map(|t| be.upload(t).unwrap()).collect();
     let trace = graph.forward_trace(&be, &p, be.upload(x).unwrap()).unwrap();
     let n = y.len();
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n]).unwrap();
+    let (losses, dlogits) = be
+        .softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])
+        .unwrap();
     let logits = be.download(trace.logits()).unwrap();
     let grads = graph.backward(&be, &p, &trace, dlogits, false).unwrap();
     let loss = losses.iter().sum::<f32>() / n as f32;
@@ -36,9 +43,24 @@ fn check_forward_fixture(arch: &str, c: usize, hw: usize, classes: usize, deep: 
     let y = labels(&f, "y");
     let (logits, loss, dx) = eval_forward(&graph, &params, x, &y);
     let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
-    assert_close_abs(&format!("{name} logits"), logits.data(), f.float("logits", name.as_ref()).unwrap().data(), ltol);
-    assert_close_abs(&format!("{name} loss"), &[loss], f.float("loss", name.as_ref()).unwrap().data(), ltol);
-    assert_close_rel(&format!("{name} dx"), dx.data(), f.float("dx", name.as_ref()).unwrap().data(), gtol);
+    assert_close_abs(
+        &format!("{name} logits"),
+        logits.data(),
+        f.float("logits", name.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_abs(
+        &format!("{name} loss"),
+        &[loss],
+        f.float("loss", name.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_rel(
+        &format!("{name} dx"),
+        dx.data(),
+        f.float("dx", name.as_ref()).unwrap().data(),
+        gtol,
+    );
 }
 
 #[test]
@@ -92,31 +114,67 @@ fn check_train_fixture(arch: &str, c: usize, hw: usize, deep: bool) {
     let f = fixture(&name);
     let graph = build(&ModelSpec::new(arch, [c, hw, hw], 10)).unwrap();
     let be = CpuBackend::default();
-    let mut p: Vec<_> = formula_params(&graph).iter().map(|t| be.upload(t).unwrap()).collect();
+    let mut p: Vec<_> = formula_params(&graph)
+        .iter()
+        .map(|t| be.upload(t).unwrap())
+        .collect();
     let x = f.float("x", name.as_ref()).unwrap();
     let y = labels(&f, "y");
     let n = y.len();
-    let trace = graph.forward_train(&be, &mut p, be.upload(x).unwrap(), 0.1).unwrap();
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), &y, &vec![1.0 / n as f32; n]).unwrap();
+    let trace = graph
+        .forward_train(&be, &mut p, be.upload(x).unwrap(), 0.1)
+        .unwrap();
+    let (losses, dlogits) = be
+        .softmax_cross_entropy(trace.logits(), &y, &vec![1.0 / n as f32; n])
+        .unwrap();
     let grads = graph.backward(&be, &p, &trace, dlogits, true).unwrap();
     let tol = if deep { 5e-3 } else { 1e-3 };
     let loss = losses.iter().sum::<f32>() / n as f32;
-    assert_close_abs(&format!("{name} loss"), &[loss], f.float("loss", name.as_ref()).unwrap().data(), 1e-4);
-    assert_close_rel(&format!("{name} dx"), be.download(&grads.dx).unwrap().data(), f.float("dx", name.as_ref()).unwrap().data(), tol);
+    assert_close_abs(
+        &format!("{name} loss"),
+        &[loss],
+        f.float("loss", name.as_ref()).unwrap().data(),
+        1e-4,
+    );
+    assert_close_rel(
+        &format!("{name} dx"),
+        be.download(&grads.dx).unwrap().data(),
+        f.float("dx", name.as_ref()).unwrap().data(),
+        tol,
+    );
     let mut checked = 0;
     for (key, _) in f.tensors.iter() {
         if let Some(param) = key.strip_prefix("grad.") {
-            let id = graph.param_id(param).unwrap_or_else(|| panic!("{name}: no parameter {param}"));
-            let g = grads.params[id].as_ref().unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
-            assert_close_rel(key, be.download(g).unwrap().data(), f.float(key, name.as_ref()).unwrap().data(), tol);
+            let id = graph
+                .param_id(param)
+                .unwrap_or_else(|| panic!("{name}: no parameter {param}"));
+            let g = grads.params[id]
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no gradient for {param}"));
+            assert_close_rel(
+                key,
+                be.download(g).unwrap().data(),
+                f.float(key, name.as_ref()).unwrap().data(),
+                tol,
+            );
             checked += 1;
         } else if let Some(buffer) = key.strip_prefix("after.") {
-            let id = graph.param_id(buffer).unwrap_or_else(|| panic!("{name}: no buffer {buffer}"));
-            assert_close_rel(key, be.download(&p[id]).unwrap().data(), f.float(key, name.as_ref()).unwrap().data(), 1e-5);
+            let id = graph
+                .param_id(buffer)
+                .unwrap_or_else(|| panic!("{name}: no buffer {buffer}"));
+            assert_close_rel(
+                key,
+                be.download(&p[id]).unwrap().data(),
+                f.float(key, name.as_ref()).unwrap().data(),
+                1e-5,
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 7, "{name}: only {checked} gradients/buffers compared");
+    assert!(
+        checked >= 7,
+        "{name}: only {checked} gradients/buffers compared"
+    );
 }
 
 #[test]
@@ -148,9 +206,24 @@ fn check_real_weights(arch: &str, tag: &str, c: usize, hw: usize, deep: bool) {
     let y = labels(&e, "y");
     let (logits, loss, dx) = eval_forward(&model.graph, &model.params, x, &y);
     let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
-    assert_close_abs(&format!("{ename} logits"), logits.data(), e.float("logits", ename.as_ref()).unwrap().data(), ltol);
-    assert_close_abs(&format!("{ename} loss"), &[loss], e.float("loss", ename.as_ref()).unwrap().data(), ltol);
-    assert_close_rel(&format!("{ename} dx"), dx.data(), e.float("dx", ename.as_ref()).unwrap().data(), gtol);
+    assert_close_abs(
+        &format!("{ename} logits"),
+        logits.data(),
+        e.float("logits", ename.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_abs(
+        &format!("{ename} loss"),
+        &[loss],
+        e.float("loss", ename.as_ref()).unwrap().data(),
+        ltol,
+    );
+    assert_close_rel(
+        &format!("{ename} dx"),
+        dx.data(),
+        e.float("dx", ename.as_ref()).unwrap().data(),
+        gtol,
+    );
 }
 
 #[test]

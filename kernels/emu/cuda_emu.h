@@ -28,7 +28,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
 #define __constant__ static const
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __grid_constant__
 
 // ---- built-in vector types -------------------------------------------------
