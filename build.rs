@@ -37,7 +37,7 @@ fn main() {
     build
         .cpp(true)
         .std("c++17")
-        .opt_level(2)
+        .opt_level(3)
         .debug(false)
         .warnings(true)
         .flag("-ftls-model=initial-exec")

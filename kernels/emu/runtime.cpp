@@ -12,6 +12,11 @@
 //   (what current GPUs do); warp barriers and shuffles wait for the live
 //   threads of the warp. A round in which no thread can move is a deadlock:
 //   the launch fails with an error instead of hanging.
+// - A kernel's first launch always runs on fibers and records whether any
+//   thread used a barrier or a shuffle. Kernels that did not (the elementwise
+//   ones) run later launches as plain calls, thread after thread, on one
+//   stack: no context switches at all. Should such a kernel reach a barrier
+//   after all, the launch stops with an error (never a wrong result).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -22,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -44,6 +50,7 @@ enum {
   EMU_DEADLOCK = 3,      // threads of a block wait on barriers that cannot complete
   EMU_NO_MEMORY = 4,     // fiber stacks could not be mapped
   EMU_BAD_SHARED = 5,    // dynamic shared memory over the 227 KiB a block may have
+  EMU_LATE_BARRIER = 6,  // a kernel run without fibers reached a barrier (see below)
 };
 
 namespace {
@@ -70,14 +77,8 @@ cwp_emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -131,6 +132,8 @@ struct Worker {
   std::vector<char> dyn;
   Body body = nullptr;
   void** args = nullptr;
+  bool direct = false;        // running threads as plain calls (no fibers)
+  bool synced = false;        // a barrier or shuffle was used in this launch
 
   ~Worker() {
     if (stacks) munmap(stacks, (size_t)nstacks * (kStack + kPage));
@@ -184,12 +187,10 @@ void init_fiber(Worker* W, int i) {
   uc->uc_link = nullptr;
   makecontext(uc, uc_entry, 0);
 #else
-  uintptr_t* sp = (uintptr_t*)(((uintptr_t)(W->stack_base(i) + kStack)) & ~(uintptr_t)15);
-  unsigned int mx;
-  unsigned short cw;
-  asm volatile("stmxcsr %0" : "=m"(mx));
-  asm volatile("fnstcw %0" : "=m"(cw));
-  *--sp = 0;                                 // alignment pad
+  // Stack tops are staggered by a few cache lines so that the fibers' hot
+  // frames do not all map to the same cache sets.
+  const size_t color = (size_t)(i % 61) * 64;
+  uintptr_t* sp = (uintptr_t*)(((uintptr_t)(W->stack_base(i) + kStack - color)) & ~(uintptr_t)15);
   *--sp = (uintptr_t)&cwp_emu_fiber_entry;   // return address of the first switch
   *--sp = 0;                                 // rbp
   *--sp = 0;                                 // rbx
@@ -197,7 +198,6 @@ void init_fiber(Worker* W, int i) {
   *--sp = (uintptr_t)&fiber_main;            // r13: function
   *--sp = 0;                                 // r14
   *--sp = 0;                                 // r15
-  *--sp = (uintptr_t)mx | ((uintptr_t)cw << 32);
   W->fibers[i].sp = sp;
 #endif
 }
@@ -245,7 +245,11 @@ void fiber_main(void* arg) {
   __builtin_trap();  // never resumed
 }
 
+struct LateBarrier {};
+
 void warp_barrier(Worker* W) {
+  if (W->direct) throw LateBarrier{};
+  W->synced = true;
   int w = W->cur / 32;
   unsigned g = W->warp_gen[w];
   W->progress = true;
@@ -257,7 +261,26 @@ void warp_barrier(Worker* W) {
   while (W->warp_gen[w] == g) leave_fiber(W);
 }
 
-// Runs one block to completion; returns an EMU_* code.
+// Runs one block as plain calls, thread after thread (barrier-free kernels).
+int run_block_direct(Worker* W, int nthreads, const unsigned* block) {
+  W->direct = true;
+  try {
+    for (int i = 0; i < nthreads; i++) {
+      W->cur = i;
+      cwp_emu_threadIdx.x = i % block[0];
+      cwp_emu_threadIdx.y = (i / block[0]) % block[1];
+      cwp_emu_threadIdx.z = i / (block[0] * block[1]);
+      W->body(W->args);
+    }
+  } catch (const LateBarrier&) {
+    W->direct = false;
+    return EMU_LATE_BARRIER;
+  }
+  W->direct = false;
+  return EMU_OK;
+}
+
+// Runs one block to completion on fibers; returns an EMU_* code.
 int run_block(Worker* W, int nthreads, const unsigned* block) {
   W->n = nthreads;
   W->live = nthreads;
@@ -294,8 +317,10 @@ struct Job {
   unsigned block[3];
   unsigned smem;
   long total;
+  bool direct;                      // run threads as plain calls
   std::atomic<long> next{0};
   std::atomic<int> error{EMU_OK};
+  std::atomic<bool> synced{false};  // some thread used a barrier or shuffle
 };
 
 void run_blocks(Job* job) {
@@ -317,7 +342,9 @@ void run_blocks(Job* job) {
     cwp_emu_blockIdx.x = (unsigned)(b % job->grid[0]);
     cwp_emu_blockIdx.y = (unsigned)((b / job->grid[0]) % job->grid[1]);
     cwp_emu_blockIdx.z = (unsigned)(b / ((long)job->grid[0] * job->grid[1]));
-    int rc = run_block(W, nthreads, job->block);
+    W->synced = false;
+    int rc = job->direct ? run_block_direct(W, nthreads, job->block) : run_block(W, nthreads, job->block);
+    if (W->synced) job->synced.store(true, std::memory_order_relaxed);
     if (rc != EMU_OK) {
       job->error.store(rc);
       return;
@@ -382,10 +409,16 @@ Pool* pool() {
   return p;
 }
 
+// Per kernel body: 0 = not launched yet, 1 = needs fibers, 2 = barrier-free.
+std::mutex modes_mutex;
+std::unordered_map<Body, int>* modes = new std::unordered_map<Body, int>();
+
 }  // namespace
 
 extern "C" void cwp_emu_syncthreads() {
   Worker* W = tls_worker;
+  if (W->direct) throw LateBarrier{};
+  W->synced = true;
   unsigned g = W->bar_gen;
   W->progress = true;
   if (++W->bar_arrived >= W->live) {
@@ -450,6 +483,12 @@ extern "C" int cwp_emu_launch(Body body, void** args, const unsigned* grid, cons
   }
   job.smem = smem;
   job.total = (long)grid[0] * grid[1] * grid[2];
+  int mode;
+  {
+    std::lock_guard<std::mutex> lk(modes_mutex);
+    mode = (*modes)[body];
+  }
+  job.direct = mode == 2 && getenv("CWP_EMU_ALWAYS_FIBERS") == nullptr;
   Pool* p = pool();
   std::unique_lock<std::mutex> lk(p->launch_mutex, std::try_to_lock);
   if (lk.owns_lock() && p->helpers > 0 && job.total > 1) {
@@ -457,5 +496,13 @@ extern "C" int cwp_emu_launch(Body body, void** args, const unsigned* grid, cons
   } else {
     run_blocks(&job);
   }
-  return job.error.load();
+  int rc = job.error.load();
+  if (rc == EMU_OK && mode == 0) {
+    std::lock_guard<std::mutex> lk(modes_mutex);
+    (*modes)[body] = job.synced.load() ? 1 : 2;
+  } else if (rc == EMU_LATE_BARRIER) {
+    std::lock_guard<std::mutex> lk(modes_mutex);
+    (*modes)[body] = 1;
+  }
+  return rc;
 }

@@ -1064,3 +1064,174 @@ pub fn check_model<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Result<V
     );
     Ok(s.out)
 }
+
+/// The outputs of one step of pattern search.
+pub struct SearchStep {
+    /// Logits of the composites `[S*B, classes]`.
+    pub logits: Tensor,
+    /// Mask gradient `[S, H, W]`.
+    pub dmask: Tensor,
+    /// The mask after the signed step.
+    pub mask1: Tensor,
+}
+
+/// One step of the authors' search for S searches of B images each, batched:
+/// composite, eval forward, `alpha * mean CE(target)`, backward to the input,
+/// mask gradient (plus `beta * d(sum m / (H*W/2))`), signed step with `lr`.
+#[allow(clippy::too_many_arguments)]
+pub fn search_step<B: Backend>(
+    be: &B,
+    graph: &Graph,
+    params: &[B::Buf],
+    canvas: &Tensor,
+    mask: &Tensor,
+    others: &Tensor,
+    target: usize,
+    (alpha, beta, lr): (f32, f32, f32),
+) -> Result<SearchStep> {
+    let (s, hw) = (mask.shape()[0], mask.shape()[1] * mask.shape()[2]);
+    let b = others.shape()[0] / s.max(1);
+    let (c, o) = (be.upload(canvas)?, be.upload(others)?);
+    let mut m = be.upload(mask)?;
+    let comp = be.composite(&c, &m, &o)?;
+    let trace = graph.forward_trace(be, params, comp)?;
+    let n = s * b;
+    let (_, dlogits) = be.softmax_cross_entropy(trace.logits(), &vec![target; n], &vec![alpha / b as f32; n])?;
+    let logits = be.download(trace.logits())?;
+    let grads = graph.backward(be, params, &trace, dlogits, false)?;
+    let dmask = be.mask_grad(&grads.dx, &c, &o, beta / (hw as f32 / 2.0))?;
+    be.sign_step_clamp(&mut m, &dmask, lr)?;
+    Ok(SearchStep {
+        logits,
+        dmask: be.download(&dmask)?,
+        mask1: be.download(&m)?,
+    })
+}
+
+/// The same step through the fused eval path of the GPU backend.
+#[allow(clippy::too_many_arguments)]
+pub fn search_step_fused<D: Driver>(
+    model: &super::fused::FusedModel<'_, D>,
+    gpu: &GpuBackend<D>,
+    canvas: &Tensor,
+    mask: &Tensor,
+    others: &Tensor,
+    target: usize,
+    (alpha, beta, lr): (f32, f32, f32),
+) -> Result<SearchStep> {
+    let (s, hw) = (mask.shape()[0], mask.shape()[1] * mask.shape()[2]);
+    let b = others.shape()[0] / s.max(1);
+    let (c, o) = (gpu.upload(canvas)?, gpu.upload(others)?);
+    let mut m = gpu.upload(mask)?;
+    let comp = gpu.composite(&c, &m, &o)?;
+    let trace = model.forward_trace(&comp)?;
+    let n = s * b;
+    let (_, dlogits) = gpu.softmax_cross_entropy(trace.logits(), &vec![target; n], &vec![alpha / b as f32; n])?;
+    let dx = model.input_grad(&trace, dlogits)?;
+    let dmask = gpu.mask_grad(&dx, &c, &o, beta / (hw as f32 / 2.0))?;
+    gpu.sign_step_clamp(&mut m, &dmask, lr)?;
+    Ok(SearchStep {
+        logits: gpu.download(trace.logits())?,
+        dmask: gpu.download(&dmask)?,
+        mask1: gpu.download(&m)?,
+    })
+}
+
+/// Positions where two signed steps differ although the reference
+/// gradient's sign is unambiguous (|g| >= 1e-7 * max|g|).
+pub fn mask_step_mismatches(got: &Tensor, want: &Tensor, want_grad: &Tensor) -> usize {
+    let floor = 1e-7 * want_grad.max_abs();
+    (0..want.len())
+        .filter(|&i| want_grad.data()[i].abs() >= floor && got.data()[i] != want.data()[i])
+        .count()
+}
+
+/// One batched search step (S = 3 searches of B = 4 images) of `case`'s
+/// model on `gpu` against the CPU: logits, mask gradient and the stepped
+/// mask, through the graph runner and the fused path.
+pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Result<Vec<Check>> {
+    let graph = build(&ModelSpec::new(case.arch, case.input, case.classes))?;
+    let params = formula_params(&graph);
+    let [c, h, w] = case.input;
+    let (s, b) = (3usize, 4usize);
+    let mut su = Suite::new(gpu, &format!("search step {} S={s} B={b}", case.arch), 7);
+    let canvas = su.rand(&[s, c, h, w], 0.0, 1.0);
+    let others = su.rand(&[s * b, c, h, w], 0.0, 1.0);
+    let mask = Tensor::full(&[s, h, w], 0.5);
+    let hyper = (0.2, 0.8, 0.02);
+    let cpu_p = params.iter().map(|t| CpuBackend.upload(t)).collect::<Result<Vec<_>>>()?;
+    let want = search_step(&CpuBackend, &graph, &cpu_p, &canvas, &mask, &others, 3, hyper)?;
+    let gpu_p = params.iter().map(|t| gpu.upload(t)).collect::<Result<Vec<_>>>()?;
+    let got = search_step(gpu, &graph, &gpu_p, &canvas, &mask, &others, 3, hyper)?;
+    let fused = super::fused::FusedModel::from_device(gpu, &graph, &gpu_p)?;
+    let got_f = search_step_fused(&fused, gpu, &canvas, &mask, &others, 3, hyper)?;
+    let (ltol, gtol) = model_tolerances(case.deep);
+    for (tag, g) in [("graph runner", &got), ("fused", &got_f)] {
+        su.metric(format!("logits ({tag})"), scaled_max_diff(g.logits.data(), want.logits.data()), ltol);
+        su.metric(format!("dmask rel L2 ({tag})"), rel_l2(g.dmask.data(), want.dmask.data()), gtol);
+        let bad = mask_step_mismatches(&g.mask1, &want.mask1, &want.dmask);
+        su.metric(format!("mask1 positions differing ({tag})"), bad as f64, 0.0);
+    }
+    Ok(su.out)
+}
+
+/// One training step (train-mode BN, all parameter gradients, SGD with
+/// momentum) of `case`'s model on `gpu` against the CPU.
+pub fn check_train_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Result<Vec<Check>> {
+    let graph = build(&ModelSpec::new(case.arch, case.input, case.classes))?;
+    let params = formula_params(&graph);
+    let n = case.batch.max(2);
+    let x = formula_input(&graph.input_shape(n));
+    let labels: Vec<usize> = (0..n).map(|i| (3 * i + 1) % case.classes).collect();
+    let sgd = SgdParams {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    fn step<B: Backend>(
+        be: &B,
+        graph: &Graph,
+        params: &[Tensor],
+        x: &Tensor,
+        labels: &[usize],
+        sgd: SgdParams,
+    ) -> Result<(Vec<Tensor>, Vec<Option<Tensor>>, Tensor)> {
+        let mut p = params.iter().map(|t| be.upload(t)).collect::<Result<Vec<_>>>()?;
+        let n = labels.len();
+        let trace = graph.forward_train(be, &mut p, be.upload(x)?, 0.1)?;
+        let (_, dl) = be.softmax_cross_entropy(trace.logits(), labels, &vec![1.0 / n as f32; n])?;
+        let grads = graph.backward(be, &p, &trace, dl, true)?;
+        let dx = be.download(&grads.dx)?;
+        let mut host_grads = Vec::new();
+        for (i, g) in grads.params.iter().enumerate() {
+            host_grads.push(g.as_ref().map(|g| be.download(g)).transpose()?);
+            if let Some(g) = g {
+                let mut v = be.zeros(be.shape(g))?;
+                let decay = if graph.params[i].kind.decays() { sgd.weight_decay } else { 0.0 };
+                be.sgd_step(&mut p[i], g, &mut v, SgdParams { weight_decay: decay, ..sgd })?;
+            }
+        }
+        let after = p.iter().map(|b| be.download(b)).collect::<Result<Vec<_>>>()?;
+        Ok((after, host_grads, dx))
+    }
+    let (cp, cg, cdx) = step(&CpuBackend, &graph, &params, &x, &labels, sgd)?;
+    let (gp, gg, gdx) = step(gpu, &graph, &params, &x, &labels, sgd)?;
+    let mut su = Suite::new(gpu, &format!("train step {} batch {n}", case.arch), 0);
+    let (_, gtol) = model_tolerances(case.deep);
+    su.metric("dx rel L2".into(), rel_l2(gdx.data(), cdx.data()), gtol);
+    let (mut worst_g, mut worst_p, mut count) = (0.0f64, 0.0f64, 0usize);
+    for i in 0..params.len() {
+        match (&gg[i], &cg[i]) {
+            (Some(g), Some(c)) => {
+                worst_g = worst_g.max(rel_l2(g.data(), c.data()));
+                count += 1;
+            }
+            (None, None) => {}
+            _ => worst_g = f64::INFINITY,
+        }
+        worst_p = worst_p.max(rel_l2(gp[i].data(), cp[i].data()));
+    }
+    su.metric(format!("worst parameter gradient rel L2 ({count} tensors)"), worst_g, gtol);
+    su.metric("worst parameter/running statistic after the step, rel L2".into(), worst_p, gtol);
+    Ok(su.out)
+}
