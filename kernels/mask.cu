@@ -10,9 +10,8 @@ struct MaskArgs {
   int c;   // channels
   int hw;  // pixels per plane
   float l1_grad;
-  float lr;
   int n;   // element count for sign_step
-  int pad_;
+  double lr;
 };
 
 // out[i] = m * canvas + (1 - m) * other.
@@ -51,10 +50,11 @@ extern "C" __global__ void mask_grad(const MaskArgs a, const float* __restrict__
 
 __device__ __forceinline__ float sign_of(float g) { return g > 0.f ? 1.f : (g < 0.f ? -1.f : 0.f); }
 
-// m = clamp(m - lr * sign(g), 0, 1); NaN stays NaN, as Rust's clamp.
+// m = clamp(m - lr * sign(g), 0, 1) in double, rounded once to f32 (lr = 0.02
+// has no exact f32 value); NaN stays NaN, as Rust's clamp.
 extern "C" __global__ void mask_sign_step(const MaskArgs a, float* mask, const float* __restrict__ grad) {
   for (int i = grid_start(); i < a.n; i += grid_stride()) {
-    const float v = mask[i] - a.lr * sign_of(grad[i]);
-    mask[i] = v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
+    const double v = (double)mask[i] - a.lr * (double)sign_of(grad[i]);
+    mask[i] = (float)(v < 0.0 ? 0.0 : (v > 1.0 ? 1.0 : v));
   }
 }

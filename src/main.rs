@@ -11,6 +11,7 @@ use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Split};
 use classwise::eval::{self, DeviceModel};
+use classwise::search::{self, CanvasSpec, RunInputs, RunReport, SearchConfig};
 use classwise::train::adversarial::Attack;
 use classwise::train::augment::Augment;
 use classwise::train::poison::{Poisoning, TriggerSpec};
@@ -39,6 +40,8 @@ enum Cmd {
     Eval(EvalArgs),
     /// Train a model: natural, backdoored (--poison) or adversarial (--adversarial).
     Train(TrainArgs),
+    /// Search every class's pattern (the paper's method), batched; report in --out.
+    Search(SearchArgs),
 }
 
 #[derive(Args)]
@@ -190,6 +193,85 @@ struct TrainArgs {
     quiet: bool,
     #[command(flatten)]
     device: DeviceArg,
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Data: the test split gives canvases, search sets and the evaluation.
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Output folder (report.json, report.html, images; reruns skip finished searches).
+    #[arg(long)]
+    out: PathBuf,
+    /// Target classes: all, or a comma list of class indices.
+    #[arg(long, default_value = "all")]
+    classes: String,
+    /// Canvases: test:I[,J..], auto:N, train:I[,J..], solid:V[,V..].
+    #[arg(long, default_value = "auto:1")]
+    canvas: String,
+    /// Pattern size (default: 50 at 32x32, 2500 at 224x224, about 5% of the pixels otherwise).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// k values for predictive power against k and the minimal k: a comma list, `default`, or `none`.
+    #[arg(long, default_value = "default")]
+    k_sweep: String,
+    /// Passes over the search set (default: 5; 1 at ImageNet size).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per search per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Weight of the cross-entropy term.
+    #[arg(long, default_value_t = 0.2)]
+    alpha: f32,
+    /// Weight of the L1 term sum(m)/(H*W/2).
+    #[arg(long, default_value_t = 0.8)]
+    beta: f32,
+    /// Step of the signed-gradient update.
+    #[arg(long, default_value_t = 0.02)]
+    lr: f64,
+    /// Seed of the search set and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of each class's test images in the search set.
+    #[arg(long, default_value_t = 0.2)]
+    search_frac: f64,
+    /// Images per other class for the k-sweep and minimal k: a number or `all`.
+    #[arg(long, default_value = "100")]
+    sweep_per_class: String,
+    /// Images per other class for the predictive power at the default k: a number or `all`.
+    #[arg(long, default_value = "all")]
+    eval_per_class: String,
+    /// Predictive power the minimal k must reach.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    /// Memory budget of one search step, e.g. 2G or 512M (sets how many searches share a forward pass).
+    #[arg(long, default_value = "2G")]
+    memory: String,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+fn parse_bytes(s: &str, option: &str) -> Result<usize> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 1usize << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t.as_str(), 1),
+    };
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("option {option}: `{s}` is not a size such as 2G or 512M"))?;
+    if !(v > 0.0) {
+        bail!("option {option}: `{s}` must be positive");
+    }
+    Ok((v * mult as f64) as usize)
 }
 
 fn parse_shape(s: &str) -> std::result::Result<[usize; 3], String> {
@@ -584,7 +666,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         adversarial,
         robust_eval,
         bn_momentum: 0.1,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: command_line(),
         quiet: a.quiet,
     };
     cfg.validate(spec.num_classes)?;
@@ -617,12 +699,160 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
+    let g = &model.graph;
+    let mut cfg = SearchConfig::defaults(g.input, g.num_classes);
+    if a.classes != "all" {
+        cfg.classes = a
+            .classes
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| {
+                format!(
+                    "option --classes: `{}` is not `all` or a comma list of class indices",
+                    a.classes
+                )
+            })?;
+    }
+    cfg.canvas = a.canvas.parse::<CanvasSpec>()?.to_string();
+    if let Some(k) = a.top_k {
+        cfg.top_k = k;
+    }
+    cfg.k_sweep = match a.k_sweep.as_str() {
+        "default" => cfg.k_sweep,
+        "none" => Vec::new(),
+        list => {
+            let mut v: Vec<usize> = list
+                .split(',')
+                .map(|k| k.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .with_context(|| {
+                    format!("option --k-sweep: `{list}` is not a comma list of whole numbers")
+                })?;
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    };
+    let count = |s: &str, option: &str| -> Result<Option<usize>> {
+        match s {
+            "all" => Ok(None),
+            n => match n.parse::<usize>() {
+                Ok(v) if v > 0 => Ok(Some(v)),
+                _ => bail!("option {option}: `{n}` is not a positive number or `all`"),
+            },
+        }
+    };
+    cfg.sweep_per_class = count(&a.sweep_per_class, "--sweep-per-class")?;
+    cfg.eval_per_class = count(&a.eval_per_class, "--eval-per-class")?;
+    if let Some(e) = a.epochs {
+        cfg.mask.epochs = e;
+    }
+    cfg.mask.batch = a.batch;
+    cfg.mask.alpha = a.alpha;
+    cfg.mask.beta = a.beta;
+    cfg.mask.lr = a.lr;
+    cfg.mask.seed = a.seed;
+    cfg.search_frac = a.search_frac;
+    cfg.threshold = a.threshold;
+    let per_image = classwise::search::optimize::bytes_per_image(g);
+    cfg.max_images = (parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
+    cfg.validate(g.input, g.num_classes)?;
+    Ok(cfg)
+}
+
+fn cmd_search(a: &SearchArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let cfg = search_config(a, &model)?;
+    let spec: DataSpec = a.data.parse()?;
+    let test = data::load(&spec, Split::Test, Some(model.graph.input))?;
+    eval::check_fits(&model.graph, &test)?;
+    let train = if cfg.canvas.starts_with("train:") {
+        Some(data::load(&spec, Split::Train, Some(model.graph.input))?)
+    } else {
+        None
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("option --out: cannot create {}", a.out.display()))?;
+    let bytes = std::fs::read(&a.model.weights)
+        .with_context(|| format!("{}", a.model.weights.display()))?;
+    let inputs = RunInputs {
+        model: &model,
+        model_id: classwise::io::sha256_hex(&[&bytes]),
+        model_label: a.model.weights.display().to_string(),
+        test: &test,
+        train: train.as_ref(),
+        command: command_line(),
+        quiet: a.quiet,
+    };
+    let dev = select_device(&a.device.device)?;
+    let report = with_backend!(dev, |be| search::run(&be, &inputs, &cfg, &a.out)?);
+    write_search_outputs(&report, test.class_names(), &a.out)?;
+    Ok(())
+}
+
+/// Writes a run's report files and prints its summary.
+fn write_search_outputs(
+    report: &RunReport,
+    class_names: &[String],
+    out: &std::path::Path,
+) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    classwise::io::write_atomic(&out.join("report.json"), &json)?;
+    println!("{}", summary_table(report, class_names));
+    println!("wrote {}", out.join("report.json").display());
+    Ok(())
+}
+
+fn summary_table(r: &RunReport, names: &[String]) -> String {
+    let mut s = format!(
+        "{:<4} {:<14} {:<8} {:>9} {:>7} {:>7} {:>6} {:>8}\n",
+        "cls", "name", "canvas", "power@k", "clean", "min k", "mask", "anomaly"
+    );
+    let idx = r.verdict_min_k.as_ref().unwrap_or(&r.verdict_mask);
+    for (i, c) in r.classes.iter().enumerate() {
+        let best = &r.searches[c.best];
+        s += &format!(
+            "{:<4} {:<14} {:<8} {:>8.1}% {:>6.1}% {:>7} {:>6.3} {:>8.2}{}\n",
+            c.class,
+            names.get(c.class).map(String::as_str).unwrap_or(""),
+            best.canvas.id,
+            100.0 * c.power,
+            100.0 * c.clean,
+            c.min_k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
+            c.mask_mean,
+            idx.anomaly_index[i],
+            if r.flagged.contains(&c.class) {
+                "  <- flagged"
+            } else {
+                ""
+            }
+        );
+    }
+    s += &if r.flagged.is_empty() {
+        "verdict: no class flagged".to_string()
+    } else {
+        format!("verdict: flagged as backdoor target: {:?}", r.flagged)
+    };
+    s
+}
+
+/// The command line as typed, with the program called `cwp`.
+fn command_line() -> String {
+    std::iter::once("cwp".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Zoo(a) => cmd_zoo(a),
         Cmd::Forward(a) => cmd_forward(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Train(a) => cmd_train(a),
+        Cmd::Search(a) => cmd_search(a),
     }
 }
 

@@ -241,8 +241,10 @@ pub trait Backend: Send + Sync {
         l1_grad: f32,
     ) -> Result<Self::Buf>;
     /// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`
-    /// with `sign(0) = 0`.
-    fn sign_step_clamp(&self, mask: &mut Self::Buf, grad: &Self::Buf, lr: f32) -> Result<()>;
+    /// with `sign(0) = 0`, computed in double precision and rounded once to
+    /// f32, so the step is exactly the reference's (`lr` = 0.02 has no exact
+    /// f32 value, and `m - 0.02f` rounds differently near 0).
+    fn sign_step_clamp(&self, mask: &mut Self::Buf, grad: &Self::Buf, lr: f64) -> Result<()>;
 
     /// One SGD-with-momentum update of `param` in place.
     fn sgd_step(

@@ -105,14 +105,14 @@ pub(super) fn sign(g: f32) -> f32 {
 }
 
 /// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`.
-pub(super) fn sign_step_clamp(mask: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
+pub(super) fn sign_step_clamp(mask: &mut Tensor, grad: &Tensor, lr: f64) -> Result<()> {
     expect_shape("grad", grad, mask.shape())?;
     mask.data_mut()
         .par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(grad.data().par_chunks(ELEMENTWISE_CHUNK))
         .for_each(|(m, g)| {
             for (m, &g) in m.iter_mut().zip(g) {
-                *m = (*m - lr * sign(g)).clamp(0.0, 1.0);
+                *m = (*m as f64 - lr * sign(g) as f64).clamp(0.0, 1.0) as f32;
             }
         });
     Ok(())

@@ -228,7 +228,7 @@ impl Backend for CpuBackend {
         mask::mask_grad(dx, canvas, others, l1_grad)
     }
 
-    fn sign_step_clamp(&self, mask: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
+    fn sign_step_clamp(&self, mask: &mut Tensor, grad: &Tensor, lr: f64) -> Result<()> {
         mask::sign_step_clamp(mask, grad, lr)
     }
 

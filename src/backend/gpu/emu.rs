@@ -186,8 +186,10 @@ impl Driver for EmuDriver {
             3 => "deadlock: threads of a block wait on a barrier the others never reach",
             4 => "cannot map the fiber stacks",
             5 => "dynamic shared memory over 227 KiB",
-            6 => "a kernel that ran without barriers before reached a barrier (the emulator \
-                  ran it without fibers; the launch was stopped, its outputs are incomplete)",
+            6 => {
+                "a kernel that ran without barriers before reached a barrier (the emulator \
+                  ran it without fibers; the launch was stopped, its outputs are incomplete)"
+            }
             _ => "unknown emulator error",
         };
         Err(Error::Backend(format!(

@@ -464,7 +464,7 @@ impl<'a, D: Driver> FusedModel<'a, D> {
                     residual,
                     ..
                 } => match (relu, residual) {
-                    (true, None) => {
+                    (true, None) if std::env::var_os("NOFUSE").is_none() => {
                         let dx = g.conv_dgrad(&dy, &p[*w], Some(kept(j)?), xs, *cp)?;
                         add(&mut grads, nd.input, dx)?;
                     }

@@ -437,7 +437,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.mask_gradient(dx, canvas, others, l1_grad)
     }
 
-    fn sign_step_clamp(&self, mask: &mut GpuBuf<D>, grad: &GpuBuf<D>, lr: f32) -> Result<()> {
+    fn sign_step_clamp(&self, mask: &mut GpuBuf<D>, grad: &GpuBuf<D>, lr: f64) -> Result<()> {
         self.mask_sign_step(mask, grad, lr)
     }
 

@@ -52,9 +52,8 @@ struct MaskArgs {
     c: i32,
     hw: i32,
     l1_grad: f32,
-    lr: f32,
     n: i32,
-    pad_: i32,
+    lr: f64,
 }
 
 /// `OptimArgs` of optim.cu.
@@ -633,7 +632,7 @@ impl<D: Driver> GpuBackend<D> {
         &self,
         mask: &mut GpuBuf<D>,
         grad: &GpuBuf<D>,
-        lr: f32,
+        lr: f64,
     ) -> Result<()> {
         expect_shape("grad", grad, mask.shape())?;
         self.make_unique(mask)?;

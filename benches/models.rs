@@ -1,0 +1,50 @@
+//! Forward + backward-to-input of zoo models on the CPU backend (weights
+//! frozen, eval mode): images per second, the figure PyTorch's CPU path is
+//! compared with (../shared/peers/torch_cpu_bench.py), plus one search step.
+
+use std::hint::black_box;
+
+use classwise::backend::cpu::CpuBackend;
+use classwise::backend::Backend;
+use classwise::train::init_params;
+use classwise::zoo::{build, ModelSpec};
+use classwise::Tensor;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn fwd_bwd(c: &mut Criterion) {
+    let be = CpuBackend::default();
+    let mut g = c.benchmark_group("fwd_bwd_input");
+    g.sample_size(10);
+    for (arch, input, batch) in [
+        ("smallcnn", [1, 28, 28], 128),
+        ("resnet18", [3, 32, 32], 32),
+        ("preact_resnet18", [3, 32, 32], 32),
+        ("resnet50", [3, 32, 32], 16),
+    ] {
+        let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
+        let params: Vec<_> = init_params(&graph, 0)
+            .iter()
+            .map(|t| be.upload(t).unwrap())
+            .collect();
+        let x = Tensor::from_fn(&graph.input_shape(batch), |i| {
+            ((i * 37) % 101) as f32 / 100.0
+        });
+        let y: Vec<usize> = (0..batch).map(|i| i % 10).collect();
+        let w = vec![1.0 / batch as f32; batch];
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("{arch}_b{batch}"), |b| {
+            b.iter(|| {
+                let trace = graph
+                    .forward_trace(&be, &params, be.upload(&x).unwrap())
+                    .unwrap();
+                let (_, dl) = be.softmax_cross_entropy(trace.logits(), &y, &w).unwrap();
+                let grads = graph.backward(&be, &params, &trace, dl, false).unwrap();
+                black_box(grads.dx);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fwd_bwd);
+criterion_main!(benches);

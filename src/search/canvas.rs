@@ -1,0 +1,229 @@
+//! Canvases: the real images of the target class whose pixels the pattern
+//! is made of. Chosen by index in the test or training set, automatically
+//! (the test images the model is most confident on, never from the search
+//! set), or a uniform grey level.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::eval::DeviceModel;
+use crate::tensor::Tensor;
+
+/// How canvases are chosen (`--canvas`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum CanvasSpec {
+    /// `test:I[,J..]`: the I-th test image of the class (by its order in the class).
+    Test(Vec<usize>),
+    /// `auto:N`: the N test images of the class the model is most confident
+    /// on, outside the search set.
+    Auto(usize),
+    /// `train:I[,J..]`: the I-th training image of the class.
+    Train(Vec<usize>),
+    /// `solid:V`: a uniform image of value V in [0, 1].
+    Solid(Vec<f32>),
+}
+
+impl std::str::FromStr for CanvasSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<CanvasSpec> {
+        let bad = |msg: String| Error::arg("--canvas", format!("`{s}`: {msg}"));
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| bad("expected test:I[,J..], auto:N, train:I[,J..] or solid:V".into()))?;
+        let list = |what: &str| -> Result<Vec<usize>> {
+            let v = rest
+                .split(',')
+                .map(|p| p.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| bad(format!("{what} needs whole numbers")))?;
+            if v.is_empty() {
+                return Err(bad(format!("{what} needs at least one index")));
+            }
+            Ok(v)
+        };
+        match kind {
+            "test" => Ok(CanvasSpec::Test(list("test")?)),
+            "train" => Ok(CanvasSpec::Train(list("train")?)),
+            "auto" => match rest.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(CanvasSpec::Auto(n)),
+                _ => Err(bad("auto:N needs N >= 1".into())),
+            },
+            "solid" => {
+                let v = rest
+                    .split(',')
+                    .map(|p| p.trim().parse::<f32>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|_| bad("solid:V needs numbers".into()))?;
+                if v.is_empty() || v.iter().any(|x| !(0.0..=1.0).contains(x)) {
+                    return Err(bad("solid values must lie in [0, 1]".into()));
+                }
+                Ok(CanvasSpec::Solid(v))
+            }
+            other => Err(bad(format!("unknown canvas kind `{other}`"))),
+        }
+    }
+}
+
+impl std::fmt::Display for CanvasSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let join = |v: &[usize]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            CanvasSpec::Test(v) => write!(f, "test:{}", join(v)),
+            CanvasSpec::Train(v) => write!(f, "train:{}", join(v)),
+            CanvasSpec::Auto(n) => write!(f, "auto:{n}"),
+            CanvasSpec::Solid(v) => write!(
+                f,
+                "solid:{}",
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+}
+
+/// One chosen canvas.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Canvas {
+    /// Short identifier, unique within a class (`test3`, `auto0`, `train12`, `solid0.5`).
+    pub id: String,
+    /// Where it came from: `test`, `train` or `solid`.
+    pub source: String,
+    /// Index in its dataset split (None for solid canvases).
+    pub dataset_index: Option<usize>,
+    /// The model's softmax probability of the target class on it.
+    pub confidence: Option<f32>,
+    /// Pixels `[C, H, W]` in [0, 1].
+    pub pixels: Vec<f32>,
+}
+
+/// Softmax probability of class `target` for each row of logits.
+fn target_prob(logits: &Tensor, target: usize) -> Vec<f32> {
+    let k = logits.shape()[1];
+    logits
+        .data()
+        .chunks(k)
+        .map(|row| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+            (row[target] - m).exp() / z
+        })
+        .collect()
+}
+
+/// Chooses the canvases of class `target`. `search_set` holds the test
+/// indices used for the search (excluded from `auto`).
+pub fn choose<B: Backend>(
+    spec: &CanvasSpec,
+    target: usize,
+    model: &DeviceModel<'_, B>,
+    test: &Dataset,
+    train: Option<&Dataset>,
+    search_set: &[usize],
+) -> Result<Vec<Canvas>> {
+    let of_class =
+        |d: &Dataset| -> Vec<usize> { (0..d.len()).filter(|&i| d.label(i) == target).collect() };
+    let by_index = |d: &Dataset, which: &[usize], source: &str| -> Result<Vec<Canvas>> {
+        let idx = of_class(d);
+        let mut out = Vec::new();
+        for &i in which {
+            let &di = idx.get(i).ok_or_else(|| {
+                Error::arg(
+                    "--canvas",
+                    format!(
+                        "{source}:{i} is out of range: class {target} has {} {source} images",
+                        idx.len()
+                    ),
+                )
+            })?;
+            let img = d.image(di);
+            let conf = target_prob(
+                &model.logits(&img.clone().reshape(&[
+                    1,
+                    img.shape()[0],
+                    img.shape()[1],
+                    img.shape()[2],
+                ])?)?,
+                target,
+            )[0];
+            out.push(Canvas {
+                id: format!("{source}{i}"),
+                source: source.to_string(),
+                dataset_index: Some(di),
+                confidence: Some(conf),
+                pixels: img.into_data(),
+            });
+        }
+        Ok(out)
+    };
+    match spec {
+        CanvasSpec::Test(v) => by_index(test, v, "test"),
+        CanvasSpec::Train(v) => {
+            let train = train.ok_or_else(|| {
+                Error::arg(
+                    "--canvas",
+                    "train: canvases need the training split of the data",
+                )
+            })?;
+            by_index(train, v, "train")
+        }
+        CanvasSpec::Solid(values) => {
+            let [c, h, w] = test.shape();
+            values
+                .iter()
+                .map(|&v| {
+                    let img = Tensor::full(&[1, c, h, w], v);
+                    let conf = target_prob(&model.logits(&img)?, target)[0];
+                    Ok(Canvas {
+                        id: format!("solid{v}"),
+                        source: "solid".into(),
+                        dataset_index: None,
+                        confidence: Some(conf),
+                        pixels: img.into_data(),
+                    })
+                })
+                .collect()
+        }
+        CanvasSpec::Auto(n) => {
+            let excluded: std::collections::HashSet<usize> = search_set.iter().copied().collect();
+            let candidates: Vec<usize> = of_class(test)
+                .into_iter()
+                .filter(|i| !excluded.contains(i))
+                .collect();
+            if candidates.is_empty() {
+                return Err(Error::arg(
+                    "--canvas",
+                    format!("class {target} has no test images outside the search set to choose a canvas from"),
+                ));
+            }
+            let mut scored = Vec::with_capacity(candidates.len());
+            for chunk in candidates.chunks(256) {
+                let p = target_prob(&model.logits(&test.batch(chunk))?, target);
+                scored.extend(chunk.iter().copied().zip(p));
+            }
+            // Most confident first; ties by dataset index, so the choice is stable.
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            Ok(scored
+                .into_iter()
+                .take(*n)
+                .enumerate()
+                .map(|(rank, (di, conf))| Canvas {
+                    id: format!("auto{rank}"),
+                    source: "test".into(),
+                    dataset_index: Some(di),
+                    confidence: Some(conf),
+                    pixels: test.image(di).into_data(),
+                })
+                .collect())
+        }
+    }
+}

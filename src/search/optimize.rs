@@ -1,0 +1,248 @@
+//! The mask optimisation of the method, batched: every search of a run
+//! advances in the same step (one forward and one backward over all
+//! searches' composites); each search's mask is then updated from its own
+//! images only. Because every op is batch-invariant on the CPU, a batched run
+//! gives bit for bit the masks of separate runs.
+
+use crate::backend::Backend;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::progress::Progress;
+use crate::tensor::{numel, Tensor};
+
+/// The optimisation's hyper-parameters (authors' defaults in [`MaskConfig::default`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MaskConfig {
+    /// Passes over each search's set of other-class images.
+    pub epochs: usize,
+    /// Images per search per step (B).
+    pub batch: usize,
+    /// Weight of the cross-entropy term.
+    pub alpha: f32,
+    /// Weight of the L1 term `sum(m) / (H*W/2)`.
+    pub beta: f32,
+    /// Step of the signed-gradient update (f64: see `Backend::sign_step_clamp`).
+    pub lr: f64,
+    /// Initial mask value.
+    pub init: f32,
+    /// Seed of the batch order.
+    pub seed: u64,
+}
+
+impl Default for MaskConfig {
+    fn default() -> Self {
+        MaskConfig {
+            epochs: 5,
+            batch: 4,
+            alpha: 0.2,
+            beta: 0.8,
+            lr: 0.02,
+            init: 0.5,
+            seed: 0,
+        }
+    }
+}
+
+/// What one step gives back, per search.
+pub struct StepOutput {
+    /// Updated masks `[S, H, W]`.
+    pub masks: Tensor,
+    /// Mean cross-entropy of each search's batch (before the update).
+    pub ce: Vec<f32>,
+    /// The loss gradient with respect to each mask `[S, H, W]`.
+    pub dmask: Tensor,
+    /// Logits of the composites `[S*B, K]`.
+    pub logits: Tensor,
+}
+
+/// One update of S searches: `canvases [S,C,H,W]`, `masks [S,H,W]`, `others
+/// [S*B,C,H,W]` (search s owns rows s*B..(s+1)*B), `targets [S]`.
+/// Loss of search s: `alpha * mean_b CE(f(x'), t_s) + beta * sum(m_s) / (H*W/2)`;
+/// update `m = clamp(m - lr * sign(dL/dm), 0, 1)`.
+#[allow(clippy::too_many_arguments)]
+pub fn step<B: Backend>(
+    be: &B,
+    graph: &Graph,
+    params: &[B::Buf],
+    canvases: &Tensor,
+    masks: &Tensor,
+    others: &Tensor,
+    targets: &[usize],
+    cfg: &MaskConfig,
+) -> Result<StepOutput> {
+    let s = targets.len();
+    let [_, h, w] = graph.input;
+    if s == 0 || others.shape()[0] != s * cfg.batch || masks.shape() != [s, h, w] {
+        return Err(Error::Msg(format!(
+            "search step: {s} searches need masks [{s}, {h}, {w}] and {} other images; got masks {:?}, others {:?}",
+            s * cfg.batch,
+            masks.shape(),
+            others.shape()
+        )));
+    }
+    let (c, m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
+    let x = be.composite(&c, &m, &o)?;
+    let trace = graph.forward_trace(be, params, x)?;
+    let labels: Vec<usize> = targets
+        .iter()
+        .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
+        .collect();
+    let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
+    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), &labels, &weights)?;
+    let logits = be.download(trace.logits())?;
+    let grads = graph.backward(be, params, &trace, dlogits, false)?;
+    drop(trace);
+    let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
+    let dmask = be.mask_grad(&grads.dx, &c, &o, l1_grad)?;
+    let mut m = m;
+    be.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
+    let ce = losses
+        .chunks(cfg.batch)
+        .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / cfg.batch as f64) as f32)
+        .collect();
+    Ok(StepOutput {
+        masks: be.download(&m)?,
+        ce,
+        dmask: be.download(&dmask)?,
+        logits,
+    })
+}
+
+/// One search to optimise: a target class, a canvas and the images it is
+/// optimised on (test images of the other classes).
+pub struct Job<'a> {
+    /// Target class.
+    pub target: usize,
+    /// Canvas pixels `[C, H, W]`.
+    pub canvas: &'a [f32],
+    /// Indices (in the dataset) of the search images, ascending.
+    pub images: &'a [usize],
+}
+
+/// The outcome of one optimised search.
+#[derive(Clone, Debug)]
+pub struct Optimised {
+    /// Final mask `[H, W]` (after the last update).
+    pub mask: Vec<f32>,
+    /// Mean CE over each logged window of steps: `(step, ce)`.
+    pub ce_curve: Vec<(usize, f32)>,
+    /// Updates made.
+    pub steps: usize,
+}
+
+/// A seed per (run seed, target class, epoch): the batch order of a search
+/// depends on nothing else, so batched and separate runs agree.
+fn order_seed(seed: u64, target: usize, epoch: usize) -> u64 {
+    let parts = [
+        seed.to_le_bytes(),
+        (target as u64).to_le_bytes(),
+        (epoch as u64).to_le_bytes(),
+    ];
+    let hex = crate::io::sha256_hex(&[&parts[0], &parts[1], &parts[2]]);
+    u64::from_str_radix(&hex[..16], 16).unwrap_or(seed)
+}
+
+/// Bytes of device memory one image costs in a search step (its
+/// activations kept for backward, their gradients, and the input copies).
+pub fn bytes_per_image(graph: &Graph) -> usize {
+    let acts: usize = graph.nodes.iter().map(|n| numel(&n.shape)).sum();
+    // Activations, up to two live gradients of the same size, 4 bytes each.
+    acts * 4 * 3
+}
+
+/// Optimises the masks of all `jobs` together on `test`, at most
+/// `max_images` composites per forward pass (chunks of searches otherwise).
+pub fn optimise<B: Backend>(
+    be: &B,
+    graph: &Graph,
+    params: &[B::Buf],
+    test: &Dataset,
+    jobs: &[Job<'_>],
+    cfg: &MaskConfig,
+    max_images: usize,
+    progress: &mut Progress,
+) -> Result<Vec<Optimised>> {
+    let [c, h, w] = graph.input;
+    let plane = h * w;
+    let per_image = c * plane;
+    let steps_per_epoch: Vec<usize> = jobs.iter().map(|j| j.images.len() / cfg.batch).collect();
+    for (j, spe) in jobs.iter().zip(&steps_per_epoch) {
+        if *spe == 0 {
+            return Err(Error::arg(
+                "--batch",
+                format!(
+                    "class {} has {} search images, fewer than one batch of {}",
+                    j.target,
+                    j.images.len(),
+                    cfg.batch
+                ),
+            ));
+        }
+    }
+    let total: Vec<usize> = steps_per_epoch.iter().map(|s| s * cfg.epochs).collect();
+    let longest = total.iter().copied().max().unwrap_or(0);
+    let per_chunk = (max_images / cfg.batch).max(1);
+    let log_every = (longest / 200).max(1);
+
+    let mut masks: Vec<Vec<f32>> = jobs.iter().map(|_| vec![cfg.init; plane]).collect();
+    let mut curves: Vec<Vec<(usize, f32)>> = jobs.iter().map(|_| Vec::new()).collect();
+    let mut window: Vec<(f64, usize)> = vec![(0.0, 0); jobs.len()];
+    let mut orders: Vec<(usize, Vec<usize>)> =
+        jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
+
+    for t in 0..longest {
+        let active: Vec<usize> = (0..jobs.len()).filter(|&s| t < total[s]).collect();
+        for chunk in active.chunks(per_chunk) {
+            let s_n = chunk.len();
+            let mut canvases = Vec::with_capacity(s_n * per_image);
+            let mut mask_data = Vec::with_capacity(s_n * plane);
+            let mut idx = Vec::with_capacity(s_n * cfg.batch);
+            for &s in chunk {
+                let job = &jobs[s];
+                let epoch = t / steps_per_epoch[s];
+                if orders[s].0 != epoch {
+                    orders[s] = (
+                        epoch,
+                        crate::data::shuffled(job.images, order_seed(cfg.seed, job.target, epoch)),
+                    );
+                }
+                let j = t % steps_per_epoch[s];
+                idx.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
+                canvases.extend_from_slice(job.canvas);
+                mask_data.extend_from_slice(&masks[s]);
+            }
+            let targets: Vec<usize> = chunk.iter().map(|&s| jobs[s].target).collect();
+            let out = step(
+                be,
+                graph,
+                params,
+                &Tensor::new(&[s_n, c, h, w], canvases)?,
+                &Tensor::new(&[s_n, h, w], mask_data)?,
+                &test.batch(&idx),
+                &targets,
+                cfg,
+            )?;
+            for (k, &s) in chunk.iter().enumerate() {
+                masks[s].copy_from_slice(&out.masks.data()[k * plane..(k + 1) * plane]);
+                window[s].0 += out.ce[k] as f64;
+                window[s].1 += 1;
+                if (t + 1) % log_every == 0 || t + 1 == total[s] {
+                    curves[s].push((t + 1, (window[s].0 / window[s].1 as f64) as f32));
+                    window[s] = (0.0, 0);
+                }
+            }
+            progress.inc(s_n as u64);
+        }
+    }
+    Ok(masks
+        .into_iter()
+        .zip(curves)
+        .zip(total)
+        .map(|((mask, ce_curve), steps)| Optimised {
+            mask,
+            ce_curve,
+            steps,
+        })
+        .collect())
+}

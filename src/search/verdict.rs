@@ -1,0 +1,127 @@
+//! The backdoor verdict: a class whose pattern needs far fewer pixels than
+//! the others' is an outlier. Anomaly index as Neural Cleanse computes it:
+//! distance from the median in units of the median absolute deviation
+//! (scaled by 1.4826, consistent with a normal distribution); a class more
+//! than 2 below the median is flagged.
+
+use serde::{Deserialize, Serialize};
+
+/// The consistency constant that turns a MAD into a normal standard deviation.
+pub const MAD_SCALE: f64 = 1.4826;
+/// Anomaly index above which a class (below the median) is flagged.
+pub const THRESHOLD: f64 = 2.0;
+
+/// The anomaly analysis of one per-class statistic.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Verdict {
+    /// Which statistic (e.g. `min_k90` or `mask_l1`).
+    pub statistic: String,
+    /// The statistic per class (the ordering follows `classes`).
+    pub values: Vec<f64>,
+    /// The classes analysed.
+    pub classes: Vec<usize>,
+    /// Median of the values.
+    pub median: f64,
+    /// Median absolute deviation (unscaled).
+    pub mad: f64,
+    /// `(median - value) / (1.4826 * MAD)` per class: positive below the median.
+    pub anomaly_index: Vec<f64>,
+    /// Classes with an anomaly index above the threshold (below the median).
+    pub flagged: Vec<usize>,
+}
+
+/// Median (mean of the two middle values for an even count).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Analyses `values` (one per class in `classes`); small values are suspicious.
+/// With a zero MAD, every value below the median gets an infinite index.
+pub fn analyse(statistic: &str, classes: &[usize], values: &[f64]) -> Verdict {
+    let med = median(values);
+    let dev: Vec<f64> = values.iter().map(|v| (v - med).abs()).collect();
+    let mad = median(&dev);
+    let anomaly_index: Vec<f64> = values
+        .iter()
+        .map(|&v| {
+            let d = med - v;
+            if mad > 0.0 {
+                d / (MAD_SCALE * mad)
+            } else if d > 0.0 {
+                f64::INFINITY
+            } else if d < 0.0 {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let flagged = classes
+        .iter()
+        .zip(&anomaly_index)
+        .filter(|(_, &a)| a > THRESHOLD)
+        .map(|(&c, _)| c)
+        .collect();
+    Verdict {
+        statistic: statistic.to_string(),
+        values: values.to_vec(),
+        classes: classes.to_vec(),
+        median: med,
+        mad,
+        anomaly_index,
+        flagged,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_class_far_below_the_others_is_flagged_and_no_other() {
+        let classes: Vec<usize> = (0..10).collect();
+        let values = [
+            120.0, 100.0, 9.0, 110.0, 95.0, 130.0, 105.0, 98.0, 125.0, 115.0,
+        ];
+        let v = analyse("min_k90", &classes, &values);
+        // Sorted: 9 95 98 100 105 | 110 115 120 125 130.
+        assert_eq!(v.median, 107.5);
+        // Deviations sorted: 2.5 2.5 7.5 7.5 9.5 | 12.5 12.5 17.5 22.5 98.5.
+        assert_eq!(v.mad, 11.0);
+        assert_eq!(v.flagged, vec![2]);
+        assert!((v.anomaly_index[2] - 98.5 / (1.4826 * 11.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn large_values_are_never_flagged() {
+        let classes: Vec<usize> = (0..5).collect();
+        let v = analyse("min_k90", &classes, &[10.0, 11.0, 12.0, 10.5, 900.0]);
+        assert!(v.flagged.is_empty());
+        assert!(v.anomaly_index[4] < 0.0);
+    }
+
+    #[test]
+    fn evenly_spread_values_flag_nothing() {
+        let classes: Vec<usize> = (0..10).collect();
+        let values: Vec<f64> = (0..10).map(|i| 50.0 + 5.0 * i as f64).collect();
+        assert!(analyse("x", &classes, &values).flagged.is_empty());
+    }
+
+    #[test]
+    fn zero_mad_flags_exactly_the_values_below_the_median() {
+        let classes: Vec<usize> = (0..5).collect();
+        let v = analyse("x", &classes, &[784.0, 784.0, 3.0, 784.0, 784.0]);
+        assert_eq!(v.mad, 0.0);
+        assert_eq!(v.flagged, vec![2]);
+    }
+}
