@@ -1446,3 +1446,89 @@ pub fn check_train_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Res
     );
     Ok(su.out)
 }
+
+/// What [`run_suite`] runs.
+#[derive(Clone, Debug)]
+pub struct SuiteOptions {
+    /// Op families only (no model-level checks).
+    pub ops_only: bool,
+    /// Images per batch of the model checks (`None`: the small CI batches).
+    pub batch: Option<usize>,
+    /// Seed of the random op inputs.
+    pub seed: u64,
+}
+
+impl Default for SuiteOptions {
+    fn default() -> Self {
+        SuiteOptions {
+            ops_only: false,
+            batch: None,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// The whole equivalence suite on `gpu`: every op family, every zoo model,
+/// one batched search step and one training step. `progress` hears what
+/// runs next. A check that cannot run (an error) is itself a failed check.
+pub fn run_suite<D: Driver>(
+    gpu: &GpuBackend<D>,
+    opts: &SuiteOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let push = |group: &str, r: Result<Vec<Check>>, out: &mut Vec<Check>| match r {
+        Ok(c) => out.extend(c),
+        Err(e) => out.push(Check {
+            group: group.to_string(),
+            name: format!("error: {e}"),
+            max_err: f64::INFINITY,
+            ratio: f64::INFINITY,
+            pass: false,
+        }),
+    };
+    for f in OP_FAMILIES {
+        progress(&format!("ops: {f}"));
+        push(f, check_ops(gpu, f, opts.seed), &mut out);
+    }
+    if opts.ops_only {
+        return out;
+    }
+    for mut case in zoo_cases() {
+        if let Some(b) = opts.batch {
+            case.batch = b;
+        }
+        progress(&format!(
+            "model: {} {:?} batch {}",
+            case.arch, case.input, case.batch
+        ));
+        push(case.arch, check_model(gpu, &case), &mut out);
+    }
+    let small = zoo_cases().into_iter().next().expect("zoo cases");
+    progress("search step");
+    push("search step", check_search_step(gpu, &small), &mut out);
+    progress("training step");
+    push("train step", check_train_step(gpu, &small), &mut out);
+    out
+}
+
+/// The checks as a table: group, name, max error, error/bound, verdict.
+pub fn format_checks(checks: &[Check]) -> String {
+    let mut s = format!(
+        "{:<44} {:<66} {:>11} {:>9}  result\n",
+        "group", "check", "max err", "err/bound"
+    );
+    for c in checks {
+        s += &format!(
+            "{:<44} {:<66} {:>11.3e} {:>9.3}  {}\n",
+            c.group,
+            c.name,
+            c.max_err,
+            c.ratio,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    s += &format!("{} checks, {} failed\n", checks.len(), failed);
+    s
+}
