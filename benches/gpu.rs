@@ -28,13 +28,20 @@ fn convs(c: &mut Criterion) {
     let mut g = c.benchmark_group("resnet50_conv_b256");
     g.sample_size(10).measurement_time(Duration::from_secs(2));
     for (xs, ws, p, _) in conv_layers(&graph, batch) {
-        let x = gpu.upload(&Tensor::from_fn(&xs, |i| ((i * 31) % 97) as f32 / 97.0)).unwrap();
-        let w = gpu.upload(&Tensor::from_fn(&ws, |i| ((i * 17) % 89) as f32 / 890.0)).unwrap();
+        let x = gpu
+            .upload(&Tensor::from_fn(&xs, |i| ((i * 31) % 97) as f32 / 97.0))
+            .unwrap();
+        let w = gpu
+            .upload(&Tensor::from_fn(&ws, |i| ((i * 17) % 89) as f32 / 890.0))
+            .unwrap();
         let y = gpu.conv2d(&x, &w, None, p).unwrap();
         let ys = y.shape().to_vec();
         let flops = 2 * (ys[0] * ys[2] * ys[3] * ys[1] * ws[1] * ws[2] * ws[3]) as u64;
         g.throughput(Throughput::Elements(flops));
-        let id = format!("{}x{}x{}x{}_s{}_on_{}x{}", ws[0], ws[1], ws[2], ws[3], p.stride, xs[2], xs[3]);
+        let id = format!(
+            "{}x{}x{}x{}_s{}_on_{}x{}",
+            ws[0], ws[1], ws[2], ws[3], p.stride, xs[2], xs[3]
+        );
         let timed = |b: &mut criterion::Bencher, f: &dyn Fn()| {
             b.iter_custom(|iters| {
                 gpu.synchronize().unwrap();
@@ -50,10 +57,16 @@ fn convs(c: &mut Criterion) {
             timed(b, &|| drop(black_box(gpu.conv2d(&x, &w, None, p).unwrap())))
         });
         g.bench_function(BenchmarkId::new("dgrad", &id), |b| {
-            timed(b, &|| drop(black_box(gpu.conv2d_backward_data(&y, &w, &xs, p).unwrap())))
+            timed(b, &|| {
+                drop(black_box(gpu.conv2d_backward_data(&y, &w, &xs, p).unwrap()))
+            })
         });
         g.bench_function(BenchmarkId::new("wgrad", &id), |b| {
-            timed(b, &|| drop(black_box(gpu.conv2d_backward_filter(&x, &y, &ws, p, false).unwrap())))
+            timed(b, &|| {
+                drop(black_box(
+                    gpu.conv2d_backward_filter(&x, &y, &ws, p, false).unwrap(),
+                ))
+            })
         });
     }
     g.finish();

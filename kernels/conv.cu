@@ -294,14 +294,15 @@ struct WgradA {
 };
 
 // Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)] = x[img][c][p*st-pad+r][q*st-pad+s];
-// k-fastest (consecutive q are consecutive pixels).
+// k-fastest (consecutive q are consecutive pixels). Each of the thread's E
+// columns keeps its offset c*H*W + r*W + s and its (r, s) packed in one int.
 template <int BN, int NT, int LD>
 struct WgradB {
   static constexpr int E = BN * BK / NT;
   static constexpr int STEP = NT / BK;
   const float* __restrict__ x;
   int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q;
-  int off[E], rr[E], ss[E];
+  int off[E], rs[E];
   float v[E];
   __device__ __forceinline__ WgradB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
       : x(x_), K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad) {
@@ -310,12 +311,11 @@ struct WgradB {
 #pragma unroll
     for (int i = 0; i < E; i++) {
       const int n = ntile + threadIdx.x / BK + i * STEP;
-      const int c = n / RS, rs = n - (n / RS) * RS;
-      rr[i] = rs / a.s;
-      ss[i] = rs - rr[i] * a.s;
-      // Out-of-range columns get a row that is always out of bounds.
-      if (n >= a.gn) rr[i] = -(1 << 28);
-      off[i] = c * H * W;
+      const int c = n / RS, t = n - (n / RS) * RS;
+      const int r = t / a.s, sx = t - (t / a.s) * a.s;
+      off[i] = c * H * W + r * W + sx;
+      // Out-of-range columns: a row offset (-32768) that is never in bounds.
+      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
     }
     const int k = k_begin + kk;
     const int pq = P * Q;
@@ -326,11 +326,12 @@ struct WgradB {
   }
   __device__ __forceinline__ void load(int k0) {
     const int k = k0 + kk;
-    const int hb = p * stride - pad, wb = q * stride - pad, ib = img * CHW;
+    const int hb = p * stride - pad, wb = q * stride - pad;
+    const int base = img * CHW + hb * W + wb;
 #pragma unroll
     for (int i = 0; i < E; i++) {
-      const int h = hb + rr[i], w = wb + ss[i];
-      v[i] = (k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) ? x[ib + off[i] + h * W + w] : 0.f;
+      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
+      v[i] = (k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) ? x[base + off[i]] : 0.f;
     }
     q += BK;
     while (q >= Q) {
@@ -505,26 +506,31 @@ __device__ __forceinline__ void conv_wgrad_impl(const ConvArgs& a, const float* 
   }
 }
 
-// Tile configurations: BMxBN with TMxTN per thread (threads = BM/TM * BN/TN).
-#define CONV_CONFIGS(X) \
-  X(128, 128, 8, 8)     \
-  X(64, 128, 8, 8)      \
-  X(32, 128, 4, 4)      \
-  X(64, 32, 4, 4)
+// Tile configurations: BMxBN with TMxTN per thread (threads = BM/TM * BN/TN),
+// and the blocks per SM the register budget must allow (__launch_bounds__)
+// for forward/dgrad and for wgrad: 128x128 at two blocks of 256 threads caps
+// registers at 128 per thread, which the forward and dgrad kernels fit
+// without spilling; wgrad's loaders need a few more, so it keeps one block
+// rather than spill in its main loop (tests/gpu_nvrtc.rs checks for spills).
+#define CONV_CONFIGS(X)    \
+  X(128, 128, 8, 8, 2, 1)  \
+  X(64, 128, 8, 8, 3, 3)   \
+  X(32, 128, 4, 4, 4, 4)   \
+  X(64, 32, 4, 4, 8, 8)
 
-#define CONV_KERNELS(BM, BN, TM, TN)                                                                      \
-  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN))                                     \
+#define CONV_KERNELS(BM, BN, TM, TN, MINB, MINB_W)                                                                      \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)                                  \
       conv_fwd_##BM##x##BN(const ConvArgs a, const float* __restrict__ x, const float* __restrict__ w,    \
                            const float* __restrict__ bias, const float* __restrict__ residual,            \
                            float* __restrict__ y) {                                                       \
     conv_fwd_impl<BM, BN, TM, TN>(a, x, w, bias, residual, y);                                            \
   }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN))                                     \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)                                  \
       conv_dgrad_##BM##x##BN(const ConvArgs a, const float* __restrict__ dy, const float* __restrict__ w, \
                              const float* __restrict__ ymask, float* __restrict__ dx) {                   \
     conv_dgrad_impl<BM, BN, TM, TN>(a, dy, w, ymask, dx);                                                 \
   }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN))                                     \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB_W)                                  \
       conv_wgrad_##BM##x##BN(const ConvArgs a, const float* __restrict__ x, const float* __restrict__ dy, \
                              float* __restrict__ out) {                                                   \
     conv_wgrad_impl<BM, BN, TM, TN>(a, x, dy, out);                                                       \

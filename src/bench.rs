@@ -30,13 +30,16 @@ use crate::graph::{Graph, Op};
 use crate::tensor::Tensor;
 use crate::zoo::{build, ModelSpec};
 
+/// `(arch, input [C, H, W], sizes)` entries of a plan.
+pub type Plan = Vec<(String, [usize; 3], Vec<usize>)>;
+
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     /// `(arch, input, batch sizes)` for forward + backward to the input.
-    pub models: Vec<(String, [usize; 3], Vec<usize>)>,
+    pub models: Plan,
     /// `(arch, input, searches S)` for batched search steps (B = 4 each).
-    pub search: Vec<(String, [usize; 3], Vec<usize>)>,
+    pub search: Plan,
     /// `(arch, input, batch)` whose convolutions are timed one by one (GPU).
     pub convs: Vec<(String, [usize; 3], usize)>,
     /// Seconds of timed repetitions per measurement (after warm-up).
@@ -387,8 +390,8 @@ fn bench_gpu<D: Driver>(
         for r in &convs {
             let f = r.flops * r.count as f64;
             total += f;
-            for k in 0..3 {
-                t[k] += f / (r.tflops[k] * 1e12);
+            for (tk, rk) in t.iter_mut().zip(r.tflops) {
+                *tk += f / (rk * 1e12);
             }
         }
         [
@@ -545,7 +548,7 @@ pub fn format_report(r: &BenchReport) -> String {
 }
 
 /// Parses `ARCH[:CxHxW]:B1,B2,..` lists (the `--models`/`--search` options).
-pub fn parse_plan(spec: &str, option: &str) -> Result<Vec<(String, [usize; 3], Vec<usize>)>> {
+pub fn parse_plan(spec: &str, option: &str) -> Result<Plan> {
     let mut out = Vec::new();
     for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
         let parts: Vec<&str> = item.trim().split(':').collect();

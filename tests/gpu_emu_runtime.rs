@@ -164,8 +164,8 @@ fn emu_runtime_early_exit_does_not_block_barrier() {
         &mut [arg(&a), arg(&xp), arg(&out)],
     );
     let got = download(&d, out, 256);
-    for t in 0..100 {
-        assert_eq!(got[t], (99 - t) as f32);
+    for (t, g) in got.iter().take(100).enumerate() {
+        assert_eq!(*g, (99 - t) as f32);
     }
     assert!(got[100..].iter().all(|v| *v == 0.0));
 }

@@ -131,3 +131,46 @@ fn nvrtc_cache_hits_and_rebuilds_corrupted_entries() {
         nvrtc::compile_cached(file, "sm_90", Some(&dir.path().join("missing/\0bad"))).unwrap();
     assert_eq!(o5, Origin::Compiled);
 }
+
+/// The assembler's resource report for sm_90: no kernel spills registers to
+/// local memory (a spill in the GEMM main loop would cost far more than any
+/// tile-size gain), and the forward and dgrad 128x128 tiles (the search's
+/// hot path) fit 128 registers, so two blocks of 256 threads share an SM.
+#[test]
+fn nvrtc_kernels_do_not_spill_on_sm90() {
+    nvrtc();
+    let mut report = String::new();
+    for file in KERNEL_FILES {
+        let (_, log) = nvrtc::compile_with(file, "sm_90", &["--ptxas-options=-v"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        report += &log;
+        report += "\n";
+    }
+    println!("{report}");
+    let mut kernel = String::new();
+    for line in report.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            kernel = line[i + 26..].trim_end_matches("' for 'sm_90'").to_string();
+        }
+        if line.contains("spill stores") {
+            assert!(
+                line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+                "{kernel}: {line}"
+            );
+        }
+        if let Some(i) = line.find("Used ") {
+            let regs: usize = line[i + 5..]
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            // 256 threads x 128 registers = half of the 64K register file.
+            let hot = kernel == "conv_fwd_128x128" || kernel == "conv_dgrad_128x128";
+            assert!(regs <= 128 || !hot, "{kernel}: {regs} registers");
+        }
+    }
+    assert!(
+        report.contains("conv_fwd_128x128"),
+        "no resource report:\n{report}"
+    );
+}

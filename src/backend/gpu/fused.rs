@@ -57,6 +57,10 @@ enum FOp {
     },
 }
 
+/// A convolution waiting for the `Add` that reads it: (weights, bias,
+/// params, fused input node).
+type Pending = (usize, Option<usize>, ConvParams, usize);
+
 #[derive(Clone, Debug)]
 struct FNode {
     op: FOp,
@@ -146,7 +150,7 @@ impl<'a, D: Driver> FusedModel<'a, D> {
         map[0] = Some(0);
         let mut absorbed = vec![false; n];
         // Convolutions deferred to the Add that reads them: (w, b, p, conv input).
-        let mut pending: Vec<Option<(usize, Option<usize>, ConvParams, usize)>> = vec![None; n];
+        let mut pending: Vec<Option<Pending>> = vec![None; n];
         let get = |map: &Vec<Option<usize>>, i: usize| -> Result<usize> {
             map[i].ok_or_else(|| {
                 Error::Msg(format!("fused graph: node {i} used before it is computed"))

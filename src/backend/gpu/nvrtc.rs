@@ -131,6 +131,12 @@ pub fn options(arch: &str) -> Vec<String> {
 
 /// Compiles one kernel file for `arch`. A compile error carries NVRTC's log.
 pub fn compile(file: &KernelFile, arch: &str) -> Result<Image> {
+    compile_with(file, arch, &[]).map(|(img, _)| img)
+}
+
+/// Compiles with extra options (e.g. `--ptxas-options=-v` for the
+/// assembler's resource report); returns the image and NVRTC's log.
+pub fn compile_with(file: &KernelFile, arch: &str, extra: &[&str]) -> Result<(Image, String)> {
     ensure_nvrtc()?;
     let src = CString::new(file.source)
         .map_err(|_| Error::Backend(format!("{}: NUL byte in source", file.name)))?;
@@ -162,7 +168,7 @@ pub fn compile(file: &KernelFile, arch: &str) -> Result<Image> {
         "nvrtcCreateProgram",
     )?;
     // SAFETY: `prog` was created above and is destroyed exactly once.
-    let out = unsafe { compile_program(prog, file.name, arch) };
+    let out = unsafe { compile_program(prog, file.name, arch, extra) };
     // SAFETY: as above.
     unsafe { sys::nvrtcDestroyProgram(&mut prog) };
     out
@@ -170,9 +176,15 @@ pub fn compile(file: &KernelFile, arch: &str) -> Result<Image> {
 
 /// # Safety
 /// `prog` must be a live program.
-unsafe fn compile_program(prog: sys::nvrtcProgram, name: &str, arch: &str) -> Result<Image> {
+unsafe fn compile_program(
+    prog: sys::nvrtcProgram,
+    name: &str,
+    arch: &str,
+    extra: &[&str],
+) -> Result<(Image, String)> {
     let opts: Vec<CString> = options(arch)
         .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
         .map(|o| CString::new(o).unwrap_or_default())
         .collect();
     let opt_p: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
@@ -198,7 +210,8 @@ unsafe fn compile_program(prog: sys::nvrtcProgram, name: &str, arch: &str) -> Re
             unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) },
             "nvrtcGetCUBIN",
         )?;
-        return Ok(Image::Cubin(buf));
+        // SAFETY: as above.
+        return Ok((Image::Cubin(buf), unsafe { program_log(prog) }));
     }
     // SAFETY: as above.
     check(
@@ -211,7 +224,8 @@ unsafe fn compile_program(prog: sys::nvrtcProgram, name: &str, arch: &str) -> Re
         unsafe { sys::nvrtcGetPTX(prog, buf.as_mut_ptr() as *mut c_char) },
         "nvrtcGetPTX",
     )?;
-    Ok(Image::Ptx(buf))
+    // SAFETY: as above.
+    Ok((Image::Ptx(buf), unsafe { program_log(prog) }))
 }
 
 /// # Safety

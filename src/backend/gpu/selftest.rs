@@ -73,6 +73,9 @@ pub const OP_FAMILIES: &[&str] = &[
     "errors",
 ];
 
+/// `(n, c, h, w, o, k, params)` of a convolution case.
+type ConvCase = (usize, usize, usize, usize, usize, usize, ConvParams);
+
 struct Suite<'a, D: Driver> {
     gpu: &'a GpuBackend<D>,
     cpu: CpuBackend,
@@ -275,16 +278,8 @@ impl<'a, D: Driver> Suite<'a, D> {
         Ok(())
     }
 
-    fn conv_case(
-        &mut self,
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        o: usize,
-        k: usize,
-        p: ConvParams,
-    ) -> Result<()> {
+    /// One convolution shape: `(n, c, h, w, o, k, params)`.
+    fn conv_case(&mut self, (n, c, h, w, o, k, p): ConvCase) -> Result<()> {
         let x = self.rand(&[n, c, h, w], -1.0, 1.0);
         let wt = self.rand(&[o, c, k, k], -0.5, 0.5);
         let b = self.rand(&[o], -0.5, 0.5);
@@ -423,8 +418,8 @@ impl<'a, D: Driver> Suite<'a, D> {
             (2, 6, 12, 12, 100, 3, cp(1, 1)),
             (3, 3, 14, 14, 9, 3, cp(1, 1)),
         ];
-        for (n, c, h, w, o, k, p) in cases {
-            self.conv_case(n, c, h, w, o, k, p)?;
+        for case in cases {
+            self.conv_case(case)?;
         }
         // A few random shapes.
         for _ in 0..3 {
@@ -440,7 +435,7 @@ impl<'a, D: Driver> Suite<'a, D> {
                 self.rng.random_range(1..20usize),
                 self.rng.random_range(1..70usize),
             );
-            self.conv_case(n, c, h, w, o, k, cp(stride, pad))?;
+            self.conv_case((n, c, h, w, o, k, cp(stride, pad)))?;
         }
         // Batch invariance: image 1 alone gives the same bits as in a batch.
         let p = cp(1, 1);
