@@ -12,7 +12,7 @@ use classwise::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn fwd_bwd(c: &mut Criterion) {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let mut g = c.benchmark_group("fwd_bwd_input");
     g.sample_size(10);
     for (arch, input, batch) in [

@@ -309,7 +309,7 @@ fn parse_bytes(s: &str, option: &str) -> Result<usize> {
     let v: f64 = num
         .parse()
         .with_context(|| format!("option {option}: `{s}` is not a size such as 2G or 512M"))?;
-    if !(v > 0.0) {
+    if v <= 0.0 || !v.is_finite() {
         bail!("option {option}: `{s}` must be positive");
     }
     Ok((v * mult as f64) as usize)
@@ -822,49 +822,19 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
 }
 
 /// Writes a run's report files and prints its summary.
-fn write_search_outputs(
-    report: &RunReport,
-    class_names: &[String],
-    out: &std::path::Path,
-) -> Result<()> {
-    let json = serde_json::to_vec_pretty(report)?;
-    classwise::io::write_atomic(&out.join("report.json"), &json)?;
-    println!("{}", summary_table(report, class_names));
-    println!("wrote {}", out.join("report.json").display());
-    Ok(())
-}
-
-fn summary_table(r: &RunReport, names: &[String]) -> String {
-    let mut s = format!(
-        "{:<4} {:<14} {:<8} {:>9} {:>7} {:>7} {:>6} {:>8}\n",
-        "cls", "name", "canvas", "power@k", "clean", "min k", "mask", "anomaly"
+fn write_search_outputs(report: &RunReport, class_names: &[String], out: &std::path::Path) -> Result<()> {
+    classwise::report::write_run(report, class_names, out)?;
+    println!("{}", classwise::report::terminal_summary(report, class_names));
+    println!(
+        "searched {} pattern(s) in {:.1}s ({:.1} search steps/s, {:.0} images/s through forward+backward; {} reused); report: {}",
+        report.searches.len() - report.reused,
+        report.search_seconds,
+        report.steps_per_second,
+        report.images_per_second,
+        report.reused,
+        out.join("report.html").display()
     );
-    let idx = r.verdict_min_k.as_ref().unwrap_or(&r.verdict_mask);
-    for (i, c) in r.classes.iter().enumerate() {
-        let best = &r.searches[c.best];
-        s += &format!(
-            "{:<4} {:<14} {:<8} {:>8.1}% {:>6.1}% {:>7} {:>6.3} {:>8.2}{}\n",
-            c.class,
-            names.get(c.class).map(String::as_str).unwrap_or(""),
-            best.canvas.id,
-            100.0 * c.power,
-            100.0 * c.clean,
-            c.min_k.map(|k| k.to_string()).unwrap_or_else(|| "-".into()),
-            c.mask_mean,
-            idx.anomaly_index[i],
-            if r.flagged.contains(&c.class) {
-                "  <- flagged"
-            } else {
-                ""
-            }
-        );
-    }
-    s += &if r.flagged.is_empty() {
-        "verdict: no class flagged".to_string()
-    } else {
-        format!("verdict: flagged as backdoor target: {:?}", r.flagged)
-    };
-    s
+    Ok(())
 }
 
 /// The command line as typed, with the program called `cwp`.

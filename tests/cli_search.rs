@@ -9,14 +9,23 @@ use classwise::weights::Model;
 use classwise::zoo::{build, ModelSpec};
 
 fn cwp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cwp")).args(args).output().expect("cwp runs")
+    Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(args)
+        .output()
+        .expect("cwp runs")
 }
 
 fn model_file(dir: &Path, arch: &str, input: [usize; 3], classes: usize) -> PathBuf {
     let spec = ModelSpec::new(arch, input, classes);
     let graph = build(&spec).unwrap();
-    let path = dir.join(format!("{arch}_{}x{}_{classes}.safetensors", input[0], input[1]));
-    Model::new(&spec, init_params(&graph, 1)).unwrap().save(&path).unwrap();
+    let path = dir.join(format!(
+        "{arch}_{}x{}_{classes}.safetensors",
+        input[0], input[1]
+    ));
+    Model::new(&spec, init_params(&graph, 1))
+        .unwrap()
+        .save(&path)
+        .unwrap();
     path
 }
 
@@ -24,12 +33,21 @@ fn model_file(dir: &Path, arch: &str, input: [usize; 3], classes: usize) -> Path
 /// nothing was searched.
 fn refused(weights: &Path, extra: &[&str]) -> String {
     let out = tempfile::tempdir().unwrap();
-    let mut args = vec!["search", "--weights", weights.to_str().unwrap(), "--out", out.path().to_str().unwrap(), "--quiet"];
+    let mut args = vec![
+        "search",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+        "--quiet",
+    ];
     args.extend_from_slice(extra);
     let o = cwp(&args);
     let msg = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "expected failure for {extra:?}");
-    let searched = std::fs::read_dir(out.path().join("searches")).map(|d| d.count()).unwrap_or(0);
+    let searched = std::fs::read_dir(out.path().join("searches"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(searched, 0, "a search ran before the error: {msg}");
     msg
 }
@@ -57,7 +75,10 @@ fn a_canvas_index_out_of_range_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let w = model_file(dir.path(), "smallcnn", [1, 28, 28], 10);
     let msg = refused(&w, &["--canvas", "test:1000", "--classes", "4"]);
-    assert!(msg.contains("--canvas") && msg.contains("out of range") && msg.contains("1000"), "{msg}");
+    assert!(
+        msg.contains("--canvas") && msg.contains("out of range") && msg.contains("1000"),
+        "{msg}"
+    );
     let msg = refused(&w, &["--canvas", "shiny:3"]);
     assert!(msg.contains("--canvas"), "{msg}");
 }
@@ -68,7 +89,10 @@ fn weights_that_do_not_fit_the_data_are_refused() {
     // Channels: an RGB model on grey Fashion-MNIST.
     let rgb = model_file(dir.path(), "smallcnn", [3, 28, 28], 10);
     let msg = refused(&rgb, &[]);
-    assert!(msg.contains("[1, 28, 28]") && msg.contains("[3, 28, 28]"), "{msg}");
+    assert!(
+        msg.contains("[1, 28, 28]") && msg.contains("[3, 28, 28]"),
+        "{msg}"
+    );
     // Size: a 32x32 model on 28x28 images.
     let big = model_file(dir.path(), "smallcnn", [1, 32, 32], 10);
     let msg = refused(&big, &[]);

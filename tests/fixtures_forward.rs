@@ -21,7 +21,7 @@ fn eval_forward(
     x: &Tensor,
     y: &[usize],
 ) -> (Tensor, f32, Tensor) {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let p: Vec<_> = params.iter().map(|t| be.upload(t).unwrap()).collect();
     let trace = graph.forward_trace(&be, &p, be.upload(x).unwrap()).unwrap();
     let n = y.len();
@@ -116,7 +116,7 @@ fn train_step(
     x: &Tensor,
     y: &[usize],
 ) -> (f32, Tensor, Vec<Option<Tensor>>, Vec<Tensor>) {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let mut p: Vec<_> = formula_params(graph)
         .iter()
         .map(|t| be.upload(t).unwrap())

@@ -7,6 +7,7 @@ mod common;
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
+use classwise::eval::DeviceModel;
 use classwise::search::optimize::{step, MaskConfig};
 use classwise::zoo::{build, ModelSpec};
 use common::*;
@@ -28,19 +29,36 @@ fn one_search_step_matches_pytorch() {
     };
 
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
-    let be = CpuBackend::default();
-    let p: Vec<_> = formula_params(&graph).iter().map(|t| be.upload(t).unwrap()).collect();
+    let be = CpuBackend;
+    let p: Vec<_> = formula_params(&graph)
+        .iter()
+        .map(|t| be.upload(t).unwrap())
+        .collect();
     let canvas = get("canvas").reshape(&[1, 1, 28, 28]).unwrap();
     let others = get("others");
     let mask0 = get("mask0").reshape(&[1, 28, 28]).unwrap();
 
     // The composite the step feeds the model.
     let comp = be
-        .composite(&be.upload(&canvas).unwrap(), &be.upload(&mask0).unwrap(), &be.upload(&others).unwrap())
+        .composite(
+            &be.upload(&canvas).unwrap(),
+            &be.upload(&mask0).unwrap(),
+            &be.upload(&others).unwrap(),
+        )
         .unwrap();
-    assert_close_abs("composite", be.download(&comp).unwrap().data(), get("composite").data(), 1e-6);
+    assert_close_abs(
+        "composite",
+        be.download(&comp).unwrap().data(),
+        get("composite").data(),
+        1e-6,
+    );
 
-    let out = step(&be, &graph, &p, &canvas, &mask0, &others, &[target], &cfg).unwrap();
+    let dm = DeviceModel {
+        be: &be,
+        graph: &graph,
+        params: p,
+    };
+    let out = step(&dm, &canvas, &mask0, &others, &[target], &cfg).unwrap();
     assert_close_abs("logits", out.logits.data(), get("logits").data(), 1e-4);
     assert_close_abs("ce", &out.ce, get("ce").data(), 1e-5);
     let l1 = mask0.data().iter().map(|&v| v as f64).sum::<f64>() / (28.0 * 28.0 / 2.0);
@@ -55,7 +73,15 @@ fn one_search_step_matches_pytorch() {
     let differing = (0..want.len())
         .filter(|&i| want_dmask.data()[i].abs() >= floor && out.masks.data()[i] != want.data()[i])
         .count();
-    assert_eq!(differing, 0, "mask1 differs at {differing} positions with a clear gradient sign");
-    let changed = (0..want.len()).filter(|&i| want.data()[i] != mask0.data()[i]).count();
-    assert!(changed > 600, "the step moved only {changed} of 784 mask values");
+    assert_eq!(
+        differing, 0,
+        "mask1 differs at {differing} positions with a clear gradient sign"
+    );
+    let changed = (0..want.len())
+        .filter(|&i| want.data()[i] != mask0.data()[i])
+        .count();
+    assert!(
+        changed > 600,
+        "the step moved only {changed} of 784 mask values"
+    );
 }

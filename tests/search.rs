@@ -5,6 +5,7 @@
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Dataset, Split};
+use classwise::eval::DeviceModel;
 use classwise::progress::Progress;
 use classwise::search::optimize::{optimise, Job, MaskConfig, Optimised};
 use classwise::zoo::{build, ModelSpec};
@@ -18,12 +19,20 @@ fn small_test_set() -> Dataset {
     test.subset(&idx)
 }
 
-fn run(jobs: &[(usize, Vec<f32>, Vec<usize>)], max_images: usize, cfg: &MaskConfig, test: &Dataset) -> Vec<Optimised> {
-    let be = CpuBackend::default();
+fn run(
+    jobs: &[(usize, Vec<f32>, Vec<usize>)],
+    max_images: usize,
+    cfg: &MaskConfig,
+    test: &Dataset,
+) -> Vec<Optimised> {
+    let be = CpuBackend;
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     // Formula weights (../shared/fixtures/README.md): a network whose CE
     // gradient is strong enough to move each pixel its own way.
-    let params: Vec<_> = common::formula_params(&graph).iter().map(|t| be.upload(t).unwrap()).collect();
+    let params: Vec<_> = common::formula_params(&graph)
+        .iter()
+        .map(|t| be.upload(t).unwrap())
+        .collect();
     let jobs: Vec<Job<'_>> = jobs
         .iter()
         .map(|(t, c, imgs)| Job {
@@ -33,14 +42,22 @@ fn run(jobs: &[(usize, Vec<f32>, Vec<usize>)], max_images: usize, cfg: &MaskConf
         })
         .collect();
     let mut bar = Progress::new("test", 1, true);
-    optimise(&be, &graph, &params, test, &jobs, cfg, max_images, &mut bar).unwrap()
+    let dm = DeviceModel {
+        be: &be,
+        graph: &graph,
+        params,
+    };
+    optimise(&dm, test, &jobs, cfg, max_images, &mut bar).unwrap()
 }
 
 fn jobs(test: &Dataset) -> Vec<(usize, Vec<f32>, Vec<usize>)> {
     // Three searches: two targets, one with two canvases; different set sizes.
     let of = |c: usize| -> Vec<usize> { (0..test.len()).filter(|&i| test.label(i) == c).collect() };
     let others = |t: usize, n: usize| -> Vec<usize> {
-        (0..test.len()).filter(|&i| test.label(i) != t).take(n).collect()
+        (0..test.len())
+            .filter(|&i| test.label(i) != t)
+            .take(n)
+            .collect()
     };
     vec![
         (3, test.image(of(3)[0]).into_data(), others(3, 16)),
@@ -84,7 +101,11 @@ fn batched_searches_equal_separate_runs_bit_for_bit() {
     let batched = run(&all, 4096, &cfg(), &test);
     for (i, job) in all.iter().enumerate() {
         let alone = run(std::slice::from_ref(job), 4096, &cfg(), &test);
-        assert_same(&alone[0].mask, &batched[i].mask, &format!("search {i} alone vs batched"));
+        assert_same(
+            &alone[0].mask,
+            &batched[i].mask,
+            &format!("search {i} alone vs batched"),
+        );
     }
     // Chunked into one search per forward pass: still the same masks.
     let chunked = run(&all, 4, &cfg(), &test);
@@ -99,12 +120,21 @@ fn the_batch_order_depends_on_the_seed() {
     let a = run(&jobs(&test), 4096, &cfg(), &test);
     let c2 = MaskConfig { seed: 9, ..cfg() };
     let b = run(&jobs(&test), 4096, &c2, &test);
-    let differ = a[0].mask.iter().zip(&b[0].mask).filter(|(x, y)| x != y).count();
+    let differ = a[0]
+        .mask
+        .iter()
+        .zip(&b[0].mask)
+        .filter(|(x, y)| x != y)
+        .count();
     assert!(differ > 0, "another seed gave the same mask");
 }
 
 /// Bitwise equality with a short message (no dump of 784 values).
 fn assert_same(a: &[f32], b: &[f32], what: &str) {
-    let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    let differ = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
     assert_eq!(differ, 0, "{what}: {differ} of {} values differ", a.len());
 }

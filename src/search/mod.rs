@@ -165,6 +165,10 @@ pub struct Example {
     pub clean_pred: usize,
     /// Prediction with the pattern pasted in.
     pub stamped_pred: usize,
+    /// The stamped image `[C, H, W]` in [0, 1], for the report's pictures
+    /// (empty in results stored before it was kept).
+    #[serde(default)]
+    pub pixels: Vec<f32>,
 }
 
 /// The result of one (class, canvas) search.
@@ -356,16 +360,7 @@ pub fn run<B: Backend>(
             .sum();
         let mut bar = Progress::new("search", total, inputs.quiet);
         let t0 = Instant::now();
-        let optimised = optimize::optimise(
-            be,
-            graph,
-            &dm.params,
-            test,
-            &jobs,
-            &cfg.mask,
-            cfg.max_images,
-            &mut bar,
-        )?;
+        let optimised = optimize::optimise(&dm, test, &jobs, &cfg.mask, cfg.max_images, &mut bar)?;
         bar.finish();
         search_seconds = t0.elapsed().as_secs_f64();
         steps_total = optimised.iter().map(|o| o.steps).sum();
@@ -428,9 +423,9 @@ pub fn run<B: Backend>(
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
         let v: Vec<f64> = classes
             .iter()
-            .map(|c| c.min_k.unwrap_or(pixels + 1) as f64)
+            .map(|c| (c.min_k.unwrap_or(pixels + 1) as f64).ln())
             .collect();
-        verdict::analyse("min_k", &class_ids, &v)
+        verdict::analyse("ln_min_k", &class_ids, &v)
     });
     let verdict_mask = verdict::analyse(
         "mask_mean",
@@ -546,6 +541,7 @@ fn evaluate<B: Backend>(
             label: source,
             clean_pred: clean[i],
             stamped_pred: dm.predict(&x)?[0],
+            pixels: x.into_data(),
         });
     }
     let mask_mean = opt.mask.iter().map(|&v| v as f64).sum::<f64>() / plane as f64;

@@ -7,6 +7,7 @@
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::eval::DeviceModel;
 use crate::graph::Graph;
 use crate::progress::Progress;
 use crate::tensor::{numel, Tensor};
@@ -60,17 +61,15 @@ pub struct StepOutput {
 /// [S*B,C,H,W]` (search s owns rows s*B..(s+1)*B), `targets [S]`.
 /// Loss of search s: `alpha * mean_b CE(f(x'), t_s) + beta * sum(m_s) / (H*W/2)`;
 /// update `m = clamp(m - lr * sign(dL/dm), 0, 1)`.
-#[allow(clippy::too_many_arguments)]
 pub fn step<B: Backend>(
-    be: &B,
-    graph: &Graph,
-    params: &[B::Buf],
+    model: &DeviceModel<'_, B>,
     canvases: &Tensor,
     masks: &Tensor,
     others: &Tensor,
     targets: &[usize],
     cfg: &MaskConfig,
 ) -> Result<StepOutput> {
+    let (be, graph, params) = (model.be, model.graph, model.params.as_slice());
     let s = targets.len();
     let [_, h, w] = graph.input;
     if s == 0 || others.shape()[0] != s * cfg.batch || masks.shape() != [s, h, w] {
@@ -154,16 +153,14 @@ pub fn bytes_per_image(graph: &Graph) -> usize {
 /// Optimises the masks of all `jobs` together on `test`, at most
 /// `max_images` composites per forward pass (chunks of searches otherwise).
 pub fn optimise<B: Backend>(
-    be: &B,
-    graph: &Graph,
-    params: &[B::Buf],
+    model: &DeviceModel<'_, B>,
     test: &Dataset,
     jobs: &[Job<'_>],
     cfg: &MaskConfig,
     max_images: usize,
     progress: &mut Progress,
 ) -> Result<Vec<Optimised>> {
-    let [c, h, w] = graph.input;
+    let [c, h, w] = model.graph.input;
     let plane = h * w;
     let per_image = c * plane;
     let steps_per_epoch: Vec<usize> = jobs.iter().map(|j| j.images.len() / cfg.batch).collect();
@@ -214,9 +211,7 @@ pub fn optimise<B: Backend>(
             }
             let targets: Vec<usize> = chunk.iter().map(|&s| jobs[s].target).collect();
             let out = step(
-                be,
-                graph,
-                params,
+                model,
                 &Tensor::new(&[s_n, c, h, w], canvases)?,
                 &Tensor::new(&[s_n, h, w], mask_data)?,
                 &test.batch(&idx),

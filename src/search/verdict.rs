@@ -25,9 +25,59 @@ pub struct Verdict {
     /// Median absolute deviation (unscaled).
     pub mad: f64,
     /// `(median - value) / (1.4826 * MAD)` per class: positive below the median.
+    /// Infinite with a zero MAD; JSON has no infinity, so these are written
+    /// as the strings `"inf"` / `"-inf"` (plain `null` would not read back).
+    #[serde(with = "nonfinite")]
     pub anomaly_index: Vec<f64>,
     /// Classes with an anomaly index above the threshold (below the median).
     pub flagged: Vec<usize>,
+}
+
+/// Serde for `Vec<f64>` that keeps infinities and NaN through JSON: finite
+/// values stay numbers, the others become `"inf"`, `"-inf"`, `"nan"`.
+mod nonfinite {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        Finite(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|&x| {
+                if x.is_finite() {
+                    Num::Finite(x)
+                } else if x.is_nan() {
+                    Num::Text("nan".into())
+                } else if x > 0.0 {
+                    Num::Text("inf".into())
+                } else {
+                    Num::Text("-inf".into())
+                }
+            })
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Vec::<Num>::deserialize(d)?
+            .into_iter()
+            .map(|n| match n {
+                Num::Finite(x) => Ok(x),
+                Num::Text(t) => match t.as_str() {
+                    "inf" => Ok(f64::INFINITY),
+                    "-inf" => Ok(f64::NEG_INFINITY),
+                    "nan" => Ok(f64::NAN),
+                    other => Err(serde::de::Error::custom(format!(
+                        "`{other}` is not a number (expected a number, \"inf\", \"-inf\" or \"nan\")"
+                    ))),
+                },
+            })
+            .collect()
+    }
 }
 
 /// Median (mean of the two middle values for an even count).
@@ -123,5 +173,16 @@ mod tests {
         let v = analyse("x", &classes, &[784.0, 784.0, 3.0, 784.0, 784.0]);
         assert_eq!(v.mad, 0.0);
         assert_eq!(v.flagged, vec![2]);
+    }
+
+    #[test]
+    fn infinite_anomaly_indices_survive_json() {
+        let classes: Vec<usize> = (0..5).collect();
+        let v = analyse("x", &classes, &[784.0, 900.0, 3.0, 784.0, 784.0]);
+        assert_eq!(v.anomaly_index[2], f64::INFINITY);
+        assert_eq!(v.anomaly_index[1], f64::NEG_INFINITY);
+        let json = serde_json::to_string(&v).unwrap();
+        let back: Verdict = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, v);
     }
 }

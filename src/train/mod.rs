@@ -227,6 +227,32 @@ pub fn init_params(graph: &Graph, seed: u64) -> Vec<Tensor> {
         .collect()
 }
 
+/// The training images `idx` as the model sees them: the trigger stamped and
+/// the label set to the target on the poisoned ones (`poisoned[i]`), then
+/// augmented. Nothing else is changed.
+pub fn training_batch(
+    train_set: &Dataset,
+    idx: &[usize],
+    poisoned: &[bool],
+    poison: Option<&Poisoning>,
+    augment: Augment,
+    rng: &mut ChaCha8Rng,
+) -> (Tensor, Vec<usize>) {
+    let shape = train_set.shape();
+    let per_image: usize = shape.iter().product();
+    let mut x = train_set.batch(idx);
+    let mut labels = train_set.batch_labels(idx);
+    for (k, &i) in idx.iter().enumerate() {
+        let img = &mut x.data_mut()[k * per_image..(k + 1) * per_image];
+        if let (true, Some(p)) = (poisoned[i], poison) {
+            p.trigger.apply(img);
+            labels[k] = p.target;
+        }
+        augment.apply(img, shape, rng);
+    }
+    (x, labels)
+}
+
 /// Where the per-epoch checkpoint of an output file lives.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     let mut name = out
@@ -372,8 +398,6 @@ pub fn train<B: Backend>(
         }
         v
     };
-    let shape = graph.input;
-    let per_image: usize = shape.iter().product();
     let steps_per_epoch = {
         let n = train_set.len() / cfg.batch_size;
         // A last batch of one image cannot give batch statistics; it is dropped.
@@ -414,19 +438,15 @@ pub fn train<B: Backend>(
             .enumerate()
             .take(steps_per_epoch)
         {
-            let mut x = train_set.batch(chunk);
-            let mut labels = train_set.batch_labels(chunk);
             let mut rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 2 + epoch as u64, step as u64));
-            for (k, &i) in chunk.iter().enumerate() {
-                let img = &mut x.data_mut()[k * per_image..(k + 1) * per_image];
-                if poisoned[i] {
-                    if let Some(p) = &cfg.poison {
-                        p.trigger.apply(img);
-                        labels[k] = p.target;
-                    }
-                }
-                cfg.augment.apply(img, shape, &mut rng);
-            }
+            let (x, labels) = training_batch(
+                train_set,
+                chunk,
+                &poisoned,
+                cfg.poison.as_ref(),
+                cfg.augment,
+                &mut rng,
+            );
             let xb = match &cfg.adversarial {
                 Some(attack) => {
                     let seed = mix(cfg.seed, 3 + epoch as u64, step as u64);

@@ -1,0 +1,229 @@
+//! Number formatting shared by the terminal table and the HTML page (so
+//! both say the same thing the same way), the verdict in words, and the
+//! terminal summary.
+
+use super::Names;
+use crate::search::{verdict, RunReport, Verdict};
+
+/// A share in [0, 1] as a percentage with one decimal (`87.5%`).
+pub fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.1}%", v * 100.0)
+    } else {
+        "–".into()
+    }
+}
+
+/// A minimal k, or `not reached` when the threshold was never reached.
+pub fn min_k(k: Option<usize>) -> String {
+    match k {
+        Some(k) => k.to_string(),
+        None => "not reached".into(),
+    }
+}
+
+/// An anomaly index with two decimals (`inf` / `-inf` for a zero MAD).
+pub fn anomaly(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v == f64::INFINITY {
+        "inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-inf".into()
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Seconds, compactly (`0.4 s`, `12.3 s`, `5 min 3 s`).
+pub fn seconds(s: f64) -> String {
+    if !s.is_finite() || s < 0.0 {
+        "–".into()
+    } else if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        let m = (s / 60.0).floor();
+        format!("{m:.0} min {:.0} s", s - 60.0 * m)
+    }
+}
+
+/// The verdict the run's `flagged` list comes from: the minimal-k analysis
+/// when a sweep ran, the mask-mean analysis otherwise (as `search::run`
+/// decides it).
+pub fn verdict_in_force(report: &RunReport) -> &Verdict {
+    report
+        .verdict_min_k
+        .as_ref()
+        .unwrap_or(&report.verdict_mask)
+}
+
+/// What the statistic of [`verdict_in_force`] is, in words, with the name
+/// of the report field it lives in.
+pub fn statistic_words(report: &RunReport) -> String {
+    if report.verdict_min_k.is_some() {
+        format!(
+            "ln of the minimal k reaching {} predictive power (verdict_min_k)",
+            pct(report.config.threshold)
+        )
+    } else {
+        "mask mean, since no k-sweep ran (verdict_mask)".into()
+    }
+}
+
+/// The anomaly index of `class` in `v` (NaN when it was not analysed).
+pub fn anomaly_of(v: &Verdict, class: usize) -> f64 {
+    v.classes
+        .iter()
+        .position(|&c| c == class)
+        .and_then(|i| v.anomaly_index.get(i).copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// True when too few classes were searched for the anomaly analysis to
+/// mean anything (`search::run` flags nothing below three).
+pub fn too_few_classes(report: &RunReport) -> bool {
+    report.classes.len() < 3
+}
+
+/// The verdict as one line: which classes are flagged (name, anomaly
+/// index) by which statistic, or that none is.
+pub fn verdict_line(report: &RunReport, names: &Names<'_>) -> String {
+    let v = verdict_in_force(report);
+    let stat = statistic_words(report);
+    if report.flagged.is_empty() {
+        if too_few_classes(report) {
+            format!(
+                "verdict: no class flagged (only {} class(es) searched; the anomaly analysis needs at least 3)",
+                report.classes.len()
+            )
+        } else {
+            format!("verdict ({stat}): no class flagged")
+        }
+    } else {
+        let list: Vec<String> = report
+            .flagged
+            .iter()
+            .map(|&c| {
+                format!(
+                    "class {c} ({}), anomaly index {}",
+                    names.get(c),
+                    anomaly(anomaly_of(v, c))
+                )
+            })
+            .collect();
+        format!(
+            "verdict ({stat}): FLAGGED as a likely backdoor target: {} (threshold {})",
+            list.join("; "),
+            anomaly(verdict::THRESHOLD)
+        )
+    }
+}
+
+/// The canvas of a search in short: `auto0 (98.7%)`.
+pub fn canvas_short(report: &RunReport, best: usize) -> String {
+    match report.searches.get(best) {
+        Some(s) => match s.canvas.confidence {
+            Some(c) => format!("{} ({})", s.canvas.id, pct(c as f64)),
+            None => s.canvas.id.clone(),
+        },
+        None => "–".into(),
+    }
+}
+
+/// The plain-text summary for the terminal: one row per class (best
+/// canvas) and the verdict line.
+pub fn terminal_summary(report: &RunReport, names: &Names<'_>) -> String {
+    let v = verdict_in_force(report);
+    let header = [
+        "class".to_string(),
+        "name".into(),
+        "canvas".into(),
+        format!("power@k={}", report.config.top_k),
+        "clean".into(),
+        format!("min k ({})", pct(report.config.threshold)),
+        "mask mean".into(),
+        "anomaly".into(),
+        "flagged".into(),
+    ];
+    let rows: Vec<[String; 9]> = report
+        .classes
+        .iter()
+        .map(|c| {
+            [
+                c.class.to_string(),
+                names.get(c.class),
+                canvas_short(report, c.best),
+                pct(c.power),
+                pct(c.clean),
+                min_k(c.min_k),
+                pct(c.mask_mean),
+                anomaly(anomaly_of(v, c.class)),
+                if report.flagged.contains(&c.class) {
+                    "FLAGGED".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    let width = |j: usize| {
+        rows.iter()
+            .map(|r| r[j].chars().count())
+            .chain([header[j].chars().count()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..9).map(width).collect();
+    // Text columns left-aligned, numbers right-aligned.
+    let left = [false, true, true, false, false, false, false, false, true];
+    let line = |cells: &[String]| -> String {
+        let mut s = String::new();
+        for (j, cell) in cells.iter().enumerate() {
+            let pad = widths[j] - cell.chars().count();
+            if j > 0 {
+                s.push_str("  ");
+            }
+            if left[j] {
+                s.push_str(cell);
+                s.push_str(&" ".repeat(pad));
+            } else {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(cell);
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{} — clean accuracy {}\n",
+        report.model_label,
+        pct(report.clean_accuracy)
+    ));
+    out.push_str(&line(&header));
+    out.push('\n');
+    out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
+    out.push('\n');
+    for r in &rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out.push_str(&verdict_line(report, names));
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(pct(0.875), "87.5%");
+        assert_eq!(pct(1.0), "100.0%");
+        assert_eq!(min_k(None), "not reached");
+        assert_eq!(min_k(Some(12)), "12");
+        assert_eq!(anomaly(1.23456), "1.23");
+        assert_eq!(anomaly(f64::INFINITY), "inf");
+        assert_eq!(seconds(75.2), "1 min 15 s");
+    }
+}

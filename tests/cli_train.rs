@@ -1,0 +1,69 @@
+//! `cwp train` refuses bad options with a clear message before any training
+//! starts: nothing is written and the command returns at once.
+
+use std::process::Command;
+use std::time::Instant;
+
+fn refused(args: &[&str], out_dir: &std::path::Path) -> String {
+    let out = out_dir.join("m.safetensors");
+    let mut all = vec!["train", "--arch", "smallcnn", "--epochs", "1", "--quiet"];
+    if !args.contains(&"--out") {
+        all.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    }
+    all.extend_from_slice(args);
+    let t = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(&all)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{args:?} was accepted");
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "{args:?}: the error came only after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        std::fs::read_dir(out_dir).unwrap().next().is_none(),
+        "{args:?} left files behind"
+    );
+    msg
+}
+
+#[test]
+fn bad_training_options_are_clear_errors_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let msg = refused(&["--poison", "badnets:pos=middle", "--target", "0"], d);
+    assert!(msg.contains("--trigger") && msg.contains("middle"), "{msg}");
+    let msg = refused(&["--poison", "badnets", "--target", "10"], d);
+    assert!(msg.contains("--target") && msg.contains("10"), "{msg}");
+    let msg = refused(&["--adversarial", "pgd:1.5,0.1,10"], d);
+    assert!(
+        msg.contains("--adversarial") && msg.contains("1.5"),
+        "{msg}"
+    );
+    let msg = refused(&["--adversarial", "fgsm:-0.1"], d);
+    assert!(msg.contains("--adversarial"), "{msg}");
+    let msg = refused(&["--out", "/nonexistent-dir/m.safetensors"], d);
+    assert!(
+        msg.contains("--out") && msg.contains("/nonexistent-dir"),
+        "{msg}"
+    );
+
+    // A PNG trigger of the wrong size (5x4 for a 3x3 patch, and for a blend).
+    let pngs = tempfile::tempdir().unwrap();
+    let png = pngs.path().join("trigger.png");
+    image::GrayImage::from_pixel(5, 4, image::Luma([255]))
+        .save(&png)
+        .unwrap();
+    let patch = format!("badnets:size=3,fill={}", png.display());
+    let msg = refused(&["--poison", &patch, "--target", "1"], d);
+    assert!(msg.contains("trigger.png") && msg.contains("5x4"), "{msg}");
+    let blend = format!("blend:alpha=0.2,pattern={}", png.display());
+    let msg = refused(&["--poison", &blend, "--target", "1"], d);
+    assert!(
+        msg.contains("trigger.png") && msg.contains("28x28"),
+        "{msg}"
+    );
+}
