@@ -56,8 +56,9 @@ impl BenchConfig {
                 models: vec![
                     (s("smallcnn"), [1, 28, 28], vec![4, 64, 256]),
                     (s("resnet18"), [3, 32, 32], vec![4, 64, 256]),
-                    (s("preact_resnet18"), [3, 32, 32], vec![4, 256]),
+                    (s("resnet34"), [3, 32, 32], vec![4, 256]),
                     (s("resnet50"), [3, 32, 32], vec![4, 64, 256]),
+                    (s("preact_resnet18"), [3, 32, 32], vec![4, 256]),
                     (s("vgg16"), [3, 32, 32], vec![4, 256]),
                     (s("wrn28_10"), [3, 32, 32], vec![4, 64]),
                     (s("resnet50_imagenet"), [3, 224, 224], vec![1, 32]),

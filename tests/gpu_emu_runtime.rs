@@ -221,3 +221,18 @@ fn emu_runtime_memory_limit_and_range_checks() {
     d.free(p);
     assert!(d.alloc(1 << 20).is_ok(), "freed memory is available again");
 }
+
+/// A `CWP_NVRTC_LIB` that names no library is a clear error naming the
+/// variable, not a panic (cudarc itself panics on a missing library).
+#[test]
+fn emu_missing_nvrtc_is_a_clear_error() {
+    // This test binary never loads NVRTC otherwise, so the variable is read here first.
+    std::env::set_var("CWP_NVRTC_LIB", "/nonexistent/libnvrtc.so.13");
+    let err = classwise::backend::gpu::nvrtc::ensure_nvrtc().expect_err("no NVRTC at that path");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("CWP_NVRTC_LIB") && msg.contains("/nonexistent"),
+        "{msg}"
+    );
+    assert!(classwise::backend::gpu::nvrtc::version().is_err());
+}
