@@ -822,9 +822,16 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
 }
 
 /// Writes a run's report files and prints its summary.
-fn write_search_outputs(report: &RunReport, class_names: &[String], out: &std::path::Path) -> Result<()> {
+fn write_search_outputs(
+    report: &RunReport,
+    class_names: &[String],
+    out: &std::path::Path,
+) -> Result<()> {
     classwise::report::write_run(report, class_names, out)?;
-    println!("{}", classwise::report::terminal_summary(report, class_names));
+    println!(
+        "{}",
+        classwise::report::terminal_summary(report, class_names)
+    );
     println!(
         "searched {} pattern(s) in {:.1}s ({:.1} search steps/s, {:.0} images/s through forward+backward; {} reused); report: {}",
         report.searches.len() - report.reused,

@@ -328,7 +328,11 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
             let value = match value {
                 // The analysis runs on ln(k); show k itself.
                 Some(x) if report.verdict_min_k.is_some() => {
-                    format!("; its minimal k is {:.0}, the median {:.0}", x.exp(), v.median.exp())
+                    format!(
+                        "; its minimal k is {:.0}, the median {:.0}",
+                        x.exp(),
+                        v.median.exp()
+                    )
                 }
                 Some(x) => format!("; mask mean {}, median {}", pct(*x), pct(v.median)),
                 None => String::new(),

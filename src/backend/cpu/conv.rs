@@ -6,21 +6,25 @@
 //! invariant. 1x1 stride-1 unpadded convolutions read the input as the
 //! column matrix directly.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
-use super::{dims4, expect_shape, matmul, MatRef};
+use super::{
+    dims4, expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW,
+};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Upper bound, in values, of the column buffer backward-filter keeps for a
-/// group of images (32 MiB): enough images per group to keep both cores
-/// busy, bounded so that large batches do not need gigabytes.
-const FILTER_COL_BUDGET: usize = 1 << 23;
+/// Backward-filter cuts the batch into this many ranges of images, one
+/// partial gradient each: enough to keep a few cores busy, few enough that
+/// the partials (one filter's size each) stay small.
+const FILTER_PARTS: usize = 4;
 
-/// Output channels per backward-filter task. Fixed, so the GEMM shapes (and
-/// thereby the bits) do not depend on the number of threads.
-const FILTER_ROWS: usize = 16;
+/// Upper bound, in values, of the buffers one backward-filter range fills
+/// at a time (16 MiB), so large batches do not need gigabytes.
+const FILTER_BUDGET: usize = 1 << 22;
 
 /// The extents of one convolution, checked once.
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +103,15 @@ impl Geom {
     /// column matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// True when the output has few positions and `other` (the extent of
+    /// the product's other axis) is larger. Gemm vectorises along the
+    /// output's contiguous axis in tiles of 64 values; a late layer's 16 or
+    /// 64 positions per row would leave most of each tile idle, so such
+    /// products are computed transposed and then transposed back.
+    fn few_positions(&self, other: usize) -> bool {
+        self.positions() < SHORT_ROW && other > self.positions()
     }
 
     /// Values of the column matrix of one image (0 when none is needed).
@@ -196,7 +209,8 @@ fn col2im(col: &[f32], g: &Geom, x: &mut [f32]) {
     }
 }
 
-/// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`.
+/// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`:
+/// per image, `Y = W col` (`[O, C*KH*KW] x [C*KH*KW, OH*OW]`).
 pub(super) fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -207,32 +221,42 @@ pub(super) fn conv2d(
     if let Some(b) = bias {
         expect_shape("bias", b, &[g.o])?;
     }
-    let wm = MatRef::row_major(w.data(), g.o, g.rows());
+    let (rows, pos) = (g.rows(), g.positions());
+    let wm = MatRef::row_major(w.data(), g.o, rows);
+    // The transposed product `Y^T = col^T W^T` is fast only with `W^T`
+    // stored densely, so it is built once for the whole batch.
+    let few = g.few_positions(g.o);
+    let mut wt = Vec::new();
+    if few {
+        wt.resize(rows * g.o, 0.0);
+        transpose(w.data(), g.o, rows, &mut wt);
+    }
+    let yt_len = if few { g.out_len() } else { 0 };
     let mut y = vec![0.0f32; g.n * g.out_len()];
     y.par_chunks_mut(g.out_len())
         .zip(x.data().par_chunks(g.in_len()))
-        .for_each_init(
-            || vec![0.0f32; g.col_len()],
-            |col, (y_n, x_n)| {
+        .for_each(|(y_n, x_n)| {
+            with_scratch([g.col_len(), yt_len], |[col, yt]| {
                 let cols: &[f32] = if g.pointwise() {
                     x_n
                 } else {
                     im2col(x_n, &g, col);
                     col
                 };
-                matmul(
-                    y_n,
-                    wm,
-                    MatRef::row_major(cols, g.rows(), g.positions()),
-                    false,
-                );
+                let colm = MatRef::row_major(cols, rows, pos);
+                if few {
+                    matmul(yt, colm.t(), MatRef::row_major(&wt, rows, g.o), false);
+                    transpose(yt, pos, g.o, y_n);
+                } else {
+                    matmul(y_n, wm, colm, false);
+                }
                 if let Some(b) = bias {
-                    for (row, &b_o) in y_n.chunks_exact_mut(g.positions()).zip(b.data()) {
+                    for (row, &b_o) in y_n.chunks_exact_mut(pos).zip(b.data()) {
                         row.iter_mut().for_each(|v| *v += b_o);
                     }
                 }
-            },
-        );
+            })
+        });
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
 }
 
@@ -246,31 +270,40 @@ pub(super) fn conv2d_backward_data(
 ) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
-    let wt = MatRef::row_major(w.data(), g.o, g.rows()).t();
+    let (rows, pos) = (g.rows(), g.positions());
+    let wm = MatRef::row_major(w.data(), g.o, rows);
+    let few = g.few_positions(rows);
+    let dcol_t_len = if few { rows * pos } else { 0 };
     let mut dx = vec![0.0f32; g.n * g.in_len()];
     dx.par_chunks_mut(g.in_len())
         .zip(dy.data().par_chunks(g.out_len()))
-        .for_each_init(
-            || vec![0.0f32; g.col_len()],
-            |dcol, (dx_n, dy_n)| {
-                let dym = MatRef::row_major(dy_n, g.o, g.positions());
-                if g.pointwise() {
-                    matmul(dx_n, wt, dym, false);
+        .for_each(|(dx_n, dy_n)| {
+            with_scratch([g.col_len(), dcol_t_len], |[dcol, dcol_t]| {
+                let dym = MatRef::row_major(dy_n, g.o, pos);
+                // The column gradient `W^T dY` ([rows, pos]); a pointwise
+                // convolution's is the input gradient itself.
+                let target: &mut [f32] = if g.pointwise() { dx_n } else { dcol };
+                if few {
+                    matmul(dcol_t, dym.t(), wm, false);
+                    transpose(dcol_t, pos, rows, target);
                 } else {
-                    matmul(dcol, wt, dym, false);
+                    matmul(target, wm.t(), dym, false);
+                }
+                if !g.pointwise() {
                     col2im(dcol, &g, dx_n);
                 }
-            },
-        );
+            })
+        });
     Tensor::new(x_shape, dx)
 }
 
-/// Gradients of [`conv2d`] with respect to the filter (`sum_n dY_n col_n^T`)
-/// and, when `with_bias`, the bias.
+/// Gradients of [`conv2d`] with respect to the filter
+/// (`sum_n dY_n col_n^T`) and, when `with_bias`, the bias.
 ///
-/// Images are unfolded a group at a time; each task owns
-/// [`FILTER_ROWS`] output channels and adds the images' products in image
-/// order, so the sum order is fixed by the shapes alone.
+/// The batch is cut into [`FILTER_PARTS`] fixed ranges of images; each range
+/// gives a partial filter gradient on one thread, and the partials are added
+/// in range order. The cut depends on the batch size only, so the bits do
+/// not depend on the number of threads.
 pub(super) fn conv2d_backward_filter(
     x: &Tensor,
     dy: &Tensor,
@@ -278,46 +311,39 @@ pub(super) fn conv2d_backward_filter(
     p: ConvParams,
     with_bias: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    backward_filter_in_groups(x, dy, w_shape, p, with_bias, FILTER_BUDGET)
+}
+
+/// [`conv2d_backward_filter`] with the per-range buffer bound as an argument
+/// (the tests make it small to cut ranges into several groups).
+fn backward_filter_in_groups(
+    x: &Tensor,
+    dy: &Tensor,
+    w_shape: &[usize],
+    p: ConvParams,
+    with_bias: bool,
+    budget: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
-    let (rows, pos) = (g.rows(), g.positions());
-    let group = if g.pointwise() {
-        g.n.max(1)
-    } else {
-        (FILTER_COL_BUDGET / g.col_len()).clamp(1, g.n.max(1))
-    };
-    let mut cols = vec![0.0f32; group * g.col_len()];
-    let mut dw = vec![0.0f32; g.o * rows];
-    for start in (0..g.n).step_by(group) {
-        let end = (start + group).min(g.n);
-        if !g.pointwise() {
-            cols[..(end - start) * g.col_len()]
-                .par_chunks_mut(g.col_len())
-                .zip(x.data()[start * g.in_len()..end * g.in_len()].par_chunks(g.in_len()))
-                .for_each(|(col, x_n)| im2col(x_n, &g, col));
-        }
-        dw.par_chunks_mut(FILTER_ROWS * rows)
-            .enumerate()
-            .for_each(|(chunk, dw_rows)| {
-                let o0 = chunk * FILTER_ROWS;
-                let m = dw_rows.len() / rows;
-                for img in start..end {
-                    let col_n = if g.pointwise() {
-                        &x.data()[img * g.in_len()..(img + 1) * g.in_len()]
-                    } else {
-                        &cols[(img - start) * g.col_len()..(img - start + 1) * g.col_len()]
-                    };
-                    let dy_rows = &dy.data()[img * g.out_len() + o0 * pos..][..m * pos];
-                    matmul(
-                        dw_rows,
-                        MatRef::row_major(dy_rows, m, pos),
-                        MatRef::row_major(col_n, rows, pos).t(),
-                        img > 0,
-                    );
-                }
-            });
+    let per_part = g.n.div_ceil(FILTER_PARTS).max(1);
+    let starts: Vec<usize> = (0..g.n).step_by(per_part).collect();
+    let partials: Vec<Vec<f32>> = starts
+        .par_iter()
+        .map(|&first| {
+            let images = first..(first + per_part).min(g.n);
+            filter_part(x.data(), dy.data(), &g, images, budget)
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().unwrap_or_else(|| vec![0.0; g.o * g.rows()]);
+    for part in parts {
+        dw.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(part.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, p)| *d += p));
     }
     let db = if with_bias {
+        let pos = g.positions();
         let sums: Vec<f32> = (0..g.o)
             .into_par_iter()
             .map(|o| {
@@ -334,4 +360,329 @@ pub(super) fn conv2d_backward_filter(
         None
     };
     Ok((Tensor::new(w_shape, dw)?, db))
+}
+
+/// The filter gradient contributed by the images `images`, on one thread.
+///
+/// Images are taken a few at a time (as many as `budget` values allow)
+/// and laid out so that one long GEMM covers them all: the patches as rows
+/// `[images*OH*OW, C*KH*KW]` and `dY` as `[O, images*OH*OW]`.
+fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>, budget: usize) -> Vec<f32> {
+    let (rows, pos) = (g.rows(), g.positions());
+    let group = (budget / ((rows + g.o) * pos)).clamp(1, images.len().max(1));
+    let mut dw = vec![0.0f32; g.o * rows];
+    let lens = [g.col_len(), group * pos * rows, g.o * group * pos];
+    with_scratch(lens, |[col, patches, dyg]| {
+        for (i, first) in images.clone().step_by(group).enumerate() {
+            let last = (first + group).min(images.end);
+            let k = (last - first) * pos;
+            for (j, img) in (first..last).enumerate() {
+                let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
+                let cols: &[f32] = if g.pointwise() {
+                    x_n
+                } else {
+                    im2col(x_n, g, col);
+                    col
+                };
+                transpose(
+                    cols,
+                    rows,
+                    pos,
+                    &mut patches[j * pos * rows..(j + 1) * pos * rows],
+                );
+                let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
+                for (dst, src) in dyg[..g.o * k]
+                    .chunks_exact_mut(k)
+                    .zip(dy_n.chunks_exact(pos))
+                {
+                    dst[j * pos..(j + 1) * pos].copy_from_slice(src);
+                }
+            }
+            matmul(
+                &mut dw,
+                MatRef::row_major(&dyg[..g.o * k], g.o, k),
+                MatRef::row_major(&patches[..k * rows], k, rows),
+                i > 0,
+            );
+        }
+    });
+    dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::*;
+
+    /// A convolution test case: input and filter shapes, stride, padding.
+    #[derive(Clone, Copy, Debug)]
+    struct Case {
+        x: [usize; 4],
+        w: [usize; 4],
+        stride: usize,
+        pad: usize,
+    }
+
+    const fn case(x: [usize; 4], w: [usize; 4], stride: usize, pad: usize) -> Case {
+        Case { x, w, stride, pad }
+    }
+
+    impl Case {
+        fn params(&self) -> ConvParams {
+            ConvParams {
+                stride: self.stride,
+                pad: self.pad,
+            }
+        }
+
+        fn y_shape(&self) -> [usize; 4] {
+            let p = self.params();
+            [
+                self.x[0],
+                self.w[0],
+                p.out_len(self.x[2], self.w[2]),
+                p.out_len(self.x[3], self.w[3]),
+            ]
+        }
+
+        /// Random input, filter, bias and output gradient.
+        fn data(&self, seed: u64) -> (Tensor, Tensor, Tensor, Tensor) {
+            let mut r = rng(seed);
+            (
+                uniform(&mut r, &self.x, -1.0, 1.0),
+                uniform(&mut r, &self.w, -1.0, 1.0),
+                uniform(&mut r, &[self.w[0]], -1.0, 1.0),
+                uniform(&mut r, &self.y_shape(), -1.0, 1.0),
+            )
+        }
+
+        /// Calls `f(x index, w index, y index)` for every product term of the
+        /// convolution, by its definition: one loop per axis of x, w and y.
+        fn for_each_term(&self, mut f: impl FnMut(usize, usize, usize)) {
+            let [n, c, h, w] = self.x;
+            let [o, _, kh, kw] = self.w;
+            let [_, _, oh, ow] = self.y_shape();
+            for i in 0..n {
+                for oc in 0..o {
+                    for yh in 0..oh {
+                        for yw in 0..ow {
+                            for ic in 0..c {
+                                for a in 0..kh {
+                                    for b in 0..kw {
+                                        let ih =
+                                            (yh * self.stride + a) as isize - self.pad as isize;
+                                        let iw =
+                                            (yw * self.stride + b) as isize - self.pad as isize;
+                                        if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize
+                                        {
+                                            continue;
+                                        }
+                                        let xi = ((i * c + ic) * h + ih as usize) * w + iw as usize;
+                                        let wi = ((oc * c + ic) * kh + a) * kw + b;
+                                        let yi = ((i * o + oc) * oh + yh) * ow + yw;
+                                        f(xi, wi, yi);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Naive direct convolution in f64.
+        fn naive_forward(&self, x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
+            let [_, o, oh, ow] = self.y_shape();
+            let mut y: Vec<f64> = (0..y_len(self)).map(|i| b[(i / (oh * ow)) % o]).collect();
+            self.for_each_term(|xi, wi, yi| y[yi] += x[xi] * w[wi]);
+            y
+        }
+
+        /// Naive input gradient in f64 (the adjoint of the forward).
+        fn naive_backward_data(&self, dy: &[f64], w: &[f64]) -> Vec<f64> {
+            let mut dx = vec![0.0; self.x.iter().product()];
+            self.for_each_term(|xi, wi, yi| dx[xi] += dy[yi] * w[wi]);
+            dx
+        }
+
+        /// Naive filter and bias gradients in f64.
+        fn naive_backward_filter(&self, x: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+            let [_, o, oh, ow] = self.y_shape();
+            let mut dw = vec![0.0; self.w.iter().product()];
+            self.for_each_term(|xi, wi, yi| dw[wi] += dy[yi] * x[xi]);
+            let mut db = vec![0.0; o];
+            for (i, g) in dy.iter().enumerate() {
+                db[(i / (oh * ow)) % o] += g;
+            }
+            (dw, db)
+        }
+    }
+
+    fn y_len(c: &Case) -> usize {
+        c.y_shape().iter().product()
+    }
+
+    /// Odd shapes covering every path: non-square images and kernels,
+    /// stride 1 and 2, padding 0/1/3, 1x1 (pointwise and strided), 3x3 and
+    /// 7x7 kernels, batch 1 and 5, channel counts 3, 5, 17, 40; outputs with
+    /// many positions (gemm along positions) and few (transposed products).
+    const ODD_SHAPES: [Case; 10] = [
+        case([1, 3, 7, 9], [5, 3, 3, 3], 1, 1),
+        case([5, 5, 9, 6], [17, 5, 3, 3], 2, 1),
+        case([5, 17, 8, 8], [3, 17, 1, 1], 1, 0),
+        case([1, 3, 11, 13], [5, 3, 7, 7], 2, 3),
+        case([5, 3, 7, 7], [5, 3, 1, 1], 2, 0),
+        case([1, 5, 6, 10], [17, 5, 2, 3], 1, 0),
+        case([5, 3, 12, 13], [5, 3, 3, 3], 1, 1),
+        case([5, 17, 4, 4], [40, 17, 3, 3], 1, 1),
+        case([2, 40, 3, 3], [50, 40, 1, 1], 1, 0),
+        case([5, 5, 13, 11], [3, 5, 7, 7], 1, 3),
+    ];
+
+    #[test]
+    fn forward_and_both_backwards_match_a_naive_direct_convolution_on_odd_shapes() {
+        for (k, c) in ODD_SHAPES.iter().enumerate() {
+            let (x, w, b, dy) = c.data(k as u64);
+            let p = c.params();
+            let what = format!("{c:?}");
+
+            let y = conv2d(&x, &w, Some(&b), p).unwrap();
+            assert_eq!(y.shape(), c.y_shape(), "{what}: output shape");
+            let want = c.naive_forward(&f64s(&x), &f64s(&w), &f64s(&b));
+            assert_close(&format!("forward {what}"), y.data(), &want, 2e-5);
+
+            let dx = conv2d_backward_data(&dy, &w, &c.x, p).unwrap();
+            let want = c.naive_backward_data(&f64s(&dy), &f64s(&w));
+            assert_close(&format!("backward_data {what}"), dx.data(), &want, 2e-5);
+
+            let (dw, db) = conv2d_backward_filter(&x, &dy, &c.w, p, true).unwrap();
+            let (want_dw, want_db) = c.naive_backward_filter(&f64s(&x), &f64s(&dy));
+            assert_close(
+                &format!("backward_filter {what}"),
+                dw.data(),
+                &want_dw,
+                2e-5,
+            );
+            assert_close(
+                &format!("bias grad {what}"),
+                db.unwrap().data(),
+                &want_db,
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn backward_filter_is_the_same_sum_whatever_the_group_size() {
+        let c = case([5, 5, 9, 6], [17, 5, 3, 3], 2, 1);
+        let (x, _, _, dy) = c.data(11);
+        let (want, _) = c.naive_backward_filter(&f64s(&x), &f64s(&dy));
+        // A budget of one value forces one image per GEMM; a budget of two
+        // images' worth forces a range of two to be one group.
+        let two_images = 2 * (c.w[1] * 9 + c.w[0]) * 15;
+        for budget in [1, two_images, FILTER_BUDGET] {
+            let (dw, _) =
+                backward_filter_in_groups(&x, &dy, &c.w, c.params(), false, budget).unwrap();
+            assert_close(&format!("budget {budget}"), dw.data(), &want, 2e-5);
+        }
+    }
+
+    #[test]
+    fn gradients_match_central_differences() {
+        // Tiny shapes: stride 1 and 2, padding 0 and 1, a non-square
+        // kernel, and a case with more output channels than positions.
+        let cases = [
+            case([2, 2, 5, 4], [3, 2, 3, 3], 1, 0),
+            case([2, 2, 5, 6], [3, 2, 3, 3], 2, 1),
+            case([1, 2, 4, 5], [2, 2, 2, 3], 1, 1),
+            case([1, 2, 3, 3], [5, 2, 2, 2], 1, 0),
+        ];
+        for (k, c) in cases.iter().enumerate() {
+            let (x, w, b, r) = c.data(100 + k as u64);
+            let p = c.params();
+            let (xd, wd, bd, rd) = (f64s(&x), f64s(&w), f64s(&b), f64s(&r));
+            let what = format!("{c:?}");
+            let dx = conv2d_backward_data(&r, &w, &c.x, p).unwrap();
+            let (dw, db) = conv2d_backward_filter(&x, &r, &c.w, p, true).unwrap();
+            let num_dx = numeric_grad(&xd, |x| dot(&c.naive_forward(x, &wd, &bd), &rd));
+            let num_dw = numeric_grad(&wd, |w| dot(&c.naive_forward(&xd, w, &bd), &rd));
+            let num_db = numeric_grad(&bd, |b| dot(&c.naive_forward(&xd, &wd, b), &rd));
+            assert_close(&format!("dx {what}"), dx.data(), &num_dx, 1e-4);
+            assert_close(&format!("dw {what}"), dw.data(), &num_dw, 1e-4);
+            assert_close(&format!("db {what}"), db.unwrap().data(), &num_db, 1e-4);
+        }
+    }
+
+    /// Shapes for the bitwise properties: gemm along positions, transposed
+    /// products (one with an inner dimension over gemm's 512-deep blocks),
+    /// pointwise, and a strided 7x7 stem.
+    const INVARIANCE_SHAPES: [Case; 5] = [
+        case([6, 3, 12, 12], [8, 3, 3, 3], 1, 1),
+        case([6, 16, 4, 4], [40, 16, 3, 3], 1, 1),
+        case([6, 64, 6, 6], [96, 64, 3, 3], 1, 1),
+        case([6, 24, 5, 5], [32, 24, 1, 1], 1, 0),
+        case([6, 3, 15, 15], [8, 3, 7, 7], 2, 3),
+    ];
+
+    #[test]
+    fn forward_and_backward_data_are_batch_invariant() {
+        for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
+            let (x, w, b, dy) = c.data(200 + k as u64);
+            let p = c.params();
+            assert_batch_invariant(&format!("forward {c:?}"), &x, |x| {
+                conv2d(x, &w, Some(&b), p).unwrap()
+            });
+            assert_batch_invariant(&format!("backward_data {c:?}"), &dy, |dy| {
+                let mut x_shape = c.x;
+                x_shape[0] = dy.shape()[0];
+                conv2d_backward_data(dy, &w, &x_shape, p).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn every_conv_op_gives_the_same_bits_on_any_number_of_threads() {
+        for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
+            // Nine images: three ranges of three for backward-filter.
+            let c = Case {
+                x: [9, c.x[1], c.x[2], c.x[3]],
+                ..*c
+            };
+            let (x, w, b, dy) = c.data(300 + k as u64);
+            let p = c.params();
+            assert_thread_independent(&format!("{c:?}"), || {
+                let y = conv2d(&x, &w, Some(&b), p).unwrap();
+                let dx = conv2d_backward_data(&dy, &w, &c.x, p).unwrap();
+                let (dw, db) = conv2d_backward_filter(&x, &dy, &c.w, p, true).unwrap();
+                let (dw1, _) = backward_filter_in_groups(&x, &dy, &c.w, p, false, 1).unwrap();
+                flat(&[&y, &dx, &dw, &db.unwrap(), &dw1])
+            });
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let x = Tensor::zeros(&[2, 3, 5, 5]);
+        let w = Tensor::zeros(&[4, 3, 3, 3]);
+        let p = ConvParams { stride: 1, pad: 0 };
+        let dy = Tensor::zeros(&[2, 4, 3, 3]);
+        let wrong_channels = Tensor::zeros(&[4, 2, 3, 3]);
+        assert!(conv2d(&x, &wrong_channels, None, p).is_err());
+        assert!(conv2d(&Tensor::zeros(&[3, 5, 5]), &w, None, p).is_err());
+        assert!(conv2d(&x, &w, Some(&Tensor::zeros(&[3])), p).is_err());
+        assert!(conv2d(&x, &Tensor::zeros(&[4, 3, 7, 3]), None, p).is_err());
+        assert!(conv2d(&x, &w, None, ConvParams { stride: 0, pad: 0 }).is_err());
+        assert!(conv2d(&x, &Tensor::zeros(&[0, 3, 3, 3]), None, p).is_err());
+        assert!(conv2d_backward_data(&dy, &w, &[2, 3, 6, 5], p).is_err());
+        assert!(conv2d_backward_data(&dy, &wrong_channels, &[2, 3, 5, 5], p).is_err());
+        assert!(
+            conv2d_backward_filter(&x, &Tensor::zeros(&[2, 4, 3, 2]), &[4, 3, 3, 3], p, true)
+                .is_err()
+        );
+        assert!(conv2d_backward_filter(&x, &dy, &[4, 3, 3], p, true).is_err());
+        // The valid call for contrast, and an empty batch.
+        assert!(conv2d_backward_filter(&x, &dy, &[4, 3, 3, 3], p, true).is_ok());
+        let empty = conv2d(&Tensor::zeros(&[0, 3, 5, 5]), &w, None, p).unwrap();
+        assert_eq!(empty.shape(), &[0, 4, 3, 3]);
+    }
 }

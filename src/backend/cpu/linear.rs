@@ -99,3 +99,121 @@ pub(super) fn linear_backward_weight(
     };
     Ok((Tensor::new(&[o, k], dw)?, db))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::*;
+
+    /// `x w^T + b` in f64.
+    fn f64_linear(x: &[f64], w: &[f64], b: &[f64], k: usize) -> Vec<f64> {
+        let o = b.len();
+        x.chunks(k)
+            .flat_map(|row| (0..o).map(move |j| b[j] + dot(row, &w[j * k..(j + 1) * k])))
+            .collect()
+    }
+
+    fn data(n: usize, k: usize, o: usize, seed: u64) -> (Tensor, Tensor, Tensor, Tensor) {
+        let mut r = rng(seed);
+        (
+            uniform(&mut r, &[n, k], -1.0, 1.0),
+            uniform(&mut r, &[o, k], -1.0, 1.0),
+            uniform(&mut r, &[o], -1.0, 1.0),
+            uniform(&mut r, &[n, o], -1.0, 1.0),
+        )
+    }
+
+    #[test]
+    fn forward_matches_f64_and_gradients_match_central_differences() {
+        let (n, k, o) = (3, 7, 5);
+        let (x, w, b, r) = data(n, k, o, 1);
+        let (xd, wd, bd, rd) = (f64s(&x), f64s(&w), f64s(&b), f64s(&r));
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.shape(), &[n, o]);
+        assert_close("forward", y.data(), &f64_linear(&xd, &wd, &bd, k), 1e-6);
+        let no_bias = linear(&x, &w, None).unwrap();
+        assert_close(
+            "forward without bias",
+            no_bias.data(),
+            &f64_linear(&xd, &wd, &[0.0; 5], k),
+            1e-6,
+        );
+
+        let dx = linear_backward_data(&r, &w).unwrap();
+        let (dw, db) = linear_backward_weight(&x, &r, true).unwrap();
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| dot(&f64_linear(x, w, b, k), &rd);
+        assert_close(
+            "dx",
+            dx.data(),
+            &numeric_grad(&xd, |x| loss(x, &wd, &bd)),
+            1e-4,
+        );
+        assert_close(
+            "dw",
+            dw.data(),
+            &numeric_grad(&wd, |w| loss(&xd, w, &bd)),
+            1e-4,
+        );
+        assert_close(
+            "db",
+            db.unwrap().data(),
+            &numeric_grad(&bd, |b| loss(&xd, &wd, b)),
+            1e-4,
+        );
+        assert!(linear_backward_weight(&x, &r, false).unwrap().1.is_none());
+    }
+
+    #[test]
+    fn weight_gradient_of_a_large_layer_matches_f64() {
+        // More features than one task's 16 rows, a batch larger than gemm's
+        // tiles, to cover the chunked path.
+        let (n, k, o) = (37, 70, 41);
+        let (x, _, _, dy) = data(n, k, o, 2);
+        let (dw, db) = linear_backward_weight(&x, &dy, true).unwrap();
+        let (xd, dyd) = (f64s(&x), f64s(&dy));
+        let want: Vec<f64> = (0..o * k)
+            .map(|i| (0..n).map(|s| dyd[s * o + i / k] * xd[s * k + i % k]).sum())
+            .collect();
+        let want_db: Vec<f64> = (0..o)
+            .map(|j| (0..n).map(|s| dyd[s * o + j]).sum())
+            .collect();
+        assert_close("dw", dw.data(), &want, 1e-5);
+        assert_close("db", db.unwrap().data(), &want_db, 1e-5);
+    }
+
+    #[test]
+    fn forward_and_backward_data_are_batch_invariant() {
+        for (n, k, o) in [(37, 300, 70), (20, 3136, 256), (9, 512, 10)] {
+            let (x, w, b, dy) = data(n, k, o, 3);
+            assert_batch_invariant(&format!("forward {n}x{k}->{o}"), &x, |x| {
+                linear(x, &w, Some(&b)).unwrap()
+            });
+            assert_batch_invariant(&format!("backward_data {n}x{k}->{o}"), &dy, |dy| {
+                linear_backward_data(dy, &w).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn every_linear_op_gives_the_same_bits_on_any_number_of_threads() {
+        let (x, w, b, dy) = data(37, 300, 70, 4);
+        assert_thread_independent("linear", || {
+            let y = linear(&x, &w, Some(&b)).unwrap();
+            let dx = linear_backward_data(&dy, &w).unwrap();
+            let (dw, db) = linear_backward_weight(&x, &dy, true).unwrap();
+            flat(&[&y, &dx, &dw, &db.unwrap()])
+        });
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let (x, w, b, dy) = data(3, 7, 5, 5);
+        assert!(linear(&x, &Tensor::zeros(&[5, 6]), None).is_err());
+        assert!(linear(&x, &w, Some(&Tensor::zeros(&[4]))).is_err());
+        assert!(linear(&Tensor::zeros(&[3, 7, 1]), &w, Some(&b)).is_err());
+        assert!(linear_backward_data(&dy, &Tensor::zeros(&[4, 7])).is_err());
+        assert!(linear_backward_weight(&x, &Tensor::zeros(&[2, 5]), true).is_err());
+        let empty = linear_backward_weight(&Tensor::zeros(&[0, 7]), &Tensor::zeros(&[0, 5]), true);
+        assert_eq!(empty.unwrap().0.data(), Tensor::zeros(&[5, 7]).data());
+    }
+}

@@ -271,3 +271,263 @@ pub(super) fn normalize_backward(dy: &Tensor, std: &[f32]) -> Result<Tensor> {
     });
     Tensor::new(dy.shape(), dx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::*;
+
+    const EPS: f32 = 1e-5;
+
+    /// `(N, C, plane)` of a shape.
+    fn dims(shape: &[usize]) -> (usize, usize, usize) {
+        (shape[0], shape[1], shape[2..].iter().product())
+    }
+
+    /// `y = (x - mean[c]) * scale[c] + shift[c]` in f64.
+    fn f64_affine(
+        x: &[f64],
+        shape: &[usize],
+        mean: &[f64],
+        scale: &[f64],
+        shift: &[f64],
+    ) -> Vec<f64> {
+        let (_, c, plane) = dims(shape);
+        x.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let ch = (i / plane) % c;
+                (v - mean[ch]) * scale[ch] + shift[ch]
+            })
+            .collect()
+    }
+
+    /// Per-channel batch mean and biased variance in f64.
+    fn f64_batch_stats(x: &[f64], shape: &[usize]) -> (Vec<f64>, Vec<f64>) {
+        let (n, c, plane) = dims(shape);
+        let count = (n * plane) as f64;
+        let values = |ch: usize| {
+            (0..n).flat_map(move |i| {
+                x[(i * c + ch) * plane..(i * c + ch + 1) * plane]
+                    .iter()
+                    .copied()
+            })
+        };
+        let mean: Vec<f64> = (0..c).map(|ch| values(ch).sum::<f64>() / count).collect();
+        let var = (0..c)
+            .map(|ch| values(ch).map(|v| (v - mean[ch]).powi(2)).sum::<f64>() / count)
+            .collect();
+        (mean, var)
+    }
+
+    /// Train-mode batch norm in f64.
+    fn f64_bn_train(x: &[f64], shape: &[usize], gamma: &[f64], beta: &[f64]) -> Vec<f64> {
+        let (mean, var) = f64_batch_stats(x, shape);
+        let scale: Vec<f64> = var
+            .iter()
+            .zip(gamma)
+            .map(|(v, g)| g / (v + EPS as f64).sqrt())
+            .collect();
+        f64_affine(x, shape, &mean, &scale, beta)
+    }
+
+    struct Bn {
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        r: Tensor,
+    }
+
+    fn bn_data(shape: &[usize], seed: u64) -> Bn {
+        let mut g = rng(seed);
+        let c = shape[1];
+        Bn {
+            x: uniform(&mut g, shape, -1.0, 2.0),
+            gamma: uniform(&mut g, &[c], 0.5, 1.5),
+            beta: uniform(&mut g, &[c], -0.5, 0.5),
+            mean: uniform(&mut g, &[c], -0.5, 0.5),
+            var: uniform(&mut g, &[c], 0.5, 2.0),
+            r: uniform(&mut g, shape, -1.0, 1.0),
+        }
+    }
+
+    #[test]
+    fn eval_forward_matches_f64_and_its_gradient_matches_central_differences() {
+        let shape = [2, 3, 2, 3];
+        let d = bn_data(&shape, 1);
+        let y = batch_norm_eval(&d.x, &d.gamma, &d.beta, &d.mean, &d.var, EPS).unwrap();
+        let (gamma, var) = (f64s(&d.gamma), f64s(&d.var));
+        let scale: Vec<f64> = var
+            .iter()
+            .zip(&gamma)
+            .map(|(v, g)| g / (v + EPS as f64).sqrt())
+            .collect();
+        let f = |x: &[f64]| f64_affine(x, &shape, &f64s(&d.mean), &scale, &f64s(&d.beta));
+        assert_close("eval forward", y.data(), &f(&f64s(&d.x)), 1e-6);
+        let dx = batch_norm_eval_backward(&d.r, &d.gamma, &d.var, EPS).unwrap();
+        let num = numeric_grad(&f64s(&d.x), |x| dot(&f(x), &f64s(&d.r)));
+        assert_close("eval dx", dx.data(), &num, 1e-4);
+    }
+
+    #[test]
+    fn train_forward_matches_f64_and_dx_dgamma_dbeta_match_central_differences() {
+        let shape = [3, 2, 2, 3];
+        let d = bn_data(&shape, 2);
+        let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
+        let (y, saved) =
+            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+        let (xd, gd, bd, rd) = (f64s(&d.x), f64s(&d.gamma), f64s(&d.beta), f64s(&d.r));
+        assert_close(
+            "train forward",
+            y.data(),
+            &f64_bn_train(&xd, &shape, &gd, &bd),
+            1e-5,
+        );
+
+        let (dx, dgamma, dbeta) = batch_norm_train_backward(&d.r, &d.x, &d.gamma, &saved).unwrap();
+        let loss = |x: &[f64], g: &[f64], b: &[f64]| dot(&f64_bn_train(x, &shape, g, b), &rd);
+        assert_close(
+            "dx",
+            dx.data(),
+            &numeric_grad(&xd, |x| loss(x, &gd, &bd)),
+            1e-4,
+        );
+        assert_close(
+            "dgamma",
+            dgamma.data(),
+            &numeric_grad(&gd, |g| loss(&xd, g, &bd)),
+            1e-4,
+        );
+        assert_close(
+            "dbeta",
+            dbeta.data(),
+            &numeric_grad(&bd, |b| loss(&xd, &gd, b)),
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn train_updates_running_statistics_with_momentum_and_unbiased_variance() {
+        // Channel 0 holds 1, 2 | 3, 4: mean 2.5, biased variance 1.25,
+        // unbiased 5/3. Channel 1 holds 0, 0 | 0, 8: mean 2, biased 12,
+        // unbiased 16.
+        let x = Tensor::new(&[2, 2, 1, 2], vec![1., 2., 0., 0., 3., 4., 0., 8.]).unwrap();
+        let ones = Tensor::full(&[2], 1.0);
+        let zeros = Tensor::zeros(&[2]);
+        let (rm0, rv0) = ([0.5, -1.0], [1.0, 2.0]);
+        let mut rm = Tensor::new(&[2], rm0.to_vec()).unwrap();
+        let mut rv = Tensor::new(&[2], rv0.to_vec()).unwrap();
+        let (y, saved) = batch_norm_train(&x, &ones, &zeros, &mut rm, &mut rv, 0.1, EPS).unwrap();
+        let blend = |old: f32, new: f64| 0.9 * old as f64 + 0.1 * new;
+        let want_rm = [blend(rm0[0], 2.5), blend(rm0[1], 2.0)];
+        let want_rv = [blend(rv0[0], 5.0 / 3.0), blend(rv0[1], 16.0)];
+        assert_close("running mean", rm.data(), &want_rm, 1e-7);
+        assert_close("running var", rv.data(), &want_rv, 1e-7);
+        assert_close("saved mean", saved.mean.data(), &[2.5, 2.0], 1e-7);
+        let invstd = [1.0 / (1.25f64 + 1e-5).sqrt(), 1.0 / (12.0f64 + 1e-5).sqrt()];
+        assert_close("saved invstd", saved.invstd.data(), &invstd, 1e-6);
+        assert_close("y[0]", &y.data()[..1], &[(1.0 - 2.5) * invstd[0]], 1e-6);
+    }
+
+    #[test]
+    fn train_refuses_a_single_value_per_channel() {
+        let x = Tensor::zeros(&[1, 3, 1, 1]);
+        let c3 = Tensor::zeros(&[3]);
+        let (mut rm, mut rv) = (c3.clone(), c3.clone());
+        let Err(err) = batch_norm_train(&x, &c3, &c3, &mut rm, &mut rv, 0.1, EPS) else {
+            panic!("a batch of one 1x1 image was accepted");
+        };
+        assert!(err.to_string().contains("more than one value"), "{err}");
+    }
+
+    #[test]
+    fn normalize_matches_f64_and_its_gradient_matches_central_differences() {
+        let shape = [2, 3, 2, 2];
+        let mut g = rng(3);
+        let x = uniform(&mut g, &shape, 0.0, 1.0);
+        let r = uniform(&mut g, &shape, -1.0, 1.0);
+        let (mean, std) = ([0.49f32, 0.48, 0.45], [0.25f32, 0.24, 0.26]);
+        let f = |x: &[f64]| {
+            let m: Vec<f64> = mean.iter().map(|&v| v as f64).collect();
+            let s: Vec<f64> = std.iter().map(|&v| 1.0 / v as f64).collect();
+            f64_affine(x, &shape, &m, &s, &[0.0; 3])
+        };
+        let y = normalize(&x, &mean, &std).unwrap();
+        assert_close("normalize", y.data(), &f(&f64s(&x)), 1e-6);
+        let dx = normalize_backward(&r, &std).unwrap();
+        let num = numeric_grad(&f64s(&x), |x| dot(&f(x), &f64s(&r)));
+        assert_close("normalize dx", dx.data(), &num, 1e-4);
+    }
+
+    #[test]
+    fn eval_norm_and_normalize_are_batch_invariant() {
+        let d = bn_data(&[7, 5, 6, 7], 4);
+        let (mean, std) = ([0.1f32, 0.2, 0.3, 0.4, 0.5], [0.9f32, 0.8, 0.7, 0.6, 0.5]);
+        assert_batch_invariant("bn eval", &d.x, |x| {
+            batch_norm_eval(x, &d.gamma, &d.beta, &d.mean, &d.var, EPS).unwrap()
+        });
+        assert_batch_invariant("bn eval backward", &d.r, |r| {
+            batch_norm_eval_backward(r, &d.gamma, &d.var, EPS).unwrap()
+        });
+        assert_batch_invariant("normalize", &d.x, |x| normalize(x, &mean, &std).unwrap());
+        assert_batch_invariant("normalize backward", &d.r, |r| {
+            normalize_backward(r, &std).unwrap()
+        });
+    }
+
+    #[test]
+    fn every_norm_op_gives_the_same_bits_on_any_number_of_threads() {
+        let d = bn_data(&[9, 6, 7, 5], 5);
+        assert_thread_independent("batch norm", || {
+            let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
+            let (y, saved) =
+                batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+            let (dx, dg, db) = batch_norm_train_backward(&d.r, &d.x, &d.gamma, &saved).unwrap();
+            let ye = batch_norm_eval(&d.x, &d.gamma, &d.beta, &d.mean, &d.var, EPS).unwrap();
+            let dxe = batch_norm_eval_backward(&d.r, &d.gamma, &d.var, EPS).unwrap();
+            flat(&[
+                &y,
+                &saved.mean,
+                &saved.invstd,
+                &rm,
+                &rv,
+                &dx,
+                &dg,
+                &db,
+                &ye,
+                &dxe,
+            ])
+        });
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let d = bn_data(&[2, 3, 2, 2], 6);
+        let c2 = Tensor::zeros(&[2]);
+        assert!(batch_norm_eval(&d.x, &c2, &d.beta, &d.mean, &d.var, EPS).is_err());
+        assert!(batch_norm_eval(
+            &Tensor::zeros(&[3]),
+            &d.gamma,
+            &d.beta,
+            &d.mean,
+            &d.var,
+            EPS
+        )
+        .is_err());
+        assert!(batch_norm_eval_backward(&d.r, &d.gamma, &c2, EPS).is_err());
+        let (mut rm, mut rv) = (c2.clone(), d.var.clone());
+        assert!(batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).is_err());
+        let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
+        let (_, saved) =
+            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+        assert!(
+            batch_norm_train_backward(&Tensor::zeros(&[2, 3, 2, 1]), &d.x, &d.gamma, &saved)
+                .is_err()
+        );
+        assert!(normalize(&d.x, &[0.0; 2], &[1.0; 3]).is_err());
+        assert!(normalize(&d.x, &[0.0; 3], &[1.0, 0.0, 1.0]).is_err());
+        assert!(normalize_backward(&d.r, &[1.0; 4]).is_err());
+    }
+}

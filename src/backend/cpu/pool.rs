@@ -228,3 +228,210 @@ pub(super) fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result
     }
     Tensor::new(x_shape, dx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::*;
+
+    fn pp(kernel: usize, stride: usize, pad: usize) -> PoolParams {
+        PoolParams {
+            kernel,
+            stride,
+            pad,
+        }
+    }
+
+    /// Pooling by definition in f64: `reduce` over the in-range pixels of
+    /// each window, then `finish(sum or max)`.
+    fn f64_pool(x: &[f64], shape: [usize; 4], p: PoolParams, max: bool) -> Vec<f64> {
+        let [n, c, h, w] = shape;
+        let (oh, ow) = (p.out_len(h), p.out_len(w));
+        let mut y = Vec::new();
+        for plane in x.chunks(h * w).take(n * c) {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+                    for a in 0..p.kernel {
+                        for b in 0..p.kernel {
+                            let (ih, iw) = (
+                                (i * p.stride + a) as isize - p.pad as isize,
+                                (j * p.stride + b) as isize - p.pad as isize,
+                            );
+                            if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                continue;
+                            }
+                            let v = plane[ih as usize * w + iw as usize];
+                            acc = if max { acc.max(v) } else { acc + v };
+                        }
+                    }
+                    y.push(if max {
+                        acc
+                    } else {
+                        acc / (p.kernel * p.kernel) as f64
+                    });
+                }
+            }
+        }
+        y
+    }
+
+    fn f64_gap(x: &[f64], hw: usize) -> Vec<f64> {
+        x.chunks(hw)
+            .map(|p| p.iter().sum::<f64>() / hw as f64)
+            .collect()
+    }
+
+    const SHAPE: [usize; 4] = [2, 2, 5, 6];
+    const WINDOWS: [(usize, usize, usize); 4] = [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 1)];
+
+    #[test]
+    fn max_pool_matches_f64_and_its_gradient_matches_central_differences() {
+        let mut g = rng(1);
+        // Distinct values 0.01 apart: no ties within a finite-difference step.
+        let x = distinct(&mut g, &SHAPE, 0.01);
+        for (k, s, pad) in WINDOWS {
+            let p = pp(k, s, pad);
+            let y = max_pool2d(&x, p).unwrap();
+            let f = |x: &[f64]| f64_pool(x, SHAPE, p, true);
+            assert_close(&format!("max {p:?}"), y.data(), &f(&f64s(&x)), 1e-7);
+            let r = uniform(&mut g, y.shape(), -1.0, 1.0);
+            let dx = max_pool2d_backward(&x, &r, p).unwrap();
+            let num = numeric_grad(&f64s(&x), |x| dot(&f(x), &f64s(&r)));
+            assert_close(&format!("max dx {p:?}"), dx.data(), &num, 1e-4);
+        }
+    }
+
+    #[test]
+    fn max_pool_routes_ties_to_the_first_maximum_in_row_major_order() {
+        let x = Tensor::full(&[1, 1, 2, 2], 1.0);
+        let dx = max_pool2d_backward(&x, &Tensor::full(&[1, 1, 1, 1], 1.0), pp(2, 2, 0)).unwrap();
+        assert_eq!(dx.data(), &[1.0, 0.0, 0.0, 0.0]);
+
+        // 3x3/2 pad 1 over 4x4: window (0,0) ties (0,1) with (1,0); window
+        // (0,1) ties (0,1) with (0,2); both go to (0,1).
+        #[rustfmt::skip]
+        let x = Tensor::new(&[1, 1, 4, 4], vec![
+            0., 5., 5., 0.,
+            5., 0., 0., 0.,
+            0., 0., 0., 0.,
+            0., 0., 0., 5.,
+        ]).unwrap();
+        let dy = Tensor::new(&[1, 1, 2, 2], vec![1., 2., 3., 4.]).unwrap();
+        let dx = max_pool2d_backward(&x, &dy, pp(3, 2, 1)).unwrap();
+        #[rustfmt::skip]
+        let want = [
+            0., 3., 0., 0.,
+            3., 0., 0., 0.,
+            0., 0., 0., 0.,
+            0., 0., 0., 4.,
+        ];
+        assert_eq!(dx.data(), &want);
+    }
+
+    #[test]
+    fn max_pool_padding_never_wins() {
+        let x = Tensor::full(&[1, 1, 3, 3], -1.0);
+        let y = max_pool2d(&x, pp(3, 2, 1)).unwrap();
+        assert_eq!(y.data(), &[-1.0; 4]);
+    }
+
+    #[test]
+    fn avg_pool_counts_padding_in_the_divisor() {
+        let y = avg_pool2d(&Tensor::full(&[1, 1, 3, 3], 1.0), pp(3, 1, 1)).unwrap();
+        let want = [4., 6., 4., 6., 9., 6., 4., 6., 4.].map(|v| v / 9.0);
+        assert_close("avg 3x3/1 pad 1 of ones", y.data(), &want, 1e-7);
+    }
+
+    #[test]
+    fn avg_pool_matches_f64_and_its_gradient_matches_central_differences() {
+        let mut g = rng(2);
+        let x = uniform(&mut g, &SHAPE, -1.0, 1.0);
+        for (k, s, pad) in WINDOWS {
+            let p = pp(k, s, pad);
+            let y = avg_pool2d(&x, p).unwrap();
+            let f = |x: &[f64]| f64_pool(x, SHAPE, p, false);
+            assert_close(&format!("avg {p:?}"), y.data(), &f(&f64s(&x)), 1e-6);
+            let r = uniform(&mut g, y.shape(), -1.0, 1.0);
+            let dx = avg_pool2d_backward(&r, &SHAPE, p).unwrap();
+            let num = numeric_grad(&f64s(&x), |x| dot(&f(x), &f64s(&r)));
+            assert_close(&format!("avg dx {p:?}"), dx.data(), &num, 1e-4);
+        }
+    }
+
+    #[test]
+    fn global_avg_pool_matches_f64_and_its_gradient_matches_central_differences() {
+        let mut g = rng(3);
+        let x = uniform(&mut g, &SHAPE, -1.0, 1.0);
+        let y = global_avg_pool(&x).unwrap();
+        assert_eq!(y.shape(), &[2, 2]);
+        assert_close("gap", y.data(), &f64_gap(&f64s(&x), 30), 1e-6);
+        let r = uniform(&mut g, &[2, 2], -1.0, 1.0);
+        let dx = global_avg_pool_backward(&r, &SHAPE).unwrap();
+        let num = numeric_grad(&f64s(&x), |x| dot(&f64_gap(x, 30), &f64s(&r)));
+        assert_close("gap dx", dx.data(), &num, 1e-4);
+    }
+
+    #[test]
+    fn pools_are_batch_invariant_and_thread_independent() {
+        let mut g = rng(4);
+        let x = uniform(&mut g, &[7, 5, 9, 8], -1.0, 1.0);
+        for (k, s, pad) in WINDOWS {
+            let p = pp(k, s, pad);
+            let dy = uniform(&mut g, &[7, 5, p.out_len(9), p.out_len(8)], -1.0, 1.0);
+            assert_batch_invariant("max", &x, |x| max_pool2d(x, p).unwrap());
+            assert_batch_invariant("avg", &x, |x| avg_pool2d(x, p).unwrap());
+            assert_batch_invariant("avg backward", &dy, |dy| {
+                avg_pool2d_backward(dy, &[dy.shape()[0], 5, 9, 8], p).unwrap()
+            });
+            // The max-pool gradient reads x and dy of the same image.
+            let batch = max_pool2d_backward(&x, &dy, p).unwrap();
+            for i in 0..7 {
+                let (xi, dyi) = (x.slice_rows(i, i + 1), dy.slice_rows(i, i + 1));
+                let alone = max_pool2d_backward(&xi, &dyi, p).unwrap();
+                assert_bitwise(
+                    "max backward",
+                    alone.data(),
+                    batch.slice_rows(i, i + 1).data(),
+                );
+            }
+            assert_thread_independent(&format!("pools {p:?}"), || {
+                let outs = [
+                    max_pool2d(&x, p).unwrap(),
+                    max_pool2d_backward(&x, &dy, p).unwrap(),
+                    avg_pool2d(&x, p).unwrap(),
+                    avg_pool2d_backward(&dy, x.shape(), p).unwrap(),
+                    global_avg_pool(&x).unwrap(),
+                ];
+                flat(&outs.iter().collect::<Vec<_>>())
+            });
+        }
+        assert_batch_invariant("gap", &x, |x| global_avg_pool(x).unwrap());
+        let dy = uniform(&mut g, &[7, 5], -1.0, 1.0);
+        assert_batch_invariant("gap backward", &dy, |dy| {
+            global_avg_pool_backward(dy, &[dy.shape()[0], 5, 9, 8]).unwrap()
+        });
+    }
+
+    #[test]
+    fn bad_shapes_and_windows_are_errors_not_panics() {
+        let x = Tensor::zeros(&[1, 2, 4, 4]);
+        assert!(
+            max_pool2d(&x, pp(2, 2, 2)).is_err(),
+            "padding over half the window"
+        );
+        assert!(
+            max_pool2d(&x, pp(7, 1, 1)).is_err(),
+            "window over the padded input"
+        );
+        assert!(avg_pool2d(&x, pp(2, 0, 0)).is_err(), "stride 0");
+        assert!(avg_pool2d(&Tensor::zeros(&[2, 4, 4]), pp(2, 2, 0)).is_err());
+        assert!(max_pool2d(&Tensor::zeros(&[1, 2, 0, 4]), pp(1, 1, 0)).is_err());
+        assert!(max_pool2d_backward(&x, &Tensor::zeros(&[1, 2, 3, 2]), pp(2, 2, 0)).is_err());
+        assert!(
+            avg_pool2d_backward(&Tensor::zeros(&[1, 2, 3, 2]), x.shape(), pp(2, 2, 0)).is_err()
+        );
+        assert!(global_avg_pool_backward(&Tensor::zeros(&[1, 3]), x.shape()).is_err());
+        assert!(global_avg_pool(&Tensor::zeros(&[1, 2, 0, 3])).is_err());
+    }
+}
