@@ -248,24 +248,20 @@ fn bench_cpu(
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
         let graph = model_graph(arch, *input)?;
-        let params = formula_params(&graph);
+        let model = crate::eval::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));
             let (canvas, mask, others) = search_inputs(*input, s, 4);
+            let targets = vec![1usize; s];
+            let mc = crate::search::MaskConfig {
+                batch: 4,
+                ..crate::search::MaskConfig::default()
+            };
             let secs = time(
                 cfg.seconds,
                 || {
-                    crate::backend::gpu::selftest::search_step(
-                        cpu,
-                        &graph,
-                        &params,
-                        &canvas,
-                        &mask,
-                        &others,
-                        1,
-                        (0.2, 0.8, 0.02),
-                    )
-                    .map(|_| ())
+                    crate::search::optimize::step(&model, &canvas, &mask, &others, &targets, &mc)
+                        .map(|_| ())
                 },
                 &sync,
             )?;

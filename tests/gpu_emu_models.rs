@@ -162,18 +162,21 @@ fn emu_search_step_matches_fixture_and_cpu() {
     let fused = FusedModel::new(&gpu, &graph, &formula_params(&graph)).unwrap();
     let canvas = get("canvas").reshape(&[1, 1, 28, 28]).unwrap();
     let mask0 = get("mask0").reshape(&[1, 28, 28]).unwrap();
+    let cfg = classwise::search::MaskConfig {
+        batch: 4,
+        alpha: meta("alpha"),
+        beta: meta("beta"),
+        lr: f.metadata["lr"].parse::<f64>().unwrap(),
+        ..Default::default()
+    };
     let step = selftest::search_step_fused(
         &fused,
         &gpu,
         &canvas,
         &mask0,
         &get("others"),
-        target,
-        (
-            meta("alpha"),
-            meta("beta"),
-            f.metadata["lr"].parse::<f64>().unwrap(),
-        ),
+        &[target],
+        &cfg,
     )
     .unwrap();
     assert_close_abs("logits", step.logits.data(), get("logits").data(), 1e-4);
@@ -181,7 +184,7 @@ fn emu_search_step_matches_fixture_and_cpu() {
     assert_close_rel("dmask", step.dmask.data(), want_dmask.data(), 1e-3);
     let mask1 = get("mask1").reshape(&[1, 28, 28]).unwrap();
     assert_eq!(
-        selftest::mask_step_mismatches(&step.mask1, &mask1, &want_dmask),
+        selftest::mask_step_mismatches(&step.masks, &mask1, &want_dmask),
         0,
         "mask1 differs"
     );

@@ -134,7 +134,8 @@ struct Geom {
     p: ConvParams,
 }
 
-fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
+/// The four extents of an NCHW tensor, or an error naming it.
+pub(super) fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
     match *s {
         [a, b, c, d] => Ok([a, b, c, d]),
         _ => Err(Error::tensor(
@@ -144,7 +145,8 @@ fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
     }
 }
 
-fn dims2(name: &str, s: &[usize]) -> Result<[usize; 2]> {
+/// The two extents of an `[N, F]` tensor, or an error naming it.
+pub(super) fn dims2(name: &str, s: &[usize]) -> Result<[usize; 2]> {
     match *s {
         [a, b] => Ok([a, b]),
         _ => Err(Error::tensor(
@@ -513,11 +515,6 @@ impl<D: Driver> GpuBackend<D> {
             None
         };
         Ok((dw, db))
-    }
-
-    /// A buffer's values on the host.
-    pub(super) fn download_vec(&self, b: &GpuBuf<D>) -> Result<Vec<f32>> {
-        Ok(crate::backend::Backend::download(self, b)?.into_data())
     }
 
     /// Eval-mode batch norm folded into the convolution before it: returns

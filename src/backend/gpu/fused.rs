@@ -394,17 +394,10 @@ impl<'a, D: Driver> FusedModel<'a, D> {
             };
             shapes[j] = y.shape().to_vec();
             outs[j] = Some(y);
-            for i in [nd.input, nd.input2] {
-                if self.last_use[i] == j && !(trace && self.keep[i]) && i != j {
+            // Free what no later node reads (unless the backward pass needs it).
+            for i in node_reads(nd) {
+                if self.last_use[i] == j && !(trace && self.keep[i]) {
                     outs[i] = None;
-                }
-            }
-            if let FOp::Conv {
-                residual: Some(r), ..
-            } = nd.op
-            {
-                if self.last_use[r] == j && !(trace && self.keep[r]) {
-                    outs[r] = None;
                 }
             }
         }
@@ -535,6 +528,18 @@ impl<'a, D: Driver> FusedModel<'a, D> {
             .softmax_cross_entropy(t.logits(), labels, weights)?;
         let dx = self.input_grad(&t, dlogits)?;
         Ok((self.gpu.download(t.logits())?, self.gpu.download(&dx)?))
+    }
+}
+
+/// The fused nodes whose outputs `nd` reads.
+fn node_reads(nd: &FNode) -> Vec<usize> {
+    match &nd.op {
+        FOp::Input => Vec::new(),
+        FOp::Add => vec![nd.input, nd.input2],
+        FOp::Conv {
+            residual: Some(r), ..
+        } => vec![nd.input, *r],
+        _ => vec![nd.input],
     }
 }
 

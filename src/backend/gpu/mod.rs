@@ -172,6 +172,11 @@ impl<D: Driver> GpuBackend<D> {
         Ok(b)
     }
 
+    /// A buffer's values on the host.
+    fn download_vec(&self, b: &GpuBuf<D>) -> Result<Vec<f32>> {
+        Ok(self.download(b)?.into_data())
+    }
+
     /// Makes `b` the only handle of its memory (copying it if shared), so it
     /// can be written in place.
     fn make_unique(&self, b: &mut GpuBuf<D>) -> Result<()> {

@@ -2,7 +2,7 @@
 //! pool.cu, loss.cu, mask.cu and optim.cu. Shapes are validated exactly as
 //! the CPU reference validates them, so both backends refuse the same inputs.
 
-use super::conv::expect_shape;
+use super::conv::{dims2, dims4, expect_shape};
 use super::{arg, Driver, GpuBackend, GpuBuf};
 use crate::backend::{BnSaved, PoolParams, SgdParams};
 use crate::error::{Error, Result};
@@ -77,16 +77,6 @@ fn channel_dims(name: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
         ));
     }
     Ok((shape[0], shape[1], numel(&shape[2..])))
-}
-
-fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
-    match *s {
-        [a, b, c, d] => Ok([a, b, c, d]),
-        _ => Err(Error::tensor(
-            name,
-            format!("expected 4 dimensions [N, C, H, W], got shape {s:?}"),
-        )),
-    }
 }
 
 /// Checked pool geometry: `(n, c, h, w, oh, ow)`.
@@ -493,15 +483,8 @@ impl<D: Driver> GpuBackend<D> {
         x_shape: &[usize],
     ) -> Result<GpuBuf<D>> {
         let [n, c, h, w] = dims4("x", x_shape)?;
-        match *dy.shape() {
-            [dn, dc] if (dn, dc) == (n, c) => {}
-            [_, _] => return Err(Error::shape("dy", &[n, c], dy.shape())),
-            _ => {
-                return Err(Error::tensor(
-                    "dy",
-                    format!("expected 2 dimensions [N, F], got shape {:?}", dy.shape()),
-                ))
-            }
+        if dims2("dy", dy.shape())? != [n, c] {
+            return Err(Error::shape("dy", &[n, c], dy.shape()));
         }
         let dx = self.alloc(x_shape)?;
         let a = pool_args(
@@ -527,15 +510,7 @@ impl<D: Driver> GpuBackend<D> {
         labels: &[usize],
         weights: &[f32],
     ) -> Result<(Vec<f32>, GpuBuf<D>)> {
-        let (n, k) = match *logits.shape() {
-            [n, k] => (n, k),
-            ref s => {
-                return Err(Error::tensor(
-                    "logits",
-                    format!("expected 2 dimensions [N, F], got shape {s:?}"),
-                ))
-            }
-        };
+        let [n, k] = dims2("logits", logits.shape())?;
         for (what, len) in [("labels", labels.len()), ("weights", weights.len())] {
             if len != n {
                 return Err(Error::Msg(format!(

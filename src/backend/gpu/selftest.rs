@@ -31,7 +31,9 @@ use super::{Driver, GpuBackend, GpuBuf};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, ConvParams, PoolParams, SgdParams};
 use crate::error::{Error, Result};
+use crate::eval::DeviceModel;
 use crate::graph::{Graph, ParamKind};
+use crate::search::optimize::{step as search_step, MaskConfig, StepOutput};
 use crate::tensor::{numel, rel_l2, Tensor};
 use crate::zoo::{build, ModelSpec};
 
@@ -1195,77 +1197,50 @@ pub fn check_model_outputs<D: Driver>(
     ))
 }
 
-/// The outputs of one step of pattern search.
-pub struct SearchStep {
-    /// Logits of the composites `[S*B, classes]`.
-    pub logits: Tensor,
-    /// Mask gradient `[S, H, W]`.
-    pub dmask: Tensor,
-    /// The mask after the signed step.
-    pub mask1: Tensor,
-}
-
-/// One step of the authors' search for S searches of B images each, batched:
-/// composite, eval forward, `alpha * mean CE(target)`, backward to the input,
-/// mask gradient (plus `beta * d(sum m / (H*W/2))`), signed step with `lr`.
-#[allow(clippy::too_many_arguments)]
-pub fn search_step<B: Backend>(
-    be: &B,
-    graph: &Graph,
-    params: &[B::Buf],
-    canvas: &Tensor,
-    mask: &Tensor,
-    others: &Tensor,
-    target: usize,
-    (alpha, beta, lr): (f32, f32, f64),
-) -> Result<SearchStep> {
-    let (s, hw) = (mask.shape()[0], mask.shape()[1] * mask.shape()[2]);
-    let b = others.shape()[0] / s.max(1);
-    let (c, o) = (be.upload(canvas)?, be.upload(others)?);
-    let mut m = be.upload(mask)?;
-    let comp = be.composite(&c, &m, &o)?;
-    let trace = graph.forward_trace(be, params, comp)?;
-    let n = s * b;
-    let (_, dlogits) =
-        be.softmax_cross_entropy(trace.logits(), &vec![target; n], &vec![alpha / b as f32; n])?;
-    let logits = be.download(trace.logits())?;
-    let grads = graph.backward(be, params, &trace, dlogits, false)?;
-    let dmask = be.mask_grad(&grads.dx, &c, &o, beta / (hw as f32 / 2.0))?;
-    be.sign_step_clamp(&mut m, &dmask, lr)?;
-    Ok(SearchStep {
-        logits,
-        dmask: be.download(&dmask)?,
-        mask1: be.download(&m)?,
-    })
-}
-
-/// The same step through the fused eval path of the GPU backend.
-#[allow(clippy::too_many_arguments)]
+/// One step of the search (`crate::search::optimize::step`, which runs on
+/// the generic graph runner) through the fused eval path of the GPU backend
+/// instead: same inputs, same outputs.
 pub fn search_step_fused<D: Driver>(
     model: &super::fused::FusedModel<'_, D>,
     gpu: &GpuBackend<D>,
-    canvas: &Tensor,
-    mask: &Tensor,
+    canvases: &Tensor,
+    masks: &Tensor,
     others: &Tensor,
-    target: usize,
-    (alpha, beta, lr): (f32, f32, f64),
-) -> Result<SearchStep> {
-    let (s, hw) = (mask.shape()[0], mask.shape()[1] * mask.shape()[2]);
-    let b = others.shape()[0] / s.max(1);
-    let (c, o) = (gpu.upload(canvas)?, gpu.upload(others)?);
-    let mut m = gpu.upload(mask)?;
+    targets: &[usize],
+    cfg: &MaskConfig,
+) -> Result<StepOutput> {
+    let (s, hw) = (masks.shape()[0], masks.shape()[1] * masks.shape()[2]);
+    if s != targets.len() || others.shape()[0] != s * cfg.batch {
+        return Err(Error::Msg(format!(
+            "search step: {} targets, masks {:?} and others {:?} do not fit batch {}",
+            targets.len(),
+            masks.shape(),
+            others.shape(),
+            cfg.batch
+        )));
+    }
+    let (c, o) = (gpu.upload(canvases)?, gpu.upload(others)?);
+    let mut m = gpu.upload(masks)?;
     let comp = gpu.composite(&c, &m, &o)?;
     let trace = model.forward_trace(&comp)?;
-    let n = s * b;
-    let (_, dlogits) =
-        gpu.softmax_cross_entropy(trace.logits(), &vec![target; n], &vec![alpha / b as f32; n])?;
+    let labels: Vec<usize> = targets
+        .iter()
+        .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
+        .collect();
+    let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
+    let (losses, dlogits) = gpu.softmax_cross_entropy(trace.logits(), &labels, &weights)?;
     let dx = model.input_grad(&trace, dlogits)?;
-    let dmask = gpu.mask_grad(&dx, &c, &o, beta / (hw as f32 / 2.0))?;
-    gpu.sign_step_clamp(&mut m, &dmask, lr)?;
-    Ok(SearchStep {
-        logits: gpu.download(trace.logits())?,
+    let dmask = gpu.mask_grad(&dx, &c, &o, cfg.beta / (hw as f32 / 2.0))?;
+    gpu.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
+    let ce = losses
+        .chunks(cfg.batch)
+        .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / cfg.batch as f64) as f32)
+        .collect();
+    Ok(StepOutput {
+        masks: gpu.download(&m)?,
+        ce,
         dmask: gpu.download(&dmask)?,
-        mask1: gpu.download(&m)?,
+        logits: gpu.download(trace.logits())?,
     })
 }
 
@@ -1278,9 +1253,10 @@ pub fn mask_step_mismatches(got: &Tensor, want: &Tensor, want_grad: &Tensor) -> 
         .count()
 }
 
-/// One batched search step (S = 3 searches of B = 4 images) of `case`'s
-/// model on `gpu` against the CPU: logits, mask gradient and the stepped
-/// mask, through the graph runner and the fused path.
+/// One batched search step (S = 3 searches of B = 4 images, three target
+/// classes) of `case`'s model on `gpu` against the CPU: logits, mask
+/// gradient and the stepped mask, through the search's own step (generic
+/// graph runner) and through the fused path.
 pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Result<Vec<Check>> {
     let graph = build(&ModelSpec::new(case.arch, case.input, case.classes))?;
     let params = formula_params(&graph);
@@ -1290,30 +1266,19 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
     let canvas = su.rand(&[s, c, h, w], 0.0, 1.0);
     let others = su.rand(&[s * b, c, h, w], 0.0, 1.0);
     let mask = Tensor::full(&[s, h, w], 0.5);
-    let hyper = (0.2, 0.8, 0.02);
-    let cpu_p = params
-        .iter()
-        .map(|t| CpuBackend.upload(t))
-        .collect::<Result<Vec<_>>>()?;
-    let want = search_step(
-        &CpuBackend,
-        &graph,
-        &cpu_p,
-        &canvas,
-        &mask,
-        &others,
-        3,
-        hyper,
-    )?;
-    let gpu_p = params
-        .iter()
-        .map(|t| gpu.upload(t))
-        .collect::<Result<Vec<_>>>()?;
-    let got = search_step(gpu, &graph, &gpu_p, &canvas, &mask, &others, 3, hyper)?;
-    let fused = super::fused::FusedModel::from_device(gpu, &graph, &gpu_p)?;
-    let got_f = search_step_fused(&fused, gpu, &canvas, &mask, &others, 3, hyper)?;
+    let targets = [3usize, 0, 7].map(|t| t % case.classes);
+    let cfg = MaskConfig {
+        batch: b,
+        ..MaskConfig::default()
+    };
+    let cpu_model = DeviceModel::upload(&CpuBackend, &graph, &params)?;
+    let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg)?;
+    let gpu_model = DeviceModel::upload(gpu, &graph, &params)?;
+    let got = search_step(&gpu_model, &canvas, &mask, &others, &targets, &cfg)?;
+    let fused = super::fused::FusedModel::from_device(gpu, &graph, &gpu_model.params)?;
+    let got_f = search_step_fused(&fused, gpu, &canvas, &mask, &others, &targets, &cfg)?;
     let (ltol, gtol) = model_tolerances(case.deep);
-    for (tag, g) in [("graph runner", &got), ("fused", &got_f)] {
+    for (tag, g) in [("search code path", &got), ("fused", &got_f)] {
         su.metric(
             format!("logits ({tag})"),
             scaled_max_diff(g.logits.data(), want.logits.data()),
@@ -1324,12 +1289,8 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
             rel_l2(g.dmask.data(), want.dmask.data()),
             gtol,
         );
-        let bad = mask_step_mismatches(&g.mask1, &want.mask1, &want.dmask);
-        su.metric(
-            format!("mask1 positions differing ({tag})"),
-            bad as f64,
-            0.0,
-        );
+        let bad = mask_step_mismatches(&g.masks, &want.masks, &want.dmask);
+        su.metric(format!("mask positions differing ({tag})"), bad as f64, 0.0);
     }
     Ok(su.out)
 }
