@@ -18,9 +18,16 @@
 #         2. gpu_cuda tests                    (ops, out of memory, damaged kernel cache)
 #         3. cwp bench --device cuda           (images/s, search steps/s, conv TFLOP/s)
 #         4. pytorch_baseline.py               (the same workloads in PyTorch)
-#       and writes OUT/gpu-check.json (OUT defaults to $OUT, else DIR/out)
-#       plus the logs of each step. Worst case about 8 minutes, typically 4.
+#       and writes five files to OUT (defaults to $OUT, else DIR/out; the
+#       device tool returns at most 8): gpu-check.json (the ratios and
+#       verdicts), selftest.json, bench.json, torch.json and log.txt (every
+#       step's output). Worst case about 8 minutes, typically 4.
 #       Exit status: 0 when the selftest and the tests passed.
+#
+#   Dry run without a GPU (checks the script and its JSON, not the GPU):
+#     CWP_CHECK_DEVICE=emu CWP_CHECK_SELFTEST_ARGS=--quick CWP_CHECK_TORCH_DEVICE=cpu \
+#     CWP_CHECK_BENCH_ARGS='--models smallcnn:2 --search smallcnn:1,2 --convs smallcnn:2 --seconds 0.05' \
+#     DIR/gpu-check.sh run
 set -uo pipefail
 
 die() { echo "gpu-check: $*" >&2; exit 2; }
@@ -83,42 +90,47 @@ PY
 }
 
 run() {
-  local dir out
+  local dir out work
   dir=$(cd "$(dirname "$0")" && pwd)
   out=${1:-${OUT:-$dir/out}}
-  mkdir -p "$out" || die "cannot create $out"
+  work="$dir/work"
+  mkdir -p "$out" "$work" || die "cannot create $out or $work"
   cd "$dir" || die "cannot enter $dir"
-  find_libs | tee "$out/env.txt"
-  nvidia-smi -L >>"$out/env.txt" 2>&1
+  find_libs | tee "$work/env.txt"
+  nvidia-smi -L >>"$work/env.txt" 2>&1
   export CWP_CACHE_DIR="$dir/kernel-cache"
   local t0=$SECONDS rc_self rc_tests rc_bench rc_torch
+  local dev=${CWP_CHECK_DEVICE:-cuda} tdev=${CWP_CHECK_TORCH_DEVICE:-cuda}
 
-  echo "== 1/4 cwp selftest --device cuda"
-  timeout 150 ./cwp selftest --device cuda --json "$out/selftest.json" >"$out/selftest.txt" 2>"$out/selftest.err"
+  echo "== 1/4 cwp selftest --device $dev"
+  # shellcheck disable=SC2086
+  timeout 150 ./cwp selftest --device "$dev" ${CWP_CHECK_SELFTEST_ARGS:-} --json "$work/selftest.json" >"$work/selftest.txt" 2>"$work/selftest.err"
   rc_self=$?
-  tail -n 3 "$out/selftest.txt"; tail -n 2 "$out/selftest.err"
+  tail -n 3 "$work/selftest.txt"; tail -n 2 "$work/selftest.err"
 
   echo "== 2/4 gpu_cuda tests (ops, out of memory, damaged cache)"
-  timeout 90 ./gpu_cuda --test-threads=1 --nocapture cuda_ops cuda_out_of_memory cuda_corrupted >"$out/cuda-tests.txt" 2>&1
+  timeout 90 ./gpu_cuda --test-threads=1 --nocapture cuda_ops cuda_out_of_memory cuda_corrupted >"$work/cuda-tests.txt" 2>&1
   rc_tests=$?
-  grep -E '^test |test result|skipped' "$out/cuda-tests.txt" | sort -u
+  grep -E '^test |test result|skipped' "$work/cuda-tests.txt" | sort -u
 
-  echo "== 3/4 cwp bench --device cuda"
-  timeout 150 ./cwp bench --device cuda --seconds 0.3 --json "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.err"
+  echo "== 3/4 cwp bench --device $dev"
+  # shellcheck disable=SC2086
+  timeout 150 ./cwp bench --device "$dev" ${CWP_CHECK_BENCH_ARGS:---seconds 0.3} --json "$work/bench.json" >"$work/bench.txt" 2>"$work/bench.err"
   rc_bench=$?
-  cat "$out/bench.txt"
+  cat "$work/bench.txt"
 
   echo "== 4/4 PyTorch baseline"
-  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && [ -f "$out/bench.json" ]; then
-    timeout 150 python3 pytorch_baseline.py "$out/bench.json" "$out/torch.json" --zoo "$dir" --seconds 0.3 >"$out/torch.txt" 2>&1
+  if { [ "$tdev" != cuda ] || python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; } &&
+     python3 -c 'import torch' 2>/dev/null && [ -f "$work/bench.json" ]; then
+    timeout 150 python3 pytorch_baseline.py "$work/bench.json" "$work/torch.json" --zoo "$dir" --seconds 0.3 --device "$tdev" >"$work/torch.txt" 2>&1
     rc_torch=$?
   else
-    echo "PyTorch with CUDA is not available here (or the bench failed): baseline skipped" | tee "$out/torch.txt"
+    echo "PyTorch with CUDA is not available here (or the bench failed): baseline skipped" | tee "$work/torch.txt"
     rc_torch=99
   fi
-  tail -n 2 "$out/torch.txt"
+  tail -n 2 "$work/torch.txt"
 
-  python3 - "$out" "$rc_self" "$rc_tests" "$rc_bench" "$rc_torch" "$((SECONDS - t0))" <<'PY'
+  python3 - "$work" "$rc_self" "$rc_tests" "$rc_bench" "$rc_torch" "$((SECONDS - t0))" <<'PY'
 import json, os, sys
 out, rc_self, rc_tests, rc_bench, rc_torch, secs = sys.argv[1:7]
 def load(name):
@@ -180,7 +192,13 @@ json.dump(doc, open(path + ".tmp", "w"), indent=1)
 os.replace(path + ".tmp", path)
 print(json.dumps(doc.get("targets", {})), "->", path)
 PY
-  echo "gpu-check: done in $((SECONDS - t0)) s"
+  for f in env.txt selftest.txt selftest.err cuda-tests.txt bench.txt bench.err torch.txt; do
+    echo "===== $f"; cat "$work/$f" 2>/dev/null
+  done >"$out/log.txt"
+  for f in gpu-check.json selftest.json bench.json torch.json; do
+    [ -f "$work/$f" ] && cp "$work/$f" "$out/$f"
+  done
+  echo "gpu-check: done in $((SECONDS - t0)) s; results in $out"
   [ "$rc_self" = 0 ] && [ "$rc_tests" = 0 ]
 }
 
