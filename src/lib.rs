@@ -6,6 +6,7 @@
 //! [`weights`]) -> [`backend`]; [`train`], [`search`] and [`report`] sit on top.
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod error;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use classwise::backend::cpu::CpuBackend;
+use classwise::backend::gpu::Device;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Split};
 use classwise::eval::{self, DeviceModel};
@@ -44,6 +44,10 @@ enum Cmd {
     Search(SearchArgs),
     /// The paper's three settings on one page: the embedded natural, backdoored and adversarially trained models.
     Demo(DemoArgs),
+    /// Check the GPU backend against the CPU reference on this machine.
+    Selftest(SelftestArgs),
+    /// Throughput: forward + backward to the input, search steps, conv kernels.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -74,8 +78,45 @@ struct DemoArgs {
 }
 
 #[derive(Args)]
+struct SelftestArgs {
+    /// GPU backend to check: cuda[:N], or emu (the kernels emulated on the CPU; slow).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Op-level checks only (no zoo models).
+    #[arg(long)]
+    quick: bool,
+    /// Images per batch of the model checks (default: 2, one at 224x224).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Also write the checks as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    device: DeviceArg,
+    /// Models and batch sizes: `ARCH[:CxHxW]:N[,N..]` separated by `;` (default: a plan per device).
+    #[arg(long)]
+    models: Option<String>,
+    /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step).
+    #[arg(long)]
+    search: Option<String>,
+    /// Time the convolutions of this model at this batch: `ARCH[:CxHxW]:N`, or `none`.
+    #[arg(long)]
+    convs: Option<String>,
+    /// Seconds of timed repetitions per figure.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct DeviceArg {
-    /// Compute device: auto, cpu, cuda[:N].
+    /// Compute device: auto, cpu, cuda[:N] (emu: the CUDA kernels emulated on the CPU).
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -335,31 +376,19 @@ fn normalization(
     })
 }
 
-/// The backend a command runs on.
-enum Device {
-    Cpu,
-}
-
+/// The backend a command runs on; `auto` says once why it is not a GPU.
 fn select_device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            bail!("option --device: `{s}`: this build has no CUDA backend; use --device cpu")
-        }
-        other => bail!("option --device: unknown device `{other}` (auto, cpu, cuda[:N])"),
+    let (dev, note) = classwise::backend::gpu::select_device(spec)?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
     }
+    Ok(dev)
 }
 
 /// Runs `$body` with `$be` bound to the backend of `$dev`.
 macro_rules! with_backend {
     ($dev:expr, |$be:ident| $body:expr) => {
-        match $dev {
-            Device::Cpu => {
-                let $be = CpuBackend;
-                $body
-            }
-        }
+        classwise::with_device!($dev, |$be| $body)
     };
 }
 
@@ -905,7 +934,69 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Search(a) => cmd_search(a),
         Cmd::Demo(a) => cmd_demo(a),
+        Cmd::Selftest(a) => cmd_selftest(a),
+        Cmd::Bench(a) => cmd_bench(a),
     }
+}
+
+fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
+    use classwise::backend::gpu::selftest::{format_checks, run_suite, SuiteOptions};
+    let opts = SuiteOptions {
+        ops_only: a.quick,
+        batch: a.batch,
+        ..SuiteOptions::default()
+    };
+    let mut progress = |s: &str| eprintln!("selftest: {s}");
+    let (name, checks) = match select_device(&a.device)? {
+        Device::Cuda(g) => (g.name(), run_suite(&g, &opts, &mut progress)),
+        Device::Emu(g) => (g.name(), run_suite(&g, &opts, &mut progress)),
+        Device::Cpu(_) => bail!(
+            "option --device: `{}`: selftest compares a GPU backend with the CPU; use cuda[:N] or emu",
+            a.device
+        ),
+    };
+    println!("device: {name}");
+    print!("{}", format_checks(&checks));
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({ "device": name, "checks": checks });
+        classwise::io::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", checks.len());
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: &BenchArgs) -> Result<()> {
+    use classwise::bench::{self, BenchConfig};
+    let dev = select_device(&a.device.device)?;
+    let mut cfg = BenchConfig::default_for(!matches!(dev, Device::Cpu(_)));
+    if let Some(m) = &a.models {
+        cfg.models = bench::parse_plan(m, "--models")?;
+    }
+    if let Some(s) = &a.search {
+        cfg.search = bench::parse_plan(s, "--search")?;
+    }
+    if let Some(c) = &a.convs {
+        cfg.convs = if c == "none" {
+            Vec::new()
+        } else {
+            bench::parse_plan(c, "--convs")?
+                .into_iter()
+                .map(|(arch, input, n)| (arch, input, n[0]))
+                .collect()
+        };
+    }
+    if let Some(s) = a.seconds {
+        cfg.seconds = s;
+    }
+    let report = bench::run(&dev, &cfg, &mut |s| eprintln!("bench: {s}"))?;
+    print!("{}", bench::format_report(&report));
+    if let Some(path) = &a.json {
+        classwise::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

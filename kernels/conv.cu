@@ -1,0 +1,596 @@
+// 2-D convolution (NCHW activations, OIHW filters, f32) as tiled implicit
+// GEMMs: the im2col matrix is never stored in global memory; each tile of it
+// is gathered into shared memory as the GEMM main loop needs it.
+// CPU twin: src/backend/cpu/conv.rs.
+//
+//   forward   C[M=Cout][N=Nimg*P*Q]  = W[Cout][Cin*R*S]      * col(x)[Cin*R*S][N*P*Q]
+//   dgrad     C[M=Cin ][N=Nimg*H*W]  = W^T[Cin][Cout*R*S]    * col(dy)[Cout*R*S][N*H*W]
+//   wgrad     C[M=Cout][N=Cin*R*S]   = dy[Cout][Nimg*P*Q]    * col(x)^T[Nimg*P*Q][Cin*R*S]
+//
+// One block computes a BM x BN tile of C with (BM/TM)*(BN/TN) threads, each
+// owning a TM x TN register tile. K is walked in steps of BK = 8 with two
+// shared-memory buffers: the next step's global loads are in registers while
+// the current step is multiplied, one barrier per step. Every accumulator
+// sums its K terms in increasing k order, whatever the tile shape, so the
+// forward and dgrad results do not depend on the tile configuration or the
+// batch size. wgrad splits K (the long N*P*Q axis) into fixed chunks whose
+// partial products are summed in chunk order by `conv_wgrad_reduce`:
+// deterministic, no atomics.
+//
+// The forward epilogue fuses bias, a residual input and ReLU; dgrad can apply
+// a ReLU mask (the output y of a fused conv+ReLU) to dy on the way in. Both
+// serve the eval-mode graphs where batch norm has been folded into the conv
+// (`conv_fold_bn`).
+#include "common.cuh"
+
+#define BK 8
+
+// Shared by all conv kernels (the Rust twin is `ConvArgs` in
+// src/backend/gpu/conv.rs).
+struct ConvArgs {
+  int n, c, h, w;   // input batch, channels, height, width
+  int k, r, s;      // output channels, filter height and width
+  int p, q;         // output height and width
+  int stride, pad;
+  int flags;        // CONV_* bits
+  int gm, gn, gk;   // GEMM extents M, N, K
+  int k_chunk;      // wgrad: K values per split (a multiple of BK)
+  int splits;       // wgrad: number of splits (gridDim.z)
+};
+
+#define CONV_BIAS 1      // forward: add bias[m]
+#define CONV_RELU 2      // forward: max(., 0) last
+#define CONV_RESIDUAL 4  // forward: add residual[same index] before the ReLU
+#define CONV_DY_MASK 8   // dgrad: dy is multiplied by (y > 0)
+
+// ---- operand loaders: global -> registers -> shared ---------------------------
+// Each thread loads E elements of a BK x BM (or BK x BN) tile per K step and
+// later stores them into the k-major shared tile (row stride LD, padded by 4
+// floats so that the transposing stores hit distinct banks).
+// "k-fastest" loaders give consecutive threads consecutive k (coalesced when
+// memory is contiguous along k); "n-fastest" ones consecutive n.
+
+// Forward A: weights, A[m][k] = w[m*K + k] (row-major), k-fastest.
+template <int BM, int NT, int LD>
+struct FwdA {
+  static constexpr int E = BM * BK / NT;
+  static constexpr int STEP = NT / BK;
+  const float* __restrict__ w;
+  int M, K, kk, m0;
+  float v[E];
+  __device__ __forceinline__ FwdA(const float* __restrict__ w_, int M_, int K_, int mtile, int k_begin)
+      : w(w_), M(M_), K(K_) {
+    kk = threadIdx.x % BK;
+    m0 = mtile + threadIdx.x / BK;
+  }
+  __device__ __forceinline__ void load(int k0) {
+    const int k = k0 + kk;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int m = m0 + i * STEP;
+      v[i] = (m < M && k < K) ? w[m * K + k] : 0.f;
+    }
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
+  }
+};
+
+// Forward B: im2col of x, B[k][n] with k = (c, r, s), n = (img, p, q); n-fastest.
+// Each of the thread's E rows keeps its (c, r, s) and steps it by BK with
+// carries instead of dividing.
+template <int BN, int NT, int LD>
+struct FwdB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ x;
+  int K, H, W, HW, R, S, nn, base, h0, w0, dc, dr, ds;
+  bool nvalid;
+  int cc[E], rr[E], ss[E];
+  float v[E];
+  __device__ __forceinline__ FwdB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
+      : x(x_), K(a.gk), H(a.h), W(a.w), HW(a.h * a.w), R(a.r), S(a.s) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int pq = a.p * a.q;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / pq : 0;
+    const int rem = n - img * pq;
+    const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
+    base = img * a.c * HW;
+    h0 = p * a.stride - a.pad;
+    w0 = q * a.stride - a.pad;
+    const int RS = R * S;
+    dc = BK / RS;
+    dr = (BK % RS) / S;
+    ds = (BK % RS) % S;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = k_begin + threadIdx.x / BN + i * STEP;
+      cc[i] = k / RS;
+      const int rs = k - cc[i] * RS;
+      rr[i] = rs / S;
+      ss[i] = rs - rr[i] * S;
+    }
+  }
+  __device__ __forceinline__ void load(int k0) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = k0 + threadIdx.x / BN + i * STEP;
+      const int h = h0 + rr[i], w = w0 + ss[i];
+      v[i] = (nvalid && k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W)
+                 ? x[base + cc[i] * HW + h * W + w]
+                 : 0.f;
+      ss[i] += ds;
+      if (ss[i] >= S) {
+        ss[i] -= S;
+        rr[i]++;
+      }
+      rr[i] += dr;
+      if (rr[i] >= R) {
+        rr[i] -= R;
+        cc[i]++;
+      }
+      cc[i] += dc;
+    }
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[(threadIdx.x / BN + i * STEP) * LD + nn] = v[i];
+  }
+};
+
+// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s]; k-fastest.
+template <int BM, int NT, int LD>
+struct DgradA {
+  static constexpr int E = BM * BK / NT;
+  static constexpr int STEP = NT / BK;
+  const float* __restrict__ w;
+  int M, K, RS, kk, m0, ko, rs, dko, drs;
+  float v[E];
+  __device__ __forceinline__ DgradA(const float* __restrict__ w_, const ConvArgs& a, int mtile, int k_begin)
+      : w(w_), M(a.gm), K(a.gk), RS(a.r * a.s) {
+    kk = threadIdx.x % BK;
+    m0 = mtile + threadIdx.x / BK;
+    const int k = k_begin + kk;
+    ko = k / RS;
+    rs = k - ko * RS;
+    dko = BK / RS;
+    drs = BK % RS;
+  }
+  __device__ __forceinline__ void load(int k0) {
+    const int k = k0 + kk;
+    const int off = ko * M * RS + rs;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int m = m0 + i * STEP;
+      v[i] = (m < M && k < K) ? w[off + m * RS] : 0.f;
+    }
+    rs += drs;
+    if (rs >= RS) {
+      rs -= RS;
+      ko++;
+    }
+    ko += dko;
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
+  }
+};
+
+// Dgrad B: the "col" of dy, B[k = (ko, r, s)][n = (img, h, w)] =
+// dy[img][ko][(h + pad - r) / stride][(w + pad - s) / stride] where the
+// division is exact and in range, else 0; n-fastest.
+template <int BN, int NT, int LD>
+struct DgradB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ dy;
+  const float* __restrict__ ymask;
+  int K, P, Q, PQ, R, S, stride, nn, base, hh, ww, dc, dr, ds;
+  bool nvalid;
+  int cc[E], rr[E], ss[E];
+  float v[E];
+  __device__ __forceinline__ DgradB(const ConvArgs& a, const float* __restrict__ dy_,
+                                    const float* __restrict__ ymask_, int ntile, int k_begin)
+      : dy(dy_), ymask(ymask_), K(a.gk), P(a.p), Q(a.q), PQ(a.p * a.q), R(a.r), S(a.s), stride(a.stride) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int hw = a.h * a.w;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / hw : 0;
+    const int rem = n - img * hw;
+    const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
+    base = img * a.k * PQ;
+    hh = h + a.pad;
+    ww = w + a.pad;
+    const int RS = R * S;
+    dc = BK / RS;
+    dr = (BK % RS) / S;
+    ds = (BK % RS) % S;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = k_begin + threadIdx.x / BN + i * STEP;
+      cc[i] = k / RS;
+      const int rs = k - cc[i] * RS;
+      rr[i] = rs / S;
+      ss[i] = rs - rr[i] * S;
+    }
+  }
+  __device__ __forceinline__ void load(int k0) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = k0 + threadIdx.x / BN + i * STEP;
+      int ph = hh - rr[i], pw = ww - ss[i];
+      bool ok = nvalid && k < K && ph >= 0 && pw >= 0;
+      if (stride != 1) {
+        ok = ok && (ph % stride) == 0 && (pw % stride) == 0;
+        ph /= stride;
+        pw /= stride;
+      }
+      ok = ok && ph < P && pw < Q;
+      float val = 0.f;
+      if (ok) {
+        const int idx = base + cc[i] * PQ + ph * Q + pw;
+        val = dy[idx];
+        if (ymask != nullptr && !(ymask[idx] > 0.f)) val = 0.f;
+      }
+      v[i] = val;
+      ss[i] += ds;
+      if (ss[i] >= S) {
+        ss[i] -= S;
+        rr[i]++;
+      }
+      rr[i] += dr;
+      if (rr[i] >= R) {
+        rr[i] -= R;
+        cc[i]++;
+      }
+      cc[i] += dc;
+    }
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[(threadIdx.x / BN + i * STEP) * LD + nn] = v[i];
+  }
+};
+
+// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq]; k-fastest.
+template <int BM, int NT, int LD>
+struct WgradA {
+  static constexpr int E = BM * BK / NT;
+  static constexpr int STEP = NT / BK;
+  const float* __restrict__ dy;
+  int M, K, PQ, kk, m0, img, pq;
+  float v[E];
+  __device__ __forceinline__ WgradA(const float* __restrict__ dy_, const ConvArgs& a, int mtile, int k_begin)
+      : dy(dy_), M(a.gm), K(a.gk), PQ(a.p * a.q) {
+    kk = threadIdx.x % BK;
+    m0 = mtile + threadIdx.x / BK;
+    const int k = k_begin + kk;
+    img = k / PQ;
+    pq = k - img * PQ;
+  }
+  __device__ __forceinline__ void load(int k0) {
+    const int k = k0 + kk;
+    const int off = img * M * PQ + pq;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int m = m0 + i * STEP;
+      v[i] = (m < M && k < K) ? dy[off + m * PQ] : 0.f;
+    }
+    pq += BK;
+    while (pq >= PQ) {
+      pq -= PQ;
+      img++;
+    }
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
+  }
+};
+
+// Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)] = x[img][c][p*st-pad+r][q*st-pad+s];
+// k-fastest (consecutive q are consecutive pixels). Each of the thread's E
+// columns keeps its offset c*H*W + r*W + s and its (r, s) packed in one int.
+template <int BN, int NT, int LD>
+struct WgradB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BK;
+  const float* __restrict__ x;
+  int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q;
+  int off[E], rs[E];
+  float v[E];
+  __device__ __forceinline__ WgradB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
+      : x(x_), K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad) {
+    kk = threadIdx.x % BK;
+    const int RS = a.r * a.s;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int n = ntile + threadIdx.x / BK + i * STEP;
+      const int c = n / RS, t = n - (n / RS) * RS;
+      const int r = t / a.s, sx = t - (t / a.s) * a.s;
+      off[i] = c * H * W + r * W + sx;
+      // Out-of-range columns: a row offset (-32768) that is never in bounds.
+      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
+    }
+    const int k = k_begin + kk;
+    const int pq = P * Q;
+    img = k / pq;
+    const int rem = k - img * pq;
+    p = rem / Q;
+    q = rem - p * Q;
+  }
+  __device__ __forceinline__ void load(int k0) {
+    const int k = k0 + kk;
+    const int hb = p * stride - pad, wb = q * stride - pad;
+    const int base = img * CHW + hb * W + wb;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
+      v[i] = (k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) ? x[base + off[i]] : 0.f;
+    }
+    q += BK;
+    while (q >= Q) {
+      q -= Q;
+      p++;
+    }
+    while (p >= P) {
+      p -= P;
+      img++;
+    }
+  }
+  __device__ __forceinline__ void store(float* s) const {
+#pragma unroll
+    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
+  }
+};
+
+// ---- the GEMM main loop ------------------------------------------------------
+// Thread (ty, tx) owns rows  g*(BM/RG) + ty*4 + {0..3}, g < RG = TM/4, and
+// columns g*(BN/CG) + tx*4 + {0..3}, g < CG = TN/4, so its operands come
+// from shared memory as aligned float4 reads.
+template <int BM, int BN, int TM, int TN>
+struct Tile {
+  static constexpr int TX = BN / TN;
+  static constexpr int TY = BM / TM;
+  static constexpr int NT = TX * TY;
+  static constexpr int RG = TM / 4;
+  static constexpr int CG = TN / 4;
+  static constexpr int LDA = BM + 4;
+  static constexpr int LDB = BN + 4;
+  __device__ __forceinline__ static int row(int i) { return (i / 4) * (BM / RG) + (threadIdx.x / TX) * 4 + (i % 4); }
+  __device__ __forceinline__ static int col(int j) { return (j / 4) * (BN / CG) + (threadIdx.x % TX) * 4 + (j % 4); }
+};
+
+template <int BM, int BN, int TM, int TN, class LA, class LB>
+__device__ __forceinline__ void gemm_main(LA& la, LB& lb, int k_begin, int k_end, float (&acc)[TM][TN]) {
+  typedef Tile<BM, BN, TM, TN> T;
+  __shared__ __align__(16) float As[2][BK * T::LDA];
+  __shared__ __align__(16) float Bs[2][BK * T::LDB];
+#pragma unroll
+  for (int i = 0; i < TM; i++)
+#pragma unroll
+    for (int j = 0; j < TN; j++) acc[i][j] = 0.f;
+  if (k_begin >= k_end) return;
+  const int ty4 = (threadIdx.x / T::TX) * 4, tx4 = (threadIdx.x % T::TX) * 4;
+  la.load(k_begin);
+  lb.load(k_begin);
+  la.store(As[0]);
+  lb.store(Bs[0]);
+  __syncthreads();
+  int buf = 0;
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+    const bool more = k0 + BK < k_end;
+    if (more) {
+      la.load(k0 + BK);
+      lb.load(k0 + BK);
+    }
+    const float* as = As[buf];
+    const float* bs = Bs[buf];
+#pragma unroll
+    for (int kk = 0; kk < BK; kk++) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int g = 0; g < T::RG; g++) {
+        const float4 t = *reinterpret_cast<const float4*>(as + kk * T::LDA + g * (BM / T::RG) + ty4);
+        a[4 * g + 0] = t.x;
+        a[4 * g + 1] = t.y;
+        a[4 * g + 2] = t.z;
+        a[4 * g + 3] = t.w;
+      }
+#pragma unroll
+      for (int g = 0; g < T::CG; g++) {
+        const float4 t = *reinterpret_cast<const float4*>(bs + kk * T::LDB + g * (BN / T::CG) + tx4);
+        b[4 * g + 0] = t.x;
+        b[4 * g + 1] = t.y;
+        b[4 * g + 2] = t.z;
+        b[4 * g + 3] = t.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) acc[i][j] += a[i] * b[j];
+    }
+    if (more) {
+      la.store(As[buf ^ 1]);
+      lb.store(Bs[buf ^ 1]);
+    }
+    __syncthreads();
+    buf ^= 1;
+  }
+}
+
+// ---- the three convolutions ---------------------------------------------------
+
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void conv_fwd_impl(const ConvArgs& a, const float* __restrict__ x,
+                                              const float* __restrict__ w, const float* __restrict__ bias,
+                                              const float* __restrict__ residual, float* __restrict__ y) {
+  typedef Tile<BM, BN, TM, TN> T;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  FwdA<BM, T::NT, T::LDA> la(w, a.gm, a.gk, mtile, 0);
+  FwdB<BN, T::NT, T::LDB> lb(a, x, ntile, 0);
+  float acc[TM][TN];
+  gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
+  const int PQ = a.p * a.q;
+#pragma unroll
+  for (int j = 0; j < TN; j++) {
+    const int n = ntile + T::col(j);
+    if (n >= a.gn) continue;
+    const int img = n / PQ;
+    const int obase = img * a.gm * PQ + (n - img * PQ);
+#pragma unroll
+    for (int i = 0; i < TM; i++) {
+      const int m = mtile + T::row(i);
+      if (m >= a.gm) continue;
+      const int idx = obase + m * PQ;
+      float v = acc[i][j];
+      if (a.flags & CONV_BIAS) v += bias[m];
+      if (a.flags & CONV_RESIDUAL) v += residual[idx];
+      if (a.flags & CONV_RELU) v = v > 0.f ? v : 0.f;
+      y[idx] = v;
+    }
+  }
+}
+
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void conv_dgrad_impl(const ConvArgs& a, const float* __restrict__ dy,
+                                                const float* __restrict__ w, const float* __restrict__ ymask,
+                                                float* __restrict__ dx) {
+  typedef Tile<BM, BN, TM, TN> T;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  DgradA<BM, T::NT, T::LDA> la(w, a, mtile, 0);
+  DgradB<BN, T::NT, T::LDB> lb(a, dy, (a.flags & CONV_DY_MASK) ? ymask : nullptr, ntile, 0);
+  float acc[TM][TN];
+  gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
+  const int HW = a.h * a.w;
+#pragma unroll
+  for (int j = 0; j < TN; j++) {
+    const int n = ntile + T::col(j);
+    if (n >= a.gn) continue;
+    const int img = n / HW;
+    const int obase = img * a.gm * HW + (n - img * HW);
+#pragma unroll
+    for (int i = 0; i < TM; i++) {
+      const int m = mtile + T::row(i);
+      if (m < a.gm) dx[obase + m * HW] = acc[i][j];
+    }
+  }
+}
+
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void conv_wgrad_impl(const ConvArgs& a, const float* __restrict__ x,
+                                                const float* __restrict__ dy, float* __restrict__ out) {
+  typedef Tile<BM, BN, TM, TN> T;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  const int k_begin = blockIdx.z * a.k_chunk;
+  const int k_end = min(a.gk, k_begin + a.k_chunk);
+  WgradA<BM, T::NT, T::LDA> la(dy, a, mtile, k_begin);
+  WgradB<BN, T::NT, T::LDB> lb(a, x, ntile, k_begin);
+  float acc[TM][TN];
+  gemm_main<BM, BN, TM, TN>(la, lb, k_begin, k_end, acc);
+  float* o = out + blockIdx.z * a.gm * a.gn;
+#pragma unroll
+  for (int i = 0; i < TM; i++) {
+    const int m = mtile + T::row(i);
+    if (m >= a.gm) continue;
+#pragma unroll
+    for (int j = 0; j < TN; j++) {
+      const int n = ntile + T::col(j);
+      if (n < a.gn) o[m * a.gn + n] = acc[i][j];
+    }
+  }
+}
+
+// Tile configurations: BMxBN with TMxTN per thread (threads = BM/TM * BN/TN),
+// and the blocks per SM the register budget must allow (__launch_bounds__)
+// for forward/dgrad and for wgrad: 128x128 at two blocks of 256 threads caps
+// registers at 128 per thread, which the forward and dgrad kernels fit
+// without spilling; wgrad's loaders need a few more, so it keeps one block
+// rather than spill in its main loop (tests/gpu_nvrtc.rs checks for spills).
+#define CONV_CONFIGS(X)    \
+  X(128, 128, 8, 8, 2, 1)  \
+  X(64, 128, 8, 8, 3, 3)   \
+  X(32, 128, 4, 4, 4, 4)   \
+  X(64, 32, 4, 4, 8, 8)
+
+#define CONV_KERNELS(BM, BN, TM, TN, MINB, MINB_W)                                                                      \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)                                  \
+      conv_fwd_##BM##x##BN(const ConvArgs a, const float* __restrict__ x, const float* __restrict__ w,    \
+                           const float* __restrict__ bias, const float* __restrict__ residual,            \
+                           float* __restrict__ y) {                                                       \
+    conv_fwd_impl<BM, BN, TM, TN>(a, x, w, bias, residual, y);                                            \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)                                  \
+      conv_dgrad_##BM##x##BN(const ConvArgs a, const float* __restrict__ dy, const float* __restrict__ w, \
+                             const float* __restrict__ ymask, float* __restrict__ dx) {                   \
+    conv_dgrad_impl<BM, BN, TM, TN>(a, dy, w, ymask, dx);                                                 \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB_W)                                  \
+      conv_wgrad_##BM##x##BN(const ConvArgs a, const float* __restrict__ x, const float* __restrict__ dy, \
+                             float* __restrict__ out) {                                                   \
+    conv_wgrad_impl<BM, BN, TM, TN>(a, x, dy, out);                                                       \
+  }
+
+CONV_CONFIGS(CONV_KERNELS)
+
+// dw[i] = sum over splits s (in order) of partial[s][i]; total = M*N.
+struct ReduceArgs {
+  int total;
+  int splits;
+};
+
+extern "C" __global__ void conv_wgrad_reduce(const ReduceArgs a, const float* __restrict__ partial,
+                                             float* __restrict__ out) {
+  for (int i = grid_start(); i < a.total; i += grid_stride()) {
+    float s = 0.f;
+    for (int z = 0; z < a.splits; z++) s += partial[z * a.total + i];
+    out[i] = s;
+  }
+}
+
+// Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],
+// one block of 256 threads per channel, accumulated in double.
+struct BiasGradArgs {
+  int n, k, pq, pad_;
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv_bias_grad(const BiasGradArgs a, const float* __restrict__ dy, float* __restrict__ db) {
+  const int ko = blockIdx.x;
+  const int count = a.n * a.pq;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < count; i += 256) {
+    const int img = i / a.pq;
+    s += (double)dy[(img * a.k + ko) * a.pq + (i - img * a.pq)];
+  }
+  s = block_sum<256>(s);
+  if (threadIdx.x == 0) db[ko] = (float)s;
+}
+
+// Eval-mode batch norm folded into the convolution before it:
+// w'[o][...] = w[o][...] * g[o], b'[o] = (b[o] - mean[o]) * g[o] + beta[o],
+// with g[o] = gamma[o] / sqrt(var[o] + eps).
+struct FoldArgs {
+  int k;        // output channels
+  int per_k;    // filter values per output channel (C*R*S)
+  int has_bias; // the conv has a bias of its own
+  float eps;
+};
+
+extern "C" __global__ void conv_fold_bn(const FoldArgs a, const float* __restrict__ w, const float* __restrict__ b,
+                                        const float* __restrict__ gamma, const float* __restrict__ beta,
+                                        const float* __restrict__ mean, const float* __restrict__ var,
+                                        float* __restrict__ w_out, float* __restrict__ b_out) {
+  const int total = a.k * a.per_k;
+  for (int i = grid_start(); i < total; i += grid_stride()) {
+    const int o = i / a.per_k;
+    const float g = gamma[o] * (1.f / sqrtf(var[o] + a.eps));
+    w_out[i] = w[i] * g;
+    if (i - o * a.per_k == 0) b_out[o] = ((a.has_bias ? b[o] : 0.f) - mean[o]) * g + beta[o];
+  }
+}

@@ -1,0 +1,624 @@
+//! Host side of `kernels/conv.cu`: convolution forward (with the fused bias,
+//! residual and ReLU epilogue), backward-data (with an optional ReLU mask on
+//! dy), backward-filter (split-K plus an ordered reduce) and the bias
+//! gradient; linear layers run through the same kernels as 1x1
+//! convolutions of `[N, K, 1, 1]` images; and the eval-mode batch-norm fold.
+
+use super::{arg, Driver, GpuBackend, GpuBuf};
+use crate::backend::ConvParams;
+use crate::error::{Error, Result};
+
+/// Argument struct of every conv kernel (C twin `ConvArgs` in conv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvArgs {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    k: i32,
+    r: i32,
+    s: i32,
+    p: i32,
+    q: i32,
+    stride: i32,
+    pad: i32,
+    flags: i32,
+    gm: i32,
+    gn: i32,
+    gk: i32,
+    k_chunk: i32,
+    splits: i32,
+}
+
+const CONV_BIAS: i32 = 1;
+const CONV_RELU: i32 = 2;
+const CONV_RESIDUAL: i32 = 4;
+const CONV_DY_MASK: i32 = 8;
+
+/// K step of the GEMM main loop (`BK` in conv.cu).
+const BK: usize = 8;
+
+/// One tile configuration of the conv kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct TileCfg {
+    /// Rows (GEMM M) per block.
+    pub bm: usize,
+    /// Columns (GEMM N) per block.
+    pub bn: usize,
+    /// Threads per block.
+    pub threads: u32,
+    fwd: &'static str,
+    dgrad: &'static str,
+    wgrad: &'static str,
+}
+
+/// The configurations compiled in conv.cu (`CONV_CONFIGS`).
+pub const TILES: [TileCfg; 4] = [
+    TileCfg {
+        bm: 128,
+        bn: 128,
+        threads: 256,
+        fwd: "conv_fwd_128x128",
+        dgrad: "conv_dgrad_128x128",
+        wgrad: "conv_wgrad_128x128",
+    },
+    TileCfg {
+        bm: 64,
+        bn: 128,
+        threads: 128,
+        fwd: "conv_fwd_64x128",
+        dgrad: "conv_dgrad_64x128",
+        wgrad: "conv_wgrad_64x128",
+    },
+    TileCfg {
+        bm: 32,
+        bn: 128,
+        threads: 256,
+        fwd: "conv_fwd_32x128",
+        dgrad: "conv_dgrad_32x128",
+        wgrad: "conv_wgrad_32x128",
+    },
+    TileCfg {
+        bm: 64,
+        bn: 32,
+        threads: 128,
+        fwd: "conv_fwd_64x32",
+        dgrad: "conv_dgrad_64x32",
+        wgrad: "conv_wgrad_64x32",
+    },
+];
+
+/// The tile for a GEMM of `m` rows and `n` columns: wide tiles when there
+/// are many columns, rows matched to `m` so few rows are wasted. The choice
+/// changes speed only: every accumulator sums its K terms in the same order
+/// whatever the tile.
+pub fn pick_tile(m: usize, n: usize) -> TileCfg {
+    if n < 128 {
+        TILES[3]
+    } else if m > 64 {
+        TILES[0]
+    } else if m > 32 {
+        TILES[1]
+    } else {
+        TILES[2]
+    }
+}
+
+/// Splits of the K axis of a wgrad GEMM (`k` long, `tiles` output tiles,
+/// `mn` output values): enough blocks for two waves of a large GPU, at least
+/// 32 K steps per split, at most 64 MiB of partial sums. Depends on the
+/// shape only, so the summation order (and the result) is the same on every
+/// device. Returns `(splits, k_chunk)`.
+pub fn wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
+    let want = 264usize.div_ceil(tiles.max(1));
+    let by_len = k.div_ceil(32 * BK).max(1);
+    let by_mem = ((16usize << 20) / mn.max(1)).max(1);
+    let splits = want.min(by_len).min(by_mem).max(1);
+    let chunk = k.div_ceil(splits).div_ceil(BK) * BK;
+    (k.div_ceil(chunk.max(BK)).max(1), chunk.max(BK))
+}
+
+/// The extents of one convolution, validated as the CPU reference does.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    p: ConvParams,
+}
+
+/// The four extents of an NCHW tensor, or an error naming it.
+pub(super) fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
+    match *s {
+        [a, b, c, d] => Ok([a, b, c, d]),
+        _ => Err(Error::tensor(
+            name,
+            format!("expected 4 dimensions [N, C, H, W], got shape {s:?}"),
+        )),
+    }
+}
+
+/// The two extents of an `[N, F]` tensor, or an error naming it.
+pub(super) fn dims2(name: &str, s: &[usize]) -> Result<[usize; 2]> {
+    match *s {
+        [a, b] => Ok([a, b]),
+        _ => Err(Error::tensor(
+            name,
+            format!("expected 2 dimensions [N, F], got shape {s:?}"),
+        )),
+    }
+}
+
+impl Geom {
+    fn new(x_shape: &[usize], w_shape: &[usize], p: ConvParams) -> Result<Geom> {
+        let [n, c, h, w] = dims4("x", x_shape)?;
+        let [o, wc, kh, kw] = dims4("w", w_shape)?;
+        if wc != c {
+            return Err(Error::shape("w", &[o, c, kh, kw], w_shape));
+        }
+        if c == 0 || h == 0 || w == 0 || o == 0 || kh == 0 || kw == 0 {
+            return Err(Error::Msg(format!(
+                "conv2d: empty extent in input {x_shape:?} or filter {w_shape:?}"
+            )));
+        }
+        if p.stride == 0 {
+            return Err(Error::Msg("conv2d: stride must be at least 1".into()));
+        }
+        if h + 2 * p.pad < kh || w + 2 * p.pad < kw {
+            return Err(Error::Msg(format!(
+                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
+                h + 2 * p.pad,
+                w + 2 * p.pad
+            )));
+        }
+        Ok(Geom {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh: p.out_len(h, kh),
+            ow: p.out_len(w, kw),
+            p,
+        })
+    }
+
+    fn args(&self) -> ConvArgs {
+        ConvArgs {
+            n: self.n as i32,
+            c: self.c as i32,
+            h: self.h as i32,
+            w: self.w as i32,
+            k: self.o as i32,
+            r: self.kh as i32,
+            s: self.kw as i32,
+            p: self.oh as i32,
+            q: self.ow as i32,
+            stride: self.p.stride as i32,
+            pad: self.p.pad as i32,
+            ..ConvArgs::default()
+        }
+    }
+
+    fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
+}
+
+/// Fails unless `b` has exactly `shape`.
+pub(super) fn expect_shape<D: Driver>(name: &str, b: &GpuBuf<D>, shape: &[usize]) -> Result<()> {
+    crate::error::check_shape(name, shape, b.shape())
+}
+
+/// Fails unless every GEMM extent fits the kernels' 32-bit indices.
+fn check_extents(what: &str, extents: &[usize]) -> Result<()> {
+    if extents.iter().any(|&e| e > i32::MAX as usize) {
+        return Err(Error::Backend(format!(
+            "{what}: extents {extents:?} exceed the 32-bit indices of the GPU kernels; use a smaller batch"
+        )));
+    }
+    Ok(())
+}
+
+impl<D: Driver> GpuBackend<D> {
+    /// Convolution forward with an optional fused epilogue:
+    /// `y = relu?(conv(x, w) + bias + residual)`. `residual` must have the
+    /// output's shape. Plain `conv2d` is `residual = None, relu = false`.
+    pub fn conv_forward(
+        &self,
+        x: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        bias: Option<&GpuBuf<D>>,
+        residual: Option<&GpuBuf<D>>,
+        relu: bool,
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = Geom::new(x.shape(), w.shape(), p)?;
+        if let Some(b) = bias {
+            expect_shape("bias", b, &[g.o])?;
+        }
+        if let Some(r) = residual {
+            expect_shape("residual", r, &g.out_shape())?;
+        }
+        let y = self.alloc(&g.out_shape())?;
+        let mut a = g.args();
+        a.gm = g.o as i32;
+        let gn = g.n * g.oh * g.ow;
+        let gk = g.c * g.kh * g.kw;
+        check_extents("conv2d", &[gn, gk])?;
+        a.gn = gn as i32;
+        a.gk = gk as i32;
+        a.flags = if bias.is_some() { CONV_BIAS } else { 0 }
+            | if residual.is_some() { CONV_RESIDUAL } else { 0 }
+            | if relu { CONV_RELU } else { 0 };
+        self.launch_fwd(
+            &a,
+            x.ptr(),
+            w.ptr(),
+            bias.map_or(0, |b| b.ptr()),
+            residual.map_or(0, |r| r.ptr()),
+            y.ptr(),
+        )?;
+        Ok(y)
+    }
+
+    /// Launches the forward GEMM on prepared arguments.
+    fn launch_fwd(&self, a: &ConvArgs, x: u64, w: u64, bias: u64, res: u64, y: u64) -> Result<()> {
+        let (m, n) = (a.gm as usize, a.gn as usize);
+        let t = pick_tile(m, n);
+        let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
+        self.launch(
+            t.fwd,
+            m * n,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
+        )
+    }
+
+    /// Input gradient of a convolution. With `relu_y` (the output of a fused
+    /// conv+ReLU), `dy` is first masked by `relu_y > 0`, i.e. this is the
+    /// input gradient of `relu(conv(x))`.
+    pub fn conv_dgrad(
+        &self,
+        dy: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        relu_y: Option<&GpuBuf<D>>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = Geom::new(x_shape, w.shape(), p)?;
+        expect_shape("dy", dy, &g.out_shape())?;
+        if let Some(y) = relu_y {
+            expect_shape("y", y, &g.out_shape())?;
+        }
+        let dx = self.alloc(x_shape)?;
+        let mut a = g.args();
+        let gn = g.n * g.h * g.w;
+        let gk = g.o * g.kh * g.kw;
+        check_extents("conv2d_backward_data", &[gn, gk])?;
+        a.gm = g.c as i32;
+        a.gn = gn as i32;
+        a.gk = gk as i32;
+        a.flags = if relu_y.is_some() { CONV_DY_MASK } else { 0 };
+        self.launch_dgrad(
+            &a,
+            dy.ptr(),
+            w.ptr(),
+            relu_y.map_or(0, |y| y.ptr()),
+            dx.ptr(),
+        )?;
+        Ok(dx)
+    }
+
+    fn launch_dgrad(&self, a: &ConvArgs, dy: u64, w: u64, mask: u64, dx: u64) -> Result<()> {
+        let (m, n) = (a.gm as usize, a.gn as usize);
+        let t = pick_tile(m, n);
+        let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
+        self.launch(
+            t.dgrad,
+            m * n,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
+        )
+    }
+
+    /// Filter gradient (and bias gradient) of a convolution.
+    pub fn conv_wgrad(
+        &self,
+        x: &GpuBuf<D>,
+        dy: &GpuBuf<D>,
+        w_shape: &[usize],
+        p: ConvParams,
+        with_bias: bool,
+    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
+        let g = Geom::new(x.shape(), w_shape, p)?;
+        expect_shape("dy", dy, &g.out_shape())?;
+        let mut a = g.args();
+        let gk = g.n * g.oh * g.ow;
+        check_extents("conv2d_backward_filter", &[gk])?;
+        a.gm = g.o as i32;
+        a.gn = (g.c * g.kh * g.kw) as i32;
+        a.gk = gk as i32;
+        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), w_shape)?;
+        let db = if with_bias {
+            Some(self.bias_grad(dy, g.n, g.o, g.oh * g.ow)?)
+        } else {
+            None
+        };
+        Ok((dw, db))
+    }
+
+    /// The wgrad GEMM into a fresh `out_shape` buffer: split-K partial
+    /// products, then their ordered sum.
+    fn wgrad_gemm(
+        &self,
+        a: &mut ConvArgs,
+        x: u64,
+        dy: u64,
+        out_shape: &[usize],
+    ) -> Result<GpuBuf<D>> {
+        let (m, n, k) = (a.gm as usize, a.gn as usize, a.gk as usize);
+        let dw = self.alloc(out_shape)?;
+        if m * n == 0 {
+            return Ok(dw);
+        }
+        let t = pick_tile(m, n);
+        let tiles = m.div_ceil(t.bm) * n.div_ceil(t.bn);
+        let (splits, chunk) = wgrad_splits(k, tiles, m * n);
+        a.splits = splits as i32;
+        a.k_chunk = chunk as i32;
+        let grid = [
+            n.div_ceil(t.bn) as u32,
+            m.div_ceil(t.bm) as u32,
+            splits as u32,
+        ];
+        if splits == 1 {
+            let out = dw.ptr();
+            self.launch(
+                t.wgrad,
+                m * n,
+                grid,
+                [t.threads, 1, 1],
+                &mut [arg(a), arg(&x), arg(&dy), arg(&out)],
+            )?;
+            return Ok(dw);
+        }
+        let partial = self.alloc(&[splits, m * n])?;
+        let pp = partial.ptr();
+        self.launch(
+            t.wgrad,
+            m * n,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&x), arg(&dy), arg(&pp)],
+        )?;
+        #[repr(C)]
+        struct ReduceArgs {
+            total: i32,
+            splits: i32,
+        }
+        let r = ReduceArgs {
+            total: (m * n) as i32,
+            splits: splits as i32,
+        };
+        let out = dw.ptr();
+        self.launch_flat(
+            "conv_wgrad_reduce",
+            m * n,
+            &mut [arg(&r), arg(&pp), arg(&out)],
+        )?;
+        Ok(dw)
+    }
+
+    /// `db[o] = sum of dy[img][o][.]`, `dy` viewed as `[n, o, pq]`.
+    fn bias_grad(&self, dy: &GpuBuf<D>, n: usize, o: usize, pq: usize) -> Result<GpuBuf<D>> {
+        #[repr(C)]
+        struct BiasGradArgs {
+            n: i32,
+            k: i32,
+            pq: i32,
+            pad_: i32,
+        }
+        let db = self.alloc(&[o])?;
+        let a = BiasGradArgs {
+            n: n as i32,
+            k: o as i32,
+            pq: pq as i32,
+            pad_: 0,
+        };
+        let (dyp, dbp) = (dy.ptr(), db.ptr());
+        self.launch(
+            "conv_bias_grad",
+            o,
+            [o as u32, 1, 1],
+            [256, 1, 1],
+            &mut [arg(&a), arg(&dyp), arg(&dbp)],
+        )?;
+        Ok(db)
+    }
+
+    /// `x [N,K] * w[O,K]^T + bias`: the forward GEMM of a 1x1 convolution.
+    pub(super) fn linear_forward(
+        &self,
+        x: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        bias: Option<&GpuBuf<D>>,
+    ) -> Result<GpuBuf<D>> {
+        let [n, k] = dims2("x", x.shape())?;
+        let [o, wk] = dims2("w", w.shape())?;
+        if wk != k {
+            return Err(Error::shape("w", &[o, k], w.shape()));
+        }
+        if let Some(b) = bias {
+            expect_shape("bias", b, &[o])?;
+        }
+        let y = self.alloc(&[n, o])?;
+        let a = linear_args(n, k, o, bias.is_some());
+        self.launch_fwd(
+            &a,
+            x.ptr(),
+            w.ptr(),
+            bias.map_or(0, |b| b.ptr()),
+            0,
+            y.ptr(),
+        )?;
+        Ok(y)
+    }
+
+    /// Input gradient of a linear layer: `dy [N,O] * w [O,K]`.
+    pub(super) fn linear_dgrad(&self, dy: &GpuBuf<D>, w: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        let [n, o] = dims2("dy", dy.shape())?;
+        let [wo, k] = dims2("w", w.shape())?;
+        if wo != o {
+            return Err(Error::shape("w", &[o, k], w.shape()));
+        }
+        let dx = self.alloc(&[n, k])?;
+        let mut a = linear_args(n, k, o, false);
+        a.gm = k as i32;
+        a.gn = n as i32;
+        a.gk = o as i32;
+        self.launch_dgrad(&a, dy.ptr(), w.ptr(), 0, dx.ptr())?;
+        Ok(dx)
+    }
+
+    /// Weight (and bias) gradient of a linear layer.
+    pub(super) fn linear_wgrad(
+        &self,
+        x: &GpuBuf<D>,
+        dy: &GpuBuf<D>,
+        with_bias: bool,
+    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
+        let [n, k] = dims2("x", x.shape())?;
+        let [dn, o] = dims2("dy", dy.shape())?;
+        if dn != n {
+            return Err(Error::shape("dy", &[n, o], dy.shape()));
+        }
+        let mut a = linear_args(n, k, o, false);
+        a.gm = o as i32;
+        a.gn = k as i32;
+        a.gk = n as i32;
+        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), &[o, k])?;
+        let db = if with_bias {
+            Some(self.bias_grad(dy, n, o, 1)?)
+        } else {
+            None
+        };
+        Ok((dw, db))
+    }
+
+    /// Eval-mode batch norm folded into the convolution before it: returns
+    /// `(w', b')` with `w' = w * g`, `b' = (b - mean) * g + beta`,
+    /// `g = gamma / sqrt(var + eps)` per output channel, so that
+    /// `conv(x, w') + b'` equals `bn(conv(x, w) + b)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fold_bn(
+        &self,
+        w: &GpuBuf<D>,
+        b: Option<&GpuBuf<D>>,
+        gamma: &GpuBuf<D>,
+        beta: &GpuBuf<D>,
+        mean: &GpuBuf<D>,
+        var: &GpuBuf<D>,
+        eps: f32,
+    ) -> Result<(GpuBuf<D>, GpuBuf<D>)> {
+        let [o, c, kh, kw] = dims4("w", w.shape())?;
+        for (name, t) in [
+            ("gamma", gamma),
+            ("beta", beta),
+            ("mean", mean),
+            ("var", var),
+        ] {
+            expect_shape(name, t, &[o])?;
+        }
+        if let Some(b) = b {
+            expect_shape("bias", b, &[o])?;
+        }
+        #[repr(C)]
+        struct FoldArgs {
+            k: i32,
+            per_k: i32,
+            has_bias: i32,
+            eps: f32,
+        }
+        let w2 = self.alloc(w.shape())?;
+        let b2 = self.alloc(&[o])?;
+        let a = FoldArgs {
+            k: o as i32,
+            per_k: (c * kh * kw) as i32,
+            has_bias: b.is_some() as i32,
+            eps,
+        };
+        let ptrs = [
+            w.ptr(),
+            b.map_or(0, |b| b.ptr()),
+            gamma.ptr(),
+            beta.ptr(),
+            mean.ptr(),
+            var.ptr(),
+            w2.ptr(),
+            b2.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(ptrs.iter().map(arg));
+        self.launch_flat("conv_fold_bn", o * c * kh * kw, &mut args)?;
+        Ok((w2, b2))
+    }
+}
+
+/// Arguments of a linear layer as a 1x1 convolution of `[n, k, 1, 1]`.
+fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs {
+    ConvArgs {
+        n: n as i32,
+        c: k as i32,
+        h: 1,
+        w: 1,
+        k: o as i32,
+        r: 1,
+        s: 1,
+        p: 1,
+        q: 1,
+        stride: 1,
+        pad: 0,
+        flags: if bias { CONV_BIAS } else { 0 },
+        gm: o as i32,
+        gn: n as i32,
+        gk: k as i32,
+        k_chunk: 0,
+        splits: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wgrad_splits_cover_k_exactly_once() {
+        for &(k, tiles, mn) in &[
+            (1usize, 1usize, 1usize),
+            (7, 3, 100),
+            (262144, 1, 64 * 576),
+            (262144, 36, 512 * 4608),
+            (4096, 300, 10),
+        ] {
+            let (splits, chunk) = wgrad_splits(k, tiles, mn);
+            assert!(splits >= 1 && chunk % BK == 0 && chunk > 0);
+            assert!(splits * chunk >= k, "{k} {splits} {chunk}");
+            assert!(
+                (splits - 1) * chunk < k,
+                "every split has work: {k} {splits} {chunk}"
+            );
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The small interface the GPU backend needs from a device: memory, copies
+//! and kernel launches. Two implementations: [`super::cuda::CudaDriver`]
+//! (a real GPU through cudarc) and [`super::emu::EmuDriver`] (the same kernels
+//! compiled for the CPU), so all host-side code is shared and CI runs it.
+
+use std::ffi::c_void;
+
+use crate::error::Result;
+
+/// A device address (CUDA's `CUdeviceptr`; a host address under emu).
+pub type DevPtr = u64;
+
+/// Why an allocation failed.
+#[derive(Debug)]
+pub enum AllocError {
+    /// The device has not that much free memory.
+    OutOfMemory {
+        /// Free bytes on the device when the allocation failed, if known.
+        free: Option<usize>,
+        /// Total bytes of device memory, if known.
+        total: Option<usize>,
+    },
+    /// Any other driver failure.
+    Other(crate::Error),
+}
+
+/// Grid or block extents of a launch, `(x, y, z)`.
+pub type Dim3 = [u32; 3];
+
+/// A device the GPU backend can run on.
+pub trait Driver: Send + Sync + 'static {
+    /// Device description for reports, e.g. `cuda:0 NVIDIA H200 (sm_90)`.
+    fn name(&self) -> String;
+    /// Allocates `bytes` (> 0) of device memory, aligned to 256 bytes.
+    fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError>;
+    /// Frees memory from [`Driver::alloc`]. Ordered after earlier work.
+    fn free(&self, ptr: DevPtr);
+    /// Copies host bytes to the device.
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Copies device bytes to the host (waits for earlier work).
+    fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
+    /// Copies `bytes` between device buffers.
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
+    /// Sets `bytes` at `dst` to zero.
+    fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()>;
+    /// Launches `kernel` with the given grid, block and dynamic shared memory.
+    ///
+    /// # Safety
+    /// `args` holds one pointer per kernel parameter, each to a value of
+    /// exactly the type the kernel declares (device pointers as [`DevPtr`]),
+    /// and every buffer the kernel touches must be live and large enough.
+    unsafe fn launch(
+        &self,
+        kernel: &str,
+        grid: Dim3,
+        block: Dim3,
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()>;
+    /// Waits until all submitted work is done; reports asynchronous faults.
+    fn synchronize(&self) -> Result<()>;
+    /// `(free, total)` device memory in bytes.
+    fn memory(&self) -> Result<(usize, usize)>;
+}

@@ -1,0 +1,694 @@
+//! Host side of the non-convolution kernels: elementwise.cu, norm.cu,
+//! pool.cu, loss.cu, mask.cu and optim.cu. Shapes are validated exactly as
+//! the CPU reference validates them, so both backends refuse the same inputs.
+
+use super::conv::{dims2, dims4, expect_shape};
+use super::{arg, Driver, GpuBackend, GpuBuf};
+use crate::backend::{BnSaved, PoolParams, SgdParams};
+use crate::error::{Error, Result};
+use crate::tensor::numel;
+
+/// `EwArgs` of elementwise.cu.
+#[repr(C)]
+struct EwArgs {
+    n: i32,
+    c: i32,
+    hw: i32,
+    pad_: i32,
+}
+
+/// `BnArgs` of norm.cu.
+#[repr(C)]
+struct BnArgs {
+    n: i32,
+    c: i32,
+    plane: i32,
+    eps: f32,
+    momentum: f32,
+    pad_: i32,
+}
+
+/// `PoolArgs` of pool.cu.
+#[repr(C)]
+struct PoolArgs {
+    n: i32,
+    c: i32,
+    h: i32,
+    w: i32,
+    oh: i32,
+    ow: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    pad_: i32,
+}
+
+/// `MaskArgs` of mask.cu.
+#[repr(C)]
+#[derive(Default)]
+struct MaskArgs {
+    s: i32,
+    b: i32,
+    c: i32,
+    hw: i32,
+    l1_grad: f32,
+    n: i32,
+    lr: f64,
+}
+
+/// `OptimArgs` of optim.cu.
+#[repr(C)]
+#[derive(Default)]
+struct OptimArgs {
+    n: i32,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    eps: f32,
+    pad_: i32,
+}
+
+/// `(N, C, plane)` of a `[N, C, ...]` tensor.
+fn channel_dims(name: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
+    if shape.len() < 2 {
+        return Err(Error::tensor(
+            name,
+            format!("expected [N, C, ...], got shape {shape:?}"),
+        ));
+    }
+    Ok((shape[0], shape[1], numel(&shape[2..])))
+}
+
+/// Checked pool geometry: `(n, c, h, w, oh, ow)`.
+fn pool_geom(x_shape: &[usize], p: PoolParams) -> Result<[usize; 6]> {
+    let [n, c, h, w] = dims4("x", x_shape)?;
+    if h == 0 || w == 0 {
+        return Err(Error::tensor(
+            "x",
+            format!("pool of an empty plane {x_shape:?}"),
+        ));
+    }
+    if p.kernel == 0 || p.stride == 0 {
+        return Err(Error::Msg(format!(
+            "pool: kernel and stride must be at least 1, got {p:?}"
+        )));
+    }
+    if 2 * p.pad > p.kernel {
+        return Err(Error::Msg(format!(
+            "pool: padding {} is more than half the kernel {}",
+            p.pad, p.kernel
+        )));
+    }
+    if h + 2 * p.pad < p.kernel || w + 2 * p.pad < p.kernel {
+        return Err(Error::Msg(format!(
+            "pool: kernel {} is larger than the padded input {}x{}",
+            p.kernel,
+            h + 2 * p.pad,
+            w + 2 * p.pad
+        )));
+    }
+    Ok([n, c, h, w, p.out_len(h), p.out_len(w)])
+}
+
+fn pool_args(g: [usize; 6], p: PoolParams) -> PoolArgs {
+    PoolArgs {
+        n: g[0] as i32,
+        c: g[1] as i32,
+        h: g[2] as i32,
+        w: g[3] as i32,
+        oh: g[4] as i32,
+        ow: g[5] as i32,
+        k: p.kernel as i32,
+        stride: p.stride as i32,
+        pad: p.pad as i32,
+        pad_: 0,
+    }
+}
+
+/// `(S, B, C, H*W)` of a search's canvas and other images.
+fn search_dims<D: Driver>(
+    canvas: &GpuBuf<D>,
+    others: &GpuBuf<D>,
+) -> Result<(usize, usize, usize, usize)> {
+    let [s, c, h, w] = dims4("canvas", canvas.shape())?;
+    let [n, oc, oh, ow] = dims4("others", others.shape())?;
+    if s == 0 {
+        return Err(Error::tensor("canvas", "no searches (S = 0)"));
+    }
+    if (oc, oh, ow) != (c, h, w) || n % s != 0 {
+        let b = (n / s).max(1);
+        return Err(Error::shape("others", &[s * b, c, h, w], others.shape()));
+    }
+    Ok((s, n / s, c, h * w))
+}
+
+fn check_channel_stat(name: &str, v: &[f32], c: usize, divisor: bool) -> Result<()> {
+    if v.len() != c {
+        return Err(Error::shape(name, &[c], &[v.len()]));
+    }
+    if divisor && v.contains(&0.0) {
+        return Err(Error::tensor(name, "a standard deviation is zero"));
+    }
+    Ok(())
+}
+
+impl<D: Driver> GpuBackend<D> {
+    /// `out = f(a, b)` elementwise (`b` absent: `f(a, a)`), through one of
+    /// elementwise.cu's float4 kernels.
+    pub(super) fn map2(
+        &self,
+        kernel: &str,
+        a: &GpuBuf<D>,
+        b: Option<(&str, &GpuBuf<D>)>,
+    ) -> Result<GpuBuf<D>> {
+        if let Some((name, b)) = b {
+            expect_shape(name, b, a.shape())?;
+        }
+        let out = self.alloc(a.shape())?;
+        let n = a.len();
+        let e = EwArgs {
+            n: n as i32,
+            c: 0,
+            hw: 0,
+            pad_: 0,
+        };
+        let (pa, pb, po) = (a.ptr(), b.map_or(a.ptr(), |b| b.1.ptr()), out.ptr());
+        let mut args = if b.is_some() {
+            vec![arg(&e), arg(&pa), arg(&pb), arg(&po)]
+        } else {
+            vec![arg(&e), arg(&pa), arg(&po)]
+        };
+        self.launch_flat(kernel, n.div_ceil(4), &mut args)?;
+        Ok(out)
+    }
+
+    pub(super) fn add_in_place(&self, a: &mut GpuBuf<D>, b: &GpuBuf<D>) -> Result<()> {
+        expect_shape("b", b, a.shape())?;
+        self.make_unique(a)?;
+        let n = a.len();
+        let e = EwArgs {
+            n: n as i32,
+            c: 0,
+            hw: 0,
+            pad_: 0,
+        };
+        let (pa, pb) = (a.ptr(), b.ptr());
+        self.launch_flat(
+            "ew_add_assign",
+            n.div_ceil(4),
+            &mut [arg(&e), arg(&pa), arg(&pb)],
+        )
+    }
+
+    /// `(x - mean[c]) / std[c]` (with `mean`), or `dy / std[c]` (without).
+    pub(super) fn normalize_op(
+        &self,
+        x: &GpuBuf<D>,
+        mean: Option<&[f32]>,
+        std: &[f32],
+    ) -> Result<GpuBuf<D>> {
+        let name = if mean.is_some() { "x" } else { "dy" };
+        let (_, c, plane) = channel_dims(name, x.shape())?;
+        if let Some(m) = mean {
+            check_channel_stat("mean", m, c, false)?;
+        }
+        check_channel_stat("std", std, c, true)?;
+        let mut stats = mean.map_or_else(|| vec![0.0; c], |m| m.to_vec());
+        stats.extend_from_slice(std);
+        let stats = self.upload_raw(&stats)?;
+        let out = self.alloc(x.shape())?;
+        let e = EwArgs {
+            n: x.len() as i32,
+            c: c as i32,
+            hw: plane as i32,
+            pad_: 0,
+        };
+        let (px, ps, po) = (x.ptr(), stats.ptr(), out.ptr());
+        let kernel = if mean.is_some() {
+            "ew_normalize"
+        } else {
+            "ew_normalize_backward"
+        };
+        self.launch_flat(
+            kernel,
+            x.len(),
+            &mut [arg(&e), arg(&px), arg(&ps), arg(&po)],
+        )?;
+        Ok(out)
+    }
+
+    pub(super) fn bn_eval(
+        &self,
+        x: &GpuBuf<D>,
+        gamma: &GpuBuf<D>,
+        beta: &GpuBuf<D>,
+        mean: &GpuBuf<D>,
+        var: &GpuBuf<D>,
+        eps: f32,
+    ) -> Result<GpuBuf<D>> {
+        let (n, c, plane) = channel_dims("x", x.shape())?;
+        for (name, t) in [
+            ("gamma", gamma),
+            ("beta", beta),
+            ("mean", mean),
+            ("var", var),
+        ] {
+            expect_shape(name, t, &[c])?;
+        }
+        let y = self.alloc(x.shape())?;
+        let a = bn_args(n, c, plane, eps, 0.0);
+        let p = [
+            x.ptr(),
+            gamma.ptr(),
+            beta.ptr(),
+            mean.ptr(),
+            var.ptr(),
+            y.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("bn_eval", x.len(), &mut args)?;
+        Ok(y)
+    }
+
+    pub(super) fn bn_eval_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        gamma: &GpuBuf<D>,
+        var: &GpuBuf<D>,
+        eps: f32,
+    ) -> Result<GpuBuf<D>> {
+        let (n, c, plane) = channel_dims("dy", dy.shape())?;
+        expect_shape("gamma", gamma, &[c])?;
+        expect_shape("var", var, &[c])?;
+        let dx = self.alloc(dy.shape())?;
+        let a = bn_args(n, c, plane, eps, 0.0);
+        let p = [dy.ptr(), gamma.ptr(), var.ptr(), dx.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("bn_eval_backward", dy.len(), &mut args)?;
+        Ok(dx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bn_train(
+        &self,
+        x: &GpuBuf<D>,
+        gamma: &GpuBuf<D>,
+        beta: &GpuBuf<D>,
+        running_mean: &mut GpuBuf<D>,
+        running_var: &mut GpuBuf<D>,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<(GpuBuf<D>, BnSaved<GpuBuf<D>>)> {
+        let (n, c, plane) = channel_dims("x", x.shape())?;
+        expect_shape("gamma", gamma, &[c])?;
+        expect_shape("beta", beta, &[c])?;
+        expect_shape("running_mean", running_mean, &[c])?;
+        expect_shape("running_var", running_var, &[c])?;
+        if n * plane < 2 {
+            return Err(Error::Msg(format!(
+                "batch_norm_train: needs more than one value per channel, got input shape {:?}",
+                x.shape()
+            )));
+        }
+        self.make_unique(running_mean)?;
+        self.make_unique(running_var)?;
+        let mean = self.alloc(&[c])?;
+        let invstd = self.alloc(&[c])?;
+        let a = bn_args(n, c, plane, eps, momentum);
+        let p = [
+            x.ptr(),
+            running_mean.ptr(),
+            running_var.ptr(),
+            mean.ptr(),
+            invstd.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch(
+            "bn_train_stats",
+            c,
+            [c as u32, 1, 1],
+            [256, 1, 1],
+            &mut args,
+        )?;
+        let y = self.alloc(x.shape())?;
+        let p = [
+            x.ptr(),
+            mean.ptr(),
+            invstd.ptr(),
+            gamma.ptr(),
+            beta.ptr(),
+            y.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("bn_train_apply", x.len(), &mut args)?;
+        Ok((y, BnSaved { mean, invstd }))
+    }
+
+    pub(super) fn bn_train_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        x: &GpuBuf<D>,
+        gamma: &GpuBuf<D>,
+        saved: &BnSaved<GpuBuf<D>>,
+    ) -> Result<(GpuBuf<D>, GpuBuf<D>, GpuBuf<D>)> {
+        let (n, c, plane) = channel_dims("x", x.shape())?;
+        expect_shape("dy", dy, x.shape())?;
+        expect_shape("gamma", gamma, &[c])?;
+        expect_shape("saved mean", &saved.mean, &[c])?;
+        expect_shape("saved invstd", &saved.invstd, &[c])?;
+        let dgamma = self.alloc(&[c])?;
+        let dbeta = self.alloc(&[c])?;
+        let scratch = self.alloc(&[2 * c])?;
+        let a = bn_args(n, c, plane, 0.0, 0.0);
+        let p = [
+            dy.ptr(),
+            x.ptr(),
+            saved.mean.ptr(),
+            saved.invstd.ptr(),
+            dgamma.ptr(),
+            dbeta.ptr(),
+            scratch.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch(
+            "bn_train_backward_reduce",
+            c,
+            [c as u32, 1, 1],
+            [256, 1, 1],
+            &mut args,
+        )?;
+        let dx = self.alloc(x.shape())?;
+        let p = [
+            dy.ptr(),
+            x.ptr(),
+            saved.mean.ptr(),
+            saved.invstd.ptr(),
+            gamma.ptr(),
+            scratch.ptr(),
+            dx.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("bn_train_backward_apply", x.len(), &mut args)?;
+        Ok((dx, dgamma, dbeta))
+    }
+
+    /// Max or average pooling forward.
+    pub(super) fn pool_forward(
+        &self,
+        kernel: &str,
+        x: &GpuBuf<D>,
+        p: PoolParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = pool_geom(x.shape(), p)?;
+        let y = self.alloc(&[g[0], g[1], g[4], g[5]])?;
+        let a = pool_args(g, p);
+        let (px, py) = (x.ptr(), y.ptr());
+        self.launch_flat(kernel, y.len(), &mut [arg(&a), arg(&px), arg(&py)])?;
+        Ok(y)
+    }
+
+    pub(super) fn max_pool_backward(
+        &self,
+        x: &GpuBuf<D>,
+        dy: &GpuBuf<D>,
+        p: PoolParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = pool_geom(x.shape(), p)?;
+        expect_shape("dy", dy, &[g[0], g[1], g[4], g[5]])?;
+        let dx = self.alloc(x.shape())?;
+        let a = pool_args(g, p);
+        let (px, pdy, pdx) = (x.ptr(), dy.ptr(), dx.ptr());
+        self.launch_flat(
+            "max_pool_bwd",
+            dx.len(),
+            &mut [arg(&a), arg(&px), arg(&pdy), arg(&pdx)],
+        )?;
+        Ok(dx)
+    }
+
+    pub(super) fn avg_pool_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        x_shape: &[usize],
+        p: PoolParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = pool_geom(x_shape, p)?;
+        expect_shape("dy", dy, &[g[0], g[1], g[4], g[5]])?;
+        let dx = self.alloc(x_shape)?;
+        let a = pool_args(g, p);
+        let (pdy, pdx) = (dy.ptr(), dx.ptr());
+        self.launch_flat(
+            "avg_pool_bwd",
+            dx.len(),
+            &mut [arg(&a), arg(&pdy), arg(&pdx)],
+        )?;
+        Ok(dx)
+    }
+
+    pub(super) fn global_avg_forward(&self, x: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        let [n, c, h, w] = dims4("x", x.shape())?;
+        if h * w == 0 {
+            return Err(Error::tensor("x", "global_avg_pool of an empty plane"));
+        }
+        let y = self.alloc(&[n, c])?;
+        let a = pool_args(
+            [n, c, h, w, 1, 1],
+            PoolParams {
+                kernel: h,
+                stride: 1,
+                pad: 0,
+            },
+        );
+        let (px, py) = (x.ptr(), y.ptr());
+        let planes = n * c;
+        self.launch(
+            "global_avg_fwd",
+            planes,
+            [planes.div_ceil(8) as u32, 1, 1],
+            [256, 1, 1],
+            &mut [arg(&a), arg(&px), arg(&py)],
+        )?;
+        Ok(y)
+    }
+
+    pub(super) fn global_avg_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        x_shape: &[usize],
+    ) -> Result<GpuBuf<D>> {
+        let [n, c, h, w] = dims4("x", x_shape)?;
+        if dims2("dy", dy.shape())? != [n, c] {
+            return Err(Error::shape("dy", &[n, c], dy.shape()));
+        }
+        let dx = self.alloc(x_shape)?;
+        let a = pool_args(
+            [n, c, h, w, 1, 1],
+            PoolParams {
+                kernel: h.max(1),
+                stride: 1,
+                pad: 0,
+            },
+        );
+        let (pdy, pdx) = (dy.ptr(), dx.ptr());
+        self.launch_flat(
+            "global_avg_bwd",
+            dx.len(),
+            &mut [arg(&a), arg(&pdy), arg(&pdx)],
+        )?;
+        Ok(dx)
+    }
+
+    pub(super) fn softmax_xent(
+        &self,
+        logits: &GpuBuf<D>,
+        labels: &[usize],
+        weights: &[f32],
+    ) -> Result<(Vec<f32>, GpuBuf<D>)> {
+        let [n, k] = dims2("logits", logits.shape())?;
+        for (what, len) in [("labels", labels.len()), ("weights", weights.len())] {
+            if len != n {
+                return Err(Error::Msg(format!(
+                    "softmax_cross_entropy: {len} {what} for {n} rows of logits"
+                )));
+            }
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= k) {
+            return Err(Error::Msg(format!(
+                "softmax_cross_entropy: label {l} of sample {i} is out of range for {k} classes"
+            )));
+        }
+        let dlogits = self.alloc(&[n, k])?;
+        if k == 0 || n == 0 {
+            return Ok((Vec::new(), dlogits));
+        }
+        let lab: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+        let lab = self.upload_raw(&lab)?;
+        let wts = self.upload_raw(weights)?;
+        let loss = self.alloc(&[n])?;
+        #[repr(C)]
+        struct LossArgs {
+            n: i32,
+            k: i32,
+        }
+        let a = LossArgs {
+            n: n as i32,
+            k: k as i32,
+        };
+        let p = [
+            logits.ptr(),
+            lab.ptr(),
+            wts.ptr(),
+            loss.ptr(),
+            dlogits.ptr(),
+        ];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch("softmax_xent", n, [n as u32, 1, 1], [128, 1, 1], &mut args)?;
+        Ok((self.download_vec(&loss)?, dlogits))
+    }
+
+    pub(super) fn mask_composite(
+        &self,
+        canvas: &GpuBuf<D>,
+        mask: &GpuBuf<D>,
+        others: &GpuBuf<D>,
+    ) -> Result<GpuBuf<D>> {
+        let (s, b, c, hw) = search_dims(canvas, others)?;
+        let [_, _, h, w] = dims4("canvas", canvas.shape())?;
+        expect_shape("mask", mask, &[s, h, w])?;
+        let out = self.alloc(others.shape())?;
+        let a = MaskArgs {
+            s: s as i32,
+            b: b as i32,
+            c: c as i32,
+            hw: hw as i32,
+            ..MaskArgs::default()
+        };
+        let p = [canvas.ptr(), mask.ptr(), others.ptr(), out.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("mask_composite", out.len(), &mut args)?;
+        Ok(out)
+    }
+
+    pub(super) fn mask_gradient(
+        &self,
+        dx: &GpuBuf<D>,
+        canvas: &GpuBuf<D>,
+        others: &GpuBuf<D>,
+        l1_grad: f32,
+    ) -> Result<GpuBuf<D>> {
+        let (s, b, c, hw) = search_dims(canvas, others)?;
+        expect_shape("dx", dx, others.shape())?;
+        let [_, _, h, w] = dims4("canvas", canvas.shape())?;
+        let grad = self.alloc(&[s, h, w])?;
+        let a = MaskArgs {
+            s: s as i32,
+            b: b as i32,
+            c: c as i32,
+            hw: hw as i32,
+            l1_grad,
+            ..MaskArgs::default()
+        };
+        let p = [dx.ptr(), canvas.ptr(), others.ptr(), grad.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("mask_grad", s * hw, &mut args)?;
+        Ok(grad)
+    }
+
+    pub(super) fn mask_sign_step(
+        &self,
+        mask: &mut GpuBuf<D>,
+        grad: &GpuBuf<D>,
+        lr: f64,
+    ) -> Result<()> {
+        expect_shape("grad", grad, mask.shape())?;
+        self.make_unique(mask)?;
+        let a = MaskArgs {
+            lr,
+            n: mask.len() as i32,
+            ..MaskArgs::default()
+        };
+        let (pm, pg) = (mask.ptr(), grad.ptr());
+        self.launch_flat(
+            "mask_sign_step",
+            mask.len(),
+            &mut [arg(&a), arg(&pm), arg(&pg)],
+        )
+    }
+
+    pub(super) fn sgd(
+        &self,
+        param: &mut GpuBuf<D>,
+        grad: &GpuBuf<D>,
+        velocity: &mut GpuBuf<D>,
+        p: SgdParams,
+    ) -> Result<()> {
+        expect_shape("grad", grad, param.shape())?;
+        expect_shape("velocity", velocity, param.shape())?;
+        self.make_unique(param)?;
+        self.make_unique(velocity)?;
+        let a = OptimArgs {
+            n: param.len() as i32,
+            lr: p.lr,
+            momentum: p.momentum,
+            weight_decay: p.weight_decay,
+            ..OptimArgs::default()
+        };
+        let (pp, pg, pv) = (param.ptr(), grad.ptr(), velocity.ptr());
+        self.launch_flat(
+            "sgd_step",
+            param.len(),
+            &mut [arg(&a), arg(&pp), arg(&pg), arg(&pv)],
+        )
+    }
+
+    pub(super) fn pgd(
+        &self,
+        x: &mut GpuBuf<D>,
+        grad: &GpuBuf<D>,
+        x0: &GpuBuf<D>,
+        step: f32,
+        eps: f32,
+    ) -> Result<()> {
+        expect_shape("grad", grad, x.shape())?;
+        expect_shape("x0", x0, x.shape())?;
+        if eps.is_nan() || eps < 0.0 {
+            return Err(Error::arg(
+                "eps",
+                format!("PGD radius must be >= 0, got {eps}"),
+            ));
+        }
+        self.make_unique(x)?;
+        let a = OptimArgs {
+            n: x.len() as i32,
+            lr: step,
+            eps,
+            ..OptimArgs::default()
+        };
+        let (px, pg, p0) = (x.ptr(), grad.ptr(), x0.ptr());
+        self.launch_flat(
+            "pgd_step",
+            x.len(),
+            &mut [arg(&a), arg(&px), arg(&pg), arg(&p0)],
+        )
+    }
+}
+
+fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs {
+    BnArgs {
+        n: n as i32,
+        c: c as i32,
+        plane: plane as i32,
+        eps,
+        momentum,
+        pad_: 0,
+    }
+}

@@ -1,0 +1,67 @@
+//! Choosing the compute device from a `--device` string.
+
+use super::cuda::CudaDriver;
+use super::emu::EmuDriver;
+use super::GpuBackend;
+use crate::backend::cpu::CpuBackend;
+use crate::error::{Error, Result};
+
+/// A backend chosen at run time. Use [`crate::with_device!`] to run generic
+/// code on whichever it is.
+pub enum Device {
+    /// The CPU reference.
+    Cpu(CpuBackend),
+    /// A CUDA GPU.
+    Cuda(GpuBackend<CudaDriver>),
+    /// The CUDA kernels emulated on the CPU (slow; for tests and debugging).
+    Emu(GpuBackend<EmuDriver>),
+}
+
+/// Runs `$body` with `$be` bound to the backend inside a [`Device`].
+#[macro_export]
+macro_rules! with_device {
+    ($dev:expr, |$be:ident| $body:expr) => {
+        match $dev {
+            $crate::backend::gpu::Device::Cpu($be) => $body,
+            $crate::backend::gpu::Device::Cuda($be) => $body,
+            $crate::backend::gpu::Device::Emu($be) => $body,
+        }
+    };
+}
+
+/// Parses a device string: `auto`, `cpu`, `cuda`, `cuda:N` or `emu`.
+/// `auto` takes CUDA device 0 when a usable one exists and the CPU
+/// otherwise; then the second value says why CUDA was not used (for the
+/// caller to print once). An explicit `cuda[:N]` that cannot be opened is an
+/// error naming what is missing.
+pub fn select_device(spec: &str) -> Result<(Device, Option<String>)> {
+    match spec {
+        "cpu" => Ok((Device::Cpu(CpuBackend), None)),
+        "emu" => Ok((Device::Emu(GpuBackend::new(EmuDriver::new())), None)),
+        "auto" => match CudaDriver::new(0) {
+            Ok(d) => Ok((Device::Cuda(GpuBackend::new(d)), None)),
+            Err(e) => Ok((
+                Device::Cpu(CpuBackend),
+                Some(format!("no usable CUDA device ({e}); running on the CPU")),
+            )),
+        },
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    Error::arg(
+                        "--device",
+                        format!("`{s}`: expected cuda:N with N a device number"),
+                    )
+                })?,
+            };
+            let d = CudaDriver::new(ordinal)
+                .map_err(|e| Error::arg("--device", format!("`{s}`: {e}")))?;
+            Ok((Device::Cuda(GpuBackend::new(d)), None))
+        }
+        other => Err(Error::arg(
+            "--device",
+            format!("unknown device `{other}` (auto, cpu, cuda[:N], emu)"),
+        )),
+    }
+}

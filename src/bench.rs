@@ -1,0 +1,577 @@
+//! `cwp bench`: throughput of the engine on one device.
+//!
+//! - **Forward + backward to the input** (eval mode, frozen weights: what the
+//!   search runs) of zoo models at several batch sizes, in images per second.
+//!   On a GPU through the fused eval path (BN folded, ReLU fused), on the CPU
+//!   through the graph runner.
+//! - **Search steps per second**: the authors' step (composite, forward,
+//!   weighted cross-entropy, backward to the input, mask gradient, signed
+//!   step) for S searches of B = 4 images batched into one step, and S = 1
+//!   (the authors' eager batch 4).
+//! - **Convolution kernels** (GPU): forward, backward-data and
+//!   backward-filter on every distinct convolution of a model at a batch
+//!   size, in TFLOP/s and as a share of the FP32 peak.
+//!
+//! Every figure is a median of timed repetitions after warm-up; GPU work is
+//! synchronised before a clock is read.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::gpu::driver::Driver;
+use crate::backend::gpu::fused::FusedModel;
+use crate::backend::gpu::selftest::{formula_input, formula_params};
+use crate::backend::gpu::{Device, GpuBackend};
+use crate::backend::{Backend, ConvParams};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Op};
+use crate::tensor::Tensor;
+use crate::zoo::{build, ModelSpec};
+
+/// `(arch, input [C, H, W], sizes)` entries of a plan.
+pub type Plan = Vec<(String, [usize; 3], Vec<usize>)>;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// `(arch, input, batch sizes)` for forward + backward to the input.
+    pub models: Plan,
+    /// `(arch, input, searches S)` for batched search steps (B = 4 each).
+    pub search: Plan,
+    /// `(arch, input, batch)` whose convolutions are timed one by one (GPU).
+    pub convs: Vec<(String, [usize; 3], usize)>,
+    /// Seconds of timed repetitions per measurement (after warm-up).
+    pub seconds: f64,
+}
+
+impl BenchConfig {
+    /// The default plan for a device kind: large batches on a GPU, the
+    /// peers' batch sizes on the CPU (see `shared/peers/README.md`).
+    pub fn default_for(gpu: bool) -> BenchConfig {
+        let s = |a: &str| a.to_string();
+        if gpu {
+            BenchConfig {
+                models: vec![
+                    (s("smallcnn"), [1, 28, 28], vec![4, 64, 256]),
+                    (s("resnet18"), [3, 32, 32], vec![4, 64, 256]),
+                    (s("resnet34"), [3, 32, 32], vec![4, 256]),
+                    (s("resnet50"), [3, 32, 32], vec![4, 64, 256]),
+                    (s("preact_resnet18"), [3, 32, 32], vec![4, 256]),
+                    (s("vgg16"), [3, 32, 32], vec![4, 256]),
+                    (s("wrn28_10"), [3, 32, 32], vec![4, 64]),
+                    (s("resnet50_imagenet"), [3, 224, 224], vec![1, 32]),
+                ],
+                search: vec![
+                    (s("smallcnn"), [1, 28, 28], vec![1, 40]),
+                    (s("resnet18"), [3, 32, 32], vec![1, 40]),
+                    (s("resnet50"), [3, 32, 32], vec![1, 40]),
+                ],
+                convs: vec![(s("resnet50"), [3, 32, 32], 256)],
+                seconds: 0.5,
+            }
+        } else {
+            BenchConfig {
+                models: vec![
+                    (s("smallcnn"), [1, 28, 28], vec![128]),
+                    (s("resnet18"), [3, 32, 32], vec![32]),
+                    (s("resnet50"), [3, 32, 32], vec![16]),
+                ],
+                search: vec![(s("smallcnn"), [1, 28, 28], vec![1, 10])],
+                convs: vec![],
+                seconds: 1.0,
+            }
+        }
+    }
+}
+
+/// Forward + backward-to-input throughput of one model at one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelRow {
+    /// Architecture.
+    pub arch: String,
+    /// Input `[C, H, W]`.
+    pub input: [usize; 3],
+    /// Images per batch.
+    pub batch: usize,
+    /// Median seconds per batch.
+    pub seconds: f64,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Forward + backward-data FLOP/s (2x the forward's multiply-adds x 2).
+    pub tflops: f64,
+}
+
+/// Batched search steps of one model.
+#[derive(Clone, Debug, Serialize)]
+pub struct SearchRow {
+    /// Architecture.
+    pub arch: String,
+    /// Input `[C, H, W]`.
+    pub input: [usize; 3],
+    /// Searches batched into one step.
+    pub searches: usize,
+    /// Images per search per step.
+    pub batch: usize,
+    /// Median seconds per step.
+    pub seconds: f64,
+    /// Steps per second (each advances `searches` searches by one step).
+    pub steps_per_s: f64,
+    /// Search-steps per second: `searches * steps_per_s`.
+    pub search_steps_per_s: f64,
+}
+
+/// One convolution, three kernels.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvRow {
+    /// Model whose layer this is.
+    pub arch: String,
+    /// Input `[N, C, H, W]`.
+    pub x: Vec<usize>,
+    /// Filter `[O, C, KH, KW]`.
+    pub w: Vec<usize>,
+    /// Stride.
+    pub stride: usize,
+    /// Padding.
+    pub pad: usize,
+    /// How many layers of the model have this shape.
+    pub count: usize,
+    /// FLOPs of one kernel call (`2 * N*P*Q * O * C*KH*KW`).
+    pub flops: f64,
+    /// TFLOP/s of forward, backward-data, backward-filter.
+    pub tflops: [f64; 3],
+}
+
+/// Everything `cwp bench` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Device description.
+    pub device: String,
+    /// FP32 (non-tensor) peak used for the percentages, TFLOP/s, if known.
+    pub fp32_peak_tflops: Option<f64>,
+    /// Forward + backward-to-input throughput.
+    pub models: Vec<ModelRow>,
+    /// Search steps.
+    pub search: Vec<SearchRow>,
+    /// Convolution kernels.
+    pub convs: Vec<ConvRow>,
+    /// FLOP-weighted TFLOP/s over all timed convolutions, per kernel
+    /// (forward, backward-data, backward-filter) and over all three.
+    pub conv_tflops_weighted: Option<[f64; 4]>,
+}
+
+/// The FP32 non-tensor peak of a device, TFLOP/s: `CWP_FP32_PEAK_TFLOPS`,
+/// else a known part (H100/H200 SXM: 132 SMs x 128 lanes x 2 x 1.98 GHz).
+pub fn fp32_peak(device: &str) -> Option<f64> {
+    if let Some(v) = std::env::var("CWP_FP32_PEAK_TFLOPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return Some(v);
+    }
+    if device.contains("H200") || device.contains("H100 80GB HBM3") || device.contains("H100 SXM") {
+        Some(66.9)
+    } else {
+        None
+    }
+}
+
+/// Median seconds of `f` over repetitions filling about `seconds`, after
+/// two warm-up runs; `sync` waits for the device.
+fn time(
+    seconds: f64,
+    mut f: impl FnMut() -> Result<()>,
+    sync: &dyn Fn() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    sync()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed().as_secs_f64() < seconds && times.len() < 200) {
+        let t = Instant::now();
+        f()?;
+        sync()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn labels(n: usize, classes: usize) -> Vec<usize> {
+    (0..n).map(|i| (3 * i + 1) % classes).collect()
+}
+
+fn model_graph(arch: &str, input: [usize; 3]) -> Result<Graph> {
+    let classes = if input[1] >= 224 { 1000 } else { 10 };
+    build(&ModelSpec::new(arch, input, classes))
+}
+
+/// Runs the plan on a chosen device.
+pub fn run(dev: &Device, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    match dev {
+        Device::Cpu(cpu) => bench_cpu(cpu, cfg, progress),
+        Device::Cuda(gpu) => bench_gpu(gpu, cfg, progress),
+        Device::Emu(gpu) => bench_gpu(gpu, cfg, progress),
+    }
+}
+
+fn bench_cpu(
+    cpu: &CpuBackend,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    let sync = || Ok(());
+    let mut models = Vec::new();
+    for (arch, input, batches) in &cfg.models {
+        let graph = model_graph(arch, *input)?;
+        let params = formula_params(&graph);
+        for &n in batches {
+            progress(&format!("{arch} batch {n}"));
+            let x = formula_input(&graph.input_shape(n));
+            let y = labels(n, graph.num_classes);
+            let w = vec![1.0 / n as f32; n];
+            let secs = time(
+                cfg.seconds,
+                || {
+                    let t = graph.forward_trace(cpu, &params, x.clone())?;
+                    let (_, dl) = cpu.softmax_cross_entropy(t.logits(), &y, &w)?;
+                    graph.backward(cpu, &params, &t, dl, false).map(|_| ())
+                },
+                &sync,
+            )?;
+            models.push(model_row(arch, *input, n, secs, &graph));
+        }
+    }
+    let mut search = Vec::new();
+    for (arch, input, ss) in &cfg.search {
+        let graph = model_graph(arch, *input)?;
+        let model = crate::eval::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
+        for &s in ss {
+            progress(&format!("{arch} search S={s}"));
+            let (canvas, mask, others) = search_inputs(*input, s, 4);
+            let targets = vec![1usize; s];
+            let mc = crate::search::MaskConfig {
+                batch: 4,
+                ..crate::search::MaskConfig::default()
+            };
+            let secs = time(
+                cfg.seconds,
+                || {
+                    crate::search::optimize::step(&model, &canvas, &mask, &others, &targets, &mc)
+                        .map(|_| ())
+                },
+                &sync,
+            )?;
+            search.push(search_row(arch, *input, s, 4, secs));
+        }
+    }
+    Ok(BenchReport {
+        device: cpu.name(),
+        fp32_peak_tflops: None,
+        models,
+        search,
+        convs: Vec::new(),
+        conv_tflops_weighted: None,
+    })
+}
+
+fn model_row(arch: &str, input: [usize; 3], n: usize, secs: f64, graph: &Graph) -> ModelRow {
+    // Forward multiply-adds x 2 (flops_per_image), and about as many again
+    // for the backward-data pass.
+    let flops = 2.0 * graph.flops_per_image() as f64 * n as f64;
+    ModelRow {
+        arch: arch.to_string(),
+        input,
+        batch: n,
+        seconds: secs,
+        images_per_s: n as f64 / secs,
+        tflops: flops / secs / 1e12,
+    }
+}
+
+fn search_row(arch: &str, input: [usize; 3], s: usize, b: usize, secs: f64) -> SearchRow {
+    SearchRow {
+        arch: arch.to_string(),
+        input,
+        searches: s,
+        batch: b,
+        seconds: secs,
+        steps_per_s: 1.0 / secs,
+        search_steps_per_s: s as f64 / secs,
+    }
+}
+
+/// Canvases, a mask at 0.5 and other images for `s` searches of `b`.
+fn search_inputs(input: [usize; 3], s: usize, b: usize) -> (Tensor, Tensor, Tensor) {
+    let [c, h, w] = input;
+    let canvas = formula_input(&[s, c, h, w]);
+    let others = Tensor::from_fn(&[s * b, c, h, w], |i| ((i * 7919) % 1000) as f32 / 1000.0);
+    (canvas, Tensor::full(&[s, h, w], 0.5), others)
+}
+
+fn bench_gpu<D: Driver>(
+    gpu: &GpuBackend<D>,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    let sync = || gpu.synchronize();
+    let mut models = Vec::new();
+    for (arch, input, batches) in &cfg.models {
+        let graph = model_graph(arch, *input)?;
+        let fused = FusedModel::new(gpu, &graph, &formula_params(&graph))?;
+        for &n in batches {
+            progress(&format!("{arch} batch {n}"));
+            let x = gpu.upload(&formula_input(&graph.input_shape(n)))?;
+            let y = labels(n, graph.num_classes);
+            let w = vec![1.0 / n as f32; n];
+            let secs = time(
+                cfg.seconds,
+                || {
+                    let t = fused.forward_trace(&x)?;
+                    let (_, dl) = gpu.softmax_cross_entropy(t.logits(), &y, &w)?;
+                    fused.input_grad(&t, dl).map(|_| ())
+                },
+                &sync,
+            )?;
+            models.push(model_row(arch, *input, n, secs, &graph));
+        }
+    }
+    let mut search = Vec::new();
+    for (arch, input, ss) in &cfg.search {
+        let graph = model_graph(arch, *input)?;
+        let fused = FusedModel::new(gpu, &graph, &formula_params(&graph))?;
+        for &s in ss {
+            progress(&format!("{arch} search S={s}"));
+            let (canvas, mask, others) = search_inputs(*input, s, 4);
+            let (c, o) = (gpu.upload(&canvas)?, gpu.upload(&others)?);
+            let mut m = gpu.upload(&mask)?;
+            let (n, hw) = (s * 4, input[1] * input[2]);
+            let (y, wts) = (vec![1usize; n], vec![0.2 / 4.0; n]);
+            let secs = time(
+                cfg.seconds,
+                || {
+                    let comp = gpu.composite(&c, &m, &o)?;
+                    let t = fused.forward_trace(&comp)?;
+                    let (_, dl) = gpu.softmax_cross_entropy(t.logits(), &y, &wts)?;
+                    let dx = fused.input_grad(&t, dl)?;
+                    let dm = gpu.mask_grad(&dx, &c, &o, 0.8 / (hw as f32 / 2.0))?;
+                    gpu.sign_step_clamp(&mut m, &dm, 0.02)
+                },
+                &sync,
+            )?;
+            search.push(search_row(arch, *input, s, 4, secs));
+        }
+    }
+    let mut convs = Vec::new();
+    for (arch, input, n) in &cfg.convs {
+        let graph = model_graph(arch, *input)?;
+        for (x_shape, w_shape, p, count) in conv_layers(&graph, *n) {
+            progress(&format!("{arch} conv {w_shape:?} on {x_shape:?}"));
+            convs.push(time_conv(
+                gpu,
+                arch,
+                &x_shape,
+                &w_shape,
+                p,
+                count,
+                cfg.seconds,
+            )?);
+        }
+    }
+    let weighted = (!convs.is_empty()).then(|| {
+        let mut t = [0.0f64; 3];
+        let mut total = 0.0;
+        for r in &convs {
+            let f = r.flops * r.count as f64;
+            total += f;
+            for (tk, rk) in t.iter_mut().zip(r.tflops) {
+                *tk += f / (rk * 1e12);
+            }
+        }
+        [
+            total / t[0] / 1e12,
+            total / t[1] / 1e12,
+            total / t[2] / 1e12,
+            3.0 * total / (t[0] + t[1] + t[2]) / 1e12,
+        ]
+    });
+    let device = gpu.name();
+    Ok(BenchReport {
+        fp32_peak_tflops: fp32_peak(&device),
+        device,
+        models,
+        search,
+        convs,
+        conv_tflops_weighted: weighted,
+    })
+}
+
+/// The distinct convolutions of a graph at batch `n`: `(x shape, w shape,
+/// params, how many layers)`, in order of first appearance.
+pub fn conv_layers(graph: &Graph, n: usize) -> Vec<(Vec<usize>, Vec<usize>, ConvParams, usize)> {
+    let mut out: Vec<(Vec<usize>, Vec<usize>, ConvParams, usize)> = Vec::new();
+    for node in &graph.nodes {
+        if let Op::Conv { w, p, .. } = node.op {
+            let src = &graph.nodes[node.inputs[0]].shape;
+            let x: Vec<usize> = std::iter::once(n).chain(src.iter().copied()).collect();
+            let ws = graph.params[w].shape.clone();
+            match out.iter_mut().find(|e| e.0 == x && e.1 == ws && e.2 == p) {
+                Some(e) => e.3 += 1,
+                None => out.push((x, ws, p, 1)),
+            }
+        }
+    }
+    out
+}
+
+/// Times forward, backward-data and backward-filter of one convolution.
+pub fn time_conv<D: Driver>(
+    gpu: &GpuBackend<D>,
+    arch: &str,
+    x_shape: &[usize],
+    w_shape: &[usize],
+    p: ConvParams,
+    count: usize,
+    seconds: f64,
+) -> Result<ConvRow> {
+    let sync = || gpu.synchronize();
+    let x = gpu.upload(&Tensor::from_fn(x_shape, |i| {
+        ((i * 31) % 97) as f32 / 97.0 - 0.5
+    }))?;
+    let w = gpu.upload(&Tensor::from_fn(w_shape, |i| {
+        ((i * 17) % 89) as f32 / 890.0 - 0.05
+    }))?;
+    let y = gpu.conv2d(&x, &w, None, p)?;
+    let ys = y.shape().to_vec();
+    let flops = 2.0
+        * (ys[0] * ys[2] * ys[3]) as f64
+        * ys[1] as f64
+        * (w_shape[1] * w_shape[2] * w_shape[3]) as f64;
+    let t0 = time(seconds, || gpu.conv2d(&x, &w, None, p).map(|_| ()), &sync)?;
+    let t1 = time(
+        seconds,
+        || gpu.conv2d_backward_data(&y, &w, x_shape, p).map(|_| ()),
+        &sync,
+    )?;
+    let t2 = time(
+        seconds,
+        || {
+            gpu.conv2d_backward_filter(&x, &y, w_shape, p, false)
+                .map(|_| ())
+        },
+        &sync,
+    )?;
+    Ok(ConvRow {
+        arch: arch.to_string(),
+        x: x_shape.to_vec(),
+        w: w_shape.to_vec(),
+        stride: p.stride,
+        pad: p.pad,
+        count,
+        flops,
+        tflops: [flops / t0 / 1e12, flops / t1 / 1e12, flops / t2 / 1e12],
+    })
+}
+
+/// The report as a plain-text table.
+pub fn format_report(r: &BenchReport) -> String {
+    let mut s = format!("device: {}\n", r.device);
+    s += "\nforward + backward to the input\n";
+    s += &format!(
+        "{:<20} {:>12} {:>6} {:>12} {:>10}\n",
+        "model", "input", "batch", "images/s", "TFLOP/s"
+    );
+    for m in &r.models {
+        s += &format!(
+            "{:<20} {:>12} {:>6} {:>12.1} {:>10.2}\n",
+            m.arch,
+            format!("{}x{}x{}", m.input[0], m.input[1], m.input[2]),
+            m.batch,
+            m.images_per_s,
+            m.tflops
+        );
+    }
+    s += "\nsearch steps (B = 4 images per search)\n";
+    s += &format!(
+        "{:<20} {:>9} {:>10} {:>16}\n",
+        "model", "searches", "steps/s", "search-steps/s"
+    );
+    for m in &r.search {
+        s += &format!(
+            "{:<20} {:>9} {:>10.1} {:>16.1}\n",
+            m.arch, m.searches, m.steps_per_s, m.search_steps_per_s
+        );
+    }
+    if !r.convs.is_empty() {
+        let pct = |t: f64| {
+            r.fp32_peak_tflops
+                .map_or(String::new(), |p| format!(" ({:.0}%)", 100.0 * t / p))
+        };
+        s += "\nconvolution kernels, TFLOP/s (share of the FP32 peak)\n";
+        for c in &r.convs {
+            s += &format!(
+                "{:?} on {:?} s{} p{} x{}: fwd {:.1}{} dgrad {:.1}{} wgrad {:.1}{}\n",
+                c.w,
+                c.x,
+                c.stride,
+                c.pad,
+                c.count,
+                c.tflops[0],
+                pct(c.tflops[0]),
+                c.tflops[1],
+                pct(c.tflops[1]),
+                c.tflops[2],
+                pct(c.tflops[2])
+            );
+        }
+        if let Some(w) = r.conv_tflops_weighted {
+            s += &format!(
+                "FLOP-weighted: fwd {:.1}{} dgrad {:.1}{} wgrad {:.1}{} all {:.1}{}\n",
+                w[0],
+                pct(w[0]),
+                w[1],
+                pct(w[1]),
+                w[2],
+                pct(w[2]),
+                w[3],
+                pct(w[3])
+            );
+        }
+    }
+    s
+}
+
+/// Parses `ARCH[:CxHxW]:B1,B2,..` lists (the `--models`/`--search` options).
+pub fn parse_plan(spec: &str, option: &str) -> Result<Plan> {
+    let mut out = Vec::new();
+    for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
+        let parts: Vec<&str> = item.trim().split(':').collect();
+        let bad = || Error::arg(option, format!("`{item}`: expected ARCH[:CxHxW]:N[,N..]"));
+        let (arch, input, sizes) = match parts.as_slice() {
+            [a, n] => (*a, ModelSpec::default_input(a), *n),
+            [a, shape, n] => {
+                let d: Vec<usize> = shape
+                    .split('x')
+                    .map(|v| v.parse())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| bad())?;
+                let d: [usize; 3] = d.try_into().map_err(|_| bad())?;
+                (*a, d, *n)
+            }
+            _ => return Err(bad()),
+        };
+        let sizes: Vec<usize> = sizes
+            .split(',')
+            .map(|v| v.parse())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
+        if sizes.is_empty() || sizes.contains(&0) {
+            return Err(bad());
+        }
+        out.push((arch.to_string(), input, sizes));
+    }
+    Ok(out)
+}

@@ -1,0 +1,119 @@
+//! The equivalence suite and the fault paths on a real CUDA device. Each
+//! test skips (with a message) where no CUDA driver or device exists; the
+//! prepared script `scripts/gpu-check.sh` runs them on a GPU machine.
+
+use classwise::backend::gpu::cuda::CudaDriver;
+use classwise::backend::gpu::selftest::{format_checks, run_suite, SuiteOptions};
+use classwise::backend::gpu::GpuBackend;
+use classwise::backend::Backend;
+use classwise::zoo::{build, ModelSpec};
+
+/// The CUDA backend, or `None` (and a message) where there is none.
+fn cuda() -> Option<GpuBackend<CudaDriver>> {
+    match CudaDriver::new(0) {
+        Ok(d) => Some(GpuBackend::new(d)),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device here ({e})");
+            None
+        }
+    }
+}
+
+fn suite(ops_only: bool, batch: Option<usize>) {
+    let Some(gpu) = cuda() else { return };
+    let opts = SuiteOptions {
+        ops_only,
+        batch,
+        ..SuiteOptions::default()
+    };
+    let checks = run_suite(&gpu, &opts, &mut |s| eprintln!("{s}"));
+    let t = format_checks(&checks);
+    println!("{t}");
+    assert!(
+        checks.iter().all(|c| c.pass),
+        "CUDA differs from the CPU reference:\n{t}"
+    );
+}
+
+#[test]
+fn cuda_ops_match_cpu() {
+    suite(true, None);
+}
+
+#[test]
+fn cuda_models_match_cpu() {
+    suite(false, None);
+}
+
+#[test]
+fn cuda_models_match_cpu_at_batch_8() {
+    suite(false, Some(8));
+}
+
+/// Asking for more memory than the device has is a clear error, not a
+/// crash or a hang, and the device stays usable afterwards: first by
+/// allocating 4 GiB tensors until the memory runs out, then (with all but
+/// 8 GiB of them still held) by a forward pass at a batch that needs more.
+#[test]
+fn cuda_out_of_memory_is_a_clear_error() {
+    let Some(gpu) = cuda() else { return };
+    let mut held = Vec::new();
+    let err = loop {
+        match gpu.zeros(&[1 << 30]) {
+            Ok(b) => held.push(b),
+            Err(e) => break e,
+        }
+        assert!(held.len() < 1024, "4 TiB allocated without an error");
+    };
+    assert!(err.to_string().contains("out of device memory"), "{err}");
+    held.truncate(held.len().saturating_sub(2));
+    let graph = build(&ModelSpec::new("resnet50", [3, 32, 32], 10)).unwrap();
+    let fused = classwise::backend::gpu::fused::FusedModel::new(
+        &gpu,
+        &graph,
+        &classwise::backend::gpu::selftest::formula_params(&graph),
+    )
+    .unwrap();
+    // About 12 MiB of kept activations per image: 2048 images need 24 GiB.
+    let x = gpu.zeros(&graph.input_shape(2048)).unwrap();
+    let err = fused
+        .forward_trace(&x)
+        .err()
+        .expect("batch 2048 of resnet50 must not fit in 8 GiB");
+    assert!(err.to_string().contains("out of device memory"), "{err}");
+    drop(held);
+    let y = gpu.upload(&classwise::Tensor::full(&[4], 1.5)).unwrap();
+    assert_eq!(gpu.download(&y).unwrap().data(), &[1.5; 4]);
+}
+
+/// A damaged entry of the kernel cache is rebuilt, not fatal.
+#[test]
+fn cuda_corrupted_kernel_cache_is_rebuilt() {
+    if cuda().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("CWP_CACHE_DIR", dir.path());
+    let d = CudaDriver::new(0).unwrap();
+    d.load_all().unwrap();
+    drop(d);
+    let mut n = 0;
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        b.truncate(b.len() - 7);
+        std::fs::write(&p, b).unwrap();
+        n += 1;
+    }
+    assert!(n > 0, "the cache was not written");
+    let gpu = GpuBackend::new(CudaDriver::new(0).unwrap());
+    gpu.driver().load_all().unwrap();
+    let x = gpu.upload(&classwise::Tensor::full(&[2, 3], -1.0)).unwrap();
+    assert_eq!(
+        gpu.download(&gpu.relu(&x).unwrap()).unwrap().data(),
+        &[0.0; 6]
+    );
+    std::env::remove_var("CWP_CACHE_DIR");
+}
