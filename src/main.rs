@@ -11,7 +11,7 @@ use classwise::backend::gpu::Device;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Split};
 use classwise::eval::{self, DeviceModel};
-use classwise::search::{self, CanvasSpec, RunInputs, RunReport, SearchConfig};
+use classwise::search::{self, Canvases, RunInputs, RunReport, SearchConfig};
 use classwise::train::adversarial::Attack;
 use classwise::train::augment::Augment;
 use classwise::train::poison::{Poisoning, TriggerSpec};
@@ -58,17 +58,17 @@ struct DemoArgs {
     /// Fashion-MNIST data: fashion-mnist[:DIR].
     #[arg(long, default_value = "fashion-mnist")]
     data: String,
-    /// Passes over the search set (the authors' 5 takes longer).
-    #[arg(long, default_value_t = 2)]
+    /// Passes over the search set (the authors' 5).
+    #[arg(long, default_value_t = 5)]
     epochs: usize,
-    /// Canvases: auto:N, test:I, train:I or solid:V.
-    #[arg(long, default_value = "auto:1")]
+    /// Canvases, joined by `+`: auto:N, test:I, train:I, solid:V.
+    #[arg(long, default_value = "auto:1+solid:1")]
     canvas: String,
     /// Images per other class for the power at the default k: a number or `all`.
-    #[arg(long, default_value = "300")]
+    #[arg(long, default_value = "200")]
     eval_per_class: String,
     /// Images per other class for the k-sweep: a number or `all`.
-    #[arg(long, default_value = "50")]
+    #[arg(long, default_value = "30")]
     sweep_per_class: String,
     /// No progress output.
     #[arg(long)]
@@ -278,8 +278,10 @@ struct SearchArgs {
     /// Target classes: all, or a comma list of class indices.
     #[arg(long, default_value = "all")]
     classes: String,
-    /// Canvases: test:I[,J..], auto:N, train:I[,J..], solid:V[,V..].
-    #[arg(long, default_value = "auto:1")]
+    /// Canvases, joined by `+`: test:I[,J..] (the class's I-th test image), auto:N (the N test
+    /// images the model is surest of, outside the search set), train:I[,J..], solid:V[,V..]
+    /// (a uniform image; white reveals triggers no image of the class contains).
+    #[arg(long, default_value = "auto:1+solid:1")]
     canvas: String,
     /// Pattern size (default: 50 at 32x32, 2500 at 224x224, about 5% of the pixels otherwise).
     #[arg(long)]
@@ -433,8 +435,8 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
             "{:<18} {:>12} {:>8} {:>12} {:>14.3}",
             r["arch"].as_str().unwrap_or(""),
             format!("{}x{}x{}", i[0], i[1], i[2]),
-            r["classes"],
-            r["params"],
+            r["classes"].as_u64().unwrap_or(0),
+            r["params"].as_u64().unwrap_or(0),
             r["flops_per_image"].as_f64().unwrap_or(0.0) / 1e9
         );
     }
@@ -773,7 +775,7 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
                 )
             })?;
     }
-    cfg.canvas = a.canvas.parse::<CanvasSpec>()?.to_string();
+    cfg.canvas = a.canvas.parse::<Canvases>()?.to_string();
     if let Some(k) = a.top_k {
         cfg.top_k = k;
     }
@@ -817,7 +819,7 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let test = data::load(&spec, Split::Test, Some(model.graph.input))?;
     eval::check_fits(&model.graph, &test)?;
-    let train = if cfg.canvas.starts_with("train:") {
+    let train = if cfg.canvas.contains("train:") {
         Some(data::load(&spec, Split::Train, Some(model.graph.input))?)
     } else {
         None
@@ -854,7 +856,7 @@ fn count_option(s: &str, option: &str) -> Result<Option<usize>> {
 fn cmd_demo(a: &DemoArgs) -> Result<()> {
     let cfg = classwise::demo::DemoConfig {
         epochs: a.epochs,
-        canvas: a.canvas.parse::<CanvasSpec>()?.to_string(),
+        canvas: a.canvas.parse::<Canvases>()?.to_string(),
         eval_per_class: count_option(&a.eval_per_class, "--eval-per-class")?,
         sweep_per_class: count_option(&a.sweep_per_class, "--sweep-per-class")?,
         quiet: a.quiet,
@@ -999,7 +1001,25 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Restores the default SIGPIPE action, which Rust's runtime replaces with
+/// "ignore": `cwp zoo | head` then ends quietly instead of failing to print.
+#[cfg(unix)]
+fn restore_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: installs the default disposition for one signal; no Rust
+    // state is involved.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,7 +81,12 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
         for j in 0..canvases {
             let salt = t * 10 + j;
             let pixels = canvas_pixels(shape, salt);
-            let mask = mask_values(shape, salt);
+            // The outlier's mask is a twentieth of the others' (its L1 flags it).
+            let shrink = if t == FLAGGED { 0.05 } else { 1.0 };
+            let mask: Vec<f32> = mask_values(shape, salt)
+                .iter()
+                .map(|m| m * shrink)
+                .collect();
             let positions = pattern::top_k(&mask, top_k);
             // How fast the power rises with k: the outlier almost at once.
             let scale = if t == FLAGGED {
@@ -161,20 +166,21 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
         })
         .collect();
     let ids: Vec<usize> = (0..classes).collect();
+    // As search::run does: both statistics on a log scale, the mask's decides.
     let verdict_min_k = verdict::analyse(
-        "min_k",
+        "ln_min_k",
         &ids,
         &class_summaries
             .iter()
-            .map(|c| c.min_k.unwrap_or(plane + 1) as f64)
+            .map(|c| (c.min_k.unwrap_or(plane + 1) as f64).ln())
             .collect::<Vec<_>>(),
     );
     let verdict_mask = verdict::analyse(
-        "mask_mean",
+        "ln_mask_mean",
         &ids,
         &class_summaries
             .iter()
-            .map(|c| c.mask_mean)
+            .map(|c| c.mask_mean.ln())
             .collect::<Vec<_>>(),
     );
     RunReport {
@@ -207,7 +213,7 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
         clean_accuracy: 0.9123,
         searches,
         classes: class_summaries,
-        flagged: verdict_min_k.flagged.clone(),
+        flagged: verdict_mask.flagged.clone(),
         verdict_min_k: Some(verdict_min_k),
         verdict_mask,
         reused: 1,
@@ -410,8 +416,8 @@ fn page_is_self_contained_escaped_and_names_the_flagged_class() {
         vbox.contains(NAMES[FLAGGED]),
         "flagged name missing: {vbox}"
     );
-    assert!(vbox.contains("verdict_min_k"), "statistic missing: {vbox}");
-    let ai = r.verdict_min_k.as_ref().unwrap().anomaly_index[FLAGGED];
+    assert!(vbox.contains("verdict_mask"), "statistic missing: {vbox}");
+    let ai = r.verdict_mask.anomaly_index[FLAGGED];
     assert!(
         vbox.contains(&format!("{ai:.2}")),
         "anomaly index missing: {vbox}"
@@ -470,18 +476,18 @@ fn report_json_reads_back_unchanged() {
 
 #[test]
 fn infinite_anomaly_indices_read_back() {
-    // Most classes never reach the threshold (min k = pixels + 1), so the
-    // MAD is zero and the indices are infinite: report.json must still parse.
+    // Most classes share one value, so the MAD is zero and the indices are
+    // infinite: report.json must still parse.
     let mut r = make_report([1, 28, 28], 4, true);
-    let v = verdict::analyse("min_k", &[0, 1, 2, 3], &[785.0, 5.0, 785.0, 785.0]);
+    let v = verdict::analyse("ln_mask_mean", &[0, 1, 2, 3], &[-2.0, -5.0, -2.0, -2.0]);
     assert!(v.anomaly_index[1].is_infinite());
     r.flagged = v.flagged.clone();
-    r.verdict_min_k = Some(v);
+    r.verdict_mask = v;
     let dir = tempfile::tempdir().unwrap();
     report::write_run(&r, &names(), dir.path()).unwrap();
     let back: RunReport =
         serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
-    assert_eq!(back.verdict_min_k, r.verdict_min_k);
+    assert_eq!(back.verdict_mask, r.verdict_mask);
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(verdict_box(&html).contains("anomaly index <b>inf</b>"));
 }

@@ -325,16 +325,13 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
                 .iter()
                 .position(|&x| x == c)
                 .and_then(|i| v.values.get(i));
+            // The analysis runs on ln(mask mean); show the mean itself.
             let value = match value {
-                // The analysis runs on ln(k); show k itself.
-                Some(x) if report.verdict_min_k.is_some() => {
-                    format!(
-                        "; its minimal k is {:.0}, the median {:.0}",
-                        x.exp(),
-                        v.median.exp()
-                    )
-                }
-                Some(x) => format!("; mask mean {}, median {}", pct(*x), pct(v.median)),
+                Some(x) => format!(
+                    "; mask mean {}, the median {}",
+                    pct(x.exp()),
+                    pct(v.median.exp())
+                ),
                 None => String::new(),
             };
             let _ = writeln!(
@@ -364,12 +361,11 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
             num(v.mad)
         );
     }
-    if !compact && report.verdict_min_k.is_some() {
-        let other = &report.verdict_mask.flagged;
-        let list = if other.is_empty() {
+    if let (false, Some(vk)) = (compact, &report.verdict_min_k) {
+        let list = if vk.flagged.is_empty() {
             "no class".to_string()
         } else {
-            other
+            vk.flagged
                 .iter()
                 .map(|&c| format!("{c} · {}", esc(&names.get(c))))
                 .collect::<Vec<_>>()
@@ -377,7 +373,8 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
         };
         let _ = writeln!(
             out,
-            "<p class=\"muted\">For comparison, the mask-mean statistic (verdict_mask) flags {list}.</p>"
+            "<p class=\"muted\">For comparison, ln of the minimal k reaching {} predictive power (verdict_min_k) flags {list}.</p>",
+            pct(report.config.threshold)
         );
     }
     out.push_str("</div>\n");

@@ -47,27 +47,16 @@ pub fn seconds(s: f64) -> String {
     }
 }
 
-/// The verdict the run's `flagged` list comes from: the minimal-k analysis
-/// when a sweep ran, the mask-mean analysis otherwise (as `search::run`
-/// decides it).
+/// The verdict the run's `flagged` list comes from: the mask-mean
+/// analysis (as `search::run` decides it).
 pub fn verdict_in_force(report: &RunReport) -> &Verdict {
-    report
-        .verdict_min_k
-        .as_ref()
-        .unwrap_or(&report.verdict_mask)
+    &report.verdict_mask
 }
 
 /// What the statistic of [`verdict_in_force`] is, in words, with the name
 /// of the report field it lives in.
-pub fn statistic_words(report: &RunReport) -> String {
-    if report.verdict_min_k.is_some() {
-        format!(
-            "ln of the minimal k reaching {} predictive power (verdict_min_k)",
-            pct(report.config.threshold)
-        )
-    } else {
-        "mask mean, since no k-sweep ran (verdict_mask)".into()
-    }
+pub fn statistic_words(_report: &RunReport) -> String {
+    "ln of the mask mean, the mask's L1 norm as Neural Cleanse uses it (verdict_mask)".into()
 }
 
 /// The anomaly index of `class` in `v` (NaN when it was not analysed).

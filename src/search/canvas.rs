@@ -91,6 +91,30 @@ impl std::fmt::Display for CanvasSpec {
     }
 }
 
+/// Several canvas choices joined by `+` (e.g. `auto:1+solid:1`): every
+/// class is searched from each of them and keeps its best.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canvases(pub Vec<CanvasSpec>);
+
+impl std::str::FromStr for Canvases {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Canvases> {
+        let specs = s
+            .split('+')
+            .map(|p| p.trim().parse::<CanvasSpec>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Canvases(specs))
+    }
+}
+
+impl std::fmt::Display for Canvases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|c| c.to_string()).collect();
+        f.write_str(&parts.join("+"))
+    }
+}
+
 /// One chosen canvas.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Canvas {
@@ -118,6 +142,27 @@ fn target_prob(logits: &Tensor, target: usize) -> Vec<f32> {
             (row[target] - m).exp() / z
         })
         .collect()
+}
+
+/// Chooses the canvases of class `target` for every spec of `specs`
+/// (a canvas chosen twice is kept once).
+pub fn choose_all<B: Backend>(
+    specs: &Canvases,
+    target: usize,
+    model: &DeviceModel<'_, B>,
+    test: &Dataset,
+    train: Option<&Dataset>,
+    search_set: &[usize],
+) -> Result<Vec<Canvas>> {
+    let mut out: Vec<Canvas> = Vec::new();
+    for spec in &specs.0 {
+        for c in choose(spec, target, model, test, train, search_set)? {
+            if !out.iter().any(|o| o.id == c.id) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Chooses the canvases of class `target`. `search_set` holds the test

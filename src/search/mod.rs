@@ -23,7 +23,7 @@ use crate::eval::{self, DeviceModel};
 use crate::progress::Progress;
 use crate::weights::Model;
 
-pub use canvas::{Canvas, CanvasSpec};
+pub use canvas::{Canvas, CanvasSpec, Canvases};
 pub use optimize::MaskConfig;
 pub use pattern::Power;
 pub use verdict::Verdict;
@@ -71,8 +71,11 @@ impl SearchConfig {
         }
     }
 
-    /// The defaults for a model input: all classes, `auto:1` canvas, the
-    /// authors' optimisation (5 epochs; 1 at ImageNet size), default k.
+    /// The defaults for a model input: all classes, two canvases per class
+    /// (the test image the model is surest of, as the authors pick by hand,
+    /// and a white one, whose pixels can form a trigger that no image of the
+    /// class contains), the authors' optimisation (5 epochs; 1 at ImageNet
+    /// size), default k.
     pub fn defaults(input: [usize; 3], classes: usize) -> SearchConfig {
         let [_, h, w] = input;
         let mask = MaskConfig {
@@ -81,7 +84,7 @@ impl SearchConfig {
         };
         SearchConfig {
             classes: (0..classes).collect(),
-            canvas: "auto:1".into(),
+            canvas: "auto:1+solid:1".into(),
             top_k: SearchConfig::default_k(h, w),
             k_sweep: pattern::default_sweep(h * w),
             threshold: 0.9,
@@ -244,13 +247,14 @@ pub struct RunReport {
     pub searches: Vec<SearchResult>,
     /// One line per class.
     pub classes: Vec<ClassSummary>,
-    /// Anomaly analysis of ln(minimal k) (when a sweep ran): pattern sizes
-    /// spread multiplicatively, so "far fewer pixels" is a ratio.
+    /// Anomaly analysis of ln(minimal k) (when a sweep ran), reported beside
+    /// the verdict: "not reached" counts as more pixels than the image has.
     pub verdict_min_k: Option<Verdict>,
-    /// Anomaly analysis of the mask mean.
+    /// Anomaly analysis of ln(mask mean), the mask's L1 norm as Neural
+    /// Cleanse uses it: the verdict.
     pub verdict_mask: Verdict,
-    /// Classes judged to be backdoor targets (from the minimal k when
-    /// available, the mask mean otherwise).
+    /// Classes judged to be backdoor targets (from `verdict_mask`; none
+    /// when fewer than 3 classes were searched).
     pub flagged: Vec<usize>,
     /// Searches reused from an earlier run.
     pub reused: usize,
@@ -299,7 +303,7 @@ pub fn run<B: Backend>(
     if let Some(train) = inputs.train {
         eval::check_fits(graph, train)?;
     }
-    let canvas_spec: CanvasSpec = cfg.canvas.parse()?;
+    let canvas_spec: Canvases = cfg.canvas.parse()?;
     let store = store::Store::open(out)?;
 
     let dm = DeviceModel::upload(be, graph, &model.params)?;
@@ -333,7 +337,7 @@ pub fn run<B: Backend>(
             v.sort_unstable();
             v
         };
-        for canvas in canvas::choose(&canvas_spec, t, &dm, test, inputs.train, &sample[t])? {
+        for canvas in canvas::choose_all(&canvas_spec, t, &dm, test, inputs.train, &sample[t])? {
             let key = store::unit_key(&inputs.model_id, test.name(), cfg, t, &canvas);
             units.push((t, canvas, others.clone(), key));
         }
@@ -427,15 +431,20 @@ pub fn run<B: Backend>(
             .collect();
         verdict::analyse("ln_min_k", &class_ids, &v)
     });
+    // Neural Cleanse's statistic, the mask's L1 norm, on a log scale: sizes
+    // spread multiplicatively, and "far smaller" is a ratio.
     let verdict_mask = verdict::analyse(
-        "mask_mean",
+        "ln_mask_mean",
         &class_ids,
-        &classes.iter().map(|c| c.mask_mean).collect::<Vec<_>>(),
+        &classes
+            .iter()
+            .map(|c| c.mask_mean.max(1e-9).ln())
+            .collect::<Vec<_>>(),
     );
-    let flagged = match &verdict_min_k {
-        Some(v) if classes.len() >= 3 => v.flagged.clone(),
-        None if classes.len() >= 3 => verdict_mask.flagged.clone(),
-        _ => Vec::new(),
+    let flagged = if classes.len() >= 3 {
+        verdict_mask.flagged.clone()
+    } else {
+        Vec::new()
     };
     let images = steps_total * cfg.mask.batch;
     Ok(RunReport {
@@ -514,8 +523,15 @@ fn evaluate<B: Backend>(
         )?
         .overall)
     };
+    // The default k joins the sweep: for a solid canvas power rises and
+    // falls with k, and a window around it could fall between sweep points.
+    let mut ks = cfg.k_sweep.clone();
+    if !ks.is_empty() && !ks.contains(&cfg.top_k) {
+        ks.push(cfg.top_k);
+        ks.sort_unstable();
+    }
     let mut sweep = Vec::new();
-    for &k in &cfg.k_sweep {
+    for &k in &ks {
         sweep.push((k, power_at(k)?));
     }
     let min_k = if cfg.k_sweep.is_empty() {
