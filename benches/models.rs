@@ -46,5 +46,47 @@ fn fwd_bwd(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fwd_bwd);
+/// One step of the batched search (S searches of 4 images: composite,
+/// forward, backward to the input, mask gradient, signed step), the unit the
+/// authors' loop (../shared/peers/authors_loop_bench.py) is timed in.
+fn search_step(c: &mut Criterion) {
+    use classwise::eval::DeviceModel;
+    use classwise::search::optimize::{step, MaskConfig};
+    let be = CpuBackend;
+    let mut g = c.benchmark_group("search_step");
+    g.sample_size(10);
+    for (arch, input, searches) in [
+        ("smallcnn", [1, 28, 28], 1),
+        ("smallcnn", [1, 28, 28], 20),
+        ("resnet18", [3, 32, 32], 1),
+        ("resnet18", [3, 32, 32], 10),
+    ] {
+        let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
+        let params: Vec<_> = init_params(&graph, 0)
+            .iter()
+            .map(|t| be.upload(t).unwrap())
+            .collect();
+        let dm = DeviceModel {
+            be: &be,
+            graph: &graph,
+            params,
+        };
+        let cfg = MaskConfig::default();
+        let [ch, h, w] = input;
+        let canvases = Tensor::from_fn(&[searches, ch, h, w], |i| ((i * 13) % 97) as f32 / 96.0);
+        let masks = Tensor::full(&[searches, h, w], 0.5);
+        let others = Tensor::from_fn(&[searches * cfg.batch, ch, h, w], |i| {
+            ((i * 37) % 101) as f32 / 100.0
+        });
+        let targets: Vec<usize> = (0..searches).map(|s| s % 10).collect();
+        // Throughput in search steps (one update of one search's mask).
+        g.throughput(Throughput::Elements(searches as u64));
+        g.bench_function(format!("{arch}_S{searches}"), |b| {
+            b.iter(|| black_box(step(&dm, &canvases, &masks, &others, &targets, &cfg).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fwd_bwd, search_step);
 criterion_main!(benches);

@@ -149,6 +149,7 @@ fn tiny_run(
     use classwise::search::{run, RunInputs, SearchConfig};
     let mut cfg = SearchConfig::defaults(model.graph.input, 10);
     cfg.classes = vec![1, 4, 8];
+    cfg.canvas = "auto:1".into();
     cfg.search_frac = 0.1;
     cfg.mask.epochs = 1;
     cfg.mask.lr = lr;
