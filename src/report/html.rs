@@ -74,7 +74,7 @@ figure { margin: 0; }
 figure img { display: block; border: 1px solid var(--line); }
 figcaption { font-size: 12.5px; color: var(--muted); margin-top: 3px; max-width: 160px; }
 figcaption b.hit { color: var(--bad); }
-.checker img { background: repeating-conic-gradient(#d9d9d9 0 25%, #ffffff 0 50%) 0 0 / 16px 16px; }
+.checker img { background: repeating-conic-gradient(#686868 0 25%, #989898 0 50%) 0 0 / 16px 16px; }
 .plot svg { width: 100%; max-width: 920px; height: auto; display: block; }
 .search { border: 1px solid var(--line); border-radius: 8px; padding: 4px 16px 12px; margin: 12px 0; }
 .search.best { border-color: #9fb3c8; }

@@ -190,6 +190,8 @@ pub fn render_pictures(report: &RunReport) -> Result<RunPictures> {
         let mask = shown(raster::heat_map(&s.mask, h, w).map_err(at)?);
         let pattern =
             shown(raster::pattern(&s.canvas.pixels, &s.positions, shape, false).map_err(at)?);
+        let pattern_grey =
+            shown(raster::pattern_on_grey(&s.canvas.pixels, &s.positions, shape).map_err(at)?);
         let pattern_rgba =
             shown(raster::pattern(&s.canvas.pixels, &s.positions, shape, true).map_err(at)?);
         let blank = || {
@@ -230,7 +232,8 @@ pub fn render_pictures(report: &RunReport) -> Result<RunPictures> {
             examples,
             example_tiles,
         });
-        rasters.push((canvas, mask, pattern, example_rasters));
+        // The grid shows the pattern over grey, where white pixels show.
+        rasters.push((canvas, mask, pattern_grey, example_rasters));
     }
 
     // The grid: the best canvas of each class; thumbnails in large runs.

@@ -246,6 +246,23 @@ pub fn pattern(
     Ok(out)
 }
 
+/// The pattern for display: the canvas's pixels at `positions` over a
+/// mid-grey checkerboard (blocks of 2 pixels), so that white and black
+/// pattern pixels both stand out (a white canvas's pattern on white, as the
+/// authors draw it, is invisible).
+pub fn pattern_on_grey(canvas: &[f32], positions: &[usize], shape: [usize; 3]) -> Result<Raster> {
+    let [c, h, w] = shape;
+    let mut out = pattern(canvas, positions, shape, false)?;
+    let pc = picture_channels(c);
+    let kept: std::collections::HashSet<usize> = positions.iter().copied().collect();
+    for p in (0..h * w).filter(|p| !kept.contains(p)) {
+        let (x, y) = (p % w, p / w);
+        let tone = if (x / 2 + y / 2) % 2 == 0 { 104 } else { 152 };
+        out.set(x, y, &vec![tone; pc]);
+    }
+    Ok(out)
+}
+
 /// Viridis (matplotlib's perceptually uniform map) at nine evenly spaced
 /// stops; its lightness rises monotonically, so a larger mask value always
 /// looks brighter, also in grey print.
@@ -429,6 +446,20 @@ mod tests {
         let g = from_planar(&[1.0, 0.0], [2, 1, 1]).unwrap();
         assert_eq!(g.data, vec![128]);
         assert!(from_planar(&[0.0; 5], [3, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn a_white_pattern_shows_against_the_grey_background() {
+        let canvas = vec![1.0; 16];
+        let r = pattern_on_grey(&canvas, &[5, 10], [1, 4, 4]).unwrap();
+        for p in 0..16 {
+            let v = r.pixel(p % 4, p / 4)[0];
+            if p == 5 || p == 10 {
+                assert_eq!(v, 255);
+            } else {
+                assert!(v == 104 || v == 152, "background {v} at {p}");
+            }
+        }
     }
 
     #[test]
