@@ -6,6 +6,7 @@
 //! this trait are logical. Ops are pure functions of their inputs unless they
 //! take `&mut`; reductions are deterministic for a given shape.
 
+pub mod check;
 pub mod cpu;
 pub mod gpu;
 

@@ -10,11 +10,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{
-    dims4, expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW,
-};
+use super::{expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW};
+use crate::backend::check::ConvGeom;
 use crate::backend::ConvParams;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Backward-filter cuts the batch into this many ranges of images, one
@@ -26,59 +25,11 @@ const FILTER_PARTS: usize = 4;
 /// at a time (16 MiB), so large batches do not need gigabytes.
 const FILTER_BUDGET: usize = 1 << 22;
 
-/// The extents of one convolution, checked once.
-#[derive(Clone, Copy, Debug)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    stride: usize,
-    pad: usize,
-}
+/// The extents of one convolution (shared with the GPU path).
+type Geom = ConvGeom;
 
+/// What the im2col + GEMM path needs to know of a convolution's extents.
 impl Geom {
-    fn new(x_shape: &[usize], w_shape: &[usize], p: ConvParams) -> Result<Geom> {
-        let [n, c, h, w] = dims4("x", x_shape)?;
-        let [o, wc, kh, kw] = dims4("w", w_shape)?;
-        if wc != c {
-            return Err(Error::shape("w", &[o, c, kh, kw], w_shape));
-        }
-        if c == 0 || h == 0 || w == 0 || o == 0 || kh == 0 || kw == 0 {
-            return Err(Error::Msg(format!(
-                "conv2d: empty extent in input {x_shape:?} or filter {w_shape:?}"
-            )));
-        }
-        if p.stride == 0 {
-            return Err(Error::Msg("conv2d: stride must be at least 1".into()));
-        }
-        if h + 2 * p.pad < kh || w + 2 * p.pad < kw {
-            return Err(Error::Msg(format!(
-                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
-                h + 2 * p.pad,
-                w + 2 * p.pad
-            )));
-        }
-        Ok(Geom {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            oh: p.out_len(h, kh),
-            ow: p.out_len(w, kw),
-            stride: p.stride,
-            pad: p.pad,
-        })
-    }
-
     /// Values in one input image.
     fn in_len(&self) -> usize {
         self.c * self.h * self.w

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::dims2;
-use crate::error::{Error, Result};
+use crate::backend::check::cross_entropy_args;
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Per-sample losses `logsumexp(logits[n]) - logits[n, labels[n]]` and
@@ -16,19 +16,7 @@ pub(super) fn softmax_cross_entropy(
     labels: &[usize],
     weights: &[f32],
 ) -> Result<(Vec<f32>, Tensor)> {
-    let [n, k] = dims2("logits", logits.shape())?;
-    for (what, len) in [("labels", labels.len()), ("weights", weights.len())] {
-        if len != n {
-            return Err(Error::Msg(format!(
-                "softmax_cross_entropy: {len} {what} for {n} rows of logits"
-            )));
-        }
-    }
-    if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= k) {
-        return Err(Error::Msg(format!(
-            "softmax_cross_entropy: label {l} of sample {i} is out of range for {k} classes"
-        )));
-    }
+    let [n, k] = cross_entropy_args(logits.shape(), labels, weights)?;
     let mut dlogits = vec![0.0f32; n * k];
     if k == 0 {
         return Ok((Vec::new(), Tensor::new(&[n, k], dlogits)?));

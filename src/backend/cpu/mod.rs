@@ -291,27 +291,7 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The four extents of an NCHW tensor, or an error naming the tensor.
-fn dims4(name: &str, shape: &[usize]) -> Result<[usize; 4]> {
-    match *shape {
-        [n, c, h, w] => Ok([n, c, h, w]),
-        ref s => Err(Error::tensor(
-            name,
-            format!("expected 4 dimensions [N, C, H, W], got shape {s:?}"),
-        )),
-    }
-}
-
-/// The two extents of an `[N, F]` tensor, or an error naming the tensor.
-fn dims2(name: &str, shape: &[usize]) -> Result<[usize; 2]> {
-    match *shape {
-        [n, f] => Ok([n, f]),
-        ref s => Err(Error::tensor(
-            name,
-            format!("expected 2 dimensions [N, F], got shape {s:?}"),
-        )),
-    }
-}
+use crate::backend::check::{dims2, dims4};
 
 /// Fails unless `t` has exactly `shape`.
 fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {

@@ -10,20 +10,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::expect_shape;
+use crate::backend::check::channel_dims;
 use crate::backend::BnSaved;
 use crate::error::{Error, Result};
-use crate::tensor::{numel, Tensor};
-
-/// `(N, C, plane size)` of a tensor with at least two axes.
-fn channel_dims(name: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
-    if shape.len() < 2 {
-        return Err(Error::tensor(
-            name,
-            format!("expected [N, C, ...], got shape {shape:?}"),
-        ));
-    }
-    Ok((shape[0], shape[1], numel(&shape[2..])))
-}
+use crate::tensor::Tensor;
 
 /// Calls `f(channel, range of the plane in the flat data, output plane)` for
 /// every (image, channel) plane of `out`, in parallel.

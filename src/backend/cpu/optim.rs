@@ -5,8 +5,9 @@ use rayon::prelude::*;
 
 use super::mask::sign;
 use super::{expect_shape, ELEMENTWISE_CHUNK};
+use crate::backend::check::pgd_radius;
 use crate::backend::SgdParams;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// One SGD-with-momentum update in place, PyTorch's convention (no
@@ -47,12 +48,7 @@ pub(super) fn pgd_step(
 ) -> Result<()> {
     expect_shape("grad", grad, x.shape())?;
     expect_shape("x0", x0, x.shape())?;
-    if eps.is_nan() || eps < 0.0 {
-        return Err(Error::arg(
-            "eps",
-            format!("PGD radius must be >= 0, got {eps}"),
-        ));
-    }
+    pgd_radius(eps)?;
     x.data_mut()
         .par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(grad.data().par_chunks(ELEMENTWISE_CHUNK))

@@ -5,67 +5,15 @@
 use rayon::prelude::*;
 
 use super::{dims2, dims4, expect_shape};
+use crate::backend::check::PoolGeom;
 use crate::backend::PoolParams;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// The extents of one pooling op, checked once.
-#[derive(Clone, Copy, Debug)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    p: PoolParams,
-}
+/// Pool geometry, shared with the GPU backend; the window walks are CPU-only.
+type Geom = PoolGeom;
 
 impl Geom {
-    fn new(x_shape: &[usize], p: PoolParams) -> Result<Geom> {
-        let [n, c, h, w] = dims4("x", x_shape)?;
-        if h == 0 || w == 0 {
-            return Err(Error::tensor(
-                "x",
-                format!("pool of an empty plane {x_shape:?}"),
-            ));
-        }
-        if p.kernel == 0 || p.stride == 0 {
-            return Err(Error::Msg(format!(
-                "pool: kernel and stride must be at least 1, got {p:?}"
-            )));
-        }
-        // As PyTorch requires; it also guarantees that every window holds at
-        // least one input pixel.
-        if 2 * p.pad > p.kernel {
-            return Err(Error::Msg(format!(
-                "pool: padding {} is more than half the kernel {}",
-                p.pad, p.kernel
-            )));
-        }
-        if h + 2 * p.pad < p.kernel || w + 2 * p.pad < p.kernel {
-            return Err(Error::Msg(format!(
-                "pool: kernel {} is larger than the padded input {}x{}",
-                p.kernel,
-                h + 2 * p.pad,
-                w + 2 * p.pad
-            )));
-        }
-        Ok(Geom {
-            n,
-            c,
-            h,
-            w,
-            oh: p.out_len(h),
-            ow: p.out_len(w),
-            p,
-        })
-    }
-
-    fn out_shape(&self) -> [usize; 4] {
-        [self.n, self.c, self.oh, self.ow]
-    }
-
     /// Input indices `lo..hi` that window `o` covers along an axis of
     /// extent `len` (padding clipped away; never empty).
     fn window(&self, o: usize, len: usize) -> (usize, usize) {

@@ -5,6 +5,7 @@
 //! convolutions of `[N, K, 1, 1]` images; and the eval-mode batch-norm fold.
 
 use super::{arg, Driver, GpuBackend, GpuBuf};
+use crate::backend::check::{dims2, dims4, ConvGeom};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 
@@ -119,79 +120,11 @@ pub fn wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
     (k.div_ceil(chunk.max(BK)).max(1), chunk.max(BK))
 }
 
-/// The extents of one convolution, validated as the CPU reference does.
-#[derive(Clone, Copy, Debug)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    p: ConvParams,
-}
-
-/// The four extents of an NCHW tensor, or an error naming it.
-pub(super) fn dims4(name: &str, s: &[usize]) -> Result<[usize; 4]> {
-    match *s {
-        [a, b, c, d] => Ok([a, b, c, d]),
-        _ => Err(Error::tensor(
-            name,
-            format!("expected 4 dimensions [N, C, H, W], got shape {s:?}"),
-        )),
-    }
-}
-
-/// The two extents of an `[N, F]` tensor, or an error naming it.
-pub(super) fn dims2(name: &str, s: &[usize]) -> Result<[usize; 2]> {
-    match *s {
-        [a, b] => Ok([a, b]),
-        _ => Err(Error::tensor(
-            name,
-            format!("expected 2 dimensions [N, F], got shape {s:?}"),
-        )),
-    }
-}
+/// Convolution geometry, shared with the CPU reference so both refuse the
+/// same inputs; the kernel argument packing is GPU-only.
+type Geom = ConvGeom;
 
 impl Geom {
-    fn new(x_shape: &[usize], w_shape: &[usize], p: ConvParams) -> Result<Geom> {
-        let [n, c, h, w] = dims4("x", x_shape)?;
-        let [o, wc, kh, kw] = dims4("w", w_shape)?;
-        if wc != c {
-            return Err(Error::shape("w", &[o, c, kh, kw], w_shape));
-        }
-        if c == 0 || h == 0 || w == 0 || o == 0 || kh == 0 || kw == 0 {
-            return Err(Error::Msg(format!(
-                "conv2d: empty extent in input {x_shape:?} or filter {w_shape:?}"
-            )));
-        }
-        if p.stride == 0 {
-            return Err(Error::Msg("conv2d: stride must be at least 1".into()));
-        }
-        if h + 2 * p.pad < kh || w + 2 * p.pad < kw {
-            return Err(Error::Msg(format!(
-                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
-                h + 2 * p.pad,
-                w + 2 * p.pad
-            )));
-        }
-        Ok(Geom {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            oh: p.out_len(h, kh),
-            ow: p.out_len(w, kw),
-            p,
-        })
-    }
-
     fn args(&self) -> ConvArgs {
         ConvArgs {
             n: self.n as i32,
@@ -203,14 +136,10 @@ impl Geom {
             s: self.kw as i32,
             p: self.oh as i32,
             q: self.ow as i32,
-            stride: self.p.stride as i32,
-            pad: self.p.pad as i32,
+            stride: self.stride as i32,
+            pad: self.pad as i32,
             ..ConvArgs::default()
         }
-    }
-
-    fn out_shape(&self) -> [usize; 4] {
-        [self.n, self.o, self.oh, self.ow]
     }
 }
 

@@ -2,11 +2,11 @@
 //! pool.cu, loss.cu, mask.cu and optim.cu. Shapes are validated exactly as
 //! the CPU reference validates them, so both backends refuse the same inputs.
 
-use super::conv::{dims2, dims4, expect_shape};
+use super::conv::expect_shape;
 use super::{arg, Driver, GpuBackend, GpuBuf};
+use crate::backend::check::{channel_dims, cross_entropy_args, dims2, dims4, pgd_radius, PoolGeom};
 use crate::backend::{BnSaved, PoolParams, SgdParams};
 use crate::error::{Error, Result};
-use crate::tensor::numel;
 
 /// `EwArgs` of elementwise.cu.
 #[repr(C)]
@@ -68,59 +68,17 @@ struct OptimArgs {
     pad_: i32,
 }
 
-/// `(N, C, plane)` of a `[N, C, ...]` tensor.
-fn channel_dims(name: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
-    if shape.len() < 2 {
-        return Err(Error::tensor(
-            name,
-            format!("expected [N, C, ...], got shape {shape:?}"),
-        ));
-    }
-    Ok((shape[0], shape[1], numel(&shape[2..])))
-}
-
-/// Checked pool geometry: `(n, c, h, w, oh, ow)`.
-fn pool_geom(x_shape: &[usize], p: PoolParams) -> Result<[usize; 6]> {
-    let [n, c, h, w] = dims4("x", x_shape)?;
-    if h == 0 || w == 0 {
-        return Err(Error::tensor(
-            "x",
-            format!("pool of an empty plane {x_shape:?}"),
-        ));
-    }
-    if p.kernel == 0 || p.stride == 0 {
-        return Err(Error::Msg(format!(
-            "pool: kernel and stride must be at least 1, got {p:?}"
-        )));
-    }
-    if 2 * p.pad > p.kernel {
-        return Err(Error::Msg(format!(
-            "pool: padding {} is more than half the kernel {}",
-            p.pad, p.kernel
-        )));
-    }
-    if h + 2 * p.pad < p.kernel || w + 2 * p.pad < p.kernel {
-        return Err(Error::Msg(format!(
-            "pool: kernel {} is larger than the padded input {}x{}",
-            p.kernel,
-            h + 2 * p.pad,
-            w + 2 * p.pad
-        )));
-    }
-    Ok([n, c, h, w, p.out_len(h), p.out_len(w)])
-}
-
-fn pool_args(g: [usize; 6], p: PoolParams) -> PoolArgs {
+fn pool_args(g: PoolGeom) -> PoolArgs {
     PoolArgs {
-        n: g[0] as i32,
-        c: g[1] as i32,
-        h: g[2] as i32,
-        w: g[3] as i32,
-        oh: g[4] as i32,
-        ow: g[5] as i32,
-        k: p.kernel as i32,
-        stride: p.stride as i32,
-        pad: p.pad as i32,
+        n: g.n as i32,
+        c: g.c as i32,
+        h: g.h as i32,
+        w: g.w as i32,
+        oh: g.oh as i32,
+        ow: g.ow as i32,
+        k: g.p.kernel as i32,
+        stride: g.p.stride as i32,
+        pad: g.p.pad as i32,
         pad_: 0,
     }
 }
@@ -405,9 +363,9 @@ impl<D: Driver> GpuBackend<D> {
         x: &GpuBuf<D>,
         p: PoolParams,
     ) -> Result<GpuBuf<D>> {
-        let g = pool_geom(x.shape(), p)?;
-        let y = self.alloc(&[g[0], g[1], g[4], g[5]])?;
-        let a = pool_args(g, p);
+        let g = PoolGeom::new(x.shape(), p)?;
+        let y = self.alloc(&g.out_shape())?;
+        let a = pool_args(g);
         let (px, py) = (x.ptr(), y.ptr());
         self.launch_flat(kernel, y.len(), &mut [arg(&a), arg(&px), arg(&py)])?;
         Ok(y)
@@ -419,10 +377,10 @@ impl<D: Driver> GpuBackend<D> {
         dy: &GpuBuf<D>,
         p: PoolParams,
     ) -> Result<GpuBuf<D>> {
-        let g = pool_geom(x.shape(), p)?;
-        expect_shape("dy", dy, &[g[0], g[1], g[4], g[5]])?;
+        let g = PoolGeom::new(x.shape(), p)?;
+        expect_shape("dy", dy, &g.out_shape())?;
         let dx = self.alloc(x.shape())?;
-        let a = pool_args(g, p);
+        let a = pool_args(g);
         let (px, pdy, pdx) = (x.ptr(), dy.ptr(), dx.ptr());
         self.launch_flat(
             "max_pool_bwd",
@@ -438,10 +396,10 @@ impl<D: Driver> GpuBackend<D> {
         x_shape: &[usize],
         p: PoolParams,
     ) -> Result<GpuBuf<D>> {
-        let g = pool_geom(x_shape, p)?;
-        expect_shape("dy", dy, &[g[0], g[1], g[4], g[5]])?;
+        let g = PoolGeom::new(x_shape, p)?;
+        expect_shape("dy", dy, &g.out_shape())?;
         let dx = self.alloc(x_shape)?;
-        let a = pool_args(g, p);
+        let a = pool_args(g);
         let (pdy, pdx) = (dy.ptr(), dx.ptr());
         self.launch_flat(
             "avg_pool_bwd",
@@ -457,14 +415,19 @@ impl<D: Driver> GpuBackend<D> {
             return Err(Error::tensor("x", "global_avg_pool of an empty plane"));
         }
         let y = self.alloc(&[n, c])?;
-        let a = pool_args(
-            [n, c, h, w, 1, 1],
-            PoolParams {
+        let a = pool_args(PoolGeom {
+            n,
+            c,
+            h,
+            w,
+            oh: 1,
+            ow: 1,
+            p: PoolParams {
                 kernel: h,
                 stride: 1,
                 pad: 0,
             },
-        );
+        });
         let (px, py) = (x.ptr(), y.ptr());
         let planes = n * c;
         self.launch(
@@ -487,14 +450,19 @@ impl<D: Driver> GpuBackend<D> {
             return Err(Error::shape("dy", &[n, c], dy.shape()));
         }
         let dx = self.alloc(x_shape)?;
-        let a = pool_args(
-            [n, c, h, w, 1, 1],
-            PoolParams {
+        let a = pool_args(PoolGeom {
+            n,
+            c,
+            h,
+            w,
+            oh: 1,
+            ow: 1,
+            p: PoolParams {
                 kernel: h.max(1),
                 stride: 1,
                 pad: 0,
             },
-        );
+        });
         let (pdy, pdx) = (dy.ptr(), dx.ptr());
         self.launch_flat(
             "global_avg_bwd",
@@ -510,19 +478,7 @@ impl<D: Driver> GpuBackend<D> {
         labels: &[usize],
         weights: &[f32],
     ) -> Result<(Vec<f32>, GpuBuf<D>)> {
-        let [n, k] = dims2("logits", logits.shape())?;
-        for (what, len) in [("labels", labels.len()), ("weights", weights.len())] {
-            if len != n {
-                return Err(Error::Msg(format!(
-                    "softmax_cross_entropy: {len} {what} for {n} rows of logits"
-                )));
-            }
-        }
-        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= k) {
-            return Err(Error::Msg(format!(
-                "softmax_cross_entropy: label {l} of sample {i} is out of range for {k} classes"
-            )));
-        }
+        let [n, k] = cross_entropy_args(logits.shape(), labels, weights)?;
         let dlogits = self.alloc(&[n, k])?;
         if k == 0 || n == 0 {
             return Ok((Vec::new(), dlogits));
@@ -660,12 +616,7 @@ impl<D: Driver> GpuBackend<D> {
     ) -> Result<()> {
         expect_shape("grad", grad, x.shape())?;
         expect_shape("x0", x0, x.shape())?;
-        if eps.is_nan() || eps < 0.0 {
-            return Err(Error::arg(
-                "eps",
-                format!("PGD radius must be >= 0, got {eps}"),
-            ));
-        }
+        pgd_radius(eps)?;
         self.make_unique(x)?;
         let a = OptimArgs {
             n: x.len() as i32,
