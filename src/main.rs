@@ -42,12 +42,24 @@ enum Cmd {
     Train(TrainArgs),
     /// Search every class's pattern (the paper's method), batched; report in --out.
     Search(SearchArgs),
+    /// Gather the shards of a `cwp search --shard I/N` run into one report.
+    Merge(MergeArgs),
     /// The paper's three settings on one page: the embedded natural, backdoored and adversarially trained models.
     Demo(DemoArgs),
     /// Check the GPU backend against the CPU reference on this machine.
     Selftest(SelftestArgs),
     /// Throughput: forward + backward to the input, search steps, conv kernels.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The shards' --out folders (or the one folder they share).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Where the report goes (default: the first folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -319,6 +331,10 @@ struct SearchArgs {
     /// Predictive power the minimal k must reach.
     #[arg(long, default_value_t = 0.9)]
     threshold: f64,
+    /// Run only shard I of N (0 <= I < N): unit j of the run goes to shard j % N. Each shard
+    /// stores its results and a manifest; `cwp merge` makes the report once all have run.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
     /// Memory budget of one search step, e.g. 2G or 512M (sets how many searches share a forward pass).
     #[arg(long, default_value = "2G")]
     memory: String,
@@ -814,6 +830,11 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
 }
 
 fn cmd_search(a: &SearchArgs) -> Result<()> {
+    let shard = a
+        .shard
+        .as_deref()
+        .map(str::parse::<search::shard::Shard>)
+        .transpose()?;
     let model = load_model(&a.model)?;
     let cfg = search_config(a, &model)?;
     let spec: DataSpec = a.data.parse()?;
@@ -838,8 +859,34 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
         quiet: a.quiet,
     };
     let dev = select_device(&a.device.device)?;
+    if let Some(shard) = shard {
+        let m = with_backend!(dev, |be| search::run_shard(
+            &be, &inputs, &cfg, &a.out, shard
+        )?);
+        let owned = (0..m.header.units.len()).filter(|&j| shard.owns(j)).count();
+        println!(
+            "shard {shard}: {} of the run's {} searches are this shard's; searched {} in {:.1}s, {} reused. \
+             When every shard has run: cwp merge {}",
+            owned,
+            m.header.units.len(),
+            m.stats.searched,
+            m.stats.search_seconds,
+            m.stats.reused,
+            a.out.display()
+        );
+        return Ok(());
+    }
     let report = with_backend!(dev, |be| search::run(&be, &inputs, &cfg, &a.out)?);
     write_search_outputs(&report, test.class_names(), &a.out)?;
+    Ok(())
+}
+
+fn cmd_merge(a: &MergeArgs) -> Result<()> {
+    let (report, class_names) = search::shard::merge(&a.dirs)?;
+    let out = a.out.clone().unwrap_or_else(|| a.dirs[0].clone());
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("option --out: cannot create {}", out.display()))?;
+    write_search_outputs(&report, &class_names, &out)?;
     Ok(())
 }
 
@@ -935,6 +982,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Train(a) => cmd_train(a),
         Cmd::Search(a) => cmd_search(a),
+        Cmd::Merge(a) => cmd_merge(a),
         Cmd::Demo(a) => cmd_demo(a),
         Cmd::Selftest(a) => cmd_selftest(a),
         Cmd::Bench(a) => cmd_bench(a),

@@ -102,3 +102,29 @@ fn weights_that_do_not_fit_the_data_are_refused() {
     let msg = refused(&five, &[]);
     assert!(msg.contains("10 classes") && msg.contains('5'), "{msg}");
 }
+
+#[test]
+fn a_shard_outside_the_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = model_file(dir.path(), "smallcnn", [1, 28, 28], 10);
+    for bad in ["2/2", "0/0", "1-of-4"] {
+        let msg = refused(&w, &["--shard", bad]);
+        assert!(msg.contains("--shard") && msg.contains(bad), "{msg}");
+    }
+}
+
+#[test]
+fn merging_a_folder_without_shards_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cwp(&["merge", dir.path().to_str().unwrap()]);
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        msg.contains("no shard manifests") && msg.contains(dir.path().to_str().unwrap()),
+        "{msg}"
+    );
+    assert!(!dir.path().join("report.json").exists());
+    let o = cwp(&["merge", "/nonexistent/cwp-run"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/cwp-run"));
+}

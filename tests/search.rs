@@ -1,6 +1,7 @@
 //! Properties of the batched search: deterministic, and a batched run of S
 //! searches gives bit for bit the masks of S separate runs (however the
-//! searches are chunked into forward passes).
+//! searches are chunked into forward passes); a run split into shards and
+//! merged gives the report of one run.
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
@@ -140,14 +141,8 @@ fn assert_same(a: &[f32], b: &[f32], what: &str) {
 }
 
 /// A small but complete run: 3 classes, a tiny search set, 1 epoch.
-fn tiny_run(
-    model: &classwise::weights::Model,
-    test: &Dataset,
-    lr: f64,
-    out: &std::path::Path,
-) -> classwise::search::RunReport {
-    use classwise::search::{run, RunInputs, SearchConfig};
-    let mut cfg = SearchConfig::defaults(model.graph.input, 10);
+fn tiny_cfg(model: &classwise::weights::Model, lr: f64) -> classwise::search::SearchConfig {
+    let mut cfg = classwise::search::SearchConfig::defaults(model.graph.input, 10);
     cfg.classes = vec![1, 4, 8];
     cfg.canvas = "auto:1".into();
     cfg.search_frac = 0.1;
@@ -156,7 +151,14 @@ fn tiny_run(
     cfg.k_sweep = vec![8, 64, 784];
     cfg.sweep_per_class = Some(5);
     cfg.eval_per_class = Some(10);
-    let inputs = RunInputs {
+    cfg
+}
+
+fn tiny_inputs<'a>(
+    model: &'a classwise::weights::Model,
+    test: &'a Dataset,
+) -> classwise::search::RunInputs<'a> {
+    classwise::search::RunInputs {
         model,
         model_id: "formula".into(),
         model_label: "formula".into(),
@@ -164,15 +166,39 @@ fn tiny_run(
         train: None,
         command: "test".into(),
         quiet: true,
-    };
-    run(&CpuBackend, &inputs, &cfg, out).unwrap()
+    }
+}
+
+fn tiny_run(
+    model: &classwise::weights::Model,
+    test: &Dataset,
+    lr: f64,
+    out: &std::path::Path,
+) -> classwise::search::RunReport {
+    let cfg = tiny_cfg(model, lr);
+    classwise::search::run(&CpuBackend, &tiny_inputs(model, test), &cfg, out).unwrap()
+}
+
+fn tiny_shard(
+    model: &classwise::weights::Model,
+    test: &Dataset,
+    shard: &str,
+    out: &std::path::Path,
+) -> classwise::search::shard::Manifest {
+    let cfg = tiny_cfg(model, 0.02);
+    let inputs = tiny_inputs(model, test);
+    classwise::search::run_shard(&CpuBackend, &inputs, &cfg, out, shard.parse().unwrap()).unwrap()
+}
+
+fn formula_model() -> classwise::weights::Model {
+    let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
+    let graph = build(&spec).unwrap();
+    classwise::weights::Model::new(&spec, common::formula_params(&graph)).unwrap()
 }
 
 #[test]
 fn a_rerun_reuses_finished_searches_and_a_changed_option_does_not() {
-    let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
-    let graph = build(&spec).unwrap();
-    let model = classwise::weights::Model::new(&spec, common::formula_params(&graph)).unwrap();
+    let model = formula_model();
     let test = small_test_set();
     let out = tempfile::tempdir().unwrap();
     let first = tiny_run(&model, &test, 0.02, out.path());
@@ -199,4 +225,87 @@ fn a_rerun_reuses_finished_searches_and_a_changed_option_does_not() {
         );
         let _: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     }
+}
+
+#[test]
+fn shards_in_separate_folders_merge_into_the_report_of_one_run() {
+    use classwise::search::shard::merge;
+    let model = formula_model();
+    let test = small_test_set();
+    let whole = tiny_run(&model, &test, 0.02, tempfile::tempdir().unwrap().path());
+
+    // Three units dealt round-robin over two shards: units 0 and 2, then 1.
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let m0 = tiny_shard(&model, &test, "0/2", d0.path());
+    assert_eq!((m0.stats.searched, m0.header.units.len()), (2, 3));
+    let dirs = [d0.path().to_path_buf(), d1.path().to_path_buf()];
+    let err = merge(&dirs).unwrap_err().to_string();
+    assert!(
+        err.contains("1 of 3 searches missing")
+            && err.contains("shard 1/2")
+            && err.contains("not run"),
+        "{err}"
+    );
+    let m1 = tiny_shard(&model, &test, "1/2", d1.path());
+    assert_eq!(m1.stats.searched, 1);
+
+    let (merged, names) = merge(&dirs).unwrap();
+    assert_eq!(names, test.class_names());
+    assert_eq!(merged.searches.len(), whole.searches.len());
+    for (a, b) in whole.searches.iter().zip(&merged.searches) {
+        assert_eq!((a.class, &a.canvas.id), (b.class, &b.canvas.id));
+        assert_same(&a.mask, &b.mask, "mask");
+        assert_eq!(a.positions, b.positions);
+        assert_eq!(a.power, b.power);
+        assert_eq!(a.sweep, b.sweep);
+        assert_eq!(a.min_k, b.min_k);
+    }
+    assert_eq!(merged.classes, whole.classes);
+    assert_eq!(merged.verdict_mask, whole.verdict_mask);
+    assert_eq!(merged.verdict_min_k, whole.verdict_min_k);
+    assert_eq!(merged.flagged, whole.flagged);
+    assert_eq!(merged.clean_accuracy, whole.clean_accuracy);
+}
+
+#[test]
+fn shards_sharing_a_folder_leave_a_plain_rerun_nothing_to_do() {
+    let model = formula_model();
+    let test = small_test_set();
+    let out = tempfile::tempdir().unwrap();
+    for s in ["0/3", "1/3", "2/3"] {
+        assert_eq!(
+            tiny_shard(&model, &test, s, out.path()).stats.searched,
+            1,
+            "{s}"
+        );
+    }
+    // A shard rerun finds its work done.
+    assert_eq!(tiny_shard(&model, &test, "1/3", out.path()).stats.reused, 1);
+    let (merged, _) = classwise::search::shard::merge(&[out.path().to_path_buf()]).unwrap();
+    let again = tiny_run(&model, &test, 0.02, out.path());
+    assert_eq!(again.reused, 3);
+    assert_eq!(again.classes, merged.classes);
+}
+
+#[test]
+fn shards_of_different_runs_are_not_merged() {
+    let model = formula_model();
+    let test = small_test_set();
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    tiny_shard(&model, &test, "0/2", d0.path());
+    // Same shard count, another step size: another run.
+    let cfg = tiny_cfg(&model, 0.05);
+    let inputs = tiny_inputs(&model, &test);
+    classwise::search::run_shard(
+        &CpuBackend,
+        &inputs,
+        &cfg,
+        d1.path(),
+        "1/2".parse().unwrap(),
+    )
+    .unwrap();
+    let err = classwise::search::shard::merge(&[d0.path().to_path_buf(), d1.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different runs"), "{err}");
 }

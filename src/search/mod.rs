@@ -8,6 +8,7 @@
 pub mod canvas;
 pub mod optimize;
 pub mod pattern;
+pub mod shard;
 pub mod store;
 pub mod verdict;
 
@@ -286,6 +287,62 @@ pub struct RunInputs<'a> {
     pub quiet: bool,
 }
 
+/// What identifies a run and every search in it: written into each shard's
+/// manifest so `cwp merge` can rebuild the report without the model or data.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunHeader {
+    /// `classwise <version>`.
+    pub tool: String,
+    /// The command line.
+    pub command: String,
+    /// A label for the model.
+    pub model_label: String,
+    /// A stable identity of the weights.
+    pub model_id: String,
+    /// The model's architecture, shapes and metadata.
+    pub model: serde_json::Value,
+    /// Model input `[C, H, W]`.
+    pub input: [usize; 3],
+    /// The data spec and split sizes.
+    pub data: String,
+    /// Class names of the data.
+    pub class_names: Vec<String>,
+    /// Backend name.
+    pub device: String,
+    /// The configuration.
+    pub config: SearchConfig,
+    /// Clean test accuracy of the model.
+    pub clean_accuracy: f64,
+    /// Every search of the run, in (class, canvas) order.
+    pub units: Vec<Unit>,
+}
+
+/// One (class, canvas) search of a run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Unit {
+    /// Target class.
+    pub class: usize,
+    /// The canvas's id (e.g. `test:17`, `solid:1`).
+    pub canvas: String,
+    /// The key its result is stored under (see [`store::unit_key`]).
+    pub key: String,
+}
+
+/// Work done by one invocation, for the throughput figures.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunStats {
+    /// Searches optimised in this invocation.
+    pub searched: usize,
+    /// Searches found finished on disk.
+    pub reused: usize,
+    /// Wall time of the optimisation, seconds.
+    pub search_seconds: f64,
+    /// Search steps taken (summed over searches).
+    pub steps: usize,
+    /// Wall time of everything, seconds.
+    pub total_seconds: f64,
+}
+
 /// Runs the whole search for `cfg` and writes per-search results under
 /// `out/searches/`. Returns the report (the caller renders it).
 pub fn run<B: Backend>(
@@ -294,6 +351,45 @@ pub fn run<B: Backend>(
     cfg: &SearchConfig,
     out: &Path,
 ) -> Result<RunReport> {
+    let (header, results, stats) = execute(be, inputs, cfg, out, None)?;
+    let searches = results.into_iter().flatten().collect();
+    summarise(header, searches, stats)
+}
+
+/// Runs this shard's share of the searches of `cfg` (unit `j` of the run
+/// belongs to shard `j % count`), writes their results under
+/// `out/searches/` and the shard's manifest under `out/shards/`. Once every
+/// shard has run, `cwp merge` (or [`shard::merge`]) makes the report.
+pub fn run_shard<B: Backend>(
+    be: &B,
+    inputs: &RunInputs<'_>,
+    cfg: &SearchConfig,
+    out: &Path,
+    which: shard::Shard,
+) -> Result<shard::Manifest> {
+    let (header, _, stats) = execute(be, inputs, cfg, out, Some(which))?;
+    let manifest = shard::Manifest {
+        format: shard::FORMAT,
+        shard: which,
+        header,
+        stats,
+    };
+    manifest.save(out)?;
+    Ok(manifest)
+}
+
+type Executed = (RunHeader, Vec<Option<SearchResult>>, RunStats);
+
+/// Plans the run's units, searches those that are pending (and, for a
+/// shard, its own), and stores each result as it is done. Units neither
+/// stored nor searched here come back as `None`.
+fn execute<B: Backend>(
+    be: &B,
+    inputs: &RunInputs<'_>,
+    cfg: &SearchConfig,
+    out: &Path,
+    which: Option<shard::Shard>,
+) -> Result<Executed> {
     let start = Instant::now();
     let model = inputs.model;
     let graph = &model.graph;
@@ -343,9 +439,14 @@ pub fn run<B: Backend>(
         }
     }
 
+    let mine = |j: usize| which.is_none_or(|s| s.owns(j));
     let mut results: Vec<Option<SearchResult>> = units.iter().map(|u| store.load(&u.3)).collect();
-    let reused = results.iter().filter(|r| r.is_some()).count();
-    let pending: Vec<usize> = (0..units.len()).filter(|&i| results[i].is_none()).collect();
+    let reused = (0..units.len())
+        .filter(|&j| mine(j) && results[j].is_some())
+        .count();
+    let pending: Vec<usize> = (0..units.len())
+        .filter(|&j| mine(j) && results[j].is_none())
+        .collect();
 
     let mut search_seconds = 0.0;
     let mut steps_total = 0usize;
@@ -389,9 +490,51 @@ pub fn run<B: Backend>(
         }
         bar.finish();
     }
-    let searches: Vec<SearchResult> = results.into_iter().flatten().collect();
+    let header = RunHeader {
+        tool: format!("classwise {}", env!("CARGO_PKG_VERSION")),
+        command: inputs.command.clone(),
+        model_label: inputs.model_label.clone(),
+        model_id: inputs.model_id.clone(),
+        model: serde_json::json!({
+            "arch": graph.arch,
+            "input": graph.input,
+            "num_classes": graph.num_classes,
+            "params": graph.param_count(),
+            "metadata": model.meta.extra,
+        }),
+        input: graph.input,
+        data: format!("{} ({} images)", test.name(), test.len()),
+        class_names: test.class_names().to_vec(),
+        device: be.name(),
+        config: cfg.clone(),
+        clean_accuracy,
+        units: units
+            .iter()
+            .map(|(t, canvas, _, key)| Unit {
+                class: *t,
+                canvas: canvas.id.clone(),
+                key: key.clone(),
+            })
+            .collect(),
+    };
+    let stats = RunStats {
+        searched: pending.len(),
+        reused,
+        search_seconds,
+        steps: steps_total,
+        total_seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((header, results, stats))
+}
 
-    // The best canvas of each class, then the verdicts across classes.
+/// The report of a run whose every search is done: the best canvas of
+/// each class, then the verdicts across classes.
+pub fn summarise(
+    header: RunHeader,
+    searches: Vec<SearchResult>,
+    stats: RunStats,
+) -> Result<RunReport> {
+    let cfg = header.config;
     let mut classes = Vec::new();
     for &t in &cfg.classes {
         let best = searches
@@ -422,7 +565,7 @@ pub fn run<B: Backend>(
             mask_mean: r.mask_mean,
         });
     }
-    let pixels = graph.input[1] * graph.input[2];
+    let pixels = header.input[1] * header.input[2];
     let class_ids: Vec<usize> = classes.iter().map(|c| c.class).collect();
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
         let v: Vec<f64> = classes
@@ -446,40 +589,32 @@ pub fn run<B: Backend>(
     } else {
         Vec::new()
     };
-    let images = steps_total * cfg.mask.batch;
+    let per_second = |n: usize| {
+        if stats.search_seconds > 0.0 {
+            n as f64 / stats.search_seconds
+        } else {
+            0.0
+        }
+    };
     Ok(RunReport {
-        tool: format!("classwise {}", env!("CARGO_PKG_VERSION")),
-        command: inputs.command.clone(),
-        model_label: inputs.model_label.clone(),
-        model: serde_json::json!({
-            "arch": graph.arch,
-            "input": graph.input,
-            "num_classes": graph.num_classes,
-            "params": graph.param_count(),
-            "metadata": model.meta.extra,
-        }),
-        data: format!("{} ({} images)", test.name(), test.len()),
-        device: be.name(),
-        config: cfg.clone(),
-        clean_accuracy,
+        tool: header.tool,
+        command: header.command,
+        model_label: header.model_label,
+        model: header.model,
+        data: header.data,
+        device: header.device,
+        clean_accuracy: header.clean_accuracy,
         searches,
         classes,
         verdict_min_k,
         verdict_mask,
         flagged,
-        reused,
-        search_seconds,
-        steps_per_second: if search_seconds > 0.0 {
-            steps_total as f64 / search_seconds
-        } else {
-            0.0
-        },
-        images_per_second: if search_seconds > 0.0 {
-            images as f64 / search_seconds
-        } else {
-            0.0
-        },
-        total_seconds: start.elapsed().as_secs_f64(),
+        reused: stats.reused,
+        search_seconds: stats.search_seconds,
+        steps_per_second: per_second(stats.steps),
+        images_per_second: per_second(stats.steps * cfg.mask.batch),
+        total_seconds: stats.total_seconds,
+        config: cfg,
     })
 }
 

@@ -61,6 +61,13 @@ impl Store {
         Ok(Store { dir })
     }
 
+    /// The results under `out/searches/`, for reading only (nothing is created).
+    pub fn at(out: &Path) -> Store {
+        Store {
+            dir: out.join("searches"),
+        }
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{}.json", &key[..16.min(key.len())]))
     }
