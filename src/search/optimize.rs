@@ -70,33 +70,84 @@ pub fn step<B: Backend>(
     cfg: &MaskConfig,
 ) -> Result<StepOutput> {
     let (be, graph, params) = (model.be, model.graph, model.params.as_slice());
-    let s = targets.len();
     let [_, h, w] = graph.input;
-    if s == 0 || others.shape()[0] != s * cfg.batch || masks.shape() != [s, h, w] {
+    if masks.shape() != [targets.len(), h, w] {
         return Err(Error::Msg(format!(
-            "search step: {s} searches need masks [{s}, {h}, {w}] and {} other images; got masks {:?}, others {:?}",
+            "search step: {} searches need masks [{}, {h}, {w}]; got {:?}",
+            targets.len(),
+            targets.len(),
+            masks.shape()
+        )));
+    }
+    step_with(
+        be,
+        canvases,
+        masks,
+        others,
+        targets,
+        cfg,
+        |x, labels, weights| {
+            let trace = graph.forward_trace(be, params, x)?;
+            let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), labels, weights)?;
+            let logits = be.download(trace.logits())?;
+            let dx = graph.backward(be, params, &trace, dlogits, false)?.dx;
+            Ok(ModelPass { losses, logits, dx })
+        },
+    )
+}
+
+/// What one forward and backward pass over the composites gives a step.
+pub struct ModelPass<Buf> {
+    /// Per-sample weighted cross-entropy.
+    pub losses: Vec<f32>,
+    /// Logits `[S*B, K]`.
+    pub logits: Tensor,
+    /// Gradient of the weighted loss with respect to the composites.
+    pub dx: Buf,
+}
+
+/// [`step`] with the model pass supplied by the caller, for runners other
+/// than the graph runner (the GPU's fused eval path): `pass(composites,
+/// labels, per-sample loss weights)` must return the losses, logits and the
+/// input gradient; everything around it is the search's own arithmetic.
+pub fn step_with<B: Backend>(
+    be: &B,
+    canvases: &Tensor,
+    masks: &Tensor,
+    others: &Tensor,
+    targets: &[usize],
+    cfg: &MaskConfig,
+    pass: impl FnOnce(B::Buf, &[usize], &[f32]) -> Result<ModelPass<B::Buf>>,
+) -> Result<StepOutput> {
+    let s = targets.len();
+    let hw = match masks.shape() {
+        &[ms, h, w] if ms == s && s > 0 => h * w,
+        got => {
+            return Err(Error::Msg(format!(
+                "search step: {s} searches need masks [{s}, H, W]; got {got:?}"
+            )))
+        }
+    };
+    if others.shape().first() != Some(&(s * cfg.batch)) {
+        return Err(Error::Msg(format!(
+            "search step: {s} searches need {} other images; got {:?}",
             s * cfg.batch,
-            masks.shape(),
             others.shape()
         )));
     }
-    let (c, m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
+    let (c, mut m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
     let x = be.composite(&c, &m, &o)?;
-    let trace = graph.forward_trace(be, params, x)?;
     let labels: Vec<usize> = targets
         .iter()
         .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
         .collect();
     let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
-    let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), &labels, &weights)?;
-    let logits = be.download(trace.logits())?;
-    let grads = graph.backward(be, params, &trace, dlogits, false)?;
-    drop(trace);
-    let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
-    let dmask = be.mask_grad(&grads.dx, &c, &o, l1_grad)?;
-    let mut m = m;
+    let out = pass(x, &labels, &weights)?;
+    let l1_grad = cfg.beta / (hw as f32 / 2.0);
+    let dmask = be.mask_grad(&out.dx, &c, &o, l1_grad)?;
     be.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
-    let ce = losses
+    let ce = out
+        .losses
         .chunks(cfg.batch)
         .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / cfg.batch as f64) as f32)
         .collect();
@@ -104,7 +155,7 @@ pub fn step<B: Backend>(
         masks: be.download(&m)?,
         ce,
         dmask: be.download(&dmask)?,
-        logits,
+        logits: out.logits,
     })
 }
 

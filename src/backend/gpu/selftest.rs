@@ -1209,39 +1209,21 @@ pub fn search_step_fused<D: Driver>(
     targets: &[usize],
     cfg: &MaskConfig,
 ) -> Result<StepOutput> {
-    let (s, hw) = (masks.shape()[0], masks.shape()[1] * masks.shape()[2]);
-    if s != targets.len() || others.shape()[0] != s * cfg.batch {
-        return Err(Error::Msg(format!(
-            "search step: {} targets, masks {:?} and others {:?} do not fit batch {}",
-            targets.len(),
-            masks.shape(),
-            others.shape(),
-            cfg.batch
-        )));
-    }
-    let (c, o) = (gpu.upload(canvases)?, gpu.upload(others)?);
-    let mut m = gpu.upload(masks)?;
-    let comp = gpu.composite(&c, &m, &o)?;
-    let trace = model.forward_trace(&comp)?;
-    let labels: Vec<usize> = targets
-        .iter()
-        .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
-        .collect();
-    let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
-    let (losses, dlogits) = gpu.softmax_cross_entropy(trace.logits(), &labels, &weights)?;
-    let dx = model.input_grad(&trace, dlogits)?;
-    let dmask = gpu.mask_grad(&dx, &c, &o, cfg.beta / (hw as f32 / 2.0))?;
-    gpu.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
-    let ce = losses
-        .chunks(cfg.batch)
-        .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / cfg.batch as f64) as f32)
-        .collect();
-    Ok(StepOutput {
-        masks: gpu.download(&m)?,
-        ce,
-        dmask: gpu.download(&dmask)?,
-        logits: gpu.download(trace.logits())?,
-    })
+    crate::search::optimize::step_with(
+        gpu,
+        canvases,
+        masks,
+        others,
+        targets,
+        cfg,
+        |x, labels, weights| {
+            let trace = model.forward_trace(&x)?;
+            let (losses, dlogits) = gpu.softmax_cross_entropy(trace.logits(), labels, weights)?;
+            let logits = gpu.download(trace.logits())?;
+            let dx = model.input_grad(&trace, dlogits)?;
+            Ok(crate::search::optimize::ModelPass { losses, logits, dx })
+        },
+    )
 }
 
 /// Positions where two signed steps differ although the reference
