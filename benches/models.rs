@@ -66,11 +66,7 @@ fn search_step(c: &mut Criterion) {
             .iter()
             .map(|t| be.upload(t).unwrap())
             .collect();
-        let dm = DeviceModel {
-            be: &be,
-            graph: &graph,
-            params,
-        };
+        let dm = DeviceModel::new(&be, &graph, params).unwrap();
         let cfg = MaskConfig::default();
         let [ch, h, w] = input;
         let canvases = Tensor::from_fn(&[searches, ch, h, w], |i| ((i * 13) % 97) as f32 / 96.0);

@@ -53,11 +53,7 @@ fn one_search_step_matches_pytorch() {
         1e-6,
     );
 
-    let dm = DeviceModel {
-        be: &be,
-        graph: &graph,
-        params: p,
-    };
+    let dm = DeviceModel::new(&be, &graph, p).unwrap();
     let out = step(&dm, &canvas, &mask0, &others, &[target], &cfg).unwrap();
     assert_close_abs("logits", out.logits.data(), get("logits").data(), 1e-4);
     assert_close_abs("ce", &out.ce, get("ce").data(), 1e-5);

@@ -2,15 +2,16 @@
 //! logits and input gradient against the CPU reference (graph runner and the
 //! fused eval path) and against PyTorch's float64 golden fixtures; one
 //! batched search step and one training step against the CPU and the
-//! fixtures. Small batches; `resnet50_imagenet` at one image.
+//! fixtures; a whole (small) search run against the CPU's. Small batches;
+//! `resnet50_imagenet` at one image.
 
 mod common;
 
 use classwise::backend::gpu::emu::EmuDriver;
-use classwise::backend::gpu::fused::FusedModel;
 use classwise::backend::gpu::selftest::{self, Check, ModelCase};
 use classwise::backend::gpu::GpuBackend;
 use classwise::backend::Backend;
+use classwise::eval::DeviceModel;
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
 use common::*;
@@ -144,7 +145,8 @@ fn emu_model_resnet50_imagenet() {
     model("resnet50_imagenet", [3, 224, 224]);
 }
 
-/// The golden search step, on the GPU through the fused path.
+/// The golden search step, on the GPU through the search's own step and
+/// model (which runs the fused path there).
 #[test]
 fn emu_search_step_matches_fixture_and_cpu() {
     let gpu = GpuBackend::new(EmuDriver::new());
@@ -159,7 +161,8 @@ fn emu_search_step_matches_fixture_and_cpu() {
     let target: usize = f.metadata["target"].parse().unwrap();
     let get = |k: &str| f.float(k, name.as_ref()).unwrap().clone();
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
-    let fused = FusedModel::new(&gpu, &graph, &formula_params(&graph)).unwrap();
+    let model = DeviceModel::upload(&gpu, &graph, &formula_params(&graph)).unwrap();
+    assert!(model.is_native(), "the search on a GPU runs the fused path");
     let canvas = get("canvas").reshape(&[1, 1, 28, 28]).unwrap();
     let mask0 = get("mask0").reshape(&[1, 28, 28]).unwrap();
     let cfg = classwise::search::MaskConfig {
@@ -169,16 +172,9 @@ fn emu_search_step_matches_fixture_and_cpu() {
         lr: f.metadata["lr"].parse::<f64>().unwrap(),
         ..Default::default()
     };
-    let step = selftest::search_step_fused(
-        &fused,
-        &gpu,
-        &canvas,
-        &mask0,
-        &get("others"),
-        &[target],
-        &cfg,
-    )
-    .unwrap();
+    let step =
+        classwise::search::optimize::step(&model, &canvas, &mask0, &get("others"), &[target], &cfg)
+            .unwrap();
     assert_close_abs("logits", step.logits.data(), get("logits").data(), 1e-4);
     let want_dmask = get("dmask");
     assert_close_rel("dmask", step.dmask.data(), want_dmask.data(), 1e-3);
@@ -264,4 +260,67 @@ fn emu_train_step_matches_fixture_and_cpu() {
         }
     }
     assert!(checked >= 7, "only {checked} gradients/buffers compared");
+}
+
+/// A whole search run (canvas choice, batched optimisation, patterns,
+/// predictive power, verdict) on the emulated GPU, where the model runs
+/// through the fused path, against the same run on the CPU, with the
+/// shipped BadNets model. Float order differs between the paths, so a mask
+/// value may differ where a gradient's sign is a near-tie; the patterns and
+/// their figures must agree.
+#[test]
+fn emu_search_run_matches_the_cpu_run() {
+    use classwise::backend::cpu::CpuBackend;
+    use classwise::data::{self, DataSpec, Split};
+    use classwise::search::{self, RunInputs, SearchConfig};
+    let spec: DataSpec = "fashion-mnist".parse().unwrap();
+    let full = data::load(&spec, Split::Test, Some([1, 28, 28])).unwrap();
+    let test = full.subset(&(0..600).collect::<Vec<_>>());
+    let model = classwise::models::BACKDOORED.load().unwrap();
+    let mut cfg = SearchConfig::defaults(model.graph.input, 10);
+    cfg.classes = vec![0, 1, 2];
+    cfg.canvas = "solid:1".into();
+    cfg.search_frac = 0.1;
+    cfg.mask.epochs = 2;
+    cfg.k_sweep = vec![5, 20, 100];
+    cfg.sweep_per_class = Some(10);
+    cfg.eval_per_class = Some(20);
+    let inputs = RunInputs {
+        model: &model,
+        model_id: "badnets".into(),
+        model_label: "badnets".into(),
+        test: &test,
+        train: None,
+        command: "test".into(),
+        quiet: true,
+    };
+    let run = |be: &dyn Fn(&std::path::Path) -> search::RunReport| {
+        let out = tempfile::tempdir().unwrap();
+        be(out.path())
+    };
+    let cpu = run(&|p| search::run(&CpuBackend, &inputs, &cfg, p).unwrap());
+    let gpu = GpuBackend::new(EmuDriver::new());
+    let emu = run(&|p| search::run(&gpu, &inputs, &cfg, p).unwrap());
+    assert_eq!(cpu.searches.len(), 3);
+    for (c, g) in cpu.searches.iter().zip(&emu.searches) {
+        assert!(c.steps > 0 && c.steps == g.steps);
+        let differ = c.mask.iter().zip(&g.mask).filter(|(a, b)| a != b).count();
+        assert!(
+            differ * 100 <= c.mask.len(),
+            "class {}: {differ} of {} mask values differ",
+            c.class,
+            c.mask.len()
+        );
+        assert_eq!(c.positions[..10], g.positions[..10], "class {}", c.class);
+        assert_eq!(c.min_k, g.min_k, "class {}", c.class);
+        assert!(
+            (c.power.overall - g.power.overall).abs() <= 0.02,
+            "class {}: power {} vs {}",
+            c.class,
+            c.power.overall,
+            g.power.overall
+        );
+    }
+    assert_eq!(cpu.clean_accuracy, emu.clean_accuracy);
+    assert_eq!(cpu.flagged, emu.flagged);
 }

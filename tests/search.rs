@@ -43,11 +43,7 @@ fn run(
         })
         .collect();
     let mut bar = Progress::new("test", 1, true);
-    let dm = DeviceModel {
-        be: &be,
-        graph: &graph,
-        params,
-    };
+    let dm = DeviceModel::new(&be, &graph, params).unwrap();
     optimise(&dm, test, &jobs, cfg, max_images, &mut bar).unwrap()
 }
 

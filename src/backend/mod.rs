@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod gpu;
 
 use crate::error::Result;
+use crate::graph::Graph;
 use crate::tensor::Tensor;
 
 /// Stride and zero padding of a 2-D convolution (same on both axes).
@@ -265,4 +266,33 @@ pub trait Backend: Send + Sync {
         step: f32,
         eps: f32,
     ) -> Result<()>;
+
+    /// This backend's own eval-mode runner for `graph` with `params`, when
+    /// it has one faster than the generic graph runner (the GPU folds eval
+    /// BN into convolutions and fuses epilogues, which the op-by-op trait
+    /// cannot express). `None`: the graph runner is used.
+    fn eval_runner<'a>(
+        &'a self,
+        _graph: &Graph,
+        _params: &[Self::Buf],
+    ) -> Result<Option<Box<dyn EvalRunner<Self::Buf> + 'a>>> {
+        Ok(None)
+    }
+}
+
+/// Eval-mode forward and backward to the input of one model, as a backend
+/// runs it natively (see [`Backend::eval_runner`]). Results equal the graph
+/// runner's within the tolerances of the GPU suite.
+pub trait EvalRunner<Buf> {
+    /// Logits `[N, K]` of a batch.
+    fn logits(&self, x: &Buf) -> Result<Buf>;
+    /// Per-sample cross-entropy and the gradient of the `weights`-weighted
+    /// loss with respect to `x` (as [`Backend::softmax_cross_entropy`]),
+    /// and the logits.
+    fn loss_and_input_grad(
+        &self,
+        x: &Buf,
+        labels: &[usize],
+        weights: &[f32],
+    ) -> Result<(Vec<f32>, Buf, Buf)>;
 }

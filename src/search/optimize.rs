@@ -69,69 +69,14 @@ pub fn step<B: Backend>(
     targets: &[usize],
     cfg: &MaskConfig,
 ) -> Result<StepOutput> {
-    let (be, graph, params) = (model.be, model.graph, model.params.as_slice());
-    let [_, h, w] = graph.input;
-    if masks.shape() != [targets.len(), h, w] {
-        return Err(Error::Msg(format!(
-            "search step: {} searches need masks [{}, {h}, {w}]; got {:?}",
-            targets.len(),
-            targets.len(),
-            masks.shape()
-        )));
-    }
-    step_with(
-        be,
-        canvases,
-        masks,
-        others,
-        targets,
-        cfg,
-        |x, labels, weights| {
-            let trace = graph.forward_trace(be, params, x)?;
-            let (losses, dlogits) = be.softmax_cross_entropy(trace.logits(), labels, weights)?;
-            let logits = be.download(trace.logits())?;
-            let dx = graph.backward(be, params, &trace, dlogits, false)?.dx;
-            Ok(ModelPass { losses, logits, dx })
-        },
-    )
-}
-
-/// What one forward and backward pass over the composites gives a step.
-pub struct ModelPass<Buf> {
-    /// Per-sample weighted cross-entropy.
-    pub losses: Vec<f32>,
-    /// Logits `[S*B, K]`.
-    pub logits: Tensor,
-    /// Gradient of the weighted loss with respect to the composites.
-    pub dx: Buf,
-}
-
-/// [`step`] with the model pass supplied by the caller, for runners other
-/// than the graph runner (the GPU's fused eval path): `pass(composites,
-/// labels, per-sample loss weights)` must return the losses, logits and the
-/// input gradient; everything around it is the search's own arithmetic.
-pub fn step_with<B: Backend>(
-    be: &B,
-    canvases: &Tensor,
-    masks: &Tensor,
-    others: &Tensor,
-    targets: &[usize],
-    cfg: &MaskConfig,
-    pass: impl FnOnce(B::Buf, &[usize], &[f32]) -> Result<ModelPass<B::Buf>>,
-) -> Result<StepOutput> {
+    let be = model.be;
     let s = targets.len();
-    let hw = match masks.shape() {
-        &[ms, h, w] if ms == s && s > 0 => h * w,
-        got => {
-            return Err(Error::Msg(format!(
-                "search step: {s} searches need masks [{s}, H, W]; got {got:?}"
-            )))
-        }
-    };
-    if others.shape().first() != Some(&(s * cfg.batch)) {
+    let [_, h, w] = model.graph.input;
+    if s == 0 || others.shape().first() != Some(&(s * cfg.batch)) || masks.shape() != [s, h, w] {
         return Err(Error::Msg(format!(
-            "search step: {s} searches need {} other images; got {:?}",
+            "search step: {s} searches need masks [{s}, {h}, {w}] and {} other images; got masks {:?}, others {:?}",
             s * cfg.batch,
+            masks.shape(),
             others.shape()
         )));
     }
@@ -142,8 +87,8 @@ pub fn step_with<B: Backend>(
         .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
         .collect();
     let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
-    let out = pass(x, &labels, &weights)?;
-    let l1_grad = cfg.beta / (hw as f32 / 2.0);
+    let out = model.pass(x, &labels, &weights)?;
+    let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
     let dmask = be.mask_grad(&out.dx, &c, &o, l1_grad)?;
     be.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
     let ce = out

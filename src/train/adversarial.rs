@@ -101,6 +101,23 @@ pub fn pgd_on_device<B: Backend>(
     attack: &Attack,
     seed: u64,
 ) -> Result<B::Buf> {
+    pgd_loop(be, x, y, attack, seed, |xa, weights| {
+        let trace = graph.forward_trace(be, params, xa)?;
+        let (_, dlogits) = be.softmax_cross_entropy(trace.logits(), y, weights)?;
+        Ok(graph.backward(be, params, &trace, dlogits, false)?.dx)
+    })
+}
+
+/// The PGD iterations, with the input gradient of the mean loss supplied
+/// by `grad(copy of the current batch, per-sample weights)`.
+fn pgd_loop<B: Backend>(
+    be: &B,
+    x: &Tensor,
+    y: &[usize],
+    attack: &Attack,
+    seed: u64,
+    grad: impl Fn(B::Buf, &[f32]) -> Result<B::Buf>,
+) -> Result<B::Buf> {
     let x0 = be.upload(x)?;
     let start = if attack.random_start {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -115,10 +132,8 @@ pub fn pgd_on_device<B: Backend>(
     let weights = vec![1.0 / y.len().max(1) as f32; y.len()];
     for _ in 0..attack.steps {
         let copy = be.reshape(&xa, be.shape(&xa))?;
-        let trace = graph.forward_trace(be, params, copy)?;
-        let (_, dlogits) = be.softmax_cross_entropy(trace.logits(), y, &weights)?;
-        let grads = graph.backward(be, params, &trace, dlogits, false)?;
-        be.pgd_step(&mut xa, &grads.dx, &x0, attack.step, attack.eps)?;
+        let dx = grad(copy, &weights)?;
+        be.pgd_step(&mut xa, &dx, &x0, attack.step, attack.eps)?;
     }
     Ok(xa)
 }
@@ -131,6 +146,9 @@ pub fn pgd_attack<B: Backend>(
     attack: &Attack,
     seed: u64,
 ) -> Result<Tensor> {
-    let xa = pgd_on_device(model.be, model.graph, &model.params, x, y, attack, seed)?;
+    // Through the model's own runner (the GPU's fused path when there is one).
+    let xa = pgd_loop(model.be, x, y, attack, seed, |xa, weights| {
+        Ok(model.pass(xa, y, weights)?.dx)
+    })?;
     model.be.download(&xa)
 }

@@ -504,17 +504,13 @@ pub fn train<B: Backend>(
             .iter()
             .map(|b| be.download(b))
             .collect::<Result<_>>()?;
-        let dm = DeviceModel {
-            be,
-            graph: &graph,
-            params: std::mem::take(&mut params),
-        };
+        let dm = DeviceModel::new(be, &graph, std::mem::take(&mut params))?;
         let test_accuracy = eval::accuracy(&dm, test_set, 256, |_| {})?.accuracy;
         let asr = match &cfg.poison {
             Some(p) => Some(eval::attack_success(&dm, test_set, &p.trigger, p.target, 256)?.asr),
             None => None,
         };
-        params = dm.params;
+        params = dm.into_params();
         let stats = EpochStats {
             epoch: epoch + 1,
             lr,
@@ -574,11 +570,7 @@ pub fn train<B: Backend>(
         }
     }
     if let Some((attack, n)) = &cfg.robust_eval {
-        let dm = DeviceModel {
-            be,
-            graph: &graph,
-            params,
-        };
+        let dm = DeviceModel::new(be, &graph, params)?;
         let r = eval::robust_accuracy(&dm, test_set, attack, 256, Some(*n), cfg.seed, |_| {})?;
         training["robust_accuracy"] = serde_json::json!(r.robust_accuracy);
         training["robust_eval"] = serde_json::json!({"attack": attack, "images": r.images});

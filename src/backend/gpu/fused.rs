@@ -11,8 +11,9 @@
 //!   GEMM loads it.
 //!
 //! Only what the input gradient needs is kept from the forward pass (the
-//! outputs of ReLUs and the inputs of max pools). This is the path for the
-//! search and for `cwp bench`; its results are checked against the CPU
+//! outputs of ReLUs and the inputs of max pools). This is the GPU's
+//! [`crate::backend::EvalRunner`]: the search, evaluation and `cwp bench`
+//! run through it; its results are checked against the CPU
 //! reference by [`super::selftest`].
 
 use super::{Driver, GpuBackend, GpuBuf};
@@ -528,6 +529,26 @@ impl<'a, D: Driver> FusedModel<'a, D> {
             .softmax_cross_entropy(t.logits(), labels, weights)?;
         let dx = self.input_grad(&t, dlogits)?;
         Ok((self.gpu.download(t.logits())?, self.gpu.download(&dx)?))
+    }
+}
+
+impl<D: Driver> crate::backend::EvalRunner<GpuBuf<D>> for FusedModel<'_, D> {
+    fn logits(&self, x: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        FusedModel::logits(self, x)
+    }
+
+    fn loss_and_input_grad(
+        &self,
+        x: &GpuBuf<D>,
+        labels: &[usize],
+        weights: &[f32],
+    ) -> Result<(Vec<f32>, GpuBuf<D>, GpuBuf<D>)> {
+        let t = self.forward_trace(x)?;
+        let (losses, dlogits) = self
+            .gpu
+            .softmax_cross_entropy(t.logits(), labels, weights)?;
+        let dx = self.input_grad(&t, dlogits)?;
+        Ok((losses, t.logits, dx))
     }
 }
 

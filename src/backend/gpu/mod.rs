@@ -216,6 +216,16 @@ impl<D: Driver> GpuBackend<D> {
 impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = GpuBuf<D>;
 
+    fn eval_runner<'a>(
+        &'a self,
+        graph: &crate::graph::Graph,
+        params: &[GpuBuf<D>],
+    ) -> Result<Option<Box<dyn crate::backend::EvalRunner<GpuBuf<D>> + 'a>>> {
+        Ok(Some(Box::new(fused::FusedModel::from_device(
+            self, graph, params,
+        )?)))
+    }
+
     fn name(&self) -> String {
         self.drv.name()
     }

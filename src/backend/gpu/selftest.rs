@@ -33,7 +33,7 @@ use crate::backend::{Backend, ConvParams, PoolParams, SgdParams};
 use crate::error::{Error, Result};
 use crate::eval::DeviceModel;
 use crate::graph::{Graph, ParamKind};
-use crate::search::optimize::{step as search_step, MaskConfig, StepOutput};
+use crate::search::optimize::{step as search_step, MaskConfig};
 use crate::tensor::{numel, rel_l2, Tensor};
 use crate::zoo::{build, ModelSpec};
 
@@ -1197,35 +1197,6 @@ pub fn check_model_outputs<D: Driver>(
     ))
 }
 
-/// One step of the search (`crate::search::optimize::step`, which runs on
-/// the generic graph runner) through the fused eval path of the GPU backend
-/// instead: same inputs, same outputs.
-pub fn search_step_fused<D: Driver>(
-    model: &super::fused::FusedModel<'_, D>,
-    gpu: &GpuBackend<D>,
-    canvases: &Tensor,
-    masks: &Tensor,
-    others: &Tensor,
-    targets: &[usize],
-    cfg: &MaskConfig,
-) -> Result<StepOutput> {
-    crate::search::optimize::step_with(
-        gpu,
-        canvases,
-        masks,
-        others,
-        targets,
-        cfg,
-        |x, labels, weights| {
-            let trace = model.forward_trace(&x)?;
-            let (losses, dlogits) = gpu.softmax_cross_entropy(trace.logits(), labels, weights)?;
-            let logits = gpu.download(trace.logits())?;
-            let dx = model.input_grad(&trace, dlogits)?;
-            Ok(crate::search::optimize::ModelPass { losses, logits, dx })
-        },
-    )
-}
-
 /// Positions where two signed steps differ although the reference
 /// gradient's sign is unambiguous (|g| >= 1e-7 * max|g|).
 pub fn mask_step_mismatches(got: &Tensor, want: &Tensor, want_grad: &Tensor) -> usize {
@@ -1237,8 +1208,9 @@ pub fn mask_step_mismatches(got: &Tensor, want: &Tensor, want_grad: &Tensor) -> 
 
 /// One batched search step (S = 3 searches of B = 4 images, three target
 /// classes) of `case`'s model on `gpu` against the CPU: logits, mask
-/// gradient and the stepped mask, through the search's own step (generic
-/// graph runner) and through the fused path.
+/// gradient and the stepped mask, through the search's own step: with the
+/// GPU's fused runner (what the search uses) and with the generic graph
+/// runner.
 pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Result<Vec<Check>> {
     let graph = build(&ModelSpec::new(case.arch, case.input, case.classes))?;
     let params = formula_params(&graph);
@@ -1255,12 +1227,20 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
     };
     let cpu_model = DeviceModel::upload(&CpuBackend, &graph, &params)?;
     let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg)?;
-    let gpu_model = DeviceModel::upload(gpu, &graph, &params)?;
-    let got = search_step(&gpu_model, &canvas, &mask, &others, &targets, &cfg)?;
-    let fused = super::fused::FusedModel::from_device(gpu, &graph, &gpu_model.params)?;
-    let got_f = search_step_fused(&fused, gpu, &canvas, &mask, &others, &targets, &cfg)?;
+    // The search's own model (the backend's fused runner), and the generic
+    // graph runner on the same device.
+    let native = DeviceModel::upload(gpu, &graph, &params)?;
+    if !native.is_native() {
+        return Err(Error::Msg("the GPU backend offered no fused runner".into()));
+    }
+    let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg)?;
+    let generic = DeviceModel::generic(gpu, &graph, native.into_params());
+    let got_g = search_step(&generic, &canvas, &mask, &others, &targets, &cfg)?;
     let (ltol, gtol) = model_tolerances(case.deep);
-    for (tag, g) in [("search code path", &got), ("fused", &got_f)] {
+    for (tag, g) in [
+        ("search, fused runner", &got),
+        ("generic graph runner", &got_g),
+    ] {
         su.metric(
             format!("logits ({tag})"),
             scaled_max_diff(g.logits.data(), want.logits.data()),
