@@ -1,7 +1,7 @@
 //! A model as a list of nodes in topological order, and the runner that
 //! executes it on any [`Backend`](crate::backend::Backend): forward (eval
-//! or train mode) keeping what backward needs, and backward returning the input gradient and, on request,
-//! every parameter gradient.
+//! or train mode) keeping what backward needs, and backward returning the
+//! input gradient and, on request, every parameter gradient.
 
 mod run;
 
