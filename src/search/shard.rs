@@ -15,7 +15,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::store::Store;
-use super::{summarise, RunHeader, RunReport, RunStats, SearchResult};
+use super::{summarise, RunHeader, RunReport, RunStats, SearchConfig, SearchResult};
 use crate::error::{Error, Result};
 
 /// Manifest format; a different one is refused rather than misread.
@@ -134,11 +134,17 @@ impl Manifest {
 }
 
 /// Whether two headers describe the same run: same model, data, options
-/// and units (the command line and device may differ between shards).
+/// and units. The command line, the device and the memory budget (which
+/// changes how searches share a pass, never a result) may differ between
+/// shards.
 fn same_run(a: &RunHeader, b: &RunHeader) -> bool {
+    let options = |h: &RunHeader| SearchConfig {
+        max_images: 0,
+        ..h.config.clone()
+    };
     a.model_id == b.model_id
         && a.data == b.data
-        && a.config == b.config
+        && options(a) == options(b)
         && a.units == b.units
         && a.input == b.input
 }
