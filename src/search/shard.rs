@@ -180,7 +180,8 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(RunReport, Vec<String>)> {
     for (path, m) in &manifests {
         if m.shard.count != first.shard.count || !same_run(&m.header, &first.header) {
             return Err(Error::Msg(format!(
-                "{} and {} are shards of different runs (model, data, options or shard count differ)",
+                "{} and {} are shards of different runs (model, data, options or shard count \
+                 differ); merge each run's folders on their own, or delete the stale manifest",
                 first_path.display(),
                 path.display()
             )));
