@@ -181,9 +181,18 @@ fn tiny_shard(
     shard: &str,
     out: &std::path::Path,
 ) -> classwise::search::shard::Manifest {
-    let cfg = tiny_cfg(model, 0.02);
+    tiny_shard_with(model, test, &tiny_cfg(model, 0.02), shard, out)
+}
+
+fn tiny_shard_with(
+    model: &classwise::weights::Model,
+    test: &Dataset,
+    cfg: &classwise::search::SearchConfig,
+    shard: &str,
+    out: &std::path::Path,
+) -> classwise::search::shard::Manifest {
     let inputs = tiny_inputs(model, test);
-    classwise::search::run_shard(&CpuBackend, &inputs, &cfg, out, shard.parse().unwrap()).unwrap()
+    classwise::search::run_shard(&CpuBackend, &inputs, cfg, out, shard.parse().unwrap()).unwrap()
 }
 
 fn formula_model() -> classwise::weights::Model {
@@ -246,15 +255,7 @@ fn shards_in_separate_folders_merge_into_the_report_of_one_run() {
     // never changes a result, so this is still the same run.
     let mut cfg = tiny_cfg(&model, 0.02);
     cfg.max_images = cfg.mask.batch;
-    let inputs = tiny_inputs(&model, &test);
-    let m1 = classwise::search::run_shard(
-        &CpuBackend,
-        &inputs,
-        &cfg,
-        d1.path(),
-        "1/2".parse().unwrap(),
-    )
-    .unwrap();
+    let m1 = tiny_shard_with(&model, &test, &cfg, "1/2", d1.path());
     assert_eq!(m1.stats.searched, 1);
 
     let (merged, names) = merge(&dirs).unwrap();
@@ -302,16 +303,7 @@ fn shards_of_different_runs_are_not_merged() {
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     tiny_shard(&model, &test, "0/2", d0.path());
     // Same shard count, another step size: another run.
-    let cfg = tiny_cfg(&model, 0.05);
-    let inputs = tiny_inputs(&model, &test);
-    classwise::search::run_shard(
-        &CpuBackend,
-        &inputs,
-        &cfg,
-        d1.path(),
-        "1/2".parse().unwrap(),
-    )
-    .unwrap();
+    tiny_shard_with(&model, &test, &tiny_cfg(&model, 0.05), "1/2", d1.path());
     let err = classwise::search::shard::merge(&[d0.path().to_path_buf(), d1.path().to_path_buf()])
         .unwrap_err()
         .to_string();
