@@ -43,6 +43,23 @@ struct ConvArgs {
 #define CONV_RESIDUAL 4  // forward: add residual[same index] before the ReLU
 #define CONV_DY_MASK 8   // dgrad: dy is multiplied by (y > 0)
 
+// Moves a (c, r, s) filter-tap cursor on by BK taps, given BK split as
+// (dc, dr, ds) in the same mixed radix (R, S): no division in the k loop.
+__device__ __forceinline__ void advance_crs(int& c, int& r, int& s, int dc, int dr, int ds,
+                                            int R, int S) {
+  s += ds;
+  if (s >= S) {
+    s -= S;
+    r++;
+  }
+  r += dr;
+  if (r >= R) {
+    r -= R;
+    c++;
+  }
+  c += dc;
+}
+
 // ---- operand loaders: global -> registers -> shared ---------------------------
 // Each thread loads E elements of a BK x BM (or BK x BN) tile per K step and
 // later stores them into the k-major shared tile (row stride LD, padded by 4
@@ -122,17 +139,7 @@ struct FwdB {
       v[i] = (nvalid && k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W)
                  ? x[base + cc[i] * HW + h * W + w]
                  : 0.f;
-      ss[i] += ds;
-      if (ss[i] >= S) {
-        ss[i] -= S;
-        rr[i]++;
-      }
-      rr[i] += dr;
-      if (rr[i] >= R) {
-        rr[i] -= R;
-        cc[i]++;
-      }
-      cc[i] += dc;
+      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
     }
   }
   __device__ __forceinline__ void store(float* s) const {
@@ -238,17 +245,7 @@ struct DgradB {
         if (ymask != nullptr && !(ymask[idx] > 0.f)) val = 0.f;
       }
       v[i] = val;
-      ss[i] += ds;
-      if (ss[i] >= S) {
-        ss[i] -= S;
-        rr[i]++;
-      }
-      rr[i] += dr;
-      if (rr[i] >= R) {
-        rr[i] -= R;
-        cc[i]++;
-      }
-      cc[i] += dc;
+      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
     }
   }
   __device__ __forceinline__ void store(float* s) const {

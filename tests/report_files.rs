@@ -689,21 +689,10 @@ fn preview() {
         &dir.join("rgb"),
     )
     .unwrap();
-    let fashion: Vec<String> = [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let fashion: Vec<String> = classwise::data::idx::FASHION_MNIST_CLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let mut natural = make_report([1, 28, 28], 10, true);
     natural.flagged.clear();
     let runs = vec![
