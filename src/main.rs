@@ -291,17 +291,25 @@ struct SearchArgs {
     #[arg(long, default_value = "all")]
     classes: String,
     /// Canvases, joined by `+`: test:I[,J..] (the class's I-th test image), auto:N (the N test
-    /// images the model is surest of, outside the search set), train:I[,J..], solid:V[,V..]
-    /// (a uniform image; white reveals triggers no image of the class contains).
-    #[arg(long, default_value = "auto:1+solid:1")]
-    canvas: String,
+    /// images the model is surest of by logit margin, outside the search set), train:I[,J..],
+    /// solid:V[,V..] (a uniform image; white reveals triggers no image of the class contains).
+    /// Default: auto:1+solid:1; test:0 under the authors' protocols.
+    #[arg(long)]
+    canvas: Option<String>,
+    /// Search protocol: cwp (default: canvas chosen on images disjoint from those its power is
+    /// reported on), authors (the authors' code for the input size), authors-cifar (20% of each
+    /// class without the target, 5 epochs, power on every other-class image) or
+    /// authors-imagenet (one epoch over every test image, target included; power on every
+    /// image; folder images Resize(256)+CenterCrop(224) in proportion), at any size.
+    #[arg(long, default_value = "cwp")]
+    protocol: String,
     /// Pattern size (default: 50 at 32x32, 2500 at 224x224, about 5% of the pixels otherwise).
     #[arg(long)]
     top_k: Option<usize>,
     /// k values for predictive power against k and the minimal k: a comma list, `default`, or `none`.
     #[arg(long, default_value = "default")]
     k_sweep: String,
-    /// Passes over the search set (default: 5; 1 at ImageNet size).
+    /// Passes over the search set (default: 5; 1 at ImageNet size and under authors-imagenet).
     #[arg(long)]
     epochs: Option<usize>,
     /// Images per search per step.
@@ -322,10 +330,12 @@ struct SearchArgs {
     /// Share of each class's test images in the search set.
     #[arg(long, default_value_t = 0.2)]
     search_frac: f64,
-    /// Images per other class for the k-sweep and minimal k: a number or `all`.
+    /// Selection images per class (the first N; at most half the class): they choose each
+    /// class's best canvas and give the k-sweep and minimal k. A number or `all` (half).
     #[arg(long, default_value = "100")]
     sweep_per_class: String,
-    /// Images per other class for the predictive power at the default k: a number or `all`.
+    /// Report images per class for the predictive power at the default k: a number or `all`.
+    /// Under cwp they follow the selection images, disjoint from them.
     #[arg(long, default_value = "all")]
     eval_per_class: String,
     /// Predictive power the minimal k must reach.
@@ -777,7 +787,8 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
 
 fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     let g = &model.graph;
-    let mut cfg = SearchConfig::defaults(g.input, g.num_classes);
+    let protocol = search::Protocol::parse_for(&a.protocol, g.input)?;
+    let mut cfg = SearchConfig::defaults_for(g.input, g.num_classes, protocol);
     if a.classes != "all" {
         cfg.classes = a
             .classes
@@ -791,7 +802,9 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
                 )
             })?;
     }
-    cfg.canvas = a.canvas.parse::<Canvases>()?.to_string();
+    if let Some(canvas) = &a.canvas {
+        cfg.canvas = canvas.parse::<Canvases>()?.to_string();
+    }
     if let Some(k) = a.top_k {
         cfg.top_k = k;
     }
@@ -838,10 +851,16 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let cfg = search_config(a, &model)?;
     let spec: DataSpec = a.data.parse()?;
-    let test = data::load(&spec, Split::Test, Some(model.graph.input))?;
+    let ratio = cfg.protocol.resize_ratio();
+    let test = data::load_resized(&spec, Split::Test, Some(model.graph.input), ratio)?;
     eval::check_fits(&model.graph, &test)?;
     let train = if cfg.canvas.contains("train:") {
-        Some(data::load(&spec, Split::Train, Some(model.graph.input))?)
+        Some(data::load_resized(
+            &spec,
+            Split::Train,
+            Some(model.graph.input),
+            ratio,
+        )?)
     } else {
         None
     };

@@ -294,13 +294,13 @@ fn emu_search_run_matches_the_cpu_run() {
         command: "test".into(),
         quiet: true,
     };
-    let run = |be: &dyn Fn(&std::path::Path) -> search::RunReport| {
-        let out = tempfile::tempdir().unwrap();
-        be(out.path())
-    };
-    let cpu = run(&|p| search::run(&CpuBackend, &inputs, &cfg, p).unwrap());
+    // One folder: the emulated GPU must not reuse the CPU's results.
+    let out = tempfile::tempdir().unwrap();
+    let cpu = search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
     let gpu = GpuBackend::new(EmuDriver::new());
-    let emu = run(&|p| search::run(&gpu, &inputs, &cfg, p).unwrap());
+    let emu = search::run(&gpu, &inputs, &cfg, out.path()).unwrap();
+    assert_eq!(emu.reused, 0, "the emulated GPU reused the CPU's masks");
+    assert_ne!(cpu.numerics, emu.numerics);
     assert_eq!(cpu.searches.len(), 3);
     for (c, g) in cpu.searches.iter().zip(&emu.searches) {
         assert!(c.steps > 0 && c.steps == g.steps);
@@ -323,4 +323,17 @@ fn emu_search_run_matches_the_cpu_run() {
     }
     assert_eq!(cpu.clean_accuracy, emu.clean_accuracy);
     assert_eq!(cpu.flagged, emu.flagged);
+
+    // Shards run on different numerics are not merged into one report.
+    let shards = tempfile::tempdir().unwrap();
+    let shard = |i: &str| i.parse::<search::shard::Shard>().unwrap();
+    search::run_shard(&CpuBackend, &inputs, &cfg, shards.path(), shard("0/2")).unwrap();
+    search::run_shard(&gpu, &inputs, &cfg, shards.path(), shard("1/2")).unwrap();
+    let err = search::shard::merge(&[shards.path().to_path_buf()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&cpu.numerics) && err.contains(&emu.numerics),
+        "{err}"
+    );
 }

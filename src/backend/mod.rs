@@ -79,6 +79,12 @@ pub trait Backend: Send + Sync {
     /// A short name for reports ("cpu", "cuda:0 NVIDIA H200", "emu").
     fn name(&self) -> String;
 
+    /// What decides the numbers this backend computes: the kind of device
+    /// and the precision (e.g. `cpu fp32`, `cuda sm_90 fp32`). Backends with
+    /// equal numerics give the same results bit for bit (two GPUs of one
+    /// kind do), so results are keyed and merged by it, never by the name.
+    fn numerics(&self) -> String;
+
     /// Copies a host tensor onto the device.
     fn upload(&self, t: &Tensor) -> Result<Self::Buf>;
     /// Copies a buffer back to the host, in logical (NCHW) order.

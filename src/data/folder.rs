@@ -101,8 +101,25 @@ pub fn resize_and_crop<P>(
 where
     P: Pixel + 'static,
 {
+    resize_and_crop_ratio(img, w, h, 1.0)
+}
+
+/// Resizes `img` (non-empty) so it just covers `ratio·w × ratio·h`, then
+/// crops the centre `w × h` (`ratio` ≥ 1). With `ratio` = 256/224 at 224×224
+/// this is torchvision's Resize(256) + CenterCrop(224), the ImageNet
+/// evaluation transform (the authors' code uses it).
+pub fn resize_and_crop_ratio<P>(
+    img: &ImageBuffer<P, Vec<P::Subpixel>>,
+    w: u32,
+    h: u32,
+    ratio: f64,
+) -> ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: Pixel + 'static,
+{
     let (iw, ih) = img.dimensions();
-    let scale = f64::max(w as f64 / iw as f64, h as f64 / ih as f64);
+    let cover = |v: u32| (v as f64 * ratio.max(1.0)).round();
+    let scale = f64::max(cover(w) / iw as f64, cover(h) / ih as f64);
     let nw = ((iw as f64 * scale).round() as u32).max(w);
     let nh = ((ih as f64 * scale).round() as u32).max(h);
     let resized;
@@ -118,12 +135,18 @@ where
 /// Converts a decoded, non-empty image to `[C, H, W]` bytes (C = 1 or 3;
 /// H, W > 0).
 pub fn convert(img: &DynamicImage, shape: [usize; 3]) -> Vec<u8> {
+    convert_ratio(img, shape, 1.0)
+}
+
+/// [`convert`], the shorter side first resized to `ratio` times the model's
+/// (see [`resize_and_crop_ratio`]).
+pub fn convert_ratio(img: &DynamicImage, shape: [usize; 3], ratio: f64) -> Vec<u8> {
     let [c, h, w] = shape;
     let (w32, h32) = (w as u32, h as u32);
     if c == 1 {
-        resize_and_crop(&img.to_luma8(), w32, h32).into_raw()
+        resize_and_crop_ratio(&img.to_luma8(), w32, h32, ratio).into_raw()
     } else {
-        let hwc = resize_and_crop(&img.to_rgb8(), w32, h32).into_raw();
+        let hwc = resize_and_crop_ratio(&img.to_rgb8(), w32, h32, ratio).into_raw();
         let plane = h * w;
         let mut chw = vec![0u8; 3 * plane];
         for (p, px) in hwc.chunks_exact(3).enumerate() {
@@ -136,14 +159,14 @@ pub fn convert(img: &DynamicImage, shape: [usize; 3]) -> Vec<u8> {
 }
 
 /// Reads, decodes and converts one image file.
-fn load_image(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
+fn load_image(path: &Path, shape: [usize; 3], ratio: f64) -> Result<Vec<u8>> {
     let bytes = read_file(path)?;
     let img = image::load_from_memory(&bytes)
         .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))?;
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::format(path, "image with no pixels"));
     }
-    Ok(convert(&img, shape))
+    Ok(convert_ratio(&img, shape, ratio))
 }
 
 /// Checks that `shape` is one a folder can be converted to.
@@ -163,8 +186,9 @@ fn check_shape(dir: &Path, shape: [usize; 3]) -> Result<()> {
     }
 }
 
-/// Loads one split of an image folder, converted to `shape`.
-pub(crate) fn load_dir(dir: &Path, split: Split, shape: [usize; 3]) -> Result<RawData> {
+/// Loads one split of an image folder, converted to `shape` (the shorter
+/// side resized to `ratio` times the model's, then centre-cropped).
+pub(crate) fn load_dir(dir: &Path, split: Split, shape: [usize; 3], ratio: f64) -> Result<RawData> {
     check_dir(dir, "image folder", "")?;
     check_shape(dir, shape)?;
     let (train_dir, test_dir) = split_dirs(dir);
@@ -196,7 +220,7 @@ pub(crate) fn load_dir(dir: &Path, split: Split, shape: [usize; 3]) -> Result<Ra
     }
     let images = files
         .par_iter()
-        .map(|(p, _)| load_image(p, shape))
+        .map(|(p, _)| load_image(p, shape, ratio))
         .collect::<Result<Vec<Vec<u8>>>>()?;
     Ok(RawData {
         shape,
@@ -224,6 +248,29 @@ mod tests {
     fn mkdir(p: &Path) -> PathBuf {
         std::fs::create_dir_all(p).unwrap();
         p.to_path_buf()
+    }
+
+    #[test]
+    fn the_imagenet_resize_covers_256_then_crops_224() {
+        // 512×384 at 224 with ratio 256/224: the shorter side goes to 256
+        // (341×256), then the centre 224×224 is cut, so a quarter-width
+        // border on each side is lost: the left edge of the result lies at
+        // column (341-224)/2 = 58 of the 341-wide resize, i.e. 87 of 512.
+        let src = halves(512, 384);
+        let out = resize_and_crop_ratio(&src, 224, 224, 256.0 / 224.0);
+        assert_eq!(out.dimensions(), (224, 224));
+        // The black/white edge at the source's middle stays in the middle.
+        assert_eq!(out.get_pixel(100, 100)[0], 0);
+        assert_eq!(out.get_pixel(123, 100)[0], 255);
+        // Ratio 1 is the plain cover-and-crop.
+        assert_eq!(
+            resize_and_crop_ratio(&src, 224, 224, 1.0),
+            resize_and_crop(&src, 224, 224)
+        );
+        // An image already `ratio` times the size is only cropped.
+        let zoomed = resize_and_crop_ratio(&halves(64, 64), 32, 32, 2.0);
+        let edge = (0..32).find(|&x| zoomed.get_pixel(x, 0)[0] > 127).unwrap();
+        assert_eq!(edge, 16);
     }
 
     #[test]

@@ -359,7 +359,30 @@ impl Dataset {
 /// (shorter side resized to fit, centre-cropped; RGB→luma when C = 1,
 /// grey→RGB when C = 3), so a folder needs `shape`.
 pub fn load(spec: &DataSpec, split: Split, shape: Option<[usize; 3]>) -> Result<Dataset> {
-    let name = format!("{spec} ({split})");
+    load_resized(spec, split, shape, 1.0)
+}
+
+/// [`load`], with folder images resized so their shorter side is `ratio`
+/// times the model's before the centre crop (256/224 for the authors'
+/// ImageNet transform; 1 is the plain cover-and-crop). Other formats must
+/// already have the model's size, so `ratio` does not touch them. A ratio
+/// other than 1 is part of the data set's name, as it changes the pixels.
+pub fn load_resized(
+    spec: &DataSpec,
+    split: Split,
+    shape: Option<[usize; 3]>,
+    ratio: f64,
+) -> Result<Dataset> {
+    if !(ratio.is_finite() && ratio >= 1.0) {
+        return Err(Error::Msg(format!(
+            "{spec}: resize ratio {ratio} must be a number of at least 1"
+        )));
+    }
+    let name = if spec.kind == DataKind::Folder && ratio != 1.0 {
+        format!("{spec} ({split}, shorter side ×{ratio:.4} then centre crop)")
+    } else {
+        format!("{spec} ({split})")
+    };
     let raw = match spec.kind {
         DataKind::FashionMnist | DataKind::Mnist => idx::load_dir(spec.kind, &spec.dir, split)?,
         DataKind::Cifar10 => cifar::load_dir(&spec.dir, split)?,
@@ -372,7 +395,7 @@ pub fn load(spec: &DataSpec, split: Split, shape: Option<[usize; 3]>) -> Result<
                     ),
                 )
             })?;
-            folder::load_dir(&spec.dir, split, shape)?
+            folder::load_dir(&spec.dir, split, shape, ratio)?
         }
     };
     if let Some(model) = shape {

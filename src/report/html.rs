@@ -202,6 +202,9 @@ fn run_info(report: &RunReport) -> String {
     kv(&mut out, "model", &esc(&report.model_label));
     kv(&mut out, "data", &esc(&report.data));
     kv(&mut out, "device", &esc(&report.device));
+    if !report.numerics.is_empty() {
+        kv(&mut out, "numerics", &esc(&report.numerics));
+    }
     kv(
         &mut out,
         "clean accuracy",
@@ -277,6 +280,13 @@ fn run_info(report: &RunReport) -> String {
         ),
     );
     out.push_str("</table>\n</div>\n</div>\n");
+    if !report.images.is_empty() {
+        let _ = writeln!(
+            out,
+            "<h4>Images</h4>\n<p class=\"muted\">{}</p>",
+            esc(&report.images)
+        );
+    }
     let _ = writeln!(
         out,
         "<h4>Command</h4>\n<pre class=\"cmd\">{}</pre>",
@@ -305,15 +315,18 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
                 "<div class=\"head\">No class flagged</div>\n<p>Only {} class(es) searched: the anomaly analysis needs at least 3.</p>",
                 report.classes.len()
             );
-        } else {
+        } else if report.unproven.is_empty() {
             out.push_str("<div class=\"head\">No class flagged</div>\n");
             let _ = writeln!(
                 out,
                 "<p>No class's pattern is an outlier: every anomaly index is at most {}.</p>",
                 anomaly(verdict::THRESHOLD)
             );
+        } else {
+            out.push_str("<div class=\"head\">No class flagged</div>\n");
         }
-    } else {
+    }
+    if !report.flagged.is_empty() {
         let _ = writeln!(
             out,
             "<div class=\"head\">Flagged: likely backdoor target{}</div>\n<ul>",
@@ -343,6 +356,25 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
         }
         out.push_str("</ul>\n");
     }
+    if !report.unproven.is_empty() {
+        let list = report
+            .unproven
+            .iter()
+            .map(|&c| {
+                format!(
+                    "{c} · {} (anomaly index {})",
+                    esc(&names.get(c)),
+                    anomaly(text::anomaly_of(v, c))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "<p>Anomalous but not flagged, because the pattern stays below {} predictive power (a failed search, not a backdoor): {list}.</p>",
+            pct(report.config.threshold)
+        );
+    }
     if compact {
         let _ = writeln!(
             out,
@@ -353,10 +385,12 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
     } else {
         let _ = writeln!(
             out,
-            "<p>Statistic: <b>{}</b>. A class is flagged when its anomaly index — its distance below the median in units of {} × the median absolute deviation, as in Neural Cleanse — exceeds {}. Median {}, MAD {}.</p>",
+            "<p>Statistic: <b>{}</b>. A class is flagged when its anomaly index — its distance below the median in units of {} × the median absolute deviation (at least {}), as in Neural Cleanse — exceeds {}, and its pattern reaches {} predictive power. Median {}, MAD {}.</p>",
             esc(&text::statistic_words(report)),
             verdict::MAD_SCALE,
+            verdict::MIN_MAD,
             anomaly(verdict::THRESHOLD),
+            pct(report.config.threshold),
             num(v.median),
             num(v.mad)
         );
@@ -497,7 +531,7 @@ fn class_table(report: &RunReport, names: &Names<'_>, id: &str, compact: bool) -
                 "<td>{}</td><td class=\"l\">{name}</td><td>{}</td><td>{}</td><td>{ai}</td><td class=\"l flag\">{flag}</td>",
                 c.class,
                 pct(c.power),
-                min_k(c.min_k),
+                min_k(c.min_k, text::min_k_measured(report)),
             );
         } else {
             let _ = write!(
@@ -507,7 +541,7 @@ fn class_table(report: &RunReport, names: &Names<'_>, id: &str, compact: bool) -
                 esc(&text::canvas_short(report, c.best)),
                 pct(c.power),
                 pct(c.clean),
-                min_k(c.min_k),
+                min_k(c.min_k, text::min_k_measured(report)),
                 pct(c.mask_mean),
             );
         }
@@ -640,7 +674,7 @@ fn search_details(
     kv(
         &mut out,
         &format!("minimal k ({})", pct(report.config.threshold)),
-        &min_k(s.min_k),
+        &min_k(s.min_k, text::min_k_measured(report)),
     );
     kv(&mut out, "mask mean", &pct(s.mask_mean));
     kv(&mut out, "updates", &s.steps.to_string());

@@ -14,12 +14,30 @@ pub fn pct(v: f64) -> String {
     }
 }
 
-/// A minimal k, or `not reached` when the threshold was never reached.
-pub fn min_k(k: Option<usize>) -> String {
+/// A minimal k; `not reached` when the sweep ran and no measured k
+/// reached the threshold; `—` when no sweep ran (nothing was measured).
+pub fn min_k(k: Option<usize>, measured: bool) -> String {
     match k {
         Some(k) => k.to_string(),
-        None => "not reached".into(),
+        None if measured => "not reached".into(),
+        None => "—".into(),
     }
+}
+
+/// Whether the run measured minimal k values (it ran a k-sweep).
+pub fn min_k_measured(report: &RunReport) -> bool {
+    !report.config.k_sweep.is_empty()
+}
+
+/// The mask mean of the search the verdict compares for class row `row`
+/// (the best search's for reports without the comparison).
+pub fn compared_mask_mean(report: &RunReport, row: usize) -> f64 {
+    report
+        .verdict_searches
+        .get(row)
+        .and_then(|&i| report.searches.get(i))
+        .map(|s| s.mask_mean)
+        .unwrap_or_else(|| report.classes[row].mask_mean)
 }
 
 /// An anomaly index with two decimals (`inf` / `-inf` for a zero MAD).
@@ -55,8 +73,15 @@ pub fn verdict_in_force(report: &RunReport) -> &Verdict {
 
 /// What the statistic of [`verdict_in_force`] is, in words, with the name
 /// of the report field it lives in.
-pub fn statistic_words(_report: &RunReport) -> String {
-    "ln of the mask mean, the mask's L1 norm as Neural Cleanse uses it (verdict_mask)".into()
+pub fn statistic_words(report: &RunReport) -> String {
+    let compared = match report.verdict_canvas.as_str() {
+        "solid" => " of each class's best solid-canvas search",
+        "natural" => " of each class's best natural-canvas search",
+        _ => "",
+    };
+    format!(
+        "ln of the mask mean{compared}, the mask's L1 norm as Neural Cleanse uses it (verdict_mask)"
+    )
 }
 
 /// The anomaly index of `class` in `v` (NaN when it was not analysed).
@@ -86,7 +111,10 @@ pub fn verdict_line(report: &RunReport, names: &Names<'_>) -> String {
                 report.classes.len()
             )
         } else {
-            format!("verdict ({stat}): no class flagged")
+            format!(
+                "verdict ({stat}): no class flagged{}",
+                unproven_words(report, names)
+            )
         }
     } else {
         let list: Vec<String> = report
@@ -101,11 +129,30 @@ pub fn verdict_line(report: &RunReport, names: &Names<'_>) -> String {
             })
             .collect();
         format!(
-            "verdict ({stat}): FLAGGED as a likely backdoor target: {} (threshold {})",
+            "verdict ({stat}): FLAGGED as a likely backdoor target: {} (threshold {}){}",
             list.join("; "),
-            anomaly(verdict::THRESHOLD)
+            anomaly(verdict::THRESHOLD),
+            unproven_words(report, names)
         )
     }
+}
+
+/// The anomalous classes left unflagged because their pattern stays below
+/// the threshold power, in words (empty when there are none).
+pub fn unproven_words(report: &RunReport, names: &Names<'_>) -> String {
+    if report.unproven.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = report
+        .unproven
+        .iter()
+        .map(|&c| format!("class {c} ({})", names.get(c)))
+        .collect();
+    format!(
+        "; not flagged although anomalous, because the pattern stays below {} power (a failed search, not a backdoor): {}",
+        pct(report.config.threshold),
+        list.join(", ")
+    )
 }
 
 /// The canvas of a search in short: `auto0 (98.7%)`.
@@ -130,22 +177,23 @@ pub fn terminal_summary(report: &RunReport, names: &Names<'_>) -> String {
         format!("power@k={}", report.config.top_k),
         "clean".into(),
         format!("min k ({})", pct(report.config.threshold)),
-        "mask mean".into(),
+        "verdict mask mean".into(),
         "anomaly".into(),
         "flagged".into(),
     ];
     let rows: Vec<[String; 9]> = report
         .classes
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(row, c)| {
             [
                 c.class.to_string(),
                 names.get(c.class),
                 canvas_short(report, c.best),
                 pct(c.power),
                 pct(c.clean),
-                min_k(c.min_k),
-                pct(c.mask_mean),
+                min_k(c.min_k, min_k_measured(report)),
+                pct(compared_mask_mean(report, row)),
                 anomaly(anomaly_of(v, c.class)),
                 if report.flagged.contains(&c.class) {
                     "FLAGGED".into()
@@ -209,8 +257,9 @@ mod tests {
     fn formats() {
         assert_eq!(pct(0.875), "87.5%");
         assert_eq!(pct(1.0), "100.0%");
-        assert_eq!(min_k(None), "not reached");
-        assert_eq!(min_k(Some(12)), "12");
+        assert_eq!(min_k(None, true), "not reached");
+        assert_eq!(min_k(None, false), "—");
+        assert_eq!(min_k(Some(12), true), "12");
         assert_eq!(anomaly(1.23456), "1.23");
         assert_eq!(anomaly(f64::INFINITY), "inf");
         assert_eq!(seconds(75.2), "1 min 15 s");

@@ -126,12 +126,26 @@ pub struct Canvas {
     pub dataset_index: Option<usize>,
     /// The model's softmax probability of the target class on it.
     pub confidence: Option<f32>,
+    /// The target logit minus the largest other logit (what `auto:N` ranks
+    /// by: unlike the f32 softmax it does not saturate at 1).
+    #[serde(default)]
+    pub margin: Option<f64>,
     /// Pixels `[C, H, W]` in [0, 1].
     pub pixels: Vec<f32>,
 }
 
-/// Softmax probability of class `target` for each row of logits.
-fn target_prob(logits: &Tensor, target: usize) -> Vec<f32> {
+/// How sure the model is of `target` on one image: its softmax probability
+/// (for the report) and the logit margin (for ranking).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Confidence {
+    prob: f32,
+    margin: f64,
+}
+
+/// [`Confidence`] of class `target` for each row of logits. The margin is
+/// taken in f64 so that two confident images (both with probability 1.0 in
+/// f32) still rank by how far the target leads.
+fn target_confidence(logits: &Tensor, target: usize) -> Vec<Confidence> {
     let k = logits.shape()[1];
     logits
         .data()
@@ -139,9 +153,23 @@ fn target_prob(logits: &Tensor, target: usize) -> Vec<f32> {
         .map(|row| {
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
-            (row[target] - m).exp() / z
+            let other = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != target)
+                .fold(f64::NEG_INFINITY, |a, (_, &b)| a.max(b as f64));
+            Confidence {
+                prob: (row[target] - m).exp() / z,
+                margin: row[target] as f64 - other,
+            }
         })
         .collect()
+}
+
+/// The `auto:N` order: the largest logit margin first; equal margins by
+/// dataset index, so the choice is stable.
+fn rank_order(a: (usize, &Confidence), b: (usize, &Confidence)) -> std::cmp::Ordering {
+    b.1.margin.total_cmp(&a.1.margin).then(a.0.cmp(&b.0))
 }
 
 /// Chooses the canvases of class `target` for every spec of `specs`
@@ -191,7 +219,7 @@ pub fn choose<B: Backend>(
                 )
             })?;
             let img = d.image(di);
-            let conf = target_prob(
+            let conf = target_confidence(
                 &model.logits(&img.clone().reshape(&[
                     1,
                     img.shape()[0],
@@ -204,7 +232,8 @@ pub fn choose<B: Backend>(
                 id: format!("{source}{i}"),
                 source: source.to_string(),
                 dataset_index: Some(di),
-                confidence: Some(conf),
+                confidence: Some(conf.prob),
+                margin: Some(conf.margin),
                 pixels: img.into_data(),
             });
         }
@@ -227,12 +256,13 @@ pub fn choose<B: Backend>(
                 .iter()
                 .map(|&v| {
                     let img = Tensor::full(&[1, c, h, w], v);
-                    let conf = target_prob(&model.logits(&img)?, target)[0];
+                    let conf = target_confidence(&model.logits(&img)?, target)[0];
                     Ok(Canvas {
                         id: format!("solid{v}"),
                         source: "solid".into(),
                         dataset_index: None,
-                        confidence: Some(conf),
+                        confidence: Some(conf.prob),
+                        margin: Some(conf.margin),
                         pixels: img.into_data(),
                     })
                 })
@@ -252,11 +282,10 @@ pub fn choose<B: Backend>(
             }
             let mut scored = Vec::with_capacity(candidates.len());
             for chunk in candidates.chunks(256) {
-                let p = target_prob(&model.logits(&test.batch(chunk))?, target);
+                let p = target_confidence(&model.logits(&test.batch(chunk))?, target);
                 scored.extend(chunk.iter().copied().zip(p));
             }
-            // Most confident first; ties by dataset index, so the choice is stable.
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            scored.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
             Ok(scored
                 .into_iter()
                 .take(*n)
@@ -265,10 +294,48 @@ pub fn choose<B: Backend>(
                     id: format!("auto{rank}"),
                     source: "test".into(),
                     dataset_index: Some(di),
-                    confidence: Some(conf),
+                    confidence: Some(conf.prob),
+                    margin: Some(conf.margin),
                     pixels: test.image(di).into_data(),
                 })
                 .collect())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_ranks_by_logit_margin_where_the_f32_softmax_saturates() {
+        // Both rows give the target probability 1.0 in f32; the second leads
+        // by far more, so it must rank first although its index is larger.
+        let logits = Tensor::new(&[2, 3], vec![120.0, 0.0, 1.0, 300.0, 0.0, 1.0]).unwrap();
+        let c = target_confidence(&logits, 0);
+        assert_eq!(c[0].prob, 1.0);
+        assert_eq!(c[1].prob, 1.0);
+        assert_eq!(c[0].margin, 119.0);
+        assert_eq!(c[1].margin, 299.0);
+        let mut scored: Vec<(usize, Confidence)> = vec![(3, c[0]), (7, c[1])];
+        scored.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
+        assert_eq!(scored[0].0, 7);
+    }
+
+    #[test]
+    fn a_negative_margin_means_another_class_leads() {
+        let logits = Tensor::new(&[1, 3], vec![1.0, 4.0, 2.0]).unwrap();
+        assert_eq!(target_confidence(&logits, 0)[0].margin, -3.0);
+    }
+
+    #[test]
+    fn equal_margins_rank_by_dataset_index() {
+        let c = Confidence {
+            prob: 0.9,
+            margin: 2.0,
+        };
+        let mut scored = vec![(9, c), (2, c)];
+        scored.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
+        assert_eq!(scored[0].0, 2);
     }
 }

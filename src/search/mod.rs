@@ -8,6 +8,7 @@
 pub mod canvas;
 pub mod optimize;
 pub mod pattern;
+pub mod protocol;
 pub mod shard;
 pub mod store;
 pub mod verdict;
@@ -27,6 +28,7 @@ use crate::weights::Model;
 pub use canvas::{Canvas, CanvasSpec, Canvases};
 pub use optimize::MaskConfig;
 pub use pattern::Power;
+pub use protocol::Protocol;
 pub use verdict::Verdict;
 
 /// Everything that decides a search run (besides the model and the data).
@@ -59,6 +61,9 @@ pub struct SearchConfig {
     pub eval_batch: usize,
     /// Most composites in one forward pass of the search step.
     pub max_images: usize,
+    /// Which images are searched, chosen by and reported on.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 impl SearchConfig {
@@ -78,14 +83,20 @@ impl SearchConfig {
     /// class contains), the authors' optimisation (5 epochs; 1 at ImageNet
     /// size), default k.
     pub fn defaults(input: [usize; 3], classes: usize) -> SearchConfig {
+        SearchConfig::defaults_for(input, classes, Protocol::Cwp)
+    }
+
+    /// The defaults under `protocol` (see [`protocol`]): its epochs and
+    /// default canvases; the rest as [`SearchConfig::defaults`].
+    pub fn defaults_for(input: [usize; 3], classes: usize, protocol: Protocol) -> SearchConfig {
         let [_, h, w] = input;
         let mask = MaskConfig {
-            epochs: if h * w >= 224 * 224 { 1 } else { 5 },
+            epochs: protocol.default_epochs(h, w),
             ..MaskConfig::default()
         };
         SearchConfig {
             classes: (0..classes).collect(),
-            canvas: "auto:1+solid:1".into(),
+            canvas: protocol.default_canvas().into(),
             top_k: SearchConfig::default_k(h, w),
             k_sweep: pattern::default_sweep(h * w),
             threshold: 0.9,
@@ -96,6 +107,7 @@ impl SearchConfig {
             examples: 6,
             eval_batch: 256,
             max_images: 4096,
+            protocol,
         }
     }
 
@@ -194,9 +206,15 @@ pub struct SearchResult {
     pub ce_curve: Vec<(usize, f32)>,
     /// The top-k positions (flat), largest mask first.
     pub positions: Vec<usize>,
-    /// Predictive power at the default k on all other-class test images.
+    /// Predictive power at the default k on the report images (see
+    /// [`RunReport::images`]).
     pub power: Power,
-    /// The k-sweep `(k, power)` on the sweep images.
+    /// Predictive power at the default k on the selection (sweep) images:
+    /// what the best canvas of a class is chosen by (None in results stored
+    /// before it was kept).
+    #[serde(default)]
+    pub select_power: Option<f64>,
+    /// The k-sweep `(k, power)` on the selection (sweep) images.
     pub sweep: Vec<(usize, f64)>,
     /// Smallest k whose power reaches the threshold (None: not reached).
     pub min_k: Option<usize>,
@@ -213,9 +231,13 @@ pub struct ClassSummary {
     pub class: usize,
     /// Its name.
     pub name: String,
-    /// Index into [`RunReport::searches`] of the best canvas (highest power).
+    /// Index into [`RunReport::searches`] of the best canvas: the highest
+    /// power on the selection images.
     pub best: usize,
-    /// Its predictive power at the default k.
+    /// Its predictive power at the default k on the selection images.
+    #[serde(default)]
+    pub select_power: Option<f64>,
+    /// Its predictive power at the default k on the report images.
     pub power: f64,
     /// The clean share of other-class images classified as this class.
     pub clean: f64,
@@ -240,23 +262,49 @@ pub struct RunReport {
     pub data: String,
     /// Backend name.
     pub device: String,
+    /// What decides the numbers: backend and precision (part of every
+    /// search's key, so results of different numerics never mix).
+    #[serde(default)]
+    pub numerics: String,
     /// The configuration.
     pub config: SearchConfig,
     /// Clean test accuracy of the model.
     pub clean_accuracy: f64,
+    /// Which images were searched, chose the best canvas, and gave the
+    /// reported power, in words.
+    #[serde(default)]
+    pub images: String,
     /// Every search, in (class, canvas) order.
     pub searches: Vec<SearchResult>,
     /// One line per class.
     pub classes: Vec<ClassSummary>,
+    /// Which canvas kind the verdict compares across classes (`solid` or
+    /// `natural`): like with like, never a white canvas against a photo.
+    #[serde(default)]
+    pub verdict_canvas: String,
+    /// Per class (in `classes` order), the index into `searches` of the
+    /// search the verdict compares: the class's best of `verdict_canvas`.
+    #[serde(default)]
+    pub verdict_searches: Vec<usize>,
     /// Anomaly analysis of ln(minimal k) (when a sweep ran), reported beside
     /// the verdict: "not reached" counts as more pixels than the image has.
     pub verdict_min_k: Option<Verdict>,
     /// Anomaly analysis of ln(mask mean), the mask's L1 norm as Neural
     /// Cleanse uses it: the verdict.
     pub verdict_mask: Verdict,
-    /// Classes judged to be backdoor targets (from `verdict_mask`; none
-    /// when fewer than 3 classes were searched).
+    /// The same analysis on the other canvas kind, for comparison (not
+    /// the verdict): `(kind, verdict)`.
+    #[serde(default)]
+    pub other_verdicts: Vec<(String, Verdict)>,
+    /// Classes judged to be backdoor targets: anomalous in `verdict_mask`
+    /// and with a pattern that reaches the threshold power (none when
+    /// fewer than 3 classes were searched).
     pub flagged: Vec<usize>,
+    /// Classes anomalous in `verdict_mask` but not flagged, because their
+    /// compared pattern stays below the threshold power: a search that
+    /// failed (its mask collapsed) is not a backdoor.
+    #[serde(default)]
+    pub unproven: Vec<usize>,
     /// Searches reused from an earlier run.
     pub reused: usize,
     /// Wall time of the optimisation, seconds.
@@ -309,10 +357,16 @@ pub struct RunHeader {
     pub class_names: Vec<String>,
     /// Backend name.
     pub device: String,
+    /// Backend and precision (see [`RunReport::numerics`]).
+    #[serde(default)]
+    pub numerics: String,
     /// The configuration.
     pub config: SearchConfig,
     /// Clean test accuracy of the model.
     pub clean_accuracy: f64,
+    /// The image sets of the run, in words (see [`RunReport::images`]).
+    #[serde(default)]
+    pub images: String,
     /// Every search of the run, in (class, canvas) order.
     pub units: Vec<Unit>,
 }
@@ -380,6 +434,120 @@ pub fn run_shard<B: Backend>(
 
 type Executed = (RunHeader, Vec<Option<SearchResult>>, RunStats);
 
+/// The test images a run uses, per class (indices into the test set,
+/// ascending): the search set the masks are optimised on, the selection
+/// images (the sweep: best canvas, k-sweep, minimal k), and the report
+/// images (the predictive power in the report).
+pub struct ImageSets {
+    /// The search set, per class (the target's own is left out of a
+    /// search unless the protocol searches all images).
+    pub search: Vec<Vec<usize>>,
+    /// Selection images per class.
+    pub select: Vec<Vec<usize>>,
+    /// Report images per class.
+    pub report: Vec<Vec<usize>>,
+    /// Whether a search's own target class is searched and reported on.
+    pub include_target: bool,
+}
+
+impl ImageSets {
+    /// The sets of `cfg` over the test set's per-class indices.
+    ///
+    /// Selection: the first `sweep_per_class` images of each class (half of
+    /// it for `all`), never more than half the class. Report, under the
+    /// `cwp` protocol: the images after the selection ones, the first
+    /// `eval_per_class` of them, so the best canvas is never chosen on the
+    /// images its power is reported on. Under the authors' protocols: the
+    /// first `eval_per_class` (all by default) images of the class, as
+    /// their code evaluates.
+    pub fn new(class_idx: &[Vec<usize>], cfg: &SearchConfig) -> ImageSets {
+        let p = cfg.protocol;
+        let search = if p.searches_all_images() {
+            class_idx.to_vec()
+        } else {
+            data::per_class_sample(class_idx, cfg.search_frac, cfg.mask.seed)
+        };
+        let take = |v: &[usize], n: Option<usize>| -> Vec<usize> {
+            v.iter().copied().take(n.unwrap_or(usize::MAX)).collect()
+        };
+        let mut select = Vec::new();
+        let mut report = Vec::new();
+        for idx in class_idx {
+            let half = idx.len() / 2;
+            let n_select = cfg.sweep_per_class.unwrap_or(half).min(half.max(1));
+            let n_select = n_select.min(idx.len());
+            select.push(idx[..n_select].to_vec());
+            report.push(if p.reports_on_held_out_images() {
+                take(&idx[n_select..], cfg.eval_per_class)
+            } else {
+                take(idx, cfg.eval_per_class)
+            });
+        }
+        ImageSets {
+            search,
+            select,
+            report,
+            include_target: p.searches_all_images(),
+        }
+    }
+
+    /// The images a search for class `t` is optimised on, ascending.
+    pub fn search_images(&self, t: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .search
+            .iter()
+            .enumerate()
+            .filter(|(c, _)| self.include_target || *c != t)
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The sets in words, for the report.
+    pub fn describe(&self, cfg: &SearchConfig, names: &[String]) -> String {
+        let total = |sets: &[Vec<usize>]| sets.iter().map(Vec::len).sum::<usize>();
+        let range = |sets: &[Vec<usize>]| {
+            let lo = sets.iter().map(Vec::len).min().unwrap_or(0);
+            let hi = sets.iter().map(Vec::len).max().unwrap_or(0);
+            if lo == hi {
+                format!("{lo}")
+            } else {
+                format!("{lo}–{hi}")
+            }
+        };
+        let target = if self.include_target {
+            "target class included"
+        } else {
+            "target class left out"
+        };
+        let searched = if cfg.protocol.searches_all_images() {
+            format!("every test image ({}), {target}", total(&self.search))
+        } else {
+            format!(
+                "a seeded {:.0}% of each class's test images ({} per class), {target}",
+                cfg.search_frac * 100.0,
+                range(&self.search)
+            )
+        };
+        let held_out = if cfg.protocol.reports_on_held_out_images() {
+            "disjoint from the selection images"
+        } else {
+            "overlapping the selection images, as the authors' code evaluates"
+        };
+        format!(
+            "Protocol {}. Masks optimised on {searched}. Best canvas, k-sweep and minimal k on \
+             the selection images: the first {} test images of each class ({} classes). Power \
+             reported on the report images: {} of each {}class, {held_out}.",
+            cfg.protocol,
+            range(&self.select),
+            names.len().max(self.select.len()),
+            range(&self.report),
+            if self.include_target { "" } else { "other " },
+        )
+    }
+}
+
 /// Plans the run's units, searches those that are pending (and, for a
 /// shard, its own), and stores each result as it is done. Units neither
 /// stored nor searched here come back as `None`.
@@ -408,34 +576,18 @@ fn execute<B: Backend>(
     let clean_accuracy =
         clean.iter().zip(labels).filter(|(p, y)| p == y).count() as f64 / test.len().max(1) as f64;
 
-    // The search set: a seeded share of each class's test images.
     let class_idx = test.class_indices();
-    let sample = data::per_class_sample(&class_idx, cfg.search_frac, cfg.mask.seed);
-    let first = |n: Option<usize>| -> Vec<Vec<usize>> {
-        class_idx
-            .iter()
-            .map(|idx| idx.iter().copied().take(n.unwrap_or(usize::MAX)).collect())
-            .collect()
-    };
-    let sweep_images = first(cfg.sweep_per_class);
-    let eval_images = first(cfg.eval_per_class);
+    let sets = ImageSets::new(&class_idx, cfg);
+    let numerics = be.numerics();
 
     // Canvases (errors such as an index out of range surface here, before any search).
     let mut units = Vec::new();
     for &t in &cfg.classes {
-        let others: Vec<usize> = {
-            let mut v: Vec<usize> = sample
-                .iter()
-                .enumerate()
-                .filter(|(c, _)| *c != t)
-                .flat_map(|(_, s)| s.iter().copied())
-                .collect();
-            v.sort_unstable();
-            v
-        };
-        for canvas in canvas::choose_all(&canvas_spec, t, &dm, test, inputs.train, &sample[t])? {
-            let key = store::unit_key(&inputs.model_id, test.name(), cfg, t, &canvas);
-            units.push((t, canvas, others.clone(), key));
+        let searched = sets.search_images(t);
+        for canvas in canvas::choose_all(&canvas_spec, t, &dm, test, inputs.train, &sets.search[t])?
+        {
+            let key = store::unit_key(&inputs.model_id, test.name(), &numerics, cfg, t, &canvas);
+            units.push((t, canvas, searched.clone(), key));
         }
     }
 
@@ -473,17 +625,7 @@ fn execute<B: Backend>(
         let mut bar = Progress::new("evaluate", pending.len() as u64, inputs.quiet);
         for (&i, opt) in pending.iter().zip(optimised) {
             let (t, canvas, _, key) = &units[i];
-            let r = evaluate(
-                &dm,
-                test,
-                cfg,
-                *t,
-                canvas.clone(),
-                opt,
-                &eval_images,
-                &sweep_images,
-                &clean,
-            )?;
+            let r = evaluate(&dm, test, cfg, *t, canvas.clone(), opt, &sets, &clean)?;
             store.save(key, &r)?;
             results[i] = Some(r);
             bar.inc(1);
@@ -506,8 +648,10 @@ fn execute<B: Backend>(
         data: format!("{} ({} images)", test.name(), test.len()),
         class_names: test.class_names().to_vec(),
         device: be.name(),
+        numerics,
         config: cfg.clone(),
         clean_accuracy,
+        images: sets.describe(cfg, test.class_names()),
         units: units
             .iter()
             .map(|(t, canvas, _, key)| Unit {
@@ -527,68 +671,140 @@ fn execute<B: Backend>(
     Ok((header, results, stats))
 }
 
+/// The kind of a canvas for the verdict's like-with-like comparison:
+/// `solid` (a uniform image, the trigger finder) or `natural` (a real image).
+pub fn canvas_kind(c: &Canvas) -> &'static str {
+    if c.source == "solid" {
+        "solid"
+    } else {
+        "natural"
+    }
+}
+
+/// What a class's searches are ranked by: power on the selection images
+/// (the report power for results stored before it was kept).
+fn selection_power(r: &SearchResult) -> f64 {
+    r.select_power.unwrap_or(r.power.overall)
+}
+
+/// The best of `candidates` (indices into `searches`): the highest
+/// selection power, then the smaller minimal k, then the earlier search.
+fn best_of(searches: &[SearchResult], candidates: impl Iterator<Item = usize>) -> Option<usize> {
+    candidates.max_by(|&a, &b| {
+        let (ra, rb) = (&searches[a], &searches[b]);
+        selection_power(ra)
+            .total_cmp(&selection_power(rb))
+            .then(
+                rb.min_k
+                    .unwrap_or(usize::MAX)
+                    .cmp(&ra.min_k.unwrap_or(usize::MAX)),
+            )
+            .then(b.cmp(&a))
+    })
+}
+
 /// The report of a run whose every search is done: the best canvas of
 /// each class, then the verdicts across classes.
+///
+/// The verdict compares like with like: each class's best search from one
+/// canvas kind, `solid` when every class has one (a white canvas can hold
+/// a trigger no image of the class shows), else `natural`. A class is
+/// flagged only when it is anomalous and its compared pattern reaches the
+/// threshold power on the report images, as Neural Cleanse counts only
+/// masks whose attack succeeds.
 pub fn summarise(
     header: RunHeader,
     searches: Vec<SearchResult>,
     stats: RunStats,
 ) -> Result<RunReport> {
     let cfg = header.config;
-    let mut classes = Vec::new();
-    for &t in &cfg.classes {
-        let best = searches
+    let of_class = |t: usize| {
+        searches
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.class == t)
-            .max_by(|a, b| {
-                a.1.power
-                    .overall
-                    .total_cmp(&b.1.power.overall)
-                    .then(
-                        b.1.min_k
-                            .unwrap_or(usize::MAX)
-                            .cmp(&a.1.min_k.unwrap_or(usize::MAX)),
-                    )
-                    .then(b.0.cmp(&a.0))
-            })
+            .filter(move |(_, r)| r.class == t)
             .map(|(i, _)| i)
+    };
+    let mut classes = Vec::new();
+    for &t in &cfg.classes {
+        let best = best_of(&searches, of_class(t))
             .ok_or_else(|| Error::Msg(format!("no search result for class {t}")))?;
         let r = &searches[best];
         classes.push(ClassSummary {
             class: t,
             name: r.class_name.clone(),
             best,
+            select_power: r.select_power,
             power: r.power.overall,
             clean: r.power.clean,
             min_k: r.min_k,
             mask_mean: r.mask_mean,
         });
     }
+    let every_class_has = |kind: &str| {
+        cfg.classes
+            .iter()
+            .all(|&t| of_class(t).any(|i| canvas_kind(&searches[i].canvas) == kind))
+    };
+    let kinds: Vec<&str> = ["solid", "natural"]
+        .into_iter()
+        .filter(|k| every_class_has(k))
+        .collect();
+    let compared = |kind: Option<&str>| -> Vec<usize> {
+        cfg.classes
+            .iter()
+            .zip(&classes)
+            .map(|(&t, c)| match kind {
+                Some(kind) => best_of(
+                    &searches,
+                    of_class(t).filter(|&i| canvas_kind(&searches[i].canvas) == kind),
+                )
+                .unwrap_or(c.best),
+                None => c.best,
+            })
+            .collect()
+    };
     let pixels = header.input[1] * header.input[2];
     let class_ids: Vec<usize> = classes.iter().map(|c| c.class).collect();
+    // Neural Cleanse's statistic, the mask's L1 norm, on a log scale: sizes
+    // spread multiplicatively, and "far smaller" is a ratio.
+    let mask_verdict = |idx: &[usize]| {
+        verdict::analyse(
+            "ln_mask_mean",
+            &class_ids,
+            &idx.iter()
+                .map(|&i| searches[i].mask_mean.max(1e-9).ln())
+                .collect::<Vec<_>>(),
+        )
+    };
+    // With neither kind shared by every class, each class's best is compared.
+    let verdict_canvas = kinds.first().copied();
+    let verdict_searches = compared(verdict_canvas);
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
-        let v: Vec<f64> = classes
+        let v: Vec<f64> = verdict_searches
             .iter()
-            .map(|c| (c.min_k.unwrap_or(pixels + 1) as f64).ln())
+            .map(|&i| (searches[i].min_k.unwrap_or(pixels + 1) as f64).ln())
             .collect();
         verdict::analyse("ln_min_k", &class_ids, &v)
     });
-    // Neural Cleanse's statistic, the mask's L1 norm, on a log scale: sizes
-    // spread multiplicatively, and "far smaller" is a ratio.
-    let verdict_mask = verdict::analyse(
-        "ln_mask_mean",
-        &class_ids,
-        &classes
-            .iter()
-            .map(|c| c.mask_mean.max(1e-9).ln())
-            .collect::<Vec<_>>(),
-    );
-    let flagged = if classes.len() >= 3 {
-        verdict_mask.flagged.clone()
-    } else {
-        Vec::new()
-    };
+    let verdict_mask = mask_verdict(&verdict_searches);
+    let other_verdicts = kinds
+        .iter()
+        .skip(1)
+        .map(|&k| (k.to_string(), mask_verdict(&compared(Some(k)))))
+        .collect();
+    let (mut flagged, mut unproven) = (Vec::new(), Vec::new());
+    if classes.len() >= 3 {
+        for (&c, &i) in class_ids.iter().zip(&verdict_searches) {
+            if verdict_mask.flagged.contains(&c) {
+                if searches[i].power.overall >= cfg.threshold {
+                    flagged.push(c);
+                } else {
+                    unproven.push(c);
+                }
+            }
+        }
+    }
     let per_second = |n: usize| {
         if stats.search_seconds > 0.0 {
             n as f64 / stats.search_seconds
@@ -603,12 +819,18 @@ pub fn summarise(
         model: header.model,
         data: header.data,
         device: header.device,
+        numerics: header.numerics,
         clean_accuracy: header.clean_accuracy,
+        images: header.images,
         searches,
         classes,
+        verdict_canvas: verdict_canvas.unwrap_or("best").to_string(),
+        verdict_searches,
         verdict_min_k,
         verdict_mask,
+        other_verdicts,
         flagged,
+        unproven,
         reused: stats.reused,
         search_seconds: stats.search_seconds,
         steps_per_second: per_second(stats.steps),
@@ -628,36 +850,27 @@ fn evaluate<B: Backend>(
     target: usize,
     canvas: Canvas,
     opt: optimize::Optimised,
-    class_idx: &[Vec<usize>],
-    sweep_images: &[Vec<usize>],
+    sets: &ImageSets,
     clean: &[usize],
 ) -> Result<SearchResult> {
     let t0 = Instant::now();
     let order = pattern::top_k(&opt.mask, opt.mask.len());
     let positions = order[..cfg.top_k].to_vec();
-    let power = pattern::predictive_power(
-        dm,
-        test,
-        target,
-        &canvas.pixels,
-        &positions,
-        class_idx,
-        clean,
-        cfg.eval_batch,
-    )?;
-    let mut power_at = |k: usize| -> Result<f64> {
-        Ok(pattern::predictive_power(
+    let power_on = |images: &[Vec<usize>], k: usize| {
+        pattern::predictive_power(
             dm,
             test,
             target,
             &canvas.pixels,
             &order[..k],
-            sweep_images,
+            images,
             clean,
             cfg.eval_batch,
-        )?
-        .overall)
+            sets.include_target,
+        )
     };
+    let power = power_on(&sets.report, cfg.top_k)?;
+    let mut power_at = |k: usize| -> Result<f64> { Ok(power_on(&sets.select, k)?.overall) };
     // The default k joins the sweep: for a solid canvas power rises and
     // falls with k, and a window around it could fall between sweep points.
     let mut ks = cfg.k_sweep.clone();
@@ -669,11 +882,16 @@ fn evaluate<B: Backend>(
     for &k in &ks {
         sweep.push((k, power_at(k)?));
     }
+    let select_power = match sweep.iter().find(|&&(k, _)| k == cfg.top_k) {
+        Some(&(_, p)) => p,
+        None => power_at(cfg.top_k)?,
+    };
     let min_k = if cfg.k_sweep.is_empty() {
         None
     } else {
         pattern::minimal_k(&sweep, cfg.threshold, &mut power_at)?
     };
+    let class_idx = &sets.report;
     // A few stamped images, one from each of the first other classes.
     let plane = opt.mask.len();
     let mut examples = Vec::new();
@@ -710,6 +928,7 @@ fn evaluate<B: Backend>(
         mask: opt.mask,
         positions,
         power,
+        select_power: Some(select_power),
         sweep,
         min_k,
         examples,

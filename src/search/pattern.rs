@@ -77,6 +77,8 @@ pub fn clean_predictions<B: Backend>(
 
 /// Predictive power of the pattern (canvas pixels at `positions`) towards
 /// `target` on `images` (per source class), against the clean predictions.
+/// The target's own images count only with `include_target` (the authors'
+/// ImageNet protocol).
 #[allow(clippy::too_many_arguments)]
 pub fn predictive_power<B: Backend>(
     model: &DeviceModel<'_, B>,
@@ -87,13 +89,14 @@ pub fn predictive_power<B: Backend>(
     images: &[Vec<usize>],
     clean: &[usize],
     batch: usize,
+    include_target: bool,
 ) -> Result<Power> {
     let [_, h, w] = test.shape();
     let plane = h * w;
     let mut per_source = Vec::new();
     let (mut hit, mut clean_hit, mut total) = (0usize, 0usize, 0usize);
     for (source, idx) in images.iter().enumerate() {
-        if source == target || idx.is_empty() {
+        if (source == target && !include_target) || idx.is_empty() {
             continue;
         }
         let preds = crate::eval::predict_all(
@@ -137,11 +140,25 @@ pub fn default_sweep(pixels: usize) -> Vec<usize> {
     ks
 }
 
-/// The smallest k whose predictive power reaches `threshold`, given a
-/// power function of k: first over the sorted `sweep`, then by bisection
-/// between the last k below and the first k at or above the threshold
-/// (top-k sets are nested, so power grows with k in practice). `None` when
-/// even the largest k of the sweep stays below.
+/// Most k values measured one by one inside a gap of the sweep; a wider gap
+/// is first narrowed on a grid of this many points.
+const SCAN_POINTS: usize = 32;
+
+/// The smallest measured k whose predictive power reaches `threshold`,
+/// given the sorted `sweep` and a power function of k. `None` when no
+/// sweep point reaches it.
+///
+/// Power need not rise with k: on a white canvas a large patch becomes its
+/// own evidence, so power may rise, fall and rise again. Nothing here
+/// assumes an order. Let `hi` be the first sweep point that reaches the
+/// threshold and `lo` the sweep point before it. The gap `(lo, hi)` is
+/// measured at every k when it holds at most [`SCAN_POINTS`] values;
+/// otherwise on [`SCAN_POINTS`] evenly spaced k, and the sub-gap below the
+/// leftmost grid point that reaches is refined the same way (a grid point
+/// that misses only bounds that sub-gap from the left). The answer is the
+/// smallest k among all measured ones that reaches the threshold; a k that
+/// was never measured can still reach it, which is why the sweep is kept in
+/// the report beside the minimal k.
 pub fn minimal_k(
     sweep: &[(usize, f64)],
     threshold: f64,
@@ -156,13 +173,134 @@ pub fn minimal_k(
     } else {
         sweep[first_ok - 1].0
     };
+    // Invariant: `hi` reaches the threshold and is the smallest measured k
+    // that does; every k in `(lo, hi)` is still unmeasured.
     while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if power_of(mid)? >= threshold {
-            hi = mid;
-        } else {
-            lo = mid;
+        let gap = hi - lo - 1;
+        if gap <= SCAN_POINTS {
+            for k in lo + 1..hi {
+                if power_of(k)? >= threshold {
+                    return Ok(Some(k));
+                }
+            }
+            return Ok(Some(hi));
+        }
+        // Grid points lo + i*gap/(SCAN_POINTS+1), strictly inside the gap.
+        let mut prev = lo;
+        let mut found = None;
+        for i in 1..=SCAN_POINTS {
+            let k = lo + i * (gap + 1) / (SCAN_POINTS + 1);
+            if k <= prev || k >= hi {
+                continue;
+            }
+            if power_of(k)? >= threshold {
+                found = Some((prev, k));
+                break;
+            }
+            prev = k;
+        }
+        match found {
+            Some((below, k)) => {
+                lo = below;
+                hi = k;
+            }
+            // No grid point reached: refine the last sub-gap, next to `hi`.
+            None => lo = prev,
         }
     }
     Ok(Some(hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A power function that counts its calls.
+    fn counted(
+        f: impl Fn(usize) -> f64,
+    ) -> (
+        impl FnMut(usize) -> Result<f64>,
+        std::rc::Rc<std::cell::Cell<usize>>,
+    ) {
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let c = calls.clone();
+        (
+            move |k| {
+                c.set(c.get() + 1);
+                Ok(f(k))
+            },
+            calls,
+        )
+    }
+
+    fn sweep_of(ks: &[usize], f: impl Fn(usize) -> f64) -> Vec<(usize, f64)> {
+        ks.iter().map(|&k| (k, f(k))).collect()
+    }
+
+    #[test]
+    fn a_narrow_peak_below_a_later_rise_is_the_minimal_k() {
+        // Power reaches 0.9 at k = 33 only, falls, and rises for good at 50:
+        // bisection between the sweep points 32 and 64 would answer 50.
+        let f = |k: usize| match k {
+            33 => 0.95,
+            k if k >= 50 => 0.95,
+            _ => 0.1,
+        };
+        let sweep = sweep_of(&[1, 2, 4, 8, 16, 32, 64, 128], f);
+        let (p, _) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(33));
+    }
+
+    #[test]
+    fn power_that_rises_and_falls_gives_the_first_k_that_reaches() {
+        // A white canvas: power peaks around k = 40 and falls for large k,
+        // so only one sweep point (the default k, 38) reaches the threshold.
+        let f = |k: usize| if (35..=45).contains(&k) { 0.92 } else { 0.5 };
+        let sweep = sweep_of(&[1, 2, 4, 8, 16, 32, 38, 64, 128, 256, 512, 784], f);
+        let (p, _) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(35));
+    }
+
+    #[test]
+    fn a_wide_gap_is_narrowed_on_a_grid_and_finds_the_leftmost_reaching_region() {
+        // Gap (256, 512): 255 values, wider than one scan. Power reaches at
+        // 300..=320 and again from 400 on.
+        let f = |k: usize| {
+            if (300..=320).contains(&k) || k >= 400 {
+                0.99
+            } else {
+                0.2
+            }
+        };
+        let sweep = sweep_of(&[128, 256, 512], f);
+        let (p, calls) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(300));
+        // Far fewer measurements than the 255 of a full scan.
+        assert!(calls.get() < 100, "{} measurements", calls.get());
+    }
+
+    #[test]
+    fn monotone_power_gives_the_crossing() {
+        let f = |k: usize| k as f64 / 100.0;
+        let sweep = sweep_of(&[1, 2, 4, 8, 16, 32, 64, 128], f);
+        let (p, _) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(90));
+    }
+
+    #[test]
+    fn no_sweep_point_reaching_means_not_reached_and_no_measurement() {
+        let f = |_k: usize| 0.3;
+        let sweep = sweep_of(&[1, 2, 4], f);
+        let (p, calls) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), None);
+        assert_eq!(calls.get(), 0);
+    }
+
+    #[test]
+    fn the_first_sweep_point_reaching_at_k_1_is_the_answer() {
+        let f = |_k: usize| 1.0;
+        let sweep = sweep_of(&[1, 2, 4], f);
+        let (p, _) = counted(f);
+        assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(1));
+    }
 }

@@ -178,6 +178,16 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(RunReport, Vec<String>)> {
     // twice, or a rerun) must agree.
     let mut by_shard: BTreeMap<usize, &Manifest> = BTreeMap::new();
     for (path, m) in &manifests {
+        if m.header.numerics != first.header.numerics {
+            return Err(Error::Msg(format!(
+                "{} ran on `{}` but {} on `{}`: their masks may differ, so one report must not \
+                 mix them; rerun the shards on one kind of device",
+                first_path.display(),
+                first.header.numerics,
+                path.display(),
+                m.header.numerics
+            )));
+        }
         if m.shard.count != first.shard.count || !same_run(&m.header, &first.header) {
             return Err(Error::Msg(format!(
                 "{} and {} are shards of different runs (model, data, options or shard count \

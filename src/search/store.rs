@@ -21,16 +21,21 @@ struct Stored {
     result: SearchResult,
 }
 
-/// The key of one search: a hash of every input that changes its result.
+/// The key of one search: a hash of every input that changes its result,
+/// the backend's numerics included (a CPU and a GPU mask may differ, and a
+/// report must never mix them silently).
 pub fn unit_key(
     model_id: &str,
     data: &str,
+    numerics: &str,
     cfg: &SearchConfig,
     target: usize,
     canvas: &Canvas,
 ) -> String {
     let settings = serde_json::json!({
-        "format": 2,
+        "format": 3,
+        "numerics": numerics,
+        "protocol": cfg.protocol,
         "mask": cfg.mask,
         "top_k": cfg.top_k,
         "k_sweep": cfg.k_sweep,

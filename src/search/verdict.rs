@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 pub const MAD_SCALE: f64 = 1.4826;
 /// Anomaly index above which a class (below the median) is flagged.
 pub const THRESHOLD: f64 = 2.0;
+/// The smallest spread the anomaly index divides by, in the units of the
+/// statistic. Every statistic analysed here is a logarithm, so 0.05 is a 5%
+/// difference. When more than half the classes share (nearly) one value the
+/// MAD is 0 and every class a hair below the median would be infinitely
+/// anomalous; with this floor a class is flagged only when it lies more than
+/// `THRESHOLD * MAD_SCALE * MIN_MAD` (about 0.15, i.e. 14% smaller) below
+/// the median, and a class far below (a backdoor's pattern is many times
+/// smaller) still is.
+pub const MIN_MAD: f64 = 0.05;
 
 /// The anomaly analysis of one per-class statistic.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -24,9 +33,10 @@ pub struct Verdict {
     pub median: f64,
     /// Median absolute deviation (unscaled).
     pub mad: f64,
-    /// `(median - value) / (1.4826 * MAD)` per class: positive below the median.
-    /// Infinite with a zero MAD; JSON has no infinity, so these are written
-    /// as the strings `"inf"` / `"-inf"` (plain `null` would not read back).
+    /// `(median - value) / (1.4826 * max(MAD, MIN_MAD))` per class: positive
+    /// below the median. Always finite for finite values; older reports
+    /// (before the floor) may hold infinities, and JSON has none, so
+    /// non-finite values are written as the strings `"inf"` / `"-inf"`.
     #[serde(with = "nonfinite")]
     pub anomaly_index: Vec<f64>,
     /// Classes with an anomaly index above the threshold (below the median).
@@ -95,27 +105,15 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Analyses `values` (one per class in `classes`); small values are suspicious.
-/// With a zero MAD, every value below the median gets an infinite index.
+/// Analyses `values` (one per class in `classes`, logarithms of a size);
+/// small values are suspicious. The spread divided by is the MAD floored at
+/// [`MIN_MAD`].
 pub fn analyse(statistic: &str, classes: &[usize], values: &[f64]) -> Verdict {
     let med = median(values);
     let dev: Vec<f64> = values.iter().map(|v| (v - med).abs()).collect();
     let mad = median(&dev);
-    let anomaly_index: Vec<f64> = values
-        .iter()
-        .map(|&v| {
-            let d = med - v;
-            if mad > 0.0 {
-                d / (MAD_SCALE * mad)
-            } else if d > 0.0 {
-                f64::INFINITY
-            } else if d < 0.0 {
-                f64::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let spread = MAD_SCALE * mad.max(MIN_MAD);
+    let anomaly_index: Vec<f64> = values.iter().map(|&v| (med - v) / spread).collect();
     let flagged = classes
         .iter()
         .zip(&anomaly_index)
@@ -168,19 +166,32 @@ mod tests {
     }
 
     #[test]
-    fn zero_mad_flags_exactly_the_values_below_the_median() {
-        let classes: Vec<usize> = (0..5).collect();
-        let v = analyse("x", &classes, &[784.0, 784.0, 3.0, 784.0, 784.0]);
+    fn a_zero_mad_flags_only_a_class_far_below_the_shared_value() {
+        // Four classes share ln(784); one is 0.1 below (10%), one far below.
+        let classes: Vec<usize> = (0..6).collect();
+        let l = 784f64.ln();
+        let v = analyse("x", &classes, &[l, l, l - 0.1, l, l, 3f64.ln()]);
         assert_eq!(v.mad, 0.0);
-        assert_eq!(v.flagged, vec![2]);
+        assert!(v.anomaly_index.iter().all(|a| a.is_finite()));
+        assert_eq!(v.flagged, vec![5]);
+    }
+
+    #[test]
+    fn classes_sharing_one_value_flag_nothing() {
+        // The same class searched four times, and one other close by: no
+        // spread to speak of, so no outlier (it was infinitely anomalous).
+        let classes: Vec<usize> = (0..5).collect();
+        let v = analyse("x", &classes, &[-3.0, -3.0, -3.0, -3.0, -3.04]);
+        assert!(v.flagged.is_empty(), "{v:?}");
     }
 
     #[test]
     fn infinite_anomaly_indices_survive_json() {
+        // Reports written before the MAD floor can hold infinities.
         let classes: Vec<usize> = (0..5).collect();
-        let v = analyse("x", &classes, &[784.0, 900.0, 3.0, 784.0, 784.0]);
-        assert_eq!(v.anomaly_index[2], f64::INFINITY);
-        assert_eq!(v.anomaly_index[1], f64::NEG_INFINITY);
+        let mut v = analyse("x", &classes, &[784.0, 900.0, 3.0, 784.0, 784.0]);
+        v.anomaly_index[2] = f64::INFINITY;
+        v.anomaly_index[1] = f64::NEG_INFINITY;
         let json = serde_json::to_string(&v).unwrap();
         let back: Verdict = serde_json::from_str(&json).unwrap();
         assert_eq!(back, v);

@@ -70,6 +70,10 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    fn numerics(&self) -> String {
+        "cpu fp32".into()
+    }
+
     fn upload(&self, t: &Tensor) -> Result<Tensor> {
         tune_allocator();
         Ok(t.clone())

@@ -284,6 +284,10 @@ impl Driver for CudaDriver {
         )
     }
 
+    fn arch(&self) -> String {
+        format!("cuda sm_{}{}", self.cc.0, self.cc.1)
+    }
+
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError> {
         self.bind().map_err(AllocError::Other)?;
         // SAFETY: a live stream; the memory is only used on it.

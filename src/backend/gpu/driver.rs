@@ -31,6 +31,9 @@ pub type Dim3 = [u32; 3];
 pub trait Driver: Send + Sync + 'static {
     /// Device description for reports, e.g. `cuda:0 NVIDIA H200 (sm_90)`.
     fn name(&self) -> String;
+    /// The kind of device the kernels run on, for [`crate::backend::Backend::numerics`]:
+    /// `cuda sm_XY`, or `emu`. Devices of one arch run the same code.
+    fn arch(&self) -> String;
     /// Allocates `bytes` (> 0) of device memory, aligned to 256 bytes.
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError>;
     /// Frees memory from [`Driver::alloc`]. Ordered after earlier work.

@@ -90,6 +90,10 @@ impl Driver for EmuDriver {
         "emu (CUDA kernels emulated on the CPU)".into()
     }
 
+    fn arch(&self) -> String {
+        "emu".into()
+    }
+
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError> {
         let bytes = bytes.max(1);
         let used = self.used();

@@ -230,6 +230,10 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.drv.name()
     }
 
+    fn numerics(&self) -> String {
+        format!("{} fp32", self.drv.arch())
+    }
+
     fn upload(&self, t: &Tensor) -> Result<GpuBuf<D>> {
         let b = self.alloc(t.shape())?;
         if !t.is_empty() {
