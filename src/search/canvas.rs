@@ -334,7 +334,7 @@ mod tests {
             prob: 0.9,
             margin: 2.0,
         };
-        let mut scored = vec![(9, c), (2, c)];
+        let mut scored = [(9, c), (2, c)];
         scored.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
         assert_eq!(scored[0].0, 2);
     }
