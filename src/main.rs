@@ -536,7 +536,8 @@ fn run_eval<B: Backend>(
     trigger: Option<classwise::train::poison::Trigger>,
     attack: Option<Attack>,
 ) -> Result<()> {
-    let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
+    let dm = DeviceModel::upload(be, &model.graph, &model.params)?
+        .with_label(a.model.weights.display().to_string());
     let mut bar = classwise::progress::Progress::new("eval", data.len() as u64, a.json);
     let acc = eval::accuracy(&dm, data, a.batch, |n| bar.inc(n as u64))?;
     bar.finish();
