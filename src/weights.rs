@@ -469,7 +469,8 @@ fn infer_spec(
             ))
         }
     };
-    let probe = zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))?;
+    let probe = zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))
+        .map_err(|e| blame_the_file(e, opts, path))?;
     let shape_of = |name: &str| -> Option<&[usize]> {
         file.tensors
             .iter()
@@ -522,6 +523,33 @@ fn infer_spec(
     })
 }
 
+/// An error building the model, blamed on the weights file when the value at
+/// fault came from its metadata or tensors rather than from an option the
+/// user gave (a bad `arch` entry is not the fault of `--arch`).
+fn blame_the_file(e: Error, opts: &LoadOptions, path: &Path) -> Error {
+    match e {
+        Error::Arg { option, msg } => {
+            let from_file = match option.as_str() {
+                "--arch" => opts.arch.is_none(),
+                "--input-shape" => opts.input.is_none(),
+                "normalization" => opts.normalization.is_none(),
+                // The number of classes always comes from the file.
+                "--classes" => true,
+                _ => false,
+            };
+            if from_file {
+                Error::format(
+                    path,
+                    format!("the model its metadata and tensors describe cannot be built: {msg}"),
+                )
+            } else {
+                Error::Arg { option, msg }
+            }
+        }
+        e => e,
+    }
+}
+
 impl Model {
     /// Loads a model from a safetensors file (see [`Model::from_bytes`]).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -536,7 +564,7 @@ impl Model {
         let file = parse_tensors(bytes, path)?;
         let meta = ModelMeta::from_metadata(&file.metadata, path)?;
         let spec = infer_spec(&file, &meta, opts, path)?;
-        let graph = zoo::build(&spec)?;
+        let graph = zoo::build(&spec).map_err(|e| blame_the_file(e, opts, path))?;
         let params = assign(&graph, &file, path)?;
         let batches_tracked = file
             .tensors
