@@ -400,3 +400,22 @@ pub fn robust_accuracy<B: Backend>(
         robust_accuracy: robust_ok as f64 / n.max(1) as f64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_passes_finite_values_and_names_the_first_bad_one() {
+        check_finite("model `m`: search CE", 3, &[0.0, -1.5, f32::MAX]).unwrap();
+        let e = check_finite("model `m`: search CE", 7, &[0.5, f32::INFINITY, f32::NAN])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model `m`: search CE at step 7")
+                && e.contains("element 1 is inf")
+                && e.contains("2 of 3"),
+            "{e}"
+        );
+    }
+}
