@@ -592,9 +592,9 @@ fn execute<B: Backend>(
         eval::check_fits(graph, train)?;
     }
     let canvas_spec: Canvases = cfg.canvas.parse()?;
-    let store = store::Store::open(out)?;
+    let store = store::Store::open(out)?.expecting(graph.input);
 
-    let dm = DeviceModel::upload(be, graph, &model.params)?;
+    let dm = DeviceModel::upload(be, graph, &model.params)?.with_label(inputs.model_label.clone());
     let clean = pattern::clean_predictions(&dm, test, cfg.eval_batch)?;
     let labels = test.labels();
     let clean_accuracy =
