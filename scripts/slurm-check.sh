@@ -174,7 +174,7 @@ say "one-node cluster up in $((SECONDS - START))s (node $HOST, $NCPU CPUs, ports
 
 # A small run: four classes, two canvases each, so eight searches.
 SEARCH=(search --weights "$MODEL" --data fashion-mnist --classes 0,1,2,3 --canvas auto:1+solid:1
-  --epochs 1 --search-frac 0.05 --sweep-per-class 20 --eval-per-class 50 --device cpu)
+  --epochs 1 --search-frac 0.05 --k-sweep 8,32,128 --sweep-per-class 10 --eval-per-class 20 --device cpu)
 
 t0=$SECONDS
 "$CWP" "${SEARCH[@]}" --quiet --out "$WORK/single" >"$WORK/log/single.out" 2>&1 \
