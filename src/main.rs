@@ -365,7 +365,8 @@ struct SearchArgs {
     /// stores its results and a manifest; `cwp merge` makes the report once all have run.
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
-    /// Memory budget of one search step, e.g. 2G or 512M (sets how many searches share a forward pass).
+    /// Memory budget of one search step: bytes with an optional K, M, G or T suffix, e.g. 2G or
+    /// 512M (sets how many searches share a forward pass).
     #[arg(long, default_value = "2G")]
     memory: String,
     /// No progress output.

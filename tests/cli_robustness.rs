@@ -104,15 +104,25 @@ fn a_class_listed_twice_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let w = smallcnn_file(dir.path(), "m.safetensors", |_| {});
     let out = dir.path().join("out");
+    // Tiny data, so that a search wrongly started ends soon.
+    let data = tiny_folder_data(dir.path());
     let o = cwp(&[
         "search",
         "--weights",
         path_str(&w),
+        "--data",
+        &data,
         "--out",
         path_str(&out),
         "--classes",
         "0,8,0,0",
+        "--epochs",
+        "1",
+        "--k-sweep",
+        "none",
         "--quiet",
+        "--device",
+        "cpu",
     ]);
     let msg = assert_clean_failure(&o);
     assert!(
@@ -186,48 +196,55 @@ fn memory_sizes_with_every_suffix_are_accepted_and_others_named() {
     assert!(!out.exists());
 }
 
+/// A `folder:` dataset of 10 classes with two 28×28 grey images each: small
+/// enough that a search starts at once.
+fn tiny_folder_data(dir: &Path) -> String {
+    let root = dir.join("tiny");
+    for c in 0..10u8 {
+        let class = root.join(format!("class{c}"));
+        std::fs::create_dir_all(&class).unwrap();
+        for k in 0..2u8 {
+            image::GrayImage::from_pixel(28, 28, image::Luma([20 * c + k]))
+                .save(class.join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    format!("folder:{}", root.display())
+}
+
 #[test]
 fn a_failed_search_leaves_no_empty_folders() {
     let dir = tempfile::tempdir().unwrap();
     let w = smallcnn_file(dir.path(), "m.safetensors", |_| {});
+    let data = tiny_folder_data(dir.path());
     // The canvas index is checked once the run has started (it depends on
     // the data), after the results folder is opened.
+    let search = |out: &Path| {
+        cwp(&[
+            "search",
+            "--weights",
+            path_str(&w),
+            "--data",
+            &data,
+            "--out",
+            path_str(out),
+            "--classes",
+            "0",
+            "--canvas",
+            "test:5",
+            "--quiet",
+            "--device",
+            "cpu",
+        ])
+    };
     let out = dir.path().join("new").join("out");
-    let o = cwp(&[
-        "search",
-        "--weights",
-        path_str(&w),
-        "--out",
-        path_str(&out),
-        "--classes",
-        "0",
-        "--canvas",
-        "test:5000",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]);
-    let msg = assert_clean_failure(&o);
+    let msg = assert_clean_failure(&search(&out));
     assert!(msg.contains("--canvas"), "{msg}");
     assert!(!dir.path().join("new").exists(), "left behind: {msg}");
     // A folder that was there before stays, empty or not.
     let kept = dir.path().join("kept");
     std::fs::create_dir(&kept).unwrap();
-    let o = cwp(&[
-        "search",
-        "--weights",
-        path_str(&w),
-        "--out",
-        path_str(&kept),
-        "--classes",
-        "0",
-        "--canvas",
-        "test:5000",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]);
-    assert_clean_failure(&o);
+    assert_clean_failure(&search(&kept));
     assert!(kept.is_dir());
     assert_eq!(std::fs::read_dir(&kept).unwrap().count(), 0);
 }
@@ -236,10 +253,13 @@ fn a_failed_search_leaves_no_empty_folders() {
 fn pgd_limit_and_robust_eval_of_zero_images_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let w = smallcnn_file(dir.path(), "m.safetensors", |_| {});
+    let data = tiny_folder_data(dir.path());
     let o = cwp(&[
         "eval",
         "--weights",
         path_str(&w),
+        "--data",
+        &data,
         "--pgd",
         "0.1,0.01,2",
         "--pgd-limit",
@@ -256,6 +276,10 @@ fn pgd_limit_and_robust_eval_of_zero_images_are_refused() {
         "smallcnn",
         "--out",
         path_str(&out),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
         "--robust-eval",
         "0.1,0.01,2:0",
         "--device",

@@ -451,7 +451,8 @@ mod tests {
         assert!(e.contains("cannot decode"), "{e}");
     }
 
-    /// A PNG holding only a header that claims `w × h` grey pixels.
+    /// A PNG whose header claims `w × h` grey pixels, with a stub of pixel
+    /// data: what a decoder reads before it allocates the image.
     fn png_header_only(w: u32, h: u32) -> Vec<u8> {
         fn crc32(bytes: &[u8]) -> u32 {
             let mut c = !0u32;
@@ -472,9 +473,11 @@ mod tests {
         ihdr.extend(h.to_be_bytes());
         ihdr.extend([8, 0, 0, 0, 0]);
         let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        png.extend(13u32.to_be_bytes());
-        png.extend(&ihdr);
-        png.extend(crc32(&ihdr).to_be_bytes());
+        for chunk in [ihdr, b"IDAT\x78\x9c".to_vec(), b"IEND".to_vec()] {
+            png.extend((chunk.len() as u32 - 4).to_be_bytes());
+            png.extend(&chunk);
+            png.extend(crc32(&chunk).to_be_bytes());
+        }
         png
     }
 

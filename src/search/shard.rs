@@ -300,8 +300,9 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(RunReport, Vec<String>)> {
         stats.total_seconds = stats.total_seconds.max(m.stats.total_seconds);
     }
     let mut header = first.header.clone();
+    // A shell comment, so the stored command can still be pasted as is.
     header.command = format!(
-        "{} (shard {} of {count}; merged from {} manifest(s))",
+        "{} # shard {} of {count}; merged from {} manifest(s)",
         header.command,
         first.shard,
         by_shard.len()
