@@ -248,7 +248,7 @@ fn bench_cpu(
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
         let graph = model_graph(arch, *input)?;
-        let model = crate::eval::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
+        let model = crate::device_model::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));
             let (canvas, mask, others) = search_inputs(*input, s, 4);

@@ -5,10 +5,12 @@
 //! Data flows one way: [`data`] -> [`graph`] (built by [`zoo`], filled by
 //! [`weights`]) -> [`backend`]; [`train`], [`search`] and [`report`] sit on top.
 
+pub mod attack;
 pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod device_model;
 pub mod error;
 pub mod eval;
 pub mod forward;

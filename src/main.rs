@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use classwise::attack::Attack;
 use classwise::backend::gpu::Device;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Split};
-use classwise::eval::{self, DeviceModel};
+use classwise::device_model::DeviceModel;
+use classwise::eval;
 use classwise::search::{self, Canvases, RunInputs, RunReport, SearchConfig};
-use classwise::train::adversarial::Attack;
 use classwise::train::augment::Augment;
 use classwise::train::poison::{Poisoning, TriggerSpec};
 use classwise::train::{self, Schedule, TrainConfig};

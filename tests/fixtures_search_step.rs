@@ -7,7 +7,7 @@ mod common;
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
-use classwise::eval::DeviceModel;
+use classwise::device_model::DeviceModel;
 use classwise::search::optimize::{step, MaskConfig};
 use classwise::zoo::{build, ModelSpec};
 use common::*;

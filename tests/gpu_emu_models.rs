@@ -11,7 +11,7 @@ use classwise::backend::gpu::emu::EmuDriver;
 use classwise::backend::gpu::selftest::{self, Check, ModelCase};
 use classwise::backend::gpu::GpuBackend;
 use classwise::backend::Backend;
-use classwise::eval::DeviceModel;
+use classwise::device_model::DeviceModel;
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
 use common::*;

@@ -6,7 +6,7 @@
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Dataset, Split};
-use classwise::eval::DeviceModel;
+use classwise::device_model::DeviceModel;
 use classwise::progress::Progress;
 use classwise::search::optimize::{optimise, Job, MaskConfig, Optimised};
 use classwise::zoo::{build, ModelSpec};
