@@ -8,8 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use classwise::attack::Attack;
-use classwise::backend::gpu::Device;
-use classwise::backend::Backend;
+use classwise::backend::{Backend, Device};
 use classwise::data::{self, DataSpec, Split};
 use classwise::device_model::DeviceModel;
 use classwise::eval;
@@ -407,7 +406,7 @@ fn normalization(
 
 /// The backend a command runs on; `auto` says once why it is not a GPU.
 fn select_device(spec: &str) -> Result<Device> {
-    let (dev, note) = classwise::backend::gpu::select_device(spec)?;
+    let (dev, note) = classwise::backend::select_device(spec)?;
     if let Some(note) = note {
         eprintln!("note: {note}");
     }

@@ -124,7 +124,7 @@ fn emu_out_of_memory_is_a_clear_error() {
 /// back to the CPU with a note (on a machine with CUDA, `auto` takes it).
 #[test]
 fn emu_device_selection_without_cuda() {
-    use classwise::backend::gpu::{select_device, Device};
+    use classwise::backend::{select_device, Device};
     let cuda = classwise::backend::gpu::cuda::ensure_libcuda().is_ok();
     match select_device("auto").unwrap() {
         (Device::Cpu(_), Some(note)) => {
