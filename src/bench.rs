@@ -22,12 +22,12 @@ use serde::Serialize;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::driver::Driver;
 use crate::backend::gpu::fused::FusedModel;
-use crate::backend::gpu::selftest::{formula_input, formula_params};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::Device;
 use crate::backend::{Backend, ConvParams};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
+use crate::selftest::{formula_input, formula_params};
 use crate::tensor::Tensor;
 use crate::zoo::{build, ModelSpec};
 

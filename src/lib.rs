@@ -20,6 +20,7 @@ pub mod models;
 pub mod progress;
 pub mod report;
 pub mod search;
+pub mod selftest;
 pub mod tensor;
 pub mod train;
 pub mod weights;

@@ -1009,7 +1009,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
-    use classwise::backend::gpu::selftest::{format_checks, run_suite, SuiteOptions};
+    use classwise::selftest::{format_checks, run_suite, SuiteOptions};
     let opts = SuiteOptions {
         ops_only: a.quick,
         batch: a.batch,

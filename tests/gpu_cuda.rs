@@ -5,9 +5,9 @@
 //! and there a missing driver or device fails the test.
 
 use classwise::backend::gpu::cuda::CudaDriver;
-use classwise::backend::gpu::selftest::{format_checks, run_suite, SuiteOptions};
 use classwise::backend::gpu::GpuBackend;
 use classwise::backend::Backend;
+use classwise::selftest::{format_checks, run_suite, SuiteOptions};
 use classwise::zoo::{build, ModelSpec};
 
 /// The CUDA backend; a test asked to run without one fails, naming why.
@@ -74,7 +74,7 @@ fn cuda_out_of_memory_is_a_clear_error() {
     let fused = classwise::backend::gpu::fused::FusedModel::new(
         &gpu,
         &graph,
-        &classwise::backend::gpu::selftest::formula_params(&graph),
+        &classwise::selftest::formula_params(&graph),
     )
     .unwrap();
     // About 12 MiB of kept activations per image: 2048 images need 24 GiB.

@@ -22,7 +22,6 @@ pub mod fused;
 pub mod kernels;
 pub mod nvrtc;
 mod ops;
-pub mod selftest;
 
 use std::ffi::c_void;
 use std::sync::Arc;
