@@ -2,15 +2,16 @@
 //! gradient, one batched search step and one training step, GPU against the
 //! CPU reference under the fixtures README's tolerances.
 
+use super::ops::Suite;
 use super::{formula_input, formula_params, model_tolerances, Check};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{Driver, GpuBackend};
 use crate::backend::{Backend, SgdParams};
 use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, ParamKind};
+use crate::graph::Graph;
 use crate::search::optimize::{step as search_step, MaskConfig};
-use crate::tensor::{numel, rel_l2, Tensor};
+use crate::tensor::{rel_l2, Tensor};
 use crate::zoo::{build, ModelSpec};
 
 /// One model of the model-level suite.
@@ -235,7 +236,7 @@ pub fn check_model_outputs<D: Driver>(
         ltol,
     );
     let mut compared = dx_check(&mut s, "graph runner", &gdx, &cdx, &ties, gtol);
-    let fused = super::fused::FusedModel::new(gpu, &graph, &params)?;
+    let fused = crate::backend::gpu::fused::FusedModel::new(gpu, &graph, &params)?;
     let n = case.batch;
     let labels: Vec<usize> = (0..n).map(|i| (3 * i + 1) % case.classes).collect();
     let (fl, fdx) = fused.logits_and_input_grad(&x, &labels, &vec![1.0 / n as f32; n])?;

@@ -29,12 +29,14 @@ pub const OP_FAMILIES: &[&str] = &[
 /// `(n, c, h, w, o, k, params)` of a convolution case.
 type ConvCase = (usize, usize, usize, usize, usize, usize, ConvParams);
 
-struct Suite<'a, D: Driver> {
+/// The recorder of one group of checks, with the two backends and the
+/// random source of its inputs (the model half records through it too).
+pub(super) struct Suite<'a, D: Driver> {
     gpu: &'a GpuBackend<D>,
     cpu: CpuBackend,
     rng: ChaCha8Rng,
     group: String,
-    out: Vec<Check>,
+    pub(super) out: Vec<Check>,
 }
 
 fn abs(t: &Tensor) -> Tensor {
@@ -46,7 +48,7 @@ fn conv_shape(s: &[usize], o: usize, k: usize, p: ConvParams) -> Vec<usize> {
 }
 
 impl<'a, D: Driver> Suite<'a, D> {
-    fn new(gpu: &'a GpuBackend<D>, group: &str, seed: u64) -> Self {
+    pub(super) fn new(gpu: &'a GpuBackend<D>, group: &str, seed: u64) -> Self {
         Suite {
             gpu,
             cpu: CpuBackend,
@@ -57,7 +59,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     /// A random tensor, uniform in `[lo, hi)`.
-    fn rand(&mut self, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    pub(super) fn rand(&mut self, shape: &[usize], lo: f32, hi: f32) -> Tensor {
         let n = numel(shape);
         let v = (0..n).map(|_| self.rng.random_range(lo..hi)).collect();
         Tensor::new(shape, v).expect("shape and data agree")
@@ -120,7 +122,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     /// Records a metric against a tolerance.
-    fn metric(&mut self, name: String, value: f64, tol: f64) {
+    pub(super) fn metric(&mut self, name: String, value: f64, tol: f64) {
         self.out.push(Check {
             group: self.group.clone(),
             name,
@@ -131,7 +133,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     /// Records a yes/no property.
-    fn property(&mut self, name: &str, holds: bool) {
+    pub(super) fn property(&mut self, name: &str, holds: bool) {
         self.out.push(Check {
             group: self.group.clone(),
             name: name.to_string(),

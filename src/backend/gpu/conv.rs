@@ -5,7 +5,7 @@
 //! convolutions of `[N, K, 1, 1]` images; and the eval-mode batch-norm fold.
 
 use super::{arg, Driver, GpuBackend, GpuBuf};
-use crate::backend::check::{dims2, dims4, ConvGeom};
+use crate::backend::check::{dims4, ConvGeom};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 

@@ -28,8 +28,9 @@ use std::sync::Arc;
 
 pub use driver::Driver;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{numel, Tensor};
+use crate::tensor::numel;
 use driver::{AllocError, DevPtr, Dim3};
 
 /// A device allocation, freed when the last handle goes.
