@@ -50,7 +50,7 @@ fn fwd_bwd(c: &mut Criterion) {
 /// forward, backward to the input, mask gradient, signed step), the unit the
 /// authors' loop (../shared/peers/authors_loop_bench.py) is timed in.
 fn search_step(c: &mut Criterion) {
-    use classwise::eval::DeviceModel;
+    use classwise::device_model::DeviceModel;
     use classwise::search::optimize::{step, MaskConfig};
     let be = CpuBackend;
     let mut g = c.benchmark_group("search_step");

@@ -22,11 +22,12 @@ use serde::Serialize;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::driver::Driver;
 use crate::backend::gpu::fused::FusedModel;
-use crate::backend::gpu::selftest::{formula_input, formula_params};
-use crate::backend::gpu::{Device, GpuBackend};
+use crate::backend::gpu::GpuBackend;
+use crate::backend::Device;
 use crate::backend::{Backend, ConvParams};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
+use crate::selftest::{formula_input, formula_params};
 use crate::tensor::Tensor;
 use crate::zoo::{build, ModelSpec};
 
@@ -248,7 +249,7 @@ fn bench_cpu(
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
         let graph = model_graph(arch, *input)?;
-        let model = crate::eval::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
+        let model = crate::device_model::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));
             let (canvas, mask, others) = search_inputs(*input, s, 4);

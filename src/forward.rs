@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::Backend;
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::DeviceModel;
 use crate::weights::{read_tensors, write_tensors, Model, OutTensor};
 use crate::Tensor;
 

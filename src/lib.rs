@@ -5,10 +5,12 @@
 //! Data flows one way: [`data`] -> [`graph`] (built by [`zoo`], filled by
 //! [`weights`]) -> [`backend`]; [`train`], [`search`] and [`report`] sit on top.
 
+pub mod attack;
 pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod device_model;
 pub mod error;
 pub mod eval;
 pub mod forward;
@@ -18,6 +20,7 @@ pub mod models;
 pub mod progress;
 pub mod report;
 pub mod search;
+pub mod selftest;
 pub mod tensor;
 pub mod train;
 pub mod weights;

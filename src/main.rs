@@ -8,12 +8,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use classwise::backend::gpu::Device;
-use classwise::backend::Backend;
+use classwise::attack::Attack;
+use classwise::backend::{Backend, Device};
 use classwise::data::{self, DataSpec, Split};
-use classwise::eval::{self, DeviceModel};
+use classwise::device_model::DeviceModel;
+use classwise::eval;
 use classwise::search::{self, Canvases, RunInputs, RunReport, SearchConfig};
-use classwise::train::adversarial::Attack;
 use classwise::train::augment::Augment;
 use classwise::train::poison::{Poisoning, TriggerSpec};
 use classwise::train::{self, Schedule, TrainConfig};
@@ -441,7 +441,7 @@ fn normalization(
 
 /// The backend a command runs on; `auto` says once why it is not a GPU.
 fn select_device(spec: &str) -> Result<Device> {
-    let (dev, note) = classwise::backend::gpu::select_device(spec)?;
+    let (dev, note) = classwise::backend::select_device(spec)?;
     if let Some(note) = note {
         eprintln!("note: {note}");
     }
@@ -1158,7 +1158,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
-    use classwise::backend::gpu::selftest::{format_checks, run_suite, SuiteOptions};
+    use classwise::selftest::{format_checks, run_suite, SuiteOptions};
     let opts = SuiteOptions {
         ops_only: a.quick,
         batch: a.batch,

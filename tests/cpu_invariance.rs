@@ -3,13 +3,11 @@
 //! image's logits and input gradient are the same bits whether it runs
 //! alone or inside a batch, and whatever the number of threads.
 
-mod common;
-
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
+use classwise::selftest::formula_params;
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
-use common::formula_params;
 
 /// Logits and input gradient of a per-sample CE loss (weight 1 per image,
 /// so each image's gradient does not depend on the batch size).

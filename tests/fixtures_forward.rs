@@ -9,6 +9,7 @@ mod common;
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
 use classwise::graph::Graph;
+use classwise::selftest::{formula_params, model_tolerances};
 use classwise::weights::{LoadOptions, Model};
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
@@ -42,18 +43,18 @@ fn check_forward_fixture(arch: &str, c: usize, hw: usize, classes: usize, deep: 
     let x = f.float("x", name.as_ref()).unwrap();
     let y = labels(&f, "y");
     let (logits, loss, dx) = eval_forward(&graph, &params, x, &y);
-    let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
+    let (ltol, gtol) = model_tolerances(deep);
     assert_close_abs(
         &format!("{name} logits"),
         logits.data(),
         f.float("logits", name.as_ref()).unwrap().data(),
-        ltol,
+        ltol as f32,
     );
     assert_close_abs(
         &format!("{name} loss"),
         &[loss],
         f.float("loss", name.as_ref()).unwrap().data(),
-        ltol,
+        ltol as f32,
     );
     assert_close_rel(
         &format!("{name} dx"),
@@ -162,7 +163,7 @@ fn check_train_fixture(arch: &str, c: usize, hw: usize, deep: bool, calibrate: b
         });
         train_step(&graph, &xp, &y)
     });
-    let base: f64 = if deep { 5e-3 } else { 1e-3 };
+    let base = model_tolerances(deep).1;
     let tol = |got: &Tensor, other: Option<&Tensor>| -> f64 {
         match other {
             Some(o) => base.max(5.0 * classwise::tensor::rel_l2(o.data(), got.data())),
@@ -263,18 +264,18 @@ fn check_real_weights(arch: &str, tag: &str, c: usize, hw: usize, deep: bool) {
     let x = e.float("x", ename.as_ref()).unwrap();
     let y = labels(&e, "y");
     let (logits, loss, dx) = eval_forward(&model.graph, &model.params, x, &y);
-    let (ltol, gtol) = if deep { (1e-3, 5e-3) } else { (1e-4, 1e-3) };
+    let (ltol, gtol) = model_tolerances(deep);
     assert_close_abs(
         &format!("{ename} logits"),
         logits.data(),
         e.float("logits", ename.as_ref()).unwrap().data(),
-        ltol,
+        ltol as f32,
     );
     assert_close_abs(
         &format!("{ename} loss"),
         &[loss],
         e.float("loss", ename.as_ref()).unwrap().data(),
-        ltol,
+        ltol as f32,
     );
     assert_close_rel(
         &format!("{ename} dx"),
@@ -297,4 +298,49 @@ fn pytorch_f16_checkpoint_loads_and_matches() {
 #[test]
 fn pytorch_bf16_checkpoint_loads_and_matches() {
     check_real_weights("vgg16", "bf16", 3, 32, true);
+}
+
+/// The library's formula weights and inputs are the fixtures README's: the
+/// input batch is bit for bit the `x` PyTorch stored, and a few values of
+/// each parameter kind equal the README's lines, written out here once
+/// (every other test takes the formula from the library).
+#[test]
+fn formula_weights_and_inputs_are_the_fixtures_readme_formula() {
+    use classwise::graph::ParamKind;
+    use classwise::selftest::{formula_input, formula_tensor};
+
+    let name = "forward_smallcnn_1x28.safetensors";
+    let f = fixture(name);
+    let x = f.float("x", name.as_ref()).unwrap();
+    assert_eq!(formula_input(x.shape()).data(), x.data(), "{name}: x");
+
+    // README: s = (sum of the UTF-8 bytes of n) mod 997,
+    // u_i = sin(0.731 * i + 0.1 * s), then per kind, rounded to f32.
+    let readme = |n: &str, i: usize, kind: ParamKind, fan_in: f64| -> f32 {
+        let s = (n.bytes().map(u64::from).sum::<u64>() % 997) as f64;
+        let u = (0.731 * i as f64 + 0.1 * s).sin();
+        (match kind {
+            ParamKind::ConvWeight | ParamKind::LinearWeight => u * (2.0 / fan_in).sqrt() * 0.8,
+            ParamKind::Bias => 0.05 * u,
+            ParamKind::BnWeight => 1.0 + 0.2 * u,
+            ParamKind::BnBias | ParamKind::BnMean => 0.1 * u,
+            ParamKind::BnVar => 1.0 + 0.25 * (u + 1.0),
+        }) as f32
+    };
+    let cases: [(&str, &[usize], ParamKind); 7] = [
+        ("features.0.weight", &[4, 3, 3, 3], ParamKind::ConvWeight),
+        ("fc.weight", &[10, 6], ParamKind::LinearWeight),
+        ("fc.bias", &[10], ParamKind::Bias),
+        ("layer1.0.bn1.weight", &[8], ParamKind::BnWeight),
+        ("layer1.0.bn1.bias", &[8], ParamKind::BnBias),
+        ("layer1.0.bn1.running_mean", &[8], ParamKind::BnMean),
+        ("layer1.0.bn1.running_var", &[8], ParamKind::BnVar),
+    ];
+    for (n, shape, kind) in cases {
+        let t = formula_tensor(n, shape, kind);
+        let fan_in = (t.len() / shape[0]) as f64;
+        for i in [0, 1, 5, shape[0] - 1, t.len() - 1] {
+            assert_eq!(t.data()[i], readme(n, i, kind, fan_in), "{n}[{i}]");
+        }
+    }
 }

@@ -1,12 +1,12 @@
 //! Every op of the GPU backend, run through the emulated driver (the same
 //! kernels, compiled for the CPU), against the CPU reference on random
 //! shapes, odd ones included. The shapes, cases and per-op bounds (derived
-//! from the arithmetic) live in `classwise::backend::gpu::selftest`, which
+//! from the arithmetic) live in `classwise::selftest`, which
 //! `cwp selftest --device cuda` runs on a real GPU.
 
 use classwise::backend::gpu::emu::EmuDriver;
-use classwise::backend::gpu::selftest::{check_ops, Check};
 use classwise::backend::gpu::GpuBackend;
+use classwise::selftest::{check_ops, Check};
 
 fn table(checks: &[Check]) -> String {
     checks
@@ -93,7 +93,7 @@ fn emu_out_of_memory_is_a_clear_error() {
     use classwise::zoo::{build, ModelSpec};
     let gpu = GpuBackend::new(EmuDriver::with_memory_limit(64 << 20));
     let graph = build(&ModelSpec::new("resnet18", [3, 32, 32], 10)).unwrap();
-    let params: Vec<_> = classwise::backend::gpu::selftest::formula_params(&graph)
+    let params: Vec<_> = classwise::selftest::formula_params(&graph)
         .iter()
         .map(|t| gpu.upload(t).unwrap())
         .collect();
@@ -124,7 +124,7 @@ fn emu_out_of_memory_is_a_clear_error() {
 /// back to the CPU with a note (on a machine with CUDA, `auto` takes it).
 #[test]
 fn emu_device_selection_without_cuda() {
-    use classwise::backend::gpu::{select_device, Device};
+    use classwise::backend::{select_device, Device};
     let cuda = classwise::backend::gpu::cuda::ensure_libcuda().is_ok();
     match select_device("auto").unwrap() {
         (Device::Cpu(_), Some(note)) => {

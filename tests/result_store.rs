@@ -286,7 +286,7 @@ fn small_test_set() -> Dataset {
 fn one_shard_run(out: &Path) {
     let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
     let graph = build(&spec).unwrap();
-    let model = Model::new(&spec, common::formula_params(&graph)).unwrap();
+    let model = Model::new(&spec, classwise::selftest::formula_params(&graph)).unwrap();
     let test = small_test_set();
     let mut cfg = SearchConfig::defaults(model.graph.input, 10);
     cfg.classes = vec![1, 4, 8];

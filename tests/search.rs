@@ -6,7 +6,7 @@
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Dataset, Split};
-use classwise::eval::DeviceModel;
+use classwise::device_model::DeviceModel;
 use classwise::progress::Progress;
 use classwise::search::optimize::{optimise, Job, MaskConfig, Optimised};
 use classwise::zoo::{build, ModelSpec};
@@ -30,7 +30,7 @@ fn run(
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     // Formula weights (../shared/fixtures/README.md): a network whose CE
     // gradient is strong enough to move each pixel its own way.
-    let params: Vec<_> = common::formula_params(&graph)
+    let params: Vec<_> = classwise::selftest::formula_params(&graph)
         .iter()
         .map(|t| be.upload(t).unwrap())
         .collect();
@@ -198,7 +198,7 @@ fn tiny_shard_with(
 fn formula_model() -> classwise::weights::Model {
     let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
     let graph = build(&spec).unwrap();
-    classwise::weights::Model::new(&spec, common::formula_params(&graph)).unwrap()
+    classwise::weights::Model::new(&spec, classwise::selftest::formula_params(&graph)).unwrap()
 }
 
 #[test]

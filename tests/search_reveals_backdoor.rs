@@ -15,7 +15,7 @@
 use classwise::backend::cpu::CpuBackend;
 use classwise::data::{self, DataSpec, Dataset, Split};
 use classwise::demo::DemoConfig;
-use classwise::eval::DeviceModel;
+use classwise::device_model::DeviceModel;
 use classwise::models::{self, Shipped};
 use classwise::search::{self, canvas, RunInputs, RunReport};
 

@@ -4,11 +4,12 @@
 //! trained (eps 0.1) >= 70% clean and >= 60% under PGD-20 at eps 0.1 (the
 //! PGD figure here on the first 1000 test images, to keep CI short).
 
+use classwise::attack::Attack;
 use classwise::backend::cpu::CpuBackend;
 use classwise::data::{self, DataSpec, Split};
-use classwise::eval::{self, DeviceModel};
+use classwise::device_model::DeviceModel;
+use classwise::eval;
 use classwise::models;
-use classwise::train::adversarial::Attack;
 use classwise::train::poison::TriggerSpec;
 
 fn test_set() -> classwise::data::Dataset {

@@ -6,10 +6,11 @@
 
 use std::path::Path;
 
+use classwise::attack::Attack;
 use classwise::backend::cpu::CpuBackend;
 use classwise::data::{self, DataSpec, Dataset, Split};
-use classwise::eval::{self, DeviceModel};
-use classwise::train::adversarial::Attack;
+use classwise::device_model::DeviceModel;
+use classwise::eval;
 use classwise::train::augment::Augment;
 use classwise::train::poison::{poison_indices, Poisoning, TriggerSpec};
 use classwise::train::{train, training_batch, EpochStats, TrainConfig};

@@ -8,7 +8,10 @@
 
 pub mod check;
 pub mod cpu;
+mod device;
 pub mod gpu;
+
+pub use device::{select_device, Device};
 
 use crate::error::Result;
 use crate::graph::Graph;

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::Dataset;
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::DeviceModel;
 use crate::tensor::Tensor;
 
 /// Most canvases `auto:N` chooses per class: each is a whole search, so a

@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::{self, DeviceModel};
+use crate::eval;
 use crate::progress::Progress;
 use crate::weights::Model;
 

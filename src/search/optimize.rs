@@ -6,8 +6,8 @@
 
 use crate::backend::Backend;
 use crate::data::Dataset;
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::DeviceModel;
 use crate::graph::Graph;
 use crate::progress::Progress;
 use crate::tensor::{numel, Tensor};

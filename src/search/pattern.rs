@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::Dataset;
+use crate::device_model::DeviceModel;
 use crate::error::Result;
-use crate::eval::DeviceModel;
 use crate::tensor::Tensor;
 
 /// The `k` positions (flat `row * W + col`) with the largest mask values,

@@ -3,7 +3,6 @@
 //! backdoor poisoning and adversarial training; per-epoch evaluation,
 //! atomic checkpoints and resume. Deterministic for a seed and thread count.
 
-pub mod adversarial;
 pub mod augment;
 pub mod poison;
 
@@ -16,17 +15,18 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::attack::Attack;
 use crate::backend::{Backend, SgdParams};
 use crate::data::Dataset;
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::{self, DeviceModel};
+use crate::eval;
 use crate::graph::{Graph, ParamKind};
 use crate::progress::Progress;
 use crate::tensor::Tensor;
 use crate::weights::{self, FileTensor, Model, OutTensor};
 use crate::zoo::{self, ModelSpec};
 
-use adversarial::Attack;
 use augment::Augment;
 use poison::Poisoning;
 
@@ -450,7 +450,7 @@ pub fn train<B: Backend>(
             let xb = match &cfg.adversarial {
                 Some(attack) => {
                     let seed = mix(cfg.seed, 3 + epoch as u64, step as u64);
-                    adversarial::pgd_on_device(be, &graph, &params, &x, &labels, attack, seed)?
+                    crate::attack::pgd_on_device(be, &graph, &params, &x, &labels, attack, seed)?
                 }
                 None => be.upload(&x)?,
             };

@@ -5,7 +5,7 @@
 //! convolutions of `[N, K, 1, 1]` images; and the eval-mode batch-norm fold.
 
 use super::{arg, Driver, GpuBackend, GpuBuf};
-use crate::backend::check::{dims2, dims4, ConvGeom};
+use crate::backend::check::{dims4, ConvGeom};
 use crate::backend::ConvParams;
 use crate::error::{Error, Result};
 
@@ -25,9 +25,9 @@ pub struct ConvArgs {
     stride: i32,
     pad: i32,
     flags: i32,
-    gm: i32,
-    gn: i32,
-    gk: i32,
+    pub(super) gm: i32,
+    pub(super) gn: i32,
+    pub(super) gk: i32,
     k_chunk: i32,
     splits: i32,
 }
@@ -122,10 +122,10 @@ pub fn wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
 
 /// Convolution geometry, shared with the CPU reference so both refuse the
 /// same inputs; the kernel argument packing is GPU-only.
-type Geom = ConvGeom;
+pub(super) type Geom = ConvGeom;
 
 impl Geom {
-    fn args(&self) -> ConvArgs {
+    pub(super) fn args(&self) -> ConvArgs {
         ConvArgs {
             n: self.n as i32,
             c: self.c as i32,
@@ -149,7 +149,7 @@ pub(super) fn expect_shape<D: Driver>(name: &str, b: &GpuBuf<D>, shape: &[usize]
 }
 
 /// Fails unless every GEMM extent fits the kernels' 32-bit indices.
-fn check_extents(what: &str, extents: &[usize]) -> Result<()> {
+pub(super) fn check_extents(what: &str, extents: &[usize]) -> Result<()> {
     if extents.iter().any(|&e| e > i32::MAX as usize) {
         return Err(Error::Backend(format!(
             "{what}: extents {extents:?} exceed the 32-bit indices of the GPU kernels; use a smaller batch"
@@ -201,7 +201,15 @@ impl<D: Driver> GpuBackend<D> {
     }
 
     /// Launches the forward GEMM on prepared arguments.
-    fn launch_fwd(&self, a: &ConvArgs, x: u64, w: u64, bias: u64, res: u64, y: u64) -> Result<()> {
+    pub(super) fn launch_fwd(
+        &self,
+        a: &ConvArgs,
+        x: u64,
+        w: u64,
+        bias: u64,
+        res: u64,
+        y: u64,
+    ) -> Result<()> {
         let (m, n) = (a.gm as usize, a.gn as usize);
         let t = pick_tile(m, n);
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
@@ -249,7 +257,14 @@ impl<D: Driver> GpuBackend<D> {
         Ok(dx)
     }
 
-    fn launch_dgrad(&self, a: &ConvArgs, dy: u64, w: u64, mask: u64, dx: u64) -> Result<()> {
+    pub(super) fn launch_dgrad(
+        &self,
+        a: &ConvArgs,
+        dy: u64,
+        w: u64,
+        mask: u64,
+        dx: u64,
+    ) -> Result<()> {
         let (m, n) = (a.gm as usize, a.gn as usize);
         let t = pick_tile(m, n);
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
@@ -262,35 +277,9 @@ impl<D: Driver> GpuBackend<D> {
         )
     }
 
-    /// Filter gradient (and bias gradient) of a convolution.
-    pub fn conv_wgrad(
-        &self,
-        x: &GpuBuf<D>,
-        dy: &GpuBuf<D>,
-        w_shape: &[usize],
-        p: ConvParams,
-        with_bias: bool,
-    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
-        let g = Geom::new(x.shape(), w_shape, p)?;
-        expect_shape("dy", dy, &g.out_shape())?;
-        let mut a = g.args();
-        let gk = g.n * g.oh * g.ow;
-        check_extents("conv2d_backward_filter", &[gk])?;
-        a.gm = g.o as i32;
-        a.gn = (g.c * g.kh * g.kw) as i32;
-        a.gk = gk as i32;
-        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), w_shape)?;
-        let db = if with_bias {
-            Some(self.bias_grad(dy, g.n, g.o, g.oh * g.ow)?)
-        } else {
-            None
-        };
-        Ok((dw, db))
-    }
-
     /// The wgrad GEMM into a fresh `out_shape` buffer: split-K partial
     /// products, then their ordered sum.
-    fn wgrad_gemm(
+    pub(super) fn wgrad_gemm(
         &self,
         a: &mut ConvArgs,
         x: u64,
@@ -351,7 +340,13 @@ impl<D: Driver> GpuBackend<D> {
     }
 
     /// `db[o] = sum of dy[img][o][.]`, `dy` viewed as `[n, o, pq]`.
-    fn bias_grad(&self, dy: &GpuBuf<D>, n: usize, o: usize, pq: usize) -> Result<GpuBuf<D>> {
+    pub(super) fn bias_grad(
+        &self,
+        dy: &GpuBuf<D>,
+        n: usize,
+        o: usize,
+        pq: usize,
+    ) -> Result<GpuBuf<D>> {
         #[repr(C)]
         struct BiasGradArgs {
             n: i32,
@@ -375,75 +370,6 @@ impl<D: Driver> GpuBackend<D> {
             &mut [arg(&a), arg(&dyp), arg(&dbp)],
         )?;
         Ok(db)
-    }
-
-    /// `x [N,K] * w[O,K]^T + bias`: the forward GEMM of a 1x1 convolution.
-    pub(super) fn linear_forward(
-        &self,
-        x: &GpuBuf<D>,
-        w: &GpuBuf<D>,
-        bias: Option<&GpuBuf<D>>,
-    ) -> Result<GpuBuf<D>> {
-        let [n, k] = dims2("x", x.shape())?;
-        let [o, wk] = dims2("w", w.shape())?;
-        if wk != k {
-            return Err(Error::shape("w", &[o, k], w.shape()));
-        }
-        if let Some(b) = bias {
-            expect_shape("bias", b, &[o])?;
-        }
-        let y = self.alloc(&[n, o])?;
-        let a = linear_args(n, k, o, bias.is_some());
-        self.launch_fwd(
-            &a,
-            x.ptr(),
-            w.ptr(),
-            bias.map_or(0, |b| b.ptr()),
-            0,
-            y.ptr(),
-        )?;
-        Ok(y)
-    }
-
-    /// Input gradient of a linear layer: `dy [N,O] * w [O,K]`.
-    pub(super) fn linear_dgrad(&self, dy: &GpuBuf<D>, w: &GpuBuf<D>) -> Result<GpuBuf<D>> {
-        let [n, o] = dims2("dy", dy.shape())?;
-        let [wo, k] = dims2("w", w.shape())?;
-        if wo != o {
-            return Err(Error::shape("w", &[o, k], w.shape()));
-        }
-        let dx = self.alloc(&[n, k])?;
-        let mut a = linear_args(n, k, o, false);
-        a.gm = k as i32;
-        a.gn = n as i32;
-        a.gk = o as i32;
-        self.launch_dgrad(&a, dy.ptr(), w.ptr(), 0, dx.ptr())?;
-        Ok(dx)
-    }
-
-    /// Weight (and bias) gradient of a linear layer.
-    pub(super) fn linear_wgrad(
-        &self,
-        x: &GpuBuf<D>,
-        dy: &GpuBuf<D>,
-        with_bias: bool,
-    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
-        let [n, k] = dims2("x", x.shape())?;
-        let [dn, o] = dims2("dy", dy.shape())?;
-        if dn != n {
-            return Err(Error::shape("dy", &[n, o], dy.shape()));
-        }
-        let mut a = linear_args(n, k, o, false);
-        a.gm = o as i32;
-        a.gn = k as i32;
-        a.gk = n as i32;
-        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), &[o, k])?;
-        let db = if with_bias {
-            Some(self.bias_grad(dy, n, o, 1)?)
-        } else {
-            None
-        };
-        Ok((dw, db))
     }
 
     /// Eval-mode batch norm folded into the convolution before it: returns
@@ -506,7 +432,7 @@ impl<D: Driver> GpuBackend<D> {
 }
 
 /// Arguments of a linear layer as a 1x1 convolution of `[n, k, 1, 1]`.
-fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs {
+pub(super) fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs {
     ConvArgs {
         n: n as i32,
         c: k as i32,

@@ -1,12 +1,16 @@
-//! Host side of the non-convolution kernels: elementwise.cu, norm.cu,
-//! pool.cu, loss.cu, mask.cu and optim.cu. Shapes are validated exactly as
-//! the CPU reference validates them, so both backends refuse the same inputs.
+//! [`GpuBackend`]'s [`Backend`] impl, and the host side of the
+//! non-convolution kernels: elementwise.cu, norm.cu, pool.cu, loss.cu,
+//! mask.cu and optim.cu (the convolution and linear ops drive conv.rs's
+//! launchers). Each op has the one name the trait gives it. Shapes are
+//! validated exactly as the CPU reference validates them, so both backends
+//! refuse the same inputs.
 
-use super::conv::expect_shape;
-use super::{arg, Driver, GpuBackend, GpuBuf};
+use super::conv::{check_extents, expect_shape, linear_args, Geom};
+use super::{arg, fused, Driver, GpuBackend, GpuBuf};
 use crate::backend::check::{channel_dims, cross_entropy_args, dims2, dims4, pgd_radius, PoolGeom};
-use crate::backend::{BnSaved, PoolParams, SgdParams};
+use crate::backend::{Backend, BnSaved, ConvParams, PoolParams, SgdParams};
 use crate::error::{Error, Result};
+use crate::tensor::{numel, Tensor};
 
 /// `EwArgs` of elementwise.cu.
 #[repr(C)]
@@ -140,24 +144,6 @@ impl<D: Driver> GpuBackend<D> {
         Ok(out)
     }
 
-    pub(super) fn add_in_place(&self, a: &mut GpuBuf<D>, b: &GpuBuf<D>) -> Result<()> {
-        expect_shape("b", b, a.shape())?;
-        self.make_unique(a)?;
-        let n = a.len();
-        let e = EwArgs {
-            n: n as i32,
-            c: 0,
-            hw: 0,
-            pad_: 0,
-        };
-        let (pa, pb) = (a.ptr(), b.ptr());
-        self.launch_flat(
-            "ew_add_assign",
-            n.div_ceil(4),
-            &mut [arg(&e), arg(&pa), arg(&pb)],
-        )
-    }
-
     /// `(x - mean[c]) / std[c]` (with `mean`), or `dy / std[c]` (without).
     pub(super) fn normalize_op(
         &self,
@@ -195,7 +181,144 @@ impl<D: Driver> GpuBackend<D> {
         Ok(out)
     }
 
-    pub(super) fn bn_eval(
+    /// Max or average pooling forward.
+    pub(super) fn pool_forward(
+        &self,
+        kernel: &str,
+        x: &GpuBuf<D>,
+        p: PoolParams,
+    ) -> Result<GpuBuf<D>> {
+        let g = PoolGeom::new(x.shape(), p)?;
+        let y = self.alloc(&g.out_shape())?;
+        let a = pool_args(g);
+        let (px, py) = (x.ptr(), y.ptr());
+        self.launch_flat(kernel, y.len(), &mut [arg(&a), arg(&px), arg(&py)])?;
+        Ok(y)
+    }
+}
+
+fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs {
+    BnArgs {
+        n: n as i32,
+        c: c as i32,
+        plane: plane as i32,
+        eps,
+        momentum,
+        pad_: 0,
+    }
+}
+
+impl<D: Driver> Backend for GpuBackend<D> {
+    type Buf = GpuBuf<D>;
+
+    fn eval_runner<'a>(
+        &'a self,
+        graph: &crate::graph::Graph,
+        params: &[GpuBuf<D>],
+    ) -> Result<Option<Box<dyn crate::backend::EvalRunner<GpuBuf<D>> + 'a>>> {
+        Ok(Some(Box::new(fused::FusedModel::from_device(
+            self, graph, params,
+        )?)))
+    }
+
+    fn name(&self) -> String {
+        self.drv.name()
+    }
+
+    fn numerics(&self) -> String {
+        format!("{} fp32", self.drv.arch())
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<GpuBuf<D>> {
+        let b = self.alloc(t.shape())?;
+        if !t.is_empty() {
+            self.drv.htod(b.ptr(), bytemuck::cast_slice(t.data()))?;
+        }
+        Ok(b)
+    }
+
+    fn download(&self, b: &GpuBuf<D>) -> Result<Tensor> {
+        let mut v = vec![0f32; b.len()];
+        if !v.is_empty() {
+            self.drv.dtoh(b.ptr(), bytemuck::cast_slice_mut(&mut v))?;
+        }
+        Tensor::new(&b.shape, v)
+    }
+
+    fn shape<'a>(&self, b: &'a GpuBuf<D>) -> &'a [usize] {
+        &b.shape
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<GpuBuf<D>> {
+        let b = self.alloc(shape)?;
+        if b.mem.bytes > 0 {
+            self.drv.memset_zero(b.ptr(), b.mem.bytes)?;
+        }
+        Ok(b)
+    }
+
+    fn reshape(&self, x: &GpuBuf<D>, shape: &[usize]) -> Result<GpuBuf<D>> {
+        if numel(shape) != x.len() {
+            return Err(Error::Msg(format!(
+                "reshape: cannot view {:?} ({} values) as {shape:?} ({} values)",
+                x.shape,
+                x.len(),
+                numel(shape)
+            )));
+        }
+        Ok(GpuBuf {
+            mem: x.mem.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn conv2d(
+        &self,
+        x: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        bias: Option<&GpuBuf<D>>,
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        self.conv_forward(x, w, bias, None, false, p)
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        dy: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        self.conv_dgrad(dy, w, None, x_shape, p)
+    }
+
+    /// Filter gradient (and bias gradient) of a convolution.
+    fn conv2d_backward_filter(
+        &self,
+        x: &GpuBuf<D>,
+        dy: &GpuBuf<D>,
+        w_shape: &[usize],
+        p: ConvParams,
+        with_bias: bool,
+    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
+        let g = Geom::new(x.shape(), w_shape, p)?;
+        expect_shape("dy", dy, &g.out_shape())?;
+        let mut a = g.args();
+        let gk = g.n * g.oh * g.ow;
+        check_extents("conv2d_backward_filter", &[gk])?;
+        a.gm = g.o as i32;
+        a.gn = (g.c * g.kh * g.kw) as i32;
+        a.gk = gk as i32;
+        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), w_shape)?;
+        let db = if with_bias {
+            Some(self.bias_grad(dy, g.n, g.o, g.oh * g.ow)?)
+        } else {
+            None
+        };
+        Ok((dw, db))
+    }
+
+    fn batch_norm_eval(
         &self,
         x: &GpuBuf<D>,
         gamma: &GpuBuf<D>,
@@ -229,7 +352,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok(y)
     }
 
-    pub(super) fn bn_eval_backward(
+    fn batch_norm_eval_backward(
         &self,
         dy: &GpuBuf<D>,
         gamma: &GpuBuf<D>,
@@ -249,7 +372,7 @@ impl<D: Driver> GpuBackend<D> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn bn_train(
+    fn batch_norm_train(
         &self,
         x: &GpuBuf<D>,
         gamma: &GpuBuf<D>,
@@ -306,7 +429,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok((y, BnSaved { mean, invstd }))
     }
 
-    pub(super) fn bn_train_backward(
+    fn batch_norm_train_backward(
         &self,
         dy: &GpuBuf<D>,
         x: &GpuBuf<D>,
@@ -356,22 +479,41 @@ impl<D: Driver> GpuBackend<D> {
         Ok((dx, dgamma, dbeta))
     }
 
-    /// Max or average pooling forward.
-    pub(super) fn pool_forward(
-        &self,
-        kernel: &str,
-        x: &GpuBuf<D>,
-        p: PoolParams,
-    ) -> Result<GpuBuf<D>> {
-        let g = PoolGeom::new(x.shape(), p)?;
-        let y = self.alloc(&g.out_shape())?;
-        let a = pool_args(g);
-        let (px, py) = (x.ptr(), y.ptr());
-        self.launch_flat(kernel, y.len(), &mut [arg(&a), arg(&px), arg(&py)])?;
-        Ok(y)
+    fn relu(&self, x: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        self.map2("ew_relu", x, None)
     }
 
-    pub(super) fn max_pool_backward(
+    fn relu_backward(&self, dy: &GpuBuf<D>, y: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        self.map2("ew_relu_backward", dy, Some(("y", y)))
+    }
+
+    fn add(&self, a: &GpuBuf<D>, b: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        self.map2("ew_add", a, Some(("b", b)))
+    }
+
+    fn add_assign(&self, a: &mut GpuBuf<D>, b: &GpuBuf<D>) -> Result<()> {
+        expect_shape("b", b, a.shape())?;
+        self.make_unique(a)?;
+        let n = a.len();
+        let e = EwArgs {
+            n: n as i32,
+            c: 0,
+            hw: 0,
+            pad_: 0,
+        };
+        let (pa, pb) = (a.ptr(), b.ptr());
+        self.launch_flat(
+            "ew_add_assign",
+            n.div_ceil(4),
+            &mut [arg(&e), arg(&pa), arg(&pb)],
+        )
+    }
+
+    fn max_pool2d(&self, x: &GpuBuf<D>, p: PoolParams) -> Result<GpuBuf<D>> {
+        self.pool_forward("max_pool_fwd", x, p)
+    }
+
+    fn max_pool2d_backward(
         &self,
         x: &GpuBuf<D>,
         dy: &GpuBuf<D>,
@@ -390,7 +532,11 @@ impl<D: Driver> GpuBackend<D> {
         Ok(dx)
     }
 
-    pub(super) fn avg_pool_backward(
+    fn avg_pool2d(&self, x: &GpuBuf<D>, p: PoolParams) -> Result<GpuBuf<D>> {
+        self.pool_forward("avg_pool_fwd", x, p)
+    }
+
+    fn avg_pool2d_backward(
         &self,
         dy: &GpuBuf<D>,
         x_shape: &[usize],
@@ -409,7 +555,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok(dx)
     }
 
-    pub(super) fn global_avg_forward(&self, x: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+    fn global_avg_pool(&self, x: &GpuBuf<D>) -> Result<GpuBuf<D>> {
         let [n, c, h, w] = dims4("x", x.shape())?;
         if h * w == 0 {
             return Err(Error::tensor("x", "global_avg_pool of an empty plane"));
@@ -440,11 +586,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok(y)
     }
 
-    pub(super) fn global_avg_backward(
-        &self,
-        dy: &GpuBuf<D>,
-        x_shape: &[usize],
-    ) -> Result<GpuBuf<D>> {
+    fn global_avg_pool_backward(&self, dy: &GpuBuf<D>, x_shape: &[usize]) -> Result<GpuBuf<D>> {
         let [n, c, h, w] = dims4("x", x_shape)?;
         if dims2("dy", dy.shape())? != [n, c] {
             return Err(Error::shape("dy", &[n, c], dy.shape()));
@@ -472,7 +614,79 @@ impl<D: Driver> GpuBackend<D> {
         Ok(dx)
     }
 
-    pub(super) fn softmax_xent(
+    /// `x [N,K] * w[O,K]^T + bias`: the forward GEMM of a 1x1 convolution.
+    fn linear(&self, x: &GpuBuf<D>, w: &GpuBuf<D>, bias: Option<&GpuBuf<D>>) -> Result<GpuBuf<D>> {
+        let [n, k] = dims2("x", x.shape())?;
+        let [o, wk] = dims2("w", w.shape())?;
+        if wk != k {
+            return Err(Error::shape("w", &[o, k], w.shape()));
+        }
+        if let Some(b) = bias {
+            expect_shape("bias", b, &[o])?;
+        }
+        let y = self.alloc(&[n, o])?;
+        let a = linear_args(n, k, o, bias.is_some());
+        self.launch_fwd(
+            &a,
+            x.ptr(),
+            w.ptr(),
+            bias.map_or(0, |b| b.ptr()),
+            0,
+            y.ptr(),
+        )?;
+        Ok(y)
+    }
+
+    /// Input gradient of a linear layer: `dy [N,O] * w [O,K]`.
+    fn linear_backward_data(&self, dy: &GpuBuf<D>, w: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        let [n, o] = dims2("dy", dy.shape())?;
+        let [wo, k] = dims2("w", w.shape())?;
+        if wo != o {
+            return Err(Error::shape("w", &[o, k], w.shape()));
+        }
+        let dx = self.alloc(&[n, k])?;
+        let mut a = linear_args(n, k, o, false);
+        a.gm = k as i32;
+        a.gn = n as i32;
+        a.gk = o as i32;
+        self.launch_dgrad(&a, dy.ptr(), w.ptr(), 0, dx.ptr())?;
+        Ok(dx)
+    }
+
+    /// Weight (and bias) gradient of a linear layer.
+    fn linear_backward_weight(
+        &self,
+        x: &GpuBuf<D>,
+        dy: &GpuBuf<D>,
+        with_bias: bool,
+    ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
+        let [n, k] = dims2("x", x.shape())?;
+        let [dn, o] = dims2("dy", dy.shape())?;
+        if dn != n {
+            return Err(Error::shape("dy", &[n, o], dy.shape()));
+        }
+        let mut a = linear_args(n, k, o, false);
+        a.gm = o as i32;
+        a.gn = k as i32;
+        a.gk = n as i32;
+        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), &[o, k])?;
+        let db = if with_bias {
+            Some(self.bias_grad(dy, n, o, 1)?)
+        } else {
+            None
+        };
+        Ok((dw, db))
+    }
+
+    fn normalize(&self, x: &GpuBuf<D>, mean: &[f32], std: &[f32]) -> Result<GpuBuf<D>> {
+        self.normalize_op(x, Some(mean), std)
+    }
+
+    fn normalize_backward(&self, dy: &GpuBuf<D>, std: &[f32]) -> Result<GpuBuf<D>> {
+        self.normalize_op(dy, None, std)
+    }
+
+    fn softmax_cross_entropy(
         &self,
         logits: &GpuBuf<D>,
         labels: &[usize],
@@ -509,7 +723,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok((self.download_vec(&loss)?, dlogits))
     }
 
-    pub(super) fn mask_composite(
+    fn composite(
         &self,
         canvas: &GpuBuf<D>,
         mask: &GpuBuf<D>,
@@ -533,7 +747,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok(out)
     }
 
-    pub(super) fn mask_gradient(
+    fn mask_grad(
         &self,
         dx: &GpuBuf<D>,
         canvas: &GpuBuf<D>,
@@ -559,12 +773,7 @@ impl<D: Driver> GpuBackend<D> {
         Ok(grad)
     }
 
-    pub(super) fn mask_sign_step(
-        &self,
-        mask: &mut GpuBuf<D>,
-        grad: &GpuBuf<D>,
-        lr: f64,
-    ) -> Result<()> {
+    fn sign_step_clamp(&self, mask: &mut GpuBuf<D>, grad: &GpuBuf<D>, lr: f64) -> Result<()> {
         expect_shape("grad", grad, mask.shape())?;
         self.make_unique(mask)?;
         let a = MaskArgs {
@@ -580,7 +789,7 @@ impl<D: Driver> GpuBackend<D> {
         )
     }
 
-    pub(super) fn sgd(
+    fn sgd_step(
         &self,
         param: &mut GpuBuf<D>,
         grad: &GpuBuf<D>,
@@ -606,7 +815,7 @@ impl<D: Driver> GpuBackend<D> {
         )
     }
 
-    pub(super) fn pgd(
+    fn pgd_step(
         &self,
         x: &mut GpuBuf<D>,
         grad: &GpuBuf<D>,
@@ -630,16 +839,5 @@ impl<D: Driver> GpuBackend<D> {
             x.len(),
             &mut [arg(&a), arg(&px), arg(&pg), arg(&p0)],
         )
-    }
-}
-
-fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs {
-    BnArgs {
-        n: n as i32,
-        c: c as i32,
-        plane: plane as i32,
-        eps,
-        momentum,
-        pad_: 0,
     }
 }

@@ -7,8 +7,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
-use crate::eval::DeviceModel;
 use crate::graph::Graph;
 use crate::tensor::Tensor;
 

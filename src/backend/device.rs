@@ -1,9 +1,10 @@
-//! Choosing the compute device from a `--device` string.
+//! Choosing the compute device from a `--device` string: the CPU reference
+//! or a GPU backend, so it lives beside both rather than under `gpu`.
 
-use super::cuda::CudaDriver;
-use super::emu::EmuDriver;
-use super::GpuBackend;
-use crate::backend::cpu::CpuBackend;
+use super::cpu::CpuBackend;
+use super::gpu::cuda::CudaDriver;
+use super::gpu::emu::EmuDriver;
+use super::gpu::GpuBackend;
 use crate::error::{Error, Result};
 
 /// A backend chosen at run time. Use [`crate::with_device!`] to run generic
@@ -22,9 +23,9 @@ pub enum Device {
 macro_rules! with_device {
     ($dev:expr, |$be:ident| $body:expr) => {
         match $dev {
-            $crate::backend::gpu::Device::Cpu($be) => $body,
-            $crate::backend::gpu::Device::Cuda($be) => $body,
-            $crate::backend::gpu::Device::Emu($be) => $body,
+            $crate::backend::Device::Cpu($be) => $body,
+            $crate::backend::Device::Cuda($be) => $body,
+            $crate::backend::Device::Emu($be) => $body,
         }
     };
 }

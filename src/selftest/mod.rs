@@ -1,0 +1,199 @@
+//! The GPU-against-CPU equivalence suite: every op of [`Backend`] on random
+//! shapes (odd ones included), every zoo model's forward and input gradient,
+//! one search step and one training step, each compared with the CPU
+//! reference under a bound derived from the arithmetic.
+//!
+//! It runs on any driver: CI runs it through the emulated driver
+//! (`tests/gpu_emu_*.rs`), `cwp selftest --device cuda` on a real GPU. It sits
+//! above the backends (it uses the zoo, the graph runner and the search
+//! step), in two parts: [`ops`] and [`models`]. It is also the one source of
+//! the formula weights and the model-level tolerances that the tests and the
+//! benchmark use.
+//!
+//! # Tolerances
+//! With `u = 2^-24` (f32 unit roundoff) and `γ(k) = k·u / (1 - k·u)`, a sum
+//! of `k` products computed in any order, with or without fused
+//! multiply-adds, is within `γ(k+1)·Σ|terms|` of the exact sum (Higham,
+//! *Accuracy and Stability of Numerical Algorithms*, §3.1). Two such
+//! implementations are therefore within `2·γ(k+2)·Σ|terms|` of each other.
+//! The suite computes `Σ|terms|` per output element by running the CPU
+//! reference on absolute values (`conv(|x|, |w|)`), so each element gets its
+//! own bound. A wrong index makes errors of the size of the terms
+//! themselves, orders of magnitude above these bounds.
+//! Ops whose two implementations perform the same f32 operations in the same
+//! order are held to a few ulps (FMA contraction on the GPU may round a
+//! product once less); the reductions done in f64 on both sides are held to
+//! a few ulps of the result. Model-level checks use the golden-fixture
+//! tolerances of `shared/fixtures/README.md` (f32 against f64 PyTorch):
+//! logits within `1e-4·max(1, max|ref|)` (deep nets `1e-3`), input gradients
+//! within relative L2 `1e-3` (deep nets `5e-3`).
+
+mod models;
+mod ops;
+
+pub use models::*;
+pub use ops::{check_ops, OP_FAMILIES};
+
+use crate::backend::gpu::{Driver, GpuBackend};
+use crate::error::Result;
+use crate::graph::{Graph, ParamKind};
+use crate::tensor::{numel, Tensor};
+
+/// f32 unit roundoff.
+pub const U: f64 = 1.0 / 16_777_216.0;
+
+/// `γ(k) = k·u / (1 - k·u)`: the relative error bound of a k-term sum.
+pub fn gamma(k: usize) -> f64 {
+    let ku = k as f64 * U;
+    ku / (1.0 - ku)
+}
+
+/// One comparison of the suite.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    /// Op family or model.
+    pub group: String,
+    /// What was compared, with its shape.
+    pub name: String,
+    /// Largest absolute difference GPU - CPU (or the model-level metric).
+    pub max_err: f64,
+    /// Largest ratio of an error to its bound: the check passes at <= 1.
+    pub ratio: f64,
+    /// Whether it passed.
+    pub pass: bool,
+}
+
+/// The formula weights of `shared/fixtures/README.md` for one parameter.
+pub fn formula_tensor(name: &str, shape: &[usize], kind: ParamKind) -> Tensor {
+    let s = (name.bytes().map(|b| b as u64).sum::<u64>() % 997) as f64;
+    let n = numel(shape);
+    let fan_in = if shape.is_empty() {
+        1
+    } else {
+        n / shape[0].max(1)
+    };
+    Tensor::from_fn(shape, |i| {
+        let u = (0.731 * i as f64 + 0.1 * s).sin();
+        let v = match kind {
+            ParamKind::ConvWeight | ParamKind::LinearWeight => {
+                u * (2.0 / fan_in as f64).sqrt() * 0.8
+            }
+            ParamKind::Bias => 0.05 * u,
+            ParamKind::BnWeight => 1.0 + 0.2 * u,
+            ParamKind::BnBias | ParamKind::BnMean => 0.1 * u,
+            ParamKind::BnVar => 1.0 + 0.25 * (u + 1.0),
+        };
+        v as f32
+    })
+}
+
+/// Formula weights for every parameter of a graph.
+pub fn formula_params(graph: &Graph) -> Vec<Tensor> {
+    graph
+        .params
+        .iter()
+        .map(|p| formula_tensor(&p.name, &p.shape, p.kind))
+        .collect()
+}
+
+/// The formula input batch of the fixtures README.
+pub fn formula_input(shape: &[usize]) -> Tensor {
+    Tensor::from_fn(shape, |j| {
+        (0.5 + 0.45 * (0.917 * j as f64 + 0.3).sin()) as f32
+    })
+}
+
+/// Logit and input-gradient tolerances of a model case (fixtures README).
+pub fn model_tolerances(deep: bool) -> (f64, f64) {
+    if deep {
+        (1e-3, 5e-3)
+    } else {
+        (1e-4, 1e-3)
+    }
+}
+
+/// What [`run_suite`] runs.
+#[derive(Clone, Debug)]
+pub struct SuiteOptions {
+    /// Op families only (no model-level checks).
+    pub ops_only: bool,
+    /// Images per batch of the model checks (`None`: the small CI batches).
+    pub batch: Option<usize>,
+    /// Seed of the random op inputs.
+    pub seed: u64,
+}
+
+impl Default for SuiteOptions {
+    fn default() -> Self {
+        SuiteOptions {
+            ops_only: false,
+            batch: None,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// The whole equivalence suite on `gpu`: every op family, every zoo model,
+/// one batched search step and one training step. `progress` hears what
+/// runs next. A check that cannot run (an error) is itself a failed check.
+pub fn run_suite<D: Driver>(
+    gpu: &GpuBackend<D>,
+    opts: &SuiteOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let push = |group: &str, r: Result<Vec<Check>>, out: &mut Vec<Check>| match r {
+        Ok(c) => out.extend(c),
+        Err(e) => out.push(Check {
+            group: group.to_string(),
+            name: format!("error: {e}"),
+            max_err: f64::INFINITY,
+            ratio: f64::INFINITY,
+            pass: false,
+        }),
+    };
+    for f in OP_FAMILIES {
+        progress(&format!("ops: {f}"));
+        push(f, check_ops(gpu, f, opts.seed), &mut out);
+    }
+    if opts.ops_only {
+        return out;
+    }
+    for mut case in zoo_cases() {
+        if let Some(b) = opts.batch {
+            case.batch = b;
+        }
+        progress(&format!(
+            "model: {} {:?} batch {}",
+            case.arch, case.input, case.batch
+        ));
+        push(case.arch, check_model(gpu, &case), &mut out);
+    }
+    let small = zoo_cases().into_iter().next().expect("zoo cases");
+    progress("search step");
+    push("search step", check_search_step(gpu, &small), &mut out);
+    progress("training step");
+    push("train step", check_train_step(gpu, &small), &mut out);
+    out
+}
+
+/// The checks as a table: group, name, max error, error/bound, verdict.
+pub fn format_checks(checks: &[Check]) -> String {
+    let mut s = format!(
+        "{:<44} {:<66} {:>11} {:>9}  result\n",
+        "group", "check", "max err", "err/bound"
+    );
+    for c in checks {
+        s += &format!(
+            "{:<44} {:<66} {:>11.3e} {:>9.3}  {}\n",
+            c.group,
+            c.name,
+            c.max_err,
+            c.ratio,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    s += &format!("{} checks, {} failed\n", checks.len(), failed);
+    s
+}
