@@ -293,6 +293,7 @@ fn emu_search_run_matches_the_cpu_run() {
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     };
     let run = |be: &dyn Fn(&std::path::Path) -> search::RunReport| {
         let out = tempfile::tempdir().unwrap();

@@ -30,7 +30,7 @@ pub fn unit_key(
     canvas: &Canvas,
 ) -> String {
     let settings = serde_json::json!({
-        "format": 2,
+        "format": 3,
         "mask": cfg.mask,
         "top_k": cfg.top_k,
         "k_sweep": cfg.k_sweep,
