@@ -53,7 +53,7 @@ fn args(out: &Path, classes: &str, epochs: usize) -> Vec<String> {
 }
 
 const CLASSES: &str = "0,1,7";
-const EPOCHS: usize = 6;
+const EPOCHS: usize = 2;
 
 fn start(args: &[String]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cwp"))
@@ -104,7 +104,12 @@ fn assert_same_searches(a: &RunReport, b: &RunReport) {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (x, y) in a.searches.iter().zip(&b.searches) {
         assert_eq!(bits(&x.mask), bits(&y.mask), "mask of class {}", x.class);
-        assert_eq!(bits(&x.mask_avg), bits(&y.mask_avg), "mask_avg of class {}", x.class);
+        assert_eq!(
+            bits(&x.mask_avg),
+            bits(&y.mask_avg),
+            "mask_avg of class {}",
+            x.class
+        );
         let untimed = |r: &SearchResult| SearchResult {
             eval_seconds: 0.0,
             ..r.clone()
@@ -152,7 +157,9 @@ fn signal(child: &Child, sig: &str) {
 
 /// `N` and `M` of the line "resuming from step N of M".
 fn resumed_at(stderr: &str) -> Option<(usize, usize)> {
-    let line = stderr.lines().find(|l| l.starts_with("resuming from step "))?;
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("resuming from step "))?;
     let mut words = line["resuming from step ".len()..].split_whitespace();
     let n = words.next()?.parse().ok()?;
     let m = words.nth(1)?.parse().ok()?;
@@ -168,13 +175,20 @@ fn a_run_killed_midway_resumes_and_gives_the_uninterrupted_report_bit_for_bit() 
     child.kill().unwrap(); // SIGKILL: nothing saved on the way out
     let (o, _) = finish(child);
     assert!(!o.status.success());
-    assert!(!dir.path().join("report.json").exists(), "the run was not killed midway");
+    assert!(
+        !dir.path().join("report.json").exists(),
+        "the run was not killed midway"
+    );
 
     let err = complete(&a);
     let (n, m) = resumed_at(&err).unwrap_or_else(|| panic!("did not resume: {err}"));
     assert!(0 < n && n < m, "resumed at step {n} of {m}");
     assert_same_searches(&whole, &report(dir.path()));
-    assert_eq!(checkpoints(dir.path()), Vec::<PathBuf>::new(), "checkpoint left after success");
+    assert_eq!(
+        checkpoints(dir.path()),
+        Vec::<PathBuf>::new(),
+        "checkpoint left after success"
+    );
 }
 
 #[test]
@@ -186,7 +200,11 @@ fn sigterm_saves_a_checkpoint_and_exits_with_a_message_and_the_rerun_completes()
     signal(&child, "-TERM");
     let (o, err) = finish(child);
     assert!(!o.status.success(), "exit status after SIGTERM");
-    assert_eq!(o.status.code(), Some(1), "an error exit, not death by signal: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an error exit, not death by signal: {err}"
+    );
     let saved = checkpoints(dir.path());
     assert_eq!(saved.len(), 1);
     assert!(
@@ -221,7 +239,11 @@ fn a_corrupt_checkpoint_is_ignored_with_a_warning_naming_it() {
         err.contains("warning: ignoring checkpoint") && err.contains(&path.display().to_string()),
         "{err}"
     );
-    assert_eq!(resumed_at(&err), None, "resumed from a corrupt checkpoint: {err}");
+    assert_eq!(
+        resumed_at(&err),
+        None,
+        "resumed from a corrupt checkpoint: {err}"
+    );
     assert_same_searches(&whole, &report(dir.path()));
 }
 
@@ -259,7 +281,7 @@ fn soak_runs_killed_and_resumed_at_random_never_change_a_result() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x9e37_79b9_7f4a_7c15);
     eprintln!("soak: {budget:?}, seed {rng}");
-    let mixes = [("0,1,7", 6), ("2,3", 8), ("4,5,6,8,9", 4)];
+    let mixes = [("0,1,7", 2), ("2,3", 3), ("4,5,6,8,9", 1)];
     let t0 = Instant::now();
     let (mut runs, mut kills) = (0, 0);
     while t0.elapsed() < budget {

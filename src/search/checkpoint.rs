@@ -180,7 +180,6 @@ impl Checkpoint {
         }
         None
     }
-
 }
 
 /// Deletes every checkpoint under `out/checkpoints/` whose searches are
@@ -285,7 +284,9 @@ impl<'a> Reader<'a> {
             .map_err(|_| "a count is out of range".to_string())
     }
     fn f64(&mut self) -> std::result::Result<f64, String> {
-        Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+        Ok(f64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
     }
     fn f32s(&mut self, n: usize) -> std::result::Result<Vec<f32>, String> {
         let b = self.take(n.checked_mul(4).ok_or("a length is out of range")?)?;

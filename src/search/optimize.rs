@@ -213,7 +213,10 @@ pub fn optimise<B: Backend>(
         }
         None => State {
             t: 0,
-            searches: jobs.iter().map(|_| SearchState::new(cfg.init, plane)).collect(),
+            searches: jobs
+                .iter()
+                .map(|_| SearchState::new(cfg.init, plane))
+                .collect(),
         },
     };
     let mut interrupts = checkpoint.is_some().then(Interrupts::arm).transpose()?;
@@ -286,7 +289,7 @@ pub fn optimise<B: Backend>(
     if let Some(ck) = checkpoint {
         ck.save(&state)?;
     }
-    drop(interrupts.take());
+    drop(interrupts);
     Ok(state
         .searches
         .into_iter()
