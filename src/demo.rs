@@ -124,6 +124,7 @@ fn run_one<B: Backend>(
         train: None,
         command: command.to_string(),
         quiet: cfg.quiet,
+        checkpoint_every: None,
     };
     if !cfg.quiet {
         eprintln!("demo: searching the {} model", shipped.slug);

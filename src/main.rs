@@ -369,6 +369,10 @@ struct SearchArgs {
     /// 512M (sets how many searches share a forward pass).
     #[arg(long, default_value = "2G")]
     memory: String,
+    /// Save the optimisation's state every SECONDS (and on SIGINT/SIGTERM) under OUT/checkpoints;
+    /// rerunning the same command continues from it. Never changes a result.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    checkpoint_every: f64,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -946,6 +950,15 @@ fn search_into(a: &SearchArgs) -> Result<()> {
         .transpose()?;
     let model = load_model(&a.model)?;
     let cfg = search_config(a, &model)?;
+    let checkpoint_every = std::time::Duration::try_from_secs_f64(a.checkpoint_every)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "option --checkpoint-every: {} is not a positive number of seconds",
+                a.checkpoint_every
+            )
+        })?;
     let spec: DataSpec = a.data.parse()?;
     let ratio = cfg.protocol.resize_ratio();
     let test = data::load_resized(&spec, Split::Test, Some(model.graph.input), ratio)?;
@@ -972,6 +985,7 @@ fn search_into(a: &SearchArgs) -> Result<()> {
         train: train.as_ref(),
         command: command_line(),
         quiet: a.quiet,
+        checkpoint_every: Some(checkpoint_every),
     };
     let dev = select_device(&a.device.device)?;
     if let Some(shard) = shard {

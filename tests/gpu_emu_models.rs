@@ -300,6 +300,7 @@ fn emu_search_run_matches_the_cpu_run() {
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     };
     // One folder: the emulated GPU must not reuse the CPU's results.
     let out = tempfile::tempdir().unwrap();

@@ -87,7 +87,7 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
                 .iter()
                 .map(|m| m * shrink)
                 .collect();
-            let positions = pattern::top_k(&mask, top_k);
+            let positions = pattern::top_k(&mask, &[], top_k);
             // How fast the power rises with k: the outlier almost at once.
             let scale = if t == FLAGGED {
                 2.0
@@ -135,6 +135,7 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
                 },
                 mask_mean: mask.iter().map(|&m| m as f64).sum::<f64>() / plane as f64,
                 mask,
+                mask_avg: Vec::new(),
                 steps: 250,
                 ce_curve: vec![(0, 2.5), (100, 0.7), (250, 0.12)],
                 positions,

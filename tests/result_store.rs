@@ -50,6 +50,7 @@ fn result() -> SearchResult {
             }],
         },
         select_power: Some(0.5),
+        mask_avg: Vec::new(),
         sweep: vec![(1, 0.25), (16, 1.0)],
         min_k: Some(16),
         examples: Vec::new(),
@@ -304,6 +305,7 @@ fn one_shard_run(out: &Path) {
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     };
     classwise::search::run_shard(&CpuBackend, &inputs, &cfg, out, "0/1".parse().unwrap()).unwrap();
 }

@@ -44,7 +44,7 @@ fn run(
         .collect();
     let mut bar = Progress::new("test", 1, true);
     let dm = DeviceModel::new(&be, &graph, params).unwrap();
-    optimise(&dm, test, &jobs, cfg, max_images, &mut bar).unwrap()
+    optimise(&dm, test, &jobs, cfg, max_images, &mut bar, None).unwrap()
 }
 
 fn jobs(test: &Dataset) -> Vec<(usize, Vec<f32>, Vec<usize>)> {
@@ -162,6 +162,7 @@ fn tiny_inputs<'a>(
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn inputs<'a>(model: &'a Model, test: &'a Dataset) -> RunInputs<'a> {
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     }
 }
 

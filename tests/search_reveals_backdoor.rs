@@ -43,6 +43,7 @@ fn search(shipped: &Shipped) -> RunReport {
         train: None,
         command: "test".into(),
         quiet: true,
+        checkpoint_every: None,
     };
     let out = tempfile::tempdir().unwrap();
     search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap()

@@ -6,6 +6,7 @@
 //! is done; a rerun with the same arguments skips finished searches.
 
 pub mod canvas;
+pub mod checkpoint;
 pub mod optimize;
 pub mod pattern;
 pub mod protocol;
@@ -223,6 +224,11 @@ pub struct SearchResult {
     pub canvas: Canvas,
     /// Final mask `[H, W]`.
     pub mask: Vec<f32>,
+    /// The mask averaged over the last epoch's updates: it breaks ties of
+    /// the final mask in the top-k order (empty in results stored before
+    /// it was kept).
+    #[serde(default)]
+    pub mask_avg: Vec<f32>,
     /// Mean of the mask (the L1 statistic, in [0, 1]).
     pub mask_mean: f64,
     /// Updates made.
@@ -358,6 +364,10 @@ pub struct RunInputs<'a> {
     pub command: String,
     /// No progress output.
     pub quiet: bool,
+    /// Save the optimisation's state about this often (and on SIGINT or
+    /// SIGTERM) under `out/checkpoints/`, and resume from it; None: no
+    /// checkpoints. Never changes a result.
+    pub checkpoint_every: Option<std::time::Duration>,
 }
 
 /// What identifies a run and every search in it: written into each shard's
@@ -641,8 +651,23 @@ fn execute<B: Backend>(
             .map(|j| ((j.images.len() / cfg.mask.batch) * cfg.mask.epochs) as u64)
             .sum();
         let mut bar = Progress::new("search", total, inputs.quiet);
+        let mut ckpt = match inputs.checkpoint_every {
+            Some(every) => {
+                let keys = pending.iter().map(|&i| units[i].3.clone()).collect();
+                Some(checkpoint::Checkpoint::new(out, keys, every)?)
+            }
+            None => None,
+        };
         let t0 = Instant::now();
-        let optimised = optimize::optimise(&dm, test, &jobs, &cfg.mask, cfg.max_images, &mut bar)?;
+        let optimised = optimize::optimise(
+            &dm,
+            test,
+            &jobs,
+            &cfg.mask,
+            cfg.max_images,
+            &mut bar,
+            ckpt.as_mut(),
+        )?;
         bar.finish();
         search_seconds = t0.elapsed().as_secs_f64();
         steps_total = optimised.iter().map(|o| o.steps).sum();
@@ -656,6 +681,15 @@ fn execute<B: Backend>(
             bar.inc(1);
         }
         bar.finish();
+    }
+    if inputs.checkpoint_every.is_some() {
+        let done: std::collections::HashSet<&str> = units
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_some())
+            .map(|(u, _)| u.3.as_str())
+            .collect();
+        checkpoint::remove_finished(out, |key| done.contains(key))?;
     }
     let header = RunHeader {
         tool: format!("classwise {}", env!("CARGO_PKG_VERSION")),
@@ -879,7 +913,7 @@ fn evaluate<B: Backend>(
     clean: &[usize],
 ) -> Result<SearchResult> {
     let t0 = Instant::now();
-    let order = pattern::top_k(&opt.mask, opt.mask.len());
+    let order = pattern::top_k(&opt.mask, &opt.mask_avg, opt.mask.len());
     let positions = order[..cfg.top_k].to_vec();
     let power_on = |images: &[Vec<usize>], k: usize| {
         pattern::predictive_power(
@@ -951,6 +985,7 @@ fn evaluate<B: Backend>(
         steps: opt.steps,
         ce_curve: opt.ce_curve,
         mask: opt.mask,
+        mask_avg: opt.mask_avg,
         positions,
         power,
         select_power: Some(select_power),

@@ -4,6 +4,7 @@
 //! images only. Because every op is batch-invariant on the CPU, a batched run
 //! gives bit for bit the masks of separate runs.
 
+use super::checkpoint::{Checkpoint, Interrupts, SearchState, State};
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
@@ -120,6 +121,10 @@ pub struct Job<'a> {
 pub struct Optimised {
     /// Final mask `[H, W]` (after the last update).
     pub mask: Vec<f32>,
+    /// The mask averaged over the updates of the last epoch (the mean of
+    /// the masks after each of its updates): it breaks the top-k ties of
+    /// the final mask, which lives on a few dozen levels.
+    pub mask_avg: Vec<f32>,
     /// Mean CE over each logged window of steps: `(step, ce)`.
     pub ce_curve: Vec<(usize, f32)>,
     /// Updates made.
@@ -138,6 +143,14 @@ fn order_seed(seed: u64, target: usize, epoch: usize) -> u64 {
     u64::from_str_radix(&hex[..16], 16).unwrap_or(seed)
 }
 
+/// The order in which a search for `target` visits its `images` in
+/// `epoch` (consecutive batches of this order are its steps). A pure
+/// function of its arguments: the step count alone fixes where a run's
+/// randomness stands, so a checkpoint stores no RNG state.
+pub fn batch_order(images: &[usize], seed: u64, target: usize, epoch: usize) -> Vec<usize> {
+    crate::data::shuffled(images, order_seed(seed, target, epoch))
+}
+
 /// Bytes of device memory one image costs in a search step (its
 /// activations kept for backward, their gradients, and the input copies).
 pub fn bytes_per_image(graph: &Graph) -> usize {
@@ -148,6 +161,12 @@ pub fn bytes_per_image(graph: &Graph) -> usize {
 
 /// Optimises the masks of all `jobs` together on `test`, at most
 /// `max_images` composites per forward pass (chunks of searches otherwise).
+///
+/// With a checkpoint, the run starts from its saved state when there is
+/// one, saves its state whenever the checkpoint's interval has passed and
+/// once at the end, and on SIGINT or SIGTERM saves and returns an error
+/// that says how to continue. Resuming gives bit for bit the outcome of an
+/// uninterrupted run.
 pub fn optimise<B: Backend>(
     model: &DeviceModel<'_, B>,
     test: &Dataset,
@@ -155,6 +174,7 @@ pub fn optimise<B: Backend>(
     cfg: &MaskConfig,
     max_images: usize,
     progress: &mut Progress,
+    mut checkpoint: Option<&mut Checkpoint>,
 ) -> Result<Vec<Optimised>> {
     let [c, h, w] = model.graph.input;
     let plane = h * w;
@@ -176,15 +196,35 @@ pub fn optimise<B: Backend>(
     let total: Vec<usize> = steps_per_epoch.iter().map(|s| s * cfg.epochs).collect();
     let longest = total.iter().copied().max().unwrap_or(0);
     let per_chunk = (max_images / cfg.batch).max(1);
-    let log_every = (longest / 200).max(1);
+    // Each search's curve has about 200 points over its own steps, so it
+    // does not depend on which other searches ran beside it.
+    let log_every: Vec<usize> = total.iter().map(|&n| (n / 200).max(1)).collect();
 
-    let mut masks: Vec<Vec<f32>> = jobs.iter().map(|_| vec![cfg.init; plane]).collect();
-    let mut curves: Vec<Vec<(usize, f32)>> = jobs.iter().map(|_| Vec::new()).collect();
-    let mut window: Vec<(f64, usize)> = vec![(0.0, 0); jobs.len()];
+    let saved = checkpoint.as_deref().and_then(|ck| ck.load(plane, longest));
+    let mut state = match saved {
+        Some((st, path)) => {
+            eprintln!(
+                "resuming from step {} of {longest} (checkpoint {})",
+                st.t,
+                path.display()
+            );
+            progress.inc(total.iter().map(|&n| st.t.min(n) as u64).sum());
+            st
+        }
+        None => State {
+            t: 0,
+            searches: jobs
+                .iter()
+                .map(|_| SearchState::new(cfg.init, plane))
+                .collect(),
+        },
+    };
+    let mut interrupts = checkpoint.is_some().then(Interrupts::arm).transpose()?;
     let mut orders: Vec<(usize, Vec<usize>)> =
         jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
 
-    for t in 0..longest {
+    while state.t < longest {
+        let t = state.t;
         let active: Vec<usize> = (0..jobs.len()).filter(|&s| t < total[s]).collect();
         for chunk in active.chunks(per_chunk) {
             let s_n = chunk.len();
@@ -195,15 +235,12 @@ pub fn optimise<B: Backend>(
                 let job = &jobs[s];
                 let epoch = t / steps_per_epoch[s];
                 if orders[s].0 != epoch {
-                    orders[s] = (
-                        epoch,
-                        crate::data::shuffled(job.images, order_seed(cfg.seed, job.target, epoch)),
-                    );
+                    orders[s] = (epoch, batch_order(job.images, cfg.seed, job.target, epoch));
                 }
                 let j = t % steps_per_epoch[s];
                 idx.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
                 canvases.extend_from_slice(job.canvas);
-                mask_data.extend_from_slice(&masks[s]);
+                mask_data.extend_from_slice(&state.searches[s].mask);
             }
             let targets: Vec<usize> = chunk.iter().map(|&s| jobs[s].target).collect();
             let out = step(
@@ -213,26 +250,62 @@ pub fn optimise<B: Backend>(
                 &test.batch(&idx),
                 &targets,
                 cfg,
+            )
+            .map_err(|e| Error::Msg(format!("search step {}: {e}", t + 1)))?;
+            // A NaN gradient would slip into the mask through the sign step
+            // and rank first in top-k.
+            crate::device_model::check_finite(
+                &format!("model `{}`: mask gradient", model.label()),
+                t + 1,
+                out.dmask.data(),
             )?;
             for (k, &s) in chunk.iter().enumerate() {
-                masks[s].copy_from_slice(&out.masks.data()[k * plane..(k + 1) * plane]);
-                window[s].0 += out.ce[k] as f64;
-                window[s].1 += 1;
-                if (t + 1) % log_every == 0 || t + 1 == total[s] {
-                    curves[s].push((t + 1, (window[s].0 / window[s].1 as f64) as f32));
-                    window[s] = (0.0, 0);
+                let st = &mut state.searches[s];
+                st.mask
+                    .copy_from_slice(&out.masks.data()[k * plane..(k + 1) * plane]);
+                if t >= total[s] - steps_per_epoch[s] {
+                    st.add_to_last_epoch();
+                }
+                st.window.0 += out.ce[k] as f64;
+                st.window.1 += 1;
+                if (t + 1) % log_every[s] == 0 || t + 1 == total[s] {
+                    st.curve
+                        .push((t + 1, (st.window.0 / st.window.1 as f64) as f32));
+                    st.window = (0.0, 0);
                 }
             }
             progress.inc(s_n as u64);
         }
+        state.t += 1;
+        if let (Some(ck), Some(int)) = (checkpoint.as_deref_mut(), interrupts.as_mut()) {
+            if let Some(signal) = int.received() {
+                ck.save(&state)?;
+                return Err(Error::Msg(format!(
+                    "interrupted by {signal} at step {} of {longest}; checkpoint saved to {}; \
+                     rerun the same command to continue",
+                    state.t,
+                    ck.path().display()
+                )));
+            }
+            if ck.due() {
+                ck.save(&state)?;
+            }
+        }
     }
-    Ok(masks
+    // The evaluation that follows can take long too: a crash there resumes
+    // with no step to redo.
+    if let Some(ck) = checkpoint {
+        ck.save(&state)?;
+    }
+    drop(interrupts);
+    Ok(state
+        .searches
         .into_iter()
-        .zip(curves)
         .zip(total)
-        .map(|((mask, ce_curve), steps)| Optimised {
-            mask,
-            ce_curve,
+        .map(|(st, steps)| Optimised {
+            mask_avg: st.last_epoch_mean(),
+            mask: st.mask,
+            ce_curve: st.curve,
             steps,
         })
         .collect())

@@ -11,11 +11,22 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// The `k` positions (flat `row * W + col`) with the largest mask values,
-/// largest first; ties go to the smaller position, so the choice is
-/// deterministic (the authors' numpy argsort left it to chance).
-pub fn top_k(mask: &[f32], k: usize) -> Vec<usize> {
+/// largest first. The mask moves in steps of `lr` and is clamped, so it
+/// lives on a few dozen levels with large exact ties (at 0 and 1 above
+/// all); a tie is broken by `tie` (the mask averaged over the last epoch:
+/// the pixel the optimisation kept higher for longer goes first), and only
+/// an exact tie of both goes to the smaller position, so the choice is
+/// deterministic. An empty `tie` (results stored before it was kept)
+/// leaves ties to position.
+pub fn top_k(mask: &[f32], tie: &[f32], k: usize) -> Vec<usize> {
+    let tie_of = |i: usize| tie.get(i).copied().unwrap_or(0.0);
     let mut idx: Vec<usize> = (0..mask.len()).collect();
-    idx.sort_by(|&a, &b| mask[b].total_cmp(&mask[a]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        mask[b]
+            .total_cmp(&mask[a])
+            .then(tie_of(b).total_cmp(&tie_of(a)))
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx
 }
@@ -302,5 +313,31 @@ mod tests {
         let sweep = sweep_of(&[1, 2, 4], f);
         let (p, _) = counted(f);
         assert_eq!(minimal_k(&sweep, 0.9, p).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_tie_across_k_goes_to_the_larger_last_epoch_average_not_the_lower_position() {
+        // Two clear winners, then six pixels tied at 0.5 of which k = 4
+        // takes two. The tied pixels' averages rise with position, so
+        // position order (0, 1 first) and average order (7, 6 first) differ.
+        let mask = [0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5, 0.9, 0.0];
+        let avg = [0.40, 0.41, 0.42, 0.90, 0.43, 0.44, 0.47, 0.48, 0.80, 0.1];
+        let chosen = top_k(&mask, &avg, 4);
+        assert_eq!(chosen, vec![3, 8, 7, 6]);
+        let by_position = top_k(&mask, &[], 4);
+        assert_eq!(by_position, vec![3, 8, 0, 1]);
+        assert_ne!(chosen[2..], by_position[2..]);
+    }
+
+    #[test]
+    fn the_final_mask_outranks_the_average() {
+        // A pixel with a lower final value stays behind even with a higher average.
+        let chosen = top_k(&[0.6, 0.5], &[0.1, 0.9], 1);
+        assert_eq!(chosen, vec![0]);
+    }
+
+    #[test]
+    fn an_exact_tie_of_both_goes_to_the_smaller_position() {
+        assert_eq!(top_k(&[0.5; 4], &[0.3, 0.7, 0.7, 0.3], 2), vec![1, 2]);
     }
 }

@@ -140,7 +140,7 @@ pub fn unit_key(
     canvas: &Canvas,
 ) -> String {
     let settings = serde_json::json!({
-        "format": 3,
+        "format": 4,
         "numerics": numerics,
         "protocol": cfg.protocol,
         "mask": cfg.mask,
