@@ -718,7 +718,7 @@ fn preview() {
         return;
     };
     let dir = Path::new(&dir);
-    let grey = make_report([1, 28, 28], 4, true);
+    let grey = with_white_canvases([1, 28, 28]);
     report::write_run(&grey, &names(), &dir.join("grey")).unwrap();
     report::write_run(
         &make_report([3, 32, 32], 3, true),
@@ -960,6 +960,13 @@ fn page_shows_each_class_canvases_side_by_side_and_embeds_the_paper_figure() {
     // Each column shows its pattern on grey and its power.
     assert_eq!(row.matches("(on grey)").count(), 3);
     assert_eq!(row.matches("power at k = ").count(), 3);
+    // The numbers come right under the pictures, before the examples, so
+    // the columns line up.
+    for column in row.split("<div class=\"search").skip(1) {
+        let power = column.find("power at k = ").unwrap();
+        let example = column.find("with the pattern of").unwrap();
+        assert!(power < example, "power after the examples");
+    }
 
     // The verdict box is untouched by the white canvases' presence.
     let plain = make_report([1, 28, 28], 4, true);

@@ -612,6 +612,7 @@ fn search_details(
             ""
         }
     );
+    let mut examples = String::new();
     if report.searches.len() <= DETAIL_IMAGES_MAX {
         out.push_str("<div class=\"figs\">\n");
         let fig = |png: &[u8], alt: &str, caption: &str, class: &str| {
@@ -647,7 +648,7 @@ fn search_details(
         ));
         out.push_str("</div>\n");
         if !s.examples.is_empty() {
-            out.push_str("<div class=\"figs\">\n");
+            examples.push_str("<div class=\"figs\">\n");
             for (e, tile) in s.examples.iter().zip(&p.example_tiles) {
                 let hit = e.stamped_pred == s.class;
                 let stamped = if hit {
@@ -664,7 +665,7 @@ fn search_details(
                 match tile {
                     Some(png) => {
                         let _ = writeln!(
-                            out,
+                            examples,
                             "<figure>{}<figcaption>{caption}</figcaption></figure>",
                             img(
                                 png,
@@ -675,13 +676,13 @@ fn search_details(
                     }
                     None => {
                         let _ = writeln!(
-                            out,
+                            examples,
                             "<figure><figcaption>{caption}<br>(image not stored)</figcaption></figure>"
                         );
                     }
                 }
             }
-            out.push_str(
+            examples.push_str(
                 "</div>\n<p class=\"muted\" style=\"font-size:13px;margin-top:0\">Captions: true class → prediction on the clean image / prediction with the pattern pasted in.</p>\n",
             );
         }
@@ -739,6 +740,9 @@ fn search_details(
         out.push_str("</table></div>\n");
     }
     out.push_str("</div>\n");
+    // The stamped examples after the numbers, so the columns of a class
+    // line up picture by picture and figure by figure.
+    out.push_str(&examples);
     if !s.sweep.is_empty() {
         out.push_str(
             "<h4>k-sweep</h4><div class=\"scroll\"><table class=\"data small\"><tr><th class=\"l\">k</th>",
