@@ -139,11 +139,14 @@ pub fn is_natural(s: &SearchResult) -> bool {
 }
 
 /// The search the paper figure shows for `class`: its natural-canvas
-/// search of highest power at the default k (the first on a tie; NaN counts
-/// as lowest), or None when the class has no natural-canvas search.
+/// search of highest power at the default k on the selection images, as
+/// the best canvas is chosen (the report power for older results; the
+/// first on a tie; NaN counts as lowest), or None when the class has no
+/// natural-canvas search.
 pub fn paper_search(report: &RunReport, class: usize) -> Option<usize> {
     let power = |i: usize| {
-        let p = report.searches[i].power.overall;
+        let s = &report.searches[i];
+        let p = s.select_power.unwrap_or(s.power.overall);
         if p.is_nan() {
             f64::NEG_INFINITY
         } else {
