@@ -299,7 +299,7 @@ fn soak_runs_killed_and_resumed_at_random_never_change_a_result() {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if child.try_wait().unwrap().is_none() {
-                if next(&mut rng) % 2 == 0 {
+                if next(&mut rng).is_multiple_of(2) {
                     child.kill().unwrap();
                 } else {
                     signal(&child, "-TERM");
