@@ -84,18 +84,26 @@ fn report(out: &Path) -> RunReport {
 
 /// The report of an uninterrupted run (shared by the tests of this file).
 fn reference(classes: &str, epochs: usize) -> RunReport {
-    static REF: OnceLock<std::sync::Mutex<Vec<(String, usize, RunReport)>>> = OnceLock::new();
+    timed_reference(classes, epochs).0
+}
+
+/// The report of an uninterrupted run and its wall time.
+fn timed_reference(classes: &str, epochs: usize) -> (RunReport, Duration) {
+    type Cache = Vec<(String, usize, RunReport, Duration)>;
+    static REF: OnceLock<std::sync::Mutex<Cache>> = OnceLock::new();
     let cache = REF.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, r)) = cache.iter().find(|(c, e, _)| c == classes && *e == epochs) {
-        return r.clone();
+    if let Some((_, _, r, d)) = cache.iter().find(|(c, e, ..)| c == classes && *e == epochs) {
+        return (r.clone(), *d);
     }
     let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
     let err = complete(&args(dir.path(), classes, epochs));
+    let took = t0.elapsed();
     assert!(!err.contains("resuming"), "{err}");
     let r = report(dir.path());
-    cache.push((classes.to_string(), epochs, r.clone()));
-    r
+    cache.push((classes.to_string(), epochs, r.clone(), took));
+    (r, took)
 }
 
 /// Every field of every search but the timing, masks compared as exact f32.
@@ -286,20 +294,22 @@ fn soak_runs_killed_and_resumed_at_random_never_change_a_result() {
     let (mut runs, mut kills) = (0, 0);
     while t0.elapsed() < budget {
         let (classes, epochs) = mixes[runs % mixes.len()];
-        let whole = reference(classes, epochs);
+        let (whole, took) = timed_reference(classes, epochs);
         let dir = tempfile::tempdir().unwrap();
         let a = args(dir.path(), classes, epochs);
         let mut saved: Option<usize> = None;
         loop {
             let mut child = start(&a);
-            // Kill after a random 0.1..3 s, or let the run finish.
-            let wait = Duration::from_millis(100 + next(&mut rng) % 2900);
+            // Kill at a random time within 1.5 times an uninterrupted
+            // run's (start-up included), or let the run finish.
+            let span = (took.as_millis() as u64 * 3 / 2).max(1);
+            let wait = Duration::from_millis(next(&mut rng) % span);
             let t = Instant::now();
             while t.elapsed() < wait && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if child.try_wait().unwrap().is_none() {
-                if next(&mut rng) % 2 == 0 {
+                if next(&mut rng).is_multiple_of(2) {
                     child.kill().unwrap();
                 } else {
                     signal(&child, "-TERM");
