@@ -1,8 +1,10 @@
 //! A model's parameters on a backend, run in eval mode: the one handle the
 //! search, evaluation, attacks and `cwp forward` share.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::backend::{Backend, EvalRunner};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::tensor::Tensor;
 
@@ -17,6 +19,10 @@ pub struct DeviceModel<'a, B: Backend> {
     /// One buffer per graph parameter.
     pub params: Vec<B::Buf>,
     runner: Option<Box<dyn EvalRunner<B::Buf> + 'a>>,
+    /// What errors call the model (its file, when the caller gives it).
+    label: String,
+    /// Forward passes so far, so that a non-finite result names its pass.
+    passes: AtomicUsize,
 }
 
 impl<'a, B: Backend> DeviceModel<'a, B> {
@@ -38,6 +44,8 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
             graph,
             params,
             runner,
+            label: graph.arch.clone(),
+            passes: AtomicUsize::new(0),
         })
     }
 
@@ -49,7 +57,26 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
             graph,
             params,
             runner: None,
+            label: graph.arch.clone(),
+            passes: AtomicUsize::new(0),
         }
+    }
+
+    /// Names the model in errors (e.g. by its weights file; the
+    /// architecture's name otherwise).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// What errors call the model.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Counts a forward pass; returns its number (from 1).
+    fn next_pass(&self) -> usize {
+        self.passes.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Whether the backend's own runner is in use.
@@ -62,14 +89,25 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
         self.params
     }
 
-    /// Eval-mode logits of a host batch `[n, C, H, W]`.
+    /// Eval-mode logits of a host batch `[n, C, H, W]`. A NaN or infinite
+    /// logit is an error naming the model and the pass: read as a class it
+    /// would give a confident wrong answer.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let pass = self.next_pass();
         let xb = self.be.upload(x)?;
         let y = match &self.runner {
             Some(r) => r.logits(&xb)?,
             None => self.graph.forward(self.be, &self.params, &xb)?,
         };
-        self.be.download(&y)
+        let y = self.be.download(&y)?;
+        self.check(pass, "logits", y.data())?;
+        Ok(y)
+    }
+
+    fn check(&self, pass: usize, what: &str, values: &[f32]) -> Result<()> {
+        finite_or_error(values, || {
+            format!("model `{}`: {what} of forward pass {pass}", self.label)
+        })
     }
 
     /// Predicted class of each image of a host batch.
@@ -80,25 +118,32 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     /// Per-sample cross-entropy, host logits and the gradient of the
     /// weighted loss with respect to a batch already on the backend
     /// (`weights` as in [`Backend::softmax_cross_entropy`]).
+    /// A NaN or infinite loss or logit is an error naming the model and the
+    /// pass (see [`check_finite`]).
     pub fn pass(&self, x: B::Buf, labels: &[usize], weights: &[f32]) -> Result<ModelPass<B::Buf>> {
-        if let Some(r) = &self.runner {
+        let pass = self.next_pass();
+        let out = if let Some(r) = &self.runner {
             let (losses, logits, dx) = r.loss_and_input_grad(&x, labels, weights)?;
-            return Ok(ModelPass {
+            ModelPass {
                 losses,
                 logits: self.be.download(&logits)?,
                 dx,
-            });
-        }
-        let trace = self.graph.forward_trace(self.be, &self.params, x)?;
-        let (losses, dlogits) = self
-            .be
-            .softmax_cross_entropy(trace.logits(), labels, weights)?;
-        let logits = self.be.download(trace.logits())?;
-        let dx = self
-            .graph
-            .backward(self.be, &self.params, &trace, dlogits, false)?
-            .dx;
-        Ok(ModelPass { losses, logits, dx })
+            }
+        } else {
+            let trace = self.graph.forward_trace(self.be, &self.params, x)?;
+            let (losses, dlogits) =
+                self.be
+                    .softmax_cross_entropy(trace.logits(), labels, weights)?;
+            let logits = self.be.download(trace.logits())?;
+            let dx = self
+                .graph
+                .backward(self.be, &self.params, &trace, dlogits, false)?
+                .dx;
+            ModelPass { losses, logits, dx }
+        };
+        self.check(pass, "logits", out.logits.data())?;
+        self.check(pass, "cross-entropy", &out.losses)?;
+        Ok(out)
     }
 
     /// Mean cross-entropy loss and input gradient (eval mode) of a host batch.
@@ -119,4 +164,47 @@ pub struct ModelPass<Buf> {
     pub logits: Tensor,
     /// Gradient of the weighted loss with respect to the input.
     pub dx: Buf,
+}
+
+/// Fails unless every value is finite: a NaN or infinite logit or loss
+/// during a run means the weights overflow (or are corrupt), and every
+/// figure computed from it would be meaningless (NaN logits all read as
+/// class 0). `what` names the model and the values (e.g. "model `m.safetensors`:
+/// logits"), `step` the forward pass or search step they came from; the
+/// error gives the first bad element's index.
+pub fn check_finite(what: &str, step: usize, values: &[f32]) -> Result<()> {
+    finite_or_error(values, || format!("{what} at step {step}"))
+}
+
+fn finite_or_error(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Msg(format!(
+            "{}: element {i} is {} ({} of {} values non-finite); the model overflows or its \
+             weights are corrupt, so no result computed from it can be trusted",
+            what(),
+            values[i],
+            values.iter().filter(|v| !v.is_finite()).count(),
+            values.len()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_passes_finite_values_and_names_the_first_bad_one() {
+        check_finite("model `m`: search CE", 3, &[0.0, -1.5, f32::MAX]).unwrap();
+        let e = check_finite("model `m`: search CE", 7, &[0.5, f32::INFINITY, f32::NAN])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model `m`: search CE at step 7")
+                && e.contains("element 1 is inf")
+                && e.contains("2 of 3"),
+            "{e}"
+        );
+    }
 }

@@ -6,13 +6,11 @@ use std::path::{Path, PathBuf};
 /// Errors the engine reports to its caller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operating-system error while touching a file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An operating-system error while touching a file. The OS message is
+    /// part of the text and deliberately not a `source()` as well: printers of
+    /// the whole chain (`{:#}`) would show it twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file whose contents are not what its format requires.
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -45,7 +43,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
 

@@ -190,6 +190,14 @@ pub fn robust_accuracy<B: Backend>(
 ) -> Result<Robustness> {
     check_fits(model.graph, data)?;
     let n = limit.unwrap_or(data.len()).min(data.len());
+    if n == 0 {
+        // An accuracy over no images would read as 0%, not as "unmeasured".
+        return Err(Error::Msg(format!(
+            "robust accuracy needs at least 1 image; {} has {} and the limit is {limit:?}",
+            data.name(),
+            data.len()
+        )));
+    }
     let (mut clean_ok, mut robust_ok) = (0usize, 0usize);
     for (b, start) in (0..n).step_by(batch.max(1)).enumerate() {
         let idx: Vec<usize> = (start..(start + batch).min(n)).collect();

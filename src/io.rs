@@ -53,6 +53,28 @@ pub fn check_writable(path: &Path, option: &str) -> Result<()> {
         .map_err(|e| Error::arg(option, format!("cannot write to {}: {e}", path.display())))
 }
 
+/// True when `a` and `b` name the same existing file, also through symbolic
+/// or hard links, so a command can refuse to write its output over an input.
+/// A path that does not exist yet is no existing file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        ma.dev() == mb.dev() && ma.ino() == mb.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+    }
+}
+
 /// Hex SHA-256 of the concatenation of `parts` (fingerprints of runs and caches).
 pub fn sha256_hex(parts: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
@@ -62,4 +84,34 @@ pub fn sha256_hex(parts: &[&[u8]]) -> String {
         h.update(p);
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_file_sees_through_other_spellings_and_links() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("in.safetensors");
+        std::fs::write(&f, b"x").unwrap();
+        let other = t.path().join("other.safetensors");
+        std::fs::write(&other, b"x").unwrap();
+        assert!(same_file(&f, &f));
+        assert!(same_file(&f, &t.path().join(".").join("in.safetensors")));
+        assert!(
+            !same_file(&f, &other),
+            "equal contents are not the same file"
+        );
+        assert!(!same_file(&f, &t.path().join("missing")));
+        let hard = t.path().join("hard");
+        std::fs::hard_link(&f, &hard).unwrap();
+        assert!(same_file(&f, &hard));
+        #[cfg(unix)]
+        {
+            let soft = t.path().join("soft");
+            std::os::unix::fs::symlink(&f, &soft).unwrap();
+            assert!(same_file(&soft, &f));
+        }
+    }
 }

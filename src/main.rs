@@ -1,6 +1,7 @@
 //! `cwp`: the command line of classwise. Parsing and printing only; every
 //! capability is a library function.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,6 +19,25 @@ use classwise::train::poison::{Poisoning, TriggerSpec};
 use classwise::train::{self, Schedule, TrainConfig};
 use classwise::weights::{LoadOptions, Model};
 use classwise::zoo::{self, ModelSpec};
+
+/// `println!` that fails the command, instead of panicking, when standard
+/// output cannot be written (`cwp zoo > /dev/full`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `print!` that fails the command instead of panicking (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("cannot write to standard output: {e}")
+}
 
 #[derive(Parser)]
 #[command(
@@ -355,21 +375,35 @@ struct SearchArgs {
     device: DeviceArg,
 }
 
+/// A size in bytes: a number with an optional binary suffix K, M, G or T
+/// (powers of 1024), optionally followed by `B` or `iB` (`2G`, `2GB`, `2GiB`).
 fn parse_bytes(s: &str, option: &str) -> Result<usize> {
     let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = match t.chars().last() {
-        Some('K') => (&t[..t.len() - 1], 1usize << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t.as_str(), 1),
+    let t = t
+        .strip_suffix("IB")
+        .filter(|r| r.ends_with(['K', 'M', 'G', 'T']))
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(&t);
+    let (num, shift) = match t.chars().last() {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
     };
-    let v: f64 = num
-        .parse()
-        .with_context(|| format!("option {option}: `{s}` is not a size such as 2G or 512M"))?;
-    if v <= 0.0 || !v.is_finite() {
-        bail!("option {option}: `{s}` must be positive");
+    // The float parser's own message ("invalid float literal") says nothing
+    // about sizes, so it is replaced, not chained.
+    let Ok(v) = num.trim().parse::<f64>() else {
+        bail!(
+            "option {option}: `{s}` is not a size: a number of bytes with an optional \
+             K, M, G or T suffix (e.g. 512M, 2G, 1T)"
+        );
+    };
+    let bytes = v * (1u64 << shift) as f64;
+    if !(bytes >= 1.0 && bytes.is_finite()) {
+        bail!("option {option}: `{s}` must be a positive size of at least one byte");
     }
-    Ok((v * mult as f64) as usize)
+    Ok(bytes.min(usize::MAX as f64) as usize)
 }
 
 fn parse_shape(s: &str) -> std::result::Result<[usize; 3], String> {
@@ -448,16 +482,20 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
         }));
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<18} {:>12} {:>8} {:>12} {:>14}",
-        "arch", "input", "classes", "params", "GFLOPs/image"
+        "arch",
+        "input",
+        "classes",
+        "params",
+        "GFLOPs/image"
     );
     for r in &rows {
         let i = &r["input"];
-        println!(
+        outln!(
             "{:<18} {:>12} {:>8} {:>12} {:>14.3}",
             r["arch"].as_str().unwrap_or(""),
             format!("{}x{}x{}", i[0], i[1], i[2]),
@@ -466,11 +504,21 @@ fn cmd_zoo(a: &ZooArgs) -> Result<()> {
             r["flops_per_image"].as_f64().unwrap_or(0.0) / 1e9
         );
     }
-    println!("(input size, channels and classes are configurable; FLOPs = 2 x multiply-adds of the forward pass)");
+    outln!("(input size, channels and classes are configurable; FLOPs = 2 x multiply-adds of the forward pass)");
     Ok(())
 }
 
 fn cmd_forward(a: &ForwardArgs) -> Result<()> {
+    for (option, path) in [("--input", &a.input_file), ("--weights", &a.model.weights)] {
+        if classwise::io::same_file(&a.out, path) {
+            bail!(
+                "option --out: {} is the same file as {option} {}; writing the output would \
+                 destroy the input",
+                a.out.display(),
+                path.display()
+            );
+        }
+    }
     let model = load_model(&a.model)?;
     let dev = select_device(&a.device.device)?;
     let res = with_backend!(dev, |be| classwise::forward::forward_file(
@@ -479,7 +527,7 @@ fn cmd_forward(a: &ForwardArgs) -> Result<()> {
         &a.input_file,
         &a.out
     )?);
-    println!(
+    outln!(
         "{}: {} images, mean cross-entropy {:.6}, |dx|max {:.4e}; wrote {}",
         model.graph.arch,
         res.logits.shape()[0],
@@ -522,6 +570,9 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("option --batch: must be at least 1");
     }
+    if a.pgd_limit == Some(0) {
+        bail!("option --pgd-limit: robust accuracy needs at least 1 image");
+    }
     let data = data::load(&spec, split_of(&a.split), Some(model.graph.input))?;
     eval::check_fits(&model.graph, &data)?;
     let dev = select_device(&a.device.device)?;
@@ -536,7 +587,8 @@ fn run_eval<B: Backend>(
     trigger: Option<classwise::train::poison::Trigger>,
     attack: Option<Attack>,
 ) -> Result<()> {
-    let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
+    let dm = DeviceModel::upload(be, &model.graph, &model.params)?
+        .with_label(a.model.weights.display().to_string());
     let mut bar = classwise::progress::Progress::new("eval", data.len() as u64, a.json);
     let acc = eval::accuracy(&dm, data, a.batch, |n| bar.inc(n as u64))?;
     bar.finish();
@@ -566,30 +618,30 @@ fn run_eval<B: Backend>(
             "attack_success": asr,
             "robustness": robust,
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{} on {} ({} images, {})",
         model.graph.arch,
         data.name(),
         acc.images,
         be.name()
     );
-    println!("accuracy: {:.2}%", 100.0 * acc.accuracy);
-    println!("{:<14} {:>9}", "class", "accuracy");
+    outln!("accuracy: {:.2}%", 100.0 * acc.accuracy);
+    outln!("{:<14} {:>9}", "class", "accuracy");
     for (c, name) in data.class_names().iter().enumerate() {
-        println!("{:<14} {:>8.2}%", name, 100.0 * acc.per_class[c]);
+        outln!("{:<14} {:>8.2}%", name, 100.0 * acc.per_class[c]);
     }
-    println!("confusion matrix (rows: true class, columns: predicted):");
+    outln!("confusion matrix (rows: true class, columns: predicted):");
     for row in &acc.confusion {
-        println!(
+        outln!(
             "  {}",
             row.iter().map(|v| format!("{v:>5}")).collect::<String>()
         );
     }
     if let Some(s) = asr {
-        println!(
+        outln!(
             "attack success rate towards class {}: {:.2}% of {} triggered images (clean images predicted as {}: {:.2}%)",
             s.target,
             100.0 * s.asr,
@@ -599,7 +651,7 @@ fn run_eval<B: Backend>(
         );
     }
     if let Some(r) = robust {
-        println!(
+        outln!(
             "robust accuracy under PGD (eps {}, step {}, {} steps) on {} images: {:.2}% (clean {:.2}%)",
             r.attack.eps,
             r.attack.step,
@@ -698,8 +750,10 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
             let (att, n) = match s.split_once(':') {
                 Some((att, n)) => (
                     att,
-                    n.parse::<usize>()
-                        .context("option --robust-eval: IMAGES must be a whole number")?,
+                    match n.parse::<usize>() {
+                        Ok(n) if n > 0 => n,
+                        _ => bail!("option --robust-eval: IMAGES must be a whole number of at least 1, not `{n}`"),
+                    },
                 ),
                 None => (s.as_str(), 1000),
             };
@@ -761,7 +815,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         &be, &spec, &train_set, &test, &cfg, &a.out, a.resume
     )?);
     let last = stats.last();
-    println!(
+    outln!(
         "trained {} ({}) on {} images for {} epochs: test accuracy {:.2}%{}{}; wrote {}",
         model.graph.arch,
         cfg.kind(),
@@ -801,6 +855,17 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
                     a.classes
                 )
             })?;
+        // A class listed twice would be searched twice and counted as two
+        // classes, which shrinks the spread of the pattern sizes the verdict
+        // rests on (to zero for `0,0,0,8`): a clean model could be flagged.
+        for (i, c) in cfg.classes.iter().enumerate() {
+            if cfg.classes[..i].contains(c) {
+                bail!(
+                    "option --classes: class {c} is listed more than once in `{}`; list each class once",
+                    a.classes
+                );
+            }
+        }
     }
     if let Some(canvas) = &a.canvas {
         cfg.canvas = canvas.parse::<Canvases>()?.to_string();
@@ -842,7 +907,37 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     Ok(cfg)
 }
 
+/// Runs `f`, which writes under `out`; when it fails, the folders it created
+/// there (`out` itself, missing parents, `out/searches`) are removed again if
+/// they are still empty, so a refused or failed run leaves no empty folders.
+fn removing_empty_dirs_on_failure(
+    out: &std::path::Path,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let mut fresh: Vec<PathBuf> = out
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect();
+    let searches = out.join("searches");
+    if !searches.exists() {
+        fresh.insert(0, searches);
+    }
+    let result = f();
+    if result.is_err() {
+        // Deepest first; `remove_dir` leaves any folder that is not empty.
+        for d in &fresh {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result
+}
+
 fn cmd_search(a: &SearchArgs) -> Result<()> {
+    removing_empty_dirs_on_failure(&a.out, || search_into(a))
+}
+
+fn search_into(a: &SearchArgs) -> Result<()> {
     let shard = a
         .shard
         .as_deref()
@@ -883,7 +978,7 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
             &be, &inputs, &cfg, &a.out, shard
         )?);
         let owned = (0..m.header.units.len()).filter(|&j| shard.owns(j)).count();
-        println!(
+        outln!(
             "shard {shard}: {} of the run's {} searches are this shard's; searched {} in {:.1}s, {} reused. \
              When every shard has run: cwp merge {}",
             owned,
@@ -903,10 +998,11 @@ fn cmd_search(a: &SearchArgs) -> Result<()> {
 fn cmd_merge(a: &MergeArgs) -> Result<()> {
     let (report, class_names) = search::shard::merge(&a.dirs)?;
     let out = a.out.clone().unwrap_or_else(|| a.dirs[0].clone());
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("option --out: cannot create {}", out.display()))?;
-    write_search_outputs(&report, &class_names, &out)?;
-    Ok(())
+    removing_empty_dirs_on_failure(&out, || {
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("option --out: cannot create {}", out.display()))?;
+        write_search_outputs(&report, &class_names, &out)
+    })
 }
 
 fn count_option(s: &str, option: &str) -> Result<Option<usize>> {
@@ -946,16 +1042,16 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
         &command_line()
     )?);
     for (label, r) in &runs {
-        println!("== {label}");
-        println!(
+        outln!("== {label}");
+        outln!(
             "{}\n",
             classwise::report::terminal_summary(r, test.class_names())
         );
     }
     for note in cfg.notes() {
-        println!("note: {note}");
+        outln!("note: {note}");
     }
-    println!(
+    outln!(
         "demo finished in {:.0}s; report: {}",
         start.elapsed().as_secs_f64(),
         a.out.join("report.html").display()
@@ -970,11 +1066,11 @@ fn write_search_outputs(
     out: &std::path::Path,
 ) -> Result<()> {
     classwise::report::write_run(report, class_names, out)?;
-    println!(
+    outln!(
         "{}",
         classwise::report::terminal_summary(report, class_names)
     );
-    println!(
+    outln!(
         "searched {} pattern(s) in {:.1}s ({:.1} search steps/s, {:.0} images/s through forward+backward; {} reused); report: {}",
         report.searches.len() - report.reused,
         report.search_seconds,
@@ -986,12 +1082,64 @@ fn write_search_outputs(
     Ok(())
 }
 
-/// The command line as typed, with the program called `cwp`.
+/// The arguments this process was started with, checked to be UTF-8 (set
+/// once in `main`, before any command runs).
+static ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// The command line as typed, with the program called `cwp`, each argument
+/// shell-quoted so that the stored command can be pasted into a shell.
 fn command_line() -> String {
-    std::iter::once("cwp".to_string())
-        .chain(std::env::args().skip(1))
+    let args = ARGS.get().map(Vec::as_slice).unwrap_or_default();
+    shell_join(std::iter::once("cwp").chain(args.iter().skip(1).map(String::as_str)))
+}
+
+/// `arg` quoted for a POSIX shell: unchanged when it holds only characters no
+/// shell treats specially, otherwise in single quotes (a single quote inside
+/// becomes `'\''`).
+fn shell_quote(arg: &str) -> String {
+    // `=` and `~` start expansions in some shells when they lead a word.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:,+=@%".contains(c);
+    if !arg.is_empty() && !arg.starts_with('=') && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+/// Words joined into one shell command line (see [`shell_quote`]).
+fn shell_join<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
+    words
+        .into_iter()
+        .map(shell_quote)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The process arguments as UTF-8 strings, or an error naming the first
+/// that is not (by its option when it is an option's value). Checked before
+/// parsing, so a bad argument is refused before any file is touched.
+fn utf8_args(args: Vec<std::ffi::OsString>) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(args.len());
+    for (i, a) in args.into_iter().enumerate() {
+        match a.into_string() {
+            Ok(s) => out.push(s),
+            Err(a) => {
+                let lossy = a.to_string_lossy();
+                let what = match (lossy.split_once('='), out.last()) {
+                    (Some((opt, _)), _) if opt.starts_with("--") => format!("the value of {opt}"),
+                    (_, Some(prev)) if prev.starts_with('-') && !prev.contains('=') => {
+                        format!("the value of {prev}")
+                    }
+                    _ => format!("argument {i}"),
+                };
+                bail!(
+                    "{what} (`{lossy}`, invalid bytes shown as \u{FFFD}) is not valid UTF-8; \
+                     cwp takes UTF-8 arguments only (rename the file or folder)"
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -1024,8 +1172,8 @@ fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
             a.device
         ),
     };
-    println!("device: {name}");
-    print!("{}", format_checks(&checks));
+    outln!("device: {name}");
+    out!("{}", format_checks(&checks));
     if let Some(path) = &a.json {
         let doc = serde_json::json!({ "device": name, "checks": checks });
         classwise::io::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
@@ -1061,7 +1209,7 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
         cfg.seconds = s;
     }
     let report = bench::run(&dev, &cfg, &mut |s| eprintln!("bench: {s}"))?;
-    print!("{}", bench::format_report(&report));
+    out!("{}", bench::format_report(&report));
     if let Some(path) = &a.json {
         classwise::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
@@ -1087,12 +1235,126 @@ fn restore_sigpipe() {
 fn main() -> ExitCode {
     #[cfg(unix)]
     restore_sigpipe();
-    let cli = Cli::parse();
-    match run(cli) {
+    let args = match utf8_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => return fail(&e),
+    };
+    let cli = Cli::parse_from(&args);
+    ARGS.get_or_init(|| args);
+    // Output still buffered is flushed here, where a failure can be reported.
+    let flushed = |()| std::io::stdout().flush().map_err(stdout_error);
+    match run(cli).and_then(flushed) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints an error and its causes on stderr; the exit status of a failure.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    // A closed or full stderr leaves nothing to report to: not a panic.
+    let _ = writeln!(std::io::stderr(), "error: {e:#}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_every_binary_suffix() {
+        let cases = [
+            ("4096", 4096),
+            ("512K", 512 << 10),
+            ("512M", 512 << 20),
+            ("2G", 2 << 30),
+            ("1T", 1 << 40),
+            ("1t", 1 << 40),
+            ("2GB", 2 << 30),
+            ("2GiB", 2 << 30),
+            ("0.5G", 1 << 29),
+            ("100B", 100),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_bytes(s, "--memory").unwrap(), want, "{s}");
         }
+        for bad in [
+            "1P", "", "G", "GiB", "0", "0.1", "-1G", "nan", "inf", "2GiBB",
+        ] {
+            let e = parse_bytes(bad, "--memory").unwrap_err().to_string();
+            assert!(
+                e.contains("--memory") && e.contains(&format!("`{bad}`")),
+                "{e}"
+            );
+        }
+    }
+
+    /// What a POSIX shell makes of `line`: its words, one per NUL.
+    fn shell_words(line: &str) -> Vec<String> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\0' {line}"))
+            .output()
+            .expect("sh runs");
+        assert!(out.status.success(), "sh -c failed on: {line}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.split_terminator('\0').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_quoted_command_line_gives_the_shell_back_every_argument() {
+        let args = [
+            "--out",
+            "my results",
+            "it's",
+            "",
+            "$HOME",
+            "`date`",
+            "a\"b\\c",
+            "*.png",
+            "~",
+            "=x",
+            "x;rm -rf y",
+            "tab\there",
+            "new\nline",
+            "ünïcode",
+            "--canvas=auto:1+solid:1",
+            "3x32x32",
+        ];
+        let line = shell_join(args);
+        assert_eq!(shell_words(&line), args, "{line}");
+        // Arguments without special characters stay readable, unquoted.
+        assert_eq!(
+            shell_join([
+                "cwp",
+                "search",
+                "--out",
+                "runs/a-1",
+                "--canvas=auto:1+solid:1"
+            ]),
+            "cwp search --out runs/a-1 --canvas=auto:1+solid:1"
+        );
+    }
+
+    #[test]
+    fn a_non_utf8_argument_is_named_by_its_option() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(b"r\xffn".to_vec());
+        let e = utf8_args(vec!["cwp".into(), "search".into(), "--out".into(), bad()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out") && e.contains("UTF-8"), "{e}");
+        let mut joined = OsString::from("--data=folder:");
+        joined.push(bad());
+        let e = utf8_args(vec!["cwp".into(), "eval".into(), joined])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--data") && e.contains("UTF-8"), "{e}");
+        let e = utf8_args(vec!["cwp".into(), "merge".into(), "a".into(), bad()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("argument 3"), "{e}");
+        let ok = utf8_args(vec!["cwp".into(), "zoo".into()]).unwrap();
+        assert_eq!(ok, ["cwp", "zoo"]);
     }
 }

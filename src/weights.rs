@@ -212,10 +212,12 @@ fn parse_list(s: &str, key: &str, path: &Path) -> Result<Vec<f32>> {
     s.split(',')
         .map(|v| v.trim().parse::<f32>())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| {
+        .ok()
+        .filter(|v| v.iter().all(|x| x.is_finite()))
+        .ok_or_else(|| {
             Error::format(
                 path,
-                format!("metadata `{key}` = `{s}` is not a comma-separated list of numbers"),
+                format!("metadata `{key}` = `{s}` is not a comma-separated list of finite numbers"),
             )
         })
 }
@@ -337,9 +339,39 @@ fn strip_module(name: &str) -> &str {
     name.strip_prefix("module.").unwrap_or(name)
 }
 
+/// Refuses a parameter whose values would make every result meaningless: a
+/// NaN or infinity anywhere (one NaN in a conv filter makes every logit NaN,
+/// and NaN logits all read as class 0), or a negative BN running variance
+/// (its square root is NaN). The error names the file, the tensor and the
+/// first bad element (flat index).
+fn check_values(data: &[f32], name: &str, kind: ParamKind, path: &Path) -> Result<()> {
+    if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}` has a non-finite value ({}) at element {i}; the weights are corrupt",
+                if v.is_nan() { "NaN" } else { "infinity" }
+            ),
+        ));
+    }
+    if kind == ParamKind::BnVar {
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| **v < 0.0) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` has a negative running variance ({v}) at element {i}; \
+                     the weights are corrupt"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Matches a file's float tensors to a graph's parameters, by name. A
 /// missing, unexpected or wrongly shaped tensor is an error naming it (and
-/// both shapes).
+/// both shapes), and so is a tensor with a NaN or infinite value or a BN
+/// layer with a negative running variance.
 pub fn assign(graph: &Graph, file: &TensorFile, path: &Path) -> Result<Vec<Tensor>> {
     let mut by_name: BTreeMap<&str, &FileTensor> = BTreeMap::new();
     for (name, t) in &file.tensors {
@@ -361,6 +393,7 @@ pub fn assign(graph: &Graph, file: &TensorFile, path: &Path) -> Result<Vec<Tenso
                         ),
                     ));
                 }
+                check_values(t.data(), &spec.name, spec.kind, path)?;
                 out.push(t.clone());
             }
             Some(FileTensor::Int(..)) => {
@@ -436,7 +469,8 @@ fn infer_spec(
             ))
         }
     };
-    let probe = zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))?;
+    let probe = zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))
+        .map_err(|e| blame_the_file(e, opts, path))?;
     let shape_of = |name: &str| -> Option<&[usize]> {
         file.tensors
             .iter()
@@ -489,6 +523,33 @@ fn infer_spec(
     })
 }
 
+/// An error building the model, blamed on the weights file when the value at
+/// fault came from its metadata or tensors rather than from an option the
+/// user gave (a bad `arch` entry is not the fault of `--arch`).
+fn blame_the_file(e: Error, opts: &LoadOptions, path: &Path) -> Error {
+    match e {
+        Error::Arg { option, msg } => {
+            let from_file = match option.as_str() {
+                "--arch" => opts.arch.is_none(),
+                "--input-shape" => opts.input.is_none(),
+                "normalization" => opts.normalization.is_none(),
+                // The number of classes always comes from the file.
+                "--classes" => true,
+                _ => false,
+            };
+            if from_file {
+                Error::format(
+                    path,
+                    format!("the model its metadata and tensors describe cannot be built: {msg}"),
+                )
+            } else {
+                Error::Arg { option, msg }
+            }
+        }
+        e => e,
+    }
+}
+
 impl Model {
     /// Loads a model from a safetensors file (see [`Model::from_bytes`]).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -503,7 +564,7 @@ impl Model {
         let file = parse_tensors(bytes, path)?;
         let meta = ModelMeta::from_metadata(&file.metadata, path)?;
         let spec = infer_spec(&file, &meta, opts, path)?;
-        let graph = zoo::build(&spec)?;
+        let graph = zoo::build(&spec).map_err(|e| blame_the_file(e, opts, path))?;
         let params = assign(&graph, &file, path)?;
         let batches_tracked = file
             .tensors

@@ -271,6 +271,16 @@ fn check_run_files(dir: &Path, r: &RunReport) {
         let mask = check_png(&f("mask"), (dw, dh), ColorType::Rgb8);
         let pattern = check_png(&f("pattern"), (dw, dh), plain);
         let rgba = check_png(&f("pattern_rgba"), (dw, dh), alpha);
+        let grey = check_png(&f("pattern_grey"), (dw, dh), plain);
+        let want_grey =
+            raster::pattern_on_grey(&search.canvas.pixels, &search.positions, [c, h, w])
+                .unwrap()
+                .upscale(s);
+        assert_eq!(
+            grey.to_rgba8().pixels().map(|p| p.0).collect::<Vec<_>>(),
+            rgba_of(&want_grey),
+            "{stem}_pattern_grey.png"
+        );
         let n = search.examples.len() as u32;
         let sep = raster::SEPARATOR as u32;
         check_png(
@@ -416,9 +426,10 @@ fn page_is_self_contained_escaped_and_names_the_flagged_class() {
     report::write_run(&r, &names(), dir.path()).unwrap();
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     let imgs = check_self_contained(&html);
-    // Grid (4 per class) + per search canvas, mask, pattern, rgba + examples.
-    let per_search: usize = r.searches.iter().map(|s| 4 + s.examples.len()).sum();
-    assert_eq!(imgs, 4 * r.classes.len() + per_search);
+    // Grid (4 per class) + the paper figure + per search canvas, mask,
+    // pattern on grey, on white, rgba + examples.
+    let per_search: usize = r.searches.iter().map(|s| 5 + s.examples.len()).sum();
+    assert_eq!(imgs, 4 * r.classes.len() + 1 + per_search);
 
     let vbox = verdict_box(&html);
     assert!(vbox.contains("class=\"verdict flagged\""), "{vbox}");
@@ -680,6 +691,20 @@ fn comparison_page_puts_runs_side_by_side() {
     assert!(html.contains("class=\"verdict flagged\""));
     // Anchors of different runs do not collide.
     assert!(html.contains("id=\"r0-class-1\"") && html.contains("id=\"r1-class-1\""));
+    // Each run's column shows its paper figure.
+    let columns: Vec<&str> = html[..html.find("<h2>Details</h2>").unwrap()]
+        .split("<div class=\"run\">")
+        .skip(1)
+        .collect();
+    assert_eq!(columns.len(), index.runs.len());
+    for (run, column) in index.runs.iter().zip(columns) {
+        let figure = std::fs::read(dir.path().join(&run.dir).join(report::PAPER_FIGURE)).unwrap();
+        assert!(
+            column.contains(&report::data_uri(&figure)),
+            "{}'s column lacks its paper figure",
+            run.label
+        );
+    }
 }
 
 /// Writes the fixture runs to `$CWP_REPORT_PREVIEW` for a look in a
@@ -758,4 +783,229 @@ fn an_empty_run_still_renders() {
     check_self_contained(&html);
     assert!(verdict_box(&html).contains("No class flagged"));
     png(&dir.path().join("images/grid.png"));
+}
+
+/// The demo's situation: a white canvas next to the natural ones. Class 0
+/// has two natural canvases (the second more predictive) and a white one
+/// that wins (stored first, so the page must reorder); class 2 was searched
+/// from the white canvas only.
+fn with_white_canvases(shape: [usize; 3]) -> RunReport {
+    let mut r = make_report(shape, 4, true);
+    let numel = shape.iter().product();
+    let whiten = |s: &mut SearchResult| {
+        s.canvas.id = "solid1".into();
+        s.canvas.source = "solid".into();
+        s.canvas.dataset_index = None;
+        s.canvas.pixels = vec![1.0; numel];
+    };
+    assert_eq!((r.searches[0].class, r.searches[1].class), (0, 0));
+    r.searches[1].power.overall = r.searches[0].power.overall + 0.005;
+    let mut white = r.searches[0].clone();
+    whiten(&mut white);
+    white.power.overall = 0.999;
+    r.searches.insert(0, white);
+    for c in &mut r.classes {
+        c.best += 1;
+    }
+    r.classes[0].best = 0;
+    r.classes[0].power = 0.999;
+    let two = r.searches.iter().position(|s| s.class == 2).unwrap();
+    assert_eq!(r.searches.iter().filter(|s| s.class == 2).count(), 1);
+    whiten(&mut r.searches[two]);
+    r
+}
+
+/// The tile at `index` of a figure of `columns` tiles of `tw × th` per row.
+fn tile(img: &image::RgbaImage, index: usize, columns: usize, tw: u32, th: u32) -> Vec<[u8; 4]> {
+    let sep = raster::SEPARATOR as u32;
+    let (col, row) = ((index % columns) as u32, (index / columns) as u32);
+    let (x0, y0) = (sep + col * (tw + sep), sep + row * (th + sep));
+    (0..th)
+        .flat_map(|y| (0..tw).map(move |x| (x0 + x, y0 + y)))
+        .map(|(x, y)| img.get_pixel(x, y).0)
+        .collect()
+}
+
+/// `r`'s pixels as RGBA, as a decoded PNG gives them.
+fn rgba_of(r: &raster::Raster) -> Vec<[u8; 4]> {
+    (0..r.height)
+        .flat_map(|y| (0..r.width).map(move |x| (x, y)))
+        .map(|(x, y)| match r.pixel(x, y) {
+            [g] => [*g, *g, *g, 255],
+            [a, b, c] => [*a, *b, *c, 255],
+            other => panic!("unexpected pixel {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn paper_figure_shows_each_class_pattern_from_its_most_predictive_natural_canvas() {
+    for shape in [[1, 28, 28], [3, 32, 32]] {
+        let r = with_white_canvases(shape);
+        let dir = tempfile::tempdir().unwrap();
+        report::write_run(&r, &names(), dir.path()).unwrap();
+        let [_, h, w] = shape;
+        let scale = raster::display_scale(h, w);
+        let (tw, th) = ((w * scale) as u32, (h * scale) as u32);
+        let n = r.classes.len();
+        let columns = n.min(report::PAPER_COLUMNS);
+        let rows = n.div_ceil(columns) as u32;
+        let sep = raster::SEPARATOR as u32;
+        let colour = if shape[0] == 3 {
+            ColorType::Rgb8
+        } else {
+            ColorType::L8
+        };
+        let figure = check_png(
+            &dir.path().join(report::PAPER_FIGURE),
+            (
+                columns as u32 * tw + (columns as u32 + 1) * sep,
+                rows * th + (rows + 1) * sep,
+            ),
+            colour,
+        )
+        .to_rgba8();
+        for (index, c) in r.classes.iter().enumerate() {
+            let got = tile(&figure, index, columns, tw, th);
+            let natural: Vec<usize> = (0..r.searches.len())
+                .filter(|&i| {
+                    r.searches[i].class == c.class
+                        && matches!(r.searches[i].canvas.source.as_str(), "test" | "train")
+                })
+                .collect();
+            let Some(&want) = natural.iter().max_by(|&&a, &&b| {
+                r.searches[a]
+                    .power
+                    .overall
+                    .total_cmp(&r.searches[b].power.overall)
+            }) else {
+                // Only a white canvas: a blank tile, never the white pattern.
+                assert!(
+                    got.iter().all(|p| p[..3] == [raster::MISSING_GREY; 3]),
+                    "class {} has no natural canvas: its tile must be blank",
+                    c.class
+                );
+                continue;
+            };
+            let s = &r.searches[want];
+            let pattern = raster::pattern_on_grey(&s.canvas.pixels, &s.positions, shape)
+                .unwrap()
+                .upscale(scale);
+            assert_eq!(
+                got,
+                rgba_of(&pattern),
+                "class {}: the tile must be the pattern of canvas {}",
+                c.class,
+                s.canvas.id
+            );
+        }
+        // The fixture's class 0 must test "most predictive natural", not
+        // "first" or "best overall".
+        let s0 = &r.searches[report::paper_search(&r, 0).unwrap()];
+        assert_eq!(s0.canvas.id, "auto1");
+        assert_eq!(report::paper_search(&r, 2), None);
+    }
+}
+
+#[test]
+fn page_shows_each_class_canvases_side_by_side_and_embeds_the_paper_figure() {
+    let r = with_white_canvases([1, 28, 28]);
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    check_self_contained(&html);
+
+    let figure = std::fs::read(dir.path().join(report::PAPER_FIGURE)).unwrap();
+    let at = html
+        .find(&report::data_uri(&figure))
+        .expect("the page embeds paper_figure.png");
+    let grid = html.find("<table class=\"grid\">").unwrap();
+    let per_class = html.find("id=\"class-0\"").unwrap();
+    assert!(
+        grid < at && at < per_class,
+        "the figure sits under the grid"
+    );
+    let lower = html.to_lowercase();
+    assert!(lower.contains("patterns from natural canvases, as the paper's figure shows them"));
+    assert!(lower.contains("the trigger finder"));
+
+    let section = |c: usize| {
+        let start = html.find(&format!("<section id=\"class-{c}\">")).unwrap();
+        &html[start..start + html[start..].find("</section>").unwrap()]
+    };
+    let zero = section(0);
+    assert_eq!(zero.matches("<div class=\"side\"").count(), 1, "one row");
+    let row = &zero[zero.find("<div class=\"side\"").unwrap()..];
+    assert!(
+        row.contains("grid-template-columns: repeat(3,"),
+        "three columns"
+    );
+    let head = |id: &str| {
+        row.find(&format!("<h4>canvas {id} "))
+            .unwrap_or_else(|| panic!("no column for {id}"))
+    };
+    let (a0, a1, white) = (head("auto0"), head("auto1"), head("solid1"));
+    assert!(
+        a0 < a1 && a1 < white,
+        "natural canvases first, in report order"
+    );
+    // The white canvas is the best and stays marked, in its own column.
+    assert_eq!(row.matches("badge best").count(), 1);
+    let badge = row.find("badge best").unwrap();
+    assert!(badge > white, "the best badge belongs to the white column");
+    assert!(row[white..].contains("a white image"));
+    assert!(row.contains("natural canvas") && row.contains("solid canvas"));
+    // Each column shows its pattern on grey and its power.
+    assert_eq!(row.matches("(on grey)").count(), 3);
+    assert_eq!(row.matches("power at k = ").count(), 3);
+
+    // The verdict box is untouched by the white canvases' presence.
+    let plain = make_report([1, 28, 28], 4, true);
+    let dir2 = tempfile::tempdir().unwrap();
+    report::write_run(&plain, &names(), dir2.path()).unwrap();
+    let html2 = std::fs::read_to_string(dir2.path().join("report.html")).unwrap();
+    assert_eq!(verdict_box(&html), verdict_box(&html2));
+}
+
+#[test]
+fn a_run_without_natural_canvases_has_no_paper_figure() {
+    let mut r = make_report([1, 28, 28], 4, true);
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    assert!(dir.path().join(report::PAPER_FIGURE).is_file());
+    for s in &mut r.searches {
+        s.canvas.source = "solid".into();
+    }
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    assert!(
+        !dir.path().join(report::PAPER_FIGURE).exists(),
+        "an earlier run's paper figure must not stay"
+    );
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    check_self_contained(&html);
+    assert!(!html.contains("figure class=\"paper\""));
+}
+
+#[test]
+fn a_rerun_with_fewer_classes_leaves_no_stale_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&make_report([1, 28, 28], 4, true), &names(), dir.path()).unwrap();
+    let images = dir.path().join("images");
+    assert!(images.join("c3_auto0_pattern.png").is_file());
+    assert!(images.join("c0_auto1_examples.png").is_file());
+    let r = make_report([1, 28, 28], 3, false);
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    let mut want: Vec<String> = vec!["grid.png".into()];
+    for s in &r.searches {
+        for suffix in ["canvas", "mask", "pattern_grey", "pattern", "pattern_rgba"] {
+            want.push(format!("c{}_{}_{suffix}.png", s.class, s.canvas.id));
+        }
+    }
+    want.sort();
+    let mut got: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "images/ holds exactly this run's pictures");
 }

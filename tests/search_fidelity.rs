@@ -73,8 +73,8 @@ fn selection_and_report_images_are_disjoint_under_cwp_and_overlap_under_the_auth
         ..cfg
     };
     let sets = ImageSets::new(&idx, &all);
-    for c in 0..10 {
-        assert_eq!(sets.select[c].len(), idx[c].len() / 2, "class {c}");
+    for (c, class) in idx.iter().enumerate() {
+        assert_eq!(sets.select[c].len(), class.len() / 2, "class {c}");
         assert!(!sets.report[c].is_empty());
     }
 }
@@ -258,4 +258,51 @@ fn the_protocol_is_part_of_every_search_s_key() {
         a.searches[0].power.per_source,
         b.searches[0].power.per_source
     );
+}
+
+#[test]
+fn without_a_sweep_the_summary_shows_no_minimal_k_rather_than_not_reached() {
+    let out = tempfile::tempdir().unwrap();
+    let weights = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/smallcnn_fmnist_badnets.safetensors"
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args([
+            "search",
+            "--weights",
+            weights,
+            "--out",
+            out.path().to_str().unwrap(),
+            "--classes",
+            "0,1,2",
+            "--canvas",
+            "solid:1",
+            "--k-sweep",
+            "none",
+            "--epochs",
+            "1",
+            "--search-frac",
+            "0.02",
+            "--sweep-per-class",
+            "10",
+            "--eval-per-class",
+            "20",
+            "--protocol",
+            "authors",
+            "--device",
+            "cpu",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!stdout.contains("not reached"), "{stdout}");
+    assert!(stdout.contains('—'), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    // `authors` at 28×28 is the authors' CIFAR protocol.
+    assert_eq!(report["config"]["protocol"], "authors-cifar");
+    assert!(report["images"].as_str().unwrap().contains("authors-cifar"));
 }

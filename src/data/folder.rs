@@ -158,11 +158,51 @@ pub fn convert_ratio(img: &DynamicImage, shape: [usize; 3], ratio: f64) -> Vec<u
     }
 }
 
+/// The most bytes one decoded image may take: the `image` crate's default
+/// allocation limit, which keeps a huge (or malicious) file from exhausting
+/// memory.
+fn max_decoded_bytes() -> u64 {
+    image::Limits::default().max_alloc.unwrap_or(u64::MAX)
+}
+
+/// Width, height and decoded size in bytes of an encoded image, read from its
+/// header (nothing is decoded, so no limit applies).
+fn probe_size(bytes: &[u8]) -> image::ImageResult<(u32, u32, u64)> {
+    use image::ImageDecoder;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    reader.no_limits();
+    let decoder = reader.into_decoder()?;
+    let (w, h) = decoder.dimensions();
+    Ok((w, h, decoder.total_bytes()))
+}
+
+/// The error for an image too large to decode, naming its size and the limit.
+fn too_large(path: &Path, w: u32, h: u32, bytes: u64) -> Error {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Error::format(
+        path,
+        format!(
+            "image of {w}×{h} pixels is too large: decoding it needs at least {:.0} MiB, \
+             and the limit is {:.0} MiB per image (scale it down first)",
+            mib(bytes),
+            mib(max_decoded_bytes())
+        ),
+    )
+}
+
 /// Reads, decodes and converts one image file.
 fn load_image(path: &Path, shape: [usize; 3], ratio: f64) -> Result<Vec<u8>> {
     let bytes = read_file(path)?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))?;
+    let cannot_decode = |e| Error::format(path, format!("cannot decode image: {e}"));
+    let (w, h, decoded) = probe_size(&bytes).map_err(cannot_decode)?;
+    if decoded > max_decoded_bytes() {
+        return Err(too_large(path, w, h, decoded));
+    }
+    let img = image::load_from_memory(&bytes).map_err(|e| match e {
+        // Decoders may need more than the output buffer the probe counted.
+        image::ImageError::Limits(_) => too_large(path, w, h, decoded),
+        e => cannot_decode(e),
+    })?;
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::format(path, "image with no pixels"));
     }
@@ -409,6 +449,55 @@ mod tests {
             .to_string();
         assert!(e.contains(&bad.display().to_string()), "{e}");
         assert!(e.contains("cannot decode"), "{e}");
+    }
+
+    /// A PNG holding only a header that claims `w × h` grey pixels.
+    fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(13u32.to_be_bytes());
+        png.extend(&ihdr);
+        png.extend(crc32(&ihdr).to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn an_image_too_large_to_decode_is_named_with_its_size_and_the_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let d = mkdir(&t.path().join("c"));
+        halves(4, 4).save(d.join("good.png")).unwrap();
+        let big = d.join("big.png");
+        std::fs::write(&big, png_header_only(30000, 30000)).unwrap();
+        let e = load(&spec(t.path()), Split::Test, Some([1, 4, 4]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&big.display().to_string()), "{e}");
+        assert!(e.contains("30000×30000"), "{e}");
+        let limit_mib = image::Limits::default().max_alloc.unwrap() >> 20;
+        assert!(e.contains(&format!("limit is {limit_mib} MiB")), "{e}");
+        // 30000 × 30000 one-byte pixels.
+        assert!(
+            e.contains(&format!("{:.0} MiB", 9e8 / (1u64 << 20) as f64)),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::text::{self, anomaly, min_k, pct, seconds};
-use super::{data_uri, plot, Names, RunPictures, DETAIL_IMAGES_MAX};
+use super::{data_uri, is_natural, plot, Names, PaperFigure, RunPictures, DETAIL_IMAGES_MAX};
 use crate::search::{verdict, RunReport, SearchResult};
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -78,6 +78,13 @@ figcaption b.hit { color: var(--bad); }
 .plot svg { width: 100%; max-width: 920px; height: auto; display: block; }
 .search { border: 1px solid var(--line); border-radius: 8px; padding: 4px 16px 12px; margin: 12px 0; }
 .search.best { border-color: #9fb3c8; }
+.side { display: grid; gap: 14px; align-items: start; margin: 12px 0; }
+.side > .search { margin: 0; min-width: 0; }
+.kind { font-size: 12px; font-weight: 600; color: var(--muted); text-transform: uppercase; letter-spacing: .04em; }
+figure.paper { margin: 8px 0 4px; }
+figure.paper img { max-width: 100%; height: auto; }
+figure.paper figcaption { max-width: none; font-size: 13.5px; }
+.run figure.paper img { width: 100%; }
 .badge { display: inline-block; font-size: 12px; font-weight: 600; padding: 1px 8px; border-radius: 10px;
   vertical-align: 2px; margin-left: 6px; }
 .badge.bad { background: var(--bad); color: #fff; }
@@ -554,7 +561,10 @@ fn class_table(report: &RunReport, names: &Names<'_>, id: &str, compact: bool) -
 /// Where a canvas came from, in words.
 fn canvas_words(s: &SearchResult) -> String {
     let c = &s.canvas;
+    let uniform = |v: f32| c.pixels.iter().all(|&p| p == v);
     let mut w = match (c.source.as_str(), c.dataset_index) {
+        ("solid", _) if !c.pixels.is_empty() && uniform(1.0) => "a white image".to_string(),
+        ("solid", _) if !c.pixels.is_empty() && uniform(0.0) => "a black image".to_string(),
         ("solid", _) => "a uniform grey image".to_string(),
         (src, Some(i)) => format!("{src} image #{i}"),
         (src, None) => src.to_string(),
@@ -565,7 +575,19 @@ fn canvas_words(s: &SearchResult) -> String {
     w
 }
 
-/// One search's pictures, numbers, sweep and per-source powers.
+/// What kind of canvas a search started from, for the column heads.
+fn canvas_kind(s: &SearchResult) -> &'static str {
+    if is_natural(s) {
+        "natural canvas"
+    } else if s.canvas.source == "solid" {
+        "solid canvas"
+    } else {
+        "other canvas"
+    }
+}
+
+/// One search's pictures, numbers, sweep and per-source powers (one column
+/// of its class's side-by-side row).
 fn search_details(
     report: &RunReport,
     names: &Names<'_>,
@@ -579,8 +601,9 @@ fn search_details(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "<div class=\"search{}\">\n<h4>canvas {} <span class=\"muted\">({})</span>{}</h4>",
+        "<div class=\"search{}\">\n<div class=\"kind\">{}</div>\n<h4>canvas {} <span class=\"muted\">({})</span>{}</h4>",
         if best { " best" } else { "" },
+        canvas_kind(s),
         esc(&s.canvas.id),
         esc(&canvas_words(s)),
         if best {
@@ -605,9 +628,15 @@ fn search_details(
             "",
         ));
         out.push_str(&fig(
+            &p.pattern_grey,
+            &format!("pattern of {name} on grey"),
+            &format!("pattern, k = {} (on grey)", s.positions.len()),
+            "",
+        ));
+        out.push_str(&fig(
             &p.pattern,
             &format!("pattern of {name}"),
-            &format!("pattern, k = {}", s.positions.len()),
+            "pattern on white",
             "",
         ));
         out.push_str(&fig(
@@ -728,7 +757,9 @@ fn search_details(
     out
 }
 
-/// Every class's searches, best canvas first.
+/// Every class's searches side by side, one column per canvas: natural
+/// canvases first (what the class looks like to the model, the paper's
+/// view), then solid ones (the trigger finder); the best one is marked.
 fn class_details(
     report: &RunReport,
     names: &Names<'_>,
@@ -749,15 +780,53 @@ fn class_details(
             },
             cl = c.class
         );
-        out.push_str(&search_details(report, names, pictures, c.best, true));
-        for (i, s) in report.searches.iter().enumerate() {
-            if s.class == c.class && i != c.best {
-                out.push_str(&search_details(report, names, pictures, i, false));
-            }
+        let mut columns: Vec<usize> = (0..report.searches.len())
+            .filter(|&i| report.searches[i].class == c.class)
+            .collect();
+        // Stable: report order within natural and within the others.
+        columns.sort_by_key(|&i| !is_natural(&report.searches[i]));
+        let _ = writeln!(
+            out,
+            "<div class=\"scroll\"><div class=\"side\" style=\"grid-template-columns: repeat({}, minmax(360px, 1fr))\">",
+            columns.len().max(1)
+        );
+        for i in columns {
+            out.push_str(&search_details(report, names, pictures, i, i == c.best));
         }
-        out.push_str("</section>\n");
+        out.push_str("</div></div>\n</section>\n");
     }
     out
+}
+
+/// The paper-style figure with a caption naming the classes in order.
+fn paper_figure(report: &RunReport, names: &Names<'_>, f: &PaperFigure, compact: bool) -> String {
+    let order: Vec<String> = f
+        .tiles
+        .iter()
+        .map(|&(c, s)| match s {
+            Some(_) => format!("{c} · {}", esc(&names.get(c))),
+            None => format!("{c} · {} (blank: no natural canvas)", esc(&names.get(c))),
+        })
+        .collect();
+    let solid = report.searches.iter().any(|s| s.canvas.source == "solid");
+    let caption = if compact {
+        format!("Left to right: {}.", order.join(", "))
+    } else {
+        format!(
+            "Patterns from natural canvases, as the paper's figure shows them: for each class, the pattern (on grey) from its most predictive test or train image, {} per row, left to right: {}.{}",
+            f.columns,
+            order.join(", "),
+            if solid {
+                " The white (solid) canvas is the trigger finder: its search stands next to the natural one in each class's section below."
+            } else {
+                ""
+            }
+        )
+    };
+    format!(
+        "<figure class=\"paper\">{}<figcaption>{caption}</figcaption></figure>\n",
+        img(&f.png, "patterns from natural canvases, all classes", "px")
+    )
 }
 
 /// The body of one run (used by its own page and, collapsed, by the
@@ -775,6 +844,10 @@ fn run_body(
     out.push_str(&run_info(report));
     out.push_str("<h2>All classes</h2>\n<p class=\"muted\">Best canvas of each class: the canvas, its optimised mask, the top-k pattern (canvas pixels at the k positions of largest mask value, white elsewhere) and a test image of another class with the pattern pasted in (one the pattern turns into the class, when there is one).</p>\n");
     out.push_str(&grid_table(report, names, pictures, id, false));
+    if let Some(f) = &pictures.paper {
+        out.push_str("<h3>The paper's view</h3>\n");
+        out.push_str(&paper_figure(report, names, f, false));
+    }
     let _ = writeln!(
         out,
         "<h2>Summary</h2>\n<p class=\"muted\">Predictive power: share of other-class test images classified as the class once the pattern (k = {}) is pasted in; clean share: the same images without it. Minimal k: the smallest pattern reaching {}. Anomaly index of the statistic the verdict uses.</p>",
@@ -869,6 +942,10 @@ pub fn comparison_page(title: &str, notes: &[String], runs: &[RunColumn<'_>]) ->
         );
         body.push_str(&verdict_box(r.report, &r.names, true));
         body.push_str(&grid_table(r.report, &r.names, r.pictures, &id, true));
+        if let Some(f) = &r.pictures.paper {
+            body.push_str("<h4>Patterns from natural canvases (the paper's view)</h4>\n");
+            body.push_str(&paper_figure(r.report, &r.names, f, true));
+        }
         body.push_str("<h4>Classes</h4>\n");
         body.push_str(&class_table(r.report, &r.names, &id, true));
         let _ = writeln!(

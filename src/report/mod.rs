@@ -2,10 +2,12 @@
 //!
 //! [`write_run`] fills one run's folder: `report.json` (the [`RunReport`],
 //! every number), `images/` (per search the canvas, the mask heat map, the
-//! pattern on white and on transparency, the stamped examples; `grid.png`
-//! with one row per class), `pp_vs_k.svg` (predictive power against k) and
-//! `report.html`, a single self-contained page (images inline as data URIs,
-//! CSS inline, no script, no external URL). [`write_comparison`] puts
+//! pattern on grey, on white and on transparency, the stamped examples;
+//! `grid.png` with one row per class), `paper_figure.png` (every class's
+//! pattern from its natural canvas, as the paper's figure shows them),
+//! `pp_vs_k.svg` (predictive power against k) and `report.html`, a single
+//! self-contained page (images inline as data URIs, CSS inline, no script,
+//! no external URL). [`write_comparison`] puts
 //! several runs side by side (the `cwp demo` page) and [`terminal_summary`]
 //! is the table the CLI prints.
 //!
@@ -39,6 +41,12 @@ pub const GRID_THUMB: usize = 64;
 /// Above this many searches, the per-search pictures are not inlined in
 /// the page's details (they stay in `images/`), so the page stays loadable.
 pub const DETAIL_IMAGES_MAX: usize = 300;
+
+/// Tiles per row of the paper figure (one row for up to this many classes).
+pub const PAPER_COLUMNS: usize = 10;
+
+/// The paper figure's file name in the run folder.
+pub const PAPER_FIGURE: &str = "paper_figure.png";
 
 /// Class names for display: the caller's list first, then the names the
 /// report carries, then the number, so a report renders whatever is known.
@@ -124,6 +132,33 @@ pub fn search_stem(s: &SearchResult) -> String {
     format!("c{}_{}", s.class, file_safe(&s.canvas.id))
 }
 
+/// Whether a search started from a real image (a test or train image of
+/// the class), as the paper's patterns do; solid canvases are not.
+pub fn is_natural(s: &SearchResult) -> bool {
+    matches!(s.canvas.source.as_str(), "test" | "train")
+}
+
+/// The search the paper figure shows for `class`: its natural-canvas
+/// search of highest power at the default k (the first on a tie; NaN counts
+/// as lowest), or None when the class has no natural-canvas search.
+pub fn paper_search(report: &RunReport, class: usize) -> Option<usize> {
+    let power = |i: usize| {
+        let p = report.searches[i].power.overall;
+        if p.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            p
+        }
+    };
+    let mut best: Option<usize> = None;
+    for (i, s) in report.searches.iter().enumerate() {
+        if s.class == class && is_natural(s) && best.is_none_or(|b| power(i) > power(b)) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
 /// PNG bytes of one search's pictures, at display size.
 pub struct SearchPictures {
     /// `c{class}_{canvas_id}`.
@@ -132,6 +167,8 @@ pub struct SearchPictures {
     pub canvas: Vec<u8>,
     /// The mask heat map.
     pub mask: Vec<u8>,
+    /// The pattern on a grey checkerboard (white pixels show).
+    pub pattern_grey: Vec<u8>,
     /// The pattern on white.
     pub pattern: Vec<u8>,
     /// The pattern on transparency.
@@ -154,6 +191,20 @@ pub struct GridRow {
     pub tiles: [Vec<u8>; 4],
 }
 
+/// The paper-style figure: every class's pattern from its natural canvas,
+/// in class order, [`PAPER_COLUMNS`] to a row; a class without a
+/// natural-canvas search keeps its place as a blank tile
+/// ([`raster::MISSING_GREY`]), so positions always follow class order.
+pub struct PaperFigure {
+    /// One per class, in [`RunReport::classes`] order: the class and the
+    /// search its tile shows ([`paper_search`]; None: a blank tile).
+    pub tiles: Vec<(usize, Option<usize>)>,
+    /// Tiles per row.
+    pub columns: usize,
+    /// `paper_figure.png`.
+    pub png: Vec<u8>,
+}
+
 /// Every picture of a run, encoded once: written to `images/` and inlined
 /// in the page from the same bytes.
 pub struct RunPictures {
@@ -163,6 +214,8 @@ pub struct RunPictures {
     pub grid_rows: Vec<GridRow>,
     /// `grid.png`.
     pub grid: Vec<u8>,
+    /// `paper_figure.png`; None when no class has a natural-canvas search.
+    pub paper: Option<PaperFigure>,
 }
 
 /// The example a grid row shows: the first whose stamped prediction is the
@@ -227,6 +280,7 @@ pub fn render_pictures(report: &RunReport) -> Result<RunPictures> {
             stem: search_stem(s),
             canvas: canvas.to_png()?,
             mask: mask.to_png()?,
+            pattern_grey: pattern_grey.to_png()?,
             pattern: pattern.to_png()?,
             pattern_rgba: pattern_rgba.to_png()?,
             examples,
@@ -281,10 +335,45 @@ pub fn render_pictures(report: &RunReport) -> Result<RunPictures> {
         grid_tiles.push(row.to_vec());
     }
     let grid = raster::grid(&grid_tiles).to_png()?;
+
+    // The paper figure: natural canvases only; a blank tile as large as the
+    // others where a class has none.
+    let tiles: Vec<(usize, Option<usize>)> = report
+        .classes
+        .iter()
+        .map(|c| (c.class, paper_search(report, c.class)))
+        .collect();
+    let paper = if tiles.iter().any(|(_, s)| s.is_some()) {
+        let pictures: Vec<Raster> = tiles
+            .iter()
+            .map(|(_, s)| match s {
+                Some(i) => thumb(&rasters[*i].2),
+                None => {
+                    let size = thumb(&Raster::filled(w * scale, h * scale, &[0]));
+                    let channels = rasters.first().map_or(1, |r| r.2.channels);
+                    Raster::filled(
+                        size.width,
+                        size.height,
+                        &vec![raster::MISSING_GREY; channels],
+                    )
+                }
+            })
+            .collect();
+        let columns = tiles.len().clamp(1, PAPER_COLUMNS);
+        let rows: Vec<Vec<Raster>> = pictures.chunks(columns).map(<[Raster]>::to_vec).collect();
+        Some(PaperFigure {
+            tiles,
+            columns,
+            png: raster::grid(&rows).to_png()?,
+        })
+    } else {
+        None
+    };
     Ok(RunPictures {
         searches,
         grid_rows,
         grid,
+        paper,
     })
 }
 
@@ -308,6 +397,33 @@ fn create_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the PNGs of `images` this report did not write: pictures of an
+/// earlier run into the same folder (classes or canvases no longer
+/// searched, examples no longer stored) would otherwise pass for this run's.
+fn remove_stale_pictures(
+    images: &Path,
+    written: &std::collections::HashSet<std::ffi::OsString>,
+) -> Result<()> {
+    let entries = std::fs::read_dir(images).map_err(|e| Error::io(images, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(images, e))?;
+        let name = entry.file_name();
+        let is_png = Path::new(&name).extension().is_some_and(|x| x == "png");
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_png && is_file && !written.contains(&name) {
+            remove_if_present(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes one run's folder and returns what was rendered.
 pub fn write_run_rendered(
     report: &RunReport,
@@ -318,17 +434,30 @@ pub fn write_run_rendered(
     let images = dir.join("images");
     create_dir(&images)?;
     let pictures = render_pictures(report)?;
+    let mut written = std::collections::HashSet::new();
+    let mut write_image = |name: String, png: &[u8]| -> Result<()> {
+        write_atomic(&images.join(&name), png)?;
+        written.insert(std::ffi::OsString::from(name));
+        Ok(())
+    };
     for p in &pictures.searches {
-        let file = |suffix: &str| images.join(format!("{}_{suffix}.png", p.stem));
-        write_atomic(&file("canvas"), &p.canvas)?;
-        write_atomic(&file("mask"), &p.mask)?;
-        write_atomic(&file("pattern"), &p.pattern)?;
-        write_atomic(&file("pattern_rgba"), &p.pattern_rgba)?;
+        let file = |suffix: &str| format!("{}_{suffix}.png", p.stem);
+        write_image(file("canvas"), &p.canvas)?;
+        write_image(file("mask"), &p.mask)?;
+        write_image(file("pattern_grey"), &p.pattern_grey)?;
+        write_image(file("pattern"), &p.pattern)?;
+        write_image(file("pattern_rgba"), &p.pattern_rgba)?;
         if let Some(ex) = &p.examples {
-            write_atomic(&file("examples"), ex)?;
+            write_image(file("examples"), ex)?;
         }
     }
-    write_atomic(&images.join("grid.png"), &pictures.grid)?;
+    write_image("grid.png".into(), &pictures.grid)?;
+    let paper = dir.join(PAPER_FIGURE);
+    match &pictures.paper {
+        Some(f) => write_atomic(&paper, &f.png)?,
+        None => remove_if_present(&paper)?,
+    }
+    remove_stale_pictures(&images, &written)?;
     let json = serde_json::to_vec_pretty(report)
         .map_err(|e| Error::Msg(format!("report: cannot serialise report.json: {e}")))?;
     write_atomic(&dir.join("report.json"), &json)?;
@@ -341,10 +470,13 @@ pub fn write_run_rendered(
 
 /// Writes everything for one run into `dir` (created if needed):
 /// `report.json` (the [`RunReport`], pretty), `images/` (per search
-/// `c{class}_{canvas}_canvas.png`, `_mask.png`, `_pattern.png`,
-/// `_pattern_rgba.png`, `_examples.png` when the examples carry their
-/// pixels; `grid.png`), `pp_vs_k.svg` and the self-contained `report.html`
-/// (written last). Rewriting a folder replaces each file atomically.
+/// `c{class}_{canvas}_canvas.png`, `_mask.png`, `_pattern_grey.png`,
+/// `_pattern.png`, `_pattern_rgba.png`, `_examples.png` when the examples
+/// carry their pixels; `grid.png`), [`PAPER_FIGURE`] (when some class has
+/// a natural-canvas search), `pp_vs_k.svg` and the self-contained
+/// `report.html` (written last). Rewriting a folder replaces each file
+/// atomically and removes the PNGs of `images/` (and a paper figure) the
+/// new report did not write, so nothing of an earlier run lingers.
 /// `class_names[c]` names class c (an empty or short list falls back to
 /// the names in the report).
 pub fn write_run(report: &RunReport, class_names: &[String], dir: &Path) -> Result<()> {

@@ -11,6 +11,10 @@ use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Most canvases `auto:N` chooses per class: each is a whole search, so a
+/// larger N is almost surely a slip (auto:5000 would mean hours per class).
+pub const AUTO_MAX: usize = 64;
+
 /// How canvases are chosen (`--canvas`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum CanvasSpec {
@@ -48,6 +52,10 @@ impl std::str::FromStr for CanvasSpec {
             "test" => Ok(CanvasSpec::Test(list("test")?)),
             "train" => Ok(CanvasSpec::Train(list("train")?)),
             "auto" => match rest.trim().parse::<usize>() {
+                Ok(n) if n > AUTO_MAX => Err(bad(format!(
+                    "auto:N takes at most {AUTO_MAX} canvases per class (each is a whole search); \
+                     name test images with test:I,J.. for more"
+                ))),
                 Ok(n) if n > 0 => Ok(CanvasSpec::Auto(n)),
                 _ => Err(bad("auto:N needs N >= 1".into())),
             },
@@ -280,6 +288,16 @@ pub fn choose<B: Backend>(
                     format!("class {target} has no test images outside the search set to choose a canvas from"),
                 ));
             }
+            if *n > candidates.len() {
+                return Err(Error::arg(
+                    "--canvas",
+                    format!(
+                        "auto:{n} asks for {n} canvases, but class {target} has only {} test images \
+                         outside the search set",
+                        candidates.len()
+                    ),
+                ));
+            }
             let mut scored = Vec::with_capacity(candidates.len());
             for chunk in candidates.chunks(256) {
                 let p = target_confidence(&model.logits(&test.batch(chunk))?, target);
@@ -334,7 +352,7 @@ mod tests {
             prob: 0.9,
             margin: 2.0,
         };
-        let mut scored = vec![(9, c), (2, c)];
+        let mut scored = [(9, c), (2, c)];
         scored.sort_by(|a, b| rank_order((a.0, &a.1), (b.0, &b.1)));
         assert_eq!(scored[0].0, 2);
     }

@@ -155,6 +155,30 @@ impl SearchConfig {
         if !(m.lr > 0.0 && m.lr.is_finite()) {
             return Err(Error::arg("--lr", format!("{} must be positive", m.lr)));
         }
+        // Without the cross-entropy term the mask only shrinks to nothing,
+        // whatever the class: alpha must be positive. beta may be 0 (no
+        // sparsity pressure), never negative (it would reward a larger mask).
+        if !(m.alpha > 0.0 && m.alpha.is_finite()) {
+            return Err(Error::arg(
+                "--alpha",
+                format!("{} must be a positive, finite number", m.alpha),
+            ));
+        }
+        if !(m.beta >= 0.0 && m.beta.is_finite()) {
+            return Err(Error::arg(
+                "--beta",
+                format!("{} must be a finite number, 0 or more", m.beta),
+            ));
+        }
+        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
+            return Err(Error::arg(
+                "--threshold",
+                format!(
+                    "{} is outside (0, 1]: it is a share of images",
+                    self.threshold
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&m.init) {
             return Err(Error::arg(
                 "--mask-init",

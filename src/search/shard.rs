@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::store::Store;
+use super::store::{Lookup, Store};
 use super::{summarise, RunHeader, RunReport, RunStats, SearchConfig, SearchResult};
 use crate::error::{Error, Result};
 
@@ -88,12 +88,26 @@ impl Manifest {
             .join(format!("{}-of-{}.json", shard.index, shard.count))
     }
 
-    /// Writes the manifest atomically under `dir/shards/`.
+    /// SHA-256 of the manifest's canonical JSON (as serialised from its
+    /// parsed form), so that an edited or damaged manifest is found out.
+    fn checksum(&self) -> Result<String> {
+        let body = serde_json::to_vec(self)
+            .map_err(|e| Error::Msg(format!("cannot serialise a shard manifest: {e}")))?;
+        Ok(crate::io::sha256_hex(&[&body]))
+    }
+
+    /// Writes the manifest atomically under `dir/shards/`, with a
+    /// `checksum` field over the rest.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = Manifest::path(dir, self.shard);
         let parent = dir.join("shards");
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let text = serde_json::to_vec_pretty(self)
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| Error::Msg(format!("cannot serialise a shard manifest: {e}")))?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("checksum".into(), self.checksum()?.into());
+        }
+        let text = serde_json::to_vec_pretty(&value)
             .map_err(|e| Error::Msg(format!("cannot serialise a shard manifest: {e}")))?;
         crate::io::write_atomic(&path, &text)
     }
@@ -125,6 +139,27 @@ impl Manifest {
                     "{}: manifest format {} (this tool reads {FORMAT})",
                     path.display(),
                     m.format
+                )));
+            }
+            #[derive(Deserialize)]
+            struct Sum {
+                checksum: Option<String>,
+            }
+            let sum = serde_json::from_slice::<Sum>(&bytes)
+                .ok()
+                .and_then(|s| s.checksum);
+            let why = match sum {
+                None => Some("has no checksum (written by an older version)"),
+                Some(s) if s != m.checksum()? => {
+                    Some("its checksum does not match its contents (edited or damaged)")
+                }
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                return Err(Error::Msg(format!(
+                    "{}: {why}; rerun shard {} with the same options to write it again",
+                    path.display(),
+                    m.shard
                 )));
             }
             out.push((path, m));
@@ -199,13 +234,40 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(RunReport, Vec<String>)> {
         by_shard.insert(m.shard.index, m);
     }
     let count = first.shard.count;
-    let stores: Vec<Store> = dirs.iter().map(|d| Store::at(d)).collect();
+    let stores: Vec<Store> = dirs
+        .iter()
+        .map(|d| Store::at(d).expecting(first.header.input))
+        .collect();
     let mut searches: Vec<SearchResult> = Vec::new();
     let mut missing: BTreeMap<usize, usize> = BTreeMap::new();
     for (j, unit) in first.header.units.iter().enumerate() {
-        match stores.iter().find_map(|s| s.load(&unit.key)) {
-            Some(r) => searches.push(r),
-            None => *missing.entry(j % count).or_default() += 1,
+        // A sound copy in any folder will do; with none, a bad copy is an
+        // error naming it (merge cannot search again, the shard can).
+        let mut bad = None;
+        let mut found = None;
+        for store in &stores {
+            match store.lookup(&unit.key) {
+                Lookup::Found(r) => {
+                    found = Some(*r);
+                    break;
+                }
+                Lookup::Bad(path, why) => bad = bad.or(Some((path, why))),
+                Lookup::Missing => {}
+            }
+        }
+        match (found, bad) {
+            (Some(r), _) => searches.push(r),
+            (None, Some((path, why))) => {
+                return Err(Error::Msg(format!(
+                    "{}: {why}. This result of shard {}/{count} (class {}, canvas {}) cannot be \
+                     used; rerun that shard with the same options to search it again, then merge",
+                    path.display(),
+                    j % count,
+                    unit.class,
+                    unit.canvas
+                )))
+            }
+            (None, None) => *missing.entry(j % count).or_default() += 1,
         }
     }
     if !missing.is_empty() {

@@ -61,7 +61,7 @@ pub fn build(spec: &ModelSpec) -> Result<Graph> {
     let [c, h, w] = spec.input;
     if c == 0 || h == 0 || w == 0 {
         return Err(Error::arg(
-            "--input",
+            "--input-shape",
             format!("input shape {:?} has a zero extent", spec.input),
         ));
     }

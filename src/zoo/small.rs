@@ -36,7 +36,7 @@ pub(super) fn vgg16(b: &mut Builder, x: usize, classes: usize) -> Result<usize> 
     let [_, h, w] = b.shape(x).try_into().unwrap_or([0, 0, 0]);
     if h < 32 || w < 32 {
         return Err(Error::arg(
-            "--input",
+            "--input-shape",
             format!("vgg16 halves the image five times and needs at least 32x32, got {h}x{w}"),
         ));
     }
