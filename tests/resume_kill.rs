@@ -292,7 +292,8 @@ fn soak_runs_killed_and_resumed_at_random_never_change_a_result() {
     let mixes = [("0,1,7", 2), ("2,3", 3), ("4,5,6,8,9", 1)];
     let t0 = Instant::now();
     let (mut runs, mut kills) = (0, 0);
-    while t0.elapsed() < budget {
+    // At least one kill, however short the budget.
+    while t0.elapsed() < budget || kills == 0 {
         let (classes, epochs) = mixes[runs % mixes.len()];
         let (whole, took) = timed_reference(classes, epochs);
         let dir = tempfile::tempdir().unwrap();
@@ -337,5 +338,4 @@ fn soak_runs_killed_and_resumed_at_random_never_change_a_result() {
         runs += 1;
         eprintln!("soak: run {runs} ({classes}) equal after {kills} kills so far");
     }
-    assert!(kills > 0, "nothing was killed");
 }
