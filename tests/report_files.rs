@@ -801,10 +801,14 @@ fn with_white_canvases(shape: [usize; 3]) -> RunReport {
         s.canvas.pixels = vec![1.0; numel];
     };
     assert_eq!((r.searches[0].class, r.searches[1].class), (0, 0));
+    // Class 0's second natural canvas is the more predictive one, on the
+    // selection images (what chooses) as on the report images.
     r.searches[1].power.overall = r.searches[0].power.overall + 0.005;
+    r.searches[1].select_power = r.searches[0].select_power.map(|p| p + 0.005);
     let mut white = r.searches[0].clone();
     whiten(&mut white);
     white.power.overall = 0.999;
+    white.select_power = Some(0.999);
     r.searches.insert(0, white);
     for c in &mut r.classes {
         c.best += 1;
@@ -875,12 +879,12 @@ fn paper_figure_shows_each_class_pattern_from_its_most_predictive_natural_canvas
                         && matches!(r.searches[i].canvas.source.as_str(), "test" | "train")
                 })
                 .collect();
-            let Some(&want) = natural.iter().max_by(|&&a, &&b| {
-                r.searches[a]
-                    .power
-                    .overall
-                    .total_cmp(&r.searches[b].power.overall)
-            }) else {
+            // Chosen as the best canvas is: by power on the selection images.
+            let chosen_by = |i: usize| r.searches[i].select_power.unwrap();
+            let Some(&want) = natural
+                .iter()
+                .max_by(|&&a, &&b| chosen_by(a).total_cmp(&chosen_by(b)))
+            else {
                 // Only a white canvas: a blank tile, never the white pattern.
                 assert!(
                     got.iter().all(|p| p[..3] == [raster::MISSING_GREY; 3]),
