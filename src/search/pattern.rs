@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The `k` positions (flat `row * W + col`) with the largest mask values,
@@ -149,6 +149,30 @@ pub fn default_sweep(pixels: usize) -> Vec<usize> {
         .collect();
     ks.push(pixels);
     ks
+}
+
+/// Parses the `--k-sweep` option: `default` (gives `default`), `none` (no
+/// sweep) or a comma list of k values, returned sorted without repeats.
+pub fn parse_k_sweep(s: &str, default: Vec<usize>) -> Result<Vec<usize>> {
+    match s {
+        "default" => Ok(default),
+        "none" => Ok(Vec::new()),
+        list => {
+            let mut v: Vec<usize> = list
+                .split(',')
+                .map(|k| k.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| {
+                    Error::arg(
+                        "--k-sweep",
+                        format!("`{list}` is not a comma list of whole numbers: {e}"),
+                    )
+                })?;
+            v.sort_unstable();
+            v.dedup();
+            Ok(v)
+        }
+    }
 }
 
 /// Most k values measured one by one inside a gap of the sweep; a wider gap

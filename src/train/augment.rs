@@ -3,6 +3,8 @@
 
 use rand::{Rng, RngExt};
 
+use crate::error::{Error, Result};
+
 /// Which augmentations to apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Augment {
@@ -29,6 +31,36 @@ impl Augment {
         } else {
             Augment::NONE
         }
+    }
+
+    /// Parses the `--augment` option for inputs of `shape`: `default` (see
+    /// [`Augment::default_for`]), `none`, or a comma list of `crop:PAD` and
+    /// `flip`.
+    pub fn parse(s: &str, shape: [usize; 3]) -> Result<Augment> {
+        if s == "default" {
+            return Ok(Augment::default_for(shape));
+        }
+        let mut aug = Augment::NONE;
+        if s == "none" {
+            return Ok(aug);
+        }
+        for part in s.split(',') {
+            match part.split_once(':') {
+                Some(("crop", pad)) => {
+                    aug.crop_pad = pad.parse().map_err(|e| {
+                        Error::arg("--augment", format!("crop:PAD needs a whole number: {e}"))
+                    })?
+                }
+                None if part == "flip" => aug.flip = true,
+                _ => {
+                    return Err(Error::arg(
+                        "--augment",
+                        format!("`{part}` is not default, none, crop:PAD or flip"),
+                    ))
+                }
+            }
+        }
+        Ok(aug)
     }
 
     /// Augments one `[C, H, W]` image in place.
