@@ -250,6 +250,15 @@ pub fn minimal_k(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_k_sweep_list_is_sorted_without_repeats() {
+        assert_eq!(parse_k_sweep("8, 2,8,4", vec![1]).unwrap(), [2, 4, 8]);
+        assert_eq!(parse_k_sweep("default", vec![1, 3]).unwrap(), [1, 3]);
+        assert!(parse_k_sweep("none", vec![1]).unwrap().is_empty());
+        let e = parse_k_sweep("2,x", vec![1]).unwrap_err().to_string();
+        assert!(e.contains("--k-sweep") && e.contains("`2,x`"), "{e}");
+    }
+
     /// A power function that counts its calls.
     fn counted(
         f: impl Fn(usize) -> f64,

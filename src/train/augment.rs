@@ -94,3 +94,28 @@ impl Augment {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augment_option_reads_default_none_and_lists() {
+        let rgb = [3, 32, 32];
+        assert_eq!(
+            Augment::parse("default", rgb).unwrap(),
+            Augment::default_for(rgb)
+        );
+        assert_eq!(
+            Augment::parse("default", [1, 28, 28]).unwrap(),
+            Augment::NONE
+        );
+        assert_eq!(Augment::parse("none", rgb).unwrap(), Augment::NONE);
+        let a = Augment::parse("crop:2,flip", [1, 28, 28]).unwrap();
+        assert_eq!((a.crop_pad, a.flip), (2, true));
+        for bad in ["crop:x", "mirror", "crop"] {
+            let e = Augment::parse(bad, rgb).unwrap_err().to_string();
+            assert!(e.starts_with("option --augment:"), "{e}");
+        }
+    }
+}
