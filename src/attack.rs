@@ -69,6 +69,30 @@ impl Attack {
         Ok(a)
     }
 
+    /// Parses an adversarial-training attack: `pgd:EPS,STEP,STEPS` or
+    /// `fgsm:EPS` (FGSM from a random start, see [`Attack::fgsm_rs`]).
+    pub fn parse_training(s: &str, option: &str) -> Result<Attack> {
+        match s.split_once(':') {
+            Some(("pgd", rest)) => Attack::parse_pgd(rest, option),
+            Some(("fgsm", eps)) => {
+                let eps: f32 = eps
+                    .parse()
+                    .map_err(|e| Error::arg(option, format!("`{eps}` is not a number: {e}")))?;
+                if !(0.0..=1.0).contains(&eps) {
+                    return Err(Error::arg(
+                        option,
+                        format!("epsilon {eps} is outside [0, 1]"),
+                    ));
+                }
+                Attack::fgsm_rs(eps)
+            }
+            _ => Err(Error::arg(
+                option,
+                format!("`{s}` is not pgd:EPS,STEP,STEPS or fgsm:EPS"),
+            )),
+        }
+    }
+
     /// Checks ε in [0, 1], a positive step and at least one step.
     pub fn validate(&self, option: &str) -> Result<()> {
         if !(0.0..=1.0).contains(&self.eps) {

@@ -86,9 +86,78 @@ pub fn sha256_hex(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `arg` quoted for a POSIX shell: unchanged when it holds only characters no
+/// shell treats specially, otherwise in single quotes (a single quote inside
+/// becomes `'\''`). Stored command lines can so be pasted into a shell.
+pub fn shell_quote(arg: &str) -> String {
+    // `=` and `~` start expansions in some shells when they lead a word.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:,+=@%".contains(c);
+    if !arg.is_empty() && !arg.starts_with('=') && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+/// Words joined into one shell command line (see [`shell_quote`]).
+pub fn shell_join<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
+    words
+        .into_iter()
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a POSIX shell makes of `line`: its words, one per NUL.
+    fn shell_words(line: &str) -> Vec<String> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\0' {line}"))
+            .output()
+            .expect("sh runs");
+        assert!(out.status.success(), "sh -c failed on: {line}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.split_terminator('\0').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_quoted_command_line_gives_the_shell_back_every_argument() {
+        let args = [
+            "--out",
+            "my results",
+            "it's",
+            "",
+            "$HOME",
+            "`date`",
+            "a\"b\\c",
+            "*.png",
+            "~",
+            "=x",
+            "x;rm -rf y",
+            "tab\there",
+            "new\nline",
+            "ünïcode",
+            "--canvas=auto:1+solid:1",
+            "3x32x32",
+        ];
+        let line = shell_join(args);
+        assert_eq!(shell_words(&line), args, "{line}");
+        // Arguments without special characters stay readable, unquoted.
+        assert_eq!(
+            shell_join([
+                "cwp",
+                "search",
+                "--out",
+                "runs/a-1",
+                "--canvas=auto:1+solid:1"
+            ]),
+            "cwp search --out runs/a-1 --canvas=auto:1+solid:1"
+        );
+    }
 
     #[test]
     fn same_file_sees_through_other_spellings_and_links() {

@@ -23,6 +23,7 @@ pub mod search;
 pub mod selftest;
 pub mod tensor;
 pub mod train;
+pub mod units;
 pub mod weights;
 pub mod zoo;
 

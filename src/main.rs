@@ -11,12 +11,15 @@ use clap::{Args, Parser, Subcommand};
 use classwise::attack::Attack;
 use classwise::backend::{Backend, Device};
 use classwise::data::{self, DataSpec, Split};
+use classwise::demo::DemoConfig;
 use classwise::device_model::DeviceModel;
 use classwise::eval;
+use classwise::search::optimize::MaskConfig;
 use classwise::search::{self, Canvases, RunInputs, RunReport, SearchConfig};
 use classwise::train::augment::Augment;
 use classwise::train::poison::{Poisoning, TriggerSpec};
 use classwise::train::{self, Schedule, TrainConfig};
+use classwise::units::{self, format_count, parse_count};
 use classwise::weights::{LoadOptions, Model};
 use classwise::zoo::{self, ModelSpec};
 
@@ -91,16 +94,16 @@ struct DemoArgs {
     #[arg(long, default_value = "fashion-mnist")]
     data: String,
     /// Passes over the search set (the authors' 5).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = DemoConfig::default().epochs)]
     epochs: usize,
     /// Canvases, joined by `+`: auto:N, test:I, train:I, solid:V.
-    #[arg(long, default_value = "auto:1+solid:1")]
+    #[arg(long, default_value_t = DemoConfig::default().canvas)]
     canvas: String,
     /// Images per other class for the power at the default k: a number or `all`.
-    #[arg(long, default_value = "200")]
+    #[arg(long, default_value_t = format_count(DemoConfig::default().eval_per_class))]
     eval_per_class: String,
     /// Images per other class for the k-sweep: a number or `all`.
-    #[arg(long, default_value = "30")]
+    #[arg(long, default_value_t = format_count(DemoConfig::default().sweep_per_class))]
     sweep_per_class: String,
     /// No progress output.
     #[arg(long)]
@@ -333,33 +336,33 @@ struct SearchArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// Images per search per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = MaskConfig::default().batch)]
     batch: usize,
     /// Weight of the cross-entropy term.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = MaskConfig::default().alpha)]
     alpha: f32,
     /// Weight of the L1 term sum(m)/(H*W/2).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = MaskConfig::default().beta)]
     beta: f32,
     /// Step of the signed-gradient update.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = MaskConfig::default().lr)]
     lr: f64,
     /// Seed of the search set and the batch order.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = MaskConfig::default().seed)]
     seed: u64,
     /// Share of each class's test images in the search set.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = SearchConfig::DEFAULT_SEARCH_FRAC)]
     search_frac: f64,
     /// Selection images per class (the first N; at most half the class): they choose each
     /// class's best canvas and give the k-sweep and minimal k. A number or `all` (half).
-    #[arg(long, default_value = "100")]
+    #[arg(long, default_value_t = format_count(SearchConfig::DEFAULT_SWEEP_PER_CLASS))]
     sweep_per_class: String,
     /// Report images per class for the predictive power at the default k: a number or `all`.
     /// Under cwp they follow the selection images, disjoint from them.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value_t = format_count(SearchConfig::DEFAULT_EVAL_PER_CLASS))]
     eval_per_class: String,
     /// Predictive power the minimal k must reach.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = SearchConfig::DEFAULT_THRESHOLD)]
     threshold: f64,
     /// Run only shard I of N (0 <= I < N): unit j of the run goes to shard j % N. Each shard
     /// stores its results and a manifest; `cwp merge` makes the report once all have run.
@@ -378,37 +381,6 @@ struct SearchArgs {
     quiet: bool,
     #[command(flatten)]
     device: DeviceArg,
-}
-
-/// A size in bytes: a number with an optional binary suffix K, M, G or T
-/// (powers of 1024), optionally followed by `B` or `iB` (`2G`, `2GB`, `2GiB`).
-fn parse_bytes(s: &str, option: &str) -> Result<usize> {
-    let t = s.trim().to_ascii_uppercase();
-    let t = t
-        .strip_suffix("IB")
-        .filter(|r| r.ends_with(['K', 'M', 'G', 'T']))
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(&t);
-    let (num, shift) = match t.chars().last() {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    // The float parser's own message ("invalid float literal") says nothing
-    // about sizes, so it is replaced, not chained.
-    let Ok(v) = num.trim().parse::<f64>() else {
-        bail!(
-            "option {option}: `{s}` is not a size: a number of bytes with an optional \
-             K, M, G or T suffix (e.g. 512M, 2G, 1T)"
-        );
-    };
-    let bytes = v * (1u64 << shift) as f64;
-    if !(bytes >= 1.0 && bytes.is_finite()) {
-        bail!("option {option}: `{s}` must be a positive size of at least one byte");
-    }
-    Ok(bytes.min(usize::MAX as f64) as usize)
 }
 
 fn parse_shape(s: &str) -> std::result::Result<[usize; 3], String> {
@@ -669,65 +641,6 @@ fn run_eval<B: Backend>(
     Ok(())
 }
 
-fn parse_schedule(s: &str) -> Result<Schedule> {
-    match s {
-        "cosine" => Ok(Schedule::Cosine),
-        "constant" => Ok(Schedule::Constant),
-        _ => {
-            let parts: Vec<&str> = s.split(':').collect();
-            match parts.as_slice() {
-                ["step", every, gamma] => Ok(Schedule::Step {
-                    every: every
-                        .parse()
-                        .context("option --schedule: EVERY must be a whole number")?,
-                    gamma: gamma
-                        .parse()
-                        .context("option --schedule: GAMMA must be a number")?,
-                }),
-                _ => bail!("option --schedule: `{s}` is not cosine, constant or step:EVERY:GAMMA"),
-            }
-        }
-    }
-}
-
-fn parse_augment(s: &str, shape: [usize; 3]) -> Result<Augment> {
-    if s == "default" {
-        return Ok(Augment::default_for(shape));
-    }
-    let mut aug = Augment::NONE;
-    if s == "none" {
-        return Ok(aug);
-    }
-    for part in s.split(',') {
-        match part.split_once(':') {
-            Some(("crop", pad)) => {
-                aug.crop_pad = pad
-                    .parse()
-                    .context("option --augment: crop:PAD needs a whole number")?
-            }
-            None if part == "flip" => aug.flip = true,
-            _ => bail!("option --augment: `{part}` is not default, none, crop:PAD or flip"),
-        }
-    }
-    Ok(aug)
-}
-
-fn parse_adversarial(s: &str) -> Result<Attack> {
-    Ok(match s.split_once(':') {
-        Some(("pgd", rest)) => Attack::parse_pgd(rest, "--adversarial")?,
-        Some(("fgsm", eps)) => {
-            let eps: f32 = eps
-                .parse()
-                .with_context(|| format!("option --adversarial: `{eps}` is not a number"))?;
-            if !(0.0..=1.0).contains(&eps) {
-                bail!("option --adversarial: epsilon {eps} is outside [0, 1]");
-            }
-            Attack::fgsm_rs(eps)?
-        }
-        _ => bail!("option --adversarial: `{s}` is not pgd:EPS,STEP,STEPS or fgsm:EPS"),
-    })
-}
-
 fn cmd_train(a: &TrainArgs) -> Result<()> {
     // Everything is checked before any data is loaded or any step is taken.
     let spec_data: DataSpec = a.data.parse()?;
@@ -739,11 +652,11 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         );
     }
     classwise::io::check_writable(&a.out, "--out")?;
-    let schedule = parse_schedule(&a.schedule)?;
+    let schedule = a.schedule.parse::<Schedule>()?;
     let adversarial = a
         .adversarial
         .as_deref()
-        .map(parse_adversarial)
+        .map(|s| Attack::parse_training(s, "--adversarial"))
         .transpose()?;
     let poison_spec = a
         .poison
@@ -806,7 +719,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         schedule,
         seed: a.seed,
-        augment: parse_augment(&a.augment, input)?,
+        augment: Augment::parse(&a.augment, input)?,
         poison,
         adversarial,
         robust_eval,
@@ -878,24 +791,9 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     if let Some(k) = a.top_k {
         cfg.top_k = k;
     }
-    cfg.k_sweep = match a.k_sweep.as_str() {
-        "default" => cfg.k_sweep,
-        "none" => Vec::new(),
-        list => {
-            let mut v: Vec<usize> = list
-                .split(',')
-                .map(|k| k.trim().parse::<usize>())
-                .collect::<std::result::Result<_, _>>()
-                .with_context(|| {
-                    format!("option --k-sweep: `{list}` is not a comma list of whole numbers")
-                })?;
-            v.sort_unstable();
-            v.dedup();
-            v
-        }
-    };
-    cfg.sweep_per_class = count_option(&a.sweep_per_class, "--sweep-per-class")?;
-    cfg.eval_per_class = count_option(&a.eval_per_class, "--eval-per-class")?;
+    cfg.k_sweep = search::pattern::parse_k_sweep(&a.k_sweep, cfg.k_sweep)?;
+    cfg.sweep_per_class = parse_count(&a.sweep_per_class, "--sweep-per-class")?;
+    cfg.eval_per_class = parse_count(&a.eval_per_class, "--eval-per-class")?;
     if let Some(e) = a.epochs {
         cfg.mask.epochs = e;
     }
@@ -907,7 +805,7 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     cfg.search_frac = a.search_frac;
     cfg.threshold = a.threshold;
     let per_image = classwise::search::optimize::bytes_per_image(g);
-    cfg.max_images = (parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
+    cfg.max_images = (units::parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
     cfg.validate(g.input, g.num_classes)?;
     Ok(cfg)
 }
@@ -1020,22 +918,12 @@ fn cmd_merge(a: &MergeArgs) -> Result<()> {
     })
 }
 
-fn count_option(s: &str, option: &str) -> Result<Option<usize>> {
-    match s {
-        "all" => Ok(None),
-        n => match n.parse::<usize>() {
-            Ok(v) if v > 0 => Ok(Some(v)),
-            _ => bail!("option {option}: `{n}` is not a positive number or `all`"),
-        },
-    }
-}
-
 fn cmd_demo(a: &DemoArgs) -> Result<()> {
     let cfg = classwise::demo::DemoConfig {
         epochs: a.epochs,
         canvas: a.canvas.parse::<Canvases>()?.to_string(),
-        eval_per_class: count_option(&a.eval_per_class, "--eval-per-class")?,
-        sweep_per_class: count_option(&a.sweep_per_class, "--sweep-per-class")?,
+        eval_per_class: parse_count(&a.eval_per_class, "--eval-per-class")?,
+        sweep_per_class: parse_count(&a.sweep_per_class, "--sweep-per-class")?,
         quiet: a.quiet,
     };
     if cfg.epochs == 0 {
@@ -1105,29 +993,7 @@ static ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 /// shell-quoted so that the stored command can be pasted into a shell.
 fn command_line() -> String {
     let args = ARGS.get().map(Vec::as_slice).unwrap_or_default();
-    shell_join(std::iter::once("cwp").chain(args.iter().skip(1).map(String::as_str)))
-}
-
-/// `arg` quoted for a POSIX shell: unchanged when it holds only characters no
-/// shell treats specially, otherwise in single quotes (a single quote inside
-/// becomes `'\''`).
-fn shell_quote(arg: &str) -> String {
-    // `=` and `~` start expansions in some shells when they lead a word.
-    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:,+=@%".contains(c);
-    if !arg.is_empty() && !arg.starts_with('=') && arg.chars().all(plain) {
-        arg.to_string()
-    } else {
-        format!("'{}'", arg.replace('\'', "'\\''"))
-    }
-}
-
-/// Words joined into one shell command line (see [`shell_quote`]).
-fn shell_join<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
-    words
-        .into_iter()
-        .map(shell_quote)
-        .collect::<Vec<_>>()
-        .join(" ")
+    classwise::io::shell_join(std::iter::once("cwp").chain(args.iter().skip(1).map(String::as_str)))
 }
 
 /// The process arguments as UTF-8 strings, or an error naming the first
@@ -1274,81 +1140,6 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_every_binary_suffix() {
-        let cases = [
-            ("4096", 4096),
-            ("512K", 512 << 10),
-            ("512M", 512 << 20),
-            ("2G", 2 << 30),
-            ("1T", 1 << 40),
-            ("1t", 1 << 40),
-            ("2GB", 2 << 30),
-            ("2GiB", 2 << 30),
-            ("0.5G", 1 << 29),
-            ("100B", 100),
-        ];
-        for (s, want) in cases {
-            assert_eq!(parse_bytes(s, "--memory").unwrap(), want, "{s}");
-        }
-        for bad in [
-            "1P", "", "G", "GiB", "0", "0.1", "-1G", "nan", "inf", "2GiBB",
-        ] {
-            let e = parse_bytes(bad, "--memory").unwrap_err().to_string();
-            assert!(
-                e.contains("--memory") && e.contains(&format!("`{bad}`")),
-                "{e}"
-            );
-        }
-    }
-
-    /// What a POSIX shell makes of `line`: its words, one per NUL.
-    fn shell_words(line: &str) -> Vec<String> {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf '%s\\0' {line}"))
-            .output()
-            .expect("sh runs");
-        assert!(out.status.success(), "sh -c failed on: {line}");
-        let text = String::from_utf8(out.stdout).unwrap();
-        text.split_terminator('\0').map(str::to_string).collect()
-    }
-
-    #[test]
-    fn a_quoted_command_line_gives_the_shell_back_every_argument() {
-        let args = [
-            "--out",
-            "my results",
-            "it's",
-            "",
-            "$HOME",
-            "`date`",
-            "a\"b\\c",
-            "*.png",
-            "~",
-            "=x",
-            "x;rm -rf y",
-            "tab\there",
-            "new\nline",
-            "ünïcode",
-            "--canvas=auto:1+solid:1",
-            "3x32x32",
-        ];
-        let line = shell_join(args);
-        assert_eq!(shell_words(&line), args, "{line}");
-        // Arguments without special characters stay readable, unquoted.
-        assert_eq!(
-            shell_join([
-                "cwp",
-                "search",
-                "--out",
-                "runs/a-1",
-                "--canvas=auto:1+solid:1"
-            ]),
-            "cwp search --out runs/a-1 --canvas=auto:1+solid:1"
-        );
-    }
 
     #[test]
     fn a_non_utf8_argument_is_named_by_its_option() {

@@ -69,6 +69,15 @@ pub struct SearchConfig {
 }
 
 impl SearchConfig {
+    /// Default predictive power the minimal k must reach.
+    pub const DEFAULT_THRESHOLD: f64 = 0.9;
+    /// Default share of each class's test images in the search set.
+    pub const DEFAULT_SEARCH_FRAC: f64 = 0.2;
+    /// Default selection images per class.
+    pub const DEFAULT_SWEEP_PER_CLASS: Option<usize> = Some(100);
+    /// Default report images per class (None: all, as the authors do).
+    pub const DEFAULT_EVAL_PER_CLASS: Option<usize> = None;
+
     /// The authors' pattern size for an image: 50 at 32×32, 2500 at 224×224,
     /// i.e. about 5% of the pixels (`round(H*W*50/1024)`, 38 at 28×28).
     pub fn default_k(h: usize, w: usize) -> usize {
@@ -101,11 +110,11 @@ impl SearchConfig {
             canvas: protocol.default_canvas().into(),
             top_k: SearchConfig::default_k(h, w),
             k_sweep: pattern::default_sweep(h * w),
-            threshold: 0.9,
-            search_frac: 0.2,
+            threshold: SearchConfig::DEFAULT_THRESHOLD,
+            search_frac: SearchConfig::DEFAULT_SEARCH_FRAC,
             mask,
-            sweep_per_class: Some(100),
-            eval_per_class: None,
+            sweep_per_class: SearchConfig::DEFAULT_SWEEP_PER_CLASS,
+            eval_per_class: SearchConfig::DEFAULT_EVAL_PER_CLASS,
             examples: 6,
             eval_batch: 256,
             max_images: 4096,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The `k` positions (flat `row * W + col`) with the largest mask values,
@@ -151,6 +151,30 @@ pub fn default_sweep(pixels: usize) -> Vec<usize> {
     ks
 }
 
+/// Parses the `--k-sweep` option: `default` (gives `default`), `none` (no
+/// sweep) or a comma list of k values, returned sorted without repeats.
+pub fn parse_k_sweep(s: &str, default: Vec<usize>) -> Result<Vec<usize>> {
+    match s {
+        "default" => Ok(default),
+        "none" => Ok(Vec::new()),
+        list => {
+            let mut v: Vec<usize> = list
+                .split(',')
+                .map(|k| k.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| {
+                    Error::arg(
+                        "--k-sweep",
+                        format!("`{list}` is not a comma list of whole numbers: {e}"),
+                    )
+                })?;
+            v.sort_unstable();
+            v.dedup();
+            Ok(v)
+        }
+    }
+}
+
 /// Most k values measured one by one inside a gap of the sweep; a wider gap
 /// is first narrowed on a grid of this many points.
 const SCAN_POINTS: usize = 32;
@@ -225,6 +249,15 @@ pub fn minimal_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_k_sweep_list_is_sorted_without_repeats() {
+        assert_eq!(parse_k_sweep("8, 2,8,4", vec![1]).unwrap(), [2, 4, 8]);
+        assert_eq!(parse_k_sweep("default", vec![1, 3]).unwrap(), [1, 3]);
+        assert!(parse_k_sweep("none", vec![1]).unwrap().is_empty());
+        let e = parse_k_sweep("2,x", vec![1]).unwrap_err().to_string();
+        assert!(e.contains("--k-sweep") && e.contains("`2,x`"), "{e}");
+    }
 
     /// A power function that counts its calls.
     fn counted(

@@ -3,6 +3,8 @@
 
 use rand::{Rng, RngExt};
 
+use crate::error::{Error, Result};
+
 /// Which augmentations to apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Augment {
@@ -29,6 +31,36 @@ impl Augment {
         } else {
             Augment::NONE
         }
+    }
+
+    /// Parses the `--augment` option for inputs of `shape`: `default` (see
+    /// [`Augment::default_for`]), `none`, or a comma list of `crop:PAD` and
+    /// `flip`.
+    pub fn parse(s: &str, shape: [usize; 3]) -> Result<Augment> {
+        if s == "default" {
+            return Ok(Augment::default_for(shape));
+        }
+        let mut aug = Augment::NONE;
+        if s == "none" {
+            return Ok(aug);
+        }
+        for part in s.split(',') {
+            match part.split_once(':') {
+                Some(("crop", pad)) => {
+                    aug.crop_pad = pad.parse().map_err(|e| {
+                        Error::arg("--augment", format!("crop:PAD needs a whole number: {e}"))
+                    })?
+                }
+                None if part == "flip" => aug.flip = true,
+                _ => {
+                    return Err(Error::arg(
+                        "--augment",
+                        format!("`{part}` is not default, none, crop:PAD or flip"),
+                    ))
+                }
+            }
+        }
+        Ok(aug)
     }
 
     /// Augments one `[C, H, W]` image in place.
@@ -59,6 +91,31 @@ impl Augment {
             for row in img.chunks_mut(w) {
                 row.reverse();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augment_option_reads_default_none_and_lists() {
+        let rgb = [3, 32, 32];
+        assert_eq!(
+            Augment::parse("default", rgb).unwrap(),
+            Augment::default_for(rgb)
+        );
+        assert_eq!(
+            Augment::parse("default", [1, 28, 28]).unwrap(),
+            Augment::NONE
+        );
+        assert_eq!(Augment::parse("none", rgb).unwrap(), Augment::NONE);
+        let a = Augment::parse("crop:2,flip", [1, 28, 28]).unwrap();
+        assert_eq!((a.crop_pad, a.flip), (2, true));
+        for bad in ["crop:x", "mirror", "crop"] {
+            let e = Augment::parse(bad, rgb).unwrap_err().to_string();
+            assert!(e.starts_with("option --augment:"), "{e}");
         }
     }
 }

@@ -46,6 +46,32 @@ pub enum Schedule {
     Constant,
 }
 
+/// `cosine`, `constant` or `step:EVERY:GAMMA` (the `--schedule` option).
+impl std::str::FromStr for Schedule {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Schedule> {
+        let arg = |msg: String| Error::arg("--schedule", msg);
+        match s {
+            "cosine" => Ok(Schedule::Cosine),
+            "constant" => Ok(Schedule::Constant),
+            _ => match s.split(':').collect::<Vec<_>>().as_slice() {
+                ["step", every, gamma] => Ok(Schedule::Step {
+                    every: every
+                        .parse()
+                        .map_err(|e| arg(format!("EVERY must be a whole number: {e}")))?,
+                    gamma: gamma
+                        .parse()
+                        .map_err(|e| arg(format!("GAMMA must be a number: {e}")))?,
+                }),
+                _ => Err(arg(format!(
+                    "`{s}` is not cosine, constant or step:EVERY:GAMMA"
+                ))),
+            },
+        }
+    }
+}
+
 impl Schedule {
     /// The learning rate at `step` of `total` steps (`epoch` is the step's epoch).
     pub fn lr(&self, base: f32, step: usize, total: usize, epoch: usize) -> f32 {
