@@ -65,7 +65,42 @@ pub struct Check {
 
 /// The formula weights of `shared/fixtures/README.md` for one parameter.
 pub fn formula_tensor(name: &str, shape: &[usize], kind: ParamKind) -> Tensor {
-    let s = (name.bytes().map(|b| b as u64).sum::<u64>() % 997) as f64;
+    formula_tensor_with(Formula::Sine, name, shape, kind)
+}
+
+/// Which `u_i` a formula tensor is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Formula {
+    /// `sin(0.731 i + 0.1 s)`, weights scaled by `0.8 sqrt(2 / fan_in)`
+    /// (formula-v1, the zoo fixtures).
+    Sine,
+    /// splitmix64 of `s * 0x9E3779B97F4A7C15 + i`, its top 53 bits mapped to
+    /// [-1, 1), weights scaled by `sqrt(6 / fan_in)` (formula-v2-hash, the
+    /// torchvision ONNX fixtures). A sine is smooth along a filter, so the
+    /// stacked depthwise convolutions of MobileNet or EfficientNet cancel
+    /// their input under it and the input gradient ends near 1e-15; hashed
+    /// values behave like a random init and are exact in any language with
+    /// wrapping u64 arithmetic.
+    Hash,
+}
+
+/// `u_i` of [`Formula::Hash`].
+fn hash_unit(s: u64, i: u64) -> f64 {
+    let mut z = s.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
+/// One parameter's weights under `formula` (see [`Formula`]).
+pub fn formula_tensor_with(
+    formula: Formula,
+    name: &str,
+    shape: &[usize],
+    kind: ParamKind,
+) -> Tensor {
+    let s = name.bytes().map(|b| b as u64).sum::<u64>() % 997;
     let n = numel(shape);
     let fan_in = if shape.is_empty() {
         1
@@ -73,11 +108,15 @@ pub fn formula_tensor(name: &str, shape: &[usize], kind: ParamKind) -> Tensor {
         n / shape[0].max(1)
     };
     Tensor::from_fn(shape, |i| {
-        let u = (0.731 * i as f64 + 0.1 * s).sin();
+        let (u, weight_scale) = match formula {
+            Formula::Sine => (
+                (0.731 * i as f64 + 0.1 * s as f64).sin(),
+                (2.0 / fan_in as f64).sqrt() * 0.8,
+            ),
+            Formula::Hash => (hash_unit(s, i as u64), (6.0 / fan_in as f64).sqrt()),
+        };
         let v = match kind {
-            ParamKind::ConvWeight | ParamKind::LinearWeight => {
-                u * (2.0 / fan_in as f64).sqrt() * 0.8
-            }
+            ParamKind::ConvWeight | ParamKind::LinearWeight => u * weight_scale,
             ParamKind::Bias => 0.05 * u,
             ParamKind::BnWeight => 1.0 + 0.2 * u,
             ParamKind::BnBias | ParamKind::BnMean => 0.1 * u,
@@ -196,4 +235,48 @@ pub fn format_checks(checks: &[Check]) -> String {
     let failed = checks.iter().filter(|c| !c.pass).count();
     s += &format!("{} checks, {} failed\n", checks.len(), failed);
     s
+}
+
+#[cfg(test)]
+mod formula_tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_formula_gives_the_values_numpy_computes_for_tools_make_torchvision_fixtures() {
+        // Printed by tools/make_torchvision_fixtures.py's formula_tensor
+        // (numpy uint64 arithmetic) for this name and shape.
+        let t = formula_tensor_with(
+            Formula::Hash,
+            "features.0.0.weight",
+            &[2, 3, 3, 3],
+            ParamKind::ConvWeight,
+        );
+        let want = [
+            -0.2124003916978836f32,
+            -0.433564156293869,
+            0.14830629527568817,
+            -0.05029049143195152,
+        ];
+        assert_eq!(&t.data()[..4], &want);
+        assert_eq!(t.data()[53], -0.385342538356781f32);
+    }
+
+    #[test]
+    fn the_sine_formula_is_unchanged_by_the_hash_variant() {
+        let a = formula_tensor("conv1.weight", &[4, 3, 3, 3], ParamKind::ConvWeight);
+        let b = formula_tensor_with(
+            Formula::Sine,
+            "conv1.weight",
+            &[4, 3, 3, 3],
+            ParamKind::ConvWeight,
+        );
+        assert_eq!(a.data(), b.data());
+        let h = formula_tensor_with(
+            Formula::Hash,
+            "conv1.weight",
+            &[4, 3, 3, 3],
+            ParamKind::ConvWeight,
+        );
+        assert_ne!(a.data(), h.data());
+    }
 }
