@@ -67,3 +67,17 @@ fn bad_training_options_are_clear_errors_before_training() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_momentum_or_weight_decay_that_would_make_the_weights_meaningless_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for bad in ["nan", "1", "-0.5", "inf"] {
+        let msg = refused(&[&format!("--momentum={bad}")], d);
+        assert!(msg.contains("--momentum"), "{bad}: {msg}");
+    }
+    for bad in ["nan", "-1e-4", "inf"] {
+        let msg = refused(&[&format!("--weight-decay={bad}")], d);
+        assert!(msg.contains("--weight-decay"), "{bad}: {msg}");
+    }
+}

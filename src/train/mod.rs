@@ -187,6 +187,20 @@ impl TrainConfig {
                 format!("{} must be a positive number", self.lr),
             ));
         }
+        // Momentum 1 never forgets a gradient and a negative one flips it;
+        // either, like a NaN, makes the weights meaningless.
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::arg(
+                "--momentum",
+                format!("{} is outside [0, 1)", self.momentum),
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(Error::arg(
+                "--weight-decay",
+                format!("{} must be a finite number >= 0", self.weight_decay),
+            ));
+        }
         if let Some(p) = &self.poison {
             if p.target >= num_classes {
                 return Err(Error::arg(
