@@ -182,14 +182,24 @@ impl Checkpoint {
     }
 }
 
+/// A temporary file of an atomic write older than this was left by a
+/// process killed while saving: no save takes nearly so long, so a shard
+/// still writing into the same folder never loses its file.
+const STALE_TEMP: Duration = Duration::from_secs(15 * 60);
+
 /// Deletes every checkpoint under `out/checkpoints/` whose searches are
 /// all `stored` (its run finished, perhaps after resuming from it with
-/// some results already stored); others' checkpoints stay.
+/// some results already stored); others' checkpoints stay. Also deletes
+/// the temporary files of saves that a kill interrupted.
 pub fn remove_finished(out: &Path, stored: impl Fn(&str) -> bool) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(out.join("checkpoints")) else {
         return Ok(());
     };
     for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if is_stale_temp(&path) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
         if path.extension().is_none_or(|e| e != "ckpt") {
             continue;
         }
@@ -204,6 +214,19 @@ pub fn remove_finished(out: &Path, stored: impl Fn(&str) -> bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// A `.cwp-*.tmp` file of [`crate::io::write_atomic`] untouched for
+/// [`STALE_TEMP`].
+fn is_stale_temp(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with(".cwp-")
+        && name.ends_with(".tmp")
+        && std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP)
 }
 
 /// The header of a checkpoint file (read without its body).
@@ -492,6 +515,32 @@ impl Drop for Interrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temp_file_left_by_a_killed_save_is_removed_but_a_fresh_one_of_a_live_shard_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        let old = ck.join(".cwp-abc123.tmp");
+        let fresh = ck.join(".cwp-def456.tmp");
+        let other = ck.join("notes.txt");
+        for p in [&old, &fresh, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for p in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
+        remove_finished(dir.path(), |_| true).unwrap();
+        assert!(!old.exists(), "the stale temp file stayed");
+        assert!(fresh.exists(), "a live save's temp file was deleted");
+        assert!(other.exists(), "a file the tool did not write was deleted");
+    }
 
     fn state() -> State {
         let mut a = SearchState::new(0.5, 6);
