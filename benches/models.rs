@@ -1,6 +1,6 @@
 //! Forward + backward-to-input of zoo models on the CPU backend (weights
 //! frozen, eval mode): images per second, the figure PyTorch's CPU path is
-//! compared with (../shared/peers/torch_cpu_bench.py), plus one search step.
+//! compared with (benches/peers/torch_cpu_bench.py), plus one search step.
 
 use std::hint::black_box;
 
@@ -48,7 +48,7 @@ fn fwd_bwd(c: &mut Criterion) {
 
 /// One step of the batched search (S searches of 4 images: composite,
 /// forward, backward to the input, mask gradient, signed step), the unit the
-/// authors' loop (../shared/peers/authors_loop_bench.py) is timed in.
+/// authors' loop (benches/peers/authors_loop_bench.py) is timed in.
 fn search_step(c: &mut Criterion) {
     use classwise::device_model::DeviceModel;
     use classwise::search::optimize::{step, MaskConfig};

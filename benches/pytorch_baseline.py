@@ -14,7 +14,7 @@ PyTorch (eager, float32, TF32 off, cuDNN autotuning on):
   backward-filter (`torch.nn.grad.conv2d_input` / `conv2d_weight`), TFLOP/s.
 
 Usage: pytorch_baseline.py CWP_BENCH.json OUT.json [--zoo DIR_WITH_zoo_torch.py]
-The architectures come from zoo_torch.py (shared/fixtures), the same
+The architectures come from zoo_torch.py (tests/fixtures), the same
 definitions the engine's golden fixtures were made with.
 """
 
@@ -50,8 +50,7 @@ def main():
     a = ap.parse_args()
 
     here = os.path.dirname(os.path.abspath(__file__))
-    for d in [a.zoo, here, os.path.join(here, "..", "..", "shared", "fixtures"),
-              os.path.join(here, "..", "shared", "fixtures")]:
+    for d in [a.zoo, here, os.path.join(here, "..", "tests", "fixtures")]:
         if d and os.path.exists(os.path.join(d, "zoo_torch.py")):
             sys.path.insert(0, d)
             break

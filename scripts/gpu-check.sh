@@ -8,7 +8,7 @@
 #   scripts/gpu-check.sh prepare DIR
 #       Here, with Rust: builds `cwp` and the `gpu_cuda` test executable in
 #       release mode and copies them, this script, benches/pytorch_baseline.py
-#       and ../shared/fixtures/zoo_torch.py into DIR (a few tens of MiB).
+#       and tests/fixtures/zoo_torch.py into DIR (a few tens of MiB).
 #
 #   DIR/gpu-check.sh run [OUT]
 #       On the GPU machine, from DIR: finds libcuda and NVRTC (the
@@ -51,9 +51,8 @@ for l in sys.stdin:
   command -v strip >/dev/null && strip "$dir/cwp" "$dir/gpu_cuda" 2>/dev/null
   cp "$root/scripts/gpu-check.sh" "$dir/gpu-check.sh"
   cp "$root/benches/pytorch_baseline.py" "$dir/pytorch_baseline.py"
-  local zoo="$root/../shared/fixtures/zoo_torch.py"
-  [ -f "$zoo" ] || zoo="${CWP_FIXTURES:-}/zoo_torch.py"
-  [ -f "$zoo" ] || die "zoo_torch.py not found (../shared/fixtures or \$CWP_FIXTURES)"
+  local zoo="$root/tests/fixtures/zoo_torch.py"
+  [ -f "$zoo" ] || die "zoo_torch.py not found at $zoo"
   cp "$zoo" "$dir/zoo_torch.py"
   chmod +x "$dir/gpu-check.sh" "$dir/cwp" "$dir/gpu_cuda"
   du -sh "$dir"

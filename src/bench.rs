@@ -49,7 +49,7 @@ pub struct BenchConfig {
 
 impl BenchConfig {
     /// The default plan for a device kind: large batches on a GPU, the
-    /// peers' batch sizes on the CPU (see `shared/peers/README.md`).
+    /// peers' batch sizes on the CPU (see `benches/peers/README.md`).
     pub fn default_for(gpu: bool) -> BenchConfig {
         let s = |a: &str| a.to_string();
         if gpu {

@@ -469,7 +469,8 @@ fn infer_spec(
             ))
         }
     };
-    let probe = zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))
+    // An unknown arch: the build names it and lists the known ones.
+    zoo::build(&ModelSpec::new(&arch, ModelSpec::default_input(&arch), 10))
         .map_err(|e| blame_the_file(e, opts, path))?;
     let shape_of = |name: &str| -> Option<&[usize]> {
         file.tensors
@@ -477,41 +478,15 @@ fn infer_spec(
             .find(|(n, _)| strip_module(n) == name)
             .map(|(_, t)| t.shape())
     };
-    let first_conv = probe
-        .params
-        .iter()
-        .find(|p| p.kind == ParamKind::ConvWeight);
-    let last_linear = probe
-        .params
-        .iter()
-        .rev()
-        .find(|p| p.kind == ParamKind::LinearWeight);
-    let mut input = ModelSpec::default_input(&arch);
-    if let Some(c) = first_conv
-        .and_then(|p| shape_of(&p.name))
-        .and_then(|s| s.get(1))
-    {
-        input[0] = *c;
-    }
-    if arch == "smallcnn" {
-        if let Some(&[_, k]) = shape_of("fc1.weight") {
-            let side = ((k / 64) as f64).sqrt().round() as usize * 4;
-            if side > 0 {
-                input[1] = side;
-                input[2] = side;
-            }
-        }
-    }
+    let (input, classes) = zoo::fit::spec_from_tensors(&arch, shape_of)
+        .unwrap_or((ModelSpec::default_input(&arch), None));
     let input = opts.input.or(meta.input).unwrap_or(input);
-    let num_classes = meta
-        .num_classes
-        .or_else(|| last_linear.and_then(|p| shape_of(&p.name)).map(|s| s[0]))
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                "cannot tell the number of classes: no classifier weight found",
-            )
-        })?;
+    let num_classes = meta.num_classes.or(classes).ok_or_else(|| {
+        Error::format(
+            path,
+            "cannot tell the number of classes: no classifier weight found",
+        )
+    })?;
     Ok(ModelSpec {
         arch,
         input,
@@ -521,6 +496,53 @@ fn infer_spec(
             .clone()
             .or_else(|| meta.normalization.clone()),
     })
+}
+
+/// Adds to an error loading `file` as `arch` (from `--arch` or the file's
+/// metadata) the zoo architectures its tensors do fit, or that none does:
+/// the tensor the error names says little about the cause when the whole
+/// checkpoint is of another architecture. Errors of an arch the tensors fit
+/// (a bad value, `--input-shape`) are left as they are.
+fn name_the_fitting_archs(e: Error, file: &TensorFile, arch: Option<&str>, advise: bool) -> Error {
+    let tensors: Vec<(&str, &[usize])> = file
+        .tensors
+        .iter()
+        .filter(|(n, t)| matches!(t, FileTensor::Float(_)) && !n.ends_with("num_batches_tracked"))
+        .map(|(n, t)| (strip_module(n), t.shape()))
+        .collect();
+    let fits = zoo::fit::fitting_specs(&tensors);
+    if arch.is_some_and(|a| fits.iter().any(|s| s.arch == a)) {
+        return e;
+    }
+    let hint = match fits.as_slice() {
+        [] => format!(
+            "; its tensors fit none of the zoo's architectures ({})",
+            zoo::ARCHS.join(", ")
+        ),
+        [one] if advise => format!(
+            "; its tensors fit {}: pass --arch {}",
+            zoo::fit::describe_fit(one),
+            one.arch
+        ),
+        _ => format!(
+            "; its tensors fit {}",
+            fits.iter()
+                .map(zoo::fit::describe_fit)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    match e {
+        Error::Format { path, msg } => Error::Format {
+            path,
+            msg: msg + &hint,
+        },
+        Error::Arg { option, msg } => Error::Arg {
+            option,
+            msg: msg + &hint,
+        },
+        e => e,
+    }
 }
 
 /// An error building the model, blamed on the weights file when the value at
@@ -563,9 +585,16 @@ impl Model {
     pub fn from_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
         let file = parse_tensors(bytes, path)?;
         let meta = ModelMeta::from_metadata(&file.metadata, path)?;
-        let spec = infer_spec(&file, &meta, opts, path)?;
-        let graph = zoo::build(&spec).map_err(|e| blame_the_file(e, opts, path))?;
-        let params = assign(&graph, &file, path)?;
+        let (spec, graph, params) = infer_spec(&file, &meta, opts, path)
+            .and_then(|spec| {
+                let graph = zoo::build(&spec).map_err(|e| blame_the_file(e, opts, path))?;
+                let params = assign(&graph, &file, path)?;
+                Ok((spec, graph, params))
+            })
+            .map_err(|e| {
+                let arch = opts.arch.as_deref().or(meta.arch.as_deref());
+                name_the_fitting_archs(e, &file, arch, meta.arch.is_none())
+            })?;
         let batches_tracked = file
             .tensors
             .iter()

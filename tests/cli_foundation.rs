@@ -55,12 +55,12 @@ fn forward_on_a_pytorch_f16_checkpoint_gives_pytorchs_logits_and_dx() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let fx = fixtures_dir();
-    let weights = fx.join("weights_preact_resnet18_3x32_f16.safetensors");
-    let input = fx.join("expect_preact_resnet18_3x32_f16.safetensors");
+    let weights = fx.join("weights_smallcnn_3x32_f16.safetensors");
+    let input = fx.join("expect_smallcnn_3x32_f16.safetensors");
     let o = cwp(&[
         "forward",
         "--arch",
-        "preact_resnet18",
+        "smallcnn",
         "--weights",
         weights.to_str().unwrap(),
         "--input",
@@ -76,9 +76,11 @@ fn forward_on_a_pytorch_f16_checkpoint_gives_pytorchs_logits_and_dx() {
     let g = |f: &classwise::weights::TensorFile, k: &str| {
         f.float(k, k.as_ref()).unwrap().data().to_vec()
     };
-    assert_close_abs("logits", &g(&got, "logits"), &g(&want, "logits"), 1e-3);
-    assert_close_abs("loss", &g(&got, "loss"), &g(&want, "loss"), 1e-3);
-    assert_close_rel("dx", &g(&got, "dx"), &g(&want, "dx"), 5e-3);
+    let (ltol, gtol) = classwise::selftest::model_tolerances(false);
+    let ltol = ltol as f32;
+    assert_close_abs("logits", &g(&got, "logits"), &g(&want, "logits"), ltol);
+    assert_close_abs("loss", &g(&got, "loss"), &g(&want, "loss"), ltol);
+    assert_close_rel("dx", &g(&got, "dx"), &g(&want, "dx"), gtol);
 }
 
 #[test]
@@ -172,6 +174,107 @@ fn eval_names_a_wrongly_shaped_tensor_and_both_shapes() {
         msg.contains("conv1.weight")
             && msg.contains("[32, 1, 5, 5]")
             && msg.contains("[32, 1, 3, 3]"),
+        "{msg}"
+    );
+}
+
+/// The tensors of a random zoo model as a plain PyTorch export writes them:
+/// state_dict names only, no metadata naming the architecture; `extra`
+/// tensors are added.
+fn plain_state_dict(dir: &Path, spec: &ModelSpec, extra: &[(&str, &[usize])]) -> PathBuf {
+    let graph = build(spec).unwrap();
+    let params = init_params(&graph, 3);
+    let extra: Vec<(String, classwise::Tensor)> = extra
+        .iter()
+        .map(|(n, s)| (n.to_string(), classwise::Tensor::zeros(s)))
+        .collect();
+    let entries: Vec<(String, OutTensor<'_>)> = graph
+        .params
+        .iter()
+        .zip(&params)
+        .map(|(p, t)| (p.name.clone(), OutTensor::F32(t)))
+        .chain(extra.iter().map(|(n, t)| (n.clone(), OutTensor::F32(t))))
+        .collect();
+    let path = dir.join(format!("{}.safetensors", spec.arch));
+    write_tensors(&path, &entries, &Default::default()).unwrap();
+    path
+}
+
+/// `cwp forward --arch A --weights W` where W holds another architecture's
+/// tensors: the error names W, the zoo architecture the tensors fit (with
+/// the class count and what the tensors tell of the input), and the --arch
+/// to pass; nothing is written.
+#[test]
+fn forward_with_the_wrong_arch_names_the_zoo_architecture_the_tensors_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let input = fixtures_dir().join("expect_smallcnn_3x32_f16.safetensors");
+    let forward = |arch: &str, weights: &Path| {
+        cwp(&[
+            "forward",
+            "--arch",
+            arch,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+    };
+    // A genuine PyTorch smallcnn checkpoint (no classifier named `linear`).
+    let smallcnn = fixtures_dir().join("weights_smallcnn_3x32_f16.safetensors");
+    // A preact_resnet18: resnet18's classifier, but no stem BN.
+    let preact = plain_state_dict(
+        dir.path(),
+        &ModelSpec::new("preact_resnet18", [3, 32, 32], 100),
+        &[],
+    );
+    for (weights, fit) in [
+        (
+            &smallcnn,
+            "`smallcnn` (10 classes, input 3x32x32): pass --arch smallcnn",
+        ),
+        (
+            &preact,
+            "`preact_resnet18` (100 classes, 3 input channels): pass --arch preact_resnet18",
+        ),
+    ] {
+        let o = forward("resnet18", weights);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let msg = text(&o);
+        assert!(msg.contains(weights.to_str().unwrap()), "{msg}");
+        assert!(msg.contains(&format!("its tensors fit {fit}")), "{msg}");
+        assert!(!out.exists(), "output written on a failed load");
+    }
+    // The right arch loads (the hint is not the whole story of a failure).
+    let o = forward("smallcnn", &smallcnn);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Tensors that no zoo architecture has exactly (here a smallcnn with an
+/// extra head) are said to fit none of them, rather than a near miss.
+#[test]
+fn weights_that_fit_no_zoo_architecture_are_said_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = plain_state_dict(
+        dir.path(),
+        &ModelSpec::new("smallcnn", [1, 28, 28], 10),
+        &[("head.weight", &[10, 256])],
+    );
+    let o = cwp(&[
+        "eval",
+        "--arch",
+        "resnet18",
+        "--weights",
+        w.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let msg = text(&o);
+    assert!(
+        msg.contains("its tensors fit none of the zoo's architectures"),
         "{msg}"
     );
 }

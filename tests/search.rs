@@ -28,7 +28,7 @@ fn run(
 ) -> Vec<Optimised> {
     let be = CpuBackend;
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
-    // Formula weights (../shared/fixtures/README.md): a network whose CE
+    // Formula weights (tests/fixtures/README.md): a network whose CE
     // gradient is strong enough to move each pixel its own way.
     let params: Vec<_> = classwise::selftest::formula_params(&graph)
         .iter()

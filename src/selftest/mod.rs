@@ -24,7 +24,7 @@
 //! order are held to a few ulps (FMA contraction on the GPU may round a
 //! product once less); the reductions done in f64 on both sides are held to
 //! a few ulps of the result. Model-level checks use the golden-fixture
-//! tolerances of `shared/fixtures/README.md` (f32 against f64 PyTorch):
+//! tolerances of `tests/fixtures/README.md` (f32 against f64 PyTorch):
 //! logits within `1e-4·max(1, max|ref|)` (deep nets `1e-3`), input gradients
 //! within relative L2 `1e-3` (deep nets `5e-3`).
 
@@ -63,7 +63,7 @@ pub struct Check {
     pub pass: bool,
 }
 
-/// The formula weights of `shared/fixtures/README.md` for one parameter.
+/// The formula weights of `tests/fixtures/README.md` for one parameter.
 pub fn formula_tensor(name: &str, shape: &[usize], kind: ParamKind) -> Tensor {
     formula_tensor_with(Formula::Sine, name, shape, kind)
 }

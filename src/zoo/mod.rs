@@ -2,6 +2,7 @@
 //! shapes are exactly those of the PyTorch reference definitions, so a
 //! checkpoint saved from PyTorch loads without renaming.
 
+pub mod fit;
 mod resnet;
 mod small;
 

@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests: where the golden fixtures live
 //! and how outputs are compared with them. The formula weights of
-//! ../shared/fixtures/README.md come from the library
+//! tests/fixtures/README.md come from the library
 //! (`classwise::selftest::formula_params`), the one copy of that formula.
 #![allow(dead_code)]
 
@@ -8,12 +8,13 @@ use std::path::PathBuf;
 
 use classwise::weights::{read_tensors, TensorFile};
 
-/// The golden fixtures folder (`../shared/fixtures` from the repo root, or
-/// `$CWP_FIXTURES`). Tests fail, not skip, when it is missing.
+/// The golden fixtures folder (`tests/fixtures` in the repo, or
+/// `$CWP_FIXTURES`). The suite reads nothing outside the repo, so a fresh
+/// clone alone passes it. Tests fail, not skip, when it is missing.
 pub fn fixtures_dir() -> PathBuf {
     let dir = std::env::var_os("CWP_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
     assert!(
         dir.join("README.md").exists(),
         "golden fixtures not found at {} (set CWP_FIXTURES)",
