@@ -266,9 +266,12 @@ mod tests {
         // 5 wide, 2x2 stride 2: floor 2 windows, ceil 3 (the third starts at 4).
         assert_eq!(pp(2, 2, 0).out_len(5), 2);
         assert_eq!(pp(2, 2, 0).with_ceil_mode(true).out_len(5), 3);
-        // 4 wide, 3x3 stride 2 pad 1: ceil would give 3 windows, but the
-        // third would start at 4 - 1 + 2 = padding only, so it is dropped.
-        assert_eq!(pp(3, 2, 1).with_ceil_mode(true).out_len(4), 2);
+        // 5 wide, 2x2 stride 2 pad 1: rounding up would give 4 windows, but
+        // the fourth would start at 6 - 1 = 5, in the right padding only, so
+        // it is dropped (PyTorch gives 3).
+        assert_eq!(pp(2, 2, 1).with_ceil_mode(true).out_len(5), 3);
+        // 4 wide, 3x3 stride 2 pad 1: the third window starts at 3, inside.
+        assert_eq!(pp(3, 2, 1).with_ceil_mode(true).out_len(4), 3);
         // Divisible extents: both modes agree.
         assert_eq!(pp(2, 2, 0).with_ceil_mode(true).out_len(6), 3);
         // Every window of every mode holds at least one input pixel.
