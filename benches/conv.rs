@@ -70,10 +70,7 @@ fn conv_layers(c: &mut Criterion) {
     let mut group = c.benchmark_group("conv");
     group.sample_size(10);
     for l in &LAYERS {
-        let p = ConvParams {
-            stride: l.stride,
-            pad: l.k / 2,
-        };
+        let p = ConvParams::new(l.stride, l.k / 2);
         let out = p.out_len(l.hw, l.k);
         let flops = 2 * BATCH * l.o * out * out * l.c * l.k * l.k;
         let x = filled(&[BATCH, l.c, l.hw, l.hw], 1);

@@ -66,11 +66,7 @@ fn ops(c: &mut Criterion) {
         })
     });
 
-    let p = PoolParams {
-        kernel: 2,
-        stride: 2,
-        pad: 0,
-    };
+    let p = PoolParams::new(2, 2, 0);
     let dyp = be.upload(&t(&[32, 128, 8, 8], 3)).unwrap();
     g.throughput(Throughput::Bytes(5 * n));
     g.bench_function("max_pool_2x2", |b| {

@@ -12,7 +12,7 @@ struct PoolArgs {
   int n, c, h, w;  // input
   int oh, ow;      // output extent
   int k, stride, pad;
-  int pad_;
+  int count_pad;  // avg: divide by the window clipped to the padded input (1) or the input (0)
 };
 
 // The window of output index o along an axis of length len, clipped to the
@@ -84,14 +84,32 @@ extern "C" __global__ void max_pool_bwd(const PoolArgs a, const float* __restric
   }
 }
 
-// Average over the k*k window, padding counted in the divisor; the window is
-// summed row by row as on the CPU.
+// The divisor of average window (oh, ow), as PyTorch computes it: the window
+// clipped to the padded input when padding counts, else to the input. In
+// floor mode with padding counted it is k*k; in ceil mode the last windows
+// may hang over the right padding and count less.
+__device__ __forceinline__ float avg_divisor(const PoolArgs& a, int oh, int ow) {
+  int h0, h1, w0, w1;
+  if (a.count_pad) {
+    h0 = oh * a.stride - a.pad;
+    w0 = ow * a.stride - a.pad;
+    h1 = h0 + a.k < a.h + a.pad ? h0 + a.k : a.h + a.pad;
+    w1 = w0 + a.k < a.w + a.pad ? w0 + a.k : a.w + a.pad;
+  } else {
+    window(a, oh, a.h, h0, h1);
+    window(a, ow, a.w, w0, w1);
+  }
+  return (float)((h1 - h0) * (w1 - w0));
+}
+
+// Average over the window, divided by avg_divisor; the window is summed row
+// by row as on the CPU.
 extern "C" __global__ void avg_pool_fwd(const PoolArgs a, const float* __restrict__ x, float* __restrict__ y) {
   const int opl = a.oh * a.ow;
   const int total = a.n * a.c * opl;
-  const float div = (float)(a.k * a.k);
   for (int i = grid_start(); i < total; i += grid_stride()) {
     const int pl = i / opl, o = i - pl * opl;
+    const float div = avg_divisor(a, o / a.ow, o % a.ow);
     int h0, h1, w0, w1;
     window(a, o / a.ow, a.h, h0, h1);
     window(a, o % a.ow, a.w, w0, w1);
@@ -109,7 +127,6 @@ extern "C" __global__ void avg_pool_fwd(const PoolArgs a, const float* __restric
 extern "C" __global__ void avg_pool_bwd(const PoolArgs a, const float* __restrict__ dy, float* __restrict__ dx) {
   const int ipl = a.h * a.w, opl = a.oh * a.ow;
   const int total = a.n * a.c * ipl;
-  const float div = (float)(a.k * a.k);
   for (int i = grid_start(); i < total; i += grid_stride()) {
     const int pl = i / ipl, j = i - pl * ipl;
     const int ih = j / a.w, iw = j - (j / a.w) * a.w;
@@ -118,7 +135,7 @@ extern "C" __global__ void avg_pool_bwd(const PoolArgs a, const float* __restric
     covering(a, iw, a.ow, ow0, ow1);
     float g = 0.f;
     for (int oh = oh0; oh < oh1; oh++)
-      for (int ow = ow0; ow < ow1; ow++) g += dy[pl * opl + oh * a.ow + ow] / div;
+      for (int ow = ow0; ow < ow1; ow++) g += dy[pl * opl + oh * a.ow + ow] / avg_divisor(a, oh, ow);
     dx[i] = g;
   }
 }

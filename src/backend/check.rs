@@ -39,7 +39,8 @@ pub fn channel_dims(name: &str, shape: &[usize]) -> Result<(usize, usize, usize)
     Ok((shape[0], shape[1], numel(&shape[2..])))
 }
 
-/// The extents of one convolution `x [N,C,H,W] * w [O,C,KH,KW]`, checked once.
+/// The extents of one convolution `x [N,C,H,W] * w [O,C/groups,KH,KW]`,
+/// checked once.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvGeom {
     /// Images.
@@ -64,6 +65,10 @@ pub struct ConvGeom {
     pub stride: usize,
     /// Zero padding on each side.
     pub pad: usize,
+    /// Channel groups (`c` and `o` are multiples of it).
+    pub groups: usize,
+    /// Distance between filter taps.
+    pub dilation: usize,
 }
 
 impl ConvGeom {
@@ -71,8 +76,19 @@ impl ConvGeom {
     pub fn new(x_shape: &[usize], w_shape: &[usize], p: ConvParams) -> Result<ConvGeom> {
         let [n, c, h, w] = dims4("x", x_shape)?;
         let [o, wc, kh, kw] = dims4("w", w_shape)?;
-        if wc != c {
-            return Err(Error::shape("w", &[o, c, kh, kw], w_shape));
+        if p.groups == 0 || p.dilation == 0 {
+            return Err(Error::Msg(format!(
+                "conv2d: groups and dilation must be at least 1, got {p:?}"
+            )));
+        }
+        if c % p.groups != 0 || o % p.groups != 0 {
+            return Err(Error::Msg(format!(
+                "conv2d: {} groups must divide both the {c} input channels and the {o} output channels",
+                p.groups
+            )));
+        }
+        if wc != c / p.groups {
+            return Err(Error::shape("w", &[o, c / p.groups, kh, kw], w_shape));
         }
         if c == 0 || h == 0 || w == 0 || o == 0 || kh == 0 || kw == 0 {
             return Err(Error::Msg(format!(
@@ -82,9 +98,11 @@ impl ConvGeom {
         if p.stride == 0 {
             return Err(Error::Msg("conv2d: stride must be at least 1".into()));
         }
-        if h + 2 * p.pad < kh || w + 2 * p.pad < kw {
+        let (sh, sw) = (p.span(kh), p.span(kw));
+        if h + 2 * p.pad < sh || w + 2 * p.pad < sw {
             return Err(Error::Msg(format!(
-                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
+                "conv2d: kernel {kh}x{kw} (dilation {}) spans {sh}x{sw}, more than the padded input {}x{}",
+                p.dilation,
                 h + 2 * p.pad,
                 w + 2 * p.pad
             )));
@@ -101,12 +119,29 @@ impl ConvGeom {
             ow: p.out_len(w, kw),
             stride: p.stride,
             pad: p.pad,
+            groups: p.groups,
+            dilation: p.dilation,
         })
     }
 
     /// `[N, O, OH, OW]`.
     pub fn out_shape(&self) -> [usize; 4] {
         [self.n, self.o, self.oh, self.ow]
+    }
+
+    /// True for one group without dilation (the GEMM paths).
+    pub fn is_dense(&self) -> bool {
+        self.groups == 1 && self.dilation == 1
+    }
+
+    /// Input channels of one group.
+    pub fn c_per_group(&self) -> usize {
+        self.c / self.groups
+    }
+
+    /// Output channels of one group.
+    pub fn o_per_group(&self) -> usize {
+        self.o / self.groups
     }
 }
 

@@ -17,25 +17,72 @@ use crate::error::Result;
 use crate::graph::Graph;
 use crate::tensor::Tensor;
 
-/// Stride and zero padding of a 2-D convolution (same on both axes).
+/// Stride, zero padding, dilation and groups of a 2-D convolution (same on
+/// both axes). `groups` splits the channels into independent convolutions
+/// (the filter is `[O, C/groups, KH, KW]`; `groups = C` is depthwise);
+/// `dilation` spaces the filter taps, as in PyTorch's `Conv2d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvParams {
     /// Step between output positions, in input pixels.
     pub stride: usize,
     /// Zeros added on each side of the input.
     pub pad: usize,
+    /// Channel groups (1: every output sees every input channel).
+    pub groups: usize,
+    /// Distance between filter taps, in input pixels (1: adjacent).
+    pub dilation: usize,
 }
 
-impl ConvParams {
-    /// Output extent along one axis for an input extent and a kernel extent.
-    pub fn out_len(&self, input: usize, kernel: usize) -> usize {
-        (input + 2 * self.pad - kernel) / self.stride + 1
+impl Default for ConvParams {
+    /// Stride 1, no padding, one group, no dilation.
+    fn default() -> Self {
+        ConvParams::new(1, 0)
     }
 }
 
-/// Window, stride and padding of a 2-D pooling op (same on both axes).
-/// Average pooling counts padded zeros in the divisor, as PyTorch does by
-/// default (`count_include_pad=True`); max pooling ignores padding.
+impl ConvParams {
+    /// A dense, undilated convolution with this stride and padding.
+    pub const fn new(stride: usize, pad: usize) -> Self {
+        ConvParams {
+            stride,
+            pad,
+            groups: 1,
+            dilation: 1,
+        }
+    }
+
+    /// The same with `groups` channel groups.
+    pub const fn with_groups(self, groups: usize) -> Self {
+        ConvParams { groups, ..self }
+    }
+
+    /// The same with filter taps `dilation` pixels apart.
+    pub const fn with_dilation(self, dilation: usize) -> Self {
+        ConvParams { dilation, ..self }
+    }
+
+    /// True for the dense, undilated case (the GEMM paths).
+    pub fn is_dense(&self) -> bool {
+        self.groups == 1 && self.dilation == 1
+    }
+
+    /// Input pixels one filter of `kernel` taps spans along an axis.
+    pub fn span(&self, kernel: usize) -> usize {
+        self.dilation * (kernel.max(1) - 1) + 1
+    }
+
+    /// Output extent along one axis for an input extent and a kernel extent.
+    pub fn out_len(&self, input: usize, kernel: usize) -> usize {
+        (input + 2 * self.pad - self.span(kernel)) / self.stride + 1
+    }
+}
+
+/// Window, stride and padding of a 2-D pooling op (same on both axes), and
+/// PyTorch's two options: `ceil_mode` rounds the output extent up (the last
+/// window may hang over the right padding, but must start inside the input
+/// or the left padding), and `count_include_pad` makes average pooling
+/// divide by the window clipped to the padded input rather than to the
+/// input itself. Max pooling ignores padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PoolParams {
     /// Window extent.
@@ -44,12 +91,48 @@ pub struct PoolParams {
     pub stride: usize,
     /// Padding on each side.
     pub pad: usize,
+    /// Round the output extent up instead of down.
+    pub ceil_mode: bool,
+    /// Average pooling counts padded zeros in the divisor.
+    pub count_include_pad: bool,
 }
 
 impl PoolParams {
-    /// Output extent along one axis (floor mode, as PyTorch's default).
+    /// Floor mode, padding counted: PyTorch's defaults.
+    pub const fn new(kernel: usize, stride: usize, pad: usize) -> Self {
+        PoolParams {
+            kernel,
+            stride,
+            pad,
+            ceil_mode: false,
+            count_include_pad: true,
+        }
+    }
+
+    /// The same with the output extent rounded up (`ceil_mode=True`).
+    pub const fn with_ceil_mode(self, ceil_mode: bool) -> Self {
+        PoolParams { ceil_mode, ..self }
+    }
+
+    /// The same with `count_include_pad` set as given.
+    pub const fn with_count_include_pad(self, count_include_pad: bool) -> Self {
+        PoolParams {
+            count_include_pad,
+            ..self
+        }
+    }
+
+    /// Output extent along one axis (PyTorch's `pooling_output_shape`).
     pub fn out_len(&self, input: usize) -> usize {
-        (input + 2 * self.pad - self.kernel) / self.stride + 1
+        let span = input + 2 * self.pad - self.kernel;
+        let round_up = if self.ceil_mode { self.stride - 1 } else { 0 };
+        let out = (span + round_up) / self.stride + 1;
+        // The last window must start inside the input or the left padding.
+        if self.ceil_mode && (out - 1) * self.stride >= input + self.pad {
+            out - 1
+        } else {
+            out
+        }
     }
 }
 
@@ -100,7 +183,8 @@ pub trait Backend: Send + Sync {
     /// (for `[N,C,H,W] <-> [N,C*H*W]` this is PyTorch's `flatten(1)` order).
     fn reshape(&self, x: &Self::Buf, shape: &[usize]) -> Result<Self::Buf>;
 
-    /// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`.
+    /// Cross-correlation of `x [N,C,H,W]` with `w [O,C/groups,KH,KW]`, plus
+    /// `bias [O]`.
     fn conv2d(
         &self,
         x: &Self::Buf,
@@ -189,7 +273,7 @@ pub trait Backend: Send + Sync {
         dy: &Self::Buf,
         p: PoolParams,
     ) -> Result<Self::Buf>;
-    /// Average pooling (padded zeros counted in the divisor).
+    /// Average pooling; the divisor follows `p.count_include_pad`.
     fn avg_pool2d(&self, x: &Self::Buf, p: PoolParams) -> Result<Self::Buf>;
     /// Gradient of `avg_pool2d` with respect to an input of shape `x_shape`.
     fn avg_pool2d_backward(

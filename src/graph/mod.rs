@@ -250,6 +250,9 @@ impl Builder {
     }
 
     /// A square `k`×`k` convolution called `name` (`name.weight`, `name.bias`).
+    /// `p.groups` and `p.dilation` give grouped (depthwise when `groups` is
+    /// the input's channel count) and dilated convolutions; the weight is
+    /// `[out_ch, C/groups, k, k]`.
     pub fn conv(
         &mut self,
         x: usize,
@@ -260,16 +263,28 @@ impl Builder {
         bias: bool,
     ) -> Result<usize> {
         let s = self.shape(x).to_vec();
-        let pad = p.pad;
-        if s.len() != 3 || s[1] + 2 * pad < k || s[2] + 2 * pad < k {
+        let (pad, span) = (p.pad, p.span(k));
+        if s.len() != 3 || s[1] + 2 * pad < span || s[2] + 2 * pad < span {
             return Err(Error::Msg(format!(
-                "{}: conv `{name}` ({k}x{k}, pad {pad}) does not fit its input {s:?}; the input is too small for this architecture",
+                "{}: conv `{name}` ({k}x{k}, pad {pad}, dilation {}) does not fit its input {s:?}; the input is too small for this architecture",
+                self.graph.arch, p.dilation
+            )));
+        }
+        if p.stride == 0 || p.groups == 0 || p.dilation == 0 {
+            return Err(Error::Msg(format!(
+                "{}: conv `{name}`: stride, groups and dilation must be at least 1, got {p:?}",
                 self.graph.arch
+            )));
+        }
+        if s[0] % p.groups != 0 || out_ch % p.groups != 0 {
+            return Err(Error::Msg(format!(
+                "{}: conv `{name}`: {} groups must divide both its {} input channels and its {out_ch} output channels",
+                self.graph.arch, p.groups, s[0]
             )));
         }
         let w = self.param(
             format!("{name}.weight"),
-            vec![out_ch, s[0], k, k],
+            vec![out_ch, s[0] / p.groups, k, k],
             ParamKind::ConvWeight,
         );
         let b = bias.then(|| self.param(format!("{name}.bias"), vec![out_ch], ParamKind::Bias));
@@ -326,10 +341,16 @@ impl Builder {
                 self.graph.arch, p.kernel, p.kernel
             )));
         }
+        if p.kernel == 0 || p.stride == 0 || 2 * p.pad > p.kernel {
+            return Err(Error::Msg(format!(
+                "{}: pool {p:?}: kernel and stride must be at least 1 and the padding at most half the kernel",
+                self.graph.arch
+            )));
+        }
         Ok(vec![s[0], p.out_len(s[1]), p.out_len(s[2])])
     }
 
-    /// Max pooling.
+    /// Max pooling (floor mode).
     pub fn max_pool(
         &mut self,
         x: usize,
@@ -337,16 +358,16 @@ impl Builder {
         stride: usize,
         pad: usize,
     ) -> Result<usize> {
-        let p = PoolParams {
-            kernel,
-            stride,
-            pad,
-        };
+        self.max_pool_with(x, PoolParams::new(kernel, stride, pad))
+    }
+
+    /// Max pooling with every option of [`PoolParams`] (`ceil_mode`).
+    pub fn max_pool_with(&mut self, x: usize, p: PoolParams) -> Result<usize> {
         let shape = self.pool_shape(x, p)?;
         Ok(self.push(Op::MaxPool(p), vec![x], shape))
     }
 
-    /// Average pooling.
+    /// Average pooling (floor mode, padding counted in the divisor).
     pub fn avg_pool(
         &mut self,
         x: usize,
@@ -354,11 +375,12 @@ impl Builder {
         stride: usize,
         pad: usize,
     ) -> Result<usize> {
-        let p = PoolParams {
-            kernel,
-            stride,
-            pad,
-        };
+        self.avg_pool_with(x, PoolParams::new(kernel, stride, pad))
+    }
+
+    /// Average pooling with every option of [`PoolParams`] (`ceil_mode`,
+    /// `count_include_pad`).
+    pub fn avg_pool_with(&mut self, x: usize, p: PoolParams) -> Result<usize> {
         let shape = self.pool_shape(x, p)?;
         Ok(self.push(Op::AvgPool(p), vec![x], shape))
     }

@@ -236,11 +236,18 @@ impl<'a, D: Driver> Suite<'a, D> {
     /// One convolution shape: `(n, c, h, w, o, k, params)`.
     fn conv_case(&mut self, (n, c, h, w, o, k, p): ConvCase) -> Result<()> {
         let x = self.rand(&[n, c, h, w], -1.0, 1.0);
-        let wt = self.rand(&[o, c, k, k], -0.5, 0.5);
+        let wt = self.rand(&[o, c / p.groups, k, k], -0.5, 0.5);
         let b = self.rand(&[o], -0.5, 0.5);
         let (gx, gw, gb) = (self.up(&x)?, self.up(&wt)?, self.up(&b)?);
-        let tag = format!("k{k} s{} p{}", p.stride, p.pad);
-        let kf = c * k * k;
+        let tag = if p.is_dense() {
+            format!("k{k} s{} p{}", p.stride, p.pad)
+        } else {
+            format!(
+                "k{k} s{} p{} g{} d{}",
+                p.stride, p.pad, p.groups, p.dilation
+            )
+        };
+        let kf = c / p.groups * k * k;
         let bound_f = 2.0 * gamma(kf + 2);
 
         // forward, with and without bias
@@ -282,7 +289,7 @@ impl<'a, D: Driver> Suite<'a, D> {
 
         // backward data, plain and through a fused ReLU's mask
         let dy = self.rand(&yshape, -1.0, 1.0);
-        let kd = o * k * k;
+        let kd = o / p.groups * k * k;
         let bound_d = 2.0 * gamma(kd + 2);
         let absref = self
             .cpu
@@ -357,7 +364,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     fn conv(&mut self) -> Result<()> {
-        let cp = |stride, pad| ConvParams { stride, pad };
+        let cp = ConvParams::new;
         // (n, c, h, w, o, k, stride, pad): batch 1, non-square, 1x1, 3x3, 5x5,
         // 7x7, stride 2, padding 0/1/3, channel counts off the tile sizes,
         // and enough output columns for the wide tiles.
@@ -374,6 +381,25 @@ impl<'a, D: Driver> Suite<'a, D> {
             (3, 3, 14, 14, 9, 3, cp(1, 1)),
         ];
         for case in cases {
+            self.conv_case(case)?;
+        }
+        // Grouped and dilated (conv_grouped.cu): depthwise 3x3 stride 1 and
+        // 2 (MobileNet, EfficientNet), depthwise 5x5, a channel multiplier,
+        // groups 2 and 4, dilation 2 with and without groups, a plane over
+        // one 256-thread tile, and a batch long enough to split wgrad.
+        let grouped = [
+            (2, 6, 9, 7, 6, 3, cp(1, 1).with_groups(6)),
+            (3, 8, 10, 9, 8, 3, cp(2, 1).with_groups(8)),
+            (1, 5, 11, 12, 5, 5, cp(2, 2).with_groups(5)),
+            (2, 3, 7, 8, 6, 3, cp(1, 1).with_groups(3)),
+            (2, 4, 9, 6, 6, 3, cp(1, 0).with_groups(2)),
+            (1, 8, 8, 9, 12, 3, cp(2, 1).with_groups(4)),
+            (2, 3, 10, 9, 5, 3, cp(1, 2).with_dilation(2)),
+            (1, 4, 11, 11, 8, 3, cp(1, 2).with_dilation(2).with_groups(4)),
+            (1, 2, 20, 17, 2, 3, cp(1, 1).with_groups(2)),
+            (40, 2, 12, 12, 2, 3, cp(1, 1).with_groups(2)),
+        ];
+        for case in grouped {
             self.conv_case(case)?;
         }
         // A few random shapes.
@@ -584,22 +610,41 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     fn pool(&mut self) -> Result<()> {
-        let pp = |kernel, stride, pad| PoolParams {
-            kernel,
-            stride,
-            pad,
-        };
+        let pp = PoolParams::new;
         for (shape, p) in [
             ([2usize, 3, 9, 7], pp(3, 2, 1)),
             ([1, 2, 8, 8], pp(2, 2, 0)),
             ([2, 2, 7, 6], pp(3, 1, 1)),
             ([1, 3, 10, 9], pp(5, 3, 2)),
+            // ceil_mode (odd extents: a last window over the edge) and
+            // average pooling without the padding in the divisor.
+            ([2, 3, 9, 7], pp(3, 2, 1).with_ceil_mode(true)),
+            ([1, 2, 7, 9], pp(2, 2, 0).with_ceil_mode(true)),
+            ([2, 2, 8, 7], pp(3, 2, 1).with_count_include_pad(false)),
+            (
+                [1, 3, 10, 9],
+                pp(3, 2, 1)
+                    .with_ceil_mode(true)
+                    .with_count_include_pad(false),
+            ),
+            ([1, 2, 11, 10], pp(5, 3, 2).with_ceil_mode(true)),
         ] {
             let mut x = self.rand(&shape, -1.0, 1.0);
             // Ties: the first maximum of a window wins on both sides.
             x.data_mut()[5] = x.data()[4];
             let gx = self.up(&x)?;
-            let tag = format!("k{} s{} p{}", p.kernel, p.stride, p.pad);
+            let tag = format!(
+                "k{} s{} p{}{}{}",
+                p.kernel,
+                p.stride,
+                p.pad,
+                if p.ceil_mode { " ceil" } else { "" },
+                if p.count_include_pad {
+                    ""
+                } else {
+                    " exclude-pad"
+                }
+            );
             // Selection and equal-order sums: identical.
             let want = self.cpu.max_pool2d(&x, p)?;
             let y = self.gpu.max_pool2d(&gx, p)?;
@@ -783,7 +828,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     /// Both backends refuse the same invalid inputs.
     fn errors(&mut self) -> Result<()> {
         let t = |s: &[usize]| Tensor::zeros(s);
-        let cp = ConvParams { stride: 1, pad: 0 };
+        let cp = ConvParams::new(1, 0);
         let cases: Vec<(&str, Tensor, Tensor)> = vec![
             (
                 "conv2d channel mismatch",
@@ -821,14 +866,7 @@ impl<'a, D: Driver> Suite<'a, D> {
         self.property(
             "pool larger than the padded input refused",
             self.gpu
-                .max_pool2d(
-                    &self.up(&t(&[1, 1, 2, 2]))?,
-                    PoolParams {
-                        kernel: 3,
-                        stride: 1,
-                        pad: 0,
-                    },
-                )
+                .max_pool2d(&self.up(&t(&[1, 1, 2, 2]))?, PoolParams::new(3, 1, 0))
                 .is_err(),
         );
         Ok(())

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::graph::Builder;
 
 fn cp(stride: usize, pad: usize) -> ConvParams {
-    ConvParams { stride, pad }
+    ConvParams::new(stride, pad)
 }
 
 /// The residual block family of a CIFAR ResNet.

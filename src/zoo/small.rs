@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::graph::Builder;
 
 fn cp(stride: usize, pad: usize) -> ConvParams {
-    ConvParams { stride, pad }
+    ConvParams::new(stride, pad)
 }
 
 /// conv(32)-bn-relu, conv(32)-bn-relu, maxpool2, conv(64)-bn-relu,

@@ -77,7 +77,13 @@ impl Geom {
 
 /// The output indices `lo..hi` along one axis whose input index
 /// `o * stride + k - pad` lies inside `0..len` (the others read padding).
-fn valid_outputs(k: usize, pad: usize, stride: usize, len: usize, out: usize) -> (usize, usize) {
+pub(super) fn valid_outputs(
+    k: usize,
+    pad: usize,
+    stride: usize,
+    len: usize,
+    out: usize,
+) -> (usize, usize) {
     let lo = if pad > k {
         (pad - k).div_ceil(stride)
     } else {
@@ -172,6 +178,9 @@ pub(super) fn conv2d(
     if let Some(b) = bias {
         expect_shape("bias", b, &[g.o])?;
     }
+    if !g.is_dense() {
+        return super::conv_grouped::forward(x, w, bias, &g);
+    }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
     // The transposed product `Y^T = col^T W^T` is fast only with `W^T`
@@ -221,6 +230,9 @@ pub(super) fn conv2d_backward_data(
 ) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
+    if !g.is_dense() {
+        return super::conv_grouped::backward_data(dy, w, &g);
+    }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
     let few = g.few_positions(rows);
@@ -277,6 +289,11 @@ fn backward_filter_in_groups(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
+    if !g.is_dense() {
+        let dw = super::conv_grouped::backward_filter(x, dy, &g)?;
+        let db = with_bias.then(|| bias_grad(dy, &g)).transpose()?;
+        return Ok((dw, db));
+    }
     let per_part = g.n.div_ceil(FILTER_PARTS).max(1);
     let starts: Vec<usize> = (0..g.n).step_by(per_part).collect();
     let partials: Vec<Vec<f32>> = starts
@@ -293,24 +310,26 @@ fn backward_filter_in_groups(
             .zip(part.par_chunks(ELEMENTWISE_CHUNK))
             .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, p)| *d += p));
     }
-    let db = if with_bias {
-        let pos = g.positions();
-        let sums: Vec<f32> = (0..g.o)
-            .into_par_iter()
-            .map(|o| {
-                let mut s = 0.0f64;
-                for img in 0..g.n {
-                    let plane = &dy.data()[img * g.out_len() + o * pos..][..pos];
-                    s += plane.iter().map(|&v| v as f64).sum::<f64>();
-                }
-                s as f32
-            })
-            .collect();
-        Some(Tensor::new(&[g.o], sums)?)
-    } else {
-        None
-    };
+    let db = with_bias.then(|| bias_grad(dy, &g)).transpose()?;
     Ok((Tensor::new(w_shape, dw)?, db))
+}
+
+/// The bias gradient `[O]`: the sum of `dy` over images and positions, in
+/// f64 and in order, rounded once.
+fn bias_grad(dy: &Tensor, g: &Geom) -> Result<Tensor> {
+    let pos = g.positions();
+    let sums: Vec<f32> = (0..g.o)
+        .into_par_iter()
+        .map(|o| {
+            let mut s = 0.0f64;
+            for img in 0..g.n {
+                let plane = &dy.data()[img * g.out_len() + o * pos..][..pos];
+                s += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+            s as f32
+        })
+        .collect();
+    Tensor::new(&[g.o], sums)
 }
 
 /// The filter gradient contributed by the images `images`, on one thread.
@@ -380,10 +399,7 @@ mod tests {
 
     impl Case {
         fn params(&self) -> ConvParams {
-            ConvParams {
-                stride: self.stride,
-                pad: self.pad,
-            }
+            ConvParams::new(self.stride, self.pad)
         }
 
         fn y_shape(&self) -> [usize; 4] {
@@ -615,14 +631,14 @@ mod tests {
     fn bad_shapes_are_errors_not_panics() {
         let x = Tensor::zeros(&[2, 3, 5, 5]);
         let w = Tensor::zeros(&[4, 3, 3, 3]);
-        let p = ConvParams { stride: 1, pad: 0 };
+        let p = ConvParams::new(1, 0);
         let dy = Tensor::zeros(&[2, 4, 3, 3]);
         let wrong_channels = Tensor::zeros(&[4, 2, 3, 3]);
         assert!(conv2d(&x, &wrong_channels, None, p).is_err());
         assert!(conv2d(&Tensor::zeros(&[3, 5, 5]), &w, None, p).is_err());
         assert!(conv2d(&x, &w, Some(&Tensor::zeros(&[3])), p).is_err());
         assert!(conv2d(&x, &Tensor::zeros(&[4, 3, 7, 3]), None, p).is_err());
-        assert!(conv2d(&x, &w, None, ConvParams { stride: 0, pad: 0 }).is_err());
+        assert!(conv2d(&x, &w, None, ConvParams::new(0, 0)).is_err());
         assert!(conv2d(&x, &Tensor::zeros(&[0, 3, 3, 3]), None, p).is_err());
         assert!(conv2d_backward_data(&dy, &w, &[2, 3, 6, 5], p).is_err());
         assert!(conv2d_backward_data(&dy, &wrong_channels, &[2, 3, 5, 5], p).is_err());

@@ -13,6 +13,7 @@
 //!   and a pool of many give the same bits.
 
 mod conv;
+mod conv_grouped;
 mod elementwise;
 mod linear;
 mod loss;

@@ -94,17 +94,30 @@ pub(super) fn max_pool2d_backward(x: &Tensor, dy: &Tensor, p: PoolParams) -> Res
     Tensor::new(x.shape(), dx)
 }
 
-/// The divisor of every average-pooling window. With `count_include_pad`
-/// and floor-mode output sizes no window reaches past the padding, so every
-/// window counts `kernel^2` positions, as in PyTorch.
-fn avg_divisor(p: PoolParams) -> f32 {
-    (p.kernel * p.kernel) as f32
+impl Geom {
+    /// The divisor of the average-pooling window at `(oh, ow)`, as PyTorch
+    /// computes it: the window clipped to the padded input when padding is
+    /// counted, else clipped to the input. In floor mode with padding
+    /// counted this is `kernel^2` for every window; in ceil mode the last
+    /// windows may hang over the right padding and count less.
+    fn avg_divisor(&self, oh: usize, ow: usize) -> f32 {
+        let p = self.p;
+        let extent = |o: usize, len: usize| {
+            if p.count_include_pad {
+                let start = o * p.stride;
+                (start + p.kernel).min(len + 2 * p.pad) - start
+            } else {
+                let (lo, hi) = self.window(o, len);
+                hi - lo
+            }
+        };
+        (extent(oh, self.h) * extent(ow, self.w)) as f32
+    }
 }
 
-/// Average pooling (padded zeros counted in the divisor).
+/// Average pooling; the divisor follows `p.count_include_pad`.
 pub(super) fn avg_pool2d(x: &Tensor, p: PoolParams) -> Result<Tensor> {
     let g = Geom::new(x.shape(), p)?;
-    let div = avg_divisor(p);
     let mut y = vec![0.0f32; g.n * g.c * g.oh * g.ow];
     per_plane(x.data(), g.h * g.w, &mut y, g.oh * g.ow, |xp, yp| {
         for oh in 0..g.oh {
@@ -115,7 +128,7 @@ pub(super) fn avg_pool2d(x: &Tensor, p: PoolParams) -> Result<Tensor> {
                 for ih in h0..h1 {
                     s += xp[ih * g.w + w0..ih * g.w + w1].iter().sum::<f32>();
                 }
-                yp[oh * g.ow + ow] = s / div;
+                yp[oh * g.ow + ow] = s / g.avg_divisor(oh, ow);
             }
         }
     });
@@ -126,14 +139,13 @@ pub(super) fn avg_pool2d(x: &Tensor, p: PoolParams) -> Result<Tensor> {
 pub(super) fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], p: PoolParams) -> Result<Tensor> {
     let g = Geom::new(x_shape, p)?;
     expect_shape("dy", dy, &g.out_shape())?;
-    let div = avg_divisor(p);
     let mut dx = vec![0.0f32; g.n * g.c * g.h * g.w];
     per_plane(dy.data(), g.oh * g.ow, &mut dx, g.h * g.w, |dyp, dxp| {
         for oh in 0..g.oh {
             let (h0, h1) = g.window(oh, g.h);
             for ow in 0..g.ow {
                 let (w0, w1) = g.window(ow, g.w);
-                let share = dyp[oh * g.ow + ow] / div;
+                let share = dyp[oh * g.ow + ow] / g.avg_divisor(oh, ow);
                 for ih in h0..h1 {
                     dxp[ih * g.w + w0..ih * g.w + w1]
                         .iter_mut()
@@ -183,15 +195,12 @@ mod tests {
     use crate::backend::cpu::testutil::*;
 
     fn pp(kernel: usize, stride: usize, pad: usize) -> PoolParams {
-        PoolParams {
-            kernel,
-            stride,
-            pad,
-        }
+        PoolParams::new(kernel, stride, pad)
     }
 
-    /// Pooling by definition in f64: `reduce` over the in-range pixels of
-    /// each window, then `finish(sum or max)`.
+    /// Pooling by definition in f64: the max or the sum over the in-range
+    /// pixels of each window; a sum is divided by the window's taps that
+    /// lie in the padded input (`count_include_pad`) or in the input.
     fn f64_pool(x: &[f64], shape: [usize; 4], p: PoolParams, max: bool) -> Vec<f64> {
         let [n, c, h, w] = shape;
         let (oh, ow) = (p.out_len(h), p.out_len(w));
@@ -200,24 +209,25 @@ mod tests {
             for i in 0..oh {
                 for j in 0..ow {
                     let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+                    let mut count = 0usize;
                     for a in 0..p.kernel {
                         for b in 0..p.kernel {
                             let (ih, iw) = (
                                 (i * p.stride + a) as isize - p.pad as isize,
                                 (j * p.stride + b) as isize - p.pad as isize,
                             );
+                            let pad = p.pad as isize;
+                            let in_padded = ih < h as isize + pad && iw < w as isize + pad;
                             if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                count += (p.count_include_pad && in_padded) as usize;
                                 continue;
                             }
+                            count += 1;
                             let v = plane[ih as usize * w + iw as usize];
                             acc = if max { acc.max(v) } else { acc + v };
                         }
                     }
-                    y.push(if max {
-                        acc
-                    } else {
-                        acc / (p.kernel * p.kernel) as f64
-                    });
+                    y.push(if max { acc } else { acc / count as f64 });
                 }
             }
         }
@@ -232,6 +242,79 @@ mod tests {
 
     const SHAPE: [usize; 4] = [2, 2, 5, 6];
     const WINDOWS: [(usize, usize, usize); 4] = [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 1)];
+
+    /// Every window of [`WINDOWS`] in the four combinations of `ceil_mode`
+    /// and `count_include_pad`.
+    fn all_modes() -> Vec<PoolParams> {
+        let mut out = Vec::new();
+        for (k, s, pad) in WINDOWS {
+            for ceil in [false, true] {
+                for count in [true, false] {
+                    out.push(
+                        pp(k, s, pad)
+                            .with_ceil_mode(ceil)
+                            .with_count_include_pad(count),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn ceil_mode_adds_a_last_window_only_when_it_starts_inside_the_input_or_left_padding() {
+        // 5 wide, 2x2 stride 2: floor 2 windows, ceil 3 (the third starts at 4).
+        assert_eq!(pp(2, 2, 0).out_len(5), 2);
+        assert_eq!(pp(2, 2, 0).with_ceil_mode(true).out_len(5), 3);
+        // 5 wide, 2x2 stride 2 pad 1: rounding up would give 4 windows, but
+        // the fourth would start at 6 - 1 = 5, in the right padding only, so
+        // it is dropped (PyTorch gives 3).
+        assert_eq!(pp(2, 2, 1).with_ceil_mode(true).out_len(5), 3);
+        // 4 wide, 3x3 stride 2 pad 1: the third window starts at 3, inside.
+        assert_eq!(pp(3, 2, 1).with_ceil_mode(true).out_len(4), 3);
+        // Divisible extents: both modes agree.
+        assert_eq!(pp(2, 2, 0).with_ceil_mode(true).out_len(6), 3);
+        // Every window of every mode holds at least one input pixel.
+        for p in all_modes() {
+            for len in 2..12 {
+                if len + 2 * p.pad < p.kernel {
+                    continue;
+                }
+                let last_start = (p.out_len(len) - 1) * p.stride;
+                assert!(last_start < len + p.pad, "{p:?} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn avg_pool_modes_match_f64_and_their_gradients_match_central_differences() {
+        let mut g = rng(5);
+        let x = uniform(&mut g, &SHAPE, -1.0, 1.0);
+        let xm = distinct(&mut g, &SHAPE, 0.01);
+        for p in all_modes() {
+            let y = avg_pool2d(&x, p).unwrap();
+            let f = |x: &[f64]| f64_pool(x, SHAPE, p, false);
+            assert_close(&format!("avg {p:?}"), y.data(), &f(&f64s(&x)), 1e-6);
+            let r = uniform(&mut g, y.shape(), -1.0, 1.0);
+            let dx = avg_pool2d_backward(&r, &SHAPE, p).unwrap();
+            let num = numeric_grad(&f64s(&x), |x| dot(&f(x), &f64s(&r)));
+            assert_close(&format!("avg dx {p:?}"), dx.data(), &num, 1e-4);
+
+            let y = max_pool2d(&xm, p).unwrap();
+            let f = |x: &[f64]| f64_pool(x, SHAPE, p, true);
+            assert_close(&format!("max {p:?}"), y.data(), &f(&f64s(&xm)), 1e-7);
+            let dx = max_pool2d_backward(&xm, &r, p).unwrap();
+            let num = numeric_grad(&f64s(&xm), |x| dot(&f(x), &f64s(&r)));
+            assert_close(&format!("max dx {p:?}"), dx.data(), &num, 1e-4);
+        }
+    }
+
+    #[test]
+    fn avg_pool_without_count_include_pad_divides_by_the_pixels_inside() {
+        let p = pp(3, 1, 1).with_count_include_pad(false);
+        let y = avg_pool2d(&Tensor::full(&[1, 1, 3, 3], 1.0), p).unwrap();
+        assert_eq!(y.data(), &[1.0; 9]);
+    }
 
     #[test]
     fn max_pool_matches_f64_and_its_gradient_matches_central_differences() {

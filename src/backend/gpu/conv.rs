@@ -178,6 +178,9 @@ impl<D: Driver> GpuBackend<D> {
         if let Some(r) = residual {
             expect_shape("residual", r, &g.out_shape())?;
         }
+        if !g.is_dense() {
+            return self.gconv_forward(&g, x, w, bias, residual, relu);
+        }
         let y = self.alloc(&g.out_shape())?;
         let mut a = g.args();
         a.gm = g.o as i32;
@@ -237,6 +240,9 @@ impl<D: Driver> GpuBackend<D> {
         expect_shape("dy", dy, &g.out_shape())?;
         if let Some(y) = relu_y {
             expect_shape("y", y, &g.out_shape())?;
+        }
+        if !g.is_dense() {
+            return self.gconv_dgrad(&g, dy, w, relu_y);
         }
         let dx = self.alloc(x_shape)?;
         let mut a = g.args();

@@ -15,6 +15,7 @@
 //! so a run is bitwise reproducible on one device.
 
 pub mod conv;
+mod conv_grouped;
 pub mod cuda;
 pub mod driver;
 pub mod emu;

@@ -44,7 +44,9 @@ struct PoolArgs {
     k: i32,
     stride: i32,
     pad: i32,
-    pad_: i32,
+    /// Average pooling divides by the window clipped to the padded input
+    /// (1) or to the input (0).
+    count_pad: i32,
 }
 
 /// `MaskArgs` of mask.cu.
@@ -83,7 +85,7 @@ fn pool_args(g: PoolGeom) -> PoolArgs {
         k: g.p.kernel as i32,
         stride: g.p.stride as i32,
         pad: g.p.pad as i32,
-        pad_: 0,
+        count_pad: g.p.count_include_pad as i32,
     }
 }
 
@@ -303,13 +305,17 @@ impl<D: Driver> Backend for GpuBackend<D> {
     ) -> Result<(GpuBuf<D>, Option<GpuBuf<D>>)> {
         let g = Geom::new(x.shape(), w_shape, p)?;
         expect_shape("dy", dy, &g.out_shape())?;
-        let mut a = g.args();
-        let gk = g.n * g.oh * g.ow;
-        check_extents("conv2d_backward_filter", &[gk])?;
-        a.gm = g.o as i32;
-        a.gn = (g.c * g.kh * g.kw) as i32;
-        a.gk = gk as i32;
-        let dw = self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), w_shape)?;
+        let dw = if g.is_dense() {
+            let mut a = g.args();
+            let gk = g.n * g.oh * g.ow;
+            check_extents("conv2d_backward_filter", &[gk])?;
+            a.gm = g.o as i32;
+            a.gn = (g.c * g.kh * g.kw) as i32;
+            a.gk = gk as i32;
+            self.wgrad_gemm(&mut a, x.ptr(), dy.ptr(), w_shape)?
+        } else {
+            self.gconv_wgrad(&g, x, dy)?
+        };
         let db = if with_bias {
             Some(self.bias_grad(dy, g.n, g.o, g.oh * g.ow)?)
         } else {
@@ -568,11 +574,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
             w,
             oh: 1,
             ow: 1,
-            p: PoolParams {
-                kernel: h,
-                stride: 1,
-                pad: 0,
-            },
+            p: PoolParams::new(h, 1, 0),
         });
         let (px, py) = (x.ptr(), y.ptr());
         let planes = n * c;
@@ -599,11 +601,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
             w,
             oh: 1,
             ow: 1,
-            p: PoolParams {
-                kernel: h.max(1),
-                stride: 1,
-                pad: 0,
-            },
+            p: PoolParams::new(h.max(1), 1, 0),
         });
         let (pdy, pdx) = (dy.ptr(), dx.ptr());
         self.launch_flat(
