@@ -85,6 +85,31 @@ fn emu_ops_errors() {
     family("errors");
 }
 
+#[test]
+fn emu_ops_activation() {
+    family("activation");
+}
+
+#[test]
+fn emu_ops_mul() {
+    family("mul");
+}
+
+#[test]
+fn emu_ops_affine() {
+    family("affine");
+}
+
+#[test]
+fn emu_ops_concat() {
+    family("concat");
+}
+
+#[test]
+fn emu_ops_pad() {
+    family("pad");
+}
+
 /// An allocation over the device's memory is a clear error naming the
 /// tensor's shape, and the backend stays usable.
 #[test]

@@ -6,12 +6,16 @@
 //! this trait are logical. Ops are pure functions of their inputs unless they
 //! take `&mut`; reductions are deterministic for a given shape.
 
+pub mod activation;
 pub mod check;
 pub mod cpu;
 mod device;
 pub mod gpu;
+pub mod shape_ops;
 
+pub use activation::Activation;
 pub use device::{select_device, Device};
+pub use shape_ops::Pad2d;
 
 use crate::error::Result;
 use crate::graph::Graph;
@@ -359,6 +363,45 @@ pub trait Backend: Send + Sync {
         step: f32,
         eps: f32,
     ) -> Result<()>;
+
+    /// The elementwise activation `act(x)`, any shape (see [`Activation`]).
+    fn activation(&self, x: &Self::Buf, act: Activation) -> Result<Self::Buf>;
+    /// Input gradient of `activation`, from the op's input `x`:
+    /// `dy * act'(x)`, PyTorch's choice at the kinks.
+    fn activation_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        act: Activation,
+    ) -> Result<Self::Buf>;
+    /// `a * b` elementwise, where `b` has `a`'s shape or is `[N, C]` (or,
+    /// for an NCHW `a`, `[N, C, 1, 1]`) broadcast over the rest of `a [N, C, ...]`
+    /// (squeeze-and-excitation gates).
+    fn mul(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// Gradients of `mul`: `(dy * b, dy * a)`, the second summed over the
+    /// broadcast extents in f64 (a fixed order per channel) and shaped as `b`.
+    fn mul_backward(
+        &self,
+        dy: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// Per-channel constant affine map `x * scale[c] + shift[c]` of
+    /// `x [N, C, ...]` (the product rounded before the sum); `scale` and
+    /// `shift` hold 1 value (for every channel) or C, all finite.
+    fn affine(&self, x: &Self::Buf, scale: &[f32], shift: &[f32]) -> Result<Self::Buf>;
+    /// Input gradient of `affine`: `dy * scale[c]`.
+    fn affine_backward(&self, dy: &Self::Buf, scale: &[f32]) -> Result<Self::Buf>;
+    /// Concatenation on the channel axis of two or more `[N, C_i, ...]`
+    /// tensors equal in every other extent.
+    fn concat(&self, xs: &[&Self::Buf]) -> Result<Self::Buf>;
+    /// Gradients of `concat`: `dy` split on the channel axis into parts of
+    /// `channels[i]` channels.
+    fn concat_backward(&self, dy: &Self::Buf, channels: &[usize]) -> Result<Vec<Self::Buf>>;
+    /// Zero padding of the H and W axes of `x [N, C, H, W]`.
+    fn pad2d(&self, x: &Self::Buf, p: Pad2d) -> Result<Self::Buf>;
+    /// Gradient of `pad2d`: `dy` with the padding cropped off.
+    fn pad2d_backward(&self, dy: &Self::Buf, p: Pad2d) -> Result<Self::Buf>;
 
     /// This backend's own eval-mode runner for `graph` with `params`, when
     /// it has one faster than the generic graph runner (the GPU folds eval

@@ -7,7 +7,7 @@ mod run;
 
 pub use run::{Grads, Mode, ParamGrads, Trace};
 
-use crate::backend::{ConvParams, PoolParams};
+use crate::backend::{Activation, ConvParams, Pad2d, PoolParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
 
@@ -92,6 +92,24 @@ pub enum Op {
     Flatten,
     /// Fully connected layer.
     Linear { w: ParamId, b: Option<ParamId> },
+    /// An elementwise activation (sigmoid, SiLU, hard sigmoid, hard swish,
+    /// clip, leaky ReLU).
+    Act(Activation),
+    /// Elementwise product of two inputs; the second has the first's shape
+    /// or is a per-channel gate `[C, 1, 1]` / `[C]` broadcast over H, W.
+    Mul,
+    /// Per-channel constant `x * scale[c] + shift[c]` (1 value or C each):
+    /// ONNX's Add/Sub/Mul/Div by constants.
+    Affine { scale: Vec<f32>, shift: Vec<f32> },
+    /// Concatenation of two or more inputs on the channel axis.
+    Concat,
+    /// Zero padding of H and W.
+    Pad {
+        top: usize,
+        bottom: usize,
+        left: usize,
+        right: usize,
+    },
 }
 
 /// A node: an op, the nodes it reads, and its per-image output shape.
@@ -407,6 +425,85 @@ impl Builder {
         );
         let b = bias.then(|| self.param(format!("{name}.bias"), vec![out], ParamKind::Bias));
         self.push(Op::Linear { w, b }, vec![x], vec![out])
+    }
+
+    /// An elementwise activation; its parameters are checked.
+    pub fn act(&mut self, x: usize, act: Activation) -> Result<usize> {
+        act.check()
+            .map_err(|e| Error::Msg(format!("{}: {e}", self.graph.arch)))?;
+        let shape = self.shape(x).to_vec();
+        Ok(self.push(Op::Act(act), vec![x], shape))
+    }
+
+    /// `a * b`: equal shapes, or one of them a per-channel gate (`[C, 1, 1]`
+    /// or `[C]`) of the other's `[C, ...]`. The gate becomes the node's
+    /// second input (the product commutes).
+    pub fn mul(&mut self, a: usize, b: usize) -> Result<usize> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        let gate_of = |full: &[usize], g: &[usize]| {
+            full.len() >= 2 && (g == [full[0]] || (full.len() == 3 && g == [full[0], 1, 1]))
+        };
+        let (x, gate) = if sa == sb || gate_of(&sa, &sb) {
+            (a, b)
+        } else if gate_of(&sb, &sa) {
+            (b, a)
+        } else {
+            return Err(Error::Msg(format!(
+                "{}: mul of shapes {sa:?} and {sb:?}: they must be equal, or one a per-channel \
+                 gate [C, 1, 1] or [C] of the other",
+                self.graph.arch
+            )));
+        };
+        let shape = self.shape(x).to_vec();
+        Ok(self.push(Op::Mul, vec![x, gate], shape))
+    }
+
+    /// `x * scale[c] + shift[c]`, each of 1 value or one per channel, finite.
+    pub fn affine(&mut self, x: usize, scale: Vec<f32>, shift: Vec<f32>) -> Result<usize> {
+        let shape = self.shape(x).to_vec();
+        let c = shape.first().copied().unwrap_or(0);
+        crate::backend::shape_ops::affine_params(&scale, &shift, c)
+            .map_err(|e| Error::Msg(format!("{}: {e}", self.graph.arch)))?;
+        Ok(self.push(Op::Affine { scale, shift }, vec![x], shape))
+    }
+
+    /// Concatenation of `xs` (two or more) on the channel axis; all other
+    /// extents must agree.
+    pub fn concat(&mut self, xs: &[usize]) -> Result<usize> {
+        let shapes: Vec<Vec<usize>> = xs.iter().map(|&x| self.shape(x).to_vec()).collect();
+        let ok = xs.len() >= 2
+            && shapes
+                .iter()
+                .all(|s| !s.is_empty() && s.len() == shapes[0].len() && s[1..] == shapes[0][1..]);
+        if !ok {
+            return Err(Error::Msg(format!(
+                "{}: concat of shapes {shapes:?}: needs two or more inputs equal in all but \
+                 the channel extent",
+                self.graph.arch
+            )));
+        }
+        let mut shape = shapes[0].clone();
+        shape[0] = shapes.iter().map(|s| s[0]).sum();
+        Ok(self.push(Op::Concat, xs.to_vec(), shape))
+    }
+
+    /// Zero padding of a `[C, H, W]` node's H and W.
+    pub fn pad(&mut self, x: usize, p: Pad2d) -> Result<usize> {
+        let s = self.shape(x).to_vec();
+        if s.len() != 3 {
+            return Err(Error::Msg(format!(
+                "{}: pad needs a [C, H, W] input, got {s:?}",
+                self.graph.arch
+            )));
+        }
+        let (h, w) = p.out_hw(s[1], s[2]);
+        let op = Op::Pad {
+            top: p.top,
+            bottom: p.bottom,
+            left: p.left,
+            right: p.right,
+        };
+        Ok(self.push(op, vec![x], vec![s[0], h, w]))
     }
 
     /// The finished graph; the last node added is the output.

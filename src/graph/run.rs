@@ -1,7 +1,7 @@
 //! Forward and backward passes of a [`Graph`] on a [`Backend`].
 
 use super::{Graph, Op, ParamId};
-use crate::backend::{Backend, BnSaved};
+use crate::backend::{Backend, BnSaved, Pad2d};
 use crate::error::{Error, Result};
 
 /// Batch-norm behaviour of a forward pass.
@@ -172,6 +172,32 @@ impl Graph {
                 Op::Linear { w, b } => {
                     be.linear(arg(0)?, params.get(*w), b.map(|b| params.get(b)))?
                 }
+                Op::Act(a) => be.activation(arg(0)?, *a)?,
+                Op::Mul => {
+                    let (a, g) = (arg(0)?, arg(1)?);
+                    be.mul(a, &gate_view(be, a, g)?)?
+                }
+                Op::Affine { scale, shift } => be.affine(arg(0)?, scale, shift)?,
+                Op::Concat => {
+                    let xs = (0..node.inputs.len())
+                        .map(arg)
+                        .collect::<Result<Vec<_>>>()?;
+                    be.concat(&xs)?
+                }
+                Op::Pad {
+                    top,
+                    bottom,
+                    left,
+                    right,
+                } => be.pad2d(
+                    arg(0)?,
+                    Pad2d {
+                        top: *top,
+                        bottom: *bottom,
+                        left: *left,
+                        right: *right,
+                    },
+                )?,
             };
             outs[j] = Some(y);
             if !keep {
@@ -366,6 +392,46 @@ impl Graph {
                     }
                     accumulate(&mut grads, input, dx)?;
                 }
+                Op::Act(a) => {
+                    let dx = be.activation_backward(&dy, out_of(input)?, *a)?;
+                    accumulate(&mut grads, input, dx)?;
+                }
+                Op::Mul => {
+                    let (ia, ig) = (node.inputs[0], node.inputs[1]);
+                    let (a, g) = (out_of(ia)?, out_of(ig)?);
+                    let (da, dg) = be.mul_backward(&dy, a, &gate_view(be, a, g)?)?;
+                    let dg = be.reshape(&dg, be.shape(g))?;
+                    accumulate(&mut grads, ia, da)?;
+                    accumulate(&mut grads, ig, dg)?;
+                }
+                Op::Affine { scale, .. } => {
+                    accumulate(&mut grads, input, be.affine_backward(&dy, scale)?)?
+                }
+                Op::Concat => {
+                    let channels = node
+                        .inputs
+                        .iter()
+                        .map(|&i| Ok(be.shape(out_of(i)?)[1]))
+                        .collect::<Result<Vec<_>>>()?;
+                    let parts = be.concat_backward(&dy, &channels)?;
+                    for (&i, part) in node.inputs.iter().zip(parts) {
+                        accumulate(&mut grads, i, part)?;
+                    }
+                }
+                Op::Pad {
+                    top,
+                    bottom,
+                    left,
+                    right,
+                } => {
+                    let p = Pad2d {
+                        top: *top,
+                        bottom: *bottom,
+                        left: *left,
+                        right: *right,
+                    };
+                    accumulate(&mut grads, input, be.pad2d_backward(&dy, p)?)?
+                }
             }
         }
         let dx = grads[0].take().ok_or_else(|| {
@@ -376,4 +442,14 @@ impl Graph {
         })?;
         Ok(Grads { dx, params: pgrads })
     }
+}
+
+/// `Mul`'s second input as the backend takes it: unchanged when it has the
+/// first's shape, else the per-channel gate viewed as `[N, C]`.
+fn gate_view<B: Backend>(be: &B, a: &B::Buf, g: &B::Buf) -> Result<B::Buf> {
+    let (sa, sg) = (be.shape(a), be.shape(g));
+    if sa == sg || sa.len() < 2 {
+        return be.reshape(g, sg);
+    }
+    be.reshape(g, &[sa[0], sa[1]])
 }

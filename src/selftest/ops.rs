@@ -5,6 +5,8 @@
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod graph_ops;
+
 use super::{gamma, Check, U};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{Driver, GpuBackend, GpuBuf};
@@ -24,6 +26,11 @@ pub const OP_FAMILIES: &[&str] = &[
     "mask",
     "optim",
     "errors",
+    "activation",
+    "mul",
+    "affine",
+    "concat",
+    "pad",
 ];
 
 /// `(n, c, h, w, o, k, params)` of a convolution case.
@@ -887,6 +894,11 @@ pub fn check_ops<D: Driver>(gpu: &GpuBackend<D>, family: &str, seed: u64) -> Res
         "mask" => s.mask()?,
         "optim" => s.optim()?,
         "errors" => s.errors()?,
+        "activation" => s.activation()?,
+        "mul" => s.mul()?,
+        "affine" => s.affine()?,
+        "concat" => s.concat()?,
+        "pad" => s.pad()?,
         other => {
             return Err(Error::arg(
                 "family",

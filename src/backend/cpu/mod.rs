@@ -12,21 +12,24 @@
 //!   partial results are combined in a fixed order, so a pool of one thread
 //!   and a pool of many give the same bits.
 
+mod activation;
 mod conv;
 mod conv_grouped;
 mod elementwise;
+mod layout;
 mod linear;
 mod loss;
 mod mask;
 mod norm;
 mod optim;
 mod pool;
+mod scale;
 #[cfg(test)]
 mod testutil;
 
 use std::cell::RefCell;
 
-use crate::backend::{Backend, BnSaved, ConvParams, PoolParams, SgdParams};
+use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
 
@@ -293,6 +296,46 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         optim::pgd_step(x, grad, x0, step, eps)
+    }
+
+    fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        activation::activation(x, act)
+    }
+
+    fn activation_backward(&self, dy: &Tensor, x: &Tensor, act: Activation) -> Result<Tensor> {
+        activation::activation_backward(dy, x, act)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        scale::mul(a, b)
+    }
+
+    fn mul_backward(&self, dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        scale::mul_backward(dy, a, b)
+    }
+
+    fn affine(&self, x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
+        scale::affine(x, scale, shift)
+    }
+
+    fn affine_backward(&self, dy: &Tensor, scale: &[f32]) -> Result<Tensor> {
+        scale::affine_backward(dy, scale)
+    }
+
+    fn concat(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        layout::concat(xs)
+    }
+
+    fn concat_backward(&self, dy: &Tensor, channels: &[usize]) -> Result<Vec<Tensor>> {
+        layout::concat_backward(dy, channels)
+    }
+
+    fn pad2d(&self, x: &Tensor, p: Pad2d) -> Result<Tensor> {
+        layout::pad2d(x, p)
+    }
+
+    fn pad2d_backward(&self, dy: &Tensor, p: Pad2d) -> Result<Tensor> {
+        layout::pad2d_backward(dy, p)
     }
 }
 

@@ -271,6 +271,12 @@ impl<'a, D: Driver> FusedModel<'a, D> {
                             b: b.map(|b| share(&mut fp, &params[b])).transpose()?,
                         },
                         Op::Input | Op::Conv { .. } | Op::Add => unreachable!("handled above"),
+                        Op::Act(_) | Op::Mul | Op::Affine { .. } | Op::Concat | Op::Pad { .. } => {
+                            return Err(Error::Msg(format!(
+                                "{}: the fused runner has no {:?} (the graph runner runs it)",
+                                graph.arch, op
+                            )))
+                        }
                     };
                     nodes.push(FNode {
                         op: fop,

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod driver;
 pub mod emu;
 pub mod fused;
+mod graph_ops;
 pub mod kernels;
 pub mod nvrtc;
 mod ops;

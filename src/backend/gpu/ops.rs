@@ -8,7 +8,7 @@
 use super::conv::{check_extents, expect_shape, linear_args, Geom};
 use super::{arg, fused, Driver, GpuBackend, GpuBuf};
 use crate::backend::check::{channel_dims, cross_entropy_args, dims2, dims4, pgd_radius, PoolGeom};
-use crate::backend::{Backend, BnSaved, ConvParams, PoolParams, SgdParams};
+use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
 
@@ -218,6 +218,9 @@ impl<D: Driver> Backend for GpuBackend<D> {
         graph: &crate::graph::Graph,
         params: &[GpuBuf<D>],
     ) -> Result<Option<Box<dyn crate::backend::EvalRunner<GpuBuf<D>> + 'a>>> {
+        if !super::graph_ops::fused_runner_supports(graph) {
+            return Ok(None);
+        }
         Ok(Some(Box::new(fused::FusedModel::from_device(
             self, graph, params,
         )?)))
@@ -837,5 +840,55 @@ impl<D: Driver> Backend for GpuBackend<D> {
             x.len(),
             &mut [arg(&a), arg(&px), arg(&pg), arg(&p0)],
         )
+    }
+
+    fn activation(&self, x: &GpuBuf<D>, act: Activation) -> Result<GpuBuf<D>> {
+        self.act_op(x, None, act)
+    }
+
+    fn activation_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        x: &GpuBuf<D>,
+        act: Activation,
+    ) -> Result<GpuBuf<D>> {
+        self.act_op(x, Some(dy), act)
+    }
+
+    fn mul(&self, a: &GpuBuf<D>, b: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        self.mul_op(a, b)
+    }
+
+    fn mul_backward(
+        &self,
+        dy: &GpuBuf<D>,
+        a: &GpuBuf<D>,
+        b: &GpuBuf<D>,
+    ) -> Result<(GpuBuf<D>, GpuBuf<D>)> {
+        self.mul_backward_op(dy, a, b)
+    }
+
+    fn affine(&self, x: &GpuBuf<D>, scale: &[f32], shift: &[f32]) -> Result<GpuBuf<D>> {
+        self.affine_op(x, scale, Some(shift))
+    }
+
+    fn affine_backward(&self, dy: &GpuBuf<D>, scale: &[f32]) -> Result<GpuBuf<D>> {
+        self.affine_op(dy, scale, None)
+    }
+
+    fn concat(&self, xs: &[&GpuBuf<D>]) -> Result<GpuBuf<D>> {
+        self.concat_op(xs)
+    }
+
+    fn concat_backward(&self, dy: &GpuBuf<D>, channels: &[usize]) -> Result<Vec<GpuBuf<D>>> {
+        self.concat_backward_op(dy, channels)
+    }
+
+    fn pad2d(&self, x: &GpuBuf<D>, p: Pad2d) -> Result<GpuBuf<D>> {
+        self.pad_op(x, p)
+    }
+
+    fn pad2d_backward(&self, dy: &GpuBuf<D>, p: Pad2d) -> Result<GpuBuf<D>> {
+        self.crop_op(dy, p)
     }
 }
