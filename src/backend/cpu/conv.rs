@@ -168,9 +168,25 @@ pub(super) fn conv2d(
     bias: Option<&Tensor>,
     p: ConvParams,
 ) -> Result<Tensor> {
+    conv2d_fused(x, w, bias, None, false, p)
+}
+
+/// [`conv2d`] with its epilogue `relu?(. + residual)` applied to each
+/// image's output while it is still in cache.
+pub(super) fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    p: ConvParams,
+) -> Result<Tensor> {
     let g = Geom::new(x.shape(), w.shape(), p)?;
     if let Some(b) = bias {
         expect_shape("bias", b, &[g.o])?;
+    }
+    if let Some(r) = residual {
+        expect_shape("residual", r, &[g.n, g.o, g.oh, g.ow])?;
     }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
@@ -186,7 +202,8 @@ pub(super) fn conv2d(
     let mut y = vec![0.0f32; g.n * g.out_len()];
     y.par_chunks_mut(g.out_len())
         .zip(x.data().par_chunks(g.in_len()))
-        .for_each(|(y_n, x_n)| {
+        .enumerate()
+        .for_each(|(img, (y_n, x_n))| {
             with_scratch([g.col_len(), yt_len], |[col, yt]| {
                 let cols: &[f32] = if g.pointwise() {
                     x_n
@@ -205,6 +222,15 @@ pub(super) fn conv2d(
                     for (row, &b_o) in y_n.chunks_exact_mut(pos).zip(b.data()) {
                         row.iter_mut().for_each(|v| *v += b_o);
                     }
+                }
+                if let Some(r) = residual {
+                    let r_n = &r.data()[img * g.out_len()..(img + 1) * g.out_len()];
+                    y_n.iter_mut().zip(r_n).for_each(|(v, &r)| *v += r);
+                }
+                if relu {
+                    // As `relu`: NaN stays NaN, -0 becomes 0.
+                    y_n.iter_mut()
+                        .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v });
                 }
             })
         });

@@ -135,6 +135,49 @@ impl Backend for CpuBackend {
         conv::conv2d_backward_filter(x, dy, w_shape, p, with_bias)
     }
 
+    fn conv2d_fused(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        relu: bool,
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        tune_allocator();
+        conv::conv2d_fused(x, w, bias, residual, relu, p)
+    }
+
+    fn conv2d_fused_backward_data(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        relu_y: Option<&Tensor>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        match relu_y {
+            Some(y) => {
+                let masked = elementwise::relu_backward(dy, y)?;
+                conv::conv2d_backward_data(&masked, w, x_shape, p)
+            }
+            None => conv::conv2d_backward_data(dy, w, x_shape, p),
+        }
+    }
+
+    fn fold_bn(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        norm::fold_bn(w, b, gamma, beta, mean, var, eps)
+    }
+
     fn batch_norm_eval(
         &self,
         x: &Tensor,

@@ -18,7 +18,6 @@ pub mod conv;
 pub mod cuda;
 pub mod driver;
 pub mod emu;
-pub mod fused;
 pub mod kernels;
 pub mod nvrtc;
 mod ops;
