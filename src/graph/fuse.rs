@@ -293,3 +293,211 @@ pub fn fuse(g: &Graph) -> Result<Fused> {
         params: sources,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::graph::Builder;
+    use crate::selftest::{formula_input, formula_params, model_tolerances};
+    use crate::tensor::{rel_l2, Tensor};
+
+    // The one place these tests build conv parameters.
+    fn cp(stride: usize, pad: usize) -> ConvParams {
+        ConvParams { stride, pad }
+    }
+
+    /// Logits and input gradient of the mean cross-entropy on the CPU.
+    fn logits_and_dx(g: &Graph, params: &[Tensor], x: &Tensor) -> (Tensor, Tensor) {
+        let be = CpuBackend;
+        let n = x.shape()[0];
+        let labels: Vec<usize> = (0..n).map(|i| i % g.num_classes).collect();
+        let t = g.forward_trace(&be, params, x.clone()).unwrap();
+        let (_, dl) = be
+            .softmax_cross_entropy(t.logits(), &labels, &vec![1.0 / n as f32; n])
+            .unwrap();
+        let dx = g.backward(&be, params, &t, dl, false).unwrap().dx;
+        (t.logits().clone(), dx)
+    }
+
+    /// Fuses `g` and checks that the fused graph computes what `g` does on
+    /// the CPU (logits and input gradient, shallow-model tolerances).
+    fn fuse_and_compare(g: &Graph) -> Fused {
+        let f = fuse(g).unwrap();
+        let params = formula_params(g);
+        let mut fp = params.clone();
+        fp.extend(f.folded_params(&CpuBackend, &params).unwrap());
+        f.graph.check_params(&fp).unwrap();
+        let x = formula_input(&g.input_shape(2));
+        let (l, dx) = logits_and_dx(g, &params, &x);
+        let (fl, fdx) = logits_and_dx(&f.graph, &fp, &x);
+        let (ltol, gtol) = model_tolerances(false);
+        let scale = l.max_abs().max(1.0) as f64;
+        let dl = crate::tensor::max_abs_diff(fl.data(), l.data()) as f64 / scale;
+        assert!(dl <= ltol, "logits differ by {dl:e}");
+        let ddx = rel_l2(fdx.data(), dx.data());
+        assert!(ddx <= gtol, "input gradients differ by {ddx:e}");
+        f
+    }
+
+    fn ops(g: &Graph) -> Vec<&Op> {
+        g.nodes.iter().map(|n| &n.op).collect()
+    }
+
+    fn count(g: &Graph, pred: impl Fn(&Op) -> bool) -> usize {
+        g.nodes.iter().filter(|n| pred(&n.op)).count()
+    }
+
+    /// `x -> conv -> bn -> relu -> flatten -> linear`.
+    fn conv_bn_relu() -> Graph {
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c = b.conv(0, "conv", 4, 3, cp(1, 1), false).unwrap();
+        let n = b.bn(c, "bn");
+        let r = b.relu(n);
+        let f = b.flatten(r);
+        b.linear(f, "fc", 3, true);
+        b.finish()
+    }
+
+    #[test]
+    fn bn_and_relu_after_a_conv_fold_into_one_fused_conv_named_as_the_conv() {
+        let g = conv_bn_relu();
+        let f = fuse_and_compare(&g);
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::BatchNorm { .. })), 0);
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::Relu)), 0);
+        let Op::FusedConv { w, b, relu, .. } = &f.graph.nodes[1].op else {
+            panic!("{:?}", ops(&f.graph))
+        };
+        assert!(*relu);
+        assert_eq!(f.graph.nodes[1].inputs, vec![0]);
+        let (w, b) = (*w, b.expect("a folded conv has a bias"));
+        assert!(w >= g.params.len() && b >= g.params.len());
+        assert_eq!(f.graph.params[w].name, "conv.weight");
+        assert_eq!(f.graph.params[b].name, "conv.bias");
+        assert!(matches!(&f.params[w], ParamSource::FoldedWeight(fold) if fold.w == 0));
+        assert!(matches!(&f.params[b], ParamSource::FoldedBias(_)));
+        // The original parameters keep their ids.
+        for i in 0..g.params.len() {
+            assert_eq!(f.params[i], ParamSource::Param(i));
+            assert_eq!(f.graph.params[i], g.params[i]);
+        }
+        assert_eq!(f.graph.nodes.len(), 4);
+    }
+
+    #[test]
+    fn bn_is_folded_only_when_the_conv_is_its_only_reader() {
+        // The conv's output is also read by the Add: the BN must stay.
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c = b.conv(0, "conv", 2, 3, cp(1, 1), true).unwrap();
+        let n = b.bn(c, "bn");
+        let a = b.add(c, n).unwrap();
+        let p = b.global_avg_pool(a);
+        b.linear(p, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::BatchNorm { .. })), 1);
+        assert_eq!(f.params.len(), g.params.len(), "nothing folded");
+        assert_eq!(f.graph, g);
+    }
+
+    #[test]
+    fn relu_is_fused_only_when_it_is_the_conv_s_only_reader() {
+        // relu(conv) + conv: the conv has two readers.
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c = b.conv(0, "conv", 2, 3, cp(1, 1), true).unwrap();
+        let r = b.relu(c);
+        let a = b.add(r, c).unwrap();
+        let p = b.global_avg_pool(a);
+        b.linear(p, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert_eq!(f.graph, g);
+
+        // relu(conv) alone: fused.
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c = b.conv(0, "conv", 2, 3, cp(1, 1), true).unwrap();
+        let r = b.relu(c);
+        let p = b.global_avg_pool(r);
+        b.linear(p, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert!(matches!(
+            f.graph.nodes[1].op,
+            Op::FusedConv {
+                relu: true,
+                w: 0,
+                b: Some(1),
+                ..
+            }
+        ));
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::Relu)), 0);
+    }
+
+    #[test]
+    fn a_residual_add_and_its_relu_run_in_the_conv_epilogue() {
+        // h = relu(bn1(conv1(x))); out = relu(bn2(conv2(h)) + h)
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c1 = b.conv(0, "conv1", 2, 3, cp(1, 1), false).unwrap();
+        let n1 = b.bn(c1, "bn1");
+        let h = b.relu(n1);
+        let c2 = b.conv(h, "conv2", 2, 3, cp(1, 1), false).unwrap();
+        let n2 = b.bn(c2, "bn2");
+        let a = b.add(n2, h).unwrap();
+        let r = b.relu(a);
+        let p = b.global_avg_pool(r);
+        b.linear(p, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert_eq!(f.graph.nodes.len(), 5, "{:?}", ops(&f.graph));
+        assert!(matches!(f.graph.nodes[1].op, Op::FusedConv { relu: true, .. }));
+        assert!(matches!(f.graph.nodes[2].op, Op::FusedConv { relu: true, .. }));
+        assert_eq!(f.graph.nodes[2].inputs, vec![1, 1], "conv input and shortcut");
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::Add)), 0);
+
+        // Without the final ReLU the add is still fused, with no ReLU.
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c1 = b.conv(0, "conv1", 2, 3, cp(1, 1), false).unwrap();
+        let n1 = b.bn(c1, "bn1");
+        let h = b.relu(n1);
+        let c2 = b.conv(h, "conv2", 2, 3, cp(1, 1), false).unwrap();
+        let n2 = b.bn(c2, "bn2");
+        let a = b.add(h, n2).unwrap();
+        let p = b.global_avg_pool(a);
+        b.linear(p, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert!(matches!(f.graph.nodes[2].op, Op::FusedConv { relu: false, .. }));
+        assert_eq!(f.graph.nodes[2].inputs, vec![1, 1]);
+        assert_eq!(count(&f.graph, |o| matches!(o, Op::Add)), 0);
+    }
+
+    #[test]
+    fn a_graph_with_nothing_to_fuse_is_unchanged() {
+        let mut b = Builder::new("t", [2, 8, 8], 3);
+        let x = b.normalize(0, vec![0.5, 0.4], vec![0.2, 0.3]);
+        let c = b.conv(x, "conv", 3, 3, cp(2, 1), true).unwrap();
+        let m = b.max_pool(c, 2, 2, 0).unwrap();
+        let r = b.relu(m);
+        let f = b.flatten(r);
+        b.linear(f, "fc", 3, true);
+        let g = b.finish();
+        let f = fuse_and_compare(&g);
+        assert_eq!(f.graph, g);
+        assert!(f.folded_params(&CpuBackend, &formula_params(&g)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_output_stays_the_last_node_when_a_relu_is_fused_into_an_earlier_conv() {
+        // The conv feeding the output ReLU is computed before the other branch.
+        let mut b = Builder::new("t", [2, 4, 4], 3);
+        let c = b.conv(0, "conv", 2, 3, cp(1, 1), true).unwrap();
+        let n = b.normalize(0, vec![0.0, 0.0], vec![1.0, 1.0]);
+        let a = b.add(n, c).unwrap();
+        b.relu(a);
+        let g = b.finish();
+        let f = fuse(&g).unwrap();
+        let last = f.graph.nodes.last().unwrap();
+        assert!(matches!(last.op, Op::FusedConv { relu: true, .. }));
+        assert_eq!(last.inputs, vec![0, 1]);
+    }
+}
