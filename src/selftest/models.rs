@@ -250,6 +250,19 @@ pub fn check_model_outputs<D: Driver>(
         ltol,
     );
     compared += dx_check(&mut s, "fused", &fdx, &cdx, &ties, gtol);
+    s.metric(
+        "logits (fused graph against graph runner, both on the GPU)".into(),
+        scaled_max_diff(fl.data(), gl.data()),
+        ltol,
+    );
+    dx_check(
+        &mut s,
+        "fused graph against graph runner, both on the GPU",
+        &fdx,
+        &gdx,
+        &ties,
+        gtol,
+    );
     let cpu_fused = DeviceModel::upload(&CpuBackend, &graph, &params)?;
     let out = cpu_fused.pass(CpuBackend.upload(&x)?, &labels, &weights)?;
     s.metric(

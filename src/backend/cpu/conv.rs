@@ -618,6 +618,35 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_epilogue_is_bias_then_residual_then_relu_bit_for_bit() {
+        use crate::backend::cpu::elementwise::{add, relu};
+        for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
+            let (x, w, b, res) = c.data(400 + k as u64);
+            let p = c.params();
+            let plain = conv2d(&x, &w, Some(&b), p).unwrap();
+            let with_res = add(&plain, &res).unwrap();
+            for (residual, relu_on, want) in [
+                (None, false, plain.clone()),
+                (None, true, relu(&plain).unwrap()),
+                (Some(&res), false, with_res.clone()),
+                (Some(&res), true, relu(&with_res).unwrap()),
+            ] {
+                let got = conv2d_fused(&x, &w, Some(&b), residual, relu_on, p).unwrap();
+                assert_bitwise(
+                    &format!("{c:?} residual {} relu {relu_on}", residual.is_some()),
+                    got.data(),
+                    want.data(),
+                );
+            }
+        }
+        let c = INVARIANCE_SHAPES[0];
+        let (x, w, b, _) = c.data(1);
+        let wrong = Tensor::zeros(&[1, 2, 3, 4]);
+        let e = conv2d_fused(&x, &w, Some(&b), Some(&wrong), true, c.params()).unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
+    }
+
+    #[test]
     fn every_conv_op_gives_the_same_bits_on_any_number_of_threads() {
         for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
             // Nine images: three ranges of three for backward-filter.

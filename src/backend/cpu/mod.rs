@@ -497,6 +497,72 @@ mod tests {
     use testutil::*;
 
     #[test]
+    fn a_conv_with_a_folded_bn_computes_the_conv_then_the_bn() {
+        let be = CpuBackend;
+        let mut r = rng(11);
+        let x = uniform(&mut r, &[2, 3, 7, 7], -1.0, 1.0);
+        let w = uniform(&mut r, &[5, 3, 3, 3], -0.5, 0.5);
+        let b = uniform(&mut r, &[5], -0.5, 0.5);
+        let gamma = uniform(&mut r, &[5], 0.5, 1.5);
+        let beta = uniform(&mut r, &[5], -0.5, 0.5);
+        let mean = uniform(&mut r, &[5], -0.3, 0.3);
+        let var = uniform(&mut r, &[5], 0.2, 2.0);
+        let p = ConvParams { stride: 2, pad: 1 };
+        for bias in [Some(&b), None] {
+            let want = be
+                .batch_norm_eval(
+                    &be.conv2d(&x, &w, bias, p).unwrap(),
+                    &gamma,
+                    &beta,
+                    &mean,
+                    &var,
+                    1e-5,
+                )
+                .unwrap();
+            let (w2, b2) = be
+                .fold_bn(&w, bias, &gamma, &beta, &mean, &var, 1e-5)
+                .unwrap();
+            assert_eq!(w2.shape(), w.shape());
+            let got = be.conv2d(&x, &w2, Some(&b2), p).unwrap();
+            assert_close(
+                &format!("folded conv, bias {}", bias.is_some()),
+                got.data(),
+                &f64s(&want),
+                1e-5,
+            );
+        }
+        let e = be
+            .fold_bn(&w, None, &gamma, &beta, &Tensor::zeros(&[4]), &var, 1e-5)
+            .unwrap_err();
+        assert!(e.to_string().contains("mean"), "{e}");
+    }
+
+    #[test]
+    fn the_relu_masked_input_gradient_is_the_input_gradient_of_relu_of_the_conv() {
+        let be = CpuBackend;
+        let mut r = rng(12);
+        let x = uniform(&mut r, &[2, 3, 6, 6], -1.0, 1.0);
+        let w = uniform(&mut r, &[4, 3, 3, 3], -0.5, 0.5);
+        let p = ConvParams { stride: 1, pad: 1 };
+        let y = be.conv2d_fused(&x, &w, None, None, true, p).unwrap();
+        assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+        let dy = uniform(&mut r, y.shape(), -1.0, 1.0);
+        let want = be
+            .conv2d_backward_data(&be.relu_backward(&dy, &y).unwrap(), &w, x.shape(), p)
+            .unwrap();
+        let got = be
+            .conv2d_fused_backward_data(&dy, &w, Some(&y), x.shape(), p)
+            .unwrap();
+        assert_bitwise("masked dgrad", got.data(), want.data());
+        let plain = be.conv2d_backward_data(&dy, &w, x.shape(), p).unwrap();
+        let got = be
+            .conv2d_fused_backward_data(&dy, &w, None, x.shape(), p)
+            .unwrap();
+        assert_bitwise("unmasked dgrad", got.data(), plain.data());
+        assert_ne!(plain.data(), want.data(), "the mask changed nothing");
+    }
+
+    #[test]
     fn buffers_round_trip_and_reshape_keeps_flatten_order() {
         let be = CpuBackend;
         let t = Tensor::from_fn(&[2, 3, 2, 2], |i| i as f32);
