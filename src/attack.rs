@@ -170,7 +170,7 @@ pub fn pgd_attack<B: Backend>(
     attack: &Attack,
     seed: u64,
 ) -> Result<Tensor> {
-    // Through the model's own runner (the GPU's fused path when there is one).
+    // Through the model's eval-mode fused graph.
     let xa = pgd_loop(model.be, x, y, attack, seed, |xa, weights| {
         Ok(model.pass(xa, y, weights)?.dx)
     })?;

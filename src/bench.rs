@@ -2,8 +2,8 @@
 //!
 //! - **Forward + backward to the input** (eval mode, frozen weights: what the
 //!   search runs) of zoo models at several batch sizes, in images per second.
-//!   On a GPU through the fused eval path (BN folded, ReLU fused), on the CPU
-//!   through the graph runner.
+//!   Through the graph runner on the eval-mode fused graph (BN folded, ReLU
+//!   and residual adds fused), as the search runs.
 //! - **Search steps per second**: the authors' step (composite, forward,
 //!   weighted cross-entropy, backward to the input, mask gradient, signed
 //!   step) for S searches of B = 4 images batched into one step, and S = 1
@@ -21,11 +21,11 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::driver::Driver;
-use crate::backend::gpu::fused::FusedModel;
 use crate::backend::gpu::GpuBackend;
 use crate::backend::Device;
 use crate::backend::{Backend, ConvParams};
 use crate::error::{Error, Result};
+use crate::graph::fuse::fuse;
 use crate::graph::{Graph, Op};
 use crate::selftest::{formula_input, formula_params};
 use crate::tensor::Tensor;
@@ -219,6 +219,19 @@ pub fn run(dev: &Device, cfg: &BenchConfig, progress: &mut dyn FnMut(&str)) -> R
     }
 }
 
+/// The eval-mode fused graph of `plain` and its parameters (the formula
+/// weights, BN folded on `be`), as the search runs it.
+fn fused_model<B: Backend>(be: &B, plain: &Graph) -> Result<(Graph, Vec<B::Buf>)> {
+    let f = fuse(plain)?;
+    let mut params = formula_params(plain)
+        .iter()
+        .map(|t| be.upload(t))
+        .collect::<Result<Vec<_>>>()?;
+    let folded = f.folded_params(be, &params)?;
+    params.extend(folded);
+    Ok((f.graph, params))
+}
+
 fn bench_cpu(
     cpu: &CpuBackend,
     cfg: &BenchConfig,
@@ -227,8 +240,8 @@ fn bench_cpu(
     let sync = || Ok(());
     let mut models = Vec::new();
     for (arch, input, batches) in &cfg.models {
-        let graph = model_graph(arch, *input)?;
-        let params = formula_params(&graph);
+        let plain = model_graph(arch, *input)?;
+        let (graph, params) = fused_model(cpu, &plain)?;
         for &n in batches {
             progress(&format!("{arch} batch {n}"));
             let x = formula_input(&graph.input_shape(n));
@@ -321,8 +334,8 @@ fn bench_gpu<D: Driver>(
     let sync = || gpu.synchronize();
     let mut models = Vec::new();
     for (arch, input, batches) in &cfg.models {
-        let graph = model_graph(arch, *input)?;
-        let fused = FusedModel::new(gpu, &graph, &formula_params(&graph))?;
+        let plain = model_graph(arch, *input)?;
+        let (graph, params) = fused_model(gpu, &plain)?;
         for &n in batches {
             progress(&format!("{arch} batch {n}"));
             let x = gpu.upload(&formula_input(&graph.input_shape(n)))?;
@@ -331,9 +344,9 @@ fn bench_gpu<D: Driver>(
             let secs = time(
                 cfg.seconds,
                 || {
-                    let t = fused.forward_trace(&x)?;
+                    let t = graph.forward_trace(gpu, &params, gpu.reshape(&x, x.shape())?)?;
                     let (_, dl) = gpu.softmax_cross_entropy(t.logits(), &y, &w)?;
-                    fused.input_grad(&t, dl).map(|_| ())
+                    graph.backward(gpu, &params, &t, dl, false).map(|_| ())
                 },
                 &sync,
             )?;
@@ -342,8 +355,8 @@ fn bench_gpu<D: Driver>(
     }
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
-        let graph = model_graph(arch, *input)?;
-        let fused = FusedModel::new(gpu, &graph, &formula_params(&graph))?;
+        let plain = model_graph(arch, *input)?;
+        let (graph, params) = fused_model(gpu, &plain)?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));
             let (canvas, mask, others) = search_inputs(*input, s, 4);
@@ -355,9 +368,9 @@ fn bench_gpu<D: Driver>(
                 cfg.seconds,
                 || {
                     let comp = gpu.composite(&c, &m, &o)?;
-                    let t = fused.forward_trace(&comp)?;
+                    let t = graph.forward_trace(gpu, &params, comp)?;
                     let (_, dl) = gpu.softmax_cross_entropy(t.logits(), &y, &wts)?;
-                    let dx = fused.input_grad(&t, dl)?;
+                    let dx = graph.backward(gpu, &params, &t, dl, false)?.dx;
                     let dm = gpu.mask_grad(&dx, &c, &o, 0.8 / (hw as f32 / 2.0))?;
                     gpu.sign_step_clamp(&mut m, &dm, 0.02)
                 },

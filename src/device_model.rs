@@ -3,22 +3,26 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::backend::{Backend, EvalRunner};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::graph::fuse::fuse;
 use crate::graph::Graph;
 use crate::tensor::Tensor;
 
 /// A model's parameters on a backend, ready to run in eval mode (the
-/// search, evaluation and attacks): through the backend's own runner when it
-/// has one (the GPU's fused path), else through the generic graph runner.
+/// search, evaluation and attacks): through the graph's eval-mode fused
+/// form ([`crate::graph::fuse`]: BN folded into convolutions, ReLUs and
+/// residual adds in their epilogues) on every backend, or, for tests,
+/// through the plain graph ([`DeviceModel::generic`]).
 pub struct DeviceModel<'a, B: Backend> {
     /// The backend.
     pub be: &'a B,
     /// The graph.
     pub graph: &'a Graph,
-    /// One buffer per graph parameter.
-    pub params: Vec<B::Buf>,
-    runner: Option<Box<dyn EvalRunner<B::Buf> + 'a>>,
+    /// The graph's parameters, then (when fused) the folded ones of `fused`.
+    params: Vec<B::Buf>,
+    /// The eval-mode fused graph that runs, when in use.
+    fused: Option<Graph>,
     /// What errors call the model (its file, when the caller gives it).
     label: String,
     /// Forward passes so far, so that a non-finite result names its pass.
@@ -36,27 +40,38 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
         DeviceModel::new(be, graph, params)
     }
 
-    /// Parameters already on the backend; prepares the backend's own runner.
-    pub fn new(be: &'a B, graph: &'a Graph, params: Vec<B::Buf>) -> Result<Self> {
-        let runner = be.eval_runner(graph, &params)?;
+    /// Parameters already on the backend; builds the fused graph and folds
+    /// its parameters on the backend, once.
+    pub fn new(be: &'a B, graph: &'a Graph, mut params: Vec<B::Buf>) -> Result<Self> {
+        if params.len() != graph.params.len() {
+            return Err(Error::Msg(format!(
+                "{}: {} parameter buffers given, {} needed",
+                graph.arch,
+                params.len(),
+                graph.params.len()
+            )));
+        }
+        let fused = fuse(graph)?;
+        let folded = fused.folded_params(be, &params)?;
+        params.extend(folded);
         Ok(DeviceModel {
             be,
             graph,
             params,
-            runner,
+            fused: Some(fused.graph),
             label: graph.arch.clone(),
             passes: AtomicUsize::new(0),
         })
     }
 
-    /// Always the generic graph runner, never the backend's own (so tests
-    /// can hold the two together).
+    /// Always the plain graph, never its fused form (so tests can hold the
+    /// two together).
     pub fn generic(be: &'a B, graph: &'a Graph, params: Vec<B::Buf>) -> Self {
         DeviceModel {
             be,
             graph,
             params,
-            runner: None,
+            fused: None,
             label: graph.arch.clone(),
             passes: AtomicUsize::new(0),
         }
@@ -79,14 +94,28 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
         self.passes.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Whether the backend's own runner is in use.
-    pub fn is_native(&self) -> bool {
-        self.runner.is_some()
+    /// Whether the fused graph is in use.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
-    /// Gives the parameter buffers back.
-    pub fn into_params(self) -> Vec<B::Buf> {
+    /// The graph's parameter buffers (in [`Graph::params`] order).
+    pub fn params(&self) -> &[B::Buf] {
+        &self.params[..self.graph.params.len()]
+    }
+
+    /// Gives the graph's parameter buffers back.
+    pub fn into_params(mut self) -> Vec<B::Buf> {
+        self.params.truncate(self.graph.params.len());
         self.params
+    }
+
+    /// The graph that runs and its parameters.
+    fn runnable(&self) -> (&Graph, &[B::Buf]) {
+        match &self.fused {
+            Some(f) => (f, &self.params),
+            None => (self.graph, self.params()),
+        }
     }
 
     /// Eval-mode logits of a host batch `[n, C, H, W]`. A NaN or infinite
@@ -95,10 +124,8 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let pass = self.next_pass();
         let xb = self.be.upload(x)?;
-        let y = match &self.runner {
-            Some(r) => r.logits(&xb)?,
-            None => self.graph.forward(self.be, &self.params, &xb)?,
-        };
+        let (graph, params) = self.runnable();
+        let y = graph.forward(self.be, params, &xb)?;
         let y = self.be.download(&y)?;
         self.check(pass, "logits", y.data())?;
         Ok(y)
@@ -122,25 +149,14 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     /// pass (see [`check_finite`]).
     pub fn pass(&self, x: B::Buf, labels: &[usize], weights: &[f32]) -> Result<ModelPass<B::Buf>> {
         let pass = self.next_pass();
-        let out = if let Some(r) = &self.runner {
-            let (losses, logits, dx) = r.loss_and_input_grad(&x, labels, weights)?;
-            ModelPass {
-                losses,
-                logits: self.be.download(&logits)?,
-                dx,
-            }
-        } else {
-            let trace = self.graph.forward_trace(self.be, &self.params, x)?;
-            let (losses, dlogits) =
-                self.be
-                    .softmax_cross_entropy(trace.logits(), labels, weights)?;
-            let logits = self.be.download(trace.logits())?;
-            let dx = self
-                .graph
-                .backward(self.be, &self.params, &trace, dlogits, false)?
-                .dx;
-            ModelPass { losses, logits, dx }
-        };
+        let (graph, params) = self.runnable();
+        let trace = graph.forward_trace(self.be, params, x)?;
+        let (losses, dlogits) = self
+            .be
+            .softmax_cross_entropy(trace.logits(), labels, weights)?;
+        let logits = self.be.download(trace.logits())?;
+        let dx = graph.backward(self.be, params, &trace, dlogits, false)?.dx;
+        let out = ModelPass { losses, logits, dx };
         self.check(pass, "logits", out.logits.data())?;
         self.check(pass, "cross-entropy", &out.losses)?;
         Ok(out)

@@ -29,14 +29,14 @@ pub fn forward<B: Backend>(
     y: &[usize],
 ) -> Result<ForwardOutput> {
     let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
-    let trace = model.graph.forward_trace(be, &dm.params, be.upload(x)?)?;
+    let trace = model.graph.forward_trace(be, dm.params(), be.upload(x)?)?;
     let n = y.len();
     let (losses, dlogits) =
         be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])?;
     let logits = be.download(trace.logits())?;
     let grads = model
         .graph
-        .backward(be, &dm.params, &trace, dlogits, false)?;
+        .backward(be, dm.params(), &trace, dlogits, false)?;
     let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32;
     Ok(ForwardOutput {
         logits,

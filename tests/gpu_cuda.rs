@@ -71,7 +71,7 @@ fn cuda_out_of_memory_is_a_clear_error() {
     assert!(err.to_string().contains("out of device memory"), "{err}");
     held.truncate(held.len().saturating_sub(2));
     let graph = build(&ModelSpec::new("resnet50", [3, 32, 32], 10)).unwrap();
-    let fused = classwise::backend::gpu::fused::FusedModel::new(
+    let model = classwise::device_model::DeviceModel::upload(
         &gpu,
         &graph,
         &classwise::selftest::formula_params(&graph),
@@ -79,8 +79,8 @@ fn cuda_out_of_memory_is_a_clear_error() {
     .unwrap();
     // About 12 MiB of kept activations per image: 2048 images need 24 GiB.
     let x = gpu.zeros(&graph.input_shape(2048)).unwrap();
-    let err = fused
-        .forward_trace(&x)
+    let err = model
+        .pass(x, &[0; 2048], &[1.0 / 2048.0; 2048])
         .err()
         .expect("batch 2048 of resnet50 must not fit in 8 GiB");
     assert!(err.to_string().contains("out of device memory"), "{err}");

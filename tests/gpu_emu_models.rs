@@ -163,7 +163,7 @@ fn emu_search_step_matches_fixture_and_cpu() {
     let get = |k: &str| f.float(k, name.as_ref()).unwrap().clone();
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     let model = DeviceModel::upload(&gpu, &graph, &formula_params(&graph)).unwrap();
-    assert!(model.is_native(), "the search on a GPU runs the fused path");
+    assert!(model.is_fused(), "the search on a GPU runs the fused path");
     let canvas = get("canvas").reshape(&[1, 1, 28, 28]).unwrap();
     let mask0 = get("mask0").reshape(&[1, 28, 28]).unwrap();
     let cfg = classwise::search::MaskConfig {

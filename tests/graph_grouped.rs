@@ -7,7 +7,8 @@
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::gpu::emu::EmuDriver;
 use classwise::backend::gpu::GpuBackend;
-use classwise::backend::{Backend, ConvParams, PoolParams};
+use classwise::backend::{ConvParams, PoolParams};
+use classwise::device_model::DeviceModel;
 use classwise::graph::{Builder, Graph};
 use classwise::selftest::{formula_input, formula_params, logits_and_input_grad, scaled_max_diff};
 
@@ -116,19 +117,18 @@ fn emulated_gpu_runs_a_separable_net_as_the_cpu_does() {
     let d = scaled_max_diff(dx.data(), want_dx.data());
     assert!(d < 1e-4, "graph runner dx: {d:e}");
 
-    // The fused eval path folds the BNs into the grouped convolutions.
-    let p: Vec<_> = params.iter().map(|t| gpu.upload(t).unwrap()).collect();
-    let runner = gpu
-        .eval_runner(&g, &p)
-        .unwrap()
-        .expect("the GPU has a fused runner");
+    // The fused eval graph folds the BNs into the grouped convolutions.
+    let model = DeviceModel::upload(&gpu, &g, &params).unwrap();
+    assert!(
+        model.is_fused(),
+        "the BNs after grouped convs were not folded"
+    );
     let n = 3;
     let labels: Vec<usize> = (0..n).map(|i| (3 * i + 1) % g.num_classes).collect();
-    let (_, dx, logits) = runner
-        .loss_and_input_grad(&gpu.upload(&x).unwrap(), &labels, &vec![1.0 / n as f32; n])
-        .unwrap();
-    let d = scaled_max_diff(gpu.download(&logits).unwrap().data(), want_logits.data());
+    let (_, dx) = model.loss_and_input_grad(&x, &labels).unwrap();
+    let logits = model.logits(&x).unwrap();
+    let d = scaled_max_diff(logits.data(), want_logits.data());
     assert!(d < 1e-5, "fused logits: {d:e}");
-    let d = scaled_max_diff(gpu.download(&dx).unwrap().data(), want_dx.data());
+    let d = scaled_max_diff(dx.data(), want_dx.data());
     assert!(d < 1e-4, "fused dx: {d:e}");
 }

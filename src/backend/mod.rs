@@ -18,7 +18,6 @@ pub use device::{select_device, Device};
 pub use shape_ops::Pad2d;
 
 use crate::error::Result;
-use crate::graph::Graph;
 use crate::tensor::Tensor;
 
 /// Stride, zero padding, dilation and groups of a 2-D convolution (same on
@@ -215,6 +214,48 @@ pub trait Backend: Send + Sync {
         with_bias: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)>;
 
+    /// A convolution with a fused epilogue:
+    /// `y = relu?(conv2d(x, w, bias) + residual)`, `residual` of the
+    /// output's shape. What the eval-mode fused graph's convolutions run:
+    /// one pass over the output instead of three.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_fused(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        p: ConvParams,
+    ) -> Result<Self::Buf>;
+    /// Input gradient of a convolution whose output went through a ReLU:
+    /// with `relu_y` (the fused conv's output), `dy` is first zeroed where
+    /// `relu_y <= 0`; without, this is `conv2d_backward_data`.
+    fn conv2d_fused_backward_data(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        relu_y: Option<&Self::Buf>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<Self::Buf>;
+    /// An eval-mode batch norm folded into the convolution before it:
+    /// `(w', b')` with `w' = w * s`, `b' = (b - mean) * s + beta`,
+    /// `s = gamma / sqrt(var + eps)` per output channel (`w [O,C,KH,KW]`,
+    /// the rest `[O]`), so that `conv2d(x, w', b')` is
+    /// `batch_norm_eval(conv2d(x, w, b))` up to rounding.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_bn(
+        &self,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        mean: &Self::Buf,
+        var: &Self::Buf,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+
     /// Batch norm with running statistics:
     /// `y = (x - mean) / sqrt(var + eps) * gamma + beta`, per channel.
     #[allow(clippy::too_many_arguments)]
@@ -402,33 +443,4 @@ pub trait Backend: Send + Sync {
     fn pad2d(&self, x: &Self::Buf, p: Pad2d) -> Result<Self::Buf>;
     /// Gradient of `pad2d`: `dy` with the padding cropped off.
     fn pad2d_backward(&self, dy: &Self::Buf, p: Pad2d) -> Result<Self::Buf>;
-
-    /// This backend's own eval-mode runner for `graph` with `params`, when
-    /// it has one faster than the generic graph runner (the GPU folds eval
-    /// BN into convolutions and fuses epilogues, which the op-by-op trait
-    /// cannot express). `None`: the graph runner is used.
-    fn eval_runner<'a>(
-        &'a self,
-        _graph: &Graph,
-        _params: &[Self::Buf],
-    ) -> Result<Option<Box<dyn EvalRunner<Self::Buf> + 'a>>> {
-        Ok(None)
-    }
-}
-
-/// Eval-mode forward and backward to the input of one model, as a backend
-/// runs it natively (see [`Backend::eval_runner`]). Results equal the graph
-/// runner's within the tolerances of the GPU suite.
-pub trait EvalRunner<Buf> {
-    /// Logits `[N, K]` of a batch.
-    fn logits(&self, x: &Buf) -> Result<Buf>;
-    /// Per-sample cross-entropy and the gradient of the `weights`-weighted
-    /// loss with respect to `x` (as [`Backend::softmax_cross_entropy`]),
-    /// and the logits.
-    fn loss_and_input_grad(
-        &self,
-        x: &Buf,
-        labels: &[usize],
-        weights: &[f32],
-    ) -> Result<(Vec<f32>, Buf, Buf)>;
 }

@@ -3,6 +3,7 @@
 //! or train mode) keeping what backward needs, and backward returning the
 //! input gradient and, on request, every parameter gradient.
 
+pub mod fuse;
 mod run;
 
 pub use run::{Grads, Mode, ParamGrads, Trace};
@@ -69,6 +70,16 @@ pub enum Op {
         w: ParamId,
         b: Option<ParamId>,
         p: ConvParams,
+    },
+    /// A convolution with its epilogue fused: `relu?(conv(x) + b + residual)`,
+    /// the residual being the node's second input when it has one. Made
+    /// only by the eval-mode pass [`fuse::fuse`]; it has no parameter
+    /// gradients.
+    FusedConv {
+        w: ParamId,
+        b: Option<ParamId>,
+        p: ConvParams,
+        relu: bool,
     },
     /// Batch normalisation (running statistics in eval mode).
     BatchNorm {
@@ -159,7 +170,7 @@ impl Graph {
         for node in &self.nodes {
             let out = numel(&node.shape) as u64;
             match &node.op {
-                Op::Conv { w, .. } => {
+                Op::Conv { w, .. } | Op::FusedConv { w, .. } => {
                     let s = &self.params[*w].shape;
                     total += 2 * out * (s[1] * s[2] * s[3]) as u64;
                 }

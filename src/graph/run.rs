@@ -132,6 +132,20 @@ impl Graph {
                 Op::Conv { w, b, p } => {
                     be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), *p)?
                 }
+                Op::FusedConv { w, b, p, relu } => {
+                    let residual = match node.inputs.len() {
+                        2 => Some(arg(1)?),
+                        _ => None,
+                    };
+                    be.conv2d_fused(
+                        arg(0)?,
+                        params.get(*w),
+                        b.map(|b| params.get(b)),
+                        residual,
+                        *relu,
+                        *p,
+                    )?
+                }
                 Op::BatchNorm {
                     gamma,
                     beta,
@@ -318,6 +332,33 @@ impl Graph {
                         }
                     }
                     accumulate(&mut grads, input, dx)?;
+                }
+                Op::FusedConv { w, p, relu, .. } => {
+                    if param_grads {
+                        return Err(Error::Msg(format!(
+                            "{}: a fused convolution (an eval-only graph) has no parameter gradients",
+                            self.arch
+                        )));
+                    }
+                    let x_shape = be.shape(out_of(input)?).to_vec();
+                    let y = if *relu { Some(out_of(j)?) } else { None };
+                    match node.inputs.get(1) {
+                        // The shortcut needs the masked gradient itself.
+                        Some(&res) => {
+                            let d = match y {
+                                Some(y) => be.relu_backward(&dy, y)?,
+                                None => dy,
+                            };
+                            let dx = be.conv2d_backward_data(&d, &params[*w], &x_shape, *p)?;
+                            accumulate(&mut grads, input, dx)?;
+                            accumulate(&mut grads, res, d)?;
+                        }
+                        None => {
+                            let dx =
+                                be.conv2d_fused_backward_data(&dy, &params[*w], y, &x_shape, *p)?;
+                            accumulate(&mut grads, input, dx)?;
+                        }
+                    }
                 }
                 Op::BatchNorm {
                     gamma,

@@ -236,16 +236,41 @@ pub fn check_model_outputs<D: Driver>(
         ltol,
     );
     let mut compared = dx_check(&mut s, "graph runner", &gdx, &cdx, &ties, gtol);
-    let fused = crate::backend::gpu::fused::FusedModel::new(gpu, &graph, &params)?;
     let n = case.batch;
     let labels: Vec<usize> = (0..n).map(|i| (3 * i + 1) % case.classes).collect();
-    let (fl, fdx) = fused.logits_and_input_grad(&x, &labels, &vec![1.0 / n as f32; n])?;
+    let weights = vec![1.0 / n as f32; n];
+    // The eval-mode fused graph (what the search runs) on the GPU, and on
+    // the CPU against the CPU's plain graph.
+    let fused = DeviceModel::upload(gpu, &graph, &params)?;
+    let out = fused.pass(gpu.upload(&x)?, &labels, &weights)?;
+    let (fl, fdx) = (out.logits, gpu.download(&out.dx)?);
     s.metric(
         "logits (fused: BN folded, ReLU fused)".into(),
         scaled_max_diff(fl.data(), cl.data()),
         ltol,
     );
     compared += dx_check(&mut s, "fused", &fdx, &cdx, &ties, gtol);
+    s.metric(
+        "logits (fused graph against graph runner, both on the GPU)".into(),
+        scaled_max_diff(fl.data(), gl.data()),
+        ltol,
+    );
+    dx_check(
+        &mut s,
+        "fused graph against graph runner, both on the GPU",
+        &fdx,
+        &gdx,
+        &ties,
+        gtol,
+    );
+    let cpu_fused = DeviceModel::upload(&CpuBackend, &graph, &params)?;
+    let out = cpu_fused.pass(CpuBackend.upload(&x)?, &labels, &weights)?;
+    s.metric(
+        "logits (CPU fused graph against CPU graph)".into(),
+        scaled_max_diff(out.logits.data(), cl.data()),
+        ltol,
+    );
+    compared += dx_check(&mut s, "CPU fused graph", &out.dx, &cdx, &ties, gtol);
     s.property("at least one input gradient compared", compared > 0);
     Ok((
         s.out,
@@ -284,20 +309,27 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
         batch: b,
         ..MaskConfig::default()
     };
-    let cpu_model = DeviceModel::upload(&CpuBackend, &graph, &params)?;
+    // The reference: the CPU's plain graph.
+    let cpu_params = params
+        .iter()
+        .map(|t| CpuBackend.upload(t))
+        .collect::<Result<Vec<_>>>()?;
+    let cpu_model = DeviceModel::generic(&CpuBackend, &graph, cpu_params);
     let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg)?;
-    // The search's own model (the backend's fused runner), and the generic
-    // graph runner on the same device.
+    // The search's own model (the fused graph), and the plain graph on the
+    // same device.
     let native = DeviceModel::upload(gpu, &graph, &params)?;
-    if !native.is_native() {
-        return Err(Error::Msg("the GPU backend offered no fused runner".into()));
+    if !native.is_fused() {
+        return Err(Error::Msg(
+            "the search's model does not run the fused graph".into(),
+        ));
     }
     let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg)?;
     let generic = DeviceModel::generic(gpu, &graph, native.into_params());
     let got_g = search_step(&generic, &canvas, &mask, &others, &targets, &cfg)?;
     let (ltol, gtol) = model_tolerances(case.deep);
     for (tag, g) in [
-        ("search, fused runner", &got),
+        ("search, fused graph", &got),
         ("generic graph runner", &got_g),
     ] {
         su.metric(

@@ -273,12 +273,10 @@ impl<'a, D: Driver> Suite<'a, D> {
         // fused epilogue: relu(conv + bias + residual)
         let yshape = conv_shape(&[n, c, h, w], o, k, p);
         let res = self.rand(&yshape, -1.0, 1.0);
-        let want = self.cpu.relu(
-            &self
-                .cpu
-                .add(&self.cpu.conv2d(&x, &wt, Some(&b), p)?, &res)?,
-        )?;
-        let got = self.down(&self.gpu.conv_forward(
+        let want = self
+            .cpu
+            .conv2d_fused(&x, &wt, Some(&b), Some(&res), true, p)?;
+        let got = self.down(&self.gpu.conv2d_fused(
             &gx,
             &gw,
             Some(&gb),
@@ -309,16 +307,19 @@ impl<'a, D: Driver> Suite<'a, D> {
         });
         let y = self.rand(&yshape, -1.0, 1.0);
         let masked = self.cpu.relu_backward(&dy, &y)?;
-        let want = self.cpu.conv2d_backward_data(&masked, &wt, x.shape(), p)?;
+        let want = self
+            .cpu
+            .conv2d_fused_backward_data(&dy, &wt, Some(&y), x.shape(), p)?;
         let absref = self
             .cpu
             .conv2d_backward_data(&abs(&masked), &abs(&wt), x.shape(), p)?;
-        let got =
-            self.down(
-                &self
-                    .gpu
-                    .conv_dgrad(&gdy, &gw, Some(&self.up(&y)?), x.shape(), p)?,
-            )?;
+        let got = self.down(&self.gpu.conv2d_fused_backward_data(
+            &gdy,
+            &gw,
+            Some(&self.up(&y)?),
+            x.shape(),
+            p,
+        )?)?;
         self.cmp(
             &format!("conv2d_backward_data relu-masked {tag}"),
             &got,
@@ -507,6 +508,9 @@ impl<'a, D: Driver> Suite<'a, D> {
             let mean = self.rand(&[c], -0.5, 0.5);
             let var = self.rand(&[c], 0.5, 2.0);
             let dy = self.rand(&shape, -1.0, 1.0);
+            if shape.len() == 4 {
+                self.fold_bn_case(&shape, &gamma_, &beta, &mean, &var)?;
+            }
             let g = |t: &Tensor| self.up(t);
             let (gx, gg, gbt, gm, gv, gdy) =
                 (g(&x)?, g(&gamma_)?, g(&beta)?, g(&mean)?, g(&var)?, g(&dy)?);
@@ -610,6 +614,56 @@ impl<'a, D: Driver> Suite<'a, D> {
                     16.0 * U
                         * k
                         * (dy.data()[i].abs() as f64 + sdy[j] / count + xhat * sdx[j] / count)
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// BN folded into a conv `[o, c, kh, kw]` (the BN's channels as output
+    /// channels), with and without the conv's bias. The scale is computed
+    /// identically on both sides; each weight is one product with it, each
+    /// bias `(b - mean) * s + beta` (a product that may be fused on the GPU).
+    fn fold_bn_case(
+        &mut self,
+        shape: &[usize],
+        gamma_: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+    ) -> Result<()> {
+        let o = shape[1];
+        let wshape = [o, shape[0], shape[2], shape[3]];
+        let w = self.rand(&wshape, -1.0, 1.0);
+        let b = self.rand(&[o], -1.0, 1.0);
+        let eps = 1e-5f32;
+        let scale: Vec<f64> = (0..o)
+            .map(|k| (gamma_.data()[k] as f64 / (var.data()[k] as f64 + eps as f64).sqrt()).abs())
+            .collect();
+        let g = |t: &Tensor| self.up(t);
+        let (gw, gb, gg, gbt, gm, gv) = (g(&w)?, g(&b)?, g(gamma_)?, g(beta)?, g(mean)?, g(var)?);
+        for bias in [true, false] {
+            let (ww, wb) =
+                self.cpu
+                    .fold_bn(&w, bias.then_some(&b), gamma_, beta, mean, var, eps)?;
+            let (w2, b2) = self
+                .gpu
+                .fold_bn(&gw, bias.then_some(&gb), &gg, &gbt, &gm, &gv, eps)?;
+            self.cmp(
+                &format!("fold_bn weight (bias {bias})"),
+                &self.down(&w2)?,
+                &ww,
+                |i| 4.0 * U * ww.data()[i].abs() as f64,
+            );
+            self.cmp(
+                &format!("fold_bn bias (bias {bias})"),
+                &self.down(&b2)?,
+                &wb,
+                |k| {
+                    let bk = if bias { b.data()[k] } else { 0.0 };
+                    8.0 * U
+                        * ((bk - mean.data()[k]).abs() as f64 * scale[k]
+                            + beta.data()[k].abs() as f64)
                 },
             );
         }

@@ -174,12 +174,30 @@ pub(super) fn conv2d(
     bias: Option<&Tensor>,
     p: ConvParams,
 ) -> Result<Tensor> {
+    conv2d_fused(x, w, bias, None, false, p)
+}
+
+/// [`conv2d`] with its epilogue `relu?(. + residual)` applied to each
+/// image's output while it is still in cache.
+pub(super) fn conv2d_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    p: ConvParams,
+) -> Result<Tensor> {
     let g = Geom::new(x.shape(), w.shape(), p)?;
     if let Some(b) = bias {
         expect_shape("bias", b, &[g.o])?;
     }
+    if let Some(r) = residual {
+        expect_shape("residual", r, &[g.n, g.o, g.oh, g.ow])?;
+    }
     if !g.is_dense() {
-        return super::conv_grouped::forward(x, w, bias, &g);
+        let mut y = super::conv_grouped::forward(x, w, bias, &g)?;
+        epilogue(y.data_mut(), residual.map(|r| r.data()), relu);
+        return Ok(y);
     }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
@@ -195,7 +213,8 @@ pub(super) fn conv2d(
     let mut y = vec![0.0f32; g.n * g.out_len()];
     y.par_chunks_mut(g.out_len())
         .zip(x.data().par_chunks(g.in_len()))
-        .for_each(|(y_n, x_n)| {
+        .enumerate()
+        .for_each(|(img, (y_n, x_n))| {
             with_scratch([g.col_len(), yt_len], |[col, yt]| {
                 let cols: &[f32] = if g.pointwise() {
                     x_n
@@ -215,9 +234,23 @@ pub(super) fn conv2d(
                         row.iter_mut().for_each(|v| *v += b_o);
                     }
                 }
+                let r_n = residual.map(|r| &r.data()[img * g.out_len()..(img + 1) * g.out_len()]);
+                epilogue(y_n, r_n, relu);
             })
         });
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
+}
+
+/// The fused conv's epilogue on a finished output: `relu?(y + residual)`.
+fn epilogue(y: &mut [f32], residual: Option<&[f32]>, relu: bool) {
+    if let Some(r) = residual {
+        y.iter_mut().zip(r).for_each(|(v, &r)| *v += r);
+    }
+    if relu {
+        // As `relu`: NaN stays NaN, -0 becomes 0.
+        y.iter_mut()
+            .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v });
+    }
 }
 
 /// Gradient of [`conv2d`] with respect to its input: per image, the column
@@ -605,6 +638,35 @@ mod tests {
                 conv2d_backward_data(dy, &w, &x_shape, p).unwrap()
             });
         }
+    }
+
+    #[test]
+    fn the_fused_epilogue_is_bias_then_residual_then_relu_bit_for_bit() {
+        use crate::backend::cpu::elementwise::{add, relu};
+        for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
+            let (x, w, b, res) = c.data(400 + k as u64);
+            let p = c.params();
+            let plain = conv2d(&x, &w, Some(&b), p).unwrap();
+            let with_res = add(&plain, &res).unwrap();
+            for (residual, relu_on, want) in [
+                (None, false, plain.clone()),
+                (None, true, relu(&plain).unwrap()),
+                (Some(&res), false, with_res.clone()),
+                (Some(&res), true, relu(&with_res).unwrap()),
+            ] {
+                let got = conv2d_fused(&x, &w, Some(&b), residual, relu_on, p).unwrap();
+                assert_bitwise(
+                    &format!("{c:?} residual {} relu {relu_on}", residual.is_some()),
+                    got.data(),
+                    want.data(),
+                );
+            }
+        }
+        let c = INVARIANCE_SHAPES[0];
+        let (x, w, b, _) = c.data(1);
+        let wrong = Tensor::zeros(&[1, 2, 3, 4]);
+        let e = conv2d_fused(&x, &w, Some(&b), Some(&wrong), true, c.params()).unwrap_err();
+        assert!(e.to_string().contains("residual"), "{e}");
     }
 
     #[test]

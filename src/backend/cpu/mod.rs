@@ -139,6 +139,49 @@ impl Backend for CpuBackend {
         conv::conv2d_backward_filter(x, dy, w_shape, p, with_bias)
     }
 
+    fn conv2d_fused(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        relu: bool,
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        tune_allocator();
+        conv::conv2d_fused(x, w, bias, residual, relu, p)
+    }
+
+    fn conv2d_fused_backward_data(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        relu_y: Option<&Tensor>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        match relu_y {
+            Some(y) => {
+                let masked = elementwise::relu_backward(dy, y)?;
+                conv::conv2d_backward_data(&masked, w, x_shape, p)
+            }
+            None => conv::conv2d_backward_data(dy, w, x_shape, p),
+        }
+    }
+
+    fn fold_bn(
+        &self,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        gamma: &Tensor,
+        beta: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        norm::fold_bn(w, b, gamma, beta, mean, var, eps)
+    }
+
     fn batch_norm_eval(
         &self,
         x: &Tensor,
@@ -496,6 +539,72 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 mod tests {
     use super::*;
     use testutil::*;
+
+    #[test]
+    fn a_conv_with_a_folded_bn_computes_the_conv_then_the_bn() {
+        let be = CpuBackend;
+        let mut r = rng(11);
+        let x = uniform(&mut r, &[2, 3, 7, 7], -1.0, 1.0);
+        let w = uniform(&mut r, &[5, 3, 3, 3], -0.5, 0.5);
+        let b = uniform(&mut r, &[5], -0.5, 0.5);
+        let gamma = uniform(&mut r, &[5], 0.5, 1.5);
+        let beta = uniform(&mut r, &[5], -0.5, 0.5);
+        let mean = uniform(&mut r, &[5], -0.3, 0.3);
+        let var = uniform(&mut r, &[5], 0.2, 2.0);
+        let p = ConvParams::new(2, 1);
+        for bias in [Some(&b), None] {
+            let want = be
+                .batch_norm_eval(
+                    &be.conv2d(&x, &w, bias, p).unwrap(),
+                    &gamma,
+                    &beta,
+                    &mean,
+                    &var,
+                    1e-5,
+                )
+                .unwrap();
+            let (w2, b2) = be
+                .fold_bn(&w, bias, &gamma, &beta, &mean, &var, 1e-5)
+                .unwrap();
+            assert_eq!(w2.shape(), w.shape());
+            let got = be.conv2d(&x, &w2, Some(&b2), p).unwrap();
+            assert_close(
+                &format!("folded conv, bias {}", bias.is_some()),
+                got.data(),
+                &f64s(&want),
+                1e-5,
+            );
+        }
+        let e = be
+            .fold_bn(&w, None, &gamma, &beta, &Tensor::zeros(&[4]), &var, 1e-5)
+            .unwrap_err();
+        assert!(e.to_string().contains("mean"), "{e}");
+    }
+
+    #[test]
+    fn the_relu_masked_input_gradient_is_the_input_gradient_of_relu_of_the_conv() {
+        let be = CpuBackend;
+        let mut r = rng(12);
+        let x = uniform(&mut r, &[2, 3, 6, 6], -1.0, 1.0);
+        let w = uniform(&mut r, &[4, 3, 3, 3], -0.5, 0.5);
+        let p = ConvParams::new(1, 1);
+        let y = be.conv2d_fused(&x, &w, None, None, true, p).unwrap();
+        assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+        let dy = uniform(&mut r, y.shape(), -1.0, 1.0);
+        let want = be
+            .conv2d_backward_data(&be.relu_backward(&dy, &y).unwrap(), &w, x.shape(), p)
+            .unwrap();
+        let got = be
+            .conv2d_fused_backward_data(&dy, &w, Some(&y), x.shape(), p)
+            .unwrap();
+        assert_bitwise("masked dgrad", got.data(), want.data());
+        let plain = be.conv2d_backward_data(&dy, &w, x.shape(), p).unwrap();
+        let got = be
+            .conv2d_fused_backward_data(&dy, &w, None, x.shape(), p)
+            .unwrap();
+        assert_bitwise("unmasked dgrad", got.data(), plain.data());
+        assert_ne!(plain.data(), want.data(), "the mask changed nothing");
+    }
 
     #[test]
     fn buffers_round_trip_and_reshape_keeps_flatten_order() {

@@ -53,6 +53,49 @@ fn eval_invstd(var: &Tensor, eps: f32) -> Vec<f32> {
     var.data().iter().map(|&v| 1.0 / (v + eps).sqrt()).collect()
 }
 
+/// Eval-mode batch norm folded into the convolution `w [O,C,KH,KW]`, `b [O]`
+/// before it (see [`crate::backend::Backend::fold_bn`]); the scale is
+/// rounded as [`batch_norm_eval`] rounds it.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fold_bn(
+    w: &Tensor,
+    b: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let [o, c, kh, kw] = crate::backend::check::dims4("w", w.shape())?;
+    for (name, t) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("mean", mean),
+        ("var", var),
+    ] {
+        expect_shape(name, t, &[o])?;
+    }
+    if let Some(b) = b {
+        expect_shape("bias", b, &[o])?;
+    }
+    let scale: Vec<f32> = eval_invstd(var, eps)
+        .iter()
+        .zip(gamma.data())
+        .map(|(s, g)| g * s)
+        .collect();
+    let per = c * kh * kw;
+    let w2: Vec<f32> = w
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v * scale[i / per])
+        .collect();
+    let b2: Vec<f32> = (0..o)
+        .map(|k| (b.map_or(0.0, |b| b.data()[k]) - mean.data()[k]) * scale[k] + beta.data()[k])
+        .collect();
+    Ok((Tensor::new(w.shape(), w2)?, Tensor::new(&[o], b2)?))
+}
+
 /// Batch norm with running statistics.
 pub(super) fn batch_norm_eval(
     x: &Tensor,

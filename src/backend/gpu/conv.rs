@@ -383,7 +383,7 @@ impl<D: Driver> GpuBackend<D> {
     /// `g = gamma / sqrt(var + eps)` per output channel, so that
     /// `conv(x, w') + b'` equals `bn(conv(x, w) + b)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn fold_bn(
+    pub(super) fn fold_bn_kernel(
         &self,
         w: &GpuBuf<D>,
         b: Option<&GpuBuf<D>>,

@@ -10,7 +10,6 @@ use crate::backend::shape_ops::{
 };
 use crate::backend::{Activation, Backend};
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op};
 
 /// `ActArgs` of activation.cu.
 #[repr(C)]
@@ -54,17 +53,6 @@ struct PadArgs {
     top: i32,
     left: i32,
     pad_: i32,
-}
-
-/// True when the fused eval runner (fused.rs) can run `graph`: it knows
-/// none of the ops of this file, and the graph runner runs those graphs.
-pub(super) fn fused_runner_supports(graph: &Graph) -> bool {
-    !graph.nodes.iter().any(|n| {
-        matches!(
-            n.op,
-            Op::Act(_) | Op::Mul | Op::Affine { .. } | Op::Concat | Op::Pad { .. }
-        )
-    })
 }
 
 impl<D: Driver> GpuBackend<D> {

@@ -19,7 +19,6 @@ mod conv_grouped;
 pub mod cuda;
 pub mod driver;
 pub mod emu;
-pub mod fused;
 mod graph_ops;
 pub mod kernels;
 pub mod nvrtc;

@@ -6,7 +6,7 @@
 //! refuse the same inputs.
 
 use super::conv::{check_extents, expect_shape, linear_args, Geom};
-use super::{arg, fused, Driver, GpuBackend, GpuBuf};
+use super::{arg, Driver, GpuBackend, GpuBuf};
 use crate::backend::check::{channel_dims, cross_entropy_args, dims2, dims4, pgd_radius, PoolGeom};
 use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
@@ -213,19 +213,6 @@ fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs 
 impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = GpuBuf<D>;
 
-    fn eval_runner<'a>(
-        &'a self,
-        graph: &crate::graph::Graph,
-        params: &[GpuBuf<D>],
-    ) -> Result<Option<Box<dyn crate::backend::EvalRunner<GpuBuf<D>> + 'a>>> {
-        if !super::graph_ops::fused_runner_supports(graph) {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(fused::FusedModel::from_device(
-            self, graph, params,
-        )?)))
-    }
-
     fn name(&self) -> String {
         self.drv.name()
     }
@@ -285,6 +272,42 @@ impl<D: Driver> Backend for GpuBackend<D> {
         p: ConvParams,
     ) -> Result<GpuBuf<D>> {
         self.conv_forward(x, w, bias, None, false, p)
+    }
+
+    fn conv2d_fused(
+        &self,
+        x: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        bias: Option<&GpuBuf<D>>,
+        residual: Option<&GpuBuf<D>>,
+        relu: bool,
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        self.conv_forward(x, w, bias, residual, relu, p)
+    }
+
+    fn conv2d_fused_backward_data(
+        &self,
+        dy: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        relu_y: Option<&GpuBuf<D>>,
+        x_shape: &[usize],
+        p: ConvParams,
+    ) -> Result<GpuBuf<D>> {
+        self.conv_dgrad(dy, w, relu_y, x_shape, p)
+    }
+
+    fn fold_bn(
+        &self,
+        w: &GpuBuf<D>,
+        b: Option<&GpuBuf<D>>,
+        gamma: &GpuBuf<D>,
+        beta: &GpuBuf<D>,
+        mean: &GpuBuf<D>,
+        var: &GpuBuf<D>,
+        eps: f32,
+    ) -> Result<(GpuBuf<D>, GpuBuf<D>)> {
+        self.fold_bn_kernel(w, b, gamma, beta, mean, var, eps)
     }
 
     fn conv2d_backward_data(
