@@ -17,6 +17,7 @@ pub mod forward;
 pub mod graph;
 pub mod io;
 pub mod models;
+pub mod onnx;
 pub mod progress;
 pub mod report;
 pub mod search;

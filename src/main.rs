@@ -158,13 +158,15 @@ struct DeviceArg {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Weights (safetensors with PyTorch state_dict names).
+    /// Weights: safetensors with PyTorch state_dict names, or an ONNX model
+    /// (told by the file's content; its graph comes with it, no --arch).
     #[arg(long)]
     weights: PathBuf,
     /// Architecture; may be left out when the weights' metadata names it.
     #[arg(long)]
     arch: Option<String>,
-    /// Input shape CxHxW, when neither the metadata nor the arch's default fits.
+    /// Input shape CxHxW (or C,H,W), when neither the metadata nor the arch's
+    /// default fits; for ONNX, the extent of symbolic input axes.
     #[arg(long = "input-shape", value_parser = parse_shape)]
     input: Option<[usize; 3]>,
     /// Per-channel mean of an input normalisation inside the model (comma list).
@@ -384,14 +386,15 @@ struct SearchArgs {
 }
 
 fn parse_shape(s: &str) -> std::result::Result<[usize; 3], String> {
+    let sep = if s.contains(',') { ',' } else { 'x' };
     let v: Vec<usize> = s
-        .split('x')
+        .split(sep)
         .map(|p| p.trim().parse::<usize>())
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| format!("`{s}` is not CxHxW (e.g. 3x32x32)"))?;
+        .map_err(|_| format!("`{s}` is not CxHxW or C,H,W (e.g. 3x32x32)"))?;
     match v.as_slice() {
         [c, h, w] if *c > 0 && *h > 0 && *w > 0 => Ok([*c, *h, *w]),
-        _ => Err(format!("`{s}` is not CxHxW (e.g. 3x32x32)")),
+        _ => Err(format!("`{s}` is not CxHxW or C,H,W (e.g. 3x32x32)")),
     }
 }
 

@@ -583,6 +583,9 @@ impl Model {
     /// builds the graph the metadata (or `opts`, or the tensors) describe and
     /// checks every tensor against it.
     pub fn from_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
+        if crate::onnx::looks_like_onnx(bytes) {
+            return Model::from_onnx(bytes, path, opts);
+        }
         let file = parse_tensors(bytes, path)?;
         let meta = ModelMeta::from_metadata(&file.metadata, path)?;
         let (spec, graph, params) = infer_spec(&file, &meta, opts, path)
@@ -615,6 +618,51 @@ impl Model {
             params,
             meta,
             batches_tracked,
+        })
+    }
+
+    /// Imports an ONNX model (see [`crate::onnx`]): the graph is the file's
+    /// own, so `--arch` and `--norm-mean/--norm-std` are refused rather than
+    /// silently ignored; `opts.input` fills symbolic input axes. Notes on
+    /// what the import removed (a trailing Softmax) go to stderr.
+    pub fn from_onnx(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
+        if let Some(a) = &opts.arch {
+            return Err(Error::arg(
+                "--arch",
+                format!(
+                    "`{a}` given, but {} is an ONNX model, which carries its own graph; leave --arch out",
+                    path.display()
+                ),
+            ));
+        }
+        if opts.normalization.is_some() {
+            return Err(Error::arg(
+                "--norm-mean",
+                format!(
+                    "{} is an ONNX model: its input normalisation is part of its graph; leave --norm-mean/--norm-std out",
+                    path.display()
+                ),
+            ));
+        }
+        let imported = crate::onnx::import(bytes, path, opts.input)?;
+        for note in &imported.notes {
+            eprintln!("note: {}: {note}", path.display());
+        }
+        let graph = imported.graph;
+        let mut extra = BTreeMap::new();
+        extra.insert("source".to_string(), "onnx".to_string());
+        let meta = ModelMeta {
+            arch: Some(graph.arch.clone()),
+            input: Some(graph.input),
+            num_classes: Some(graph.num_classes),
+            normalization: graph.normalization().map(|(m, s)| (m.to_vec(), s.to_vec())),
+            extra,
+        };
+        Ok(Model {
+            graph,
+            params: imported.params,
+            meta,
+            batches_tracked: 0,
         })
     }
 

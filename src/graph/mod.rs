@@ -272,6 +272,23 @@ impl Builder {
         self.graph.nodes.len() - 1
     }
 
+    /// Registers a parameter under a name of the caller's choosing
+    /// (importers keep the file's own tensor names).
+    pub fn add_param(&mut self, name: &str, shape: Vec<usize>, kind: ParamKind) -> ParamId {
+        self.param(name.to_string(), shape, kind)
+    }
+
+    /// Appends a node whose per-image output shape the caller computed
+    /// (importers, which check shapes against the file themselves).
+    pub fn add_node(&mut self, op: Op, inputs: Vec<usize>, shape: Vec<usize>) -> usize {
+        self.push(op, inputs, shape)
+    }
+
+    /// Number of nodes so far (the next node's index).
+    pub fn node_count(&self) -> usize {
+        self.graph.nodes.len()
+    }
+
     /// Per-channel input normalisation.
     pub fn normalize(&mut self, x: usize, mean: Vec<f32>, std: Vec<f32>) -> usize {
         let shape = self.shape(x).to_vec();
