@@ -140,7 +140,7 @@ fn symmetric(pads: &[i64]) -> Option<usize> {
 /// The conv's parameters. One place to extend when `ConvParams` gains
 /// groups and dilation (branch `conv`).
 fn conv_params(stride: usize, pad: usize) -> ConvParams {
-    ConvParams { stride, pad }
+    ConvParams::new(stride, pad)
 }
 
 impl<'a> Importer<'a> {
@@ -459,7 +459,7 @@ impl<'a> Importer<'a> {
         if !max && pad > 0 && attr::int(node, "count_include_pad", 0) == 0 {
             return Err(self.err(node, i, "average pooling with padding and count_include_pad = 0 is not supported yet"));
         }
-        let p = PoolParams { kernel, stride, pad };
+        let p = PoolParams::new(kernel, stride, pad);
         let (c, h, w) = (x.shape[0], x.shape[1], x.shape[2]);
         if h + 2 * pad < kernel || w + 2 * pad < kernel {
             return Err(self.err(node, i, format!("a {kernel}x{kernel} window does not fit the input {:?}", x.shape)));
