@@ -365,7 +365,7 @@ fn builder_refuses_mismatched_shapes_with_clear_errors() {
         .unwrap();
     assert_eq!(g.shape(wide), [4, 6, 7]);
     let flat = g.flatten(x);
-    let err = |r: classwise::Result<usize>| r.err().expect("refused").to_string();
+    let err = |r: classwise::Result<usize>| r.expect_err("refused").to_string();
     let e = err(g.mul(x, wide));
     assert!(e.contains("ops_bad") && e.contains("[4, 6, 7]"), "{e}");
     assert!(g.mul(x, three).is_ok() && g.mul(three, x).is_ok());

@@ -55,24 +55,28 @@ impl<D: Driver> Suite<'_, D> {
                 // expf differs between libraries by a few ulps: bounds of a
                 // few ulps of the result (forward) and of |dy| * s * (1 + |x|)
                 // (backward, which bounds every term of the gradient).
-                let (fwd, bwd): (Box<dyn Fn(usize) -> f64>, Box<dyn Fn(usize) -> f64>) = match act {
-                    Activation::Sigmoid | Activation::Silu => {
-                        let s = |i: usize| sigmoid(xs[i]);
-                        let m = |i: usize| {
-                            if act == Activation::Silu {
-                                xs[i].abs() as f64
-                            } else {
-                                1.0
-                            }
-                        };
-                        (
-                            Box::new(move |i| 16.0 * U * s(i) * m(i)),
-                            Box::new(move |i| {
-                                32.0 * U * ds[i].abs() as f64 * s(i) * (1.0 + xs[i].abs() as f64)
-                            }),
-                        )
+                let smooth = matches!(act, Activation::Sigmoid | Activation::Silu);
+                let s = |i: usize| sigmoid(xs[i]);
+                let m = |i: usize| {
+                    if act == Activation::Silu {
+                        xs[i].abs() as f64
+                    } else {
+                        1.0
                     }
-                    _ => (Box::new(|_| 0.0), Box::new(|_| 0.0)),
+                };
+                let fwd = |i: usize| {
+                    if smooth {
+                        16.0 * U * s(i) * m(i)
+                    } else {
+                        0.0
+                    }
+                };
+                let bwd = |i: usize| {
+                    if smooth {
+                        32.0 * U * ds[i].abs() as f64 * s(i) * (1.0 + xs[i].abs() as f64)
+                    } else {
+                        0.0
+                    }
                 };
                 let want = self.cpu.activation(&x, act)?;
                 let got = self.down(&self.gpu.activation(&gx, act)?)?;
