@@ -94,9 +94,11 @@ impl Fused {
                     out.push(w);
                     bias = Some(b);
                 }
-                ParamSource::FoldedBias(_) => out.push(bias.take().ok_or_else(|| {
-                    Error::Msg("fuse: a folded bias without its weight".into())
-                })?),
+                ParamSource::FoldedBias(_) => {
+                    out.push(bias.take().ok_or_else(|| {
+                        Error::Msg("fuse: a folded bias without its weight".into())
+                    })?)
+                }
             }
         }
         Ok(out)
@@ -449,9 +451,19 @@ mod tests {
         let g = b.finish();
         let f = fuse_and_compare(&g);
         assert_eq!(f.graph.nodes.len(), 5, "{:?}", ops(&f.graph));
-        assert!(matches!(f.graph.nodes[1].op, Op::FusedConv { relu: true, .. }));
-        assert!(matches!(f.graph.nodes[2].op, Op::FusedConv { relu: true, .. }));
-        assert_eq!(f.graph.nodes[2].inputs, vec![1, 1], "conv input and shortcut");
+        assert!(matches!(
+            f.graph.nodes[1].op,
+            Op::FusedConv { relu: true, .. }
+        ));
+        assert!(matches!(
+            f.graph.nodes[2].op,
+            Op::FusedConv { relu: true, .. }
+        ));
+        assert_eq!(
+            f.graph.nodes[2].inputs,
+            vec![1, 1],
+            "conv input and shortcut"
+        );
         assert_eq!(count(&f.graph, |o| matches!(o, Op::Add)), 0);
 
         // Without the final ReLU the add is still fused, with no ReLU.
@@ -466,7 +478,10 @@ mod tests {
         b.linear(p, "fc", 3, true);
         let g = b.finish();
         let f = fuse_and_compare(&g);
-        assert!(matches!(f.graph.nodes[2].op, Op::FusedConv { relu: false, .. }));
+        assert!(matches!(
+            f.graph.nodes[2].op,
+            Op::FusedConv { relu: false, .. }
+        ));
         assert_eq!(f.graph.nodes[2].inputs, vec![1, 1]);
         assert_eq!(count(&f.graph, |o| matches!(o, Op::Add)), 0);
     }
@@ -483,7 +498,10 @@ mod tests {
         let g = b.finish();
         let f = fuse_and_compare(&g);
         assert_eq!(f.graph, g);
-        assert!(f.folded_params(&CpuBackend, &formula_params(&g)).unwrap().is_empty());
+        assert!(f
+            .folded_params(&CpuBackend, &formula_params(&g))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -493,7 +511,10 @@ mod tests {
         let f = fuse(&g).unwrap();
         let f = &f.graph;
         for (what, pred) in [
-            ("BatchNorm", (|o: &Op| matches!(o, Op::BatchNorm { .. })) as fn(&Op) -> bool),
+            (
+                "BatchNorm",
+                (|o: &Op| matches!(o, Op::BatchNorm { .. })) as fn(&Op) -> bool,
+            ),
             ("Relu", |o| matches!(o, Op::Relu)),
             ("Add", |o| matches!(o, Op::Add)),
         ] {

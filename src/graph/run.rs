@@ -328,13 +328,8 @@ impl Graph {
                             accumulate(&mut grads, res, d)?;
                         }
                         None => {
-                            let dx = be.conv2d_fused_backward_data(
-                                &dy,
-                                &params[*w],
-                                y,
-                                &x_shape,
-                                *p,
-                            )?;
+                            let dx =
+                                be.conv2d_fused_backward_data(&dy, &params[*w], y, &x_shape, *p)?;
                             accumulate(&mut grads, input, dx)?;
                         }
                     }

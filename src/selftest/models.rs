@@ -320,7 +320,9 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
     // same device.
     let native = DeviceModel::upload(gpu, &graph, &params)?;
     if !native.is_fused() {
-        return Err(Error::Msg("the search's model does not run the fused graph".into()));
+        return Err(Error::Msg(
+            "the search's model does not run the fused graph".into(),
+        ));
     }
     let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg)?;
     let generic = DeviceModel::generic(gpu, &graph, native.into_params());
