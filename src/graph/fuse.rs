@@ -505,6 +505,33 @@ mod tests {
     }
 
     #[test]
+    fn a_resnet18_fuses_every_bn_relu_and_residual_add() {
+        use crate::zoo::{build, ModelSpec};
+        let g = build(&ModelSpec::new("resnet18", [3, 32, 32], 10)).unwrap();
+        let f = fuse(&g).unwrap();
+        let f = &f.graph;
+        for (what, pred) in [
+            (
+                "BatchNorm",
+                (|o: &Op| matches!(o, Op::BatchNorm { .. })) as fn(&Op) -> bool,
+            ),
+            ("Relu", |o| matches!(o, Op::Relu)),
+            ("Add", |o| matches!(o, Op::Add)),
+        ] {
+            assert!(count(&g, pred) > 0);
+            assert_eq!(count(f, pred), 0, "{what} left in {:?}", ops(f));
+        }
+        // Eight basic blocks, each ending in relu(conv + shortcut).
+        let residual = f
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::FusedConv { relu: true, .. }) && n.inputs.len() == 2)
+            .count();
+        assert_eq!(residual, 8);
+        assert_eq!(f.flops_per_image(), g.flops_per_image());
+    }
+
+    #[test]
     fn the_output_stays_the_last_node_when_a_relu_is_fused_into_an_earlier_conv() {
         // The conv feeding the output ReLU is computed before the other branch.
         let mut b = Builder::new("t", [2, 4, 4], 3);
