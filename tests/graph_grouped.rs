@@ -1,13 +1,12 @@
 //! Graphs with depthwise, grouped and dilated convolutions and ceil-mode /
 //! exclude-pad pooling (the blocks of MobileNet, EfficientNet and DenseNet):
 //! the builder's weight shapes and errors, and the eval forward and input
-//! gradient of the GPU kernels (emulated; graph runner and fused eval path)
-//! against the CPU reference.
+//! gradient of the GPU kernels (emulated) against the CPU reference.
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::gpu::emu::EmuDriver;
 use classwise::backend::gpu::GpuBackend;
-use classwise::backend::{Backend, ConvParams, PoolParams};
+use classwise::backend::{ConvParams, PoolParams};
 use classwise::graph::{Builder, Graph};
 use classwise::selftest::{formula_input, formula_params, logits_and_input_grad, scaled_max_diff};
 
@@ -115,20 +114,4 @@ fn emulated_gpu_runs_a_separable_net_as_the_cpu_does() {
     assert!(d < 1e-5, "graph runner logits: {d:e}");
     let d = scaled_max_diff(dx.data(), want_dx.data());
     assert!(d < 1e-4, "graph runner dx: {d:e}");
-
-    // The fused eval path folds the BNs into the grouped convolutions.
-    let p: Vec<_> = params.iter().map(|t| gpu.upload(t).unwrap()).collect();
-    let runner = gpu
-        .eval_runner(&g, &p)
-        .unwrap()
-        .expect("the GPU has a fused runner");
-    let n = 3;
-    let labels: Vec<usize> = (0..n).map(|i| (3 * i + 1) % g.num_classes).collect();
-    let (_, dx, logits) = runner
-        .loss_and_input_grad(&gpu.upload(&x).unwrap(), &labels, &vec![1.0 / n as f32; n])
-        .unwrap();
-    let d = scaled_max_diff(gpu.download(&logits).unwrap().data(), want_logits.data());
-    assert!(d < 1e-5, "fused logits: {d:e}");
-    let d = scaled_max_diff(gpu.download(&dx).unwrap().data(), want_dx.data());
-    assert!(d < 1e-4, "fused dx: {d:e}");
 }

@@ -179,7 +179,7 @@ pub(super) fn conv2d(
         expect_shape("bias", b, &[g.o])?;
     }
     if !g.is_dense() {
-        return super::conv_grouped::forward(x, w, bias, &g);
+        return super::conv_grouped::forward(x, w, bias, None, false, &g);
     }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);
