@@ -1,8 +1,7 @@
 //! Graphs with depthwise, grouped and dilated convolutions and ceil-mode /
 //! exclude-pad pooling (the blocks of MobileNet, EfficientNet and DenseNet):
 //! the builder's weight shapes and errors, and the eval forward and input
-//! gradient of the GPU kernels (emulated; graph runner and fused eval path)
-//! against the CPU reference.
+//! gradient of the GPU kernels (emulated) against the CPU reference.
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::gpu::emu::EmuDriver;

@@ -81,7 +81,7 @@ impl ConvGeom {
                 "conv2d: groups and dilation must be at least 1, got {p:?}"
             )));
         }
-        if c % p.groups != 0 || o % p.groups != 0 {
+        if !c.is_multiple_of(p.groups) || !o.is_multiple_of(p.groups) {
             return Err(Error::Msg(format!(
                 "conv2d: {} groups must divide both the {c} input channels and the {o} output channels",
                 p.groups

@@ -322,7 +322,7 @@ impl Builder {
                 self.graph.arch
             )));
         }
-        if s[0] % p.groups != 0 || out_ch % p.groups != 0 {
+        if !s[0].is_multiple_of(p.groups) || !out_ch.is_multiple_of(p.groups) {
             return Err(Error::Msg(format!(
                 "{}: conv `{name}`: {} groups must divide both its {} input channels and its {out_ch} output channels",
                 self.graph.arch, p.groups, s[0]

@@ -195,9 +195,7 @@ pub(super) fn conv2d_fused(
         expect_shape("residual", r, &[g.n, g.o, g.oh, g.ow])?;
     }
     if !g.is_dense() {
-        let mut y = super::conv_grouped::forward(x, w, bias, &g)?;
-        epilogue(y.data_mut(), residual.map(|r| r.data()), relu);
-        return Ok(y);
+        return super::conv_grouped::forward(x, w, bias, residual, relu, &g);
     }
     let (rows, pos) = (g.rows(), g.positions());
     let wm = MatRef::row_major(w.data(), g.o, rows);

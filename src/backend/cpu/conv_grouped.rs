@@ -25,11 +25,16 @@ fn tap_range(g: &ConvGeom, t: usize, len: usize, out: usize) -> (usize, usize, u
 }
 
 /// Forward of a grouped convolution: output channel `o` of group
-/// `o / (O/groups)` sees that group's `C/groups` input channels.
+/// `o / (O/groups)` sees that group's `C/groups` input channels. The
+/// epilogue `relu?(. + bias + residual)` (in that order, `residual` of the
+/// output's shape, already checked) is applied per plane while it is in
+/// cache, as the GPU kernel does.
 pub(super) fn forward(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
     g: &ConvGeom,
 ) -> Result<Tensor> {
     let (cpg, opg) = (g.c_per_group(), g.o_per_group());
@@ -68,6 +73,15 @@ pub(super) fn forward(
                 if let Some(b) = bias {
                     let b_o = b.data()[o];
                     yp.iter_mut().for_each(|v| *v += b_o);
+                }
+                if let Some(r) = residual {
+                    let rp = &r.data()[idx * plane_out..][..plane_out];
+                    yp.iter_mut().zip(rp).for_each(|(v, &r)| *v += r);
+                }
+                if relu {
+                    // As the `relu` op: NaN stays NaN, -0 becomes 0.
+                    yp.iter_mut()
+                        .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v });
                 }
             });
     }
@@ -292,6 +306,33 @@ mod tests {
             assert_close(&format!("dx {what}"), dx.data(), &num_dx, 1e-4);
             assert_close(&format!("dw {what}"), dw.data(), &num_dw, 1e-4);
             assert_close(&format!("db {what}"), db.unwrap().data(), &num_db, 1e-4);
+        }
+    }
+
+    #[test]
+    fn the_grouped_epilogue_is_bias_then_residual_then_relu_bit_for_bit() {
+        use crate::backend::check::ConvGeom;
+        use crate::backend::cpu::elementwise::{add, relu};
+        let c = case([2, 6, 7, 9], 6, [3, 3], 1, 1).g(6);
+        let mut r = rng(70);
+        let x = uniform(&mut r, &c.x, -1.0, 1.0);
+        let w = uniform(&mut r, &c.w_shape(), -1.0, 1.0);
+        let b = uniform(&mut r, &[c.o], -1.0, 1.0);
+        let res = uniform(&mut r, &c.y_shape(), -1.0, 1.0);
+        let g = ConvGeom::new(&c.x, &c.w_shape(), c.p).unwrap();
+        let plain = conv2d(&x, &w, Some(&b), c.p).unwrap();
+        let with_res = add(&plain, &res).unwrap();
+        for (residual, relu_on, want) in [
+            (None, true, relu(&plain).unwrap()),
+            (Some(&res), false, with_res.clone()),
+            (Some(&res), true, relu(&with_res).unwrap()),
+        ] {
+            let got = super::forward(&x, &w, Some(&b), residual, relu_on, &g).unwrap();
+            assert_bitwise(
+                &format!("residual {} relu {relu_on}", residual.is_some()),
+                got.data(),
+                want.data(),
+            );
         }
     }
 
