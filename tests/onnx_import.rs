@@ -381,3 +381,45 @@ fn cli_eval_and_a_short_search_run_on_an_onnx_model() {
     let results = r["searches"].as_array().or_else(|| r["results"].as_array());
     assert_eq!(results.map(|v| v.len()), Some(2), "{report:.2000}");
 }
+
+#[test]
+fn the_mobilenet_efficientnet_densenet_op_set_matches_pytorch_at_opset_11_and_17() {
+    for name in ["mobilenet_ops_op11", "mobilenet_ops_op17"] {
+        let m = matches_pytorch(name);
+        let ops = ops(&m);
+        let has = |f: &dyn Fn(&Op) -> bool| ops.iter().any(|o| f(o));
+        use classwise::backend::Activation as A;
+        assert!(
+            has(&|o| matches!(o, Op::Conv { p, .. } if p.groups == 8)),
+            "{name}: depthwise"
+        );
+        assert!(
+            has(&|o| matches!(o, Op::Conv { p, .. } if p.groups == 2 && p.dilation == 2)),
+            "{name}: dilated grouped"
+        );
+        assert!(
+            has(&|o| matches!(o, Op::Act(A::Clip { min, max }) if *min == 0.0 && *max == 6.0)),
+            "{name}: ReLU6"
+        );
+        assert!(
+            has(&|o| matches!(o, Op::Act(A::HardSigmoid { .. }))),
+            "{name}: hardsigmoid"
+        );
+        assert!(
+            has(&|o| matches!(o, Op::Act(A::LeakyRelu { .. }))),
+            "{name}: leaky relu"
+        );
+        assert!(has(&|o| matches!(o, Op::Mul)), "{name}: SE gate");
+        assert!(has(&|o| matches!(o, Op::Concat)), "{name}: concat");
+        assert!(has(&|o| matches!(o, Op::Pad { .. })), "{name}: pad");
+        assert!(has(&|o| matches!(o, Op::Affine { .. })), "{name}: affine");
+        assert!(
+            has(&|o| matches!(o, Op::MaxPool(p) if p.ceil_mode)),
+            "{name}: ceil-mode max pool"
+        );
+        assert!(
+            has(&|o| matches!(o, Op::AvgPool(p) if !p.count_include_pad)),
+            "{name}: avg pool without padding"
+        );
+    }
+}

@@ -157,6 +157,40 @@ class SpatialNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MobileNet(nn.Module):
+    """The ops of MobileNet, EfficientNet and DenseNet in one small net:
+    hardswish, depthwise and dilated grouped convs, ReLU6 (Clip), a
+    squeeze-excitation gate (mean, 1x1 convs, hardsigmoid, Mul), SiLU,
+    LeakyReLU, zero Pad, ceil-mode max pool, average pool without the
+    padding, a channel Concat, constant affine arithmetic and sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.se1 = nn.Conv2d(8, 4, 1)
+        self.se2 = nn.Conv2d(4, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(14, K)
+
+    def forward(self, x):
+        x = F.hardswish(self.bn0(self.stem(x)))
+        x = F.relu6(self.bn1(self.dw(x)))
+        g = F.hardsigmoid(self.se2(F.relu(self.se1(x.mean((2, 3), keepdim=True)))))
+        x = x * g
+        x = F.silu(self.grouped(x))
+        y = F.leaky_relu(self.bn2(self.pw(x)), 0.1)
+        y = F.max_pool2d(F.pad(y, (1, 0, 0, 1)), 2, stride=2, ceil_mode=True)
+        z = F.avg_pool2d(x, 2, stride=2, padding=1, count_include_pad=False)
+        z = torch.sigmoid(z * 0.5 - 0.25)
+        h = torch.cat([y, z], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
 def export(model, path, opset, spatial=False):
     x = formula_input(N, C, HW, HW)
     axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
@@ -323,6 +357,8 @@ def main():
     save("bf16_op17", round_params(make(8, ConvNet), torch.bfloat16), 17, edit=low_precision("bf16"))
     save("external_op17", make(9, ResNet), 17, external=True)
     save("spatial_op17", make(10, SpatialNet), 17, spatial=True)
+    save("mobilenet_ops_op11", make(11, MobileNet), 11)
+    save("mobilenet_ops_op17", make(11, MobileNet), 17)
     unsupported_model(os.path.join(OUT, "unsupported_einsum.onnx"))
     good = open(os.path.join(OUT, "convnet_op17.onnx"), "rb").read()
     with open(os.path.join(OUT, "truncated.onnx"), "wb") as f:

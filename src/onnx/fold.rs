@@ -28,6 +28,11 @@ pub const FOLDABLE: &[&str] = &[
     "Sub",
     "Mul",
     "Div",
+    "Expand",
+    "CastLike",
+    "ConstantOfShape",
+    "Slice",
+    "Transpose",
 ];
 
 fn axis(a: i64, rank: usize) -> Option<usize> {
@@ -201,6 +206,130 @@ fn binary(op: &str, a: &Const, b: &Const) -> Option<Const> {
     Some(Const { shape, data })
 }
 
+/// `Slice` of a constant (opset 10+: starts, ends, axes, steps as inputs;
+/// before: attributes; steps of any sign).
+fn slice(node: &NodeProto, inputs: &[&Const]) -> Option<Const> {
+    let data = inputs.first()?;
+    let rank = data.shape.len();
+    let list = |k: usize, name: &str| -> Option<Vec<i64>> {
+        match inputs.get(k) {
+            Some(c) => Some(c.ints()?.to_vec()),
+            None => attr::ints(node, name),
+        }
+    };
+    let starts = list(1, "starts")?;
+    let ends = list(2, "ends")?;
+    let axes = list(3, "axes").unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = list(4, "steps").unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return None;
+    }
+    // Per axis: the source indices it keeps.
+    let mut keep: Vec<Vec<usize>> = data.shape.iter().map(|&d| (0..d).collect()).collect();
+    for k in 0..starts.len() {
+        let ax = axis(axes[k], rank)?;
+        let d = data.shape[ax] as i64;
+        let step = steps[k];
+        if step == 0 {
+            return None;
+        }
+        let clampi = |v: i64, lo: i64, hi: i64| -> i64 {
+            let v = if v < 0 { v + d } else { v };
+            v.clamp(lo, hi)
+        };
+        let mut idx = Vec::new();
+        if step > 0 {
+            let (mut i, e) = (clampi(starts[k], 0, d), clampi(ends[k], 0, d));
+            while i < e {
+                idx.push(i as usize);
+                i += step;
+            }
+        } else {
+            let (mut i, e) = (clampi(starts[k], -1, d - 1), clampi(ends[k], -1, d - 1));
+            while i > e {
+                idx.push(i as usize);
+                i += step;
+            }
+        }
+        keep[ax] = idx;
+    }
+    let shape: Vec<usize> = keep.iter().map(Vec::len).collect();
+    let st = strides(&data.shape);
+    let mut flat = vec![0usize];
+    for (ids, &stride) in keep.iter().zip(&st) {
+        flat = flat
+            .iter()
+            .flat_map(|&base| ids.iter().map(move |&i| base + i * stride))
+            .collect();
+    }
+    Some(Const {
+        shape,
+        data: map_data(data, &flat),
+    })
+}
+
+/// `Transpose` of a constant.
+fn transpose(node: &NodeProto, c: &Const) -> Option<Const> {
+    let rank = c.shape.len();
+    let perm: Vec<usize> = match attr::ints(node, "perm") {
+        Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<Option<_>>()?,
+        None => (0..rank).rev().collect(),
+    };
+    if perm.len() != rank {
+        return None;
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| c.shape[p]).collect();
+    let (st, out_st) = (strides(&c.shape), strides(&shape));
+    let n = c.len();
+    let idx: Vec<usize> = (0..n)
+        .map(|o| {
+            (0..rank)
+                .map(|d| (o / out_st[d]) % shape[d].max(1) * st[perm[d]])
+                .sum()
+        })
+        .collect();
+    Some(Const {
+        shape,
+        data: map_data(c, &idx),
+    })
+}
+
+/// `Expand`: numpy's two-way broadcast of `data` with the shape `target`
+/// (the dynamo exporter builds a conv's zero bias so).
+fn expand(data: &Const, target: &Const) -> Option<Const> {
+    let dims: Vec<usize> = target
+        .ints()?
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let n: usize = dims.iter().product();
+    let ones = Const {
+        shape: dims,
+        data: match data.data {
+            ConstData::Float(_) => ConstData::Float(vec![1.0; n]),
+            ConstData::Int(_) => ConstData::Int(vec![1; n]),
+        },
+    };
+    // x * 1 is x exactly, in both kinds.
+    binary("Mul", data, &ones)
+}
+
+/// `CastLike`: `c` in the kind (float or integer) of `like`. Activations
+/// are float, so a constant cast like one becomes float.
+pub fn cast_like(c: &Const, like: &ConstData) -> Const {
+    let data = match (like, &c.data) {
+        (ConstData::Float(_), _) => ConstData::Float(c.floats()),
+        (ConstData::Int(_), ConstData::Int(v)) => ConstData::Int(v.clone()),
+        (ConstData::Int(_), ConstData::Float(v)) => {
+            ConstData::Int(v.iter().map(|x| x.trunc() as i64).collect())
+        }
+    };
+    Const {
+        shape: c.shape.clone(),
+        data,
+    }
+}
+
 fn reshape(data: &Const, target: &Const) -> Option<Const> {
     let t = target.ints()?;
     let n = data.len();
@@ -320,6 +449,35 @@ pub fn fold(node: &NodeProto, inputs: &[&Const], path: &Path) -> Result<Option<C
         "Concat" => concat(node, inputs),
         "Reshape" if inputs.len() == 2 => reshape(inputs[0], inputs[1]),
         "Add" | "Sub" | "Mul" | "Div" if inputs.len() == 2 => binary(op, inputs[0], inputs[1]),
+        "Expand" if inputs.len() == 2 => expand(inputs[0], inputs[1]),
+        "ConstantOfShape" => match inputs.first().and_then(|c| c.ints()) {
+            Some(dims) => {
+                let value = match attr::get(node, "value").and_then(|a| a.t.as_ref()) {
+                    Some(t) => decode_tensor(t, path)?,
+                    None => Const {
+                        shape: vec![1],
+                        data: ConstData::Float(vec![0.0]),
+                    },
+                };
+                let dims: Option<Vec<usize>> =
+                    dims.iter().map(|&d| usize::try_from(d).ok()).collect();
+                match (dims, value.len()) {
+                    (Some(dims), 1) => {
+                        let n: usize = dims.iter().product();
+                        let data = match value.data {
+                            ConstData::Float(v) => ConstData::Float(vec![v[0]; n]),
+                            ConstData::Int(v) => ConstData::Int(vec![v[0]; n]),
+                        };
+                        Some(Const { shape: dims, data })
+                    }
+                    _ => None,
+                }
+            }
+            None => None,
+        },
+        "Slice" => slice(node, inputs),
+        "Transpose" => inputs.first().and_then(|c| transpose(node, c)),
+        "CastLike" if inputs.len() == 2 => Some(cast_like(inputs[0], &inputs[1].data)),
         _ => None,
     };
     Ok(out)

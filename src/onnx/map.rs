@@ -9,21 +9,27 @@ use std::path::Path;
 
 use super::attr;
 use super::fold::{self, BATCH};
-use super::load::Const;
+use super::load::{Const, ConstData};
 use super::proto::{GraphProto, NodeProto};
-use crate::backend::{ConvParams, PoolParams};
+use crate::backend::{Activation, ConvParams, Pad2d, PoolParams};
 use crate::error::{Error, Result};
 use crate::graph::{Builder, Graph, Op, ParamKind};
 use crate::tensor::{numel, Tensor};
 
 /// Op types the importer maps to graph ops or removes (the folded ones,
 /// [`fold::FOLDABLE`], and `Shape` come on top).
-// Ops added by the `act` and `conv` branches get their names here and one
-// arm each in `Importer::map_node`.
 pub const MAPPED: &[&str] = &[
     "Conv",
     "BatchNormalization",
     "Relu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Clip",
+    "LeakyRelu",
+    "Concat",
+    "Pad",
+    "ReduceMean",
     "Add",
     "Sub",
     "Mul",
@@ -133,10 +139,13 @@ fn symmetric(pads: &[i64]) -> Option<usize> {
     }
 }
 
-/// The conv's parameters. One place to extend when `ConvParams` gains
-/// groups and dilation (branch `conv`).
-fn conv_params(stride: usize, pad: usize) -> ConvParams {
-    ConvParams::new(stride, pad)
+/// The conv's parameters.
+fn conv_params(stride: usize, pad: usize, groups: usize, dilation: usize) -> ConvParams {
+    ConvParams {
+        groups,
+        dilation,
+        ..ConvParams::new(stride, pad)
+    }
 }
 
 impl<'a> Importer<'a> {
@@ -376,6 +385,27 @@ impl<'a> Importer<'a> {
         Ok(v)
     }
 
+    /// A constant that is a scalar or holds one value per channel of a
+    /// `[C, ...]` activation (`[C]`, `[C, 1, 1]`, `[1, C, 1, 1]`).
+    fn per_channel_of(
+        &self,
+        c: &Const,
+        name: &str,
+        ch: usize,
+        node: &NodeProto,
+        i: usize,
+    ) -> Result<Vec<f32>> {
+        let v = c.floats();
+        let mut dims: Vec<usize> = c.shape.iter().copied().skip_while(|&d| d == 1).collect();
+        while dims.last() == Some(&1) && dims.len() > 1 {
+            dims.pop();
+        }
+        if v.len() == 1 || (v.len() == ch && dims == [ch] && c.shape.len() <= 4) {
+            return Ok(v);
+        }
+        Err(self.err(node, i, format!("constant `{name}` of shape {:?} is neither a scalar nor per-channel ({ch} channels)", c.shape)))
+    }
+
     /// Add/Sub/Mul/Div.
     fn arithmetic(&mut self, node: &NodeProto, i: usize, op: &str) -> Result<()> {
         let (x, y) = (self.value(node, i, 0)?, self.value(node, i, 1)?);
@@ -390,7 +420,28 @@ impl<'a> Importer<'a> {
                 r.shape = a.shape;
                 Value::Act(r)
             }
-            // `act` branch: elementwise Mul of two activations with [N, C, 1, 1] broadcast goes here.
+            (Value::Act(_), Value::Act(_), "Mul") => {
+                let (a, b) = (self.act(node, i, 0)?, self.act(node, i, 1)?);
+                if a.nhwc || b.nhwc || a.cols.is_some() || b.cols.is_some() {
+                    return Err(self.err(node, i, "a Mul of channels-last data is not supported"));
+                }
+                // The ONNX shapes decide which is the gate; the graph's
+                // shapes of a [C, 1, 1] value may be [C].
+                let (x, g) = if b.shape.len() >= a.shape.len() && numel(&b.shape) > numel(&a.shape) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                let gate = x.shape == g.shape || (g.shape.len() == 3 && g.shape[1..] == [1, 1] && g.shape[0] == x.shape[0]);
+                if !gate {
+                    return Err(self.err(node, i, format!(
+                        "Mul of shapes {:?} and {:?}: they must be equal, or one a per-channel gate [C, 1, 1] of the other",
+                        x.shape, g.shape
+                    )));
+                }
+                let id = self.b.mul(x.id, g.id).map_err(|e| self.err(node, i, e))?;
+                Value::Act(Act { id, shape: x.shape, nhwc: false, cols: None })
+            }
             (Value::Front { a, b }, Value::Const(c, name), _) => {
                 let s = self.per_channel(&c, &name, node, i)?;
                 let (mut a, mut b) = (a, b);
@@ -438,7 +489,24 @@ impl<'a> Importer<'a> {
                 }
                 Value::Act(self.linear(x, w, &name, Some((b, bname)), node, i)?)
             }
-            // `act` branch: a per-channel constant affine (Add/Sub/Mul/Div of an activation by a constant) goes here.
+            (Value::Act(_), Value::Const(c, name), _) | (Value::Const(c, name), Value::Act(_), "Add" | "Mul" | "Sub") => {
+                let act_first = matches!(self.value(node, i, 0)?, Value::Act(_));
+                let a = self.act(node, i, if act_first { 0 } else { 1 })?;
+                let ch = a.shape.first().copied().unwrap_or(1);
+                let v = self.per_channel_of(&c, &name, ch, node, i)?;
+                if (a.nhwc || a.cols.is_some()) && c.len() != 1 {
+                    return Err(self.err(node, i, "a per-channel constant on channels-last data is not supported"));
+                }
+                let (scale, shift): (Vec<f32>, Vec<f32>) = match (op, act_first) {
+                    ("Add", _) => (vec![1.0], v),
+                    ("Sub", true) => (vec![1.0], v.iter().map(|x| -x).collect()),
+                    ("Sub", false) => (vec![-1.0], v),
+                    ("Mul", _) => (v, vec![0.0]),
+                    _ => (v.iter().map(|x| 1.0 / x).collect(), vec![0.0]),
+                };
+                let id = self.b.affine(a.id, scale, shift).map_err(|e| self.err(node, i, e))?;
+                Value::Act(Act { id, ..a })
+            }
             _ => {
                 return Err(self.err(
                     node,
@@ -511,10 +579,6 @@ impl<'a> Importer<'a> {
                 "only square kernels, equal strides and equal padding on all sides are supported",
             ));
         };
-        // `conv` branch: ceil_mode = 1 and count_include_pad = 0 map here.
-        if attr::int(node, "ceil_mode", 0) != 0 {
-            return Err(self.err(node, i, "ceil_mode = 1 is not supported yet"));
-        }
         if !dil || !matches!(auto.as_str(), "NOTSET" | "VALID") || stride == 0 || kernel == 0 {
             return Err(self.err(
                 node,
@@ -522,14 +586,13 @@ impl<'a> Importer<'a> {
                 "dilated pooling and auto_pad SAME are not supported",
             ));
         }
-        if !max && pad > 0 && attr::int(node, "count_include_pad", 0) == 0 {
-            return Err(self.err(
-                node,
-                i,
-                "average pooling with padding and count_include_pad = 0 is not supported yet",
-            ));
-        }
-        let p = PoolParams::new(kernel, stride, pad);
+        let p = PoolParams {
+            ceil_mode: attr::int(node, "ceil_mode", 0) != 0,
+            // ONNX's default is to exclude the padding, PyTorch's to count it
+            // (its exporter writes the attribute).
+            count_include_pad: attr::int(node, "count_include_pad", 0) != 0,
+            ..PoolParams::new(kernel, stride, pad)
+        };
         let (c, h, w) = (x.shape[0], x.shape[1], x.shape[2]);
         if h + 2 * pad < kernel || w + 2 * pad < kernel {
             return Err(self.err(
@@ -549,6 +612,11 @@ impl<'a> Importer<'a> {
     }
 
     fn conv(&mut self, node: &NodeProto, i: usize) -> Result<()> {
+        if let Value::Act(a) = self.value(node, i, 0)? {
+            if a.shape.len() == 3 && a.shape[1..] == [1, 1] && self.b.shape(a.id).len() == 1 {
+                return self.conv_of_vector(node, i, a);
+            }
+        }
         let x = self.map3(node, i, 0)?;
         let (w, wname) = self.constant(node, i, 1)?;
         let bias = self.opt_constant(node, i, 2)?;
@@ -560,17 +628,16 @@ impl<'a> Importer<'a> {
                 format!("weight `{wname}` has shape {ws:?}; a 2-D convolution is needed"),
             ));
         }
-        // `conv` branch: group > 1 (grouped, depthwise) and dilations map here.
-        if attr::int(node, "group", 1) != 1 {
+        let groups = attr::int(node, "group", 1);
+        let dilation = attr::ints(node, "dilations").map_or(Some(1), |d| square(&d));
+        let (Some(dilation), true) = (dilation.filter(|&d| d > 0), groups >= 1) else {
             return Err(self.err(
                 node,
                 i,
-                "grouped convolution (group > 1) is not supported yet",
+                "only equal dilations on both axes and a positive group count are supported",
             ));
-        }
-        if !attr::ints(node, "dilations").is_none_or(|d| d.iter().all(|&v| v == 1)) {
-            return Err(self.err(node, i, "dilated convolution is not supported yet"));
-        }
+        };
+        let groups = groups as usize;
         let auto = attr::string(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
         let stride = attr::ints(node, "strides").map_or(Some(1), |s| square(&s));
         let pad = symmetric(&attr::ints(node, "pads").unwrap_or_default());
@@ -593,24 +660,25 @@ impl<'a> Importer<'a> {
         }
         let (c, h, wd) = (x.shape[0], x.shape[1], x.shape[2]);
         let k = ws[2];
-        if ws[1] != c {
+        if ws[1] * groups != c || ws[0] % groups != 0 {
             return Err(self.err(
                 node,
                 i,
                 format!(
-                    "weight `{wname}` {ws:?} expects {} input channels, the input has {c}",
-                    ws[1]
+                    "weight `{wname}` {ws:?} in {groups} group(s) expects {} input channels, the input has {c}",
+                    ws[1] * groups
                 ),
             ));
         }
-        if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+        let p = conv_params(stride, pad, groups, dilation);
+        let span = dilation * (k - 1) + 1;
+        if stride == 0 || h + 2 * pad < span || wd + 2 * pad < span {
             return Err(self.err(
                 node,
                 i,
                 format!("a {k}x{k} kernel does not fit the input {:?}", x.shape),
             ));
         }
-        let p = conv_params(stride, pad);
         let wid = self.param(&wname, &w, ws.clone(), ParamKind::ConvWeight)?;
         let bid = match bias {
             Some((b, bname)) => {
@@ -632,6 +700,42 @@ impl<'a> Importer<'a> {
         let shape = vec![ws[0], p.out_len(h, k), p.out_len(wd, k)];
         let a = self.push(Op::Conv { w: wid, b: bid, p }, vec![x.id], shape);
         self.set(node, Value::Act(a));
+        Ok(())
+    }
+
+    /// A 1x1 convolution of a `[C, 1, 1]` value whose graph node is `[C]`
+    /// (after a global pool, as in squeeze-and-excitation): exactly a
+    /// linear layer, which is what the graph gets.
+    fn conv_of_vector(&mut self, node: &NodeProto, i: usize, a: Act) -> Result<()> {
+        let (w, wname) = self.constant(node, i, 1)?;
+        let bias = self.opt_constant(node, i, 2)?;
+        let c = a.shape[0];
+        let pads = attr::ints(node, "pads").unwrap_or_default();
+        let plain = w.shape.len() == 4
+            && w.shape[1] == c
+            && w.shape[2..] == [1, 1]
+            && attr::int(node, "group", 1) == 1
+            && pads.iter().all(|&p| p == 0);
+        if !plain {
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "a convolution of a [{c}, 1, 1] value is supported only as a 1x1 conv without padding or groups (weight `{wname}` {:?})",
+                    w.shape
+                ),
+            ));
+        }
+        let o = w.shape[0];
+        let wt = Tensor::new(&[o, c], w.floats())?;
+        let b = bias.map(|(b, name)| (b.floats(), name));
+        let flat = Act {
+            shape: vec![c],
+            ..a
+        };
+        let mut r = self.linear(flat, wt, &wname, b, node, i)?;
+        r.shape = vec![o, 1, 1];
+        self.set(node, Value::Act(r));
         Ok(())
     }
 
@@ -758,9 +862,47 @@ impl<'a> Importer<'a> {
                 a.cols = x.cols;
                 self.set(node, Value::Act(a));
             }
-            // `act` branch: Sigmoid, HardSigmoid, HardSwish, Clip (ReLU6), LeakyRelu and the
-            // SiLU pattern (x * Sigmoid(x)) map here, one arm each, like Relu above.
-            // `act` branch: Concat of activations on the channel axis and Pad with zeros map here.
+            "Sigmoid" => self.activation(node, i, Activation::Sigmoid)?,
+            "HardSigmoid" => {
+                let alpha = attr::float(node, "alpha", 0.2);
+                let beta = attr::float(node, "beta", 0.5);
+                self.activation(node, i, Activation::HardSigmoid { alpha, beta })?
+            }
+            "HardSwish" => self.activation(node, i, Activation::HardSwish)?,
+            "LeakyRelu" => {
+                let alpha = attr::float(node, "alpha", 0.01);
+                self.activation(node, i, Activation::LeakyRelu { alpha })?
+            }
+            "Clip" => {
+                let (min, max) = if self.opset >= 11 {
+                    let bound = |k: usize, default: f32| -> Result<f32> {
+                        Ok(match self.opt_constant(node, i, k)? {
+                            Some((c, _)) if c.len() == 1 => c.floats()[0],
+                            Some((c, name)) => {
+                                return Err(self.err(
+                                    node,
+                                    i,
+                                    format!(
+                                        "bound `{name}` of shape {:?} is not a scalar",
+                                        c.shape
+                                    ),
+                                ))
+                            }
+                            None => default,
+                        })
+                    };
+                    (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?)
+                } else {
+                    (
+                        attr::float(node, "min", f32::NEG_INFINITY),
+                        attr::float(node, "max", f32::INFINITY),
+                    )
+                };
+                self.activation(node, i, Activation::Clip { min, max })?
+            }
+            "Concat" => self.concat(node, i)?,
+            "Pad" => self.pad(node, i)?,
+            "ReduceMean" => self.reduce_mean(node, i)?,
             "Add" | "Sub" | "Mul" | "Div" => self.arithmetic(node, i, op)?,
             "MaxPool" => self.pool(node, i, true)?,
             "AveragePool" => self.pool(node, i, false)?,
@@ -876,6 +1018,159 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
+    /// An elementwise activation of input 0 (any shape; channels-last data
+    /// keeps its layout, as the op does not mix elements).
+    fn activation(&mut self, node: &NodeProto, i: usize, act: Activation) -> Result<()> {
+        let x = self.act(node, i, 0)?;
+        let id = self.b.act(x.id, act).map_err(|e| self.err(node, i, e))?;
+        self.set(node, Value::Act(Act { id, ..x }));
+        Ok(())
+    }
+
+    /// Concat of feature maps on the channel axis.
+    fn concat(&mut self, node: &NodeProto, i: usize) -> Result<()> {
+        let axis = attr::int(node, "axis", 1);
+        if axis != 1 && axis != -3 {
+            return Err(self.err(node, i, format!("axis {axis}: only a Concat of [N, C, H, W] maps on the channel axis is supported")));
+        }
+        let mut ids = Vec::new();
+        let mut c = 0;
+        let mut hw = None;
+        for k in 0..node.input.len() {
+            let a = self.map3(node, i, k)?;
+            c += a.shape[0];
+            hw.get_or_insert(a.shape[1..].to_vec());
+            ids.push(a.id);
+        }
+        let id = self.b.concat(&ids).map_err(|e| self.err(node, i, e))?;
+        let mut shape = vec![c];
+        shape.extend(hw.unwrap_or_default());
+        self.set(
+            node,
+            Value::Act(Act {
+                id,
+                shape,
+                nhwc: false,
+                cols: None,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Pad with zeros on H and W.
+    fn pad(&mut self, node: &NodeProto, i: usize) -> Result<()> {
+        let x = self.map3(node, i, 0)?;
+        let mode = attr::string(node, "mode").unwrap_or_else(|| "constant".into());
+        let (pads, value) = if self.opset >= 11 {
+            let (p, _) = self.constant(node, i, 1)?;
+            let pads = p.ints().map(<[i64]>::to_vec).unwrap_or_default();
+            let value = match self.opt_constant(node, i, 2)? {
+                Some((v, _)) => v.floats().first().copied().unwrap_or(0.0),
+                None => 0.0,
+            };
+            if let Some((axes, _)) = self.opt_constant(node, i, 3)? {
+                // Pads of the listed axes only: spread them over all four.
+                let axes = axes.ints().map(<[i64]>::to_vec).unwrap_or_default();
+                let mut full = vec![0i64; 8];
+                for (j, &a) in axes.iter().enumerate() {
+                    let a = if a < 0 { a + 4 } else { a };
+                    if !(0..4).contains(&a) || pads.len() != 2 * axes.len() {
+                        return Err(self.err(
+                            node,
+                            i,
+                            format!("axes {axes:?} do not fit pads {pads:?}"),
+                        ));
+                    }
+                    full[a as usize] = pads[j];
+                    full[a as usize + 4] = pads[j + axes.len()];
+                }
+                (full, value)
+            } else {
+                (pads, value)
+            }
+        } else {
+            (
+                attr::ints(node, "pads").unwrap_or_default(),
+                attr::float(node, "value", 0.0),
+            )
+        };
+        let ok = mode == "constant"
+            && value == 0.0
+            && pads.len() == 8
+            && pads.iter().all(|&p| p >= 0)
+            && pads[0] == 0
+            && pads[1] == 0
+            && pads[4] == 0
+            && pads[5] == 0;
+        if !ok {
+            return Err(self.err(node, i, format!(
+                "mode `{mode}`, value {value}, pads {pads:?}: only zero padding of H and W (no cropping) is supported"
+            )));
+        }
+        let p = Pad2d {
+            top: pads[2] as usize,
+            left: pads[3] as usize,
+            bottom: pads[6] as usize,
+            right: pads[7] as usize,
+        };
+        let id = self.b.pad(x.id, p).map_err(|e| self.err(node, i, e))?;
+        let shape = self.b.shape(id).to_vec();
+        self.set(
+            node,
+            Value::Act(Act {
+                id,
+                shape,
+                nhwc: false,
+                cols: None,
+            }),
+        );
+        Ok(())
+    }
+
+    /// ReduceMean over H and W: a global average pool (`[C, 1, 1]` kept,
+    /// or `[C]`).
+    fn reduce_mean(&mut self, node: &NodeProto, i: usize) -> Result<()> {
+        let x = self.map3(node, i, 0)?;
+        let axes = if self.opset >= 18 {
+            match self.opt_constant(node, i, 1)? {
+                Some((c, _)) => c.ints().map(<[i64]>::to_vec),
+                None => None,
+            }
+        } else {
+            attr::ints(node, "axes")
+        };
+        let mut axes: Vec<i64> = axes
+            .unwrap_or_default()
+            .iter()
+            .map(|&a| if a < 0 { a + 4 } else { a })
+            .collect();
+        axes.sort_unstable();
+        if axes != [2, 3] {
+            return Err(self.err(
+                node,
+                i,
+                format!("axes {axes:?}: only a mean over H and W (axes 2, 3) is supported"),
+            ));
+        }
+        let id = self.b.global_avg_pool(x.id);
+        let c = x.shape[0];
+        let shape = if attr::int(node, "keepdims", 1) != 0 {
+            vec![c, 1, 1]
+        } else {
+            vec![c]
+        };
+        self.set(
+            node,
+            Value::Act(Act {
+                id,
+                shape,
+                nhwc: false,
+                cols: None,
+            }),
+        );
+        Ok(())
+    }
+
     fn unsupported(&self, node: &NodeProto, i: usize) -> Error {
         let domain = node.domain.as_deref().unwrap_or("");
         self.err(
@@ -931,6 +1226,16 @@ impl<'a> Importer<'a> {
                     i,
                     "a Constant without a tensor, float or int value is not supported",
                 ));
+            }
+        }
+        if op == "CastLike" {
+            // A constant cast like an activation (the dynamo exporter's zero
+            // conv bias): activations are float.
+            if let Some(Value::Const(c, _)) = node.input.first().and_then(|n| self.values.get(n)) {
+                let c = fold::cast_like(c, &ConstData::Float(Vec::new()));
+                let name = node.output.first().cloned().unwrap_or_default();
+                self.set(node, Value::Const(c, name));
+                return Ok(());
             }
         }
         if op == "Shape" {
