@@ -3,7 +3,9 @@
 use super::proto::{AttributeProto, NodeProto};
 
 fn find<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
-    node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+    node.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some(name))
 }
 
 /// An integer attribute, or `default`.
@@ -32,4 +34,3 @@ pub fn string(node: &NodeProto, name: &str) -> Option<String> {
 pub fn get<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     find(node, name)
 }
-

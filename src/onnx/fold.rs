@@ -109,7 +109,10 @@ fn concat(node: &NodeProto, inputs: &[&Const]) -> Option<Const> {
     let ax = axis(attr::int(node, "axis", 0), first.shape.len())?;
     let outer: usize = first.shape[..ax].iter().product();
     let mut shape = first.shape.clone();
-    shape[ax] = inputs.iter().map(|c| c.shape.get(ax).copied().unwrap_or(0)).sum();
+    shape[ax] = inputs
+        .iter()
+        .map(|c| c.shape.get(ax).copied().unwrap_or(0))
+        .sum();
     let float = inputs.iter().any(|c| matches!(c.data, ConstData::Float(_)));
     let mut fl = Vec::new();
     let mut it = Vec::new();
@@ -154,7 +157,15 @@ fn binary(op: &str, a: &Const, b: &Const) -> Option<Const> {
     let (ta, tb, to) = (strides(&sa), strides(&sb), strides(&shape));
     let n: usize = shape.iter().product();
     let index = |i: usize, s: &[usize], t: &[usize]| -> usize {
-        (0..rank).map(|d| if s[d] == 1 { 0 } else { (i / to[d]) % shape[d] * t[d] }).sum()
+        (0..rank)
+            .map(|d| {
+                if s[d] == 1 {
+                    0
+                } else {
+                    (i / to[d]) % shape[d] * t[d]
+                }
+            })
+            .sum()
     };
     let data = match (&a.data, &b.data) {
         (ConstData::Int(x), ConstData::Int(y)) => {
@@ -180,7 +191,11 @@ fn binary(op: &str, a: &Const, b: &Const) -> Option<Const> {
                 "Mul" => p * q,
                 _ => p / q,
             };
-            ConstData::Float((0..n).map(|i| f(x[index(i, &sa, &ta)], y[index(i, &sb, &tb)])).collect())
+            ConstData::Float(
+                (0..n)
+                    .map(|i| f(x[index(i, &sa, &ta)], y[index(i, &sb, &tb)]))
+                    .collect(),
+            )
         }
     };
     Some(Const { shape, data })
@@ -225,14 +240,25 @@ pub fn fold(node: &NodeProto, inputs: &[&Const], path: &Path) -> Result<Option<C
             if let Some(t) = attr::get(node, "value").and_then(|a| a.t.as_ref()) {
                 Some(decode_tensor(t, path)?)
             } else if let Some(a) = attr::get(node, "value_float").and_then(|a| a.f) {
-                Some(Const { shape: vec![], data: ConstData::Float(vec![a]) })
+                Some(Const {
+                    shape: vec![],
+                    data: ConstData::Float(vec![a]),
+                })
             } else if let Some(a) = attr::get(node, "value_floats") {
-                Some(Const { shape: vec![a.floats.len()], data: ConstData::Float(a.floats.clone()) })
+                Some(Const {
+                    shape: vec![a.floats.len()],
+                    data: ConstData::Float(a.floats.clone()),
+                })
             } else if let Some(a) = attr::get(node, "value_int").and_then(|a| a.i) {
-                Some(Const { shape: vec![], data: ConstData::Int(vec![a]) })
+                Some(Const {
+                    shape: vec![],
+                    data: ConstData::Int(vec![a]),
+                })
             } else {
-                attr::get(node, "value_ints")
-                    .map(|a| Const { shape: vec![a.ints.len()], data: ConstData::Int(a.ints.clone()) })
+                attr::get(node, "value_ints").map(|a| Const {
+                    shape: vec![a.ints.len()],
+                    data: ConstData::Int(a.ints.clone()),
+                })
             }
         }
         "Identity" => inputs.first().map(|c| (*c).clone()),
@@ -244,22 +270,34 @@ pub fn fold(node: &NodeProto, inputs: &[&Const], path: &Path) -> Result<Option<C
             } else {
                 match &c.data {
                     ConstData::Int(v) => ConstData::Int(v.clone()),
-                    ConstData::Float(v) => ConstData::Int(v.iter().map(|x| x.trunc() as i64).collect()),
+                    ConstData::Float(v) => {
+                        ConstData::Int(v.iter().map(|x| x.trunc() as i64).collect())
+                    }
                 }
             };
-            Const { shape: c.shape.clone(), data }
+            Const {
+                shape: c.shape.clone(),
+                data,
+            }
         }),
         "Gather" if inputs.len() == 2 => gather(node, inputs[0], inputs[1]),
         "Unsqueeze" => match (inputs.first(), axes_of(node, inputs)) {
             (Some(c), Some(axes)) => {
                 let rank = c.shape.len() + axes.len();
-                let mut ax: Vec<usize> = axes.iter().map(|&a| axis(a, rank)).collect::<Option<_>>().unwrap_or_default();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| axis(a, rank))
+                    .collect::<Option<_>>()
+                    .unwrap_or_default();
                 ax.sort_unstable();
                 let mut shape = c.shape.clone();
                 for a in ax {
                     shape.insert(a.min(shape.len()), 1);
                 }
-                (shape.len() == rank).then(|| Const { shape, data: c.data.clone() })
+                (shape.len() == rank).then(|| Const {
+                    shape,
+                    data: c.data.clone(),
+                })
             }
             _ => None,
         },
@@ -267,8 +305,17 @@ pub fn fold(node: &NodeProto, inputs: &[&Const], path: &Path) -> Result<Option<C
             let axes: Vec<usize> = axes_of(node, inputs)
                 .map(|a| a.iter().filter_map(|&x| axis(x, c.shape.len())).collect())
                 .unwrap_or_else(|| (0..c.shape.len()).filter(|&i| c.shape[i] == 1).collect());
-            let shape = c.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
-            Const { shape, data: c.data.clone() }
+            let shape = c
+                .shape
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !axes.contains(i))
+                .map(|(_, &d)| d)
+                .collect();
+            Const {
+                shape,
+                data: c.data.clone(),
+            }
         }),
         "Concat" => concat(node, inputs),
         "Reshape" if inputs.len() == 2 => reshape(inputs[0], inputs[1]),

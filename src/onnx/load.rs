@@ -102,7 +102,10 @@ fn dims(t: &TensorProto, name: &str, path: &Path) -> Result<Vec<usize>> {
         .iter()
         .map(|&d| {
             usize::try_from(d).map_err(|_| {
-                Error::format(path, format!("tensor `{name}` has a negative dimension {d}"))
+                Error::format(
+                    path,
+                    format!("tensor `{name}` has a negative dimension {d}"),
+                )
             })
         })
         .collect()
@@ -124,7 +127,11 @@ fn external_bytes(t: &TensorProto, name: &str, path: &Path) -> Result<Vec<u8>> {
         )
     })?;
     let rel = Path::new(&location);
-    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return Err(Error::format(
             path,
             format!("tensor `{name}`: external data location `{location}` must be a path inside the model's folder"),
@@ -136,23 +143,29 @@ fn external_bytes(t: &TensorProto, name: &str, path: &Path) -> Result<Vec<u8>> {
         entry(key)
             .map(|v| {
                 v.parse::<usize>().map_err(|_| {
-                    Error::format(path, format!("tensor `{name}`: external data {key} `{v}` is not a whole number"))
+                    Error::format(
+                        path,
+                        format!("tensor `{name}`: external data {key} `{v}` is not a whole number"),
+                    )
                 })
             })
             .transpose()
     };
     let offset = num("offset")?.unwrap_or(0);
     let length = num("length")?.unwrap_or(bytes.len().saturating_sub(offset));
-    let end = offset.checked_add(length).filter(|&e| e <= bytes.len()).ok_or_else(|| {
-        Error::format(
-            &file,
-            format!(
+    let end = offset
+        .checked_add(length)
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| {
+            Error::format(
+                &file,
+                format!(
                 "tensor `{name}` needs bytes {offset}..{} but the file has {}; is it truncated?",
                 offset.saturating_add(length),
                 bytes.len()
             ),
-        )
-    })?;
+            )
+        })?;
     Ok(bytes[offset..end].to_vec())
 }
 
@@ -161,7 +174,8 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
     let name = t.name.clone().unwrap_or_default();
     let shape = dims(t, &name, path)?;
     let n: usize = shape.iter().product();
-    let external = t.data_location == Some(super::proto::tensor_proto::DataLocation::External as i32);
+    let external =
+        t.data_location == Some(super::proto::tensor_proto::DataLocation::External as i32);
     let raw: Option<Vec<u8>> = if external {
         Some(external_bytes(t, &name, path)?)
     } else {
@@ -169,18 +183,19 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
     };
     let dt = t.data_type.and_then(|d| DataType::try_from(d).ok());
     let bad = |what: &str| Error::format(path, format!("tensor `{name}` {what}"));
-    let width = match dt {
-        Some(DataType::Float | DataType::Int32 | DataType::Uint32) => 4,
-        Some(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => 2,
-        Some(DataType::Double | DataType::Int64 | DataType::Uint64) => 8,
-        Some(DataType::Int8 | DataType::Uint8 | DataType::Bool) => 1,
-        other => {
-            return Err(bad(&format!(
+    let width =
+        match dt {
+            Some(DataType::Float | DataType::Int32 | DataType::Uint32) => 4,
+            Some(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => 2,
+            Some(DataType::Double | DataType::Int64 | DataType::Uint64) => 8,
+            Some(DataType::Int8 | DataType::Uint8 | DataType::Bool) => 1,
+            other => return Err(bad(&format!(
                 "has data type {}; float (f32, f16, bf16, f64) and integer tensors are supported",
-                other.map(|d| d.as_str_name().to_string()).unwrap_or_else(|| format!("{:?}", t.data_type))
-            )))
-        }
-    };
+                other
+                    .map(|d| d.as_str_name().to_string())
+                    .unwrap_or_else(|| format!("{:?}", t.data_type))
+            ))),
+        };
     let dt = dt.expect("matched above");
     let data = if let Some(raw) = raw {
         if raw.len() != n * width {
@@ -191,26 +206,41 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
                 n * width
             )));
         }
-        let u16s = || raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        let u16s = || {
+            raw.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        };
         match dt {
             DataType::Float => ConstData::Float(
-                raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
-            DataType::Float16 => ConstData::Float(u16s().map(|b| half::f16::from_bits(b).to_f32()).collect()),
-            DataType::Bfloat16 => ConstData::Float(u16s().map(|b| half::bf16::from_bits(b).to_f32()).collect()),
+            DataType::Float16 => {
+                ConstData::Float(u16s().map(|b| half::f16::from_bits(b).to_f32()).collect())
+            }
+            DataType::Bfloat16 => {
+                ConstData::Float(u16s().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+            }
             DataType::Double => ConstData::Float(
                 raw.chunks_exact(8)
                     .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                     .collect(),
             ),
             DataType::Int64 | DataType::Uint64 => ConstData::Int(
-                raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
             ),
             DataType::Int32 => ConstData::Int(
-                raw.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect(),
+                raw.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                    .collect(),
             ),
             DataType::Uint32 => ConstData::Int(
-                raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect(),
+                raw.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                    .collect(),
             ),
             DataType::Int16 => ConstData::Int(u16s().map(|b| b as i16 as i64).collect()),
             DataType::Uint16 => ConstData::Int(u16s().map(|b| b as i64).collect()),
@@ -224,13 +254,21 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
             DataType::Float => ConstData::Float(t.float_data.clone()),
             DataType::Double => ConstData::Float(t.double_data.iter().map(|&v| v as f32).collect()),
             DataType::Float16 => ConstData::Float(
-                t.int32_data.iter().map(|v| half::f16::from_bits(low16(v)).to_f32()).collect(),
+                t.int32_data
+                    .iter()
+                    .map(|v| half::f16::from_bits(low16(v)).to_f32())
+                    .collect(),
             ),
             DataType::Bfloat16 => ConstData::Float(
-                t.int32_data.iter().map(|v| half::bf16::from_bits(low16(v)).to_f32()).collect(),
+                t.int32_data
+                    .iter()
+                    .map(|v| half::bf16::from_bits(low16(v)).to_f32())
+                    .collect(),
             ),
             DataType::Int64 => ConstData::Int(t.int64_data.clone()),
-            DataType::Uint32 | DataType::Uint64 => ConstData::Int(t.uint64_data.iter().map(|&v| v as i64).collect()),
+            DataType::Uint32 | DataType::Uint64 => {
+                ConstData::Int(t.uint64_data.iter().map(|&v| v as i64).collect())
+            }
             _ => ConstData::Int(t.int32_data.iter().map(|&v| v as i64).collect()),
         }
     };
@@ -257,7 +295,11 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
 pub fn initializers(model: &ModelProto, path: &Path) -> Result<HashMap<String, Const>> {
     let graph = model.graph.as_ref().expect("checked by parse_model");
     if let Some(s) = graph.sparse_initializer.first() {
-        let name = s.values.as_ref().and_then(|v| v.name.clone()).unwrap_or_default();
+        let name = s
+            .values
+            .as_ref()
+            .and_then(|v| v.name.clone())
+            .unwrap_or_default();
         return Err(Error::format(
             path,
             format!("sparse initializer `{name}`: sparse tensors are not supported"),

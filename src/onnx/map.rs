@@ -81,11 +81,7 @@ enum Value {
     /// Sub/Div or Mul/Add of a normalisation front gather here.
     Front { a: Vec<f32>, b: Vec<f32> },
     /// `x @ w` of a MatMul awaiting the Add of its bias (`w` is `[O, K]`).
-    MatMul {
-        x: Act,
-        w: Tensor,
-        name: String,
-    },
+    MatMul { x: Act, w: Tensor, name: String },
 }
 
 /// The imported model.
@@ -161,10 +157,13 @@ impl<'a> Importer<'a> {
         if name.is_empty() {
             return Err(self.err(node, i, format!("input {k} is missing")));
         }
-        self.values
-            .get(name)
-            .cloned()
-            .ok_or_else(|| self.err(node, i, format!("input `{name}` is not produced by an earlier node")))
+        self.values.get(name).cloned().ok_or_else(|| {
+            self.err(
+                node,
+                i,
+                format!("input `{name}` is not produced by an earlier node"),
+            )
+        })
     }
 
     fn constant(&self, node: &NodeProto, i: usize, k: usize) -> Result<(Const, String)> {
@@ -173,12 +172,20 @@ impl<'a> Importer<'a> {
             _ => Err(self.err(
                 node,
                 i,
-                format!("input {k} (`{}`) must be a constant (an initializer)", node.input[k]),
+                format!(
+                    "input {k} (`{}`) must be a constant (an initializer)",
+                    node.input[k]
+                ),
             )),
         }
     }
 
-    fn opt_constant(&self, node: &NodeProto, i: usize, k: usize) -> Result<Option<(Const, String)>> {
+    fn opt_constant(
+        &self,
+        node: &NodeProto,
+        i: usize,
+        k: usize,
+    ) -> Result<Option<(Const, String)>> {
         match node.input.get(k) {
             Some(n) if !n.is_empty() => self.constant(node, i, k).map(Some),
             _ => Ok(None),
@@ -223,7 +230,8 @@ impl<'a> Importer<'a> {
     fn act(&mut self, node: &NodeProto, i: usize, k: usize) -> Result<Act> {
         let v = self.value(node, i, k)?;
         let a = self.materialise(v, node, i)?;
-        self.values.insert(node.input[k].clone(), Value::Act(a.clone()));
+        self.values
+            .insert(node.input[k].clone(), Value::Act(a.clone()));
         Ok(a)
     }
 
@@ -245,7 +253,13 @@ impl<'a> Importer<'a> {
         Ok(a)
     }
 
-    fn param(&mut self, name: &str, c: &Const, shape: Vec<usize>, kind: ParamKind) -> Result<usize> {
+    fn param(
+        &mut self,
+        name: &str,
+        c: &Const,
+        shape: Vec<usize>,
+        kind: ParamKind,
+    ) -> Result<usize> {
         self.param_data(name, Tensor::new(&shape, c.floats())?, kind)
     }
 
@@ -253,7 +267,11 @@ impl<'a> Importer<'a> {
         // A tensor read by two layers becomes two parameters with distinct names.
         let count = self.param_names.entry(name.to_string()).or_insert(0);
         *count += 1;
-        let unique = if *count == 1 { name.to_string() } else { format!("{name}#{count}") };
+        let unique = if *count == 1 {
+            name.to_string()
+        } else {
+            format!("{name}#{count}")
+        };
         let id = self.b.add_param(&unique, t.shape().to_vec(), kind);
         self.params.push(t);
         Ok(id)
@@ -267,19 +285,45 @@ impl<'a> Importer<'a> {
 
     fn push(&mut self, op: Op, inputs: Vec<usize>, shape: Vec<usize>) -> Act {
         let id = self.b.add_node(op, inputs, shape.clone());
-        Act { id, shape, nhwc: false, cols: None }
+        Act {
+            id,
+            shape,
+            nhwc: false,
+            cols: None,
+        }
     }
 
     /// A Linear node from a flat activation and an `[O, K]` weight (ONNX's
     /// column order; permuted here when the input was flattened NHWC).
-    fn linear(&mut self, x: Act, w: Tensor, name: &str, bias: Option<(Vec<f32>, String)>, node: &NodeProto, i: usize) -> Result<Act> {
+    fn linear(
+        &mut self,
+        x: Act,
+        w: Tensor,
+        name: &str,
+        bias: Option<(Vec<f32>, String)>,
+        node: &NodeProto,
+        i: usize,
+    ) -> Result<Act> {
         let (o, k) = (w.shape()[0], w.shape()[1]);
         let n = numel(&x.shape);
         if x.shape.len() != 1 || self.b.shape(x.id).len() != 1 {
-            return Err(self.err(node, i, format!("input has per-image shape {:?}; flatten it to [N, K] first", x.shape)));
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "input has per-image shape {:?}; flatten it to [N, K] first",
+                    x.shape
+                ),
+            ));
         }
         if k != n {
-            return Err(self.err(node, i, format!("weight `{name}` is [{o}, {k}] (as [out, in]) but its input has {n} features")));
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "weight `{name}` is [{o}, {k}] (as [out, in]) but its input has {n} features"
+                ),
+            ));
         }
         let w = match &x.cols {
             Some(cols) => {
@@ -298,7 +342,11 @@ impl<'a> Importer<'a> {
         let bid = match bias {
             Some((b, bname)) => {
                 if b.len() != o {
-                    return Err(self.err(node, i, format!("bias `{bname}` has {} values for {o} outputs", b.len())));
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!("bias `{bname}` has {} values for {o} outputs", b.len()),
+                    ));
                 }
                 Some(self.param_data(&bname, Tensor::new(&[o], b)?, ParamKind::Bias)?)
             }
@@ -432,10 +480,20 @@ impl<'a> Importer<'a> {
     fn flat(&mut self, a: &Act) -> Act {
         let n = numel(&a.shape);
         if self.b.shape(a.id).len() == 1 {
-            Act { id: a.id, shape: vec![n], nhwc: false, cols: a.cols.clone() }
+            Act {
+                id: a.id,
+                shape: vec![n],
+                nhwc: false,
+                cols: a.cols.clone(),
+            }
         } else {
             let id = self.b.flatten(a.id);
-            Act { id, shape: vec![n], nhwc: false, cols: None }
+            Act {
+                id,
+                shape: vec![n],
+                nhwc: false,
+                cols: None,
+            }
         }
     }
 
@@ -447,22 +505,45 @@ impl<'a> Importer<'a> {
         let dil = attr::ints(node, "dilations").is_none_or(|d| d.iter().all(|&v| v == 1));
         let auto = attr::string(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
         let (Some(kernel), Some(stride), Some(pad)) = (kernel, stride, pad) else {
-            return Err(self.err(node, i, "only square kernels, equal strides and equal padding on all sides are supported"));
+            return Err(self.err(
+                node,
+                i,
+                "only square kernels, equal strides and equal padding on all sides are supported",
+            ));
         };
         // `conv` branch: ceil_mode = 1 and count_include_pad = 0 map here.
         if attr::int(node, "ceil_mode", 0) != 0 {
             return Err(self.err(node, i, "ceil_mode = 1 is not supported yet"));
         }
         if !dil || !matches!(auto.as_str(), "NOTSET" | "VALID") || stride == 0 || kernel == 0 {
-            return Err(self.err(node, i, "dilated pooling and auto_pad SAME are not supported"));
+            return Err(self.err(
+                node,
+                i,
+                "dilated pooling and auto_pad SAME are not supported",
+            ));
         }
         if !max && pad > 0 && attr::int(node, "count_include_pad", 0) == 0 {
-            return Err(self.err(node, i, "average pooling with padding and count_include_pad = 0 is not supported yet"));
+            return Err(self.err(
+                node,
+                i,
+                "average pooling with padding and count_include_pad = 0 is not supported yet",
+            ));
         }
-        let p = PoolParams { kernel, stride, pad };
+        let p = PoolParams {
+            kernel,
+            stride,
+            pad,
+        };
         let (c, h, w) = (x.shape[0], x.shape[1], x.shape[2]);
         if h + 2 * pad < kernel || w + 2 * pad < kernel {
-            return Err(self.err(node, i, format!("a {kernel}x{kernel} window does not fit the input {:?}", x.shape)));
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "a {kernel}x{kernel} window does not fit the input {:?}",
+                    x.shape
+                ),
+            ));
         }
         let shape = vec![c, p.out_len(h), p.out_len(w)];
         let op = if max { Op::MaxPool(p) } else { Op::AvgPool(p) };
@@ -477,11 +558,19 @@ impl<'a> Importer<'a> {
         let bias = self.opt_constant(node, i, 2)?;
         let ws = w.shape.clone();
         if ws.len() != 4 {
-            return Err(self.err(node, i, format!("weight `{wname}` has shape {ws:?}; a 2-D convolution is needed")));
+            return Err(self.err(
+                node,
+                i,
+                format!("weight `{wname}` has shape {ws:?}; a 2-D convolution is needed"),
+            ));
         }
         // `conv` branch: group > 1 (grouped, depthwise) and dilations map here.
         if attr::int(node, "group", 1) != 1 {
-            return Err(self.err(node, i, "grouped convolution (group > 1) is not supported yet"));
+            return Err(self.err(
+                node,
+                i,
+                "grouped convolution (group > 1) is not supported yet",
+            ));
         }
         if !attr::ints(node, "dilations").is_none_or(|d| d.iter().all(|&v| v == 1)) {
             return Err(self.err(node, i, "dilated convolution is not supported yet"));
@@ -489,28 +578,56 @@ impl<'a> Importer<'a> {
         let auto = attr::string(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
         let stride = attr::ints(node, "strides").map_or(Some(1), |s| square(&s));
         let pad = symmetric(&attr::ints(node, "pads").unwrap_or_default());
-        let (Some(stride), Some(pad), true, true) = (stride, pad, ws[2] == ws[3], matches!(auto.as_str(), "NOTSET" | "VALID")) else {
+        let (Some(stride), Some(pad), true, true) = (
+            stride,
+            pad,
+            ws[2] == ws[3],
+            matches!(auto.as_str(), "NOTSET" | "VALID"),
+        ) else {
             return Err(self.err(node, i, "only square kernels, equal strides and equal explicit padding on all sides are supported"));
         };
         if let Some(k) = attr::ints(node, "kernel_shape") {
             if k.iter().any(|&d| d as usize != ws[2]) {
-                return Err(self.err(node, i, format!("kernel_shape {k:?} disagrees with weight `{wname}` {ws:?}")));
+                return Err(self.err(
+                    node,
+                    i,
+                    format!("kernel_shape {k:?} disagrees with weight `{wname}` {ws:?}"),
+                ));
             }
         }
         let (c, h, wd) = (x.shape[0], x.shape[1], x.shape[2]);
         let k = ws[2];
         if ws[1] != c {
-            return Err(self.err(node, i, format!("weight `{wname}` {ws:?} expects {} input channels, the input has {c}", ws[1])));
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "weight `{wname}` {ws:?} expects {} input channels, the input has {c}",
+                    ws[1]
+                ),
+            ));
         }
         if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
-            return Err(self.err(node, i, format!("a {k}x{k} kernel does not fit the input {:?}", x.shape)));
+            return Err(self.err(
+                node,
+                i,
+                format!("a {k}x{k} kernel does not fit the input {:?}", x.shape),
+            ));
         }
         let p = conv_params(stride, pad);
         let wid = self.param(&wname, &w, ws.clone(), ParamKind::ConvWeight)?;
         let bid = match bias {
             Some((b, bname)) => {
                 if b.len() != ws[0] {
-                    return Err(self.err(node, i, format!("bias `{bname}` has {} values for {} filters", b.len(), ws[0])));
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!(
+                            "bias `{bname}` has {} values for {} filters",
+                            b.len(),
+                            ws[0]
+                        ),
+                    ));
                 }
                 Some(self.param(&bname, &b, vec![ws[0]], ParamKind::Bias)?)
             }
@@ -525,25 +642,48 @@ impl<'a> Importer<'a> {
     fn batch_norm(&mut self, node: &NodeProto, i: usize) -> Result<()> {
         let x = self.map3(node, i, 0)?;
         if attr::int(node, "training_mode", 0) != 0 {
-            return Err(self.err(node, i, "training_mode = 1 is not supported; export the model in eval mode"));
+            return Err(self.err(
+                node,
+                i,
+                "training_mode = 1 is not supported; export the model in eval mode",
+            ));
         }
         let c = x.shape[0];
         let mut ids = [0; 4];
-        let kinds = [ParamKind::BnWeight, ParamKind::BnBias, ParamKind::BnMean, ParamKind::BnVar];
+        let kinds = [
+            ParamKind::BnWeight,
+            ParamKind::BnBias,
+            ParamKind::BnMean,
+            ParamKind::BnVar,
+        ];
         for (k, kind) in kinds.into_iter().enumerate() {
             let (t, name) = self.constant(node, i, k + 1)?;
             if t.len() != c {
-                return Err(self.err(node, i, format!("`{name}` has {} values for {c} channels", t.len())));
+                return Err(self.err(
+                    node,
+                    i,
+                    format!("`{name}` has {} values for {c} channels", t.len()),
+                ));
             }
             if kind == ParamKind::BnVar && t.floats().iter().any(|&v| v < 0.0) {
-                return Err(self.err(node, i, format!("`{name}` has a negative running variance; the weights are corrupt")));
+                return Err(self.err(
+                    node,
+                    i,
+                    format!("`{name}` has a negative running variance; the weights are corrupt"),
+                ));
             }
             ids[k] = self.param(&name, &t, vec![c], kind)?;
         }
         let eps = attr::float(node, "epsilon", 1e-5);
         let shape = self.b.shape(x.id).to_vec();
         let mut a = self.push(
-            Op::BatchNorm { gamma: ids[0], beta: ids[1], mean: ids[2], var: ids[3], eps },
+            Op::BatchNorm {
+                gamma: ids[0],
+                beta: ids[1],
+                mean: ids[2],
+                var: ids[3],
+                eps,
+            },
             vec![x.id],
             shape,
         );
@@ -560,7 +700,14 @@ impl<'a> Importer<'a> {
             return Err(self.err(node, i, "transA = 1 is not supported"));
         }
         if w.shape.len() != 2 {
-            return Err(self.err(node, i, format!("weight `{wname}` has shape {:?}; a matrix is needed", w.shape)));
+            return Err(self.err(
+                node,
+                i,
+                format!(
+                    "weight `{wname}` has shape {:?}; a matrix is needed",
+                    w.shape
+                ),
+            ));
         }
         let alpha = attr::float(node, "alpha", 1.0);
         let beta = attr::float(node, "beta", 1.0);
@@ -573,7 +720,14 @@ impl<'a> Importer<'a> {
         let b = match bias {
             Some((c, bname)) => {
                 if !(c.shape == [o] || c.shape == [1, o] || c.len() == 1) {
-                    return Err(self.err(node, i, format!("bias `{bname}` of shape {:?} does not fit {o} outputs", c.shape)));
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!(
+                            "bias `{bname}` of shape {:?} does not fit {o} outputs",
+                            c.shape
+                        ),
+                    ));
                 }
                 let v = c.floats();
                 let v = if v.len() == 1 { vec![v[0]; o] } else { v };
@@ -596,7 +750,11 @@ impl<'a> Importer<'a> {
             "Relu" => {
                 let x = self.act(node, i, 0)?;
                 if x.nhwc {
-                    return Err(self.err(node, i, "an op between Transpose and Flatten is not supported"));
+                    return Err(self.err(
+                        node,
+                        i,
+                        "an op between Transpose and Flatten is not supported",
+                    ));
                 }
                 let shape = self.b.shape(x.id).to_vec();
                 let mut a = self.push(Op::Relu, vec![x.id], shape);
@@ -613,13 +771,25 @@ impl<'a> Importer<'a> {
             "GlobalAveragePool" => {
                 let x = self.map3(node, i, 0)?;
                 let id = self.b.global_avg_pool(x.id);
-                self.set(node, Value::Act(Act { id, shape: vec![x.shape[0], 1, 1], nhwc: false, cols: None }));
+                self.set(
+                    node,
+                    Value::Act(Act {
+                        id,
+                        shape: vec![x.shape[0], 1, 1],
+                        nhwc: false,
+                        cols: None,
+                    }),
+                );
             }
             "Flatten" => {
                 let a = self.act(node, i, 0)?;
                 let axis = attr::int(node, "axis", 1);
                 if axis != 1 && axis != -(a.shape.len() as i64) {
-                    return Err(self.err(node, i, format!("axis {axis}: only Flatten to [N, -1] (axis 1) is supported")));
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!("axis {axis}: only Flatten to [N, -1] (axis 1) is supported"),
+                    ));
                 }
                 self.flatten(node, i)?;
             }
@@ -634,11 +804,24 @@ impl<'a> Importer<'a> {
                     _ => false,
                 };
                 if !ok {
-                    let shown: Vec<String> = t.iter().map(|&d| if d == BATCH { "N".into() } else { d.to_string() }).collect();
+                    let shown: Vec<String> = t
+                        .iter()
+                        .map(|&d| {
+                            if d == BATCH {
+                                "N".into()
+                            } else {
+                                d.to_string()
+                            }
+                        })
+                        .collect();
                     return Err(self.err(
                         node,
                         i,
-                        format!("Reshape of [N, {:?}] to [{}]: only a flatten to [N, -1] is supported", a.shape, shown.join(", ")),
+                        format!(
+                            "Reshape of [N, {:?}] to [{}]: only a flatten to [N, -1] is supported",
+                            a.shape,
+                            shown.join(", ")
+                        ),
                     ));
                 }
                 self.flatten(node, i)?;
@@ -660,7 +843,14 @@ impl<'a> Importer<'a> {
                 let x = self.act(node, i, 0)?;
                 let (w, name) = self.constant(node, i, 1)?;
                 if w.shape.len() != 2 {
-                    return Err(self.err(node, i, format!("weight `{name}` has shape {:?}; a matrix [K, O] is needed", w.shape)));
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!(
+                            "weight `{name}` has shape {:?}; a matrix [K, O] is needed",
+                            w.shape
+                        ),
+                    ));
                 }
                 let w = transpose(&w, 1.0)?;
                 self.set(node, Value::MatMul { x, w, name });
@@ -672,7 +862,11 @@ impl<'a> Importer<'a> {
             "Softmax" => {
                 let out = node.output.first().cloned().unwrap_or_default();
                 if !self.outputs.contains(&out) {
-                    return Err(self.err(node, i, "a Softmax is supported only as the model's last op (where it is removed)"));
+                    return Err(self.err(
+                        node,
+                        i,
+                        "a Softmax is supported only as the model's last op (where it is removed)",
+                    ));
                 }
                 let v = self.value(node, i, 0)?;
                 self.notes.push(format!(
@@ -693,7 +887,11 @@ impl<'a> Importer<'a> {
             i,
             format!(
                 "op {}{} is not supported; supported ops: {}",
-                if domain.is_empty() || domain == "ai.onnx" { String::new() } else { format!("{domain}::") },
+                if domain.is_empty() || domain == "ai.onnx" {
+                    String::new()
+                } else {
+                    format!("{domain}::")
+                },
                 node.op_type.as_deref().unwrap_or("?"),
                 supported_ops().join(", ")
             ),
@@ -706,21 +904,37 @@ impl<'a> Importer<'a> {
         let ins: Vec<Option<&Value>> = node
             .input
             .iter()
-            .map(|n| if n.is_empty() { None } else { self.values.get(n) })
+            .map(|n| {
+                if n.is_empty() {
+                    None
+                } else {
+                    self.values.get(n)
+                }
+            })
             .collect();
-        let all_const = ins.iter().all(|v| matches!(v, Some(Value::Const(..)) | None)) && fold::FOLDABLE.contains(&op);
+        let all_const = ins
+            .iter()
+            .all(|v| matches!(v, Some(Value::Const(..)) | None))
+            && fold::FOLDABLE.contains(&op);
         if all_const {
-            let cs: Vec<&Const> = ins.iter().filter_map(|v| match v {
-                Some(Value::Const(c, _)) => Some(c),
-                _ => None,
-            }).collect();
+            let cs: Vec<&Const> = ins
+                .iter()
+                .filter_map(|v| match v {
+                    Some(Value::Const(c, _)) => Some(c),
+                    _ => None,
+                })
+                .collect();
             if let Some(c) = fold::fold(node, &cs, self.path)? {
                 let name = node.output.first().cloned().unwrap_or_default();
                 self.set(node, Value::Const(c, name));
                 return Ok(());
             }
             if op == "Constant" {
-                return Err(self.err(node, i, "a Constant without a tensor, float or int value is not supported"));
+                return Err(self.err(
+                    node,
+                    i,
+                    "a Constant without a tensor, float or int value is not supported",
+                ));
             }
         }
         if op == "Shape" {
@@ -761,24 +975,60 @@ fn transpose(w: &Const, scale: f32) -> Result<Tensor> {
 /// The model's input: its name and `[C, H, W]` (the batch axis may be
 /// symbolic; another symbolic axis takes its extent from `input`, i.e.
 /// `--input-shape`), and the batch extent if the file fixes it.
-fn graph_input(g: &GraphProto, inits: &HashMap<String, Const>, input: Option<[usize; 3]>, path: &Path) -> Result<(String, [usize; 3], Option<i64>)> {
+fn graph_input(
+    g: &GraphProto,
+    inits: &HashMap<String, Const>,
+    input: Option<[usize; 3]>,
+    path: &Path,
+) -> Result<(String, [usize; 3], Option<i64>)> {
     use super::proto::tensor_shape_proto::dimension::Value as Dim;
     use super::proto::type_proto::Value as Ty;
-    let real: Vec<_> = g.input.iter().filter(|v| !inits.contains_key(v.name.as_deref().unwrap_or(""))).collect();
+    let real: Vec<_> = g
+        .input
+        .iter()
+        .filter(|v| !inits.contains_key(v.name.as_deref().unwrap_or("")))
+        .collect();
     let [vi] = real.as_slice() else {
-        return Err(Error::format(path, format!("the ONNX graph has {} inputs; one image input is needed", real.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "the ONNX graph has {} inputs; one image input is needed",
+                real.len()
+            ),
+        ));
     };
     let name = vi.name.clone().unwrap_or_default();
     let tensor = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(Ty::TensorType(t)) => t,
-        _ => return Err(Error::format(path, format!("input `{name}` is not a tensor"))),
+        _ => {
+            return Err(Error::format(
+                path,
+                format!("input `{name}` is not a tensor"),
+            ))
+        }
     };
     if tensor.elem_type != Some(1) {
-        return Err(Error::format(path, format!("input `{name}` has element type {:?}; float32 is needed", tensor.elem_type)));
+        return Err(Error::format(
+            path,
+            format!(
+                "input `{name}` has element type {:?}; float32 is needed",
+                tensor.elem_type
+            ),
+        ));
     }
-    let dims: Vec<Option<&Dim>> = tensor.shape.as_ref().map(|s| s.dim.iter().map(|d| d.value.as_ref()).collect()).unwrap_or_default();
+    let dims: Vec<Option<&Dim>> = tensor
+        .shape
+        .as_ref()
+        .map(|s| s.dim.iter().map(|d| d.value.as_ref()).collect())
+        .unwrap_or_default();
     if dims.len() != 4 {
-        return Err(Error::format(path, format!("input `{name}` has rank {}; images [N, C, H, W] are needed", dims.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "input `{name}` has rank {}; images [N, C, H, W] are needed",
+                dims.len()
+            ),
+        ));
     }
     let batch = match dims[0] {
         Some(Dim::DimValue(v)) if *v > 0 => Some(*v),
@@ -793,7 +1043,13 @@ fn graph_input(g: &GraphProto, inits: &HashMap<String, Const>, input: Option<[us
                     if g[k] != *v as usize {
                         return Err(Error::arg(
                             "--input-shape",
-                            format!("{} {} is {v} in {}, not {}", name, axes[k], path.display(), g[k]),
+                            format!(
+                                "{} {} is {v} in {}, not {}",
+                                name,
+                                axes[k],
+                                path.display(),
+                                g[k]
+                            ),
                         ));
                     }
                 }
@@ -817,7 +1073,10 @@ fn graph_input(g: &GraphProto, inits: &HashMap<String, Const>, input: Option<[us
         }
     }
     if out.contains(&0) {
-        return Err(Error::arg("--input-shape", format!("input shape {out:?} has a zero extent")));
+        return Err(Error::arg(
+            "--input-shape",
+            format!("input shape {out:?} has a zero extent"),
+        ));
     }
     Ok((name, out, batch))
 }
@@ -825,7 +1084,13 @@ fn graph_input(g: &GraphProto, inits: &HashMap<String, Const>, input: Option<[us
 /// Builds the graph of a parsed ONNX model. Every node is checked against
 /// the supported set before any is mapped, so an unsupported op is the
 /// first error a user sees.
-pub fn import(model: &super::proto::ModelProto, opset: i64, inits: HashMap<String, Const>, input: Option<[usize; 3]>, path: &Path) -> Result<Imported> {
+pub fn import(
+    model: &super::proto::ModelProto,
+    opset: i64,
+    inits: HashMap<String, Const>,
+    input: Option<[usize; 3]>,
+    path: &Path,
+) -> Result<Imported> {
     let g = model.graph.as_ref().expect("checked by parse_model");
     let supported = supported_ops();
     for (i, node) in g.node.iter().enumerate() {
@@ -837,7 +1102,10 @@ pub fn import(model: &super::proto::ModelProto, opset: i64, inits: HashMap<Strin
         }
     }
     let (input_name, shape, batch) = graph_input(g, &inits, input, path)?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let arch = format!("onnx:{stem}");
     let mut imp = Importer::empty(path, opset);
     imp.b = Builder::new(&arch, shape, 0);
@@ -847,36 +1115,67 @@ pub fn import(model: &super::proto::ModelProto, opset: i64, inits: HashMap<Strin
     for (name, c) in inits {
         imp.values.insert(name.clone(), Value::Const(c, name));
     }
-    imp.values.insert(input_name, Value::Front { a: vec![1.0; shape[0]], b: vec![0.0; shape[0]] });
+    imp.values.insert(
+        input_name,
+        Value::Front {
+            a: vec![1.0; shape[0]],
+            b: vec![0.0; shape[0]],
+        },
+    );
     for (i, node) in g.node.iter().enumerate() {
         imp.step(node, i)?;
     }
     let [out_name] = imp.outputs.as_slice() else {
-        return Err(Error::format(path, format!("the ONNX graph has {} outputs; one (the logits) is needed", imp.outputs.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "the ONNX graph has {} outputs; one (the logits) is needed",
+                imp.outputs.len()
+            ),
+        ));
     };
     let out_name = out_name.clone();
-    let v = imp
-        .values
-        .get(&out_name)
-        .cloned()
-        .ok_or_else(|| Error::format(path, format!("output `{out_name}` is produced by no node")))?;
-    let last = NodeProto { name: Some(out_name.clone()), op_type: Some("output".into()), ..Default::default() };
+    let v = imp.values.get(&out_name).cloned().ok_or_else(|| {
+        Error::format(path, format!("output `{out_name}` is produced by no node"))
+    })?;
+    let last = NodeProto {
+        name: Some(out_name.clone()),
+        op_type: Some("output".into()),
+        ..Default::default()
+    };
     let a = imp.materialise(v, &last, g.node.len())?;
     if a.shape.len() != 1 || imp.b.shape(a.id).len() != 1 {
-        return Err(Error::format(path, format!("output `{out_name}` has per-image shape {:?}; logits [N, classes] are needed", a.shape)));
+        return Err(Error::format(
+            path,
+            format!(
+                "output `{out_name}` has per-image shape {:?}; logits [N, classes] are needed",
+                a.shape
+            ),
+        ));
     }
     if a.id + 1 != imp.b.node_count() {
         return Err(Error::format(path, format!("output `{out_name}` is not computed last: the graph has branches that do not lead to it")));
     }
     let num_classes = a.shape[0];
     if num_classes < 2 {
-        return Err(Error::format(path, format!("output `{out_name}` has {num_classes} class(es); a classifier needs at least 2")));
+        return Err(Error::format(
+            path,
+            format!(
+                "output `{out_name}` has {num_classes} class(es); a classifier needs at least 2"
+            ),
+        ));
     }
-    let Importer { b, params, notes, .. } = imp;
+    let Importer {
+        b, params, notes, ..
+    } = imp;
     let mut graph = b.finish();
     graph.num_classes = num_classes;
     graph.check_params(&params)?;
-    Ok(Imported { graph, params, notes })
+    Ok(Imported {
+        graph,
+        params,
+        notes,
+    })
 }
 
 impl<'a> Importer<'a> {

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod load;
 pub mod map;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
 pub mod proto;
 
 mod attr;
@@ -29,7 +30,10 @@ pub use map::{supported_ops, Imported};
 pub fn looks_like_onnx(bytes: &[u8]) -> bool {
     let safetensors = bytes.len() >= 9 && bytes[8] == b'{';
     // Field 1 (ir_version, varint) or a length-delimited field 2..8 (producer, graph, ...).
-    let protobuf = matches!(bytes.first(), Some(0x08 | 0x12 | 0x1a | 0x22 | 0x2a | 0x32 | 0x3a | 0x42));
+    let protobuf = matches!(
+        bytes.first(),
+        Some(0x08 | 0x12 | 0x1a | 0x22 | 0x2a | 0x32 | 0x3a | 0x42)
+    );
     !safetensors && protobuf
 }
 
