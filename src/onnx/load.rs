@@ -183,19 +183,20 @@ pub fn decode_tensor(t: &TensorProto, path: &Path) -> Result<Const> {
     };
     let dt = t.data_type.and_then(|d| DataType::try_from(d).ok());
     let bad = |what: &str| Error::format(path, format!("tensor `{name}` {what}"));
-    let width =
-        match dt {
-            Some(DataType::Float | DataType::Int32 | DataType::Uint32) => 4,
-            Some(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => 2,
-            Some(DataType::Double | DataType::Int64 | DataType::Uint64) => 8,
-            Some(DataType::Int8 | DataType::Uint8 | DataType::Bool) => 1,
-            other => return Err(bad(&format!(
+    let width = match dt {
+        Some(DataType::Float | DataType::Int32 | DataType::Uint32) => 4,
+        Some(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => 2,
+        Some(DataType::Double | DataType::Int64 | DataType::Uint64) => 8,
+        Some(DataType::Int8 | DataType::Uint8 | DataType::Bool) => 1,
+        other => {
+            return Err(bad(&format!(
                 "has data type {}; float (f32, f16, bf16, f64) and integer tensors are supported",
                 other
                     .map(|d| d.as_str_name().to_string())
                     .unwrap_or_else(|| format!("{:?}", t.data_type))
-            ))),
-        };
+            )))
+        }
+    };
     let dt = dt.expect("matched above");
     let data = if let Some(raw) = raw {
         if raw.len() != n * width {
