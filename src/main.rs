@@ -880,7 +880,7 @@ fn search_into(a: &SearchArgs) -> Result<()> {
         .with_context(|| format!("{}", a.model.weights.display()))?;
     let inputs = RunInputs {
         model: &model,
-        model_id: classwise::io::sha256_hex(&[&bytes]),
+        model_id: model_id(&bytes, &model),
         model_label: a.model.weights.display().to_string(),
         test: &test,
         train: train.as_ref(),
@@ -909,6 +909,22 @@ fn search_into(a: &SearchArgs) -> Result<()> {
     let report = with_backend!(dev, |be| search::run(&be, &inputs, &cfg, &a.out)?);
     write_search_outputs(&report, test.class_names(), &a.out)?;
     Ok(())
+}
+
+/// The identity of a model for resumable runs: its file's bytes, and for an
+/// ONNX model also its parameters, which may live in external data files.
+fn model_id(bytes: &[u8], model: &Model) -> String {
+    if !classwise::onnx::looks_like_onnx(bytes) {
+        return classwise::io::sha256_hex(&[bytes]);
+    }
+    let mut parts: Vec<&[u8]> = vec![bytes];
+    parts.extend(
+        model
+            .params
+            .iter()
+            .map(|t| bytemuck::cast_slice::<f32, u8>(t.data())),
+    );
+    classwise::io::sha256_hex(&parts)
 }
 
 fn cmd_merge(a: &MergeArgs) -> Result<()> {

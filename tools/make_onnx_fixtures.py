@@ -294,8 +294,9 @@ def low_precision(dtype):
             if dtype == "f16":
                 lp = numpy_helper.from_array(a.astype(np.float16), name)
             else:
-                bits = (a.astype(np.float32).view(np.uint32) >> 16).astype(np.int32)
-                lp = helper.make_tensor(name, TensorProto.BFLOAT16, a.shape, bits.flatten().tolist())
+                # make_tensor rounds the floats to bf16 and keeps the bits in int32_data.
+                lp = helper.make_tensor(name, TensorProto.BFLOAT16, a.shape, a.flatten().tolist())
+                assert not lp.raw_data and len(lp.int32_data) == a.size
             keep.append(lp)
             casts.append(helper.make_node("Cast", [name], [t.name], to=TensorProto.FLOAT, name="cast_" + t.name))
         del g.initializer[:]

@@ -348,7 +348,7 @@ fn reshape(data: &Const, target: &Const) -> Option<Const> {
     }
     let known: usize = shape.iter().product();
     if let Some(i) = infer {
-        if known == 0 || n % known != 0 {
+        if known == 0 || !n.is_multiple_of(known) {
             return None;
         }
         shape[i] = n / known;

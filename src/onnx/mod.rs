@@ -12,6 +12,7 @@ pub mod fold;
 pub mod load;
 pub mod map;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
 pub mod proto;
 
 mod attr;
@@ -33,7 +34,8 @@ pub fn looks_like_onnx(bytes: &[u8]) -> bool {
         bytes.first(),
         Some(0x08 | 0x12 | 0x1a | 0x22 | 0x2a | 0x32 | 0x3a | 0x42)
     );
-    !safetensors && protobuf
+    // Under 9 bytes neither format can be told apart; the safetensors reader reports it.
+    bytes.len() >= 9 && !safetensors && protobuf
 }
 
 /// Imports an ONNX model from its bytes (`path` locates external data and
