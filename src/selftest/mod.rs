@@ -251,14 +251,16 @@ mod formula_tests {
             &[2, 3, 3, 3],
             ParamKind::ConvWeight,
         );
-        let want = [
-            -0.2124003916978836f32,
+        // f32 values, printed exactly as f64.
+        let want: [f64; 4] = [
+            -0.2124003916978836,
             -0.433564156293869,
             0.14830629527568817,
             -0.05029049143195152,
         ];
-        assert_eq!(&t.data()[..4], &want);
-        assert_eq!(t.data()[53], -0.385342538356781f32);
+        let got: Vec<f64> = t.data()[..4].iter().map(|&v| v as f64).collect();
+        assert_eq!(got, want);
+        assert_eq!(t.data()[53] as f64, -0.385342538356781);
     }
 
     #[test]
