@@ -142,6 +142,17 @@ fn the_keras_channels_last_flatten_is_folded_into_the_linear_weight() {
 }
 
 #[test]
+fn models_from_torchs_default_dynamo_exporter_at_opset_18_match_pytorch() {
+    for name in [
+        "dynamo_convnet_op18",
+        "dynamo_resnet_op18",
+        "dynamo_keras_op18",
+    ] {
+        matches_pytorch(name);
+    }
+}
+
+#[test]
 fn dropout_identity_and_a_trailing_softmax_are_removed() {
     let m = matches_pytorch("softmax_dropout_op17");
     let relus = ops(&m).iter().filter(|o| matches!(o, Op::Relu)).count();

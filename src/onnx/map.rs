@@ -31,6 +31,7 @@ pub const MAPPED: &[&str] = &[
     "MaxPool",
     "AveragePool",
     "GlobalAveragePool",
+    "ReduceMean",
     "Flatten",
     "Reshape",
     "Transpose",
@@ -776,6 +777,44 @@ impl<'a> Importer<'a> {
                     Value::Act(Act {
                         id,
                         shape: vec![x.shape[0], 1, 1],
+                        nhwc: false,
+                        cols: None,
+                    }),
+                );
+            }
+            // The dynamo exporter writes adaptive_avg_pool2d(x, 1) as a mean over H and W.
+            "ReduceMean" => {
+                let x = self.map3(node, i, 0)?;
+                let axes = match self.opt_constant(node, i, 1)? {
+                    Some((c, _)) => c.ints().map(<[i64]>::to_vec),
+                    None => attr::ints(node, "axes"),
+                };
+                let mut axes: Vec<i64> = axes
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&a| if a < 0 { a + 4 } else { a })
+                    .collect();
+                axes.sort_unstable();
+                if axes != [2, 3] {
+                    return Err(self.err(
+                        node,
+                        i,
+                        format!(
+                            "axes {axes:?}: only the mean over H and W (axes 2, 3) is supported"
+                        ),
+                    ));
+                }
+                let id = self.b.global_avg_pool(x.id);
+                let shape = if attr::int(node, "keepdims", 1) != 0 {
+                    vec![x.shape[0], 1, 1]
+                } else {
+                    vec![x.shape[0]]
+                };
+                self.set(
+                    node,
+                    Value::Act(Act {
+                        id,
+                        shape,
                         nhwc: false,
                         cols: None,
                     }),
