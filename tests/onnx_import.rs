@@ -142,6 +142,17 @@ fn the_keras_channels_last_flatten_is_folded_into_the_linear_weight() {
 }
 
 #[test]
+fn models_from_torchs_default_dynamo_exporter_at_opset_18_match_pytorch() {
+    for name in [
+        "dynamo_convnet_op18",
+        "dynamo_resnet_op18",
+        "dynamo_keras_op18",
+    ] {
+        matches_pytorch(name);
+    }
+}
+
+#[test]
 fn dropout_identity_and_a_trailing_softmax_are_removed() {
     let m = matches_pytorch("softmax_dropout_op17");
     let relus = ops(&m).iter().filter(|o| matches!(o, Op::Relu)).count();
@@ -434,8 +445,8 @@ fn cli_eval_and_a_short_search_run_on_an_onnx_model() {
 }
 
 #[test]
-fn the_mobilenet_efficientnet_densenet_op_set_matches_pytorch_at_opset_11_and_17() {
-    for name in ["mobilenet_ops_op11", "mobilenet_ops_op17"] {
+fn the_mobilenet_efficientnet_densenet_op_set_matches_pytorch_at_opsets_11_17_and_18() {
+    for name in ["mobilenet_ops_op11", "mobilenet_ops_op17", "mobilenet_ops_op18"] {
         let m = matches_pytorch(name);
         let ops = ops(&m);
         let has = |f: &dyn Fn(&Op) -> bool| ops.iter().any(|o| f(o));

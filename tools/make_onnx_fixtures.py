@@ -2,7 +2,8 @@
 
 Run from the repo root: /path/to/python tools/make_onnx_fixtures.py
 (needs torch, onnx, safetensors). For each model NAME it writes NAME.onnx
-(exported by torch.onnx.export, dynamic batch axis; some then edited with
+(exported by torch.onnx.export, dynamic batch axis: the TorchScript
+exporter at opsets 11-17, the default dynamo exporter at 18; some edited with
 the onnx package to use a form other exporters emit) and NAME.safetensors
 holding a fixed input `x` (f32 NCHW, pixels in [0, 1]), labels `y` (i64),
 and PyTorch's float64 `logits`, mean cross-entropy `loss` and its input
@@ -193,6 +194,13 @@ class MobileNet(nn.Module):
 
 def export(model, path, opset, spatial=False):
     x = formula_input(N, C, HW, HW)
+    if opset >= 18:
+        # torch's default (dynamo) exporter, as users get it today.
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, (x,), path, input_names=["input"], output_names=["logits"],
+                          opset_version=opset, dynamo=True, dynamic_shapes={"x": {0: batch}},
+                          external_data=False)
+        return
     axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
     torch.onnx.export(
         model, (x,), path, input_names=["input"], output_names=["logits"],
@@ -225,6 +233,9 @@ def save(name, model, opset, edit=None, spatial=False, hw=HW, external=False):
     path = os.path.join(OUT, name + ".onnx")
     export(model, path, opset, spatial)
     m = onnx.load(path)
+    for n in m.graph.node:
+        # The dynamo exporter records stack traces (with this machine's paths).
+        del n.metadata_props[:]
     if edit:
         edit(m)
     onnx.checker.check_model(m)
@@ -358,8 +369,12 @@ def main():
     save("bf16_op17", round_params(make(8, ConvNet), torch.bfloat16), 17, edit=low_precision("bf16"))
     save("external_op17", make(9, ResNet), 17, external=True)
     save("spatial_op17", make(10, SpatialNet), 17, spatial=True)
+    save("dynamo_convnet_op18", make(1, ConvNet), 18)
+    save("dynamo_resnet_op18", make(2, ResNet), 18)
+    save("dynamo_keras_op18", make(5, KerasNet), 18)
     save("mobilenet_ops_op11", make(11, MobileNet), 11)
     save("mobilenet_ops_op17", make(11, MobileNet), 17)
+    save("mobilenet_ops_op18", make(11, MobileNet), 18)
     unsupported_model(os.path.join(OUT, "unsupported_einsum.onnx"))
     good = open(os.path.join(OUT, "convnet_op17.onnx"), "rb").read()
     with open(os.path.join(OUT, "truncated.onnx"), "wb") as f:

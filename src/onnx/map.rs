@@ -1128,16 +1128,13 @@ impl<'a> Importer<'a> {
     }
 
     /// ReduceMean over H and W: a global average pool (`[C, 1, 1]` kept,
-    /// or `[C]`).
+    /// or `[C]`), as the dynamo exporter writes `adaptive_avg_pool2d(x, 1)`.
     fn reduce_mean(&mut self, node: &NodeProto, i: usize) -> Result<()> {
         let x = self.map3(node, i, 0)?;
-        let axes = if self.opset >= 18 {
-            match self.opt_constant(node, i, 1)? {
-                Some((c, _)) => c.ints().map(<[i64]>::to_vec),
-                None => None,
-            }
-        } else {
-            attr::ints(node, "axes")
+        // Opset 18 moved the axes from an attribute to an input.
+        let axes = match self.opt_constant(node, i, 1)? {
+            Some((c, _)) => c.ints().map(<[i64]>::to_vec),
+            None => attr::ints(node, "axes"),
         };
         let mut axes: Vec<i64> = axes
             .unwrap_or_default()
