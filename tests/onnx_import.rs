@@ -446,7 +446,11 @@ fn cli_eval_and_a_short_search_run_on_an_onnx_model() {
 
 #[test]
 fn the_mobilenet_efficientnet_densenet_op_set_matches_pytorch_at_opsets_11_17_and_18() {
-    for name in ["mobilenet_ops_op11", "mobilenet_ops_op17", "mobilenet_ops_op18"] {
+    for name in [
+        "mobilenet_ops_op11",
+        "mobilenet_ops_op17",
+        "mobilenet_ops_op18",
+    ] {
         let m = matches_pytorch(name);
         let ops = ops(&m);
         let has = |f: &dyn Fn(&Op) -> bool| ops.iter().any(|o| f(o));

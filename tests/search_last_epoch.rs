@@ -7,6 +7,7 @@ use classwise::backend::Backend;
 use classwise::data::{self, DataSpec, Split};
 use classwise::device_model::DeviceModel;
 use classwise::progress::Progress;
+use classwise::search::checkpoint::Checkpoint;
 use classwise::search::optimize::{batch_order, optimise, step, Job, MaskConfig};
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
@@ -79,4 +80,46 @@ fn the_last_epoch_average_is_the_mean_of_the_masks_after_each_update_of_the_last
     assert_eq!(bits(&got[0].mask_avg), bits(&mean), "last-epoch average");
     let differ = mask.iter().zip(&mean).filter(|(a, b)| a != b).count();
     assert!(differ > 0, "the average equals the final mask: no test");
+}
+
+#[test]
+fn steps_restored_from_a_checkpoint_are_not_counted_as_run_so_the_throughput_is_not_overstated() {
+    let spec: DataSpec = "fashion-mnist".parse().unwrap();
+    let test = data::load(&spec, Split::Test, Some([1, 28, 28])).unwrap();
+    let test = test.subset(&(0..100).collect::<Vec<_>>());
+    let be = CpuBackend;
+    let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
+    let dm =
+        DeviceModel::upload(&be, &graph, &classwise::selftest::formula_params(&graph)).unwrap();
+    let cfg = MaskConfig {
+        epochs: 2,
+        ..MaskConfig::default()
+    };
+    let target = 1;
+    let canvas = test
+        .image((0..test.len()).find(|&i| test.label(i) == target).unwrap())
+        .into_data();
+    let images: Vec<usize> = (0..test.len())
+        .filter(|&i| test.label(i) != target)
+        .take(8)
+        .collect();
+    let job = || Job {
+        target,
+        canvas: &canvas,
+        images: &images,
+    };
+    let out = tempfile::tempdir().unwrap();
+    let every = std::time::Duration::from_secs(3600);
+    let mut bar = Progress::new("test", 1, true);
+    let mut ck = Checkpoint::new(out.path(), vec!["k".into()], every).unwrap();
+    let first = optimise(&dm, &test, &[job()], &cfg, 4096, &mut bar, Some(&mut ck)).unwrap();
+    assert_eq!(first[0].steps, 4);
+    assert_eq!(first[0].steps_run, 4, "a fresh run ran every step");
+
+    // The finished run left its checkpoint; a rerun restores all four steps.
+    let mut ck = Checkpoint::new(out.path(), vec!["k".into()], every).unwrap();
+    let again = optimise(&dm, &test, &[job()], &cfg, 4096, &mut bar, Some(&mut ck)).unwrap();
+    assert_eq!(again[0].steps, 4);
+    assert_eq!(again[0].steps_run, 0, "restored steps counted as run");
+    assert_eq!(again[0].mask, first[0].mask);
 }

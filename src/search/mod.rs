@@ -679,7 +679,8 @@ fn execute<B: Backend>(
         )?;
         bar.finish();
         search_seconds = t0.elapsed().as_secs_f64();
-        steps_total = optimised.iter().map(|o| o.steps).sum();
+        // Steps restored from a checkpoint took no time in this run.
+        steps_total = optimised.iter().map(|o| o.steps_run).sum();
 
         let mut bar = Progress::new("evaluate", pending.len() as u64, inputs.quiet);
         for (&i, opt) in pending.iter().zip(optimised) {

@@ -129,6 +129,9 @@ pub struct Optimised {
     pub ce_curve: Vec<(usize, f32)>,
     /// Updates made.
     pub steps: usize,
+    /// Of those, the updates this process made (not restored from a
+    /// checkpoint): what the throughput figures count.
+    pub steps_run: usize,
 }
 
 /// A seed per (run seed, target class, epoch): the batch order of a search
@@ -201,6 +204,7 @@ pub fn optimise<B: Backend>(
     let log_every: Vec<usize> = total.iter().map(|&n| (n / 200).max(1)).collect();
 
     let saved = checkpoint.as_deref().and_then(|ck| ck.load(plane, longest));
+    let resumed_at = saved.as_ref().map_or(0, |(st, _)| st.t);
     let mut state = match saved {
         Some((st, path)) => {
             eprintln!(
@@ -307,6 +311,7 @@ pub fn optimise<B: Backend>(
             mask: st.mask,
             ce_curve: st.curve,
             steps,
+            steps_run: steps - resumed_at.min(steps),
         })
         .collect())
 }
