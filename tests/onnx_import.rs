@@ -489,3 +489,94 @@ fn the_mobilenet_efficientnet_densenet_op_set_matches_pytorch_at_opsets_11_17_an
         );
     }
 }
+
+/// An ONNX model built in place: `Relu(x [N, 2, 3, 3]) + c`, a global
+/// pool and a flatten, with `c` of the given shape holding 0, 0.5, 1, ...
+fn relu_add_model(c_shape: &[i64]) -> Vec<u8> {
+    use classwise::onnx::proto::tensor_shape_proto::{dimension, Dimension};
+    use classwise::onnx::proto::*;
+    use prost::Message;
+    let n = c_shape.iter().product::<i64>() as usize;
+    let c = TensorProto {
+        name: Some("c".into()),
+        dims: c_shape.to_vec(),
+        data_type: Some(1),
+        float_data: (0..n).map(|i| i as f32 * 0.5).collect(),
+        ..Default::default()
+    };
+    let node = |op: &str, ins: &[&str], out: &str| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(out.into()),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let dim = |v: Option<i64>| Dimension {
+        value: Some(match v {
+            Some(d) => dimension::Value::DimValue(d),
+            None => dimension::Value::DimParam("N".into()),
+        }),
+        ..Default::default()
+    };
+    let info = |name: &str, dims: Vec<Option<i64>>| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: dims.into_iter().map(dim).collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("relu_add".into()),
+        node: vec![
+            node("Relu", &["x"], "r"),
+            node("Add", &["r", "c"], "a"),
+            node("GlobalAveragePool", &["a"], "p"),
+            node("Flatten", &["p"], "logits"),
+        ],
+        initializer: vec![c],
+        input: vec![info("x", vec![None, Some(2), Some(3), Some(3)])],
+        output: vec![info("logits", vec![None, Some(2)])],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_constant_is_per_channel_only_where_onnx_broadcasting_makes_it_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // [2, 1, 1] lines up with the channels (ONNX broadcasts from the right).
+    let ok = dir.path().join("per_channel.onnx");
+    std::fs::write(&ok, relu_add_model(&[2, 1, 1])).unwrap();
+    let m = Model::load(&ok, &LoadOptions::default()).unwrap();
+    assert!(ops(&m).iter().any(|o| matches!(o, Op::Affine { .. })));
+    let x = Tensor::new(&[1, 2, 3, 3], vec![1.0; 18]).unwrap();
+    let out = classwise::forward::forward(&CpuBackend, &m, &x, &[0]).unwrap();
+    assert_eq!(out.logits.data(), &[1.0, 1.5]);
+    // [3] lines up with W, not with the 2 channels: refused, not computed
+    // as a per-channel shift.
+    let bad = dir.path().join("along_w.onnx");
+    std::fs::write(&bad, relu_add_model(&[3])).unwrap();
+    let err = Model::load(&bad, &LoadOptions::default())
+        .err()
+        .expect("a [3] constant was taken as per-channel")
+        .to_string();
+    assert!(err.contains("constant `c`") && err.contains("[3]"), "{err}");
+    // [2] would be per-channel by count alone, yet it too runs along W.
+    std::fs::write(&bad, relu_add_model(&[2])).unwrap();
+    assert!(Model::load(&bad, &LoadOptions::default()).is_err());
+}

@@ -391,16 +391,26 @@ impl<'a> Importer<'a> {
         &self,
         c: &Const,
         name: &str,
-        ch: usize,
+        act: &[usize],
         node: &NodeProto,
         i: usize,
     ) -> Result<Vec<f32>> {
         let v = c.floats();
-        let mut dims: Vec<usize> = c.shape.iter().copied().skip_while(|&d| d == 1).collect();
-        while dims.last() == Some(&1) && dims.len() > 1 {
-            dims.pop();
+        if v.len() == 1 {
+            return Ok(v);
         }
-        if v.len() == 1 || (v.len() == ch && dims == [ch] && c.shape.len() <= 4) {
+        // ONNX broadcasts from the right: against a per-image `[C, H, W]`
+        // a per-channel constant is `[C, 1, 1]` (leading ones allowed); a
+        // `[C]` would run along W.
+        let ch = act.first().copied().unwrap_or(0);
+        let mut want = vec![1; act.len()];
+        if let Some(w) = want.first_mut() {
+            *w = ch;
+        }
+        let dims: Vec<usize> = c.shape.iter().copied().skip_while(|&d| d == 1).collect();
+        let mut right = vec![1; act.len().saturating_sub(dims.len())];
+        right.extend(&dims);
+        if v.len() == ch && right == want && c.shape.len() <= act.len() + 1 {
             return Ok(v);
         }
         Err(self.err(node, i, format!("constant `{name}` of shape {:?} is neither a scalar nor per-channel ({ch} channels)", c.shape)))
@@ -492,8 +502,7 @@ impl<'a> Importer<'a> {
             (Value::Act(_), Value::Const(c, name), _) | (Value::Const(c, name), Value::Act(_), "Add" | "Mul" | "Sub") => {
                 let act_first = matches!(self.value(node, i, 0)?, Value::Act(_));
                 let a = self.act(node, i, if act_first { 0 } else { 1 })?;
-                let ch = a.shape.first().copied().unwrap_or(1);
-                let v = self.per_channel_of(&c, &name, ch, node, i)?;
+                let v = self.per_channel_of(&c, &name, &a.shape, node, i)?;
                 if (a.nhwc || a.cols.is_some()) && c.len() != 1 {
                     return Err(self.err(node, i, "a per-channel constant on channels-last data is not supported"));
                 }
