@@ -571,10 +571,10 @@ fn a_constant_is_per_channel_only_where_onnx_broadcasting_makes_it_so() {
     // as a per-channel shift.
     let bad = dir.path().join("along_w.onnx");
     std::fs::write(&bad, relu_add_model(&[3])).unwrap();
-    let err = Model::load(&bad, &LoadOptions::default())
-        .err()
-        .expect("a [3] constant was taken as per-channel")
-        .to_string();
+    let Err(err) = Model::load(&bad, &LoadOptions::default()) else {
+        panic!("a [3] constant was taken as per-channel");
+    };
+    let err = err.to_string();
     assert!(err.contains("constant `c`") && err.contains("[3]"), "{err}");
     // [2] would be per-channel by count alone, yet it too runs along W.
     std::fs::write(&bad, relu_add_model(&[2])).unwrap();
