@@ -205,7 +205,14 @@ fn labels(n: usize, classes: usize) -> Vec<usize> {
     (0..n).map(|i| (3 * i + 1) % classes).collect()
 }
 
+/// A zoo architecture at `input`, or an ONNX file (its graph and input
+/// come from the file). Either is timed with the formula weights: speed
+/// does not depend on their values, and the same graph times the same.
 fn model_graph(arch: &str, input: [usize; 3]) -> Result<Graph> {
+    if arch.ends_with(".onnx") {
+        let opts = crate::weights::LoadOptions::default();
+        return Ok(crate::weights::Model::load(std::path::Path::new(arch), &opts)?.graph);
+    }
     let classes = if input[1] >= 224 { 1000 } else { 10 };
     build(&ModelSpec::new(arch, input, classes))
 }
@@ -241,6 +248,7 @@ fn bench_cpu(
     let mut models = Vec::new();
     for (arch, input, batches) in &cfg.models {
         let plain = model_graph(arch, *input)?;
+        let input = &plain.input;
         let (graph, params) = fused_model(cpu, &plain)?;
         for &n in batches {
             progress(&format!("{arch} batch {n}"));
@@ -262,6 +270,7 @@ fn bench_cpu(
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
         let graph = model_graph(arch, *input)?;
+        let input = &graph.input;
         let model = crate::device_model::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));
@@ -335,6 +344,7 @@ fn bench_gpu<D: Driver>(
     let mut models = Vec::new();
     for (arch, input, batches) in &cfg.models {
         let plain = model_graph(arch, *input)?;
+        let input = &plain.input;
         let (graph, params) = fused_model(gpu, &plain)?;
         for &n in batches {
             progress(&format!("{arch} batch {n}"));
@@ -356,6 +366,7 @@ fn bench_gpu<D: Driver>(
     let mut search = Vec::new();
     for (arch, input, ss) in &cfg.search {
         let plain = model_graph(arch, *input)?;
+        let input = &plain.input;
         let (graph, params) = fused_model(gpu, &plain)?;
         for &s in ss {
             progress(&format!("{arch} search S={s}"));

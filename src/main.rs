@@ -132,10 +132,10 @@ struct SelftestArgs {
 struct BenchArgs {
     #[command(flatten)]
     device: DeviceArg,
-    /// Models and batch sizes: `ARCH[:CxHxW]:N[,N..]` separated by `;` (default: a plan per device).
+    /// Models and batch sizes: `ARCH[:CxHxW]:N[,N..]` separated by `;` (default: a plan per device); ARCH may be an ONNX file (`model.onnx:64`), whose input comes from the file.
     #[arg(long)]
     models: Option<String>,
-    /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step).
+    /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step); ARCH may be an ONNX file.
     #[arg(long)]
     search: Option<String>,
     /// Time the convolutions of this model at this batch: `ARCH[:CxHxW]:N`, or `none`.

@@ -244,3 +244,32 @@ fn the_zoo_resnet18_from_onnx_is_the_zoo_graph_after_fusion_and_gives_its_logits
         .unwrap();
     rel_l2("zoo vs ONNX resnet18 logits", &b, &a, 1e-6);
 }
+
+#[test]
+fn cwp_bench_times_an_onnx_file_beside_the_zoo_model_it_equals() {
+    let (_tmp, path) = materialize("zoo_resnet18");
+    let spec = format!("resnet18:1;{}:1", path.display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--convs",
+            "none",
+            "--seconds",
+            "0.2",
+        ])
+        .args(["--models", &spec, "--search", &spec])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One model row and one search row each for the zoo model and the file.
+    let file = path.display().to_string();
+    assert!(text.matches(&file).count() >= 2, "{text}");
+    assert!(text.matches("resnet18").count() >= 4, "{text}");
+}
