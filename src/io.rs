@@ -33,6 +33,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A temporary file of [`write_atomic`] older than this was left by a
+/// process killed while writing: no write takes nearly so long, so one that
+/// another process (a shard, say) is still writing is never removed.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Removes the `.cwp-*.tmp` files of [`write_atomic`] in `dir` untouched
+/// for 15 minutes: what a kill during a save leaves behind. Nothing else is
+/// touched, and a folder that cannot be read is left as it is.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let stale = name.starts_with(".cwp-")
+            && name.ends_with(".tmp")
+            && std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_TEMP);
+        if stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Fails unless a file could be created at `path` (its folder exists and is
 /// writable), so long jobs can refuse bad output paths before they start.
 pub fn check_writable(path: &Path, option: &str) -> Result<()> {

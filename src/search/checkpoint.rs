@@ -182,24 +182,16 @@ impl Checkpoint {
     }
 }
 
-/// A temporary file of an atomic write older than this was left by a
-/// process killed while saving: no save takes nearly so long, so a shard
-/// still writing into the same folder never loses its file.
-const STALE_TEMP: Duration = Duration::from_secs(15 * 60);
-
 /// Deletes every checkpoint under `out/checkpoints/` whose searches are
 /// all `stored` (its run finished, perhaps after resuming from it with
 /// some results already stored); others' checkpoints stay. Also deletes
 /// the temporary files of saves that a kill interrupted.
 pub fn remove_finished(out: &Path, stored: impl Fn(&str) -> bool) -> Result<()> {
+    crate::io::remove_stale_temps(&out.join("checkpoints"));
     let Ok(entries) = std::fs::read_dir(out.join("checkpoints")) else {
         return Ok(());
     };
     for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-        if is_stale_temp(&path) {
-            let _ = std::fs::remove_file(&path);
-            continue;
-        }
         if path.extension().is_none_or(|e| e != "ckpt") {
             continue;
         }
@@ -214,19 +206,6 @@ pub fn remove_finished(out: &Path, stored: impl Fn(&str) -> bool) -> Result<()> 
         }
     }
     Ok(())
-}
-
-/// A `.cwp-*.tmp` file of [`crate::io::write_atomic`] untouched for
-/// [`STALE_TEMP`].
-fn is_stale_temp(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.starts_with(".cwp-")
-        && name.ends_with(".tmp")
-        && std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE_TEMP)
 }
 
 /// The header of a checkpoint file (read without its body).

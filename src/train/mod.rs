@@ -410,6 +410,12 @@ pub fn train<B: Backend>(
         format!("{} {}", train_set.len(), test_set.len()).as_bytes(),
     ]);
     let ckpt_path = checkpoint_path(out);
+    // A kill while a checkpoint or the weights were being saved leaves a
+    // temp file beside them.
+    match ckpt_path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => crate::io::remove_stale_temps(d),
+        _ => crate::io::remove_stale_temps(Path::new(".")),
+    }
 
     let mut ck = if resume && ckpt_path.exists() {
         load_checkpoint(&ckpt_path, &graph, &fingerprint)?
