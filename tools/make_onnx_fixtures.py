@@ -7,7 +7,7 @@ exporter at opsets 11-17, the default dynamo exporter at 18; some edited with
 the onnx package to use a form other exporters emit) and NAME.safetensors
 holding a fixed input `x` (f32 NCHW, pixels in [0, 1]), labels `y` (i64),
 and PyTorch's float64 `logits`, mean cross-entropy `loss` and its input
-gradient `dx` (stored as f32), like ../shared/fixtures/make_fixtures.py.
+gradient `dx` (stored as f32), like tests/fixtures/make_fixtures.py.
 Also writes the refusal fixtures (an unsupported op, a truncated file, a
 symbolic spatial axis). Every file stays a few KB.
 """
