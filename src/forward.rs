@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::Backend;
-use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
 use crate::weights::{read_tensors, write_tensors, Model, OutTensor};
 use crate::Tensor;
@@ -28,15 +27,20 @@ pub fn forward<B: Backend>(
     x: &Tensor,
     y: &[usize],
 ) -> Result<ForwardOutput> {
-    let dm = DeviceModel::upload(be, &model.graph, &model.params)?;
-    let trace = model.graph.forward_trace(be, dm.params(), be.upload(x)?)?;
+    // The plain graph, exactly as the model is defined: no fused copy to
+    // build and fold.
+    model.graph.check_params(&model.params)?;
+    let params = model
+        .params
+        .iter()
+        .map(|t| be.upload(t))
+        .collect::<Result<Vec<_>>>()?;
+    let trace = model.graph.forward_trace(be, &params, be.upload(x)?)?;
     let n = y.len();
     let (losses, dlogits) =
         be.softmax_cross_entropy(trace.logits(), y, &vec![1.0 / n as f32; n])?;
     let logits = be.download(trace.logits())?;
-    let grads = model
-        .graph
-        .backward(be, dm.params(), &trace, dlogits, false)?;
+    let grads = model.graph.backward(be, &params, &trace, dlogits, false)?;
     let loss = (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32;
     Ok(ForwardOutput {
         logits,

@@ -4,6 +4,8 @@
 //! CPU and on the emulated GPU; what the importer cannot map is refused
 //! before anything runs, with an error naming the node (or the file).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -34,39 +36,14 @@ fn expected(name: &str) -> TensorFile {
     read_tensors(&dir().join(format!("{name}.safetensors"))).unwrap()
 }
 
-fn labels(f: &TensorFile) -> Vec<usize> {
-    let (_, y) = f.int("y", Path::new("y")).unwrap();
-    y.iter().map(|&v| v as usize).collect()
-}
-
-fn rel_l2(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
-    let e = classwise::tensor::rel_l2(got.data(), want.data());
-    assert!(e <= tol, "{what}: relative L2 error {e:e} > {tol:e}");
-}
-
 fn check_on<B: Backend>(be: &B, name: &str, model: &Model) {
     let f = expected(name);
-    let p = Path::new(name);
-    let x = f.float("x", p).unwrap();
-    let out = classwise::forward::forward(be, model, x, &labels(&f)).unwrap();
-    let what = format!("{name} on {}", be.name());
-    rel_l2(
-        &format!("{what} logits"),
-        &out.logits,
-        f.float("logits", p).unwrap(),
-        LOGITS_TOL,
-    );
-    rel_l2(
-        &format!("{what} dx"),
-        &out.dx,
-        f.float("dx", p).unwrap(),
-        DX_TOL,
-    );
-    let want_loss = f.float("loss", p).unwrap().data()[0];
+    let out = common::check_forward(be, model, &f, name, LOGITS_TOL, DX_TOL);
+    let want_loss = f.float("loss", Path::new(name)).unwrap().data()[0];
     assert!(
         (out.loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
-        "{what} loss {} vs {want_loss}",
+        "{name} on {}: loss {} vs {want_loss}",
+        be.name(),
         out.loss
     );
 }
@@ -280,13 +257,13 @@ fn cli_forward_takes_an_onnx_file_without_arch() {
     let got = read_tensors(&out).unwrap();
     let want = expected("keras_transpose_op17");
     let p = Path::new("out");
-    rel_l2(
+    common::assert_tensor_rel(
         "cli logits",
         got.float("logits", p).unwrap(),
         want.float("logits", p).unwrap(),
         LOGITS_TOL,
     );
-    rel_l2(
+    common::assert_tensor_rel(
         "cli dx",
         got.float("dx", p).unwrap(),
         want.float("dx", p).unwrap(),
@@ -356,7 +333,7 @@ fn cli_input_shape_in_c_h_w_form_fills_symbolic_axes() {
     let got = read_tensors(&out).unwrap();
     let want = expected("spatial_op17");
     let p = Path::new("out");
-    rel_l2(
+    common::assert_tensor_rel(
         "cli logits",
         got.float("logits", p).unwrap(),
         want.float("logits", p).unwrap(),

@@ -11,6 +11,8 @@
 //! from the offsets the model gives, then loads the model through the real
 //! loader, so about 50 MB of weights need not live in the repo.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -112,45 +114,27 @@ fn expected(name: &str) -> TensorFile {
     read_tensors(&dir().join(format!("{name}_expect.safetensors"))).unwrap()
 }
 
-fn labels(f: &TensorFile) -> Vec<usize> {
-    let (_, y) = f.int("y", Path::new("y")).unwrap();
-    y.iter().map(|&v| v as usize).collect()
-}
-
-fn rel_l2(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
-    let e = classwise::tensor::rel_l2(got.data(), want.data());
-    assert!(e <= tol, "{what}: relative L2 error {e:e} > {tol:e}");
-}
-
 /// Logits and dx against PyTorch: the plain graph (`cwp forward`) and the
 /// fused eval graph (the search's).
 fn check_on<B: Backend>(be: &B, name: &str, model: &Model) {
     let f = expected(name);
-    let p = Path::new(name);
-    let (x, y) = (f.float("x", p).unwrap(), labels(&f));
-    let (want_logits, want_dx) = (f.float("logits", p).unwrap(), f.float("dx", p).unwrap());
-    let what = format!("{name} on {}", be.name());
-    let out = classwise::forward::forward(be, model, x, &y).unwrap();
-    rel_l2(
-        &format!("{what}: logits"),
-        &out.logits,
-        want_logits,
-        LOGITS_TOL,
-    );
-    rel_l2(&format!("{what}: dx"), &out.dx, want_dx, DX_TOL);
+    common::check_forward(be, model, &f, name, LOGITS_TOL, DX_TOL);
 
+    let p = Path::new(name);
+    let (x, y) = (f.float("x", p).unwrap(), common::labels(&f, "y"));
+    let what = format!("{name} on {}, fused", be.name());
     let dm = DeviceModel::upload(be, &model.graph, &model.params).unwrap();
     assert!(dm.is_fused());
     let logits = dm.logits(x).unwrap();
     let (_, dx) = dm.loss_and_input_grad(x, &y).unwrap();
-    rel_l2(
-        &format!("{what}, fused: logits"),
+    let want = |k: &str| f.float(k, p).unwrap();
+    common::assert_tensor_rel(
+        &format!("{what}: logits"),
         &logits,
-        want_logits,
+        want("logits"),
         LOGITS_TOL,
     );
-    rel_l2(&format!("{what}, fused: dx"), &dx, want_dx, DX_TOL);
+    common::assert_tensor_rel(&format!("{what}: dx"), &dx, want("dx"), DX_TOL);
 }
 
 fn matches_pytorch(name: &str) -> Model {
@@ -242,7 +226,7 @@ fn the_zoo_resnet18_from_onnx_is_the_zoo_graph_after_fusion_and_gives_its_logits
         .unwrap()
         .logits(x)
         .unwrap();
-    rel_l2("zoo vs ONNX resnet18 logits", &b, &a, 1e-6);
+    common::assert_tensor_rel("zoo vs ONNX resnet18 logits", &b, &a, 1e-6);
 }
 
 #[test]

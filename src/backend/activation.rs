@@ -1,4 +1,4 @@
-//! The parameter-free activations of [`Op::Act`](crate::graph::Op::Act):
+//! The elementwise activations the backends provide (Sigmoid, SiLU, HardSigmoid, ...):
 //! their definition (PyTorch's, with ONNX's names and parameters), the one
 //! scalar implementation the CPU reference runs, and the codes that
 //! kernels/activation.cu reads.

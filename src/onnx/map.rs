@@ -76,6 +76,18 @@ struct Act {
     cols: Option<Vec<usize>>,
 }
 
+impl Act {
+    /// A node in NCHW order, as ONNX sees it too.
+    fn plain(id: usize, shape: Vec<usize>) -> Act {
+        Act {
+            id,
+            shape,
+            nhwc: false,
+            cols: None,
+        }
+    }
+}
+
 /// What an ONNX value name stands for during the walk.
 #[derive(Clone, Debug)]
 enum Value {
@@ -224,7 +236,7 @@ impl<'a> Importer<'a> {
                     let mean: Vec<f32> = a.iter().zip(&b).map(|(&x, &y)| -y / x).collect();
                     self.b.normalize(self.b.input(), mean, std)
                 };
-                Ok(Act { id, shape: vec![c, h, w], nhwc: false, cols: None })
+                Ok(Act::plain(id, vec![c, h, w]))
             }
             Value::MatMul { x, w, name } => self.linear(x, w, &name, None, node, i),
         }
@@ -294,12 +306,7 @@ impl<'a> Importer<'a> {
 
     fn push(&mut self, op: Op, inputs: Vec<usize>, shape: Vec<usize>) -> Act {
         let id = self.b.add_node(op, inputs, shape.clone());
-        Act {
-            id,
-            shape,
-            nhwc: false,
-            cols: None,
-        }
+        Act::plain(id, shape)
     }
 
     /// A Linear node from a flat activation and an `[O, K]` weight (ONNX's
@@ -450,7 +457,7 @@ impl<'a> Importer<'a> {
                     )));
                 }
                 let id = self.b.mul(x.id, g.id).map_err(|e| self.err(node, i, e))?;
-                Value::Act(Act { id, shape: x.shape, nhwc: false, cols: None })
+                Value::Act(Act::plain(id, x.shape))
             }
             (Value::Front { a, b }, Value::Const(c, name), _) => {
                 let s = self.per_channel(&c, &name, node, i)?;
@@ -565,12 +572,7 @@ impl<'a> Importer<'a> {
             }
         } else {
             let id = self.b.flatten(a.id);
-            Act {
-                id,
-                shape: vec![n],
-                nhwc: false,
-                cols: None,
-            }
+            Act::plain(id, vec![n])
         }
     }
 
@@ -918,15 +920,7 @@ impl<'a> Importer<'a> {
             "GlobalAveragePool" => {
                 let x = self.map3(node, i, 0)?;
                 let id = self.b.global_avg_pool(x.id);
-                self.set(
-                    node,
-                    Value::Act(Act {
-                        id,
-                        shape: vec![x.shape[0], 1, 1],
-                        nhwc: false,
-                        cols: None,
-                    }),
-                );
+                self.set(node, Value::Act(Act::plain(id, vec![x.shape[0], 1, 1])));
             }
             "Flatten" => {
                 let a = self.act(node, i, 0)?;
@@ -1043,26 +1037,13 @@ impl<'a> Importer<'a> {
             return Err(self.err(node, i, format!("axis {axis}: only a Concat of [N, C, H, W] maps on the channel axis is supported")));
         }
         let mut ids = Vec::new();
-        let mut c = 0;
-        let mut hw = None;
         for k in 0..node.input.len() {
-            let a = self.map3(node, i, k)?;
-            c += a.shape[0];
-            hw.get_or_insert(a.shape[1..].to_vec());
-            ids.push(a.id);
+            ids.push(self.map3(node, i, k)?.id);
         }
         let id = self.b.concat(&ids).map_err(|e| self.err(node, i, e))?;
-        let mut shape = vec![c];
-        shape.extend(hw.unwrap_or_default());
-        self.set(
-            node,
-            Value::Act(Act {
-                id,
-                shape,
-                nhwc: false,
-                cols: None,
-            }),
-        );
+        // Feature maps: the graph's shape is ONNX's.
+        let shape = self.b.shape(id).to_vec();
+        self.set(node, Value::Act(Act::plain(id, shape)));
         Ok(())
     }
 
@@ -1124,15 +1105,7 @@ impl<'a> Importer<'a> {
         };
         let id = self.b.pad(x.id, p).map_err(|e| self.err(node, i, e))?;
         let shape = self.b.shape(id).to_vec();
-        self.set(
-            node,
-            Value::Act(Act {
-                id,
-                shape,
-                nhwc: false,
-                cols: None,
-            }),
-        );
+        self.set(node, Value::Act(Act::plain(id, shape)));
         Ok(())
     }
 
@@ -1165,15 +1138,7 @@ impl<'a> Importer<'a> {
         } else {
             vec![c]
         };
-        self.set(
-            node,
-            Value::Act(Act {
-                id,
-                shape,
-                nhwc: false,
-                cols: None,
-            }),
-        );
+        self.set(node, Value::Act(Act::plain(id, shape)));
         Ok(())
     }
 

@@ -52,3 +52,39 @@ pub fn assert_close_rel(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = classwise::tensor::rel_l2(got, want);
     assert!(e <= tol, "{what}: relative L2 error {e:e} > {tol:e}");
 }
+
+/// Relative L2 error of a tensor against the reference <= tol, shapes equal.
+pub fn assert_tensor_rel(what: &str, got: &classwise::Tensor, want: &classwise::Tensor, tol: f64) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
+    assert_close_rel(what, got.data(), want.data(), tol);
+}
+
+/// `cwp forward` (the plain graph) of `model` on a PyTorch fixture's `x`
+/// and `y`, its logits and input gradient held to the fixture's within
+/// relative L2 tolerances; returns the output for further checks.
+pub fn check_forward<B: classwise::backend::Backend>(
+    be: &B,
+    model: &classwise::weights::Model,
+    f: &TensorFile,
+    what: &str,
+    logits_tol: f64,
+    dx_tol: f64,
+) -> classwise::forward::ForwardOutput {
+    let p = std::path::Path::new(what);
+    let x = f.float("x", p).unwrap();
+    let out = classwise::forward::forward(be, model, x, &labels(f, "y")).unwrap();
+    let what = format!("{what} on {}", be.name());
+    assert_tensor_rel(
+        &format!("{what}: logits"),
+        &out.logits,
+        f.float("logits", p).unwrap(),
+        logits_tol,
+    );
+    assert_tensor_rel(
+        &format!("{what}: dx"),
+        &out.dx,
+        f.float("dx", p).unwrap(),
+        dx_tol,
+    );
+    out
+}

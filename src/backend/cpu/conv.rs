@@ -240,7 +240,7 @@ pub(super) fn conv2d_fused(
 }
 
 /// The fused conv's epilogue on a finished output: `relu?(y + residual)`.
-fn epilogue(y: &mut [f32], residual: Option<&[f32]>, relu: bool) {
+pub(super) fn epilogue(y: &mut [f32], residual: Option<&[f32]>, relu: bool) {
     if let Some(r) = residual {
         y.iter_mut().zip(r).for_each(|(v, &r)| *v += r);
     }

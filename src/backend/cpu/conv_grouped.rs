@@ -74,15 +74,8 @@ pub(super) fn forward(
                     let b_o = b.data()[o];
                     yp.iter_mut().for_each(|v| *v += b_o);
                 }
-                if let Some(r) = residual {
-                    let rp = &r.data()[idx * plane_out..][..plane_out];
-                    yp.iter_mut().zip(rp).for_each(|(v, &r)| *v += r);
-                }
-                if relu {
-                    // As the `relu` op: NaN stays NaN, -0 becomes 0.
-                    yp.iter_mut()
-                        .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v });
-                }
+                let rp = residual.map(|r| &r.data()[idx * plane_out..][..plane_out]);
+                super::conv::epilogue(yp, rp, relu);
             });
     }
     Tensor::new(&g.out_shape(), y)
