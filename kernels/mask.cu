@@ -1,5 +1,6 @@
 // The search ops: composite of canvas and other images through a mask, the
-// mask gradient reduced per search, and the signed step with clamping.
+// mask and canvas (pattern) gradients reduced per search, and the signed step
+// with clamping.
 // CPU twin: src/backend/cpu/mask.rs. Shapes: canvas [S,C,H,W], mask [S,H,W],
 // others and composites [S*B,C,H,W].
 #include "common.cuh"
@@ -45,6 +46,21 @@ extern "C" __global__ void mask_grad(const MaskArgs a, const float* __restrict__
       }
     }
     grad[i] = g + a.l1_grad;
+  }
+}
+
+// dcanvas[s][c][j] = mask[s][j] * (sum over the search's images b, in this
+// order from zero, of dx), multiplied once at the end as on the CPU. One
+// thread per canvas element: a fixed order, no atomics.
+extern "C" __global__ void mask_pattern_grad(const MaskArgs a, const float* __restrict__ dx,
+                                             const float* __restrict__ mask, float* __restrict__ grad) {
+  const int total = a.s * a.c * a.hw;
+  const int image = a.c * a.hw;
+  for (int i = grid_start(); i < total; i += grid_stride()) {
+    const int si = i / image, e = i - si * image, j = e % a.hw;
+    float g = 0.f;
+    for (int bi = 0; bi < a.b; bi++) g += dx[(si * a.b + bi) * image + e];
+    grad[i] = g * mask[si * a.hw + j];
   }
 }
 

@@ -244,3 +244,34 @@ pub fn pgd_radius(eps: f32) -> Result<()> {
     }
     Ok(())
 }
+
+/// Checks the arguments of a pattern gradient, `dx [S*B,C,H,W]` against
+/// `mask [S,H,W]`; returns `(S, B, C, H*W)`.
+pub fn pattern_grad_dims(dx: &[usize], mask: &[usize]) -> Result<(usize, usize, usize, usize)> {
+    let [n, c, h, w] = dims4("dx", dx)?;
+    let [s, mh, mw] = match *mask {
+        [s, mh, mw] => [s, mh, mw],
+        ref m => {
+            return Err(Error::tensor(
+                "mask",
+                format!("expected 3 dimensions [S, H, W], got shape {m:?}"),
+            ))
+        }
+    };
+    if s == 0 || c * h * w == 0 {
+        return Err(Error::tensor(
+            "mask",
+            format!(
+                "needs at least one search of a non-empty image, got mask {mask:?} and dx {dx:?}"
+            ),
+        ));
+    }
+    if (mh, mw) != (h, w) {
+        return Err(Error::shape("mask", &[s, h, w], mask));
+    }
+    if n % s != 0 {
+        let b = (n / s).max(1);
+        return Err(Error::shape("dx", &[s * b, c, h, w], dx));
+    }
+    Ok((s, n / s, c, h * w))
+}

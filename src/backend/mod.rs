@@ -380,6 +380,12 @@ pub trait Backend: Send + Sync {
         others: &Self::Buf,
         l1_grad: f32,
     ) -> Result<Self::Buf>;
+    /// The gradient of the composite with respect to its canvas, `[S,C,H,W]`
+    /// from `dx [S*B,C,H,W]` and `mask [S,H,W]`: `dcanvas[s,c,h,w] =
+    /// mask[s,h,w] * sum_b dx[s*B+b,c,h,w]`, the sum over `b` in order from
+    /// zero and multiplied once, so a result never depends on the batching
+    /// of searches. Neural Cleanse optimises its canvas (the pattern) too.
+    fn pattern_grad(&self, dx: &Self::Buf, mask: &Self::Buf) -> Result<Self::Buf>;
     /// Signed-gradient descent on the mask: `m = clamp(m - lr * sign(g), 0, 1)`
     /// with `sign(0) = 0`, computed in double precision and rounded once to
     /// f32, so the step is exactly the reference's (`lr` = 0.02 has no exact

@@ -830,6 +830,11 @@ impl<'a, D: Driver> Suite<'a, D> {
             let bound = 2.0 * gamma(b * c + 2);
             let got = self.down(&self.gpu.mask_grad(&self.up(&dx)?, &gc, &go, l1)?)?;
             self.cmp("mask_grad", &got, &want, |i| bound * absref[i]);
+            // The same additions in the same order, then one product (no
+            // multiply-add to fuse): identical bits.
+            let want = self.cpu.pattern_grad(&dx, &mask)?;
+            let got = self.down(&self.gpu.pattern_grad(&self.up(&dx)?, &gm)?)?;
+            self.cmp("pattern_grad", &got, &want, |_| 0.0);
             // m - lr*sign(g) is exact-product arithmetic: identical.
             let mut grad = self.rand(&[s, h, w], -1.0, 1.0);
             grad.data_mut()[2] = 0.0;
@@ -923,6 +928,15 @@ impl<'a, D: Driver> Suite<'a, D> {
             self.gpu
                 .softmax_cross_entropy(&l, &[0, 4], &[0.5, 0.5])
                 .is_err(),
+        );
+        let (dx, m) = (t(&[5, 2, 3, 3]), t(&[2, 3, 3]));
+        self.property(
+            "pattern_grad of 5 images for 2 searches: both refuse",
+            self.cpu.pattern_grad(&dx, &m).is_err()
+                && self
+                    .gpu
+                    .pattern_grad(&self.up(&dx)?, &self.up(&m)?)
+                    .is_err(),
         );
         self.property(
             "pool larger than the padded input refused",

@@ -1,5 +1,6 @@
 //! The search ops: the composite of canvas and other-class images under a
-//! mask, the mask gradient reduced per search, and the signed mask step.
+//! mask, the mask and canvas (pattern) gradients reduced per search, and the
+//! signed mask step.
 //!
 //! Search `s` owns images `s*B .. (s+1)*B`; nothing crosses searches, so S
 //! searches batched together give the bits of S separate runs.
@@ -7,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::{dims4, expect_shape, ELEMENTWISE_CHUNK};
+use crate::backend::check::pattern_grad_dims;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -94,6 +96,31 @@ pub(super) fn mask_grad(
         g.iter_mut().for_each(|g| *g += l1_grad);
     });
     Tensor::new(&[s, h, w], grad)
+}
+
+/// The canvas gradient of each search, `[S,C,H,W]`:
+/// `mask[s] * sum_b dx[s*B+b]`.
+///
+/// The sum runs in f32 over `b` (image by image) from zero, and is
+/// multiplied by the mask once at the end.
+pub(super) fn pattern_grad(dx: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (s, b, c, hw) = pattern_grad_dims(dx.shape(), mask.shape())?;
+    let [_, _, h, w] = dims4("dx", dx.shape())?;
+    let mut grad = vec![0.0f32; s * c * hw];
+    grad.par_chunks_mut(c * hw).enumerate().for_each(|(si, g)| {
+        let m = &mask.data()[si * hw..(si + 1) * hw];
+        for dx_i in dx.data()[si * b * c * hw..(si + 1) * b * c * hw].chunks_exact(c * hw) {
+            for (g, &d) in g.iter_mut().zip(dx_i) {
+                *g += d;
+            }
+        }
+        for g_c in g.chunks_exact_mut(hw) {
+            for (g, &m) in g_c.iter_mut().zip(m) {
+                *g *= m;
+            }
+        }
+    });
+    Tensor::new(&[s, c, h, w], grad)
 }
 
 /// `sign(g)` with `sign(0) = 0` (and 0 for NaN, so a NaN gradient leaves
@@ -187,13 +214,41 @@ mod tests {
     }
 
     #[test]
+    fn pattern_gradient_is_the_mask_times_the_sum_over_the_search_images() {
+        // One search of two 1x1x2 images: dcanvas = m * (dx_0 + dx_1).
+        let dx = Tensor::new(&[2, 1, 1, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        let m = Tensor::new(&[1, 1, 2], vec![0.5, 0.25]).unwrap();
+        let g = pattern_grad(&dx, &m).unwrap();
+        assert_eq!(g.shape(), &[1, 1, 1, 2]);
+        assert_eq!(g.data(), &[0.5 * (1.0 + 3.0), 0.25 * (2.0 + 4.0)]);
+    }
+
+    #[test]
+    fn pattern_gradient_matches_central_differences_of_the_composite() {
+        // L(canvas) = sum(composite(canvas) * dx).
+        let d = data(6);
+        let grad = pattern_grad(&d.dx, &d.mask).unwrap();
+        assert_eq!(grad.shape(), &[S, C, H, W]);
+        let (m, ot, r) = (f64s(&d.mask), f64s(&d.others), f64s(&d.dx));
+        let loss = |cv: &[f64]| dot(&f64_composite(cv, &m, &ot), &r);
+        let num = numeric_grad(&f64s(&d.canvas), loss);
+        assert_close("dcanvas", grad.data(), &num, 1e-5);
+    }
+
+    #[test]
     fn searches_batched_together_give_the_bits_of_separate_runs() {
         let d = data(3);
-        let (out, grad, stepped) = with_threads(2, || {
+        let (out, grad, stepped, pgrad) = with_threads(2, || {
             let mut m = d.mask.clone();
             let grad = mask_grad(&d.dx, &d.canvas, &d.others, 0.3).unwrap();
             sign_step_clamp(&mut m, &grad, 0.02).unwrap();
-            (composite(&d.canvas, &d.mask, &d.others).unwrap(), grad, m)
+            let pgrad = pattern_grad(&d.dx, &d.mask).unwrap();
+            (
+                composite(&d.canvas, &d.mask, &d.others).unwrap(),
+                grad,
+                m,
+                pgrad,
+            )
         });
         for s in 0..S {
             let one = |t: &Tensor, per: usize| t.slice_rows(s * per, (s + 1) * per);
@@ -207,6 +262,8 @@ mod tests {
             assert_bitwise("composite", alone.data(), one(&out, B).data());
             let g = mask_grad(&dx, &cv, &ot, 0.3).unwrap();
             assert_bitwise("mask_grad", g.data(), one(&grad, 1).data());
+            let pg = pattern_grad(&dx, &m).unwrap();
+            assert_bitwise("pattern_grad", pg.data(), one(&pgrad, 1).data());
             let mut m1 = m.clone();
             sign_step_clamp(&mut m1, &g, 0.02).unwrap();
             assert_bitwise("sign step", m1.data(), one(&stepped, 1).data());
@@ -221,7 +278,8 @@ mod tests {
             let grad = mask_grad(&d.dx, &d.canvas, &d.others, 0.3).unwrap();
             let mut m = d.mask.clone();
             sign_step_clamp(&mut m, &grad, 0.02).unwrap();
-            flat(&[&out, &grad, &m])
+            let pgrad = pattern_grad(&d.dx, &d.mask).unwrap();
+            flat(&[&out, &grad, &m, &pgrad])
         });
     }
 
@@ -254,5 +312,10 @@ mod tests {
         .is_err());
         assert!(mask_grad(&bad_others, &d.canvas, &d.others, 0.0).is_err());
         assert!(mask_grad(&d.dx, &d.canvas, &bad_others, 0.0).is_err());
+        assert!(pattern_grad(&bad_others, &d.mask).is_err());
+        assert!(pattern_grad(&d.dx, &Tensor::zeros(&[S, H, W + 1])).is_err());
+        assert!(pattern_grad(&d.dx, &Tensor::zeros(&[S, 1, H, W])).is_err());
+        assert!(pattern_grad(&d.dx, &Tensor::zeros(&[0, H, W])).is_err());
+        assert!(pattern_grad(&Tensor::zeros(&[S * B, C, H]), &d.mask).is_err());
     }
 }

@@ -316,6 +316,10 @@ impl Backend for CpuBackend {
         mask::mask_grad(dx, canvas, others, l1_grad)
     }
 
+    fn pattern_grad(&self, dx: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        mask::pattern_grad(dx, mask)
+    }
+
     fn sign_step_clamp(&self, mask: &mut Tensor, grad: &Tensor, lr: f64) -> Result<()> {
         mask::sign_step_clamp(mask, grad, lr)
     }

@@ -7,7 +7,9 @@
 
 use super::conv::{check_extents, expect_shape, linear_args, Geom};
 use super::{arg, Driver, GpuBackend, GpuBuf};
-use crate::backend::check::{channel_dims, cross_entropy_args, dims2, dims4, pgd_radius, PoolGeom};
+use crate::backend::check::{
+    channel_dims, cross_entropy_args, dims2, dims4, pattern_grad_dims, pgd_radius, PoolGeom,
+};
 use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
@@ -794,6 +796,24 @@ impl<D: Driver> Backend for GpuBackend<D> {
         let mut args = vec![arg(&a)];
         args.extend(p.iter().map(arg));
         self.launch_flat("mask_grad", s * hw, &mut args)?;
+        Ok(grad)
+    }
+
+    fn pattern_grad(&self, dx: &GpuBuf<D>, mask: &GpuBuf<D>) -> Result<GpuBuf<D>> {
+        let (s, b, c, hw) = pattern_grad_dims(dx.shape(), mask.shape())?;
+        let [_, _, h, w] = dims4("dx", dx.shape())?;
+        let grad = self.alloc(&[s, c, h, w])?;
+        let a = MaskArgs {
+            s: s as i32,
+            b: b as i32,
+            c: c as i32,
+            hw: hw as i32,
+            ..MaskArgs::default()
+        };
+        let p = [dx.ptr(), mask.ptr(), grad.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("mask_pattern_grad", grad.len(), &mut args)?;
         Ok(grad)
     }
 
