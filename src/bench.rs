@@ -283,7 +283,7 @@ fn bench_cpu(
             let secs = time(
                 cfg.seconds,
                 || {
-                    crate::search::optimize::step(&model, &canvas, &mask, &others, &targets, &mc)
+                    crate::search::optimize::step(&model, &canvas, &mask, &others, &targets, &mc, false)
                         .map(|_| ())
                 },
                 &sync,

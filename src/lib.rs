@@ -20,6 +20,7 @@ pub mod models;
 pub mod onnx;
 pub mod progress;
 pub mod report;
+pub mod scan;
 pub mod search;
 pub mod selftest;
 pub mod tensor;

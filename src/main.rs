@@ -73,6 +73,57 @@ enum Cmd {
     Selftest(SelftestArgs),
     /// Throughput: forward + backward to the input, search steps, conv kernels.
     Bench(BenchArgs),
+    /// Scan many models for backdoors (the search and/or Neural Cleanse on each): one table.
+    Scan(ScanArgs),
+}
+
+#[derive(Args)]
+struct ScanArgs {
+    /// Models: .safetensors or .onnx files, or folders of them (searched recursively).
+    #[arg(required = true, value_name = "MODEL")]
+    models: Vec<PathBuf>,
+    /// Output folder: scan.json, scan.html, each model's reports under models/ (reruns
+    /// skip finished models).
+    #[arg(long)]
+    out: PathBuf,
+    /// Method: cwp (the class-wise pattern search), nc (Neural Cleanse) or both.
+    #[arg(long, default_value = "cwp")]
+    method: String,
+    /// Ground truth, a CSV with the header model,backdoored,target: adds TPR, FPR, ROC AUC
+    /// and target accuracy per method.
+    #[arg(long, value_name = "FILE.csv")]
+    labels: Option<PathBuf>,
+    /// Architecture for weights files whose metadata names none.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Data for every model (default: the data set each model's metadata names).
+    #[arg(long)]
+    data: Option<String>,
+    /// Search epochs (default: the search's).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Search canvases (default: the search's).
+    #[arg(long)]
+    canvas: Option<String>,
+    /// The search's k values for power against k and the minimal k: a list, `default` or
+    /// `none` (the verdict does not need them; `none` makes a scan cheaper).
+    #[arg(long)]
+    k_sweep: Option<String>,
+    /// Report images per class for each pattern's power (default: all).
+    #[arg(long)]
+    eval_per_class: Option<usize>,
+    /// Memory budget of one search step (bytes with K, M, G or T).
+    #[arg(long, default_value = "2G")]
+    memory: String,
+    /// Scan only shard I of N (0 <= I < N): model j goes to shard j % N. Any shard's table
+    /// lists every model finished so far; rerun without --shard to rebuild it at the end.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// No progress bars (one line per model stays).
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -816,10 +867,10 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
 /// Runs `f`, which writes under `out`; when it fails, the folders it created
 /// there (`out` itself, missing parents, `out/searches`) are removed again if
 /// they are still empty, so a refused or failed run leaves no empty folders.
-fn removing_empty_dirs_on_failure(
+fn removing_empty_dirs_on_failure<T>(
     out: &std::path::Path,
-    f: impl FnOnce() -> Result<()>,
-) -> Result<()> {
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let mut fresh: Vec<PathBuf> = out
         .ancestors()
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -880,7 +931,7 @@ fn search_into(a: &SearchArgs) -> Result<()> {
         .with_context(|| format!("{}", a.model.weights.display()))?;
     let inputs = RunInputs {
         model: &model,
-        model_id: model_id(&bytes, &model),
+        model_id: model.identity(&bytes),
         model_label: a.model.weights.display().to_string(),
         test: &test,
         train: train.as_ref(),
@@ -911,20 +962,95 @@ fn search_into(a: &SearchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The identity of a model for resumable runs: its file's bytes, and for an
-/// ONNX model also its parameters, which may live in external data files.
-fn model_id(bytes: &[u8], model: &Model) -> String {
-    if !classwise::onnx::looks_like_onnx(bytes) {
-        return classwise::io::sha256_hex(&[bytes]);
+fn cmd_scan(a: &ScanArgs) -> Result<()> {
+    use classwise::scan;
+    let methods = scan::Method::parse_list(&a.method)?;
+    let shard = a
+        .shard
+        .as_deref()
+        .map(str::parse::<search::shard::Shard>)
+        .transpose()?;
+    let labels = a
+        .labels
+        .as_deref()
+        .map(scan::Labels::read)
+        .transpose()?;
+    let models = scan::list_models(&a.models)?;
+    if let Some(c) = &a.canvas {
+        c.parse::<Canvases>()?;
     }
-    let mut parts: Vec<&[u8]> = vec![bytes];
-    parts.extend(
-        model
-            .params
-            .iter()
-            .map(|t| bytemuck::cast_slice::<f32, u8>(t.data())),
+    if let Some(d) = &a.data {
+        d.parse::<DataSpec>()?;
+    }
+    if a.epochs == Some(0) {
+        bail!("option --epochs: at least one epoch is needed");
+    }
+    if a.eval_per_class == Some(0) {
+        bail!("option --eval-per-class: at least one image per class is needed");
+    }
+    if let Some(k) = &a.k_sweep {
+        search::pattern::parse_k_sweep(k, Vec::new())?;
+    }
+    let opts = scan::ScanOptions {
+        methods,
+        arch: a.arch.clone(),
+        data: a.data.clone(),
+        epochs: a.epochs,
+        canvas: a.canvas.clone(),
+        k_sweep: a.k_sweep.clone(),
+        eval_per_class: a.eval_per_class,
+        memory: units::parse_bytes(&a.memory, "--memory")? as u64,
+        shard,
+        command: command_line(),
+        quiet: a.quiet,
+    };
+    let dev = select_device(&a.device.device)?;
+    let summary = removing_empty_dirs_on_failure(&a.out, || {
+        let mut log = |line: &str| eprintln!("{line}");
+        Ok(with_backend!(dev, |be| scan::run(
+            &be,
+            &models,
+            &opts,
+            labels.as_ref(),
+            &a.out,
+            &mut log
+        )?))
+    })?;
+    for d in &summary.detection {
+        let p = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        outln!(
+            "{}: {} backdoored, {} clean: TPR {}, FPR {}, AUC {}, target accuracy {}, {} s/model",
+            d.method,
+            d.backdoored,
+            d.clean,
+            p(d.tpr),
+            p(d.fpr),
+            d.auc.map_or("-".to_string(), |v| format!("{v:.3}")),
+            p(d.target_accuracy),
+            d.seconds_per_model.map_or("-".to_string(), |v| format!("{v:.1}"))
+        );
+    }
+    outln!(
+        "scanned {} (model, method) pair(s), reused {}, failed {}; {} row(s) in {}{}",
+        summary.made,
+        summary.reused,
+        summary.failed,
+        summary.rows.len(),
+        a.out.join("scan.html").display(),
+        if summary.pending.is_empty() {
+            String::new()
+        } else {
+            format!("; {} model(s) still to scan", summary.pending.len())
+        }
     );
-    classwise::io::sha256_hex(&parts)
+    if summary.failed > 0 {
+        bail!(
+            "{} (model, method) pair(s) failed; their errors are in {}",
+            summary.failed,
+            a.out.join("scan.json").display()
+        );
+    }
+    Ok(())
 }
 
 fn cmd_merge(a: &MergeArgs) -> Result<()> {
@@ -1053,6 +1179,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => cmd_demo(a),
         Cmd::Selftest(a) => cmd_selftest(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Scan(a) => cmd_scan(a),
     }
 }
 

@@ -573,6 +573,22 @@ fn blame_the_file(e: Error, opts: &LoadOptions, path: &Path) -> Error {
 }
 
 impl Model {
+    /// A stable identity of the model for resumable runs: its file's bytes,
+    /// and for an ONNX model also its parameters, which may live in external
+    /// data files.
+    pub fn identity(&self, bytes: &[u8]) -> String {
+        if !crate::onnx::looks_like_onnx(bytes) {
+            return crate::io::sha256_hex(&[bytes]);
+        }
+        let mut parts: Vec<&[u8]> = vec![bytes];
+        parts.extend(
+            self.params
+                .iter()
+                .map(|t| bytemuck::cast_slice::<f32, u8>(t.data())),
+        );
+        crate::io::sha256_hex(&parts)
+    }
+
     /// Loads a model from a safetensors file (see [`Model::from_bytes`]).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -55,7 +55,7 @@ fn one_search_step_matches_pytorch() {
     );
 
     let dm = DeviceModel::new(&be, &graph, p).unwrap();
-    let out = step(&dm, &canvas, &mask0, &others, &[target], &cfg).unwrap();
+    let out = step(&dm, &canvas, &mask0, &others, &[target], &cfg, false).unwrap();
     let (ltol, gtol) = model_tolerances(false);
     assert_close_abs(
         "logits",

@@ -174,7 +174,7 @@ fn emu_search_step_matches_fixture_and_cpu() {
         ..Default::default()
     };
     let step =
-        classwise::search::optimize::step(&model, &canvas, &mask0, &get("others"), &[target], &cfg)
+        classwise::search::optimize::step(&model, &canvas, &mask0, &get("others"), &[target], &cfg, false)
             .unwrap();
     let (ltol, gtol) = selftest::model_tolerances(false);
     assert_close_abs(

@@ -21,7 +21,7 @@ fn small_test_set() -> Dataset {
 }
 
 fn run(
-    jobs: &[(usize, Vec<f32>, Vec<usize>)],
+    jobs: &[(usize, Vec<f32>, Vec<usize>, bool)],
     max_images: usize,
     cfg: &MaskConfig,
     test: &Dataset,
@@ -36,10 +36,11 @@ fn run(
         .collect();
     let jobs: Vec<Job<'_>> = jobs
         .iter()
-        .map(|(t, c, imgs)| Job {
+        .map(|(t, c, imgs, learn)| Job {
             target: *t,
             canvas: c,
             images: imgs,
+            learn: *learn,
         })
         .collect();
     let mut bar = Progress::new("test", 1, true);
@@ -47,8 +48,9 @@ fn run(
     optimise(&dm, test, &jobs, cfg, max_images, &mut bar, None).unwrap()
 }
 
-fn jobs(test: &Dataset) -> Vec<(usize, Vec<f32>, Vec<usize>)> {
-    // Three searches: two targets, one with two canvases; different set sizes.
+fn jobs(test: &Dataset) -> Vec<(usize, Vec<f32>, Vec<usize>, bool)> {
+    // Four searches: two targets, one with two canvases; different set
+    // sizes; the last learns its (grey) canvas.
     let of = |c: usize| -> Vec<usize> { (0..test.len()).filter(|&i| test.label(i) == c).collect() };
     let others = |t: usize, n: usize| -> Vec<usize> {
         (0..test.len())
@@ -57,9 +59,10 @@ fn jobs(test: &Dataset) -> Vec<(usize, Vec<f32>, Vec<usize>)> {
             .collect()
     };
     vec![
-        (3, test.image(of(3)[0]).into_data(), others(3, 16)),
-        (3, test.image(of(3)[1]).into_data(), others(3, 16)),
-        (7, test.image(of(7)[0]).into_data(), others(7, 24)),
+        (3, test.image(of(3)[0]).into_data(), others(3, 16), false),
+        (3, test.image(of(3)[1]).into_data(), others(3, 16), false),
+        (7, test.image(of(7)[0]).into_data(), others(7, 24), false),
+        (5, vec![0.5; 784], others(5, 20), true),
     ]
 }
 
@@ -103,12 +106,30 @@ fn batched_searches_equal_separate_runs_bit_for_bit() {
             &batched[i].mask,
             &format!("search {i} alone vs batched"),
         );
+        assert_eq!(alone[0].canvas, batched[i].canvas, "search {i}'s canvas");
     }
     // Chunked into one search per forward pass: still the same masks.
     let chunked = run(&all, 4, &cfg(), &test);
     for (x, y) in chunked.iter().zip(&batched) {
         assert_same(&x.mask, &y.mask, "chunked vs batched");
+        assert_eq!(x.canvas, y.canvas, "chunked vs batched canvas");
     }
+}
+
+#[test]
+fn a_learned_canvas_moves_its_pixels_within_0_and_1_and_a_fixed_one_stays() {
+    let test = small_test_set();
+    let out = run(&jobs(&test), 4096, &cfg(), &test);
+    assert!(out[..3].iter().all(|o| o.canvas.is_none()));
+    let learned = out[3].canvas.as_ref().expect("the learning search returns its canvas");
+    assert_eq!(learned.len(), 784);
+    assert!(learned.iter().all(|v| (0.0..=1.0).contains(v)), "{learned:?}");
+    let moved = learned.iter().filter(|&&v| v != 0.5).count();
+    let (up, down) = (
+        learned.iter().filter(|&&v| v > 0.5).count(),
+        learned.iter().filter(|&&v| v < 0.5).count(),
+    );
+    assert!(moved > 100 && up > 0 && down > 0, "moved {moved}: {up} up, {down} down");
 }
 
 #[test]
@@ -309,4 +330,35 @@ fn shards_of_different_runs_are_not_merged() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("different runs"), "{err}");
+}
+
+#[test]
+fn a_learn_canvas_run_stores_the_learned_pixels_and_its_verdict_compares_them() {
+    let model = formula_model();
+    let test = small_test_set();
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_cfg(&model, 0.02);
+    cfg.canvas = "auto:1+learn:0.5".into();
+    cfg.mask.alpha = 1.0;
+    let inputs = tiny_inputs(&model, &test);
+    let report = classwise::search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
+    assert_eq!(report.searches.len(), 6);
+    let learned: Vec<_> = report
+        .searches
+        .iter()
+        .filter(|s| s.canvas.source == "learn")
+        .collect();
+    assert_eq!(learned.len(), 3);
+    for s in &learned {
+        let moved = s.canvas.pixels.iter().filter(|&&v| v != 0.5).count();
+        assert!(moved > 0, "class {}: the stored canvas is the start", s.class);
+    }
+    assert_eq!(report.verdict_canvas, "learned");
+    assert!(report.other_verdicts.iter().any(|(k, _)| k == "natural"));
+    // A rerun reuses the stored results, learned pixels included.
+    let again = classwise::search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
+    assert_eq!(again.reused, 6);
+    for (a, b) in report.searches.iter().zip(&again.searches) {
+        assert_eq!(a.canvas, b.canvas);
+    }
 }

@@ -44,6 +44,7 @@ fn the_last_epoch_average_is_the_mean_of_the_masks_after_each_update_of_the_last
         target,
         canvas: &canvas,
         images: &images,
+        learn: false,
     };
     let mut bar = Progress::new("test", 1, true);
     let got = optimise(&dm, &test, &[job], &cfg, 4096, &mut bar, None).unwrap();
@@ -63,6 +64,7 @@ fn the_last_epoch_average_is_the_mean_of_the_masks_after_each_update_of_the_last
                 &test.batch(&order[j * cfg.batch..(j + 1) * cfg.batch]),
                 &[target],
                 &cfg,
+                false,
             )
             .unwrap();
             mask = out.masks.into_data();
@@ -107,6 +109,7 @@ fn steps_restored_from_a_checkpoint_are_not_counted_as_run_so_the_throughput_is_
         target,
         canvas: &canvas,
         images: &images,
+        learn: false,
     };
     let out = tempfile::tempdir().unwrap();
     let every = std::time::Duration::from_secs(3600);

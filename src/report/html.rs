@@ -105,7 +105,8 @@ ul.notes li { margin: 3px 0; }
 footer { margin-top: 48px; color: var(--muted); font-size: 13px; }
 "#;
 
-fn page(title: &str, wide: bool, body: &str) -> String {
+/// A whole self-contained page around `body`, in the reports' style.
+pub fn page(title: &str, wide: bool, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
@@ -566,6 +567,7 @@ fn canvas_words(s: &SearchResult) -> String {
         ("solid", _) if !c.pixels.is_empty() && uniform(1.0) => "a white image".to_string(),
         ("solid", _) if !c.pixels.is_empty() && uniform(0.0) => "a black image".to_string(),
         ("solid", _) => "a uniform grey image".to_string(),
+        ("learn", _) => "learned pixels (started uniform; confidence on the start)".to_string(),
         (src, Some(i)) => format!("{src} image #{i}"),
         (src, None) => src.to_string(),
     };
@@ -581,6 +583,8 @@ fn canvas_kind(s: &SearchResult) -> &'static str {
         "natural canvas"
     } else if s.canvas.source == "solid" {
         "solid canvas"
+    } else if s.canvas.source == "learn" {
+        "learned canvas"
     } else {
         "other canvas"
     }

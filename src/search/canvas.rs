@@ -27,6 +27,10 @@ pub enum CanvasSpec {
     Train(Vec<usize>),
     /// `solid:V`: a uniform image of value V in [0, 1].
     Solid(Vec<f32>),
+    /// `learn:V`: a canvas that starts uniform at V and whose pixels are
+    /// optimised with the mask, so a trigger of values no image holds (a
+    /// random-colour patch) can still be drawn.
+    Learn(Vec<f32>),
 }
 
 impl std::str::FromStr for CanvasSpec {
@@ -36,7 +40,9 @@ impl std::str::FromStr for CanvasSpec {
         let bad = |msg: String| Error::arg("--canvas", format!("`{s}`: {msg}"));
         let (kind, rest) = s
             .split_once(':')
-            .ok_or_else(|| bad("expected test:I[,J..], auto:N, train:I[,J..] or solid:V".into()))?;
+            .ok_or_else(|| {
+                bad("expected test:I[,J..], auto:N, train:I[,J..], solid:V or learn:V".into())
+            })?;
         let list = |what: &str| -> Result<Vec<usize>> {
             let v = rest
                 .split(',')
@@ -59,16 +65,20 @@ impl std::str::FromStr for CanvasSpec {
                 Ok(n) if n > 0 => Ok(CanvasSpec::Auto(n)),
                 _ => Err(bad("auto:N needs N >= 1".into())),
             },
-            "solid" => {
+            "solid" | "learn" => {
                 let v = rest
                     .split(',')
                     .map(|p| p.trim().parse::<f32>())
                     .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|_| bad("solid:V needs numbers".into()))?;
+                    .map_err(|_| bad(format!("{kind}:V needs numbers")))?;
                 if v.is_empty() || v.iter().any(|x| !(0.0..=1.0).contains(x)) {
-                    return Err(bad("solid values must lie in [0, 1]".into()));
+                    return Err(bad(format!("{kind} values must lie in [0, 1]")));
                 }
-                Ok(CanvasSpec::Solid(v))
+                Ok(if kind == "solid" {
+                    CanvasSpec::Solid(v)
+                } else {
+                    CanvasSpec::Learn(v)
+                })
             }
             other => Err(bad(format!("unknown canvas kind `{other}`"))),
         }
@@ -87,9 +97,14 @@ impl std::fmt::Display for CanvasSpec {
             CanvasSpec::Test(v) => write!(f, "test:{}", join(v)),
             CanvasSpec::Train(v) => write!(f, "train:{}", join(v)),
             CanvasSpec::Auto(n) => write!(f, "auto:{n}"),
-            CanvasSpec::Solid(v) => write!(
+            CanvasSpec::Solid(v) | CanvasSpec::Learn(v) => write!(
                 f,
-                "solid:{}",
+                "{}:{}",
+                if matches!(self, CanvasSpec::Solid(_)) {
+                    "solid"
+                } else {
+                    "learn"
+                },
                 v.iter()
                     .map(|x| x.to_string())
                     .collect::<Vec<_>>()
@@ -128,7 +143,9 @@ impl std::fmt::Display for Canvases {
 pub struct Canvas {
     /// Short identifier, unique within a class (`test3`, `auto0`, `train12`, `solid0.5`).
     pub id: String,
-    /// Where it came from: `test`, `train` or `solid`.
+    /// Where it came from: `test`, `train`, `solid` or `learn` (then
+    /// `pixels` are the learned ones once the search has run; the
+    /// confidence is the starting image's).
     pub source: String,
     /// Index in its dataset split (None for solid canvases).
     pub dataset_index: Option<usize>,
@@ -258,16 +275,21 @@ pub fn choose<B: Backend>(
             })?;
             by_index(train, v, "train")
         }
-        CanvasSpec::Solid(values) => {
+        CanvasSpec::Solid(values) | CanvasSpec::Learn(values) => {
             let [c, h, w] = test.shape();
+            let source = if matches!(spec, CanvasSpec::Solid(_)) {
+                "solid"
+            } else {
+                "learn"
+            };
             values
                 .iter()
                 .map(|&v| {
                     let img = Tensor::full(&[1, c, h, w], v);
                     let conf = target_confidence(&model.logits(&img)?, target)[0];
                     Ok(Canvas {
-                        id: format!("solid{v}"),
-                        source: "solid".into(),
+                        id: format!("{source}{v}"),
+                        source: source.into(),
                         dataset_index: None,
                         confidence: Some(conf.prob),
                         margin: Some(conf.margin),

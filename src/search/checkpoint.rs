@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// Version of the file layout; a file of another version is ignored.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"CWPCKPT\0";
 
 /// The in-progress state of one search.
@@ -44,6 +44,8 @@ pub struct SearchState {
     pub curve: Vec<(usize, f32)>,
     /// The open window of the CE curve: sum of CE and steps in it.
     pub window: (f64, usize),
+    /// The canvas `[C, H, W]` so far, for a search that learns it (else empty).
+    pub canvas: Vec<f32>,
 }
 
 impl SearchState {
@@ -55,6 +57,7 @@ impl SearchState {
             last_count: 0,
             curve: Vec::new(),
             window: (0.0, 0),
+            canvas: Vec::new(),
         }
     }
 
@@ -233,7 +236,8 @@ fn warn_ignored(path: &Path, msg: &str) {
 /// Layout: magic, header length (u64) and JSON header, then per search the
 /// mask (f32), the last-epoch count (u64) and sums (f64, only when the
 /// count is not 0), the window (f64, u64), the curve length (u64) and its
-/// points (u64 step, f32 bits); last the SHA-256 of everything before.
+/// points (u64 step, f32 bits), the learned canvas's length (u64) and its
+/// values (f32); last the SHA-256 of everything before.
 /// Numbers are little-endian.
 fn encode(keys: &[String], state: &State) -> Result<Vec<u8>> {
     let header = serde_json::to_vec(&Header {
@@ -262,6 +266,8 @@ fn encode(keys: &[String], state: &State) -> Result<Vec<u8>> {
             u64le(&mut out, step);
             out.extend_from_slice(&ce.to_le_bytes());
         }
+        u64le(&mut out, s.canvas.len());
+        out.extend(s.canvas.iter().flat_map(|v| v.to_le_bytes()));
     }
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
@@ -374,12 +380,18 @@ fn decode(
             let ce = f32::from_le_bytes(r.take(4)?.try_into().unwrap_or_default());
             curve.push((step, ce));
         }
+        let canvas_len = r.u64()?;
+        if canvas_len > 64 * plane {
+            return Err("a learned canvas has more than 64 channels".into());
+        }
+        let canvas = r.f32s(canvas_len)?;
         all.push(Some(SearchState {
             mask,
             last_sum,
             last_count,
             curve,
             window,
+            canvas,
         }));
     }
     if !r.0.is_empty() {
@@ -528,7 +540,9 @@ mod tests {
         a.add_to_last_epoch();
         a.curve = vec![(1, 2.5), (2, f32::MIN_POSITIVE)];
         a.window = (0.125, 3);
-        let b = SearchState::new(0.5, 6);
+        let mut b = SearchState::new(0.5, 6);
+        // A learned canvas of 2 channels rides along.
+        b.canvas = (0..12).map(|i| i as f32 / 11.0).collect();
         State {
             t: 7,
             searches: vec![a, b],

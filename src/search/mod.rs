@@ -318,8 +318,9 @@ pub struct RunReport {
     pub searches: Vec<SearchResult>,
     /// One line per class.
     pub classes: Vec<ClassSummary>,
-    /// Which canvas kind the verdict compares across classes (`solid` or
-    /// `natural`): like with like, never a white canvas against a photo.
+    /// Which canvas kind the verdict compares across classes (`learned`,
+    /// `solid` or `natural`): like with like, never a white canvas against a
+    /// photo.
     #[serde(default)]
     pub verdict_canvas: String,
     /// Per class (in `classes` order), the index into `searches` of the
@@ -653,6 +654,7 @@ fn execute<B: Backend>(
                 target: units[i].0,
                 canvas: &units[i].1.pixels,
                 images: &units[i].2,
+                learn: units[i].1.source == "learn",
             })
             .collect();
         let total: u64 = jobs
@@ -685,7 +687,11 @@ fn execute<B: Backend>(
         let mut bar = Progress::new("evaluate", pending.len() as u64, inputs.quiet);
         for (&i, opt) in pending.iter().zip(optimised) {
             let (t, canvas, _, key) = &units[i];
-            let r = evaluate(&dm, test, cfg, *t, canvas.clone(), opt, &sets, &clean)?;
+            let mut canvas = canvas.clone();
+            if let Some(learned) = &opt.canvas {
+                canvas.pixels.clone_from(learned);
+            }
+            let r = evaluate(&dm, test, cfg, *t, canvas, opt, &sets, &clean)?;
             store.save(key, &r)?;
             results[i] = Some(r);
             bar.inc(1);
@@ -741,12 +747,13 @@ fn execute<B: Backend>(
 }
 
 /// The kind of a canvas for the verdict's like-with-like comparison:
-/// `solid` (a uniform image, the trigger finder) or `natural` (a real image).
+/// `learned` (pixels optimised with the mask), `solid` (a uniform image)
+/// or `natural` (a real image).
 pub fn canvas_kind(c: &Canvas) -> &'static str {
-    if c.source == "solid" {
-        "solid"
-    } else {
-        "natural"
+    match c.source.as_str() {
+        "learn" => "learned",
+        "solid" => "solid",
+        _ => "natural",
     }
 }
 
@@ -776,8 +783,10 @@ fn best_of(searches: &[SearchResult], candidates: impl Iterator<Item = usize>) -
 /// each class, then the verdicts across classes.
 ///
 /// The verdict compares like with like: each class's best search from one
-/// canvas kind, `solid` when every class has one (a white canvas can hold
-/// a trigger no image of the class shows), else `natural`. A class is
+/// canvas kind, the first that every class has of `learned` (its pixels can
+/// take any value, so it draws triggers of colours no canvas holds),
+/// `solid` (a white canvas can hold a trigger no image of the class shows)
+/// and `natural`. A class is
 /// flagged only when it is anomalous and its compared pattern reaches the
 /// threshold power on the report images, as Neural Cleanse counts only
 /// masks whose attack succeeds.
@@ -810,70 +819,35 @@ pub fn summarise(
             mask_mean: r.mask_mean,
         });
     }
-    let every_class_has = |kind: &str| {
-        cfg.classes
-            .iter()
-            .all(|&t| of_class(t).any(|i| canvas_kind(&searches[i].canvas) == kind))
-    };
-    let kinds: Vec<&str> = ["solid", "natural"]
-        .into_iter()
-        .filter(|k| every_class_has(k))
-        .collect();
-    let compared = |kind: Option<&str>| -> Vec<usize> {
-        cfg.classes
-            .iter()
-            .zip(&classes)
-            .map(|(&t, c)| match kind {
-                Some(kind) => best_of(
-                    &searches,
-                    of_class(t).filter(|&i| canvas_kind(&searches[i].canvas) == kind),
-                )
-                .unwrap_or(c.best),
-                None => c.best,
-            })
-            .collect()
-    };
+    let kinds = shared_kinds(&cfg.classes, &searches);
+    // With no kind shared by every class, each class's best is compared.
+    let verdict_canvas = kinds.first().copied();
+    let main = kind_verdict(&cfg.classes, &searches, verdict_canvas, cfg.threshold);
     let pixels = header.input[1] * header.input[2];
     let class_ids: Vec<usize> = classes.iter().map(|c| c.class).collect();
-    // Neural Cleanse's statistic, the mask's L1 norm, on a log scale: sizes
-    // spread multiplicatively, and "far smaller" is a ratio.
-    let mask_verdict = |idx: &[usize]| {
-        verdict::analyse(
-            "ln_mask_mean",
-            &class_ids,
-            &idx.iter()
-                .map(|&i| searches[i].mask_mean.max(1e-9).ln())
-                .collect::<Vec<_>>(),
-        )
-    };
-    // With neither kind shared by every class, each class's best is compared.
-    let verdict_canvas = kinds.first().copied();
-    let verdict_searches = compared(verdict_canvas);
     let verdict_min_k = (!cfg.k_sweep.is_empty()).then(|| {
-        let v: Vec<f64> = verdict_searches
+        let v: Vec<f64> = main
+            .searches
             .iter()
             .map(|&i| (searches[i].min_k.unwrap_or(pixels + 1) as f64).ln())
             .collect();
         verdict::analyse("ln_min_k", &class_ids, &v)
     });
-    let verdict_mask = mask_verdict(&verdict_searches);
     let other_verdicts = kinds
         .iter()
         .skip(1)
-        .map(|&k| (k.to_string(), mask_verdict(&compared(Some(k)))))
+        .map(|&k| {
+            let v = kind_verdict(&cfg.classes, &searches, Some(k), cfg.threshold);
+            (k.to_string(), v.verdict)
+        })
         .collect();
-    let (mut flagged, mut unproven) = (Vec::new(), Vec::new());
-    if classes.len() >= 3 {
-        for (&c, &i) in class_ids.iter().zip(&verdict_searches) {
-            if verdict_mask.flagged.contains(&c) {
-                if searches[i].power.overall >= cfg.threshold {
-                    flagged.push(c);
-                } else {
-                    unproven.push(c);
-                }
-            }
-        }
-    }
+    let KindVerdict {
+        searches: verdict_searches,
+        verdict: verdict_mask,
+        flagged,
+        unproven,
+        ..
+    } = main;
     let per_second = |n: usize| {
         if stats.search_seconds > 0.0 {
             n as f64 / stats.search_seconds
@@ -907,6 +881,87 @@ pub fn summarise(
         total_seconds: stats.total_seconds,
         config: cfg,
     })
+}
+
+/// The canvas kinds every class of `classes` has a search of, in the
+/// verdict's order of preference: `learned`, `solid`, `natural`.
+pub fn shared_kinds(classes: &[usize], searches: &[SearchResult]) -> Vec<&'static str> {
+    ["learned", "solid", "natural"]
+        .into_iter()
+        .filter(|&k| {
+            classes.iter().all(|&t| {
+                searches
+                    .iter()
+                    .any(|r| r.class == t && canvas_kind(&r.canvas) == k)
+            })
+        })
+        .collect()
+}
+
+/// The verdict on one canvas kind of a run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KindVerdict {
+    /// The kind (`learned`, `solid`, `natural`; `best` for each class's
+    /// best search whatever its kind).
+    pub kind: String,
+    /// Per class, the index into the run's searches of the one compared:
+    /// the class's best of the kind.
+    pub searches: Vec<usize>,
+    /// The anomaly analysis of ln(mask mean) over them.
+    pub verdict: Verdict,
+    /// Classes anomalous whose compared pattern reaches the threshold power
+    /// (none when fewer than 3 classes were searched).
+    pub flagged: Vec<usize>,
+    /// Classes anomalous whose compared pattern stays below it.
+    pub unproven: Vec<usize>,
+}
+
+/// The verdict on the searches of `kind` (None: each class's best) for
+/// `classes`: what [`summarise`] gives for the run's chosen kind, and what
+/// a scan reports for each kind (the natural canvas alone is the paper's
+/// method).
+pub fn kind_verdict(
+    classes: &[usize],
+    searches: &[SearchResult],
+    kind: Option<&str>,
+    threshold: f64,
+) -> KindVerdict {
+    let compared: Vec<usize> = classes
+        .iter()
+        .filter_map(|&t| {
+            let of_class = (0..searches.len()).filter(|&i| searches[i].class == t);
+            let of_kind = of_class
+                .clone()
+                .filter(|&i| kind.is_none_or(|k| canvas_kind(&searches[i].canvas) == k));
+            best_of(searches, of_kind).or_else(|| best_of(searches, of_class))
+        })
+        .collect();
+    // Neural Cleanse's statistic, the mask's L1 norm, on a log scale: sizes
+    // spread multiplicatively, and "far smaller" is a ratio.
+    let values: Vec<f64> = compared
+        .iter()
+        .map(|&i| searches[i].mask_mean.max(1e-9).ln())
+        .collect();
+    let verdict = verdict::analyse("ln_mask_mean", classes, &values);
+    let (mut flagged, mut unproven) = (Vec::new(), Vec::new());
+    if classes.len() >= 3 {
+        for (&c, &i) in classes.iter().zip(&compared) {
+            if verdict.flagged.contains(&c) {
+                if searches[i].power.overall >= threshold {
+                    flagged.push(c);
+                } else {
+                    unproven.push(c);
+                }
+            }
+        }
+    }
+    KindVerdict {
+        kind: kind.unwrap_or("best").to_string(),
+        searches: compared,
+        verdict,
+        flagged,
+        unproven,
+    }
 }
 
 /// Top-k pattern, predictive power, sweep, minimal k and examples of one

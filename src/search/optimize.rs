@@ -56,12 +56,17 @@ pub struct StepOutput {
     pub dmask: Tensor,
     /// Logits of the composites `[S*B, K]`.
     pub logits: Tensor,
+    /// Updated canvases `[S, C, H, W]` when `learn` was set (else None).
+    pub canvases: Option<Tensor>,
 }
 
 /// One update of S searches: `canvases [S,C,H,W]`, `masks [S,H,W]`, `others
 /// [S*B,C,H,W]` (search s owns rows s*B..(s+1)*B), `targets [S]`.
 /// Loss of search s: `alpha * mean_b CE(f(x'), t_s) + beta * sum(m_s) / (H*W/2)`;
-/// update `m = clamp(m - lr * sign(dL/dm), 0, 1)`.
+/// update `m = clamp(m - lr * sign(dL/dm), 0, 1)`. With `learn`, the
+/// canvases take the same signed step on their own gradient,
+/// `c = clamp(c - lr * sign(dL/dc), 0, 1)` (from the masks before the
+/// update), and come back in [`StepOutput::canvases`].
 pub fn step<B: Backend>(
     model: &DeviceModel<'_, B>,
     canvases: &Tensor,
@@ -69,6 +74,7 @@ pub fn step<B: Backend>(
     others: &Tensor,
     targets: &[usize],
     cfg: &MaskConfig,
+    learn: bool,
 ) -> Result<StepOutput> {
     let be = model.be;
     let s = targets.len();
@@ -81,7 +87,7 @@ pub fn step<B: Backend>(
             others.shape()
         )));
     }
-    let (c, mut m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
+    let (mut c, mut m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
     let x = be.composite(&c, &m, &o)?;
     let labels: Vec<usize> = targets
         .iter()
@@ -91,6 +97,13 @@ pub fn step<B: Backend>(
     let out = model.pass(x, &labels, &weights)?;
     let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
     let dmask = be.mask_grad(&out.dx, &c, &o, l1_grad)?;
+    let canvases = if learn {
+        let dcanvas = be.pattern_grad(&out.dx, &m)?;
+        be.sign_step_clamp(&mut c, &dcanvas, cfg.lr)?;
+        Some(be.download(&c)?)
+    } else {
+        None
+    };
     be.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
     let ce = out
         .losses
@@ -102,6 +115,7 @@ pub fn step<B: Backend>(
         ce,
         dmask: be.download(&dmask)?,
         logits: out.logits,
+        canvases,
     })
 }
 
@@ -114,6 +128,8 @@ pub struct Job<'a> {
     pub canvas: &'a [f32],
     /// Indices (in the dataset) of the search images, ascending.
     pub images: &'a [usize],
+    /// Whether the canvas's pixels are optimised too (`learn:` canvases).
+    pub learn: bool,
 }
 
 /// The outcome of one optimised search.
@@ -127,6 +143,8 @@ pub struct Optimised {
     pub mask_avg: Vec<f32>,
     /// Mean CE over each logged window of steps: `(step, ce)`.
     pub ce_curve: Vec<(usize, f32)>,
+    /// The learned canvas `[C, H, W]` (for a job that learns it).
+    pub canvas: Option<Vec<f32>>,
     /// Updates made.
     pub steps: usize,
     /// Of those, the updates this process made (not restored from a
@@ -219,7 +237,13 @@ pub fn optimise<B: Backend>(
             t: 0,
             searches: jobs
                 .iter()
-                .map(|_| SearchState::new(cfg.init, plane))
+                .map(|j| {
+                    let mut st = SearchState::new(cfg.init, plane);
+                    if j.learn {
+                        st.canvas = j.canvas.to_vec();
+                    }
+                    st
+                })
                 .collect(),
         },
     };
@@ -243,10 +267,12 @@ pub fn optimise<B: Backend>(
                 }
                 let j = t % steps_per_epoch[s];
                 idx.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
-                canvases.extend_from_slice(job.canvas);
-                mask_data.extend_from_slice(&state.searches[s].mask);
+                let st = &state.searches[s];
+                canvases.extend_from_slice(if job.learn { &st.canvas } else { job.canvas });
+                mask_data.extend_from_slice(&st.mask);
             }
             let targets: Vec<usize> = chunk.iter().map(|&s| jobs[s].target).collect();
+            let learn = chunk.iter().any(|&s| jobs[s].learn);
             let out = step(
                 model,
                 &Tensor::new(&[s_n, c, h, w], canvases)?,
@@ -254,6 +280,7 @@ pub fn optimise<B: Backend>(
                 &test.batch(&idx),
                 &targets,
                 cfg,
+                learn,
             )
             .map_err(|e| Error::Msg(format!("search step {}: {e}", t + 1)))?;
             // A NaN gradient would slip into the mask through the sign step
@@ -267,6 +294,10 @@ pub fn optimise<B: Backend>(
                 let st = &mut state.searches[s];
                 st.mask
                     .copy_from_slice(&out.masks.data()[k * plane..(k + 1) * plane]);
+                if let (true, Some(cv)) = (jobs[s].learn, &out.canvases) {
+                    st.canvas
+                        .copy_from_slice(&cv.data()[k * per_image..(k + 1) * per_image]);
+                }
                 if t >= total[s] - steps_per_epoch[s] {
                     st.add_to_last_epoch();
                 }
@@ -308,6 +339,7 @@ pub fn optimise<B: Backend>(
         .zip(total)
         .map(|(st, steps)| Optimised {
             mask_avg: st.last_epoch_mean(),
+            canvas: (!st.canvas.is_empty()).then(|| st.canvas.clone()),
             mask: st.mask,
             ce_curve: st.curve,
             steps,

@@ -315,7 +315,7 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
         .map(|t| CpuBackend.upload(t))
         .collect::<Result<Vec<_>>>()?;
     let cpu_model = DeviceModel::generic(&CpuBackend, &graph, cpu_params);
-    let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg)?;
+    let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg, false)?;
     // The search's own model (the fused graph), and the plain graph on the
     // same device.
     let native = DeviceModel::upload(gpu, &graph, &params)?;
@@ -324,9 +324,9 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
             "the search's model does not run the fused graph".into(),
         ));
     }
-    let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg)?;
+    let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg, false)?;
     let generic = DeviceModel::generic(gpu, &graph, native.into_params());
-    let got_g = search_step(&generic, &canvas, &mask, &others, &targets, &cfg)?;
+    let got_g = search_step(&generic, &canvas, &mask, &others, &targets, &cfg, false)?;
     let (ltol, gtol) = model_tolerances(case.deep);
     for (tag, g) in [
         ("search, fused graph", &got),

@@ -1,0 +1,209 @@
+//! `cwp scan`: many models, one table. Every model gets a row (a broken one
+//! a row with its error, without costing the others theirs), finished rows
+//! are reused by a rerun or another shard, and labels add detection figures
+//! computed from the rows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use classwise::train::init_params;
+use classwise::weights::Model;
+use classwise::zoo::{build, ModelSpec};
+
+fn cwp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(args)
+        .output()
+        .expect("cwp runs")
+}
+
+fn smallcnn(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let spec = ModelSpec::new("smallcnn", [1, 28, 28], 10);
+    let graph = build(&spec).unwrap();
+    let path = dir.join(name);
+    Model::new(&spec, init_params(&graph, seed))
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    path
+}
+
+/// A `folder:` dataset of 10 classes with 10 varied 28×28 grey images each:
+/// enough for a search set, selection and report images, small enough that
+/// a scan takes seconds.
+fn tiny_data(dir: &Path) -> String {
+    let root = dir.join("tiny");
+    for c in 0..10u32 {
+        let class = root.join(format!("class{c}"));
+        std::fs::create_dir_all(&class).unwrap();
+        for k in 0..10u32 {
+            let img = image::GrayImage::from_fn(28, 28, |x, y| {
+                image::Luma([((x * (c + 1) + y * (k + 3) + 17 * c * k) % 256) as u8])
+            });
+            img.save(class.join(format!("{k}.png"))).unwrap();
+        }
+    }
+    format!("folder:{}", root.display())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn scan(models: &[&Path], out: &Path, data: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["scan"];
+    args.extend(models.iter().map(|m| s(m)));
+    args.extend([
+        "--out", s(out), "--data", data, "--epochs", "1", "--quiet", "--device", "cpu",
+    ]);
+    args.extend_from_slice(extra);
+    cwp(&args)
+}
+
+fn rows(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("scan.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], model: &Path) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["model"] == s(model))
+        .unwrap_or_else(|| panic!("no row for {}", model.display()))
+}
+
+#[test]
+fn every_model_gets_a_row_and_a_broken_one_costs_only_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let b = smallcnn(dir.path(), "b.safetensors", 2);
+    let broken = dir.path().join("broken.safetensors");
+    std::fs::write(&broken, b"not a weights file").unwrap();
+    let out = dir.path().join("scan");
+
+    let o = scan(&[&a, &broken, &b], &out, &data, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a failed model must fail the command");
+    assert!(stderr.contains("1 (model, method) pair(s) failed"), "{stderr}");
+
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 3);
+    let bad = row(&rows, &broken);
+    assert!(bad["error"].as_str().unwrap().contains("broken.safetensors"), "{bad}");
+    for m in [&a, &b] {
+        let r = row(&rows, m);
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(r["method"], "cwp");
+        assert_eq!(r["classes"].as_array().unwrap().len(), 10);
+        assert_eq!(r["anomaly_index"].as_array().unwrap().len(), 10);
+        // The model's own report is where the row says.
+        let report = out.join(r["report"].as_str().unwrap());
+        assert!(report.is_file(), "{}", report.display());
+        assert!(report.with_file_name("report.json").is_file());
+    }
+    let html = std::fs::read_to_string(out.join("scan.html")).unwrap();
+    for m in [&a, &b, &broken] {
+        assert!(html.contains(s(m)), "scan.html lacks {}", m.display());
+    }
+
+    // A rerun reuses both finished models and retries the broken one.
+    let again = scan(&[&a, &broken, &b], &out, &data, &[]);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("reused 2, failed 1"), "{text}");
+    let rows2 = self::rows(&out);
+    assert_eq!(row(&rows2, &a), row(&rows, &a));
+}
+
+#[test]
+fn shards_split_the_models_and_together_fill_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let b = smallcnn(dir.path(), "b.safetensors", 2);
+    let out = dir.path().join("scan");
+    let first = scan(&[&a, &b], &out, &data, &["--shard", "0/2"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let after_first = rows(&out);
+    assert_eq!(after_first.len(), 1, "shard 0/2 scans model 0 only");
+    assert_eq!(after_first[0]["model"], s(&a));
+    let second = scan(&[&a, &b], &out, &data, &["--shard", "1/2"]);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let all = rows(&out);
+    assert_eq!(all.len(), 2, "the last shard's table lists every model");
+    assert_eq!(row(&all, &a), &after_first[0]);
+}
+
+#[test]
+fn labels_give_detection_figures_computed_from_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let b = smallcnn(dir.path(), "b.safetensors", 2);
+    let c = smallcnn(dir.path(), "c.safetensors", 3);
+    let labels = dir.path().join("labels.csv");
+    // By file name: the scan matches rows to models whatever folder prefix.
+    std::fs::write(
+        &labels,
+        "model,backdoored,target\na.safetensors,1,3\nb.safetensors,0,\nc.safetensors,0,\n",
+    )
+    .unwrap();
+    let out = dir.path().join("scan");
+    let o = scan(&[&a, &b, &c], &out, &data, &["--labels", s(&labels)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = rows(&out);
+    assert_eq!(row(&rows, &a)["label"]["target"], 3);
+    assert_eq!(row(&rows, &b)["label"]["backdoored"], false);
+    let det: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("detection.json")).unwrap())
+            .unwrap();
+    assert_eq!(det.len(), 1);
+    let d = &det[0];
+    assert_eq!((d["backdoored"].as_u64(), d["clean"].as_u64()), (Some(1), Some(2)));
+    // The AUC ranks the backdoored model's score among the clean ones'.
+    let score = |m: &Path| row(&rows, m)["score"].as_f64().unwrap();
+    let won: f64 = [&b, &c]
+        .iter()
+        .map(|m| match score(&a).partial_cmp(&score(m)).unwrap() {
+            std::cmp::Ordering::Greater => 1.0,
+            std::cmp::Ordering::Equal => 0.5,
+            std::cmp::Ordering::Less => 0.0,
+        })
+        .sum();
+    assert_eq!(d["auc"].as_f64(), Some(won / 2.0));
+    let flagged = |m: &Path| !row(&rows, m)["flagged"].as_array().unwrap().is_empty();
+    assert_eq!(d["tpr"].as_f64(), Some(if flagged(&a) { 1.0 } else { 0.0 }));
+    let fp = [&b, &c].iter().filter(|m| flagged(m)).count() as f64 / 2.0;
+    assert_eq!(d["fpr"].as_f64(), Some(fp));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("cwp: 1 backdoored, 2 clean"), "{stdout}");
+}
+
+#[test]
+fn bad_options_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let bad_labels = dir.path().join("bad.csv");
+    std::fs::write(&bad_labels, "path,label\nx,1\n").unwrap();
+    let missing = dir.path().join("missing.csv");
+    let out = dir.path().join("scan");
+    for (extra, want) in [
+        (vec!["--method", "neural"], "--method"),
+        (vec!["--labels", s(&bad_labels)], "bad.csv"),
+        (vec!["--labels", s(&missing)], "missing.csv"),
+        (vec!["--shard", "2/2"], "--shard"),
+        (vec!["--canvas", "paint:1"], "--canvas"),
+        (vec!["--epochs", "0"], "--epochs"),
+    ] {
+        let o = scan(&[&a], &out, &data, &extra);
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(msg.contains(want), "{extra:?}: {msg}");
+        assert!(!out.exists(), "{extra:?} left {}", out.display());
+    }
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = scan(&[&empty], &out, &data, &[]);
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && msg.contains("no .safetensors or .onnx"), "{msg}");
+}
