@@ -74,12 +74,10 @@ pub fn ensure_nvrtc() -> Result<()> {
                 }
             }
             let searched = if dirs.is_empty() {
-                "no CUDA toolkit or Python wheel folder exists here".to_string()
+                "no CUDA toolkit or Python-wheel folder exists here".to_string()
             } else {
-                dirs.iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+                format!("neither have these folders: {}", list.join(", "))
             };
             let refused = if refused.is_empty() {
                 String::new()
@@ -88,8 +86,7 @@ pub fn ensure_nvrtc() -> Result<()> {
             };
             Err(format!(
                 "NVRTC ({}) was not found: CWP_NVRTC_LIB is {}, the library path \
-                 (LD_LIBRARY_PATH, ld.so cache) has none, and neither have these folders: \
-                 {searched}{refused}. Install the `nvidia-cuda-nvrtc` wheel \
+                 (LD_LIBRARY_PATH, ld.so cache) has none, and {searched}{refused}. Install the `nvidia-cuda-nvrtc` wheel \
                  (`pip install nvidia-cuda-nvrtc`) or a CUDA toolkit, or point CWP_NVRTC_LIB \
                  at the library; a kernel cache filled by `cwp precompile` needs no NVRTC",
                 locate::NVRTC_SONAMES.join(" or "),
