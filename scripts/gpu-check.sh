@@ -88,33 +88,17 @@ for l in sys.stdin:
         print(m["executable"])' "$1" | tail -n 1
 }
 
+# Finds libcuda where the ld.so cache does not list it. NVRTC is not looked
+# for here: cwp finds it itself (toolkit folders, Python wheels) when a
+# kernel is missing from the precompiled cache, and step 5 checks that it
+# does; a CWP_NVRTC_LIB set by the caller is kept.
 find_libs() {
-  if [ -z "${CWP_NVRTC_LIB:-}" ]; then
-    CWP_NVRTC_LIB=$(python3 - <<'PY' 2>/dev/null
-import importlib.util as u, os
-for m in ("nvidia.cu13", "nvidia.cuda_nvrtc", "nvidia"):
-    try:
-        s = u.find_spec(m)
-    except Exception:
-        s = None
-    for d in (s.submodule_search_locations if s and s.submodule_search_locations else []):
-        for sub in ("lib", "cu13/lib", "cuda_nvrtc/lib"):
-            p = os.path.join(d, sub, "libnvrtc.so.13")
-            if os.path.exists(p):
-                print(p)
-                raise SystemExit
-PY
-)
-    [ -n "$CWP_NVRTC_LIB" ] || CWP_NVRTC_LIB=$(ldconfig -p 2>/dev/null | awk '/libnvrtc\.so\.13 /{print $NF; exit}')
-    [ -n "$CWP_NVRTC_LIB" ] || CWP_NVRTC_LIB=$(find / -name 'libnvrtc.so.13' -not -path '/proc/*' 2>/dev/null | head -n 1)
-  fi
-  [ -n "$CWP_NVRTC_LIB" ] && export CWP_NVRTC_LIB && export LD_LIBRARY_PATH="$(dirname "$CWP_NVRTC_LIB")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 ' && [ -z "${CWP_CUDA_LIB:-}" ]; then
     for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
       [ -e "$d/libcuda.so.1" ] && export CWP_CUDA_LIB="$d/libcuda.so.1" && break
     done
   fi
-  echo "NVRTC: ${CWP_NVRTC_LIB:-not found}; libcuda: ${CWP_CUDA_LIB:-from the ld.so cache}"
+  echo "CWP_NVRTC_LIB: ${CWP_NVRTC_LIB:-unset}; libcuda: ${CWP_CUDA_LIB:-from the ld.so cache}"
 }
 
 run() {
@@ -127,7 +111,9 @@ run() {
   out=$(cd "$out" && pwd)
   cd "$dir" || die "cannot enter $dir"
   local py=${CWP_CHECK_PYTHON:-python3}
-  find_libs | tee "$work/env.txt"
+  # Not in a pipeline: its exports must reach the steps.
+  find_libs >"$work/env.txt"
+  cat "$work/env.txt"
   nvidia-smi -L >>"$work/env.txt" 2>&1
   ls "$dir/kernel-cache" >>"$work/env.txt" 2>&1
   export CWP_CACHE_DIR="$dir/kernel-cache"
@@ -138,6 +124,8 @@ run() {
   local search=${CWP_CHECK_SEARCH-smallcnn:1,10,40,160;resnet18:1,10,40,160;resnet50:1,10,40,160;resnet50_imagenet:1,4,16}
   local convs=${CWP_CHECK_CONVS-resnet50:256}
 
+  # The steps' own output goes to files; their headers to the terminal (fd 3).
+  exec 3>&1
   # step NAME CAP CMD...: runs CMD under a timeout of CAP seconds, less when
   # the budget has less left (then the step is skipped below 5 s), records
   # its exit code and time in steps.txt, and rewrites the report.
@@ -148,10 +136,10 @@ run() {
     [ "$cap" -gt "$left" ] && cap=$left
     if [ "$cap" -lt 5 ]; then
       echo "$name 124 0 skipped: budget spent" >>"$work/steps.txt"
-      echo "== $name: skipped (budget spent)"
+      echo "== $name: skipped (budget spent)" >&3
       return 124
     fi
-    echo "== $name (at most ${cap} s)"
+    echo "== $name (at most ${cap} s)" >&3
     timeout "$cap" "$@"
     rc=$?
     echo "$name $rc $((SECONDS - s))" >>"$work/steps.txt"

@@ -88,8 +88,13 @@ def main():
            "steps": st, "cwp_modes": modes, "peaks_tflops": PEAKS,
            "torch_complete": torch.get("complete"), "torch_skipped": len(torch.get("skipped", []))}
     bare = st.get("bare_start")
+    try:
+        bare_log = open(os.path.join(work, "bare-start.txt"), errors="replace").read()
+    except OSError:
+        bare_log = ""
     doc["bare_start"] = None if bare is None else {
         "pass": bare["rc"] == 0,
+        "asked_for_nvrtc": "NVRTC" in bare_log or "CWP_NVRTC_LIB" in bare_log,
         "what": "cwp selftest --quick with CWP_NVRTC_LIB pointing nowhere: every kernel from the precompiled cache"}
     probe = st.get("nvrtc_probe")
     doc["nvrtc_found_by_cwp"] = None if probe is None else probe["rc"] == 0
