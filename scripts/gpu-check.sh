@@ -140,7 +140,7 @@ run() {
       return 124
     fi
     echo "== $name (at most ${cap} s)" >&3
-    timeout "$cap" "$@"
+    timeout -k 5 "$cap" "$@"
     rc=$?
     echo "$name $rc $((SECONDS - s))" >>"$work/steps.txt"
     "$py" gpu_check_report.py "$work" "$out" >/dev/null 2>>"$work/report.err" ||
@@ -193,11 +193,12 @@ run() {
   rest=${modes#"$first"}
   bench_mode "$first"
 
+  # PyTorch gets up to 150 s and at least 90 (without it there are no
+  # ratios); the other modes about 60 s each where the budget allows.
   local torch_cap=150 left=$((budget - (SECONDS - t0)))
-  # Leave the other modes about 100 s each where the budget allows.
-  local others=$(( $(wc -w <<<"$rest") * 100 ))
+  local others=$(( $(wc -w <<<"$rest") * 60 ))
   [ $((left - others)) -lt "$torch_cap" ] && torch_cap=$((left - others))
-  [ "$torch_cap" -lt 60 ] && torch_cap=60
+  [ "$torch_cap" -lt 90 ] && torch_cap=90
   # shellcheck disable=SC2086
   step torch "$torch_cap" "$py" gpu_peers.py "$work/torch.json" --zoo "$dir" --budget $((torch_cap - 15)) \
     ${CWP_CHECK_TORCH_ARGS:-} >"$work/torch.txt" 2>&1
