@@ -199,8 +199,11 @@ run() {
   local others=$(( $(wc -w <<<"$rest") * 60 ))
   [ $((left - others)) -lt "$torch_cap" ] && torch_cap=$((left - others))
   [ "$torch_cap" -lt 90 ] && torch_cap=90
+  [ "$torch_cap" -gt "$left" ] && torch_cap=$left
+  local torch_budget=$((torch_cap - 15))
+  [ "$torch_budget" -lt 5 ] && torch_budget=5
   # shellcheck disable=SC2086
-  step torch "$torch_cap" "$py" gpu_peers.py "$work/torch.json" --zoo "$dir" --budget $((torch_cap - 15)) \
+  step torch "$torch_cap" "$py" gpu_peers.py "$work/torch.json" --zoo "$dir" --budget "$torch_budget" \
     ${CWP_CHECK_TORCH_ARGS:-} >"$work/torch.txt" 2>&1
   tail -n 1 "$work/torch.txt"
 
