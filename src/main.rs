@@ -75,6 +75,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Scan many models for backdoors (the search and/or Neural Cleanse on each): one table.
     Scan(ScanArgs),
+    /// Compile the CUDA kernels into a kernel cache, for GPU machines without NVRTC.
+    Precompile(PrecompileArgs),
 }
 
 #[derive(Args)]
@@ -124,6 +126,18 @@ struct ScanArgs {
     quiet: bool,
     #[command(flatten)]
     device: DeviceArg,
+}
+
+#[derive(Args)]
+struct PrecompileArgs {
+    /// GPU architectures, comma-separated: sm_XY as in the device's compute
+    /// capability X.Y (an H100/H200 is sm_90).
+    #[arg(long, default_value = "sm_90")]
+    arch: String,
+    /// The cache folder to fill; point CWP_CACHE_DIR at it on the GPU
+    /// machine (default: the cache `cwp` itself reads).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1180,6 +1194,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Selftest(a) => cmd_selftest(a),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Scan(a) => cmd_scan(a),
+        Cmd::Precompile(a) => cmd_precompile(a),
     }
 }
 
@@ -1239,6 +1254,39 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     out!("{}", bench::format_report(&report));
     if let Some(path) = &a.json {
         classwise::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn cmd_precompile(a: &PrecompileArgs) -> Result<()> {
+    use classwise::backend::gpu::nvrtc::{self, Nvrtc, Origin};
+    let dir = match &a.out {
+        Some(d) => d.clone(),
+        None => nvrtc::cache_dir().context(
+            "option --out: no kernel cache folder (CWP_CACHE_DIR, XDG_CACHE_HOME and HOME are unset)",
+        )?,
+    };
+    let (major, minor) = nvrtc::version()?;
+    let known = nvrtc::supported_archs()?;
+    for arch in a.arch.split(',').map(str::trim) {
+        let cc = arch
+            .strip_prefix("sm_")
+            .and_then(|n| n.parse::<i32>().ok())
+            .filter(|cc| known.contains(cc));
+        if cc.is_none() {
+            bail!(
+                "option --arch: `{arch}`: expected sm_XY with XY one of the architectures this \
+                 NVRTC {major}.{minor} compiles for: {known:?}"
+            );
+        }
+        let made = nvrtc::precompile(&Nvrtc, arch, &dir)?;
+        let compiled = made.iter().filter(|(_, o)| *o == Origin::Compiled).count();
+        outln!(
+            "{arch}: {} kernel files in {} ({compiled} compiled by NVRTC {major}.{minor}, {} already there)",
+            made.len(),
+            dir.display(),
+            made.len() - compiled
+        );
     }
     Ok(())
 }

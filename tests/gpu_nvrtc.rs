@@ -174,3 +174,62 @@ fn nvrtc_kernels_do_not_spill_on_sm90() {
         "no resource report:\n{report}"
     );
 }
+
+/// A compiler that is not there: what a GPU machine without NVRTC has.
+struct NoNvrtc;
+
+impl nvrtc::Compiler for NoNvrtc {
+    fn target_for(&self, _: i32, _: i32) -> classwise::Result<String> {
+        Err(classwise::Error::Backend("no NVRTC here".into()))
+    }
+
+    fn compile(&self, _: &KernelFile, _: &str) -> classwise::Result<Image> {
+        Err(classwise::Error::Backend("no NVRTC here".into()))
+    }
+}
+
+/// `cwp precompile --arch sm_90` fills a cache from which the backend's own
+/// lookup serves every kernel file to an sm_90 device as CUBIN, with no
+/// compiler at all; an architecture NVRTC does not know is refused.
+#[test]
+fn nvrtc_precompiled_cache_serves_every_kernel_without_nvrtc() {
+    nvrtc();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cwp = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cwp"));
+        if let (None, Some(lib)) = (std::env::var_os("CWP_NVRTC_LIB"), wheel_nvrtc()) {
+            c.env("CWP_NVRTC_LIB", lib);
+        }
+        c
+    };
+    let out = cwp()
+        .args(["precompile", "--arch", "sm_90", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run cwp");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in KERNEL_FILES {
+        let (img, origin, target) = nvrtc::image_for(&NoNvrtc, file, (9, 0), Some(dir.path()))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        assert_eq!((origin, target.as_str()), (Origin::Cache, "sm_90"));
+        assert!(
+            matches!(&img, Image::Cubin(b) if b.starts_with(b"\x7fELF")),
+            "{}: not a CUBIN",
+            file.name
+        );
+    }
+    let out = cwp()
+        .args(["precompile", "--arch", "sm_91", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run cwp");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--arch") && err.contains("sm_91"),
+        "{err}"
+    );
+}

@@ -4,8 +4,9 @@
 //! One primary context and one stream per device. Memory comes from the
 //! device's stream-ordered pool (`cuMemAllocAsync`/`cuMemFreeAsync`), so
 //! freeing the intermediates of a forward pass never waits for the GPU.
-//! Kernel files are compiled on first use by NVRTC for the device's own
-//! architecture (see [`super::nvrtc`]) and cached on disk.
+//! Kernel files are read from the disk cache, or compiled on first use by
+//! NVRTC for the device's own architecture (see [`super::nvrtc`]) and
+//! cached; NVRTC is loaded only when a kernel is not in the cache.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -86,19 +87,18 @@ pub struct CudaDriver {
     name: String,
     cc: (i32, i32),
     sm_count: usize,
-    target: String,
     cache: Option<PathBuf>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<&'static str, Func>>,
 }
 
 impl CudaDriver {
-    /// Opens device `ordinal`: checks that the driver library and NVRTC are
-    /// present, creates the context and stream. Every failure is an error
-    /// that says what is missing; nothing panics.
+    /// Opens device `ordinal`: checks that the driver library is present,
+    /// creates the context and stream. NVRTC is not needed here: it is
+    /// loaded when a kernel is missing from the cache. Every failure is an
+    /// error that says what is missing; nothing panics.
     pub fn new(ordinal: usize) -> Result<CudaDriver> {
         ensure_libcuda()?;
-        nvrtc::ensure_nvrtc()?;
         cu::init().map_err(|e| err("cuInit (is an NVIDIA GPU visible here?)", e))?;
         let count = cu::device::get_count().map_err(|e| err("cuDeviceGetCount", e))?;
         if ordinal >= count.max(0) as usize {
@@ -143,7 +143,6 @@ impl CudaDriver {
                 );
             }
         }
-        let target = nvrtc::target_for(cc.0, cc.1)?;
         Ok(CudaDriver {
             ordinal,
             dev,
@@ -151,7 +150,6 @@ impl CudaDriver {
             name,
             cc,
             sm_count,
-            target,
             cache: nvrtc::cache_dir(),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
@@ -168,10 +166,11 @@ impl CudaDriver {
         self.sm_count
     }
 
-    /// The NVRTC target the kernels are compiled for (`sm_90`, or
-    /// `compute_XY` when NVRTC does not know this device).
-    pub fn target(&self) -> &str {
-        &self.target
+    /// The device's own CUBIN target (`sm_90`), which the kernel cache is
+    /// searched for first; when NVRTC does not know this device, kernels
+    /// are compiled to PTX of the newest architecture it knows instead.
+    pub fn target(&self) -> String {
+        nvrtc::native_target(self.cc)
     }
 
     fn bind(&self) -> Result<()> {
@@ -191,7 +190,8 @@ impl CudaDriver {
     }
 
     fn load_module(&self, file: &'static KernelFile) -> Result<sys::CUmodule> {
-        let (img, origin) = nvrtc::compile_cached(file, &self.target, self.cache.as_deref())?;
+        let (img, origin, target) =
+            nvrtc::image_for(&nvrtc::Nvrtc, file, self.cc, self.cache.as_deref())?;
         let mut bytes = img.bytes().to_vec();
         if !bytes.ends_with(&[0]) {
             bytes.push(0);
@@ -203,9 +203,16 @@ impl CudaDriver {
                 // The cached entry was intact but the driver refused it:
                 // drop it and compile afresh.
                 if let Some(dir) = &self.cache {
-                    nvrtc::evict(file, &self.target, dir);
+                    nvrtc::evict(file, &target, dir);
                 }
-                let img = nvrtc::compile(file, &self.target)?;
+                let (img, _) = nvrtc::compile_cached(file, &target, self.cache.as_deref())
+                    .map_err(|e2| {
+                        Error::Backend(format!(
+                            "the driver refused the cached kernels/{} for {target} ({e:?}) and it \
+                             cannot be rebuilt: {e2}",
+                            file.name
+                        ))
+                    })?;
                 let mut bytes = img.bytes().to_vec();
                 bytes.push(0);
                 // SAFETY: as above.
@@ -217,7 +224,7 @@ impl CudaDriver {
                 })
             }
             Err(e) => Err(err(
-                &format!("loading kernels/{} for {}", file.name, self.target),
+                &format!("loading kernels/{} for {target}", file.name),
                 e,
             )),
         }

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod emu;
 mod graph_ops;
 pub mod kernels;
+pub mod locate;
 pub mod nvrtc;
 mod ops;
 

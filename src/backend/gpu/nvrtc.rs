@@ -9,9 +9,13 @@
 //!
 //! Compiled images are cached under `$CWP_CACHE_DIR`, else
 //! `$XDG_CACHE_HOME/classwise`, else `~/.cache/classwise`, keyed by the SHA-256
-//! of the source, the headers, the options and the NVRTC version. An entry
-//! carries its own checksum; one that is unreadable, truncated or corrupted is
-//! a miss and is rebuilt. Entries are written atomically (temp file + rename).
+//! of the source, the headers and the options (which name the target
+//! architecture). The NVRTC version is not in the key, so the key can be
+//! computed without NVRTC: a machine whose cache holds every kernel (e.g. one
+//! filled by `cwp precompile`) never loads NVRTC at all. A CUBIN the driver
+//! refuses is evicted and compiled afresh. An entry carries its own checksum;
+//! one that is unreadable, truncated or corrupted is a miss and is rebuilt.
+//! Entries are written atomically (temp file + rename).
 
 use std::ffi::{c_char, c_int, CString};
 use std::path::{Path, PathBuf};
@@ -20,7 +24,8 @@ use std::sync::OnceLock;
 use cudarc::nvrtc::sys;
 use sha2::{Digest, Sha256};
 
-use super::kernels::{KernelFile, KERNEL_HEADERS};
+use super::kernels::{KernelFile, KERNEL_FILES, KERNEL_HEADERS};
+use super::locate;
 use crate::error::{Error, Result};
 
 /// What NVRTC produced for a file.
@@ -41,9 +46,12 @@ impl Image {
     }
 }
 
-/// Loads NVRTC, or says clearly why it cannot. `CWP_NVRTC_LIB` may name the
-/// library file (e.g. the one in the `nvidia-cuda-nvrtc` wheel); otherwise the
-/// usual `dlopen` search (`LD_LIBRARY_PATH`, ld.so cache) applies.
+/// Loads NVRTC, or says clearly why it cannot. Tried in order:
+/// `CWP_NVRTC_LIB` (the library file, e.g. the one in the
+/// `nvidia-cuda-nvrtc` wheel; an error if it does not load), the usual
+/// `dlopen` search (`LD_LIBRARY_PATH`, ld.so cache), then the CUDA toolkit
+/// and Python-wheel folders of [`super::locate::nvrtc_dirs`]. The error when
+/// none works lists the folders searched.
 pub fn ensure_nvrtc() -> Result<()> {
     static STATE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     STATE
@@ -53,15 +61,41 @@ pub fn ensure_nvrtc() -> Result<()> {
             }
             // SAFETY: only probes dlopen with cudarc's candidate names.
             if unsafe { sys::is_culib_present() } {
-                Ok(())
-            } else {
-                Err(
-                    "NVRTC (libnvrtc.so.13) was not found: install the `nvidia-cuda-nvrtc` \
-                     wheel (`pip install nvidia-cuda-nvrtc`) or a CUDA toolkit, and point \
-                     CWP_NVRTC_LIB at libnvrtc.so.13 or add its folder to LD_LIBRARY_PATH"
-                        .to_string(),
-                )
+                return Ok(());
             }
+            let dirs = locate::nvrtc_dirs(&|k| std::env::var_os(k), Path::new("/"));
+            let mut refused = Vec::new();
+            for lib in locate::nvrtc_files(&dirs) {
+                match preload(&lib, "found") {
+                    // SAFETY: as above; the preloaded soname now resolves.
+                    Ok(()) if unsafe { sys::is_culib_present() } => return Ok(()),
+                    Ok(()) => refused.push(format!("{}: loaded but not usable", lib.display())),
+                    Err(e) => refused.push(e),
+                }
+            }
+            let searched = if dirs.is_empty() {
+                "no CUDA toolkit or Python-wheel folder exists here".to_string()
+            } else {
+                let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+                format!("neither have these folders: {}", list.join(", "))
+            };
+            let refused = if refused.is_empty() {
+                String::new()
+            } else {
+                format!("; these did not load: {}", refused.join("; "))
+            };
+            Err(format!(
+                "NVRTC ({}) was not found: CWP_NVRTC_LIB is {}, the library path \
+                 (LD_LIBRARY_PATH, ld.so cache) has none, and {searched}{refused}. Install the `nvidia-cuda-nvrtc` wheel \
+                 (`pip install nvidia-cuda-nvrtc`) or a CUDA toolkit, or point CWP_NVRTC_LIB \
+                 at the library; a kernel cache filled by `cwp precompile` needs no NVRTC",
+                locate::NVRTC_SONAMES.join(" or "),
+                if std::env::var_os("CWP_NVRTC_LIB").is_some() {
+                    "set"
+                } else {
+                    "unset"
+                },
+            ))
         })
         .clone()
         .map_err(Error::Backend)
@@ -278,8 +312,10 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("classwise"))
 }
 
-/// The cache key of a file compiled for `arch` by NVRTC `version`.
-pub fn cache_key(file: &KernelFile, arch: &str, version: (i32, i32)) -> String {
+/// The cache key of a file compiled for `arch`: the SHA-256 of its name,
+/// source, the headers and the options. It needs no NVRTC, so a filled cache
+/// is read on a machine without one.
+pub fn cache_key(file: &KernelFile, arch: &str) -> String {
     let mut h = Sha256::new();
     h.update(file.name.as_bytes());
     h.update([0]);
@@ -294,8 +330,19 @@ pub fn cache_key(file: &KernelFile, arch: &str, version: (i32, i32)) -> String {
         h.update([0]);
         h.update(o.as_bytes());
     }
-    h.update(format!("\0nvrtc {}.{}", version.0, version.1).as_bytes());
     hex(&h.finalize())
+}
+
+/// The path of the cache entry of `file` for `arch` in `dir`.
+fn entry_path(dir: &Path, file: &KernelFile, arch: &str) -> PathBuf {
+    dir.join(format!("{}-{}.bin", file.name, cache_key(file, arch)))
+}
+
+/// The intact cache entry of `file` for `arch` in `dir`, if any.
+fn read_entry(dir: Option<&Path>, file: &KernelFile, arch: &str) -> Option<Image> {
+    std::fs::read(entry_path(dir?, file, arch))
+        .ok()
+        .and_then(|b| decode(&b))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -345,6 +392,30 @@ pub enum Origin {
     Compiled,
 }
 
+/// What the kernel cache needs from a compiler: NVRTC in the product
+/// ([`Nvrtc`]), a stand-in in tests. It is asked only on a cache miss, so a
+/// machine whose cache holds every kernel never loads it.
+pub trait Compiler {
+    /// The target for a device of compute capability `major.minor` (see
+    /// [`target_for`]).
+    fn target_for(&self, major: i32, minor: i32) -> Result<String>;
+    /// Compiles `file` for `target`.
+    fn compile(&self, file: &KernelFile, target: &str) -> Result<Image>;
+}
+
+/// NVRTC, loaded on first use.
+pub struct Nvrtc;
+
+impl Compiler for Nvrtc {
+    fn target_for(&self, major: i32, minor: i32) -> Result<String> {
+        target_for(major, minor)
+    }
+
+    fn compile(&self, file: &KernelFile, target: &str) -> Result<Image> {
+        compile(file, target)
+    }
+}
+
 /// The image of `file` for `arch`, from the cache in `dir` when an intact
 /// entry exists, else compiled now and stored. A corrupted entry is rebuilt;
 /// a cache that cannot be written is only a lost speed-up, never an error.
@@ -353,35 +424,80 @@ pub fn compile_cached(
     arch: &str,
     dir: Option<&Path>,
 ) -> Result<(Image, Origin)> {
-    let version = version()?;
-    let path = dir.map(|d| {
-        d.join(format!(
-            "{}-{}.bin",
-            file.name,
-            cache_key(file, arch, version)
-        ))
-    });
-    if let Some(p) = &path {
-        if let Some(img) = std::fs::read(p).ok().and_then(|b| decode(&b)) {
-            return Ok((img, Origin::Cache));
-        }
+    compile_cached_with(&Nvrtc, file, arch, dir)
+}
+
+/// [`compile_cached`] with a given compiler.
+pub fn compile_cached_with(
+    compiler: &dyn Compiler,
+    file: &KernelFile,
+    arch: &str,
+    dir: Option<&Path>,
+) -> Result<(Image, Origin)> {
+    if let Some(img) = read_entry(dir, file, arch) {
+        return Ok((img, Origin::Cache));
     }
-    let img = compile(file, arch)?;
-    if let (Some(p), Some(d)) = (&path, dir) {
-        let _ = store(d, p, &img);
+    let img = compiler.compile(file, arch)?;
+    if let Some(d) = dir {
+        let _ = store(d, &entry_path(d, file, arch), &img);
     }
     Ok((img, Origin::Compiled))
 }
 
+/// The image of `file` for a device of compute capability `cc`, and the
+/// target it was made for. The device's own CUBIN (`sm_XY`) is looked up in
+/// the cache first, without the compiler; only on a miss is the compiler
+/// asked for its target (which may be PTX for a device it does not know),
+/// and that target is looked up, then compiled and stored.
+pub fn image_for(
+    compiler: &dyn Compiler,
+    file: &KernelFile,
+    cc: (i32, i32),
+    dir: Option<&Path>,
+) -> Result<(Image, Origin, String)> {
+    let native = native_target(cc);
+    if let Some(img) = read_entry(dir, file, &native) {
+        return Ok((img, Origin::Cache, native));
+    }
+    let target = compiler.target_for(cc.0, cc.1)?;
+    let (img, origin) = compile_cached_with(compiler, file, &target, dir)?;
+    Ok((img, origin, target))
+}
+
+/// The CUBIN target of a device of compute capability `cc`: `sm_XY`.
+pub fn native_target(cc: (i32, i32)) -> String {
+    format!("sm_{}{}", cc.0, cc.1)
+}
+
+/// Compiles every kernel file for `arch` into the cache in `dir` (entries
+/// already there and intact are kept), through the same path the backend
+/// loads them by; returns each file's name and where its image came from.
+/// This is how a kernel cache is prepared for a machine without NVRTC.
+pub fn precompile(
+    compiler: &dyn Compiler,
+    arch: &str,
+    dir: &Path,
+) -> Result<Vec<(&'static str, Origin)>> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Backend(format!("cannot create {}: {e}", dir.display())))?;
+    let mut out = Vec::new();
+    for file in KERNEL_FILES {
+        let (img, origin) = compile_cached_with(compiler, file, arch, Some(dir))?;
+        if origin == Origin::Compiled && read_entry(Some(dir), file, arch).as_ref() != Some(&img) {
+            return Err(Error::Backend(format!(
+                "cannot write the cache entry of kernels/{} in {}",
+                file.name,
+                dir.display()
+            )));
+        }
+        out.push((file.name, origin));
+    }
+    Ok(out)
+}
+
 /// Drops the cache entry of `file` for `arch` (after the driver refused it).
 pub fn evict(file: &KernelFile, arch: &str, dir: &Path) {
-    if let Ok(v) = version() {
-        let _ = std::fs::remove_file(dir.join(format!(
-            "{}-{}.bin",
-            file.name,
-            cache_key(file, arch, v)
-        )));
-    }
+    let _ = std::fs::remove_file(entry_path(dir, file, arch));
 }
 
 fn store(dir: &Path, path: &Path, img: &Image) -> std::io::Result<()> {
@@ -397,6 +513,115 @@ fn store(dir: &Path, path: &Path, img: &Image) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    /// A compiler that makes a recognisable fake image per file and target,
+    /// or, when `present` is false, fails as a machine without NVRTC does;
+    /// it counts how often it is asked.
+    struct Fake {
+        present: bool,
+        asked: Cell<usize>,
+    }
+
+    impl Fake {
+        fn new(present: bool) -> Fake {
+            Fake {
+                present,
+                asked: Cell::new(0),
+            }
+        }
+
+        fn image(file: &KernelFile, target: &str) -> Image {
+            Image::Cubin(format!("{} for {target}", file.name).into_bytes())
+        }
+
+        fn ask(&self) -> Result<()> {
+            self.asked.set(self.asked.get() + 1);
+            if self.present {
+                Ok(())
+            } else {
+                Err(Error::Backend("no NVRTC on this machine".into()))
+            }
+        }
+    }
+
+    impl Compiler for Fake {
+        fn target_for(&self, major: i32, minor: i32) -> Result<String> {
+            self.ask()?;
+            // Knows up to sm_90; newer devices get PTX, as NVRTC does.
+            Ok(if major * 10 + minor <= 90 {
+                format!("sm_{major}{minor}")
+            } else {
+                "compute_90".into()
+            })
+        }
+
+        fn compile(&self, file: &KernelFile, target: &str) -> Result<Image> {
+            self.ask()?;
+            Ok(Fake::image(file, target))
+        }
+    }
+
+    #[test]
+    fn a_cache_holding_every_kernel_needs_no_compiler() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = precompile(&Fake::new(true), "sm_90", dir.path()).unwrap();
+        assert_eq!(made.len(), KERNEL_FILES.len());
+        assert!(made.iter().all(|(_, o)| *o == Origin::Compiled));
+        let again = precompile(&Fake::new(true), "sm_90", dir.path()).unwrap();
+        assert!(again.iter().all(|(_, o)| *o == Origin::Cache), "{again:?}");
+
+        let absent = Fake::new(false);
+        for file in KERNEL_FILES {
+            let (img, origin, target) = image_for(&absent, file, (9, 0), Some(dir.path()))
+                .unwrap_or_else(|e| panic!("{}: {e}", file.name));
+            assert_eq!(
+                (img, origin, target.as_str()),
+                (Fake::image(file, "sm_90"), Origin::Cache, "sm_90")
+            );
+        }
+        assert_eq!(absent.asked.get(), 0, "the compiler was never asked");
+
+        // A device of another architecture, or one missing entry, does need it.
+        let file = &KERNEL_FILES[0];
+        let err = image_for(&absent, file, (8, 0), Some(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("no NVRTC"), "{err}");
+        evict(file, "sm_90", dir.path());
+        assert!(image_for(&absent, file, (9, 0), Some(dir.path())).is_err());
+        let (_, origin, _) = image_for(&Fake::new(true), file, (9, 0), Some(dir.path())).unwrap();
+        assert_eq!(origin, Origin::Compiled, "the evicted entry is rebuilt");
+    }
+
+    #[test]
+    fn a_device_the_compiler_does_not_know_gets_cached_ptx() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = &KERNEL_FILES[0];
+        let nvrtc = Fake::new(true);
+        let (img, origin, target) = image_for(&nvrtc, file, (12, 0), Some(dir.path())).unwrap();
+        assert_eq!(
+            (img, origin, target.as_str()),
+            (
+                Fake::image(file, "compute_90"),
+                Origin::Compiled,
+                "compute_90"
+            )
+        );
+        let (_, origin, _) = image_for(&nvrtc, file, (12, 0), Some(dir.path())).unwrap();
+        assert_eq!(origin, Origin::Cache);
+    }
+
+    #[test]
+    fn the_cache_key_depends_on_the_target_and_the_source() {
+        let f = &KERNEL_FILES[0];
+        assert_ne!(cache_key(f, "sm_90"), cache_key(f, "sm_80"));
+        let edited = KernelFile {
+            name: f.name,
+            source: "// edited\n",
+            kernels: f.kernels,
+        };
+        assert_ne!(cache_key(f, "sm_90"), cache_key(&edited, "sm_90"));
+        assert_eq!(cache_key(f, "sm_90"), cache_key(f, "sm_90"));
+    }
 
     #[test]
     fn cache_entries_round_trip_and_reject_damage() {
