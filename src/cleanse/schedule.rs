@@ -182,9 +182,11 @@ mod tests {
         let mut s = Schedule::new(p);
         run(&mut s, &[OK; 5]);
         assert_eq!(s.cost(), p.init_cost);
-        let costs = run(&mut s, &[OK; 5]);
-        assert_eq!(&costs[..4], &[p.init_cost; 4]);
-        assert_eq!(costs[4], 2.0 * p.init_cost);
+        // As in the original, the step that set the cost counts as the
+        // first of the five successes.
+        let costs = run(&mut s, &[OK; 4]);
+        assert_eq!(&costs[..3], &[p.init_cost; 3]);
+        assert_eq!(costs[3], 2.0 * p.init_cost);
         // A success breaks a run of failures.
         let costs = run(
             &mut s,
@@ -218,7 +220,8 @@ mod tests {
     fn early_stop_waits_for_the_cost_to_have_moved_up_and_down_then_25_flat_steps() {
         let p = ScheduleParams::default();
         let mut s = Schedule::new(p);
-        // Cost set (5), doubled (5): moved up only; the best L1 stays 10.
+        // Cost set at step 5, doubled at step 9: moved up only; the best L1
+        // stays 10.
         for _ in 0..10 {
             assert!(!s.step(OK, 10.0).stop);
         }
