@@ -114,7 +114,8 @@ struct CleanseArgs {
     /// Seed of the initial masks and patterns and of the image order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// One class after another, as the original runs it (the same result, slower).
+    /// One class after another, as the original runs it: the same result, for measuring what
+    /// batching the classes saves.
     #[arg(long)]
     sequential: bool,
     /// Memory budget of one step: bytes with an optional K, M, G or T suffix (sets how many

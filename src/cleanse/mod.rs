@@ -62,7 +62,7 @@ pub struct CleanseConfig {
     /// Most composites per forward pass (classes are split into chunks).
     pub max_images: usize,
     /// One class after another (as the original runs it) instead of all
-    /// classes in the same step; the same result, slower.
+    /// classes in the same step; the same result bit for bit on the CPU.
     pub sequential: bool,
 }
 
