@@ -8,6 +8,7 @@
 pub mod attack;
 pub mod backend;
 pub mod bench;
+pub mod cleanse;
 pub mod data;
 pub mod demo;
 pub mod device_model;

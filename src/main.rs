@@ -67,6 +67,9 @@ enum Cmd {
     Search(SearchArgs),
     /// Gather the shards of a `cwp search --shard I/N` run into one report.
     Merge(MergeArgs),
+    /// Neural Cleanse (Wang et al. 2019), all classes batched: per-class trigger masks and the
+    /// MAD anomaly index of their L1 norms; report in --out.
+    Cleanse(CleanseArgs),
     /// The paper's three settings on one page: the embedded natural, backdoored and adversarially trained models.
     Demo(DemoArgs),
     /// Check the GPU backend against the CPU reference on this machine.
@@ -117,6 +120,9 @@ struct ScanArgs {
     /// Memory budget of one search step (bytes with K, M, G or T).
     #[arg(long, default_value = "2G")]
     memory: String,
+    /// Neural Cleanse's most steps per class (default: as `cwp cleanse`).
+    #[arg(long)]
+    nc_steps: Option<usize>,
     /// Scan only shard I of N (0 <= I < N): model j goes to shard j % N. Any shard's table
     /// lists every model finished so far; rerun without --shard to rebuild it at the end.
     #[arg(long, value_name = "I/N")]
@@ -148,6 +154,47 @@ struct MergeArgs {
     /// Where the report goes (default: the first folder).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CleanseArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Data: its test split is the clean image set (all classes, as the original).
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Output folder: cleanse.json, cleanse.html, mask_T.png, pattern_T.png, fusion_T.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Target classes: all, or a comma list of class indices.
+    #[arg(long, default_value = "all")]
+    classes: String,
+    /// Most steps per class (the original: 1000 steps of 31 mini-batches of 32). The defaults
+    /// (60 x 8 x 32) make a 10-class smallcnn at 28x28 cost about one default `cwp search`.
+    #[arg(long, default_value_t = classwise::cleanse::CleanseConfig::DEFAULT_STEPS)]
+    steps: usize,
+    /// Mini-batches per step (a step's ASR is their mean; the cost schedule counts steps).
+    #[arg(long, default_value_t = classwise::cleanse::CleanseConfig::DEFAULT_MINI_BATCHES)]
+    mini_batches: usize,
+    /// Clean images per mini-batch.
+    #[arg(long, default_value_t = classwise::cleanse::CleanseConfig::DEFAULT_BATCH)]
+    batch: usize,
+    /// Seed of the initial masks and patterns and of the image order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One class after another, as the original runs it: the same result, for measuring what
+    /// batching the classes saves.
+    #[arg(long)]
+    sequential: bool,
+    /// Memory budget of one step: bytes with an optional K, M, G or T suffix (sets how many
+    /// classes share a forward pass).
+    #[arg(long, default_value = "2G")]
+    memory: String,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -999,6 +1046,9 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
     if a.epochs == Some(0) {
         bail!("option --epochs: at least one epoch is needed");
     }
+    if a.nc_steps == Some(0) {
+        bail!("option --nc-steps: at least one step is needed");
+    }
     if a.eval_per_class == Some(0) {
         bail!("option --eval-per-class: at least one image per class is needed");
     }
@@ -1014,6 +1064,7 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         k_sweep: a.k_sweep.clone(),
         eval_per_class: a.eval_per_class,
         memory: units::parse_bytes(&a.memory, "--memory")? as u64,
+        nc_steps: a.nc_steps,
         shard,
         command: command_line(),
         quiet: a.quiet,
@@ -1074,6 +1125,75 @@ fn cmd_merge(a: &MergeArgs) -> Result<()> {
         std::fs::create_dir_all(&out)
             .with_context(|| format!("option --out: cannot create {}", out.display()))?;
         write_search_outputs(&report, &class_names, &out)
+    })
+}
+
+fn cmd_cleanse(a: &CleanseArgs) -> Result<()> {
+    use classwise::cleanse::{self, CleanseConfig};
+    let model = load_model(&a.model)?;
+    let g = &model.graph;
+    let mut cfg = CleanseConfig::defaults(g.num_classes);
+    if a.classes != "all" {
+        cfg.classes = a
+            .classes
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| {
+                format!(
+                    "option --classes: `{}` is not `all` or a comma list of class indices",
+                    a.classes
+                )
+            })?;
+    }
+    cfg.steps = a.steps;
+    cfg.mini_batches = a.mini_batches;
+    cfg.batch = a.batch;
+    cfg.seed = a.seed;
+    cfg.sequential = a.sequential;
+    let per_image = classwise::search::optimize::bytes_per_image(g);
+    cfg.max_images = (units::parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
+    let spec: DataSpec = a.data.parse()?;
+    let test = data::load(&spec, Split::Test, Some(g.input))?;
+    eval::check_fits(g, &test)?;
+    cfg.validate(g.num_classes, test.len())?;
+    let dev = select_device(&a.device.device)?;
+    let label = a.model.weights.display().to_string();
+    removing_empty_dirs_on_failure(&a.out, || {
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("option --out: cannot create {}", a.out.display()))?;
+        let report = with_backend!(dev, |be| {
+            let dm = DeviceModel::upload(&be, &model.graph, &model.params)?.with_label(&label);
+            cleanse::run(&dm, &test, &cfg, &label, a.quiet)?
+        });
+        cleanse::output::write(&report, test.class_names(), &a.out)?;
+        for (r, ai) in report.results.iter().zip(&report.anomaly_index) {
+            outln!(
+                "class {:>3}: mask L1 {:>8.2}  ASR {:>6.1}%  {}  anomaly index {:>6.2}{}",
+                r.class,
+                r.l1,
+                100.0 * r.asr,
+                if r.reached {
+                    "reached    "
+                } else {
+                    "not reached"
+                },
+                ai,
+                if report.flagged.contains(&r.class) {
+                    "  FLAGGED"
+                } else {
+                    ""
+                }
+            );
+        }
+        outln!(
+            "flagged: {:?}; {:.1}s ({} images through forward and backward); report: {}",
+            report.flagged,
+            report.seconds,
+            report.images,
+            a.out.join("cleanse.html").display()
+        );
+        Ok(())
     })
 }
 
@@ -1190,6 +1310,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Search(a) => cmd_search(a),
         Cmd::Merge(a) => cmd_merge(a),
+        Cmd::Cleanse(a) => cmd_cleanse(a),
         Cmd::Demo(a) => cmd_demo(a),
         Cmd::Selftest(a) => cmd_selftest(a),
         Cmd::Bench(a) => cmd_bench(a),

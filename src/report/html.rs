@@ -105,7 +105,8 @@ ul.notes li { margin: 3px 0; }
 footer { margin-top: 48px; color: var(--muted); font-size: 13px; }
 "#;
 
-/// A whole self-contained page around `body`, in the reports' style.
+/// A whole self-contained page around `body` (already HTML), in the
+/// reports' style.
 pub fn page(title: &str, wide: bool, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
@@ -117,7 +118,7 @@ pub fn page(title: &str, wide: bool, body: &str) -> String {
 }
 
 /// An `<img>` of a PNG, inline, `alt` escaped.
-fn img(png: &[u8], alt: &str, class: &str) -> String {
+pub(crate) fn img(png: &[u8], alt: &str, class: &str) -> String {
     format!(
         "<img class=\"{class}\" src=\"{}\" alt=\"{}\">",
         data_uri(png),
@@ -126,7 +127,7 @@ fn img(png: &[u8], alt: &str, class: &str) -> String {
 }
 
 /// A key–value row with an already escaped value.
-fn kv(out: &mut String, key: &str, value_html: &str) {
+pub(crate) fn kv(out: &mut String, key: &str, value_html: &str) {
     let _ = writeln!(out, "<tr><td>{}</td><td>{value_html}</td></tr>", esc(key));
 }
 
@@ -424,7 +425,7 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
 }
 
 /// A statistic value: whole numbers without decimals, others with three.
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if v.is_finite() && v.fract() == 0.0 {
         format!("{v:.0}")
     } else if v.is_finite() {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::data::{self, DataSpec, Dataset, Split};
+use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
 use crate::search::shard::Shard;
 use crate::search::{self, RunInputs, SearchConfig};
@@ -76,8 +77,10 @@ pub struct ScanOptions {
     pub k_sweep: Option<String>,
     /// Report images per class for the search's power (None: the default, all).
     pub eval_per_class: Option<usize>,
-    /// Memory budget of one search step, bytes.
+    /// Memory budget of one search (or Neural Cleanse) step, bytes.
     pub memory: u64,
+    /// Neural Cleanse's steps per class (None: its default).
+    pub nc_steps: Option<usize>,
     /// This process's share of the models.
     pub shard: Option<Shard>,
     /// The command line, for the reports.
@@ -95,7 +98,10 @@ impl ScanOptions {
                 "cwp epochs={:?} canvas={:?} k_sweep={:?} eval_per_class={:?} data={:?} arch={:?}",
                 self.epochs, self.canvas, self.k_sweep, self.eval_per_class, self.data, self.arch
             ),
-            Method::Nc => format!("nc data={:?} arch={:?}", self.data, self.arch),
+            Method::Nc => format!(
+                "nc steps={:?} data={:?} arch={:?}",
+                self.nc_steps, self.data, self.arch
+            ),
         }
     }
 }
@@ -378,7 +384,26 @@ fn run_method<B: Backend>(
                 by_canvas,
             })
         }
-        Method::Nc => Err(Error::Msg("--method nc: Neural Cleanse is being merged".into())),
+        Method::Nc => {
+            let g = &model.graph;
+            let mut cfg = crate::cleanse::CleanseConfig::defaults(g.num_classes);
+            if let Some(n) = opts.nc_steps {
+                cfg.steps = n;
+            }
+            let per_image = search::optimize::bytes_per_image(g);
+            cfg.max_images = ((opts.memory / per_image as u64) as usize).max(cfg.batch);
+            cfg.validate(g.num_classes, test.len())?;
+            let dm = DeviceModel::upload(be, g, &model.params)?.with_label(label);
+            let r = crate::cleanse::run(&dm, test, &cfg, label, opts.quiet)?;
+            crate::cleanse::output::write(&r, test.class_names(), dir)?;
+            Ok(Outcome {
+                flagged: r.flagged.clone(),
+                classes: r.classes.clone(),
+                anomaly_index: r.anomaly_index.clone(),
+                clean_accuracy: None,
+                by_canvas: Vec::new(),
+            })
+        }
     }
 }
 
@@ -516,10 +541,14 @@ pub fn run<B: Backend>(
             let seconds = t0.elapsed().as_secs_f64();
             match result {
                 Ok(o) => {
+                    let page = match method {
+                        Method::Cwp => "report.html",
+                        Method::Nc => "cleanse.html",
+                    };
                     let report = dir
                         .strip_prefix(out)
                         .unwrap_or(&dir)
-                        .join("report.html")
+                        .join(page)
                         .to_string_lossy()
                         .into_owned();
                     let mut row = finished_row(model_path, method, o, seconds, report);
