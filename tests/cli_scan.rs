@@ -207,3 +207,29 @@ fn bad_options_are_refused_before_anything_is_written() {
     let msg = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && msg.contains("no .safetensors or .onnx"), "{msg}");
 }
+
+#[test]
+fn method_both_gives_each_model_a_cwp_row_and_a_neural_cleanse_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let out = dir.path().join("scan");
+    let o = scan(&[&a], &out, &data, &["--method", "both", "--nc-steps", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = rows(&out);
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["cwp", "nc"]);
+    let nc = &rows[1];
+    assert_eq!(nc["anomaly_index"].as_array().unwrap().len(), 10);
+    let page = out.join(nc["report"].as_str().unwrap());
+    assert!(page.ends_with("cleanse.html") && page.is_file(), "{}", page.display());
+    assert!(page.with_file_name("cleanse.json").is_file());
+    // The cwp row carries the verdict of each canvas kind every class had.
+    let kinds: Vec<&str> = rows[0]["by_canvas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"natural"), "{kinds:?}");
+}
