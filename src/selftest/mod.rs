@@ -35,8 +35,9 @@ pub use models::*;
 pub use ops::{check_ops, OP_FAMILIES};
 
 use crate::backend::gpu::{Driver, GpuBackend};
+use crate::backend::Precision;
 use crate::error::Result;
-use crate::graph::{Graph, ParamKind};
+use crate::graph::{Graph, Op, ParamKind};
 use crate::tensor::{numel, Tensor};
 
 /// f32 unit roundoff.
@@ -149,6 +150,39 @@ pub fn model_tolerances(deep: bool) -> (f64, f64) {
     } else {
         (1e-4, 1e-3)
     }
+}
+
+/// [`model_tolerances`] for a GPU whose convolutions and linear layers
+/// (`gemm_layers` of them in the model) multiply in `precision`. fp32 keeps
+/// the fixture tolerances. The other modes round every operand of every
+/// product with unit roundoff `u` (tf32 2^-11, bf16 2^-8), which moves
+/// each layer's output by at most `2u` relative to its terms; to first
+/// order these errors add up through the layers, the input gradient
+/// passing through each layer twice (forward and back). So the tolerances
+/// grow by `2u·L` (logits) and `2·2u·L` (input gradient).
+pub fn model_tolerances_in(deep: bool, precision: Precision, gemm_layers: usize) -> (f64, f64) {
+    let (l, g) = model_tolerances(deep);
+    if precision == Precision::Fp32 {
+        return (l, g);
+    }
+    let per_layer = 2.0 * precision.operand_roundoff();
+    let layers = gemm_layers.max(1) as f64;
+    (l + per_layer * layers, g + 2.0 * per_layer * layers)
+}
+
+/// The convolution and linear layers of `graph`: the ops whose arithmetic
+/// `--precision` changes.
+pub fn gemm_layers(graph: &Graph) -> usize {
+    graph
+        .nodes
+        .iter()
+        .filter(|n| {
+            matches!(
+                n.op,
+                Op::Conv { .. } | Op::FusedConv { .. } | Op::Linear { .. }
+            )
+        })
+        .count()
 }
 
 /// What [`run_suite`] runs.
