@@ -27,6 +27,12 @@
 //! tolerances of `tests/fixtures/README.md` (f32 against f64 PyTorch):
 //! logits within `1e-4·max(1, max|ref|)` (deep nets `1e-3`), input gradients
 //! within relative L2 `1e-3` (deep nets `5e-3`).
+//!
+//! Under `--precision tf32x3|tf32|bf16` the convolutions and linear layers
+//! round their operands: their bound adds [`Precision::dot_bound`]'s operand
+//! term (`2u + u²` of `Σ|terms|`, u = 2^-11 tf32, 2^-8 bf16, 2^-21 tf32x3)
+//! and counts the extra additions; the model tolerances grow to first order
+//! by `2u` per convolution or linear layer ([`model_tolerances_in`]).
 
 mod models;
 mod ops;
