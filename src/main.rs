@@ -229,6 +229,9 @@ struct SelftestArgs {
     /// GPU backend to check: cuda[:N], or emu (the kernels emulated on the CPU; slow).
     #[arg(long, default_value = "cuda")]
     device: String,
+    /// Convolution arithmetic to check: fp32, tf32x3, tf32, bf16 (each against its derived error bound).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Op-level checks only (no zoo models).
     #[arg(long)]
     quick: bool,
@@ -266,6 +269,9 @@ struct DeviceArg {
     /// Compute device: auto, cpu, cuda[:N] (emu: the CUDA kernels emulated on the CPU).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Convolution arithmetic: fp32, tf32x3, tf32, bf16 (tensor cores, f32 accumulation; cuda and emu only, the CPU refuses all but fp32). Default fp32: the faster modes have not passed the accuracy gate on a GPU yet.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
 }
 
 #[derive(Args)]
@@ -539,6 +545,14 @@ fn select_device(spec: &str) -> Result<Device> {
     Ok(dev)
 }
 
+/// The backend of `--device` with its convolutions in `--precision`.
+fn open_device(d: &DeviceArg) -> Result<Device> {
+    let p: classwise::backend::Precision = d.precision.parse()?;
+    let mut dev = select_device(&d.device)?;
+    dev.set_precision(p)?;
+    Ok(dev)
+}
+
 /// Runs `$body` with `$be` bound to the backend of `$dev`.
 macro_rules! with_backend {
     ($dev:expr, |$be:ident| $body:expr) => {
@@ -612,7 +626,7 @@ fn cmd_forward(a: &ForwardArgs) -> Result<()> {
         }
     }
     let model = load_model(&a.model)?;
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let res = with_backend!(dev, |be| classwise::forward::forward_file(
         &be,
         &model,
@@ -667,7 +681,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
     }
     let data = data::load(&spec, split_of(&a.split), Some(model.graph.input))?;
     eval::check_fits(&model.graph, &data)?;
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     with_backend!(dev, |be| run_eval(&be, a, &model, &data, trigger, attack))
 }
 
@@ -843,7 +857,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         quiet: a.quiet,
     };
     cfg.validate(spec.num_classes)?;
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let (model, stats) = with_backend!(dev, |be| train::train(
         &be, &spec, &train_set, &test, &cfg, &a.out, a.resume
     )?);
@@ -1000,7 +1014,7 @@ fn search_into(a: &SearchArgs) -> Result<()> {
         quiet: a.quiet,
         checkpoint_every: Some(checkpoint_every),
     };
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     if let Some(shard) = shard {
         let m = with_backend!(dev, |be| search::run_shard(
             &be, &inputs, &cfg, &a.out, shard
@@ -1069,7 +1083,7 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         command: command_line(),
         quiet: a.quiet,
     };
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let summary = removing_empty_dirs_on_failure(&a.out, || {
         let mut log = |line: &str| eprintln!("{line}");
         Ok(with_backend!(dev, |be| scan::run(
@@ -1157,7 +1171,7 @@ fn cmd_cleanse(a: &CleanseArgs) -> Result<()> {
     let test = data::load(&spec, Split::Test, Some(g.input))?;
     eval::check_fits(g, &test)?;
     cfg.validate(g.num_classes, test.len())?;
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let label = a.model.weights.display().to_string();
     removing_empty_dirs_on_failure(&a.out, || {
         std::fs::create_dir_all(&a.out)
@@ -1215,7 +1229,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("option --out: cannot create {}", a.out.display()))?;
     let start = std::time::Instant::now();
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let runs = with_backend!(dev, |be| classwise::demo::run(
         &be,
         &test,
@@ -1327,18 +1341,26 @@ fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
         ..SuiteOptions::default()
     };
     let mut progress = |s: &str| eprintln!("selftest: {s}");
+    let precision: classwise::backend::Precision = a.precision.parse()?;
     let (name, checks) = match select_device(&a.device)? {
-        Device::Cuda(g) => (g.name(), run_suite(&g, &opts, &mut progress)),
-        Device::Emu(g) => (g.name(), run_suite(&g, &opts, &mut progress)),
+        Device::Cuda(g) => {
+            let g = g.with_precision(precision);
+            (g.name(), run_suite(&g, &opts, &mut progress))
+        }
+        Device::Emu(g) => {
+            let g = g.with_precision(precision);
+            (g.name(), run_suite(&g, &opts, &mut progress))
+        }
         Device::Cpu(_) => bail!(
             "option --device: `{}`: selftest compares a GPU backend with the CPU; use cuda[:N] or emu",
             a.device
         ),
     };
-    outln!("device: {name}");
+    outln!("device: {name}, precision {precision}");
     out!("{}", format_checks(&checks));
     if let Some(path) = &a.json {
-        let doc = serde_json::json!({ "device": name, "checks": checks });
+        let doc =
+            serde_json::json!({ "device": name, "precision": precision.name(), "checks": checks });
         classwise::io::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
@@ -1350,7 +1372,7 @@ fn cmd_selftest(a: &SelftestArgs) -> Result<()> {
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
     use classwise::bench::{self, BenchConfig};
-    let dev = select_device(&a.device.device)?;
+    let dev = open_device(&a.device)?;
     let mut cfg = BenchConfig::default_for(!matches!(dev, Device::Cpu(_)));
     if let Some(m) = &a.models {
         cfg.models = bench::parse_plan(m, "--models")?;

@@ -9,8 +9,11 @@
 // every fiber of the running block sees the same storage, and blocks running
 // on other OS threads have their own.
 //
-// Only what the kernels need is here; grow it when a kernel needs more, and
-// keep inline PTX and tensor-core intrinsics out of kernels that run here.
+// Only what the kernels need is here; grow it when a kernel needs more.
+// Inline PTX stays out of kernels that run here: the tensor-core and
+// async-copy instructions are device functions in kernels/mma.cuh, each with
+// a scalar twin under CWP_EMU built on the warp exchange and cp.async queue
+// of runtime.cpp.
 #pragma once
 
 #include <cmath>
@@ -70,6 +73,10 @@ extern "C" void cwp_emu_syncwarp();
 extern "C" unsigned long long cwp_emu_shfl(unsigned long long v, int src_lane, int mode,
                                            int width);
 extern "C" void* cwp_emu_dynamic_smem();
+extern "C" void cwp_emu_warp_gather(const void* mine, const void** all);
+extern "C" void cwp_emu_cp_async(void* dst, const void* src, int bytes, int src_bytes);
+extern "C" void cwp_emu_cp_async_commit();
+extern "C" void cwp_emu_cp_async_wait(int n);
 enum { CWP_SHFL_IDX = 0, CWP_SHFL_DOWN = 1, CWP_SHFL_UP = 2, CWP_SHFL_XOR = 3 };
 
 static inline void __syncthreads() { cwp_emu_syncthreads(); }

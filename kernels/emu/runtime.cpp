@@ -103,6 +103,19 @@ cwp_emu_fiber_entry:
 
 enum FiberState { READY = 0, DONE = 1 };
 
+// One cp.async: `bytes` to `dst`, the first `src_bytes` of them from `src`,
+// the rest zeros; `group` is the commit group it belongs to.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes, group;
+};
+
+void perform(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, (size_t)c.src_bytes);
+  std::memset((char*)c.dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+}
+
 struct Fiber {
   void* sp;  // saved stack pointer while switched out (x86-64 path)
   int state;
@@ -129,6 +142,12 @@ struct Worker {
   unsigned warp_gen[kMaxThreads / 32];
   int warp_live[kMaxThreads / 32];
   unsigned long long slot[kMaxThreads];
+  // warp-collective operands (mma, ldmatrix): each lane's pointer to its own
+  // operands, published before a warp barrier; null once the thread exited
+  const void* wptr[kMaxThreads] = {};
+  // cp.async: each thread's copies not yet performed, and its committed groups
+  std::vector<AsyncCopy> pending[kMaxThreads];
+  int committed[kMaxThreads] = {};
   std::vector<char> dyn;
   Body body = nullptr;
   void** args = nullptr;
@@ -232,10 +251,19 @@ void release_barriers_after_exit(Worker* W, int warp) {
   }
 }
 
+// Performs thread i's outstanding copies (a thread that exits has them land).
+void flush_copies(Worker* W, int i) {
+  for (const AsyncCopy& c : W->pending[i]) perform(c);
+  W->pending[i].clear();
+  W->committed[i] = 0;
+}
+
 void fiber_main(void* arg) {
   Worker* W = (Worker*)arg;
   W->body(W->args);
   int i = W->cur;
+  flush_copies(W, i);
+  W->wptr[i] = nullptr;
   W->fibers[i].state = DONE;
   W->live--;
   W->warp_live[i / 32]--;
@@ -271,6 +299,7 @@ int run_block_direct(Worker* W, int nthreads, const unsigned* block) {
       cwp_emu_threadIdx.y = (i / block[0]) % block[1];
       cwp_emu_threadIdx.z = i / (block[0] * block[1]);
       W->body(W->args);
+      flush_copies(W, i);
     }
   } catch (const LateBarrier&) {
     W->direct = false;
@@ -295,6 +324,9 @@ int run_block(Worker* W, int nthreads, const unsigned* block) {
     f.tid.x = i % block[0];
     f.tid.y = (i / block[0]) % block[1];
     f.tid.z = i / (block[0] * block[1]);
+    W->wptr[i] = nullptr;
+    W->pending[i].clear();
+    W->committed[i] = 0;
     init_fiber(W, i);
   }
   while (W->live > 0) {
@@ -459,6 +491,53 @@ extern "C" unsigned long long cwp_emu_shfl(unsigned long long v, int arg, int mo
   unsigned long long r = base + src < W->n ? W->slot[base + src] : v;
   warp_barrier(W);
   return r;
+}
+
+// Warp-collective exchange: lane i publishes `mine`, and after the warp
+// barrier `all[j]` is lane j's pointer (null for lanes that exited or lie
+// past the block). The caller reads through them, then calls
+// cwp_emu_syncwarp() so that no lane leaves (and reuses its operands) while
+// others still read them.
+extern "C" void cwp_emu_warp_gather(const void* mine, const void** all) {
+  Worker* W = tls_worker;
+  int i = W->cur;
+  int base = i - i % 32;
+  W->wptr[i] = mine;
+  warp_barrier(W);
+  for (int j = 0; j < 32; j++) all[j] = base + j < W->n ? W->wptr[base + j] : nullptr;
+}
+
+// cp.async: queued, performed when a wait_group says the group must be
+// complete (or when the thread exits). A kernel that reads its shared
+// memory before waiting thus sees the old contents, as a GPU may.
+extern "C" void cwp_emu_cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  Worker* W = tls_worker;
+  int i = W->cur;
+  if (src_bytes < 0) src_bytes = 0;
+  if (src_bytes > bytes) src_bytes = bytes;
+  W->pending[i].push_back(AsyncCopy{dst, src, bytes, src_bytes, W->committed[i]});
+}
+
+extern "C" void cwp_emu_cp_async_commit() {
+  Worker* W = tls_worker;
+  W->committed[W->cur]++;
+}
+
+// Completes every committed group but the newest `n`.
+extern "C" void cwp_emu_cp_async_wait(int n) {
+  Worker* W = tls_worker;
+  int i = W->cur;
+  const int done_below = W->committed[i] - n;
+  std::vector<AsyncCopy>& p = W->pending[i];
+  size_t keep = 0;
+  for (size_t j = 0; j < p.size(); j++) {
+    if (p[j].group < done_below) {
+      perform(p[j]);
+    } else {
+      p[keep++] = p[j];
+    }
+  }
+  p.resize(keep);
 }
 
 extern "C" void* cwp_emu_dynamic_smem() { return tls_worker->dyn.data(); }

@@ -5,6 +5,7 @@ use super::cpu::CpuBackend;
 use super::gpu::cuda::CudaDriver;
 use super::gpu::emu::EmuDriver;
 use super::gpu::GpuBackend;
+use super::Precision;
 use crate::error::{Error, Result};
 
 /// A backend chosen at run time. Use [`crate::with_device!`] to run generic
@@ -16,6 +17,32 @@ pub enum Device {
     Cuda(GpuBackend<CudaDriver>),
     /// The CUDA kernels emulated on the CPU (slow; for tests and debugging).
     Emu(GpuBackend<EmuDriver>),
+}
+
+impl Device {
+    /// Makes the device's convolutions multiply in `p` (`--precision`). The
+    /// CPU reference computes in f32 only: any other mode is refused there,
+    /// never emulated silently in f32.
+    pub fn set_precision(&mut self, p: Precision) -> Result<()> {
+        match self {
+            Device::Cpu(_) if p != Precision::Fp32 => Err(Error::arg(
+                "--precision",
+                format!(
+                    "`{p}` runs on tensor cores: use --device cuda[:N] (or emu, which emulates \
+                     them); the CPU backend computes in fp32 only"
+                ),
+            )),
+            Device::Cpu(_) => Ok(()),
+            Device::Cuda(g) => {
+                g.set_precision(p);
+                Ok(())
+            }
+            Device::Emu(g) => {
+                g.set_precision(p);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Runs `$body` with `$be` bound to the backend inside a [`Device`].

@@ -11,10 +11,12 @@ pub mod check;
 pub mod cpu;
 mod device;
 pub mod gpu;
+pub mod precision;
 pub mod shape_ops;
 
 pub use activation::Activation;
 pub use device::{select_device, Device};
+pub use precision::Precision;
 pub use shape_ops::Pad2d;
 
 use crate::error::Result;

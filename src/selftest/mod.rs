@@ -27,6 +27,12 @@
 //! tolerances of `tests/fixtures/README.md` (f32 against f64 PyTorch):
 //! logits within `1e-4·max(1, max|ref|)` (deep nets `1e-3`), input gradients
 //! within relative L2 `1e-3` (deep nets `5e-3`).
+//!
+//! Under `--precision tf32x3|tf32|bf16` the convolutions and linear layers
+//! round their operands: their bound adds [`Precision::dot_bound`]'s operand
+//! term (`2u + u²` of `Σ|terms|`, u = 2^-11 tf32, 2^-8 bf16, 2^-21 tf32x3)
+//! and counts the extra additions; the model tolerances grow to first order
+//! by `2u` per convolution or linear layer ([`model_tolerances_in`]).
 
 mod models;
 mod ops;
@@ -35,8 +41,9 @@ pub use models::*;
 pub use ops::{check_ops, OP_FAMILIES};
 
 use crate::backend::gpu::{Driver, GpuBackend};
+use crate::backend::Precision;
 use crate::error::Result;
-use crate::graph::{Graph, ParamKind};
+use crate::graph::{Graph, Op, ParamKind};
 use crate::tensor::{numel, Tensor};
 
 /// f32 unit roundoff.
@@ -149,6 +156,39 @@ pub fn model_tolerances(deep: bool) -> (f64, f64) {
     } else {
         (1e-4, 1e-3)
     }
+}
+
+/// [`model_tolerances`] for a GPU whose convolutions and linear layers
+/// (`gemm_layers` of them in the model) multiply in `precision`. fp32 keeps
+/// the fixture tolerances. The other modes round every operand of every
+/// product with unit roundoff `u` (tf32 2^-11, bf16 2^-8), which moves
+/// each layer's output by at most `2u` relative to its terms; to first
+/// order these errors add up through the layers, the input gradient
+/// passing through each layer twice (forward and back). So the tolerances
+/// grow by `2u·L` (logits) and `2·2u·L` (input gradient).
+pub fn model_tolerances_in(deep: bool, precision: Precision, gemm_layers: usize) -> (f64, f64) {
+    let (l, g) = model_tolerances(deep);
+    if precision == Precision::Fp32 {
+        return (l, g);
+    }
+    let per_layer = 2.0 * precision.operand_roundoff();
+    let layers = gemm_layers.max(1) as f64;
+    (l + per_layer * layers, g + 2.0 * per_layer * layers)
+}
+
+/// The convolution and linear layers of `graph`: the ops whose arithmetic
+/// `--precision` changes.
+pub fn gemm_layers(graph: &Graph) -> usize {
+    graph
+        .nodes
+        .iter()
+        .filter(|n| {
+            matches!(
+                n.op,
+                Op::Conv { .. } | Op::FusedConv { .. } | Op::Linear { .. }
+            )
+        })
+        .count()
 }
 
 /// What [`run_suite`] runs.

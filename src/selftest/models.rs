@@ -3,7 +3,7 @@
 //! CPU reference under the fixtures README's tolerances.
 
 use super::ops::Suite;
-use super::{formula_input, formula_params, model_tolerances, Check};
+use super::{formula_input, formula_params, gemm_layers, model_tolerances_in, Check};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{Driver, GpuBackend};
 use crate::backend::{Backend, SgdParams};
@@ -228,7 +228,7 @@ pub fn check_model_outputs<D: Driver>(
         case.arch, case.input[0], case.input[1], case.input[2], case.batch
     );
     let mut s = Suite::new(gpu, &group, 0);
-    let (ltol, gtol) = model_tolerances(case.deep);
+    let (ltol, gtol) = model_tolerances_in(case.deep, gpu.precision(), gemm_layers(&graph));
     let (gl, gdx) = logits_and_input_grad(gpu, &graph, &params, &x)?;
     s.metric(
         "logits (graph runner)".into(),
@@ -327,7 +327,7 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
     let got = search_step(&native, &canvas, &mask, &others, &targets, &cfg, false)?;
     let generic = DeviceModel::generic(gpu, &graph, native.into_params());
     let got_g = search_step(&generic, &canvas, &mask, &others, &targets, &cfg, false)?;
-    let (ltol, gtol) = model_tolerances(case.deep);
+    let (ltol, gtol) = model_tolerances_in(case.deep, gpu.precision(), gemm_layers(&graph));
     for (tag, g) in [
         ("search, fused graph", &got),
         ("generic graph runner", &got_g),
@@ -408,7 +408,7 @@ pub fn check_train_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Res
     let (cp, cg, cdx) = step(&CpuBackend, &graph, &params, &x, &labels, sgd)?;
     let (gp, gg, gdx) = step(gpu, &graph, &params, &x, &labels, sgd)?;
     let mut su = Suite::new(gpu, &format!("train step {} batch {n}", case.arch), 0);
-    let (_, gtol) = model_tolerances(case.deep);
+    let (_, gtol) = model_tolerances_in(case.deep, gpu.precision(), gemm_layers(&graph));
     su.metric("dx rel L2".into(), rel_l2(gdx.data(), cdx.data()), gtol);
     // Gradients that are analytically zero (a conv bias feeding train-mode
     // batch norm: the normalisation removes any constant) come out of both

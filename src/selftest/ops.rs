@@ -10,7 +10,7 @@ mod graph_ops;
 use super::{gamma, Check, U};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{Driver, GpuBackend, GpuBuf};
-use crate::backend::{Backend, ConvParams, PoolParams, SgdParams};
+use crate::backend::{Backend, ConvParams, PoolParams, Precision, SgdParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
 
@@ -78,6 +78,17 @@ impl<'a, D: Driver> Suite<'a, D> {
 
     fn down(&self, b: &GpuBuf<D>) -> Result<Tensor> {
         self.gpu.download(b)
+    }
+
+    /// Bound, relative to `sum |terms|`, between a `k`-term dot product of
+    /// the GPU's convolutions or linear layers and the CPU's: `2·γ(k+2)` in
+    /// fp32; in the tensor-core modes the operand rounding of
+    /// [`Precision::dot_bound`] on top.
+    fn dot(&self, k: usize) -> f64 {
+        match self.gpu.precision() {
+            Precision::Fp32 => 2.0 * gamma(k + 2),
+            p => p.dot_bound(1.0, k),
+        }
     }
 
     /// Records `got` against `want` with the per-element bound `bound(i)`.
@@ -255,7 +266,7 @@ impl<'a, D: Driver> Suite<'a, D> {
             )
         };
         let kf = c / p.groups * k * k;
-        let bound_f = 2.0 * gamma(kf + 2);
+        let bound_f = self.dot(kf);
 
         // forward, with and without bias
         let absref = self.cpu.conv2d(&abs(&x), &abs(&wt), Some(&abs(&b)), p)?;
@@ -295,7 +306,7 @@ impl<'a, D: Driver> Suite<'a, D> {
         // backward data, plain and through a fused ReLU's mask
         let dy = self.rand(&yshape, -1.0, 1.0);
         let kd = o / p.groups * k * k;
-        let bound_d = 2.0 * gamma(kd + 2);
+        let bound_d = self.dot(kd);
         let absref = self
             .cpu
             .conv2d_backward_data(&abs(&dy), &abs(&wt), x.shape(), p)?;
@@ -329,7 +340,7 @@ impl<'a, D: Driver> Suite<'a, D> {
 
         // backward filter and bias
         let kw_ = n * yshape[2] * yshape[3];
-        let bound_w = 2.0 * gamma(kw_ + 2);
+        let bound_w = self.dot(kw_);
         let (want_w, want_b) = self
             .cpu
             .conv2d_backward_filter(&x, &dy, wt.shape(), p, true)?;
@@ -459,7 +470,7 @@ impl<'a, D: Driver> Suite<'a, D> {
             let (gx, gw, gb, gdy) = (self.up(&x)?, self.up(&w)?, self.up(&b)?, self.up(&dy)?);
             let want = self.cpu.linear(&x, &w, Some(&b))?;
             let absref = self.cpu.linear(&abs(&x), &abs(&w), Some(&abs(&b)))?;
-            let bound = 2.0 * gamma(k + 2);
+            let bound = self.dot(k);
             self.cmp(
                 "linear",
                 &self.down(&self.gpu.linear(&gx, &gw, Some(&gb))?)?,
@@ -468,7 +479,7 @@ impl<'a, D: Driver> Suite<'a, D> {
             );
             let want = self.cpu.linear_backward_data(&dy, &w)?;
             let absref = self.cpu.linear_backward_data(&abs(&dy), &abs(&w))?;
-            let bound = 2.0 * gamma(o + 2);
+            let bound = self.dot(o);
             self.cmp(
                 "linear_backward_data",
                 &self.down(&self.gpu.linear_backward_data(&gdy, &gw)?)?,
@@ -478,7 +489,7 @@ impl<'a, D: Driver> Suite<'a, D> {
             let (ww, wb) = self.cpu.linear_backward_weight(&x, &dy, true)?;
             let (aw, ab) = self.cpu.linear_backward_weight(&abs(&x), &abs(&dy), true)?;
             let (gw2, gb2) = self.gpu.linear_backward_weight(&gx, &gdy, true)?;
-            let bound = 2.0 * gamma(n + 2);
+            let bound = self.dot(n);
             self.cmp("linear_backward_weight", &self.down(&gw2)?, &ww, |i| {
                 bound * aw.data()[i] as f64
             });

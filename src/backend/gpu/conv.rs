@@ -6,7 +6,7 @@
 
 use super::{arg, Driver, GpuBackend, GpuBuf};
 use crate::backend::check::{dims4, ConvGeom};
-use crate::backend::ConvParams;
+use crate::backend::{ConvParams, Precision};
 use crate::error::{Error, Result};
 
 /// Argument struct of every conv kernel (C twin `ConvArgs` in conv.cu).
@@ -28,8 +28,8 @@ pub struct ConvArgs {
     pub(super) gm: i32,
     pub(super) gn: i32,
     pub(super) gk: i32,
-    k_chunk: i32,
-    splits: i32,
+    pub(super) k_chunk: i32,
+    pub(super) splits: i32,
 }
 
 const CONV_BIAS: i32 = 1;
@@ -213,6 +213,9 @@ impl<D: Driver> GpuBackend<D> {
         res: u64,
         y: u64,
     ) -> Result<()> {
+        if self.precision != Precision::Fp32 {
+            return self.launch_fwd_mma(a, x, w, bias, res, y);
+        }
         let (m, n) = (a.gm as usize, a.gn as usize);
         let t = pick_tile(m, n);
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
@@ -271,6 +274,9 @@ impl<D: Driver> GpuBackend<D> {
         mask: u64,
         dx: u64,
     ) -> Result<()> {
+        if self.precision != Precision::Fp32 {
+            return self.launch_dgrad_mma(a, dy, w, mask, dx);
+        }
         let (m, n) = (a.gm as usize, a.gn as usize);
         let t = pick_tile(m, n);
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
@@ -297,36 +303,41 @@ impl<D: Driver> GpuBackend<D> {
         if m * n == 0 {
             return Ok(dw);
         }
+        let mma = self.precision != Precision::Fp32;
         let t = pick_tile(m, n);
-        let tiles = m.div_ceil(t.bm) * n.div_ceil(t.bn);
-        let (splits, chunk) = wgrad_splits(k, tiles, m * n);
-        a.splits = splits as i32;
-        a.k_chunk = chunk as i32;
+        let splits = if mma {
+            self.plan_wgrad_mma(a)
+        } else {
+            let tiles = m.div_ceil(t.bm) * n.div_ceil(t.bn);
+            let (splits, chunk) = wgrad_splits(k, tiles, m * n);
+            a.splits = splits as i32;
+            a.k_chunk = chunk as i32;
+            splits
+        };
         let grid = [
             n.div_ceil(t.bn) as u32,
             m.div_ceil(t.bm) as u32,
             splits as u32,
         ];
-        if splits == 1 {
-            let out = dw.ptr();
+        let launch = |out: u64| -> Result<()> {
+            if mma {
+                return self.launch_wgrad_mma(a, x, dy, out);
+            }
             self.launch(
                 t.wgrad,
                 m * n,
                 grid,
                 [t.threads, 1, 1],
                 &mut [arg(a), arg(&x), arg(&dy), arg(&out)],
-            )?;
+            )
+        };
+        if splits == 1 {
+            launch(dw.ptr())?;
             return Ok(dw);
         }
         let partial = self.alloc(&[splits, m * n])?;
         let pp = partial.ptr();
-        self.launch(
-            t.wgrad,
-            m * n,
-            grid,
-            [t.threads, 1, 1],
-            &mut [arg(a), arg(&x), arg(&dy), arg(&pp)],
-        )?;
+        launch(pp)?;
         #[repr(C)]
         struct ReduceArgs {
             total: i32,

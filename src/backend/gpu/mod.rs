@@ -16,6 +16,7 @@
 
 pub mod conv;
 mod conv_grouped;
+pub mod conv_mma;
 pub mod cuda;
 pub mod driver;
 pub mod emu;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 pub use driver::Driver;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::error::{Error, Result};
 use crate::tensor::numel;
 use driver::{AllocError, DevPtr, Dim3};
@@ -81,6 +82,8 @@ impl<D: Driver> GpuBuf<D> {
 /// The CUDA-kernel backend over driver `D`.
 pub struct GpuBackend<D: Driver> {
     drv: Arc<D>,
+    /// How the convolutions multiply (`--precision`).
+    precision: Precision,
 }
 
 /// Threads per block of the elementwise and grid-stride kernels.
@@ -106,7 +109,26 @@ impl<D: Driver> GpuBackend<D> {
     pub fn new(driver: D) -> GpuBackend<D> {
         GpuBackend {
             drv: Arc::new(driver),
+            precision: Precision::Fp32,
         }
+    }
+
+    /// Makes the convolutions (and linear layers) multiply in `p`: fp32 on
+    /// the f32 kernels of conv.cu, the other modes on the tensor-core
+    /// kernels of conv_mma.cu.
+    pub fn set_precision(&mut self, p: Precision) {
+        self.precision = p;
+    }
+
+    /// The same backend with precision `p`.
+    pub fn with_precision(mut self, p: Precision) -> GpuBackend<D> {
+        self.precision = p;
+        self
+    }
+
+    /// The precision of the convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The driver.

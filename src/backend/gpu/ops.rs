@@ -220,7 +220,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
     }
 
     fn numerics(&self) -> String {
-        format!("{} fp32", self.drv.arch())
+        format!("{} {}", self.drv.arch(), self.precision)
     }
 
     fn upload(&self, t: &Tensor) -> Result<GpuBuf<D>> {

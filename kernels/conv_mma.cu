@@ -1,0 +1,568 @@
+// 2-D convolution on tensor cores: the implicit GEMMs of conv.cu (same
+// NCHW activations, OIHW filters, same ConvArgs and epilogue), multiplied
+// with mma.sync in one of three precisions. Host side:
+// src/backend/gpu/conv_mma.rs. CPU twin: src/backend/cpu/conv.rs (f32).
+//
+//   forward   C[M=Cout][N=Nimg*P*Q]  = W[Cout][Cin*R*S]      * col(x)[Cin*R*S][N*P*Q]
+//   dgrad     C[M=Cin ][N=Nimg*H*W]  = W^T[Cin][Cout*R*S]    * col(dy)[Cout*R*S][N*H*W]
+//   wgrad     C[M=Cout][N=Cin*R*S]   = dy[Cout][Nimg*P*Q]    * col(x)^T[Nimg*P*Q][Cin*R*S]
+//
+// Precisions (template P):
+//   PREC_TF32    operands rounded to tf32 (cvt.rna), m16n8k8, f32 accumulate;
+//   PREC_TF32X3  each operand split as big = tf32(x), small = tf32(x - big);
+//                acc += small*big + big*small + big*big (three m16n8k8, the
+//                small*small term dropped): about f32 accuracy;
+//   PREC_BF16    operands rounded to bf16 (nearest even), m16n8k16, f32 accumulate.
+// The rounding is a function of each element alone, so it is applied when a
+// fragment is read from shared memory (cp.async cannot convert on the way in).
+//
+// Pipeline: a block computes a BM x BN tile with WM x WN warps of 32x32
+// each (2 x 4 mma tiles of 16x8). K is walked in steps of BK = 16 through
+// STAGES = 3 shared-memory buffers filled by cp.async (4-byte copies for the
+// gathered im2col operands, zero-filled out of range; 16-byte copies for
+// the forward weights when K is a multiple of 4), so two steps' loads are in
+// flight while one is multiplied. The A tile is m-major (k contiguous, rows
+// padded to 20 floats: the tf32 fragments come from it by ldmatrix.x4 without
+// bank conflicts); the B tile is k-major (rows padded to BN + 8 floats).
+//
+// Deterministic: no atomics; every output sums its K terms in BK steps from
+// k = 0 (forward, dgrad) or from its split's start (wgrad, whose splits are
+// then summed in order by conv_wgrad_reduce), whatever the tile, so the
+// forward and dgrad results do not depend on the tile or the batch size.
+#include "mma.cuh"
+
+#define PREC_TF32 0
+#define PREC_TF32X3 1
+#define PREC_BF16 2
+
+namespace cmma {
+
+constexpr int BK = 16;
+constexpr int STAGES = 3;
+constexpr int LDA = BK + 4;
+
+// Twin of ConvArgs in conv.cu and src/backend/gpu/conv.rs.
+struct ConvArgs {
+  int n, c, h, w;
+  int k, r, s;
+  int p, q;
+  int stride, pad;
+  int flags;
+  int gm, gn, gk;
+  int k_chunk;
+  int splits;
+};
+
+constexpr int CONV_BIAS = 1;
+constexpr int CONV_RELU = 2;
+constexpr int CONV_RESIDUAL = 4;
+constexpr int CONV_DY_MASK = 8;
+
+__device__ __forceinline__ void advance_crs(int& c, int& r, int& s, int dc, int dr, int ds, int R, int S) {
+  s += ds;
+  if (s >= S) {
+    s -= S;
+    r++;
+  }
+  r += dr;
+  if (r >= R) {
+    r -= R;
+    c++;
+  }
+  c += dc;
+}
+
+// ---- operand loaders: each `issue` starts the cp.async copies of one BK
+// step into a stage (A: [BM][LDA], B: [BK][LDB]) and moves on by BK.
+
+// Forward A: A[m][k] = w[m*K + k]; 16-byte copies when K % 4 == 0.
+template <int BM, int NT>
+struct FwdA {
+  const float* __restrict__ w;
+  int M, K, k0;
+  bool vec;
+  __device__ __forceinline__ FwdA(const float* __restrict__ w_, int M_, int K_)
+      : w(w_), M(M_), K(K_), k0(0) {
+    vec = (K % 4) == 0 && ((unsigned long long)w_ & 15) == 0;
+  }
+  __device__ __forceinline__ void issue(float* s) {
+    if (vec) {
+      constexpr int E = BM * BK / (4 * NT);
+      const int kc = (threadIdx.x % (BK / 4)) * 4, m0 = threadIdx.x / (BK / 4);
+#pragma unroll
+      for (int i = 0; i < E; i++) {
+        const int m = m0 + i * (NT * 4 / BK), k = k0 + kc;
+        const bool ok = m < M && k < K;
+        cp_async<16>(s + m * LDA + kc, ok ? w + m * K + k : w, ok ? 16 : 0);
+      }
+    } else {
+      constexpr int E = BM * BK / NT;
+      const int kk = threadIdx.x % BK, m0 = threadIdx.x / BK;
+#pragma unroll
+      for (int i = 0; i < E; i++) {
+        const int m = m0 + i * (NT / BK), k = k0 + kk;
+        const bool ok = m < M && k < K;
+        cp_async<4>(s + m * LDA + kk, ok ? w + m * K + k : w, ok ? 4 : 0);
+      }
+    }
+    k0 += BK;
+  }
+};
+
+// Forward B: im2col of x, B[k = (c, r, s)][n = (img, p, q)]; consecutive
+// threads take consecutive n (consecutive pixels). Each of the thread's rows
+// keeps its (c, r, s) and steps it by BK with carries.
+template <int BN, int NT>
+struct FwdB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ x;
+  int K, H, W, HW, R, S, nn, base, h0, w0, dc, dr, ds, k0;
+  bool nvalid;
+  int cc[E], rr[E], ss[E];
+  __device__ __forceinline__ FwdB(const ConvArgs& a, const float* __restrict__ x_, int ntile)
+      : x(x_), K(a.gk), H(a.h), W(a.w), HW(a.h * a.w), R(a.r), S(a.s), k0(0) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int pq = a.p * a.q;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / pq : 0;
+    const int rem = n - img * pq;
+    const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
+    base = img * a.c * HW;
+    h0 = p * a.stride - a.pad;
+    w0 = q * a.stride - a.pad;
+    const int RS = R * S;
+    dc = BK / RS;
+    dr = (BK % RS) / S;
+    ds = (BK % RS) % S;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = threadIdx.x / BN + i * STEP;
+      cc[i] = k / RS;
+      const int rs = k - cc[i] * RS;
+      rr[i] = rs / S;
+      ss[i] = rs - rr[i] * S;
+    }
+  }
+  __device__ __forceinline__ void issue(float* s) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int kl = threadIdx.x / BN + i * STEP;
+      const int h = h0 + rr[i], w = w0 + ss[i];
+      const bool ok = nvalid && k0 + kl < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
+      cp_async<4>(s + kl * (BN + 8) + nn, ok ? x + base + cc[i] * HW + h * W + w : x, ok ? 4 : 0);
+      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
+    }
+    k0 += BK;
+  }
+};
+
+// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s].
+template <int BM, int NT>
+struct DgradA {
+  static constexpr int E = BM * BK / NT;
+  const float* __restrict__ w;
+  int M, Mlim, K, RS, kk, m0, ko, rs, dko, drs, k0;
+  // Rows of the tile starting at channel `mtile`.
+  __device__ __forceinline__ DgradA(const float* __restrict__ w_, const ConvArgs& a, int mtile)
+      : w(w_ + mtile * a.r * a.s), M(a.gm), Mlim(a.gm - mtile), K(a.gk), RS(a.r * a.s), k0(0) {
+    kk = threadIdx.x % BK;
+    m0 = threadIdx.x / BK;
+    ko = kk / RS;
+    rs = kk - ko * RS;
+    dko = BK / RS;
+    drs = BK % RS;
+  }
+  __device__ __forceinline__ void issue(float* s) {
+    const int k = k0 + kk;
+    const int off = ko * M * RS + rs;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int m = m0 + i * (NT / BK);
+      const bool ok = m < Mlim && k < K;
+      cp_async<4>(s + m * LDA + kk, ok ? w + off + m * RS : w, ok ? 4 : 0);
+    }
+    rs += drs;
+    if (rs >= RS) {
+      rs -= RS;
+      ko++;
+    }
+    ko += dko;
+    k0 += BK;
+  }
+};
+
+// Dgrad B: B[k = (ko, r, s)][n = (img, h, w)] = dy[img][ko][(h + pad - r) / stride]
+// [(w + pad - s) / stride] where the division is exact and in range, else 0;
+// zero also where the ReLU mask (the fused conv's output y) is not positive.
+template <int BN, int NT>
+struct DgradB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ dy;
+  const float* __restrict__ ymask;
+  int K, P, Q, PQ, R, S, stride, nn, base, hh, ww, dc, dr, ds, k0;
+  bool nvalid;
+  int cc[E], rr[E], ss[E];
+  __device__ __forceinline__ DgradB(const ConvArgs& a, const float* __restrict__ dy_, const float* __restrict__ ymask_,
+                                    int ntile)
+      : dy(dy_), ymask(ymask_), K(a.gk), P(a.p), Q(a.q), PQ(a.p * a.q), R(a.r), S(a.s), stride(a.stride), k0(0) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int hw = a.h * a.w;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / hw : 0;
+    const int rem = n - img * hw;
+    const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
+    base = img * a.k * PQ;
+    hh = h + a.pad;
+    ww = w + a.pad;
+    const int RS = R * S;
+    dc = BK / RS;
+    dr = (BK % RS) / S;
+    ds = (BK % RS) % S;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = threadIdx.x / BN + i * STEP;
+      cc[i] = k / RS;
+      const int rs = k - cc[i] * RS;
+      rr[i] = rs / S;
+      ss[i] = rs - rr[i] * S;
+    }
+  }
+  __device__ __forceinline__ void issue(float* s) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int kl = threadIdx.x / BN + i * STEP;
+      int ph = hh - rr[i], pw = ww - ss[i];
+      bool ok = nvalid && k0 + kl < K && ph >= 0 && pw >= 0;
+      if (stride != 1) {
+        ok = ok && (ph % stride) == 0 && (pw % stride) == 0;
+        ph /= stride;
+        pw /= stride;
+      }
+      ok = ok && ph < P && pw < Q;
+      const int idx = ok ? base + cc[i] * PQ + ph * Q + pw : 0;
+      if (ok && ymask != nullptr) ok = ymask[idx] > 0.f;
+      cp_async<4>(s + kl * (BN + 8) + nn, dy + idx, ok ? 4 : 0);
+      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
+    }
+    k0 += BK;
+  }
+};
+
+// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq].
+template <int BM, int NT>
+struct WgradA {
+  static constexpr int E = BM * BK / NT;
+  const float* __restrict__ dy;
+  int M, Mlim, K, PQ, kk, m0, img, pq, k0;
+  // Rows of the tile starting at output channel `mtile`.
+  __device__ __forceinline__ WgradA(const float* __restrict__ dy_, const ConvArgs& a, int mtile, int k_begin)
+      : dy(dy_ + mtile * a.p * a.q), M(a.gm), Mlim(a.gm - mtile), K(a.gk), PQ(a.p * a.q), k0(k_begin) {
+    kk = threadIdx.x % BK;
+    m0 = threadIdx.x / BK;
+    const int k = k_begin + kk;
+    img = k / PQ;
+    pq = k - img * PQ;
+  }
+  __device__ __forceinline__ void issue(float* s) {
+    const int k = k0 + kk;
+    const int off = img * M * PQ + pq;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int m = m0 + i * (NT / BK);
+      const bool ok = m < Mlim && k < K;
+      cp_async<4>(s + m * LDA + kk, ok ? dy + off + m * PQ : dy, ok ? 4 : 0);
+    }
+    pq += BK;
+    while (pq >= PQ) {
+      pq -= PQ;
+      img++;
+    }
+    k0 += BK;
+  }
+};
+
+// Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)]; consecutive threads
+// take consecutive k (consecutive output pixels).
+template <int BN, int NT>
+struct WgradB {
+  static constexpr int E = BN * BK / NT;
+  static constexpr int STEP = NT / BK;
+  const float* __restrict__ x;
+  int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q, k0;
+  int off[E], rs[E];
+  __device__ __forceinline__ WgradB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
+      : x(x_), K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad),
+        k0(k_begin) {
+    kk = threadIdx.x % BK;
+    const int RS = a.r * a.s;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int n = ntile + threadIdx.x / BK + i * STEP;
+      const int c = n / RS, t = n - (n / RS) * RS;
+      const int r = t / a.s, sx = t - (t / a.s) * a.s;
+      off[i] = c * H * W + r * W + sx;
+      // Out-of-range columns: a row offset (-32768) that is never in bounds.
+      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
+    }
+    const int k = k_begin + kk;
+    const int pq = P * Q;
+    img = k / pq;
+    const int rem = k - img * pq;
+    p = rem / Q;
+    q = rem - p * Q;
+  }
+  __device__ __forceinline__ void issue(float* s) {
+    const int k = k0 + kk;
+    const int hb = p * stride - pad, wb = q * stride - pad;
+    const int base = img * CHW + hb * W + wb;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
+      const bool ok = k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
+      cp_async<4>(s + kk * (BN + 8) + threadIdx.x / BK + i * STEP, ok ? x + base + off[i] : x, ok ? 4 : 0);
+    }
+    q += BK;
+    while (q >= Q) {
+      q -= Q;
+      p++;
+    }
+    while (p >= P) {
+      p -= P;
+      img++;
+    }
+    k0 += BK;
+  }
+};
+
+// ---- one BK step of the warp tile (32 x 32: 2 x 4 mma tiles) -------------
+
+__device__ __forceinline__ void split_tf32(unsigned x, unsigned& big, unsigned& small) {
+  const float v = __uint_as_float(x);
+  big = f32_to_tf32(v);
+  small = f32_to_tf32(v - __uint_as_float(big));
+}
+
+template <int P, int LDB>
+__device__ __forceinline__ void warp_step(const float* __restrict__ as, const float* __restrict__ bs, int m_off,
+                                          int n_off, float (&acc)[2][4][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if (P == PREC_BF16) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      unsigned af[2][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; mi++) {
+        const float* r0 = as + (m_off + mi * 16 + g) * LDA + kk + 2 * t;
+        const float* r1 = r0 + 8 * LDA;
+        const float2 v0 = *reinterpret_cast<const float2*>(r0);
+        const float2 v1 = *reinterpret_cast<const float2*>(r1);
+        const float2 v2 = *reinterpret_cast<const float2*>(r0 + 8);
+        const float2 v3 = *reinterpret_cast<const float2*>(r1 + 8);
+        af[mi][0] = pack_bf16x2(v0.x, v0.y);
+        af[mi][1] = pack_bf16x2(v1.x, v1.y);
+        af[mi][2] = pack_bf16x2(v2.x, v2.y);
+        af[mi][3] = pack_bf16x2(v3.x, v3.y);
+      }
+#pragma unroll
+      for (int ni = 0; ni < 4; ni++) {
+        const float* c = bs + (kk + 2 * t) * LDB + n_off + ni * 8 + g;
+        bf[ni][0] = pack_bf16x2(c[0], c[LDB]);
+        bf[ni][1] = pack_bf16x2(c[8 * LDB], c[9 * LDB]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) mma_bf16_m16n8k16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+      unsigned af[2][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; mi++)
+        ldmatrix<4>(af[mi], as + (m_off + mi * 16 + (lane & 15)) * LDA + kk + (lane >> 4) * 4);
+#pragma unroll
+      for (int ni = 0; ni < 4; ni++) {
+        const float* c = bs + (kk + t) * LDB + n_off + ni * 8 + g;
+        bf[ni][0] = __float_as_uint(c[0]);
+        bf[ni][1] = __float_as_uint(c[4 * LDB]);
+      }
+      if (P == PREC_TF32) {
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+          for (int i = 0; i < 4; i++) af[mi][i] = f32_to_tf32(__uint_as_float(af[mi][i]));
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+          for (int i = 0; i < 2; i++) bf[ni][i] = f32_to_tf32(__uint_as_float(bf[ni][i]));
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+          for (int ni = 0; ni < 4; ni++) mma_tf32_m16n8k8(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+      } else {
+        unsigned as_[2][4], bs_[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+          for (int i = 0; i < 4; i++) split_tf32(af[mi][i], af[mi][i], as_[mi][i]);
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+          for (int i = 0; i < 2; i++) split_tf32(bf[ni][i], bf[ni][i], bs_[ni][i]);
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+          for (int ni = 0; ni < 4; ni++) {
+            mma_tf32_m16n8k8(acc[mi][ni], as_[mi], bf[ni], acc[mi][ni]);
+            mma_tf32_m16n8k8(acc[mi][ni], af[mi], bs_[ni], acc[mi][ni]);
+            mma_tf32_m16n8k8(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+          }
+      }
+    }
+  }
+}
+
+// ---- the pipelined main loop ----------------------------------------------
+template <int BM, int BN, int WN, int P, class LA, class LB>
+__device__ __forceinline__ void mma_main(LA& la, LB& lb, int k_begin, int k_end, float (&acc)[2][4][4]) {
+  constexpr int LDB = BN + 8;
+  __shared__ __align__(16) float As[STAGES][BM * LDA];
+  __shared__ __align__(16) float Bs[STAGES][BK * LDB];
+#pragma unroll
+  for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+    for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[mi][ni][i] = 0.f;
+  const int nk = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
+  const int warp = threadIdx.x >> 5;
+  const int m_off = (warp / WN) * 32, n_off = (warp % WN) * 32;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++) {
+    if (st < nk) {
+      la.issue(As[st]);
+      lb.issue(Bs[st]);
+    }
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < nk; kt++) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = kt + STAGES - 1;
+    if (next < nk) {
+      la.issue(As[next % STAGES]);
+      lb.issue(Bs[next % STAGES]);
+    }
+    cp_async_commit();
+    warp_step<P, LDB>(As[kt % STAGES], Bs[kt % STAGES], m_off, n_off, acc);
+  }
+  cp_async_wait<0>();
+}
+
+// Calls f(m, n, value) for each of the thread's accumulators inside the
+// GEMM's M x N.
+template <int WN, class F>
+__device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], int mtile, int ntile, int gm, int gn,
+                                             F f) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int m0 = mtile + (warp / WN) * 32, n0 = ntile + (warp % WN) * 32;
+#pragma unroll
+  for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+    for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int m = m0 + mi * 16 + g + 8 * (i >> 1), n = n0 + ni * 8 + 2 * t + (i & 1);
+        if (m < gm && n < gn) f(m, n, acc[mi][ni][i]);
+      }
+}
+
+template <int BM, int BN, int WM, int WN, int P>
+__device__ __forceinline__ void fwd(const ConvArgs& a, const float* __restrict__ x, const float* __restrict__ w,
+                                    const float* __restrict__ bias, const float* __restrict__ residual,
+                                    float* __restrict__ y) {
+  constexpr int NT = WM * WN * 32;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  FwdA<BM, NT> la(w + mtile * a.gk, a.gm - mtile, a.gk);
+  FwdB<BN, NT> lb(a, x, ntile);
+  float acc[2][4][4];
+  mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
+  const int PQ = a.p * a.q;
+  for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) {
+    const int img = n / PQ;
+    const int idx = (img * a.gm + m) * PQ + (n - img * PQ);
+    if (a.flags & CONV_BIAS) v += bias[m];
+    if (a.flags & CONV_RESIDUAL) v += residual[idx];
+    if (a.flags & CONV_RELU) v = v > 0.f ? v : 0.f;
+    y[idx] = v;
+  });
+}
+
+template <int BM, int BN, int WM, int WN, int P>
+__device__ __forceinline__ void dgrad(const ConvArgs& a, const float* __restrict__ dy, const float* __restrict__ w,
+                                      const float* __restrict__ ymask, float* __restrict__ dx) {
+  constexpr int NT = WM * WN * 32;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  DgradA<BM, NT> la(w, a, mtile);
+  DgradB<BN, NT> lb(a, dy, (a.flags & CONV_DY_MASK) ? ymask : nullptr, ntile);
+  float acc[2][4][4];
+  mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
+  const int HW = a.h * a.w;
+  for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) {
+    const int img = n / HW;
+    dx[(img * a.gm + m) * HW + (n - img * HW)] = v;
+  });
+}
+
+template <int BM, int BN, int WM, int WN, int P>
+__device__ __forceinline__ void wgrad(const ConvArgs& a, const float* __restrict__ x, const float* __restrict__ dy,
+                                      float* __restrict__ out) {
+  constexpr int NT = WM * WN * 32;
+  const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
+  const int k_begin = blockIdx.z * a.k_chunk;
+  const int k_end = min(a.gk, k_begin + a.k_chunk);
+  WgradA<BM, NT> la(dy, a, mtile, k_begin);
+  WgradB<BN, NT> lb(a, x, ntile, k_begin);
+  // a split's last step never reads into the next split
+  la.K = k_end;
+  lb.K = k_end;
+  float acc[2][4][4];
+  mma_main<BM, BN, WN, P>(la, lb, k_begin, k_end, acc);
+  float* o = out + blockIdx.z * a.gm * a.gn;
+  for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) { o[m * a.gn + n] = v; });
+}
+
+}  // namespace cmma
+
+// Tiles: BM x BN with WM x WN warps of 32 x 32 (threads = 32 * WM * WN).
+#define CONV_MMA_TILES(X, P, NAME) \
+  X(128, 64, 4, 2, P, NAME)         \
+  X(64, 64, 2, 2, P, NAME)
+
+#define CONV_MMA_KERNELS(BM, BN, WM, WN, P, NAME)                                                                  \
+  extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
+      convmma_fwd_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ x,                       \
+                                       const float* __restrict__ w, const float* __restrict__ bias,              \
+                                       const float* __restrict__ residual, float* __restrict__ y) {               \
+    cmma::fwd<BM, BN, WM, WN, P>(a, x, w, bias, residual, y);                                                     \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
+      convmma_dgrad_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ dy,                    \
+                                         const float* __restrict__ w, const float* __restrict__ ymask,           \
+                                         float* __restrict__ dx) {                                                \
+    cmma::dgrad<BM, BN, WM, WN, P>(a, dy, w, ymask, dx);                                                          \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
+      convmma_wgrad_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ x,                     \
+                                         const float* __restrict__ dy, float* __restrict__ out) {                 \
+    cmma::wgrad<BM, BN, WM, WN, P>(a, x, dy, out);                                                                \
+  }
+
+CONV_MMA_TILES(CONV_MMA_KERNELS, PREC_TF32, tf32)
+CONV_MMA_TILES(CONV_MMA_KERNELS, PREC_TF32X3, tf32x3)
+CONV_MMA_TILES(CONV_MMA_KERNELS, PREC_BF16, bf16)

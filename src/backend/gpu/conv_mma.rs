@@ -1,0 +1,176 @@
+//! Host side of `kernels/conv_mma.cu`: the tensor-core convolutions (tf32,
+//! tf32x3, bf16) behind the same GEMM launches as conv.rs. The arguments
+//! (`ConvArgs`), the logical NCHW layout, the epilogue and the wgrad split
+//! plus ordered reduce are those of the f32 path; only the kernel differs.
+
+use super::conv::{wgrad_splits, ConvArgs};
+use super::{arg, Driver, GpuBackend};
+use crate::backend::Precision;
+use crate::error::{Error, Result};
+
+/// K step of the tensor-core main loop (`cmma::BK` in conv_mma.cu); wgrad
+/// splits are multiples of it.
+pub const MMA_BK: usize = 16;
+
+/// One tile of conv_mma.cu (`CONV_MMA_TILES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmaTile {
+    /// Rows (GEMM M) per block.
+    pub bm: usize,
+    /// Columns (GEMM N) per block.
+    pub bn: usize,
+    /// Threads per block (32 per 32x32 warp tile).
+    pub threads: u32,
+}
+
+/// The tiles compiled in conv_mma.cu.
+pub const MMA_TILES: [MmaTile; 2] = [
+    MmaTile {
+        bm: 128,
+        bn: 64,
+        threads: 256,
+    },
+    MmaTile {
+        bm: 64,
+        bn: 64,
+        threads: 128,
+    },
+];
+
+/// The tile for a GEMM of `m` rows: the tall one once `m` fills it. Speed
+/// only: each output sums its K terms in the same order whatever the tile.
+pub fn pick_mma_tile(m: usize) -> MmaTile {
+    if m > 64 {
+        MMA_TILES[0]
+    } else {
+        MMA_TILES[1]
+    }
+}
+
+/// The kernel name of `op` (`fwd`, `dgrad`, `wgrad`) in precision `p` on tile `t`.
+pub fn mma_kernel(op: &str, p: Precision, t: MmaTile) -> Result<String> {
+    if p == Precision::Fp32 {
+        return Err(Error::Backend(
+            "fp32 convolutions run on conv.cu, not the tensor-core kernels".into(),
+        ));
+    }
+    Ok(format!("convmma_{op}_{}_{}x{}", p.name(), t.bm, t.bn))
+}
+
+/// `(splits, k_chunk)` of a tensor-core wgrad: the f32 path's choice with
+/// the chunk rounded up to a whole number of K steps.
+pub fn mma_wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
+    let (_, chunk) = wgrad_splits(k, tiles, mn);
+    let chunk = chunk.div_ceil(MMA_BK) * MMA_BK;
+    (k.div_ceil(chunk).max(1), chunk)
+}
+
+impl<D: Driver> GpuBackend<D> {
+    fn mma_grid(&self, a: &ConvArgs, z: u32) -> (MmaTile, [u32; 3]) {
+        let (m, n) = (a.gm as usize, a.gn as usize);
+        let t = pick_mma_tile(m);
+        (t, [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z])
+    }
+
+    /// Tensor-core forward GEMM on prepared arguments (see `launch_fwd`).
+    pub(super) fn launch_fwd_mma(
+        &self,
+        a: &ConvArgs,
+        x: u64,
+        w: u64,
+        bias: u64,
+        res: u64,
+        y: u64,
+    ) -> Result<()> {
+        let (t, grid) = self.mma_grid(a, 1);
+        let name = mma_kernel("fwd", self.precision, t)?;
+        self.launch(
+            &name,
+            a.gm as usize * a.gn as usize,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
+        )
+    }
+
+    /// Tensor-core dgrad GEMM on prepared arguments (see `launch_dgrad`).
+    pub(super) fn launch_dgrad_mma(
+        &self,
+        a: &ConvArgs,
+        dy: u64,
+        w: u64,
+        mask: u64,
+        dx: u64,
+    ) -> Result<()> {
+        let (t, grid) = self.mma_grid(a, 1);
+        let name = mma_kernel("dgrad", self.precision, t)?;
+        self.launch(
+            &name,
+            a.gm as usize * a.gn as usize,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
+        )
+    }
+
+    /// Chooses the split of a tensor-core wgrad: sets `a.splits` and
+    /// `a.k_chunk`, returns the number of splits.
+    pub(super) fn plan_wgrad_mma(&self, a: &mut ConvArgs) -> usize {
+        let (m, n, k) = (a.gm as usize, a.gn as usize, a.gk as usize);
+        let t = pick_mma_tile(m);
+        let tiles = m.div_ceil(t.bm) * n.div_ceil(t.bn);
+        let (splits, chunk) = mma_wgrad_splits(k, tiles, m * n);
+        a.splits = splits as i32;
+        a.k_chunk = chunk as i32;
+        splits
+    }
+
+    /// Tensor-core wgrad partial products on planned arguments
+    /// ([`Self::plan_wgrad_mma`]): `a.splits` slices of `M*N` to `out`.
+    pub(super) fn launch_wgrad_mma(&self, a: &ConvArgs, x: u64, dy: u64, out: u64) -> Result<()> {
+        let (t, grid) = self.mma_grid(a, a.splits.max(1) as u32);
+        let name = mma_kernel("wgrad", self.precision, t)?;
+        self.launch(
+            &name,
+            a.gm as usize * a.gn as usize,
+            grid,
+            [t.threads, 1, 1],
+            &mut [arg(a), arg(&x), arg(&dy), arg(&out)],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mma_wgrad_splits_are_whole_k_steps_covering_k_once() {
+        for &(k, tiles, mn) in &[
+            (1usize, 1usize, 1usize),
+            (7, 3, 100),
+            (262144, 1, 64 * 576),
+            (262144, 36, 512 * 4608),
+            (4096, 300, 10),
+        ] {
+            let (splits, chunk) = mma_wgrad_splits(k, tiles, mn);
+            assert!(splits >= 1 && chunk % MMA_BK == 0 && chunk > 0);
+            assert!(splits * chunk >= k && (splits - 1) * chunk < k);
+        }
+    }
+
+    #[test]
+    fn every_mma_kernel_name_exists_in_conv_mma_cu() {
+        let file = super::super::kernels::file_of("convmma_fwd_tf32_128x64")
+            .expect("conv_mma.cu is embedded");
+        for p in [Precision::Tf32, Precision::Tf32x3, Precision::Bf16] {
+            for t in MMA_TILES {
+                for op in ["fwd", "dgrad", "wgrad"] {
+                    let name = mma_kernel(op, p, t).unwrap();
+                    assert!(file.kernels.contains(&name.as_str()), "{name}");
+                }
+            }
+        }
+        assert!(mma_kernel("fwd", Precision::Fp32, MMA_TILES[0]).is_err());
+    }
+}
