@@ -55,7 +55,7 @@ impl PackedA {
 /// all fall into the same few cache sets.
 pub(super) fn padded_stride(cols: usize) -> usize {
     let s = cols.div_ceil(NR) * NR;
-    if (s / NR) % 2 == 0 {
+    if (s / NR).is_multiple_of(2) {
         s + NR
     } else {
         s
