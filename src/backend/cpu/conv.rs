@@ -1,16 +1,19 @@
 //! 2-D convolution by im2col + GEMM: forward, backward-data (GEMM `W^T dY`
 //! then col2im) and backward-filter (GEMM `dY col^T`, plus the bias sum).
 //!
-//! Every image goes through GEMMs of the same shape whatever the batch size,
-//! which is what makes the forward and backward-data results batch
-//! invariant. 1x1 stride-1 unpadded convolutions read the input as the
-//! column matrix directly.
+//! Forward and backward-data put the columns of many images side by side
+//! in one product, so deep layers with 16 or 64 positions per image still
+//! make wide products. They stay batch invariant because the product
+//! ([`chain_gemm`]) gives every output element one multiply-add chain whose
+//! order depends on the layer's shape only, never on the other columns.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK, SHORT_ROW};
+use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::winograd;
+use super::{expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
 use crate::backend::ConvParams;
 use crate::error::Result;
@@ -24,6 +27,14 @@ const FILTER_PARTS: usize = 4;
 /// Upper bound, in values, of the buffers one backward-filter range fills
 /// at a time (16 MiB), so large batches do not need gigabytes.
 const FILTER_BUDGET: usize = 1 << 22;
+
+/// Whether [`conv2d`] and [`conv2d_backward_data`] send the layers
+/// [`winograd::applies`] to into the Winograd path. Off: its slightly larger
+/// rounding (within the unit tests' 2e-5 of a float64 convolution) pushes
+/// the ill-conditioned train-mode BN fixtures of resnet18 and
+/// preact_resnet18 (tests/fixtures_forward.rs) past their tolerances, which
+/// the direct path meets.
+const WINOGRAD_IN_MODELS: bool = false;
 
 /// The extents of one convolution (shared with the GPU path).
 type Geom = ConvGeom;
@@ -54,15 +65,6 @@ impl Geom {
     /// column matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-
-    /// True when the output has few positions and `other` (the extent of
-    /// the product's other axis) is larger. Gemm vectorises along the
-    /// output's contiguous axis in tiles of 64 values; a late layer's 16 or
-    /// 64 positions per row would leave most of each tile idle, so such
-    /// products are computed transposed and then transposed back.
-    fn few_positions(&self, other: usize) -> bool {
-        self.positions() < SHORT_ROW && other > self.positions()
     }
 
     /// Values of the column matrix of one image (0 when none is needed).
@@ -102,24 +104,50 @@ pub(super) fn valid_outputs(
 /// `[C*KH*KW, OH*OW]`: row `(c, kh, kw)`, column `(oh, ow)` holds
 /// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding.
 fn im2col(x: &[f32], g: &Geom, col: &mut [f32]) {
+    let pos = g.positions();
+    im2col_segment(x, g, 0..pos, col, pos, 0);
+}
+
+/// Writes the columns `positions` of one image's column matrix (see
+/// [`im2col`]) into `col`, a row-major buffer of stride `ld`, starting at
+/// its column `j0`.
+fn im2col_segment(
+    x: &[f32],
+    g: &Geom,
+    positions: Range<usize>,
+    col: &mut [f32],
+    ld: usize,
+    j0: usize,
+) {
     let (hw, ow) = (g.h * g.w, g.ow);
-    let mut rows = col.chunks_exact_mut(g.positions());
-    for plane in x.chunks_exact(hw) {
+    let mut r = 0;
+    for plane in x.chunks_exact(hw).take(g.c) {
         for kh in 0..g.kh {
             let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
             for kw in 0..g.kw {
                 let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
-                let Some(row) = rows.next() else { return };
-                row[..oh_lo * ow].fill(0.0);
-                row[oh_hi * ow..].fill(0.0);
-                for oh in oh_lo..oh_hi {
-                    let ih = oh * g.stride + kh - g.pad;
-                    let src = &plane[ih * g.w..(ih + 1) * g.w];
-                    let dst = &mut row[oh * ow..(oh + 1) * ow];
-                    dst[..ow_lo].fill(0.0);
-                    dst[ow_hi..].fill(0.0);
-                    let dst = &mut dst[ow_lo..ow_hi];
-                    let iw0 = ow_lo * g.stride + kw - g.pad;
+                let row = &mut col[r * ld + j0..][..positions.len()];
+                r += 1;
+                let mut p = positions.start;
+                while p < positions.end {
+                    let (oh, a) = (p / ow, p % ow);
+                    let b = ow.min(a + positions.end - p);
+                    let dst = &mut row[p - positions.start..][..b - a];
+                    p += b - a;
+                    if oh < oh_lo || oh >= oh_hi {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let lo = ow_lo.clamp(a, b);
+                    let hi = ow_hi.clamp(lo, b);
+                    dst[..lo - a].fill(0.0);
+                    dst[hi - a..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
+                    let dst = &mut dst[lo - a..hi - a];
+                    let iw0 = lo * g.stride + kw - g.pad;
                     if g.stride == 1 {
                         dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
                     } else {
@@ -133,19 +161,21 @@ fn im2col(x: &[f32], g: &Geom, col: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: folds a column matrix back into one image,
-/// summing the entries that came from the same input pixel (in row order,
-/// so the sum order is fixed).
-fn col2im(col: &[f32], g: &Geom, x: &mut [f32]) {
+/// The adjoint of [`im2col`] for the channels `x` holds (whole planes):
+/// folds the rows of `col` (stride `ld`, columns from `j0`) back into them,
+/// summing the entries that came from the same input pixel in row order,
+/// so the sum order is fixed.
+fn col2im(col: &[f32], ld: usize, j0: usize, g: &Geom, x: &mut [f32]) {
     x.fill(0.0);
-    let (hw, ow) = (g.h * g.w, g.ow);
-    let mut rows = col.chunks_exact(g.positions());
+    let (hw, ow, pos) = (g.h * g.w, g.ow, g.positions());
+    let mut r = 0;
     for plane in x.chunks_exact_mut(hw) {
         for kh in 0..g.kh {
             let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
             for kw in 0..g.kw {
                 let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
-                let Some(row) = rows.next() else { return };
+                let row = &col[r * ld + j0..][..pos];
+                r += 1;
                 for oh in oh_lo..oh_hi {
                     let ih = oh * g.stride + kh - g.pad;
                     let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
@@ -164,6 +194,77 @@ fn col2im(col: &[f32], g: &Geom, x: &mut [f32]) {
             }
         }
     }
+}
+
+/// The pieces of the batch's column range `cols` (columns of all images
+/// side by side, `pos` per image): `(image, positions, first local column)`.
+fn segments(cols: Range<usize>, pos: usize) -> impl Iterator<Item = (usize, Range<usize>, usize)> {
+    let start = cols.start;
+    let mut c = cols.start;
+    std::iter::from_fn(move || {
+        if c >= cols.end {
+            return None;
+        }
+        let (img, p0) = (c / pos, c % pos);
+        let p1 = pos.min(p0 + cols.end - c);
+        let seg = (img, p0..p1, c - start);
+        c += p1 - p0;
+        Some(seg)
+    })
+}
+
+/// A mutable slice that parallel tasks write through, each into a region
+/// no other task touches.
+pub(super) struct SharedOut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` held for `'a`; tasks only
+// form disjoint sub-slices through `region`.
+unsafe impl Send for SharedOut<'_> {}
+unsafe impl Sync for SharedOut<'_> {}
+
+impl<'a> SharedOut<'a> {
+    pub(super) fn new(data: &'a mut [f32]) -> Self {
+        SharedOut {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// The sub-slice `start..start + len`.
+    ///
+    /// # Safety
+    /// No other live slice from this `SharedOut` may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn region(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "SharedOut: region out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+/// How a product is cut into parallel tasks: `chunk` columns by `parts`
+/// ranges of rows. Only speed depends on it: every element is one
+/// in-order chain (see [`chain_gemm`]), whatever the cut.
+fn plan_tasks(cols: usize, k: usize, row_blocks: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    // The column buffer of one task (`k x chunk`) stays within 2 MiB.
+    let max_chunk = ((1usize << 19) / k.max(1)).clamp(NR, 1024) / NR * NR;
+    let chunk = cols.div_ceil(threads).div_ceil(NR) * NR;
+    let chunk = chunk.clamp(NR, max_chunk);
+    let col_tasks = cols.div_ceil(chunk).max(1);
+    let parts = if col_tasks >= 2 * threads {
+        1
+    } else {
+        (2 * threads)
+            .div_ceil(col_tasks)
+            .min(row_blocks.div_ceil(4))
+            .max(1)
+    };
+    (chunk, parts)
 }
 
 /// Cross-correlation of `x [N,C,H,W]` with `w [O,C,KH,KW]`, plus `bias [O]`:
@@ -197,46 +298,75 @@ pub(super) fn conv2d_fused(
     if !g.is_dense() {
         return super::conv_grouped::forward(x, w, bias, residual, relu, &g);
     }
-    let (rows, pos) = (g.rows(), g.positions());
-    let wm = MatRef::row_major(w.data(), g.o, rows);
-    // The transposed product `Y^T = col^T W^T` is fast only with `W^T`
-    // stored densely, so it is built once for the whole batch.
-    let few = g.few_positions(g.o);
-    let mut wt = Vec::new();
-    if few {
-        wt.resize(rows * g.o, 0.0);
-        transpose(w.data(), g.o, rows, &mut wt);
-    }
-    let yt_len = if few { g.out_len() } else { 0 };
-    let mut y = vec![0.0f32; g.n * g.out_len()];
-    y.par_chunks_mut(g.out_len())
-        .zip(x.data().par_chunks(g.in_len()))
-        .enumerate()
-        .for_each(|(img, (y_n, x_n))| {
-            with_scratch([g.col_len(), yt_len], |[col, yt]| {
-                let cols: &[f32] = if g.pointwise() {
-                    x_n
-                } else {
-                    im2col(x_n, &g, col);
-                    col
-                };
-                let colm = MatRef::row_major(cols, rows, pos);
-                if few {
-                    matmul(yt, colm.t(), MatRef::row_major(&wt, rows, g.o), false);
-                    transpose(yt, pos, g.o, y_n);
-                } else {
-                    matmul(y_n, wm, colm, false);
-                }
-                if let Some(b) = bias {
-                    for (row, &b_o) in y_n.chunks_exact_mut(pos).zip(b.data()) {
-                        row.iter_mut().for_each(|v| *v += b_o);
-                    }
-                }
-                let r_n = residual.map(|r| &r.data()[img * g.out_len()..(img + 1) * g.out_len()]);
-                epilogue(y_n, r_n, relu);
-            })
-        });
+    let y = if WINOGRAD_IN_MODELS && winograd::applies(&g) {
+        let epi = winograd::Epilogue {
+            bias: bias.map(|b| b.data()),
+            residual: residual.map(|r| r.data()),
+            relu,
+        };
+        winograd::forward(x.data(), w.data(), &g, &epi)
+    } else {
+        forward_dense(x.data(), w.data(), bias, residual, relu, &g)
+    };
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
+}
+
+/// The dense forward: `Y = W col` with the columns of every image side by
+/// side (`[O, C*KH*KW] x [C*KH*KW, N*OH*OW]`), cut into tasks of a few
+/// hundred columns; each task unfolds its columns, multiplies, and writes
+/// its outputs with the epilogue applied.
+fn forward_dense(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    g: &Geom,
+) -> Vec<f32> {
+    let (k, pos) = (g.rows(), g.positions());
+    let cols = g.n * pos;
+    let a = PackedA::new(w, g.o, k, k, 1);
+    let (chunk, parts) = plan_tasks(cols, k, a.blocks());
+    let per_part = a.blocks().div_ceil(parts);
+    let mut y = vec![0.0f32; g.n * g.out_len()];
+    let out = SharedOut::new(&mut y);
+    let tasks = cols.div_ceil(chunk) * parts;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let c0 = t / parts * chunk;
+        let cols = c0..(c0 + chunk).min(cols);
+        let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
+        if blocks.is_empty() {
+            return;
+        }
+        let ld = padded_stride(cols.len());
+        with_scratch([k * ld, blocks.len() * MR * ld], |[b, c]| {
+            for (img, ps, j0) in segments(cols.clone(), pos) {
+                im2col_segment(&x[img * g.in_len()..][..g.in_len()], g, ps, b, ld, j0);
+            }
+            let width = cols.len().div_ceil(NR) * NR;
+            for row in b.chunks_exact_mut(ld) {
+                row[cols.len()..width].fill(0.0);
+            }
+            chain_gemm::gemm(&a, blocks.clone(), b, ld, cols.len(), c, ld);
+            let o0 = blocks.start * MR;
+            for o in o0..(blocks.end * MR).min(g.o) {
+                let c_row = &c[(o - o0) * ld..];
+                for (img, ps, j0) in segments(cols.clone(), pos) {
+                    let at = img * g.out_len() + o * pos + ps.start;
+                    // SAFETY: tasks cover disjoint (channel, column) sets,
+                    // so no two write the same outputs.
+                    let dst = unsafe { out.region(at, ps.len()) };
+                    dst.copy_from_slice(&c_row[j0..j0 + ps.len()]);
+                    if let Some(b) = bias {
+                        let b_o = b.data()[o];
+                        dst.iter_mut().for_each(|v| *v += b_o);
+                    }
+                    epilogue(dst, residual.map(|r| &r.data()[at..at + ps.len()]), relu);
+                }
+            }
+        })
+    });
+    y
 }
 
 /// The fused conv's epilogue on a finished output: `relu?(y + residual)`.
@@ -264,31 +394,64 @@ pub(super) fn conv2d_backward_data(
     if !g.is_dense() {
         return super::conv_grouped::backward_data(dy, w, &g);
     }
-    let (rows, pos) = (g.rows(), g.positions());
-    let wm = MatRef::row_major(w.data(), g.o, rows);
-    let few = g.few_positions(rows);
-    let dcol_t_len = if few { rows * pos } else { 0 };
-    let mut dx = vec![0.0f32; g.n * g.in_len()];
-    dx.par_chunks_mut(g.in_len())
-        .zip(dy.data().par_chunks(g.out_len()))
-        .for_each(|(dx_n, dy_n)| {
-            with_scratch([g.col_len(), dcol_t_len], |[dcol, dcol_t]| {
-                let dym = MatRef::row_major(dy_n, g.o, pos);
-                // The column gradient `W^T dY` ([rows, pos]); a pointwise
-                // convolution's is the input gradient itself.
-                let target: &mut [f32] = if g.pointwise() { dx_n } else { dcol };
-                if few {
-                    matmul(dcol_t, dym.t(), wm, false);
-                    transpose(dcol_t, pos, rows, target);
-                } else {
-                    matmul(target, wm.t(), dym, false);
-                }
-                if !g.pointwise() {
-                    col2im(dcol, &g, dx_n);
-                }
-            })
-        });
+    let dx = if WINOGRAD_IN_MODELS && winograd::applies(&g) {
+        winograd::backward_data(dy.data(), w.data(), &g)
+    } else {
+        backward_data_dense(dy.data(), w.data(), &g)
+    };
     Tensor::new(x_shape, dx)
+}
+
+/// The dense input gradient: the column gradient `W^T dY` of a group of
+/// whole images at a time (their columns side by side), folded back by
+/// [`col2im`] image by image. Tasks are image groups, split by input
+/// channel when there are few, so each input pixel's sum stays in one task
+/// and in row order.
+fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
+    let (rows, pos, khw) = (g.rows(), g.positions(), g.kh * g.kw);
+    let (chunk, parts) = plan_tasks(g.n * pos, rows, rows.div_ceil(MR));
+    let per_group = (chunk / pos).max(1);
+    let parts = parts.min(g.c);
+    let per_part = g.c.div_ceil(parts);
+    // `W^T` restricted to each part's channels: element (i, o) is
+    // `w[o * rows + c0 * khw + i]`.
+    let packed: Vec<(Range<usize>, PackedA)> = (0..g.c)
+        .step_by(per_part)
+        .map(|c0| {
+            let c1 = (c0 + per_part).min(g.c);
+            let a = PackedA::new(&w[c0 * khw..], (c1 - c0) * khw, g.o, 1, rows);
+            (c0..c1, a)
+        })
+        .collect();
+    let mut dx = vec![0.0f32; g.n * g.in_len()];
+    let out = SharedOut::new(&mut dx);
+    let hw = g.h * g.w;
+    let tasks = g.n.div_ceil(per_group) * packed.len();
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (channels, a) = &packed[t % packed.len()];
+        let first = t / packed.len() * per_group;
+        let images = first..(first + per_group).min(g.n);
+        let cols = images.len() * pos;
+        let ld = padded_stride(cols);
+        let width = cols.div_ceil(NR) * NR;
+        with_scratch([g.o * ld, a.blocks() * MR * ld], |[b, dcol]| {
+            for (o, row) in b.chunks_exact_mut(ld).enumerate() {
+                for (j, img) in images.clone().enumerate() {
+                    let src = &dy[img * g.out_len() + o * pos..][..pos];
+                    row[j * pos..(j + 1) * pos].copy_from_slice(src);
+                }
+                row[cols..width].fill(0.0);
+            }
+            chain_gemm::gemm(a, 0..a.blocks(), b, ld, cols, dcol, ld);
+            for (j, img) in images.clone().enumerate() {
+                let at = img * g.in_len() + channels.start * hw;
+                // SAFETY: tasks cover disjoint (image, channel) sets.
+                let dst = unsafe { out.region(at, channels.len() * hw) };
+                col2im(dcol, ld, j * pos, g, dst);
+            }
+        })
+    });
+    dx
 }
 
 /// Gradients of [`conv2d`] with respect to the filter
@@ -567,6 +730,129 @@ mod tests {
                 &want_db,
                 2e-5,
             );
+        }
+    }
+
+    /// Stride-1 3x3 shapes the Winograd path takes: odd and even output
+    /// sizes (partial tiles), padding 0, 1 and 2, one tile per image, and
+    /// more columns than one task holds.
+    const WINOGRAD_SHAPES: [Case; 5] = [
+        case([2, 16, 7, 9], [20, 16, 3, 3], 1, 1),
+        case([3, 17, 8, 8], [16, 17, 3, 3], 1, 0),
+        case([1, 16, 5, 6], [18, 16, 3, 3], 1, 2),
+        case([5, 24, 2, 2], [32, 24, 3, 3], 1, 1),
+        case([2, 16, 30, 31], [16, 16, 3, 3], 1, 1),
+    ];
+
+    #[test]
+    fn winograd_and_the_direct_path_both_match_a_naive_convolution() {
+        for (k, c) in WINOGRAD_SHAPES.iter().enumerate() {
+            let (x, w, b, dy) = c.data(500 + k as u64);
+            let g = Geom::new(&c.x, &c.w, c.params()).unwrap();
+            assert!(winograd::applies(&g), "{c:?} should take the Winograd path");
+            let what = format!("{c:?}");
+            let want_y = c.naive_forward(&f64s(&x), &f64s(&w), &f64s(&b));
+            let want_dx = c.naive_backward_data(&f64s(&dy), &f64s(&w));
+
+            let direct = forward_dense(x.data(), w.data(), Some(&b), None, false, &g);
+            assert_close(&format!("direct forward {what}"), &direct, &want_y, 2e-5);
+            let epi = winograd::Epilogue {
+                bias: Some(b.data()),
+                residual: None,
+                relu: false,
+            };
+            let wino = winograd::forward(x.data(), w.data(), &g, &epi);
+            assert_close(&format!("winograd forward {what}"), &wino, &want_y, 2e-5);
+            let public = conv2d(&x, &w, Some(&b), c.params()).unwrap();
+            let chosen = if WINOGRAD_IN_MODELS { &wino } else { &direct };
+            assert_bitwise(&format!("conv2d's choice {what}"), public.data(), chosen);
+
+            let direct = backward_data_dense(dy.data(), w.data(), &g);
+            assert_close(
+                &format!("direct backward_data {what}"),
+                &direct,
+                &want_dx,
+                2e-5,
+            );
+            let wino = winograd::backward_data(dy.data(), w.data(), &g);
+            assert_close(
+                &format!("winograd backward_data {what}"),
+                &wino,
+                &want_dx,
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn winograd_is_batch_invariant_and_thread_independent_with_its_epilogue() {
+        for (k, c) in WINOGRAD_SHAPES.iter().enumerate() {
+            let (x, w, b, dy) = c.data(600 + k as u64);
+            let p = c.params();
+            let res = uniform(&mut rng(k as u64), &c.y_shape(), -1.0, 1.0);
+            let geom = |n: usize| {
+                let mut x_shape = c.x;
+                x_shape[0] = n;
+                Geom::new(&x_shape, &c.w, p).unwrap()
+            };
+            let forward = |x: &Tensor, res: Option<&Tensor>, relu: bool| {
+                let g = geom(x.shape()[0]);
+                let epi = winograd::Epilogue {
+                    bias: Some(b.data()),
+                    residual: res.map(|r| r.data()),
+                    relu,
+                };
+                let y = winograd::forward(x.data(), w.data(), &g, &epi);
+                Tensor::new(&[g.n, g.o, g.oh, g.ow], y).unwrap()
+            };
+            let backward = |dy: &Tensor| {
+                let g = geom(dy.shape()[0]);
+                let dx = winograd::backward_data(dy.data(), w.data(), &g);
+                Tensor::new(&[g.n, g.c, g.h, g.w], dx).unwrap()
+            };
+            assert_batch_invariant(&format!("forward {c:?}"), &x, |x| forward(x, None, false));
+            assert_batch_invariant(&format!("backward_data {c:?}"), &dy, backward);
+            assert_thread_independent(&format!("{c:?}"), || {
+                flat(&[&forward(&x, Some(&res), true), &backward(&dy)])
+            });
+            // The epilogue is bias, then residual, then relu, as the direct
+            // path's.
+            let plain = forward(&x, None, false);
+            let want = crate::backend::cpu::elementwise::add(&plain, &res).unwrap();
+            let want = crate::backend::cpu::elementwise::relu(&want).unwrap();
+            let got = forward(&x, Some(&res), true);
+            assert_bitwise(&format!("epilogue {c:?}"), got.data(), want.data());
+        }
+    }
+
+    #[test]
+    fn the_batched_product_is_batch_invariant_when_tasks_cut_images_apart() {
+        // 3x3 stride 2 and a 5x5 kernel (direct path), with enough columns
+        // that tasks start in the middle of an image; wide enough channels
+        // that output rows are split between tasks too.
+        for (k, c) in [
+            case([7, 20, 33, 30], [40, 20, 3, 3], 2, 1),
+            case([3, 8, 40, 37], [70, 8, 5, 5], 1, 2),
+            case([4, 30, 4, 4], [200, 30, 1, 1], 1, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (x, w, b, dy) = c.data(700 + k as u64);
+            let p = c.params();
+            let g = Geom::new(&c.x, &c.w, p).unwrap();
+            assert!(!winograd::applies(&g));
+            assert_batch_invariant(&format!("forward {c:?}"), &x, |x| {
+                conv2d(x, &w, Some(&b), p).unwrap()
+            });
+            assert_batch_invariant(&format!("backward_data {c:?}"), &dy, |dy| {
+                let mut x_shape = c.x;
+                x_shape[0] = dy.shape()[0];
+                conv2d_backward_data(dy, &w, &x_shape, p).unwrap()
+            });
+            let y = conv2d(&x, &w, Some(&b), p).unwrap();
+            let want = c.naive_forward(&f64s(&x), &f64s(&w), &f64s(&b));
+            assert_close(&format!("forward {c:?}"), y.data(), &want, 2e-5);
         }
     }
 

@@ -13,6 +13,7 @@
 //!   and a pool of many give the same bits.
 
 mod activation;
+mod chain_gemm;
 mod conv;
 mod conv_grouped;
 mod elementwise;
@@ -26,6 +27,7 @@ mod pool;
 mod scale;
 #[cfg(test)]
 mod testutil;
+mod winograd;
 
 use std::cell::RefCell;
 
@@ -517,10 +519,6 @@ fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32];
         }
     })
 }
-
-/// Convolutions with fewer output positions than this (and more channels)
-/// compute their products transposed; see [`conv`].
-const SHORT_ROW: usize = 128;
 
 /// Writes the transpose of the row-major `rows x cols` matrix `src` into
 /// `dst` (`cols x rows`), in square tiles so both sides stay in cache.

@@ -1,0 +1,380 @@
+//! Winograd F(2x2, 3x3) for dense stride-1 3x3 convolutions: each 2x2 block
+//! of outputs (a tile) takes 16 products per channel pair instead of 36.
+//!
+//! The input tile `d` (4x4) becomes `V = B^T d B`, the filter `g` becomes
+//! `U = G g G^T`, and the 16 products `M[xi] = sum_c U[xi][o][c] V[xi][c]`
+//! are 16 matrix products over the tiles of every image side by side
+//! ([`chain_gemm`], one in-order chain per element); the outputs are
+//! `A^T M A`. Every tile is computed from its own input patch with a fixed
+//! sequence of operations, so an image gets the same bits alone or in a
+//! batch, on any number of threads.
+//!
+//! Backward-data of a stride-1 3x3 convolution with padding `p` is itself
+//! such a convolution: of `dy` with the filter flipped and its channel axes
+//! swapped, padding `2 - p`.
+
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::with_scratch;
+use crate::backend::check::ConvGeom;
+
+/// Smallest channel counts (in and out) at which the transforms pay for
+/// themselves: below them the products are too thin to save much.
+const MIN_CHANNELS: usize = 16;
+
+/// Whether a convolution takes the Winograd path: decided by its shape
+/// alone, so results never depend on timing.
+pub(super) fn applies(g: &ConvGeom) -> bool {
+    g.is_dense()
+        && g.kh == 3
+        && g.kw == 3
+        && g.stride == 1
+        && g.pad <= 2
+        && g.c >= MIN_CHANNELS
+        && g.o >= MIN_CHANNELS
+}
+
+/// The extents of one Winograd convolution: `x [n, c, h, w]` with
+/// `w [o, c, 3, 3]`, zero padding `pad`, output `[n, o, oh, ow]`.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Shape {
+    /// Tile rows and columns of one image.
+    fn tiles(&self) -> (usize, usize) {
+        (self.oh.div_ceil(2), self.ow.div_ceil(2))
+    }
+}
+
+/// What to add to each output before it is stored: `relu?(y + bias +
+/// residual)`, in that order (as the direct path's epilogue).
+pub(super) struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+/// The forward convolution of `x` by `w` (see [`applies`]).
+pub(super) fn forward(x: &[f32], w: &[f32], g: &ConvGeom, epi: &Epilogue<'_>) -> Vec<f32> {
+    let s = Shape {
+        n: g.n,
+        c: g.c,
+        h: g.h,
+        w: g.w,
+        o: g.o,
+        pad: g.pad,
+        oh: g.oh,
+        ow: g.ow,
+    };
+    let u = transformed_filters(w, s.o, s.c, false);
+    conv(x, &u, &s, epi)
+}
+
+/// The input gradient of the forward convolution (see [`applies`]): a
+/// Winograd convolution of `dy` by the flipped, channel-swapped filter.
+pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let s = Shape {
+        n: g.n,
+        c: g.o,
+        h: g.oh,
+        w: g.ow,
+        o: g.c,
+        pad: 2 - g.pad,
+        oh: g.h,
+        ow: g.w,
+    };
+    let u = transformed_filters(w, g.o, g.c, true);
+    let none = Epilogue {
+        bias: None,
+        residual: None,
+        relu: false,
+    };
+    conv(dy, &u, &s, &none)
+}
+
+/// Transformed filters kept for reuse, with a copy of the filters they came
+/// from: a search runs the same frozen filters thousands of times, and
+/// transforming a 512x512 layer costs more than multiplying a small batch.
+struct CacheEntry {
+    adjoint: bool,
+    filters: Vec<f32>,
+    u: Arc<Vec<PackedA>>,
+}
+
+/// Filter values the cache may hold (originals and transforms), 128 Mi
+/// floats: the 3x3 layers of the largest zoo model several times over.
+const CACHE_LIMIT: usize = 1 << 27;
+
+static CACHE: Mutex<Vec<CacheEntry>> = Mutex::new(Vec::new());
+
+/// [`filter_transform`] through the cache. An entry is used only when its
+/// copy of the filters has the same bits as `w`, so a filter updated in
+/// place (training) is transformed again, never served stale.
+fn transformed_filters(w: &[f32], o: usize, c: usize, adjoint: bool) -> Arc<Vec<PackedA>> {
+    let same = |e: &CacheEntry| {
+        e.adjoint == adjoint
+            && e.filters.len() == w.len()
+            && bytemuck::cast_slice::<f32, u32>(&e.filters) == bytemuck::cast_slice::<f32, u32>(w)
+    };
+    if let Ok(cache) = CACHE.lock() {
+        if let Some(e) = cache.iter().find(|e| same(e)) {
+            return Arc::clone(&e.u);
+        }
+    }
+    let u = Arc::new(filter_transform(w, o, c, adjoint));
+    if let Ok(mut cache) = CACHE.lock() {
+        let size = |e: &CacheEntry| e.filters.len() * 3;
+        let mut total: usize = cache.iter().map(size).sum::<usize>() + w.len() * 3;
+        while total > CACHE_LIMIT && !cache.is_empty() {
+            total -= size(&cache.remove(0));
+        }
+        if total <= CACHE_LIMIT {
+            cache.push(CacheEntry {
+                adjoint,
+                filters: w.to_vec(),
+                u: Arc::clone(&u),
+            });
+        }
+    }
+    u
+}
+
+/// `U = G g G^T` for every filter, as 16 packed `[out, in]` matrices (one
+/// per element of the 4x4 transform). `w` is `[o, c, 3, 3]`; with `adjoint`
+/// the result is for the filter `w'[c][o] = flip(w[o][c])`, whose outputs
+/// are `w`'s input channels. Computed in f64 and rounded once.
+fn filter_transform(w: &[f32], o: usize, c: usize, adjoint: bool) -> Vec<PackedA> {
+    let (rows, inner) = if adjoint { (c, o) } else { (o, c) };
+    let mut u = vec![0.0f32; 16 * rows * inner];
+    for oi in 0..o {
+        for ci in 0..c {
+            let f = &w[(oi * c + ci) * 9..][..9];
+            let g = |a: usize, b: usize| -> f64 {
+                if adjoint {
+                    f[(2 - a) * 3 + (2 - b)] as f64
+                } else {
+                    f[a * 3 + b] as f64
+                }
+            };
+            // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]].
+            let gm = |i: usize, b: usize| -> f64 {
+                match i {
+                    0 => g(0, b),
+                    1 => 0.5 * (g(0, b) + g(1, b) + g(2, b)),
+                    2 => 0.5 * (g(0, b) - g(1, b) + g(2, b)),
+                    _ => g(2, b),
+                }
+            };
+            let (r, k) = if adjoint { (ci, oi) } else { (oi, ci) };
+            for i in 0..4 {
+                let row = [gm(i, 0), gm(i, 1), gm(i, 2)];
+                let t = [
+                    row[0],
+                    0.5 * (row[0] + row[1] + row[2]),
+                    0.5 * (row[0] - row[1] + row[2]),
+                    row[2],
+                ];
+                for (j, v) in t.iter().enumerate() {
+                    u[((i * 4 + j) * rows + r) * inner + k] = *v as f32;
+                }
+            }
+        }
+    }
+    u.chunks_exact(rows * inner)
+        .map(|m| PackedA::new(m, rows, inner, inner, 1))
+        .collect()
+}
+
+/// Runs the convolution of `x` by the transformed filters `u`: tasks take a
+/// range of tiles (of all images, side by side) and a range of output
+/// channels.
+fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
+    let (th, tw) = s.tiles();
+    let per_image = th * tw;
+    let cols = s.n * per_image;
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = s.o.div_ceil(MR);
+    // One task's transformed inputs and products stay within about 4 MiB.
+    let max_chunk = ((1usize << 20) / (16 * (s.c + s.o))).clamp(NR, 512) / NR * NR;
+    let chunk = (cols.div_ceil(threads).div_ceil(NR) * NR).clamp(NR, max_chunk);
+    let col_tasks = cols.div_ceil(chunk).max(1);
+    let parts = if col_tasks >= 2 * threads {
+        1
+    } else {
+        (2 * threads)
+            .div_ceil(col_tasks)
+            .min(blocks.div_ceil(4))
+            .max(1)
+    };
+    let per_part = blocks.div_ceil(parts);
+    let out_len = s.o * s.oh * s.ow;
+    let mut y = vec![0.0f32; s.n * out_len];
+    let out = super::conv::SharedOut::new(&mut y);
+    (0..col_tasks * parts).into_par_iter().for_each(|t| {
+        let t0 = t / parts * chunk;
+        let tiles = t0..(t0 + chunk).min(cols);
+        let part = (t % parts) * per_part..((t % parts + 1) * per_part).min(blocks);
+        if part.is_empty() {
+            return;
+        }
+        let ld = padded_stride(tiles.len());
+        let prows = part.len() * MR;
+        with_scratch([16 * s.c * ld, 16 * prows * ld], |[v, m]| {
+            input_transform(x, s, tiles.clone(), v, ld);
+            for xi in 0..16 {
+                chain_gemm::gemm(
+                    &u[xi],
+                    part.clone(),
+                    &v[xi * s.c * ld..][..s.c * ld],
+                    ld,
+                    tiles.len(),
+                    &mut m[xi * prows * ld..][..prows * ld],
+                    ld,
+                );
+            }
+            let o0 = part.start * MR;
+            for o in o0..(part.end * MR).min(s.o) {
+                let mo = |xi: usize| &m[(xi * prows + o - o0) * ld..][..tiles.len()];
+                output_transform(s, o, tiles.clone(), mo, epi, &out);
+            }
+        })
+    });
+    y
+}
+
+/// `V = B^T d B` for every input channel and every tile of `tiles`, into
+/// `v` (`[16][c][ld]`, tile `j` of the range in column `j`), with the
+/// padding columns up to a whole panel set to 0.
+///
+/// `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`; the row step runs
+/// along whole padded input rows, the column step per tile.
+fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32], ld: usize) {
+    let (th, tw) = s.tiles();
+    let per_image = th * tw;
+    let width = tiles.len().div_ceil(NR) * NR;
+    // A padded input row: `pad` zeros, the row, then zeros up to the last
+    // tile's reach (2 * tw + 2 columns).
+    let span = 2 * tw + 2;
+    let mut rows = vec![0.0f32; 4 * span];
+    let mut t = vec![0.0f32; 4 * span];
+    for ci in 0..s.c {
+        let mut j = 0;
+        let mut tile = tiles.start;
+        while tile < tiles.end {
+            let (img, r) = (tile / per_image, tile % per_image);
+            let (ty, tx0) = (r / tw, r % tw);
+            let tx1 = tw.min(tx0 + tiles.end - tile);
+            let plane = &x[(img * s.c + ci) * s.h * s.w..][..s.h * s.w];
+            for (k, row) in rows.chunks_exact_mut(span).enumerate() {
+                row.fill(0.0);
+                let ih = (2 * ty + k) as isize - s.pad as isize;
+                if ih < 0 || ih >= s.h as isize {
+                    continue;
+                }
+                let src = &plane[ih as usize * s.w..][..s.w];
+                // Columns of the padded row: input column `iw` sits at
+                // `iw + pad`; columns past `span` are never read.
+                let n = s.w.min(span.saturating_sub(s.pad));
+                row[s.pad..s.pad + n].copy_from_slice(&src[..n]);
+            }
+            let (d0, rest) = rows.split_at(span);
+            let (d1, rest) = rest.split_at(span);
+            let (d2, d3) = rest.split_at(span);
+            let (t0, rest) = t.split_at_mut(span);
+            let (t1, rest) = rest.split_at_mut(span);
+            let (t2, t3) = rest.split_at_mut(span);
+            for q in 0..span {
+                t0[q] = d0[q] - d2[q];
+                t1[q] = d1[q] + d2[q];
+                t2[q] = d2[q] - d1[q];
+                t3[q] = d1[q] - d3[q];
+            }
+            for (i, ti) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                for tx in tx0..tx1 {
+                    let q = 2 * tx;
+                    let col = j + tx - tx0;
+                    let at = |xi: usize| (xi * s.c + ci) * ld + col;
+                    v[at(4 * i)] = ti[q] - ti[q + 2];
+                    v[at(4 * i + 1)] = ti[q + 1] + ti[q + 2];
+                    v[at(4 * i + 2)] = ti[q + 2] - ti[q + 1];
+                    v[at(4 * i + 3)] = ti[q + 1] - ti[q + 3];
+                }
+            }
+            j += tx1 - tx0;
+            tile += tx1 - tx0;
+        }
+        for xi in 0..16 {
+            v[(xi * s.c + ci) * ld..][tiles.len()..width].fill(0.0);
+        }
+    }
+}
+
+/// `Y = A^T M A` for output channel `o` over the tiles `tiles`
+/// (`m(xi)` the products of that channel, one column per tile), with the
+/// epilogue, written to the outputs that lie inside the image.
+///
+/// `A^T = [[1,1,1,0],[0,1,-1,-1]]`.
+fn output_transform<'m>(
+    s: &Shape,
+    o: usize,
+    tiles: std::ops::Range<usize>,
+    m: impl Fn(usize) -> &'m [f32],
+    epi: &Epilogue<'_>,
+    out: &super::conv::SharedOut<'_>,
+) {
+    let (th, tw) = s.tiles();
+    let per_image = th * tw;
+    let plane = s.oh * s.ow;
+    let ms: [&[f32]; 16] = std::array::from_fn(&m);
+    let bias = epi.bias.map_or(0.0, |b| b[o]);
+    for (j, tile) in tiles.enumerate() {
+        let (img, r) = (tile / per_image, tile % per_image);
+        let (ty, tx) = (r / tw, r % tw);
+        let mv = |i: usize, k: usize| ms[i * 4 + k][j];
+        let s0 = |k: usize| mv(0, k) + mv(1, k) + mv(2, k);
+        let s1 = |k: usize| mv(1, k) - mv(2, k) - mv(3, k);
+        let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
+        let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
+        let ys = [[a0 + a1 + a2, a1 - a2 - a3], [b0 + b1 + b2, b1 - b2 - b3]];
+        let base = (img * s.o + o) * plane;
+        for (dy, row) in ys.iter().enumerate() {
+            let oh = 2 * ty + dy;
+            if oh >= s.oh {
+                continue;
+            }
+            for (dx, &val) in row.iter().enumerate() {
+                let ow = 2 * tx + dx;
+                if ow >= s.ow {
+                    continue;
+                }
+                let at = base + oh * s.ow + ow;
+                let mut val = val;
+                if epi.bias.is_some() {
+                    val += bias;
+                }
+                if let Some(res) = epi.residual {
+                    val += res[at];
+                }
+                if epi.relu {
+                    // As `relu`: NaN stays NaN, -0 becomes 0.
+                    val = if val <= 0.0 { 0.0 } else { val };
+                }
+                // SAFETY: tasks cover disjoint (channel, tile) sets, and
+                // tiles do not overlap, so each output has one writer.
+                unsafe { out.region(at, 1)[0] = val };
+            }
+        }
+    }
+}
