@@ -79,7 +79,9 @@ fn search_step(c: &mut Criterion) {
         // Throughput in search steps (one update of one search's mask).
         g.throughput(Throughput::Elements(searches as u64));
         g.bench_function(format!("{arch}_S{searches}"), |b| {
-            b.iter(|| black_box(step(&dm, &canvases, &masks, &others, &targets, &cfg, false).unwrap()))
+            b.iter(|| {
+                black_box(step(&dm, &canvases, &masks, &others, &targets, &cfg, false).unwrap())
+            })
         });
     }
     g.finish();

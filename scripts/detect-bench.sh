@@ -12,8 +12,8 @@
 # Everything is resumable: a rerun skips trained models (a killed training
 # continues from its checkpoint) and finished scans. Settings (environment):
 #   CWP          the cwp binary (default: built here with cargo, release)
-#   LIMIT        training images per model (default 10000)
-#   EPOCHS       training epochs (default 2)
+#   LIMIT        training images per model (default 15000)
+#   EPOCHS       training epochs (default 4)
 #   SCAN_EPOCHS  search epochs in the scan (default 2)
 #   DEVICE       cpu, cuda, auto (default auto)
 #   ONLY         a comma list of model names to train and scan (a quick look)
@@ -22,8 +22,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 . scripts/setup.sh
 DIR=${1:-detect-bench}
-LIMIT=${LIMIT:-10000}
-EPOCHS=${EPOCHS:-2}
+LIMIT=${LIMIT:-15000}
+EPOCHS=${EPOCHS:-4}
 SCAN_EPOCHS=${SCAN_EPOCHS:-2}
 DEVICE=${DEVICE:-auto}
 ensure_apt dataset-fashion-mnist python3
@@ -35,6 +35,14 @@ if [ -z "${CWP:-}" ]; then
     [ -x "$CWP" ] || CWP="${CARGO_TARGET_DIR:-$ROOT/target}/release/cwp"
 fi
 mkdir -p "$DIR/models" "$DIR/log"
+# A folder holds one population: models trained with other settings are
+# never mixed in.
+settings="limit=$LIMIT epochs=$EPOCHS"
+if [ -f "$DIR/settings" ] && [ "$(cat "$DIR/settings")" != "$settings" ]; then
+    echo "detect-bench: $DIR holds models trained with $(cat "$DIR/settings"), not $settings; use another folder" >&2
+    exit 1
+fi
+echo "$settings" > "$DIR/settings"
 
 # name | seed | trigger | target | poison rate (empty trigger: a clean model).
 # Patches of size 2-5 at corners, the centre and inner positions, with white,

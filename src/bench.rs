@@ -283,8 +283,10 @@ fn bench_cpu(
             let secs = time(
                 cfg.seconds,
                 || {
-                    crate::search::optimize::step(&model, &canvas, &mask, &others, &targets, &mc, false)
-                        .map(|_| ())
+                    crate::search::optimize::step(
+                        &model, &canvas, &mask, &others, &targets, &mc, false,
+                    )
+                    .map(|_| ())
                 },
                 &sync,
             )?;

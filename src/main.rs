@@ -1045,11 +1045,7 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         .as_deref()
         .map(str::parse::<search::shard::Shard>)
         .transpose()?;
-    let labels = a
-        .labels
-        .as_deref()
-        .map(scan::Labels::read)
-        .transpose()?;
+    let labels = a.labels.as_deref().map(scan::Labels::read).transpose()?;
     let models = scan::list_models(&a.models)?;
     if let Some(c) = &a.canvas {
         c.parse::<Canvases>()?;
@@ -1106,7 +1102,8 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
             p(d.fpr),
             d.auc.map_or("-".to_string(), |v| format!("{v:.3}")),
             p(d.target_accuracy),
-            d.seconds_per_model.map_or("-".to_string(), |v| format!("{v:.1}"))
+            d.seconds_per_model
+                .map_or("-".to_string(), |v| format!("{v:.1}"))
         );
     }
     outln!(

@@ -54,7 +54,15 @@ fn scan(models: &[&Path], out: &Path, data: &str, extra: &[&str]) -> Output {
     let mut args = vec!["scan"];
     args.extend(models.iter().map(|m| s(m)));
     args.extend([
-        "--out", s(out), "--data", data, "--epochs", "1", "--quiet", "--device", "cpu",
+        "--out",
+        s(out),
+        "--data",
+        data,
+        "--epochs",
+        "1",
+        "--quiet",
+        "--device",
+        "cpu",
     ]);
     args.extend_from_slice(extra);
     cwp(&args)
@@ -84,12 +92,21 @@ fn every_model_gets_a_row_and_a_broken_one_costs_only_its_own() {
     let o = scan(&[&a, &broken, &b], &out, &data, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a failed model must fail the command");
-    assert!(stderr.contains("1 (model, method) pair(s) failed"), "{stderr}");
+    assert!(
+        stderr.contains("1 (model, method) pair(s) failed"),
+        "{stderr}"
+    );
 
     let rows = rows(&out);
     assert_eq!(rows.len(), 3);
     let bad = row(&rows, &broken);
-    assert!(bad["error"].as_str().unwrap().contains("broken.safetensors"), "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("broken.safetensors"),
+        "{bad}"
+    );
     for m in [&a, &b] {
         let r = row(&rows, m);
         assert!(r.get("error").is_none(), "{r}");
@@ -122,12 +139,20 @@ fn shards_split_the_models_and_together_fill_the_table() {
     let b = smallcnn(dir.path(), "b.safetensors", 2);
     let out = dir.path().join("scan");
     let first = scan(&[&a, &b], &out, &data, &["--shard", "0/2"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let after_first = rows(&out);
     assert_eq!(after_first.len(), 1, "shard 0/2 scans model 0 only");
     assert_eq!(after_first[0]["model"], s(&a));
     let second = scan(&[&a, &b], &out, &data, &["--shard", "1/2"]);
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     let all = rows(&out);
     assert_eq!(all.len(), 2, "the last shard's table lists every model");
     assert_eq!(row(&all, &a), &after_first[0]);
@@ -158,7 +183,10 @@ fn labels_give_detection_figures_computed_from_the_rows() {
             .unwrap();
     assert_eq!(det.len(), 1);
     let d = &det[0];
-    assert_eq!((d["backdoored"].as_u64(), d["clean"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (d["backdoored"].as_u64(), d["clean"].as_u64()),
+        (Some(1), Some(2))
+    );
     // The AUC ranks the backdoored model's score among the clean ones'.
     let score = |m: &Path| row(&rows, m)["score"].as_f64().unwrap();
     let won: f64 = [&b, &c]
@@ -205,7 +233,10 @@ fn bad_options_are_refused_before_anything_is_written() {
     std::fs::create_dir(&empty).unwrap();
     let o = scan(&[&empty], &out, &data, &[]);
     let msg = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && msg.contains("no .safetensors or .onnx"), "{msg}");
+    assert!(
+        !o.status.success() && msg.contains("no .safetensors or .onnx"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -222,7 +253,11 @@ fn method_both_gives_each_model_a_cwp_row_and_a_neural_cleanse_row() {
     let nc = &rows[1];
     assert_eq!(nc["anomaly_index"].as_array().unwrap().len(), 10);
     let page = out.join(nc["report"].as_str().unwrap());
-    assert!(page.ends_with("cleanse.html") && page.is_file(), "{}", page.display());
+    assert!(
+        page.ends_with("cleanse.html") && page.is_file(),
+        "{}",
+        page.display()
+    );
     assert!(page.with_file_name("cleanse.json").is_file());
     // The cwp row carries the verdict of each canvas kind every class had.
     let kinds: Vec<&str> = rows[0]["by_canvas"]

@@ -173,9 +173,16 @@ fn emu_search_step_matches_fixture_and_cpu() {
         lr: f.metadata["lr"].parse::<f64>().unwrap(),
         ..Default::default()
     };
-    let step =
-        classwise::search::optimize::step(&model, &canvas, &mask0, &get("others"), &[target], &cfg, false)
-            .unwrap();
+    let step = classwise::search::optimize::step(
+        &model,
+        &canvas,
+        &mask0,
+        &get("others"),
+        &[target],
+        &cfg,
+        false,
+    )
+    .unwrap();
     let (ltol, gtol) = selftest::model_tolerances(false);
     assert_close_abs(
         "logits",

@@ -121,15 +121,24 @@ fn a_learned_canvas_moves_its_pixels_within_0_and_1_and_a_fixed_one_stays() {
     let test = small_test_set();
     let out = run(&jobs(&test), 4096, &cfg(), &test);
     assert!(out[..3].iter().all(|o| o.canvas.is_none()));
-    let learned = out[3].canvas.as_ref().expect("the learning search returns its canvas");
+    let learned = out[3]
+        .canvas
+        .as_ref()
+        .expect("the learning search returns its canvas");
     assert_eq!(learned.len(), 784);
-    assert!(learned.iter().all(|v| (0.0..=1.0).contains(v)), "{learned:?}");
+    assert!(
+        learned.iter().all(|v| (0.0..=1.0).contains(v)),
+        "{learned:?}"
+    );
     let moved = learned.iter().filter(|&&v| v != 0.5).count();
     let (up, down) = (
         learned.iter().filter(|&&v| v > 0.5).count(),
         learned.iter().filter(|&&v| v < 0.5).count(),
     );
-    assert!(moved > 100 && up > 0 && down > 0, "moved {moved}: {up} up, {down} down");
+    assert!(
+        moved > 100 && up > 0 && down > 0,
+        "moved {moved}: {up} up, {down} down"
+    );
 }
 
 #[test]
@@ -351,7 +360,11 @@ fn a_learn_canvas_run_stores_the_learned_pixels_and_its_verdict_compares_them() 
     assert_eq!(learned.len(), 3);
     for s in &learned {
         let moved = s.canvas.pixels.iter().filter(|&&v| v != 0.5).count();
-        assert!(moved > 0, "class {}: the stored canvas is the start", s.class);
+        assert!(
+            moved > 0,
+            "class {}: the stored canvas is the start",
+            s.class
+        );
     }
     assert_eq!(report.verdict_canvas, "learned");
     assert!(report.other_verdicts.iter().any(|(k, _)| k == "natural"));

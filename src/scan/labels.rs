@@ -55,7 +55,10 @@ impl Labels {
             .map(|(i, l)| (i + 1, l.trim()))
             .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
         let Some((n, header)) = lines.next() else {
-            return Err(bad(1, "empty; expected the header `model,backdoored,target`".into()));
+            return Err(bad(
+                1,
+                "empty; expected the header `model,backdoored,target`".into(),
+            ));
         };
         let cols: Vec<String> = header
             .split(',')
@@ -71,22 +74,30 @@ impl Labels {
         for (n, line) in lines {
             let f: Vec<&str> = line.split(',').map(str::trim).collect();
             if f.len() != 3 {
-                return Err(bad(n, format!("`{line}`: expected 3 fields, got {}", f.len())));
+                return Err(bad(
+                    n,
+                    format!("`{line}`: expected 3 fields, got {}", f.len()),
+                ));
             }
             let backdoored = parse_bool(f[1]).ok_or_else(|| {
-                bad(n, format!("backdoored `{}` is not 1/0, true/false or yes/no", f[1]))
+                bad(
+                    n,
+                    format!("backdoored `{}` is not 1/0, true/false or yes/no", f[1]),
+                )
             })?;
             let target = match (f[2], backdoored) {
                 ("", false) => None,
                 ("", true) => {
-                    return Err(bad(n, format!("`{}` is backdoored but has no target", f[0])))
+                    return Err(bad(
+                        n,
+                        format!("`{}` is backdoored but has no target", f[0]),
+                    ))
                 }
-                (t, true) => Some(t.parse::<usize>().map_err(|_| {
-                    bad(n, format!("target `{t}` is not a class index"))
-                })?),
-                (_, false) => {
-                    return Err(bad(n, format!("`{}` is clean but has a target", f[0])))
-                }
+                (t, true) => Some(
+                    t.parse::<usize>()
+                        .map_err(|_| bad(n, format!("target `{t}` is not a class index")))?,
+                ),
+                (_, false) => return Err(bad(n, format!("`{}` is clean but has a target", f[0]))),
             };
             if f[0].is_empty() {
                 return Err(bad(n, "empty model path".into()));
@@ -153,12 +164,18 @@ mod tests {
     fn rows_give_backdoor_and_target_by_model_path_or_file_name() {
         let l = parse("model,backdoored,target\nm/a.safetensors,1,3\nm/b.onnx,no,\n").unwrap();
         assert_eq!(l.len(), 2);
-        let a = Label { backdoored: true, target: Some(3) };
+        let a = Label {
+            backdoored: true,
+            target: Some(3),
+        };
         assert_eq!(l.find("m/a.safetensors"), Some(&a));
         assert_eq!(l.find("elsewhere/a.safetensors"), Some(&a));
         assert_eq!(
             l.find("m/b.onnx"),
-            Some(&Label { backdoored: false, target: None })
+            Some(&Label {
+                backdoored: false,
+                target: None
+            })
         );
         assert_eq!(l.find("m/c.onnx"), None);
     }
@@ -183,7 +200,10 @@ mod tests {
             ("model,backdoored,target\na,1\n", "expected 3 fields"),
         ] {
             let e = parse(text).unwrap_err().to_string();
-            assert!(e.contains("labels.csv") && e.contains(want), "{text:?}: {e}");
+            assert!(
+                e.contains("labels.csv") && e.contains(want),
+                "{text:?}: {e}"
+            );
         }
     }
 }

@@ -218,7 +218,10 @@ pub fn list_models(args: &[PathBuf]) -> Result<Vec<String>> {
             if v.is_empty() {
                 return Err(Error::arg(
                     "MODEL",
-                    format!("{}: no .safetensors or .onnx file in this folder", a.display()),
+                    format!(
+                        "{}: no .safetensors or .onnx file in this folder",
+                        a.display()
+                    ),
                 ));
             }
             v
@@ -340,17 +343,23 @@ fn search_config(model: &Model, opts: &ScanOptions) -> Result<SearchConfig> {
     Ok(cfg)
 }
 
+/// A model as a scan holds it: loaded, its identity, its path as given.
+struct Loaded<'a> {
+    model: &'a Model,
+    id: &'a str,
+    label: &'a str,
+}
+
 /// Runs `method` on one loaded model, writing its report under `dir`.
 fn run_method<B: Backend>(
     be: &B,
     method: Method,
-    model: &Model,
-    model_id: &str,
-    label: &str,
+    m: &Loaded<'_>,
     test: &Dataset,
     opts: &ScanOptions,
     dir: &Path,
 ) -> Result<Outcome> {
+    let (model, model_id, label) = (m.model, m.id, m.label);
     crate::eval::check_fits(&model.graph, test)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     match method {
@@ -536,7 +545,12 @@ pub fn run<B: Backend>(
             let t0 = Instant::now();
             let result = data_spec(model, opts).and_then(|spec| {
                 let test = cache.test(&spec, model.graph.input)?;
-                run_method(be, method, model, model_id, model_path, test, opts, &dir)
+                let m = Loaded {
+                    model,
+                    id: model_id,
+                    label: model_path,
+                };
+                run_method(be, method, &m, test, opts, &dir)
             });
             let seconds = t0.elapsed().as_secs_f64();
             match result {
@@ -637,6 +651,9 @@ fn collect(
     (rows, pending)
 }
 
+/// Picks a row's flagged classes and score (the run's verdict, or one kind's).
+type Pick<'a> = dyn Fn(&Row) -> Option<(Vec<usize>, Option<f64>)> + 'a;
+
 /// The detection figures of each method over the labelled rows, and for
 /// `cwp` also of each canvas kind's verdict (`cwp/natural` is the paper's
 /// method alone).
@@ -647,7 +664,7 @@ fn detection(rows: &[Row], methods: &[Method]) -> Vec<Detection> {
             .iter()
             .filter(|r| r.method == method && r.error.is_none() && r.label.is_some())
             .collect();
-        let scored = |pick: &dyn Fn(&Row) -> Option<(Vec<usize>, Option<f64>)>| {
+        let scored = |pick: &Pick<'_>| {
             ok.iter()
                 .filter_map(|r| {
                     let l = r.label.as_ref()?;
@@ -696,7 +713,10 @@ mod tests {
 
     #[test]
     fn method_list_parses_cwp_nc_both_and_refuses_the_rest() {
-        assert_eq!(Method::parse_list("both").unwrap(), vec![Method::Cwp, Method::Nc]);
+        assert_eq!(
+            Method::parse_list("both").unwrap(),
+            vec![Method::Cwp, Method::Nc]
+        );
         assert_eq!(Method::parse_list("nc").unwrap(), vec![Method::Nc]);
         let e = Method::parse_list("neural").unwrap_err().to_string();
         assert!(e.contains("--method") && e.contains("neural"), "{e}");
@@ -709,7 +729,11 @@ mod tests {
         let b = model_dir(out, "y/model.safetensors");
         assert_ne!(a, b);
         assert!(a.starts_with("o/models"), "{a:?}");
-        assert!(a.file_name().unwrap().to_string_lossy().starts_with("model-"));
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("model-"));
         assert_eq!(a, model_dir(out, "x/model.safetensors"));
     }
 
@@ -736,7 +760,9 @@ mod tests {
         let e = list_models(&twice).unwrap_err().to_string();
         assert!(e.contains("more than once"), "{e}");
         std::fs::create_dir(d.path().join("empty")).unwrap();
-        let e = list_models(&[d.path().join("empty")]).unwrap_err().to_string();
+        let e = list_models(&[d.path().join("empty")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no .safetensors or .onnx"), "{e}");
     }
 

@@ -17,7 +17,12 @@ fn opt_num(v: Option<f64>) -> String {
 }
 
 /// The page of a scan.
-pub fn scan_page(rows: &[Row], pending: &[String], detection: &[Detection], command: &str) -> String {
+pub fn scan_page(
+    rows: &[Row],
+    pending: &[String],
+    detection: &[Detection],
+    command: &str,
+) -> String {
     let mut b = String::new();
     let _ = writeln!(
         b,
@@ -26,7 +31,10 @@ pub fn scan_page(rows: &[Row], pending: &[String], detection: &[Detection], comm
         if pending.is_empty() {
             String::new()
         } else {
-            format!(", {} model(s) not yet scanned (other shards?)", pending.len())
+            format!(
+                ", {} model(s) not yet scanned (other shards?)",
+                pending.len()
+            )
         },
         esc(command)
     );

@@ -38,11 +38,9 @@ impl std::str::FromStr for CanvasSpec {
 
     fn from_str(s: &str) -> Result<CanvasSpec> {
         let bad = |msg: String| Error::arg("--canvas", format!("`{s}`: {msg}"));
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| {
-                bad("expected test:I[,J..], auto:N, train:I[,J..], solid:V or learn:V".into())
-            })?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            bad("expected test:I[,J..], auto:N, train:I[,J..], solid:V or learn:V".into())
+        })?;
         let list = |what: &str| -> Result<Vec<usize>> {
             let v = rest
                 .split(',')
