@@ -435,8 +435,10 @@ struct SearchArgs {
     classes: String,
     /// Canvases, joined by `+`: test:I[,J..] (the class's I-th test image), auto:N (the N test
     /// images the model is surest of by logit margin, outside the search set), train:I[,J..],
-    /// solid:V[,V..] (a uniform image; white reveals triggers no image of the class contains).
-    /// Default: auto:1+solid:1; test:0 under the authors' protocols.
+    /// solid:V[,V..] (a uniform image; white reveals triggers no image of the class contains),
+    /// learn:V[,V..] (starts uniform at V; its pixels are optimised with the mask, so a trigger
+    /// of colours no canvas holds can be drawn). Default: auto:1+solid:1; test:0 under the
+    /// authors' protocols.
     #[arg(long)]
     canvas: Option<String>,
     /// Search protocol: cwp (default: canvas chosen on images disjoint from those its power is
@@ -886,33 +888,35 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--classes`: None for `all`, else the listed class indices, each once.
+fn parse_classes(s: &str) -> Result<Option<Vec<usize>>> {
+    if s == "all" {
+        return Ok(None);
+    }
+    let classes: Vec<usize> = s
+        .split(',')
+        .map(|c| c.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| {
+            format!("option --classes: `{s}` is not `all` or a comma list of class indices")
+        })?;
+    // A class listed twice would be analysed twice and counted as two
+    // classes, which shrinks the spread of the statistic the verdict rests
+    // on (to zero for `0,0,0,8`): a clean model could be flagged.
+    for (i, c) in classes.iter().enumerate() {
+        if classes[..i].contains(c) {
+            bail!("option --classes: class {c} is listed more than once in `{s}`; list each class once");
+        }
+    }
+    Ok(Some(classes))
+}
+
 fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     let g = &model.graph;
     let protocol = search::Protocol::parse_for(&a.protocol, g.input)?;
     let mut cfg = SearchConfig::defaults_for(g.input, g.num_classes, protocol);
-    if a.classes != "all" {
-        cfg.classes = a
-            .classes
-            .split(',')
-            .map(|c| c.trim().parse::<usize>())
-            .collect::<std::result::Result<_, _>>()
-            .with_context(|| {
-                format!(
-                    "option --classes: `{}` is not `all` or a comma list of class indices",
-                    a.classes
-                )
-            })?;
-        // A class listed twice would be searched twice and counted as two
-        // classes, which shrinks the spread of the pattern sizes the verdict
-        // rests on (to zero for `0,0,0,8`): a clean model could be flagged.
-        for (i, c) in cfg.classes.iter().enumerate() {
-            if cfg.classes[..i].contains(c) {
-                bail!(
-                    "option --classes: class {c} is listed more than once in `{}`; list each class once",
-                    a.classes
-                );
-            }
-        }
+    if let Some(c) = parse_classes(&a.classes)? {
+        cfg.classes = c;
     }
     if let Some(canvas) = &a.canvas {
         cfg.canvas = canvas.parse::<Canvases>()?.to_string();
@@ -1144,18 +1148,8 @@ fn cmd_cleanse(a: &CleanseArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let g = &model.graph;
     let mut cfg = CleanseConfig::defaults(g.num_classes);
-    if a.classes != "all" {
-        cfg.classes = a
-            .classes
-            .split(',')
-            .map(|c| c.trim().parse::<usize>())
-            .collect::<std::result::Result<_, _>>()
-            .with_context(|| {
-                format!(
-                    "option --classes: `{}` is not `all` or a comma list of class indices",
-                    a.classes
-                )
-            })?;
+    if let Some(c) = parse_classes(&a.classes)? {
+        cfg.classes = c;
     }
     cfg.steps = a.steps;
     cfg.mini_batches = a.mini_batches;

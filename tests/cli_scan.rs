@@ -181,27 +181,48 @@ fn labels_give_detection_figures_computed_from_the_rows() {
     let det: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(out.join("detection.json")).unwrap())
             .unwrap();
-    assert_eq!(det.len(), 1);
-    let d = &det[0];
-    assert_eq!(
-        (d["backdoored"].as_u64(), d["clean"].as_u64()),
-        (Some(1), Some(2))
-    );
-    // The AUC ranks the backdoored model's score among the clean ones'.
-    let score = |m: &Path| row(&rows, m)["score"].as_f64().unwrap();
-    let won: f64 = [&b, &c]
-        .iter()
-        .map(|m| match score(&a).partial_cmp(&score(m)).unwrap() {
-            std::cmp::Ordering::Greater => 1.0,
-            std::cmp::Ordering::Equal => 0.5,
-            std::cmp::Ordering::Less => 0.0,
-        })
-        .sum();
-    assert_eq!(d["auc"].as_f64(), Some(won / 2.0));
-    let flagged = |m: &Path| !row(&rows, m)["flagged"].as_array().unwrap().is_empty();
-    assert_eq!(d["tpr"].as_f64(), Some(if flagged(&a) { 1.0 } else { 0.0 }));
-    let fp = [&b, &c].iter().filter(|m| flagged(m)).count() as f64 / 2.0;
-    assert_eq!(d["fpr"].as_f64(), Some(fp));
+    // The run's own verdict, then one entry per canvas kind every class had
+    // (auto:1+solid:1 by default): each holds what its rows imply.
+    let methods: Vec<&str> = det.iter().map(|d| d["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["cwp", "cwp/solid", "cwp/natural"]);
+    for d in &det {
+        let kind = d["method"].as_str().unwrap().strip_prefix("cwp/");
+        // (flagged?, score) of a model under this entry's verdict.
+        let fig = |m: &Path| {
+            let r = row(&rows, m);
+            let v = match kind {
+                None => r.clone(),
+                Some(k) => r["by_canvas"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["kind"] == k)
+                    .unwrap()
+                    .clone(),
+            };
+            (
+                !v["flagged"].as_array().unwrap().is_empty(),
+                v["score"].as_f64().unwrap(),
+            )
+        };
+        assert_eq!(
+            (d["backdoored"].as_u64(), d["clean"].as_u64()),
+            (Some(1), Some(2))
+        );
+        // The AUC ranks the backdoored model's score among the clean ones'.
+        let won: f64 = [&b, &c]
+            .iter()
+            .map(|m| match fig(&a).1.partial_cmp(&fig(m).1).unwrap() {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            })
+            .sum();
+        assert_eq!(d["auc"].as_f64(), Some(won / 2.0), "{d}");
+        assert_eq!(d["tpr"].as_f64(), Some(if fig(&a).0 { 1.0 } else { 0.0 }));
+        let fp = [&b, &c].iter().filter(|m| fig(m).0).count() as f64 / 2.0;
+        assert_eq!(d["fpr"].as_f64(), Some(fp), "{d}");
+    }
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("cwp: 1 backdoored, 2 clean"), "{stdout}");
 }
