@@ -129,6 +129,17 @@ fn every_model_gets_a_row_and_a_broken_one_costs_only_its_own() {
     assert!(text.contains("reused 2, failed 1"), "{text}");
     let rows2 = self::rows(&out);
     assert_eq!(row(&rows2, &a), row(&rows, &a));
+
+    // A model that breaks after it was scanned shows its error, not the old row.
+    std::fs::write(&b, b"truncated").unwrap();
+    let broke = scan(&[&a, &broken, &b], &out, &data, &[]);
+    assert!(!broke.status.success());
+    let rows3 = self::rows(&out);
+    let err = row(&rows3, &b)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("b.safetensors"), "{}", row(&rows3, &b));
 }
 
 #[test]

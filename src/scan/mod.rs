@@ -613,9 +613,15 @@ fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// Keeps a failure where every shard's table finds it; a later success
-/// removes it.
+/// removes it. A row an earlier run finished (for weights that have since
+/// changed or broken) is removed, so the table shows the failure, not a
+/// stale result.
 fn save_error(dir: &Path, row: &Row) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let stale = dir.join("row.json");
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+    }
     crate::io::write_atomic(&dir.join("error.json"), &to_json(row)?)
 }
 
