@@ -937,8 +937,11 @@ fn search_config(a: &SearchArgs, model: &Model) -> Result<SearchConfig> {
     cfg.mask.seed = a.seed;
     cfg.search_frac = a.search_frac;
     cfg.threshold = a.threshold;
-    let per_image = classwise::search::optimize::bytes_per_image(g);
-    cfg.max_images = (units::parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
+    cfg.max_images = classwise::search::optimize::max_images(
+        g,
+        units::parse_bytes(&a.memory, "--memory")?,
+        a.batch,
+    );
     cfg.validate(g.input, g.num_classes)?;
     Ok(cfg)
 }
@@ -1077,7 +1080,7 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         canvas: a.canvas.clone(),
         k_sweep: a.k_sweep.clone(),
         eval_per_class: a.eval_per_class,
-        memory: units::parse_bytes(&a.memory, "--memory")? as u64,
+        memory: units::parse_bytes(&a.memory, "--memory")?,
         nc_steps: a.nc_steps,
         shard,
         command: command_line(),
@@ -1156,8 +1159,11 @@ fn cmd_cleanse(a: &CleanseArgs) -> Result<()> {
     cfg.batch = a.batch;
     cfg.seed = a.seed;
     cfg.sequential = a.sequential;
-    let per_image = classwise::search::optimize::bytes_per_image(g);
-    cfg.max_images = (units::parse_bytes(&a.memory, "--memory")? / per_image).max(a.batch);
+    cfg.max_images = classwise::search::optimize::max_images(
+        g,
+        units::parse_bytes(&a.memory, "--memory")?,
+        a.batch,
+    );
     let spec: DataSpec = a.data.parse()?;
     let test = data::load(&spec, Split::Test, Some(g.input))?;
     eval::check_fits(g, &test)?;

@@ -78,7 +78,7 @@ pub struct ScanOptions {
     /// Report images per class for the search's power (None: the default, all).
     pub eval_per_class: Option<usize>,
     /// Memory budget of one search (or Neural Cleanse) step, bytes.
-    pub memory: u64,
+    pub memory: usize,
     /// Neural Cleanse's steps per class (None: its default).
     pub nc_steps: Option<usize>,
     /// This process's share of the models.
@@ -337,8 +337,7 @@ fn search_config(model: &Model, opts: &ScanOptions) -> Result<SearchConfig> {
     if opts.eval_per_class.is_some() {
         cfg.eval_per_class = opts.eval_per_class;
     }
-    let per_image = search::optimize::bytes_per_image(g);
-    cfg.max_images = ((opts.memory / per_image as u64) as usize).max(cfg.mask.batch);
+    cfg.max_images = search::optimize::max_images(g, opts.memory, cfg.mask.batch);
     cfg.validate(g.input, g.num_classes)?;
     Ok(cfg)
 }
@@ -399,8 +398,7 @@ fn run_method<B: Backend>(
             if let Some(n) = opts.nc_steps {
                 cfg.steps = n;
             }
-            let per_image = search::optimize::bytes_per_image(g);
-            cfg.max_images = ((opts.memory / per_image as u64) as usize).max(cfg.batch);
+            cfg.max_images = search::optimize::max_images(g, opts.memory, cfg.batch);
             cfg.validate(g.num_classes, test.len())?;
             let dm = DeviceModel::upload(be, g, &model.params)?.with_label(label);
             let r = crate::cleanse::run(&dm, test, &cfg, label, opts.quiet)?;

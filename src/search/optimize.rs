@@ -180,6 +180,12 @@ pub fn bytes_per_image(graph: &Graph) -> usize {
     acts * 4 * 3
 }
 
+/// Most composites one step may put through the model within `memory`
+/// bytes (at least one batch, so a step always runs).
+pub fn max_images(graph: &Graph, memory: usize, batch: usize) -> usize {
+    (memory / bytes_per_image(graph)).max(batch)
+}
+
 /// Optimises the masks of all `jobs` together on `test`, at most
 /// `max_images` composites per forward pass (chunks of searches otherwise).
 ///
