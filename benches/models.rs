@@ -1,7 +1,8 @@
 //! Forward + backward-to-input of zoo models on the CPU backend (weights
 //! frozen, eval mode): images per second, the figure PyTorch's CPU path is
 //! compared with (benches/peers/torch_cpu_bench.py), plus one search step,
-//! and Neural Cleanse of all classes batched against one class at a time.
+//! one training step, and Neural Cleanse of all classes batched against one
+//! class at a time.
 
 use std::hint::black_box;
 
@@ -126,5 +127,46 @@ fn cleanse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fwd_bwd, search_step, cleanse);
+/// One SGD step of `cwp train` (train-mode forward, loss, backward with
+/// parameter gradients, momentum update): `train::train_step` itself.
+fn train_step(c: &mut Criterion) {
+    use classwise::train::{train_step, TrainConfig};
+    let be = CpuBackend;
+    let mut g = c.benchmark_group("train_step");
+    g.sample_size(10);
+    for (arch, input, batch) in [
+        ("smallcnn", [1, 28, 28], 128),
+        ("resnet18", [3, 32, 32], 32),
+    ] {
+        let spec = ModelSpec::new(arch, input, 10);
+        let graph = build(&spec).unwrap();
+        let cfg = TrainConfig::defaults(&spec);
+        let mut params: Vec<_> = init_params(&graph, 0)
+            .iter()
+            .map(|t| be.upload(t).unwrap())
+            .collect();
+        let mut velocity: Vec<_> = graph
+            .params
+            .iter()
+            .map(|p| be.zeros(&p.shape).unwrap())
+            .collect();
+        let x = Tensor::from_fn(&graph.input_shape(batch), |i| {
+            ((i * 37) % 101) as f32 / 100.0
+        });
+        let y: Vec<usize> = (0..batch).map(|i| i % 10).collect();
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("{arch}_b{batch}"), |b| {
+            b.iter(|| {
+                let xb = be.upload(&x).unwrap();
+                black_box(
+                    train_step(&be, &graph, &mut params, &mut velocity, xb, &y, 1e-3, &cfg)
+                        .unwrap(),
+                );
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fwd_bwd, search_step, train_step, cleanse);
 criterion_main!(benches);

@@ -10,6 +10,8 @@ PyTorch (eager, float32, TF32 off, cuDNN autotuning on):
 - the authors' search step: S = 1 is their loop as written (one canvas, batch
   4, `loss.backward()` on the mask); S > 1 batches S searches into one step
   the way `cwp` does (one mask per search, the CE term summed over searches);
+- training steps (train-mode BN, mean cross-entropy, `torch.optim.SGD` with
+  the momentum and weight decay of `cwp train`), images/s;
 - every convolution of the report: forward (`F.conv2d`), backward-data and
   backward-filter (`torch.nn.grad.conv2d_input` / `conv2d_weight`), TFLOP/s.
 
@@ -65,7 +67,7 @@ def main():
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     rep = json.load(open(a.cwp_report))
     out = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-           "torch": torch.__version__, "models": [], "search": [], "convs": []}
+           "torch": torch.__version__, "models": [], "search": [], "train": [], "convs": []}
 
     def net_for(arch, inp):
         classes = 1000 if inp[1] >= 224 else 10
@@ -124,6 +126,27 @@ def main():
         out["search"].append({"arch": arch, "input": inp, "searches": S, "batch": B, "seconds": s,
                               "steps_per_s": 1 / s, "search_steps_per_s": S / s})
         print(f"torch search {arch} S={S}: {out['search'][-1]}", flush=True)
+
+    for tr in rep.get("train", []):
+        arch, inp, n = tr["arch"], tr["input"], tr["batch"]
+        classes = 1000 if inp[1] >= 224 else 10
+        net = build(arch, inp[0], classes, inp[1]).to(dev).train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        x = torch.rand(n, *inp, device=dev)
+        y = (torch.arange(n, device=dev) * 3 + 1) % classes
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+        try:
+            s = median_time(train_step, sync, a.seconds)
+            out["train"].append({"arch": arch, "input": inp, "batch": n, "seconds": s,
+                                 "images_per_s": n / s})
+        except RuntimeError as e:
+            out["train"].append({"arch": arch, "input": inp, "batch": n, "error": str(e)[:200]})
+        print(f"torch train {arch} batch {n}: {out['train'][-1]}", flush=True)
 
     for cr in rep.get("convs", []):
         xs, ws, st, pd = cr["x"], cr["w"], cr["stride"], cr["pad"]

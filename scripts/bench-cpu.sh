@@ -14,6 +14,7 @@
 #   SECONDS_EACH  seconds of timed repetitions per figure (default: 2)
 #   MODELS        fwd+bwd-to-input plan, `ARCH[:CxHxW]:N;..` (default below)
 #   SEARCH        batched search plan, `ARCH[:CxHxW]:S,S..;..` (default below)
+#   TRAIN         training plan, `ARCH[:CxHxW]:N;..` (default below)
 #
 # Absolute speeds move with the host's load; the ratios, measured in the same
 # run, are the figures to quote.
@@ -44,9 +45,10 @@ export RAYON_NUM_THREADS="$threads" OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="
 secs="${SECONDS_EACH:-2}"
 models="${MODELS:-smallcnn:128;resnet18:32;resnet50:16;preact_resnet18:32;vgg16:32;wrn28_10:8}"
 search="${SEARCH:-smallcnn:1,10,20;resnet18:1,10;resnet50:1,8;resnet50_imagenet:3x224x224:1,4}"
+train="${TRAIN:-smallcnn:128;resnet18:32}"
 
 echo "cwp bench on $threads threads..." >&2
-"$cwp" bench --device cpu --models "$models" --search "$search" --convs none \
+"$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs none \
     --seconds "$secs" --json "$out/cwp.json" >"$out/cwp.txt"
 echo "PyTorch baseline on $threads threads..." >&2
 "$py" "$root/benches/pytorch_baseline.py" "$out/cwp.json" "$out/torch.json" \
@@ -82,5 +84,14 @@ for s in cwp["search"]:
     print(f"| {name} (per search; vs PyTorch batched alike) | {per:.1f} steps/s | "
           f"{authors['search_steps_per_s'] if authors else float('nan'):.1f} steps/s (authors' loop) | "
           f"{vs_authors} ({vs_same}) |")
+tt = {(m["arch"], tuple(m["input"]), m["batch"]): m for m in torch.get("train", [])}
+for m in cwp.get("train", []):
+    t = tt.get((m["arch"], tuple(m["input"]), m["batch"]))
+    name = f"training, {m['arch']} {'x'.join(map(str, m['input']))} b{m['batch']}"
+    if not t or "images_per_s" not in t:
+        print(f"| {name} | {m['images_per_s']:.1f} img/s | (failed) | - |")
+        continue
+    r = m["images_per_s"] / t["images_per_s"]
+    print(f"| {name} | {m['images_per_s']:.1f} img/s | {t['images_per_s']:.1f} img/s | {r:.2f}x |")
 EOF
 echo "(raw reports: $out/cwp.json, $out/torch.json)" >&2

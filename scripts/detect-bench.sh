@@ -131,8 +131,10 @@ echo "population: $(grep -c ',0,$' "$DIR/labels.csv") clean, $kept backdoored (s
 # The verdict needs no k-sweep, and 200 report images per class measure a
 # pattern's power well enough to confirm a flag: the scan costs a fraction of
 # a full search.
+# The canvases are the default ones plus a learned one (the extension for
+# triggers of colours no canvas holds), so that one scan measures both.
 scan_args=(--labels "$DIR/labels.csv" --device "$DEVICE" --quiet --epochs "$SCAN_EPOCHS"
-           --k-sweep none --eval-per-class 200)
+           --k-sweep none --eval-per-class 200 --canvas "auto:1+solid:1+learn:0.5")
 models=$(cut -d, -f1 "$DIR/labels.csv" | tail -n +2)
 # One scan gives every figure: the search's verdict (on the learned canvas),
 # each canvas kind's verdict (natural alone is the paper's method), and

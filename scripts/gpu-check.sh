@@ -11,7 +11,8 @@
 #       release mode, fills DIR/kernel-cache with every kernel compiled for
 #       sm_90 (`cwp precompile`, with the NVRTC wheel of scripts/setup.sh),
 #       and copies this script, scripts/gpu_check_report.py,
-#       benches/gpu_peers.py and tests/fixtures/zoo_torch.py into DIR.
+#       benches/gpu_peers.py, tests/fixtures/zoo_torch.py, the shipped
+#       BadNets model and Fashion-MNIST's test split into DIR.
 #
 #   DIR/gpu-check.sh run [OUT]
 #       On the GPU machine, from DIR, with CWP_CACHE_DIR=DIR/kernel-cache so
@@ -27,7 +28,10 @@
 #            16 at 224x224), resnet50's convolutions at batch 256
 #         4. gpu_peers.py: PyTorch as the authors run it, fp32, TF32 and bf16
 #            channels_last, on the same workloads
-#         5. NVRTC probe: `cwp precompile` with no hint where NVRTC is
+#         5. Neural Cleanse on the shipped BadNets model, all classes batched
+#            and then one class at a time (`--sequential`), 20 steps each
+#            (issue 13's target: batched at least 2x faster)
+#         6. NVRTC probe: `cwp precompile` with no hint where NVRTC is
 #       After every step, gpu_check_report.py rewrites OUT (defaults to $OUT,
 #       else DIR/out): gpu-check.json (ratios and verdicts against the issue's
 #       targets), bench.json, selftest.json, torch.json and log.txt, so a run
@@ -71,6 +75,12 @@ prepare() {
   local zoo="$root/tests/fixtures/zoo_torch.py"
   [ -f "$zoo" ] || die "zoo_torch.py not found at $zoo"
   cp "$zoo" "$dir/zoo_torch.py"
+  # Neural Cleanse needs a model and clean images: the shipped BadNets
+  # smallcnn and Fashion-MNIST's test split (the GPU machine has no network).
+  cp "$root/models/smallcnn_fmnist_badnets.safetensors" "$dir/badnets.safetensors"
+  mkdir -p "$dir/fashion-mnist"
+  (cd "$root" && . scripts/setup.sh && ensure_apt dataset-fashion-mnist) || die "no Fashion-MNIST"
+  cp /usr/share/datasets/fashion-mnist/t10k-*-ubyte.gz "$dir/fashion-mnist/" || die "Fashion-MNIST's test split not found"
   chmod +x "$dir/gpu-check.sh" "$dir/cwp" "$dir/gpu_cuda"
   du -sh "$dir"
   echo "gpu-check: ready; on the GPU machine run: $dir/gpu-check.sh run"
@@ -180,11 +190,11 @@ run() {
     local mode=$1 flag=()
     [ "$mode" = default ] || flag=(--precision "$mode")
     step "bench_${mode}_models" 40 ./cwp bench --device "$dev" "${flag[@]}" --models "$models" --search '' \
-      --convs none --seconds "$seconds" --json "$work/bench-$mode-models.json" >"$work/bench-$mode.txt" 2>&1
+      --train '' --convs none --seconds "$seconds" --json "$work/bench-$mode-models.json" >"$work/bench-$mode.txt" 2>&1
     step "bench_${mode}_search" 60 ./cwp bench --device "$dev" "${flag[@]}" --models '' --search "$search" \
-      --convs none --seconds "$seconds" --json "$work/bench-$mode-search.json" >>"$work/bench-$mode.txt" 2>&1
+      --train '' --convs none --seconds "$seconds" --json "$work/bench-$mode-search.json" >>"$work/bench-$mode.txt" 2>&1
     [ -n "$convs" ] && step "bench_${mode}_convs" 40 ./cwp bench --device "$dev" "${flag[@]}" --models '' \
-      --search '' --convs "$convs" --seconds "$seconds" --json "$work/bench-$mode-convs.json" \
+      --search '' --train '' --convs "$convs" --seconds "$seconds" --json "$work/bench-$mode-convs.json" \
       >>"$work/bench-$mode.txt" 2>&1
     grep -v '^bench:' "$work/bench-$mode.txt"
   }
@@ -209,6 +219,18 @@ run() {
 
   local m
   for m in $rest; do bench_mode "$m"; done
+
+  # Neural Cleanse batched over the classes against one class at a time.
+  if [ -f badnets.safetensors ]; then
+    local nc_mode
+    for nc_mode in batched sequential; do
+      local nc_flag=()
+      [ "$nc_mode" = sequential ] && nc_flag=(--sequential)
+      step "nc_$nc_mode" 60 ./cwp cleanse --device "$dev" --weights badnets.safetensors \
+        --data "fashion-mnist:$dir/fashion-mnist" --steps "${CWP_CHECK_NC_STEPS:-20}" --quiet \
+        "${nc_flag[@]}" --out "$work/nc-$nc_mode" >"$work/nc-$nc_mode.txt" 2>&1
+    done
+  fi
 
   if [ "$dev" = cuda ]; then
     (unset CWP_NVRTC_LIB; export LD_LIBRARY_PATH=; step nvrtc_probe 40 ./cwp precompile --arch sm_90 \

@@ -184,6 +184,13 @@ def main():
     def verdict(v, goal):
         return {**v, "goal": goal, "pass": (v["value"] >= goal) if v.get("value") is not None else None}
 
+    # Neural Cleanse: seconds of the optimisation (cleanse.json), batched
+    # over the classes and one class at a time, with the same steps.
+    nc = {m: (load(os.path.join(work, f"nc-{m}", "cleanse.json")) or {}).get("seconds")
+          for m in ("batched", "sequential")}
+    doc["neural_cleanse"] = {**{f"{m}_seconds": v for m, v in nc.items()},
+                             "batched_speedup": ratio(nc["sequential"], nc["batched"])}
+
     r18 = srow("resnet18", 40)
     r50 = mrow("resnet50", 256).get("ratio_vs_matched_torch", {})
     doc["targets"] = {
@@ -191,6 +198,7 @@ def main():
         "search_resnet18_s40_vs_authors_eager": verdict(best(r18.get("ratio_vs_authors_eager")), 50.0),
         "resnet50_b256_tf32_vs_torch_tf32": verdict({"value": r50.get("tf32"), "mode": "tf32"}, 1.0),
         "resnet50_b256_bf16_vs_torch_bf16_cl": verdict({"value": r50.get("bf16"), "mode": "bf16"}, 1.0),
+        "nc_batched_vs_sequential": verdict({"value": doc["neural_cleanse"]["batched_speedup"]}, 2.0),
         "resnet50_large_convs_share_of_mode_peak": {
             m: verdict({"value": min(v["large_layers"]) if v["large_layers"] else None, "mode": m}, 0.5)
             for m, v in doc["conv_share_of_peak"].items()},

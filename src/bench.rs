@@ -41,6 +41,8 @@ pub struct BenchConfig {
     pub models: Plan,
     /// `(arch, input, searches S)` for batched search steps (B = 4 each).
     pub search: Plan,
+    /// `(arch, input, batch sizes)` for training steps (train-mode BN, SGD).
+    pub train: Plan,
     /// `(arch, input, batch)` whose convolutions are timed one by one (GPU).
     pub convs: Vec<(String, [usize; 3], usize)>,
     /// Seconds of timed repetitions per measurement (after warm-up).
@@ -69,6 +71,10 @@ impl BenchConfig {
                     (s("resnet18"), [3, 32, 32], vec![1, 40]),
                     (s("resnet50"), [3, 32, 32], vec![1, 40]),
                 ],
+                train: vec![
+                    (s("smallcnn"), [1, 28, 28], vec![256]),
+                    (s("resnet18"), [3, 32, 32], vec![256]),
+                ],
                 convs: vec![(s("resnet50"), [3, 32, 32], 256)],
                 seconds: 0.5,
             }
@@ -80,6 +86,7 @@ impl BenchConfig {
                     (s("resnet50"), [3, 32, 32], vec![16]),
                 ],
                 search: vec![(s("smallcnn"), [1, 28, 28], vec![1, 10])],
+                train: vec![(s("smallcnn"), [1, 28, 28], vec![128])],
                 convs: vec![],
                 seconds: 1.0,
             }
@@ -123,6 +130,21 @@ pub struct SearchRow {
     pub search_steps_per_s: f64,
 }
 
+/// Training steps of one model at one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainRow {
+    /// Architecture.
+    pub arch: String,
+    /// Input `[C, H, W]`.
+    pub input: [usize; 3],
+    /// Images per batch.
+    pub batch: usize,
+    /// Median seconds per step.
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_s: f64,
+}
+
 /// One convolution, three kernels.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConvRow {
@@ -155,6 +177,8 @@ pub struct BenchReport {
     pub models: Vec<ModelRow>,
     /// Search steps.
     pub search: Vec<SearchRow>,
+    /// Training steps.
+    pub train: Vec<TrainRow>,
     /// Convolution kernels.
     pub convs: Vec<ConvRow>,
     /// FLOP-weighted TFLOP/s over all timed convolutions, per kernel
@@ -293,14 +317,74 @@ fn bench_cpu(
             search.push(search_row(arch, *input, s, 4, secs));
         }
     }
+    let train = train_rows(cpu, cfg, &sync, progress)?;
     Ok(BenchReport {
         device: cpu.name(),
         fp32_peak_tflops: None,
         models,
         search,
+        train,
         convs: Vec::new(),
         conv_tflops_weighted: None,
     })
+}
+
+/// Training steps of the plan's models: the step `cwp train` runs
+/// ([`crate::train::train_step`]: batch upload, train-mode forward, mean
+/// cross-entropy, backward with parameter gradients, SGD with momentum and
+/// weight decay), from the formula weights at a small learning rate.
+fn train_rows<B: Backend>(
+    be: &B,
+    cfg: &BenchConfig,
+    sync: &dyn Fn() -> Result<()>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TrainRow>> {
+    let mut rows = Vec::new();
+    for (arch, input, batches) in &cfg.train {
+        let graph = model_graph(arch, *input)?;
+        let classes = graph.num_classes;
+        let tc = crate::train::TrainConfig::defaults(&ModelSpec::new(arch, graph.input, classes));
+        for &n in batches {
+            progress(&format!("{arch} training batch {n}"));
+            let mut params = formula_params(&graph)
+                .iter()
+                .map(|t| be.upload(t))
+                .collect::<Result<Vec<_>>>()?;
+            let mut velocity = graph
+                .params
+                .iter()
+                .map(|p| be.zeros(&p.shape))
+                .collect::<Result<Vec<_>>>()?;
+            let x = formula_input(&graph.input_shape(n));
+            let y = labels(n, graph.num_classes);
+            let secs = time(
+                cfg.seconds,
+                || {
+                    let xb = be.upload(&x)?;
+                    crate::train::train_step(
+                        be,
+                        &graph,
+                        &mut params,
+                        &mut velocity,
+                        xb,
+                        &y,
+                        1e-3,
+                        &tc,
+                    )
+                    .map(|_| ())
+                },
+                sync,
+            )?;
+            rows.push(TrainRow {
+                arch: arch.clone(),
+                input: graph.input,
+                batch: n,
+                seconds: secs,
+                images_per_s: n as f64 / secs,
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn model_row(arch: &str, input: [usize; 3], n: usize, secs: f64, graph: &Graph) -> ModelRow {
@@ -392,6 +476,7 @@ fn bench_gpu<D: Driver>(
             search.push(search_row(arch, *input, s, 4, secs));
         }
     }
+    let train = train_rows(gpu, cfg, &sync, progress)?;
     let mut convs = Vec::new();
     for (arch, input, n) in &cfg.convs {
         let graph = model_graph(arch, *input)?;
@@ -431,6 +516,7 @@ fn bench_gpu<D: Driver>(
         device,
         models,
         search,
+        train,
         convs,
         conv_tflops_weighted: weighted,
     })
@@ -531,6 +617,22 @@ pub fn format_report(r: &BenchReport) -> String {
             "{:<20} {:>9} {:>10.1} {:>16.1}\n",
             m.arch, m.searches, m.steps_per_s, m.search_steps_per_s
         );
+    }
+    if !r.train.is_empty() {
+        s += "\ntraining steps (train-mode BN, SGD with momentum)\n";
+        s += &format!(
+            "{:<20} {:>12} {:>6} {:>12}\n",
+            "model", "input", "batch", "images/s"
+        );
+        for m in &r.train {
+            s += &format!(
+                "{:<20} {:>12} {:>6} {:>12.1}\n",
+                m.arch,
+                format!("{}x{}x{}", m.input[0], m.input[1], m.input[2]),
+                m.batch,
+                m.images_per_s
+            );
+        }
     }
     if !r.convs.is_empty() {
         let pct = |t: f64| {

@@ -253,6 +253,10 @@ struct BenchArgs {
     /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step); ARCH may be an ONNX file.
     #[arg(long)]
     search: Option<String>,
+    /// Training steps: `ARCH[:CxHxW]:N[,N..]` (train-mode BN, SGD with momentum; zoo
+    /// architectures), or `none`.
+    #[arg(long)]
+    train: Option<String>,
     /// Time the convolutions of this model at this batch: `ARCH[:CxHxW]:N`, or `none`.
     #[arg(long)]
     convs: Option<String>,
@@ -1376,6 +1380,13 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     }
     if let Some(s) = &a.search {
         cfg.search = bench::parse_plan(s, "--search")?;
+    }
+    if let Some(t) = &a.train {
+        cfg.train = if t == "none" {
+            Vec::new()
+        } else {
+            bench::parse_plan(t, "--train")?
+        };
     }
     if let Some(c) = &a.convs {
         cfg.convs = if c == "none" {

@@ -383,6 +383,47 @@ fn load_checkpoint(path: &Path, graph: &Graph, fingerprint: &str) -> Result<Chec
     })
 }
 
+/// One SGD step of `graph` on the batch `x` with `labels`: the train-mode
+/// forward (BN on batch statistics, running statistics updated), the mean
+/// cross-entropy, the backward pass with parameter gradients and the
+/// momentum update of every parameter at learning rate `lr`. Returns the
+/// per-image losses and predicted classes. What `cwp train` runs for each
+/// batch and what `cwp bench --train` times.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step<B: Backend>(
+    be: &B,
+    graph: &Graph,
+    params: &mut [B::Buf],
+    velocity: &mut [B::Buf],
+    x: B::Buf,
+    labels: &[usize],
+    lr: f32,
+    cfg: &TrainConfig,
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    let n = labels.len();
+    let trace = graph.forward_train(be, params, x, cfg.bn_momentum)?;
+    let (losses, dlogits) =
+        be.softmax_cross_entropy(trace.logits(), labels, &vec![1.0 / n as f32; n])?;
+    let preds = be.download(trace.logits())?.argmax_rows();
+    let grads = graph.backward(be, params, &trace, dlogits, true)?;
+    drop(trace);
+    for (i, spec) in graph.params.iter().enumerate() {
+        if let Some(g) = &grads.params[i] {
+            let p = SgdParams {
+                lr,
+                momentum: cfg.momentum,
+                weight_decay: if spec.kind.decays() {
+                    cfg.weight_decay
+                } else {
+                    0.0
+                },
+            };
+            be.sgd_step(&mut params[i], g, &mut velocity[i], p)?;
+        }
+    }
+    Ok((losses, preds))
+}
+
 /// Trains a model of `spec` on `train`, evaluating on `test` after every
 /// epoch, checkpointing next to `out` after every epoch, and writing the
 /// final weights (with metadata) to `out`. With `resume`, continues from the
@@ -500,30 +541,11 @@ pub fn train<B: Backend>(
                 }
                 None => be.upload(&x)?,
             };
-            let n = labels.len();
-            let trace = graph.forward_train(be, &mut params, xb, cfg.bn_momentum)?;
-            let (losses, dlogits) =
-                be.softmax_cross_entropy(trace.logits(), &labels, &vec![1.0 / n as f32; n])?;
-            let preds = be.download(trace.logits())?.argmax_rows();
-            let grads = graph.backward(be, &params, &trace, dlogits, true)?;
-            drop(trace);
             lr = cfg
                 .schedule
                 .lr(cfg.lr, epoch * steps_per_epoch + step, total_steps, epoch);
-            for (i, spec) in graph.params.iter().enumerate() {
-                if let Some(g) = &grads.params[i] {
-                    let p = SgdParams {
-                        lr,
-                        momentum: cfg.momentum,
-                        weight_decay: if spec.kind.decays() {
-                            cfg.weight_decay
-                        } else {
-                            0.0
-                        },
-                    };
-                    be.sgd_step(&mut params[i], g, &mut velocity[i], p)?;
-                }
-            }
+            let (losses, preds) =
+                train_step(be, &graph, &mut params, &mut velocity, xb, &labels, lr, cfg)?;
             ck.batches += 1;
             let batch_loss: f64 = losses.iter().map(|&l| l as f64).sum();
             if !batch_loss.is_finite() {
@@ -535,7 +557,7 @@ pub fn train<B: Backend>(
             }
             loss_sum += batch_loss;
             correct += preds.iter().zip(&labels).filter(|(p, y)| p == y).count();
-            seen += n;
+            seen += labels.len();
             bar.inc(1);
             bar.set_message(format!(
                 "loss {:.4} acc {:.1}%",

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
 use super::winograd;
-use super::{expect_shape, matmul, transpose, with_scratch, MatRef, ELEMENTWISE_CHUNK};
+use super::{expect_shape, matmul, with_scratch, MatRef, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
 use crate::backend::ConvParams;
 use crate::error::Result;
@@ -66,15 +66,6 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
-
-    /// Values of the column matrix of one image (0 when none is needed).
-    fn col_len(&self) -> usize {
-        if self.pointwise() {
-            0
-        } else {
-            self.rows() * self.positions()
-        }
-    }
 }
 
 /// The output indices `lo..hi` along one axis whose input index
@@ -100,16 +91,9 @@ pub(super) fn valid_outputs(
     (lo.min(hi), hi)
 }
 
-/// Unfolds one image `[C, H, W]` into its column matrix
-/// `[C*KH*KW, OH*OW]`: row `(c, kh, kw)`, column `(oh, ow)` holds
-/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding.
-fn im2col(x: &[f32], g: &Geom, col: &mut [f32]) {
-    let pos = g.positions();
-    im2col_segment(x, g, 0..pos, col, pos, 0);
-}
-
-/// Writes the columns `positions` of one image's column matrix (see
-/// [`im2col`]) into `col`, a row-major buffer of stride `ld`, starting at
+/// Writes the columns `positions` of one image's column matrix
+/// `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
+/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into `col`, a row-major buffer of stride `ld`, starting at
 /// its column `j0`.
 fn im2col_segment(
     x: &[f32],
@@ -161,8 +145,8 @@ fn im2col_segment(
     }
 }
 
-/// The adjoint of [`im2col`] for the channels `x` holds (whole planes):
-/// folds the rows of `col` (stride `ld`, columns from `j0`) back into them,
+/// The adjoint of [`im2col_segment`] over a whole image, for the channels
+/// `x` holds (whole planes): folds the rows of `col` (stride `ld`, columns from `j0`) back into them,
 /// summing the entries that came from the same input pixel in row order,
 /// so the sum order is fixed.
 fn col2im(col: &[f32], ld: usize, j0: usize, g: &Geom, x: &mut [f32]) {
@@ -529,45 +513,47 @@ fn bias_grad(dy: &Tensor, g: &Geom) -> Result<Tensor> {
 /// The filter gradient contributed by the images `images`, on one thread.
 ///
 /// Images are taken a few at a time (as many as `budget` values allow)
-/// and laid out so that one long GEMM covers them all: the patches as rows
-/// `[images*OH*OW, C*KH*KW]` and `dY` as `[O, images*OH*OW]`.
+/// and laid out so that one long GEMM covers them all: their column
+/// matrices side by side as `[C*KH*KW, images*OH*OW]` (read transposed by
+/// the GEMM, so no transpose pass) and `dY` as `[O, images*OH*OW]`.
 fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>, budget: usize) -> Vec<f32> {
     let (rows, pos) = (g.rows(), g.positions());
     let group = (budget / ((rows + g.o) * pos)).clamp(1, images.len().max(1));
+    let ld = group * pos;
     let mut dw = vec![0.0f32; g.o * rows];
-    let lens = [g.col_len(), group * pos * rows, g.o * group * pos];
-    with_scratch(lens, |[col, patches, dyg]| {
+    with_scratch([rows * ld, g.o * ld], |[cols, dyg]| {
         for (i, first) in images.clone().step_by(group).enumerate() {
             let last = (first + group).min(images.end);
             let k = (last - first) * pos;
             for (j, img) in (first..last).enumerate() {
                 let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                let cols: &[f32] = if g.pointwise() {
-                    x_n
+                if g.pointwise() {
+                    for (dst, src) in cols.chunks_exact_mut(ld).zip(x_n.chunks_exact(pos)) {
+                        dst[j * pos..(j + 1) * pos].copy_from_slice(src);
+                    }
                 } else {
-                    im2col(x_n, g, col);
-                    col
-                };
-                transpose(
-                    cols,
-                    rows,
-                    pos,
-                    &mut patches[j * pos * rows..(j + 1) * pos * rows],
-                );
+                    im2col_segment(x_n, g, 0..pos, cols, ld, j * pos);
+                }
                 let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
-                for (dst, src) in dyg[..g.o * k]
-                    .chunks_exact_mut(k)
-                    .zip(dy_n.chunks_exact(pos))
-                {
+                for (dst, src) in dyg.chunks_exact_mut(ld).zip(dy_n.chunks_exact(pos)) {
                     dst[j * pos..(j + 1) * pos].copy_from_slice(src);
                 }
             }
-            matmul(
-                &mut dw,
-                MatRef::row_major(&dyg[..g.o * k], g.o, k),
-                MatRef::row_major(&patches[..k * rows], k, rows),
-                i > 0,
-            );
+            let patches = MatRef {
+                data: cols,
+                rows,
+                cols: k,
+                rs: ld,
+                cs: 1,
+            };
+            let dyg = MatRef {
+                data: dyg,
+                rows: g.o,
+                cols: k,
+                rs: ld,
+                cs: 1,
+            };
+            matmul(&mut dw, dyg, patches.t(), i > 0);
         }
     });
     dw

@@ -520,23 +520,6 @@ fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32];
     })
 }
 
-/// Writes the transpose of the row-major `rows x cols` matrix `src` into
-/// `dst` (`cols x rows`), in square tiles so both sides stay in cache.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const TILE: usize = 16;
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let src_row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src_row[c];
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,17 +630,5 @@ mod tests {
             false,
         );
         assert_eq!(empty_k, vec![0.0; m * n]);
-    }
-
-    #[test]
-    fn transpose_swaps_rows_and_columns() {
-        let src: Vec<f32> = (0..35).map(|i| i as f32).collect();
-        let mut dst = vec![0.0; 35];
-        transpose(&src, 5, 7, &mut dst);
-        for r in 0..5 {
-            for c in 0..7 {
-                assert_eq!(dst[c * 5 + r], src[r * 7 + c]);
-            }
-        }
     }
 }

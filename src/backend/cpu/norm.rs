@@ -31,21 +31,45 @@ fn for_each_plane(
         .for_each(|(i, dst)| f(i % c, i * plane..(i + 1) * plane, dst));
 }
 
-/// `sum_i f(v_i)` over the values of channel `ch`, image by image, in f64.
-fn channel_sum(
-    data: &[f32],
+/// Accumulators of [`channel_sums`]: independent chains of f64 adds that
+/// the CPU overlaps, where one chain would wait on each add's latency.
+const LANES: usize = 8;
+
+/// `sum_i f(i)` over the flat indices `i` of channel `ch`'s values, `K`
+/// sums at once, in f64. Value `j` of each image's plane goes to lane
+/// `j % LANES`, the lanes run over the images in order and are added in
+/// order at the end: the order depends on the shape alone, never on the
+/// thread count.
+fn channel_sums<const K: usize>(
     (n, c, plane): (usize, usize, usize),
     ch: usize,
-    f: impl Fn(usize, f32) -> f64,
-) -> f64 {
-    let mut s = 0.0f64;
+    f: impl Fn(usize) -> [f64; K],
+) -> [f64; K] {
+    let mut acc = [[0.0f64; K]; LANES];
+    let full = plane / LANES * LANES;
     for img in 0..n {
         let start = (img * c + ch) * plane;
-        for (j, &v) in data[start..start + plane].iter().enumerate() {
-            s += f(start + j, v);
+        for j0 in (start..start + full).step_by(LANES) {
+            for (l, lane) in acc.iter_mut().enumerate() {
+                let v = f(j0 + l);
+                for (a, v) in lane.iter_mut().zip(v) {
+                    *a += v;
+                }
+            }
+        }
+        for (lane, j) in acc.iter_mut().zip(start + full..start + plane) {
+            for (a, v) in lane.iter_mut().zip(f(j)) {
+                *a += v;
+            }
         }
     }
-    s
+    let mut sums = [0.0f64; K];
+    for lane in &acc {
+        for (s, a) in sums.iter_mut().zip(lane) {
+            *s += a;
+        }
+    }
+    sums
 }
 
 /// `1 / sqrt(var + eps)` of each channel, as eval-mode batch norm uses it.
@@ -182,9 +206,11 @@ pub(super) fn batch_norm_train(
     let stats: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = channel_sum(x.data(), dims, ch, |_, v| v as f64) / count as f64;
-            let var =
-                channel_sum(x.data(), dims, ch, |_, v| (v as f64 - mean).powi(2)) / count as f64;
+            let x = x.data();
+            let [sum] = channel_sums(dims, ch, |i| [x[i] as f64]);
+            let mean = sum / count as f64;
+            let [sq] = channel_sums(dims, ch, |i| [(x[i] as f64 - mean).powi(2)]);
+            let var = sq / count as f64;
             (mean, var)
         })
         .collect();
@@ -234,9 +260,10 @@ pub(super) fn batch_norm_train_backward(
         .into_par_iter()
         .map(|ch| {
             let (m, s) = (mean[ch] as f64, invstd[ch] as f64);
-            let sum_dy = channel_sum(dy.data(), dims, ch, |_, g| g as f64);
-            let sum_dy_xhat = channel_sum(dy.data(), dims, ch, |i, g| {
-                g as f64 * (x.data()[i] as f64 - m) * s
+            let (dy, x) = (dy.data(), x.data());
+            let [sum_dy, sum_dy_xhat] = channel_sums(dims, ch, |i| {
+                let g = dy[i] as f64;
+                [g, g * (x[i] as f64 - m) * s]
             });
             (sum_dy, sum_dy_xhat)
         })
