@@ -8,10 +8,26 @@ use std::hint::black_box;
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
+use classwise::graph::Graph;
 use classwise::train::init_params;
 use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+/// The model's seed-0 initial parameters on the backend.
+fn uploaded(be: &CpuBackend, graph: &Graph) -> Vec<Tensor> {
+    init_params(graph, 0)
+        .iter()
+        .map(|t| be.upload(t).unwrap())
+        .collect()
+}
+
+/// A fixed batch of `batch` input images in [0, 1].
+fn images(graph: &Graph, batch: usize) -> Tensor {
+    Tensor::from_fn(&graph.input_shape(batch), |i| {
+        ((i * 37) % 101) as f32 / 100.0
+    })
+}
 
 fn fwd_bwd(c: &mut Criterion) {
     let be = CpuBackend;
@@ -24,13 +40,8 @@ fn fwd_bwd(c: &mut Criterion) {
         ("resnet50", [3, 32, 32], 16),
     ] {
         let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
-        let params: Vec<_> = init_params(&graph, 0)
-            .iter()
-            .map(|t| be.upload(t).unwrap())
-            .collect();
-        let x = Tensor::from_fn(&graph.input_shape(batch), |i| {
-            ((i * 37) % 101) as f32 / 100.0
-        });
+        let params = uploaded(&be, &graph);
+        let x = images(&graph, batch);
         let y: Vec<usize> = (0..batch).map(|i| i % 10).collect();
         let w = vec![1.0 / batch as f32; batch];
         g.throughput(Throughput::Elements(batch as u64));
@@ -64,10 +75,7 @@ fn search_step(c: &mut Criterion) {
         ("resnet18", [3, 32, 32], 10),
     ] {
         let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
-        let params: Vec<_> = init_params(&graph, 0)
-            .iter()
-            .map(|t| be.upload(t).unwrap())
-            .collect();
+        let params = uploaded(&be, &graph);
         let dm = DeviceModel::new(&be, &graph, params).unwrap();
         let cfg = MaskConfig::default();
         let [ch, h, w] = input;
@@ -141,18 +149,13 @@ fn train_step(c: &mut Criterion) {
         let spec = ModelSpec::new(arch, input, 10);
         let graph = build(&spec).unwrap();
         let cfg = TrainConfig::defaults(&spec);
-        let mut params: Vec<_> = init_params(&graph, 0)
-            .iter()
-            .map(|t| be.upload(t).unwrap())
-            .collect();
+        let mut params = uploaded(&be, &graph);
         let mut velocity: Vec<_> = graph
             .params
             .iter()
             .map(|p| be.zeros(&p.shape).unwrap())
             .collect();
-        let x = Tensor::from_fn(&graph.input_shape(batch), |i| {
-            ((i * 37) % 101) as f32 / 100.0
-        });
+        let x = images(&graph, batch);
         let y: Vec<usize> = (0..batch).map(|i| i % 10).collect();
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(format!("{arch}_b{batch}"), |b| {

@@ -63,15 +63,20 @@ print(f"cwp vs PyTorch {torch.get('torch', '?')} on the CPU (ratios > 1: cwp is 
 print()
 print("| workload | cwp | PyTorch | cwp / PyTorch |")
 print("|---|---|---|---|")
-tm = {(m["arch"], tuple(m["input"]), m["batch"]): m for m in torch["models"]}
-for m in cwp["models"]:
-    t = tm.get((m["arch"], tuple(m["input"]), m["batch"]))
-    name = f"fwd+bwd-to-input, {m['arch']} {'x'.join(map(str, m['input']))} b{m['batch']}"
-    if not t or "images_per_s" not in t:
-        print(f"| {name} | {m['images_per_s']:.1f} img/s | (failed) | - |")
-        continue
-    r = m["images_per_s"] / t["images_per_s"]
-    print(f"| {name} | {m['images_per_s']:.1f} img/s | {t['images_per_s']:.1f} img/s | {r:.2f}x |")
+def per_image(kind, label):
+    """Rows of an images/s section: cwp against PyTorch on the same model and batch."""
+    tm = {(m["arch"], tuple(m["input"]), m["batch"]): m for m in torch.get(kind, [])}
+    for m in cwp.get(kind, []):
+        t = tm.get((m["arch"], tuple(m["input"]), m["batch"]))
+        name = f"{label}, {m['arch']} {'x'.join(map(str, m['input']))} b{m['batch']}"
+        if not t or "images_per_s" not in t:
+            print(f"| {name} | {m['images_per_s']:.1f} img/s | (failed) | - |")
+            continue
+        r = m["images_per_s"] / t["images_per_s"]
+        print(f"| {name} | {m['images_per_s']:.1f} img/s | {t['images_per_s']:.1f} img/s | {r:.2f}x |")
+
+
+per_image("models", "fwd+bwd-to-input")
 ts = {(s["arch"], tuple(s["input"]), s["searches"]): s for s in torch["search"]}
 for s in cwp["search"]:
     key = (s["arch"], tuple(s["input"]))
@@ -84,14 +89,6 @@ for s in cwp["search"]:
     print(f"| {name} (per search; vs PyTorch batched alike) | {per:.1f} steps/s | "
           f"{authors['search_steps_per_s'] if authors else float('nan'):.1f} steps/s (authors' loop) | "
           f"{vs_authors} ({vs_same}) |")
-tt = {(m["arch"], tuple(m["input"]), m["batch"]): m for m in torch.get("train", [])}
-for m in cwp.get("train", []):
-    t = tt.get((m["arch"], tuple(m["input"]), m["batch"]))
-    name = f"training, {m['arch']} {'x'.join(map(str, m['input']))} b{m['batch']}"
-    if not t or "images_per_s" not in t:
-        print(f"| {name} | {m['images_per_s']:.1f} img/s | (failed) | - |")
-        continue
-    r = m["images_per_s"] / t["images_per_s"]
-    print(f"| {name} | {m['images_per_s']:.1f} img/s | {t['images_per_s']:.1f} img/s | {r:.2f}x |")
+per_image("train", "training")
 EOF
 echo "(raw reports: $out/cwp.json, $out/torch.json)" >&2

@@ -589,6 +589,11 @@ pub fn time_conv<D: Driver>(
     })
 }
 
+/// `CxHxW`.
+fn shape(input: &[usize; 3]) -> String {
+    format!("{}x{}x{}", input[0], input[1], input[2])
+}
+
 /// The report as a plain-text table.
 pub fn format_report(r: &BenchReport) -> String {
     let mut s = format!("device: {}\n", r.device);
@@ -601,7 +606,7 @@ pub fn format_report(r: &BenchReport) -> String {
         s += &format!(
             "{:<20} {:>12} {:>6} {:>12.1} {:>10.2}\n",
             m.arch,
-            format!("{}x{}x{}", m.input[0], m.input[1], m.input[2]),
+            shape(&m.input),
             m.batch,
             m.images_per_s,
             m.tflops
@@ -628,7 +633,7 @@ pub fn format_report(r: &BenchReport) -> String {
             s += &format!(
                 "{:<20} {:>12} {:>6} {:>12.1}\n",
                 m.arch,
-                format!("{}x{}x{}", m.input[0], m.input[1], m.input[2]),
+                shape(&m.input),
                 m.batch,
                 m.images_per_s
             );
