@@ -30,6 +30,11 @@ pub enum Error {
     /// The compute backend failed (driver, compiler, out of memory).
     #[error("backend: {0}")]
     Backend(String),
+    /// SIGINT or SIGTERM stopped long work after saving its state; the
+    /// message says how to continue. A caller running many jobs stops on it
+    /// rather than counting it as one job's failure.
+    #[error("{0}")]
+    Interrupted(String),
     /// Anything else worth a plain message.
     #[error("{0}")]
     Msg(String),

@@ -300,3 +300,76 @@ fn method_both_gives_each_model_a_cwp_row_and_a_neural_cleanse_row() {
         .collect();
     assert!(kinds.contains(&"natural"), "{kinds:?}");
 }
+
+/// SIGTERM (what Slurm sends before it kills a job) stops the whole scan:
+/// the running search saves its checkpoint, no model is marked failed, the
+/// next model is not started, and the exit says how to continue.
+#[test]
+fn sigterm_stops_the_scan_with_the_search_checkpointed_and_no_model_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let (a, b) = (
+        smallcnn(d, "a.safetensors", 1),
+        smallcnn(d, "b.safetensors", 2),
+    );
+    let out = d.join("out");
+    // Enough epochs that the first search is still running when signalled.
+    let child = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["scan", s(&a), s(&b), "--out", s(&out), "--data", &data])
+        .args(["--epochs", "5000", "--quiet", "--device", "cpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let checkpoint_dir = || {
+        std::fs::read_dir(out.join("models")).ok().and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("cwp/checkpoints"))
+                .find(|p| p.is_dir())
+        })
+    };
+    let ck = loop {
+        if let Some(p) = checkpoint_dir() {
+            break p;
+        }
+        assert!(t0.elapsed().as_secs() < 300, "the search never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    // Past the moment the optimisation starts catching signals.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "exit status after SIGTERM: {err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    assert!(err.contains("rerun the same command"), "{err}");
+    let saved: Vec<_> = std::fs::read_dir(&ck)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .collect();
+    assert!(
+        saved
+            .iter()
+            .any(|e| e.path().extension().is_some_and(|x| x == "ckpt")),
+        "no checkpoint in {}",
+        ck.display()
+    );
+    let model_dirs: Vec<_> = std::fs::read_dir(out.join("models"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(model_dirs.len(), 1, "the scan went on: {model_dirs:?}");
+    assert!(
+        !model_dirs[0].join("cwp/error.json").exists(),
+        "the interrupted model was marked failed"
+    );
+    // The table of what is finished is still written: nothing yet.
+    assert!(rows(&out).is_empty());
+}

@@ -81,3 +81,50 @@ fn a_momentum_or_weight_decay_that_would_make_the_weights_meaningless_is_refused
         assert!(msg.contains("--weight-decay"), "{bad}: {msg}");
     }
 }
+
+/// `cwp bench --train` times the training step and writes it to the JSON
+/// report; a malformed plan names `--train`.
+#[test]
+fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["bench", "--device", "cpu", "--models", "", "--search", ""])
+        .args([
+            "--train",
+            "smallcnn:4,8",
+            "--convs",
+            "none",
+            "--seconds",
+            "0.05",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("training steps"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["train"].as_array().unwrap();
+    let batches: Vec<u64> = rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [4, 8]);
+    for r in rows {
+        let ips = r["images_per_s"].as_f64().unwrap();
+        assert!(ips.is_finite() && ips > 0.0, "{r}");
+    }
+    assert!(report["models"].as_array().unwrap().is_empty());
+
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["bench", "--device", "cpu", "--train", "smallcnn:0"])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(msg.contains("--train"), "{msg}");
+}

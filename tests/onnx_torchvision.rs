@@ -240,6 +240,8 @@ fn cwp_bench_times_an_onnx_file_beside_the_zoo_model_it_equals() {
             "cpu",
             "--convs",
             "none",
+            "--train",
+            "none",
             "--seconds",
             "0.2",
         ])

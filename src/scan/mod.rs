@@ -504,7 +504,8 @@ pub fn run<B: Backend>(
         .enumerate()
         .filter(|(j, _)| opts.shard.is_none_or(|s| s.owns(*j)))
         .collect();
-    for (n, (_, model_path)) in mine.iter().enumerate() {
+    let mut interrupted = None;
+    'models: for (n, (_, model_path)) in mine.iter().enumerate() {
         let tag = format!("[{}/{}] {model_path}", n + 1, mine.len());
         let loaded = std::fs::read(model_path)
             .map_err(|e| Error::io(model_path, e))
@@ -576,6 +577,13 @@ pub fn run<B: Backend>(
                     let _ = std::fs::remove_file(dir.join("error.json"));
                     made += 1;
                 }
+                // A signal stops the scan, not just this model: its
+                // search saved a checkpoint and the rerun continues it.
+                Err(e @ Error::Interrupted(_)) => {
+                    log(&format!("{tag}: {}: {e}", method.name()));
+                    interrupted = Some(e);
+                    break 'models;
+                }
                 Err(e) => {
                     failed += 1;
                     log(&format!("{tag}: {}: failed: {e}", method.name()));
@@ -596,6 +604,9 @@ pub fn run<B: Backend>(
     }
     let html = page::scan_page(&rows, &pending, &detection, &opts.command);
     crate::io::write_atomic(&out.join("scan.html"), html.as_bytes())?;
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
     Ok(ScanSummary {
         rows,
         pending,

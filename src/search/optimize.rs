@@ -321,7 +321,7 @@ pub fn optimise<B: Backend>(
         if let (Some(ck), Some(int)) = (checkpoint.as_deref_mut(), interrupts.as_mut()) {
             if let Some(signal) = int.received() {
                 ck.save(&state)?;
-                return Err(Error::Msg(format!(
+                return Err(Error::Interrupted(format!(
                     "interrupted by {signal} at step {} of {longest}; checkpoint saved to {}; \
                      rerun the same command to continue",
                     state.t,
