@@ -41,7 +41,8 @@
 #   Dry run without a GPU (checks the script and its JSON, not the GPU):
 #     CWP_CHECK_DEVICE=emu CWP_CHECK_SELFTEST_ARGS=--quick \
 #     CWP_CHECK_MODELS='smallcnn:2' CWP_CHECK_SEARCH='smallcnn:1,2' CWP_CHECK_CONVS='smallcnn:2' \
-#     CWP_CHECK_SECONDS=0.05 CWP_CHECK_TORCH_ARGS=--smoke CWP_CHECK_PYTHON=/path/to/python-with-torch \
+#     CWP_CHECK_SECONDS=0.05 CWP_CHECK_NC_STEPS=1 CWP_CHECK_TORCH_ARGS=--smoke \
+#     CWP_CHECK_PYTHON=/path/to/python-with-torch \
 #     DIR/gpu-check.sh run
 set -uo pipefail
 
