@@ -93,8 +93,8 @@ pub(super) fn valid_outputs(
 
 /// Writes the columns `positions` of one image's column matrix
 /// `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
-/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into `col`, a row-major buffer of stride `ld`, starting at
-/// its column `j0`.
+/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into
+/// `col`, a row-major buffer of stride `ld`, starting at its column `j0`.
 fn im2col_segment(
     x: &[f32],
     g: &Geom,
@@ -146,9 +146,9 @@ fn im2col_segment(
 }
 
 /// The adjoint of [`im2col_segment`] over a whole image, for the channels
-/// `x` holds (whole planes): folds the rows of `col` (stride `ld`, columns from `j0`) back into them,
-/// summing the entries that came from the same input pixel in row order,
-/// so the sum order is fixed.
+/// `x` holds (whole planes): folds the rows of `col` (stride `ld`, columns
+/// from `j0`) back into them, summing the entries that came from the same
+/// input pixel in row order, so the sum order is fixed.
 fn col2im(col: &[f32], ld: usize, j0: usize, g: &Geom, x: &mut [f32]) {
     x.fill(0.0);
     let (hw, ow, pos) = (g.h * g.w, g.ow, g.positions());
