@@ -30,7 +30,8 @@
 #            channels_last, on the same workloads
 #         5. Neural Cleanse on the shipped BadNets model, all classes batched
 #            and then one class at a time (`--sequential`), 20 steps each
-#            (issue 13's target: batched at least 2x faster)
+#            (issue 13's target: batched at least 2x faster), before the
+#            benches of the remaining precision modes
 #         6. NVRTC probe: `cwp precompile` with no hint where NVRTC is
 #       After every step, gpu_check_report.py rewrites OUT (defaults to $OUT,
 #       else DIR/out): gpu-check.json (ratios and verdicts against the issue's
@@ -184,7 +185,11 @@ run() {
   # Precision modes, if this cwp has them: the tensor-core modes first (the
   # issue's targets), fp32 (today's path) and tf32x3 after.
   local modes=default
-  if ./cwp bench --help 2>/dev/null | grep -q -- '--precision'; then
+  # The help is read whole first: `grep -q` in a pipe would close it early,
+  # and under pipefail cwp's SIGPIPE would read as "no such flag".
+  local bench_help
+  bench_help=$(./cwp bench --help 2>/dev/null)
+  if grep -q -- '--precision' <<<"$bench_help"; then
     modes=${CWP_CHECK_MODES:-tf32 bf16 fp32 tf32x3}
   fi
   bench_mode() {
@@ -218,20 +223,20 @@ run() {
     ${CWP_CHECK_TORCH_ARGS:-} >"$work/torch.txt" 2>&1
   tail -n 1 "$work/torch.txt"
 
-  local m
-  for m in $rest; do bench_mode "$m"; done
-
   # Neural Cleanse batched over the classes against one class at a time.
   if [ -f badnets.safetensors ]; then
     local nc_mode
     for nc_mode in batched sequential; do
       local nc_flag=()
       [ "$nc_mode" = sequential ] && nc_flag=(--sequential)
-      step "nc_$nc_mode" 60 ./cwp cleanse --device "$dev" --weights badnets.safetensors \
+      step "nc_$nc_mode" 45 ./cwp cleanse --device "$dev" --weights badnets.safetensors \
         --data "fashion-mnist:$dir/fashion-mnist" --steps "${CWP_CHECK_NC_STEPS:-20}" --quiet \
         "${nc_flag[@]}" --out "$work/nc-$nc_mode" >"$work/nc-$nc_mode.txt" 2>&1
     done
   fi
+
+  local m
+  for m in $rest; do bench_mode "$m"; done
 
   if [ "$dev" = cuda ]; then
     (unset CWP_NVRTC_LIB; export LD_LIBRARY_PATH=; step nvrtc_probe 40 ./cwp precompile --arch sm_90 \
