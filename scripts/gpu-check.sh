@@ -105,7 +105,10 @@ for l in sys.stdin:
 # kernel is missing from the precompiled cache, and step 5 checks that it
 # does; a CWP_NVRTC_LIB set by the caller is kept.
 find_libs() {
-  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 ' && [ -z "${CWP_CUDA_LIB:-}" ]; then
+  # Read whole first, for the same pipefail reason as the --precision probe.
+  local cache
+  cache=$(ldconfig -p 2>/dev/null)
+  if ! grep -q 'libcuda\.so\.1 ' <<<"$cache" && [ -z "${CWP_CUDA_LIB:-}" ]; then
     for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
       [ -e "$d/libcuda.so.1" ] && export CWP_CUDA_LIB="$d/libcuda.so.1" && break
     done
