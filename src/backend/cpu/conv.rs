@@ -60,12 +60,6 @@ impl Geom {
     fn positions(&self) -> usize {
         self.oh * self.ow
     }
-
-    /// A 1x1 stride-1 unpadded convolution, whose input already is its
-    /// column matrix.
-    fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
 }
 
 /// The output indices `lo..hi` along one axis whose input index
@@ -527,13 +521,7 @@ fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>, budget: us
             let k = (last - first) * pos;
             for (j, img) in (first..last).enumerate() {
                 let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                if g.pointwise() {
-                    for (dst, src) in cols.chunks_exact_mut(ld).zip(x_n.chunks_exact(pos)) {
-                        dst[j * pos..(j + 1) * pos].copy_from_slice(src);
-                    }
-                } else {
-                    im2col_segment(x_n, g, 0..pos, cols, ld, j * pos);
-                }
+                im2col_segment(x_n, g, 0..pos, cols, ld, j * pos);
                 let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
                 for (dst, src) in dyg.chunks_exact_mut(ld).zip(dy_n.chunks_exact(pos)) {
                     dst[j * pos..(j + 1) * pos].copy_from_slice(src);
