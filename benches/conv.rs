@@ -1,5 +1,7 @@
 //! Throughput of the CPU backend's convolutions on the layer shapes of a
-//! CIFAR ResNet-18 at batch 32: forward, backward-data, backward-filter.
+//! CIFAR ResNet-18 at batch 32: forward, backward-data, backward-filter;
+//! for the stride-1 3x3 layers also the direct backward-data that
+//! train-mode passes take instead of Winograd (`backward_data_direct`).
 //! (Whole models are in `benches/models.rs`.)
 //!
 //! Run: `cargo bench --bench conv` (criterion reports elements/s; an
@@ -86,6 +88,17 @@ fn conv_layers(c: &mut Criterion) {
                     .unwrap()
             })
         });
+        // Where backward-data takes Winograd, the direct path beside it
+        // (what train-mode passes run): the two figures give its gain.
+        if l.k == 3 && l.stride == 1 && l.c >= 16 && l.o >= 16 {
+            let d = p.direct();
+            group.bench_function(BenchmarkId::new("backward_data_direct", l.name), |b| {
+                b.iter(|| {
+                    be.conv2d_backward_data(black_box(&dy), black_box(&w), x.shape(), d)
+                        .unwrap()
+                })
+            });
+        }
         group.bench_function(BenchmarkId::new("backward_filter", l.name), |b| {
             b.iter(|| {
                 be.conv2d_backward_filter(black_box(&x), black_box(&dy), w.shape(), p, false)

@@ -100,6 +100,9 @@ while IFS='|' read -r name seed trigger target rate; do
     [ -n "$name" ] || continue
     if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
     out="$DIR/models/$name.safetensors"
+    # A model dropped by an earlier run keeps its verdict: it is not
+    # trained again.
+    [ -f "$DIR/dropped/$name.safetensors" ] && out="$DIR/dropped/$name.safetensors"
     if [ ! -f "$out" ]; then
         echo "training $name" >&2
         args=(train --arch smallcnn --data fashion-mnist --out "$out" --epochs "$EPOCHS"
@@ -117,7 +120,9 @@ while IFS='|' read -r name seed trigger target rate; do
         else
             echo "dropping $name: attack success rate $asr < 0.9" >&2
             printf '%s\tdropped\t%s\t%s\t%s\t%s\t%s\n' "$name" "$trigger" "$target" "$rate" "$acc" "$asr" >> "$DIR/population.tsv.tmp"
-            mkdir -p "$DIR/dropped"; mv "$out" "$DIR/dropped/"
+            if [ "$out" = "$DIR/models/$name.safetensors" ]; then
+                mkdir -p "$DIR/dropped"; mv "$out" "$DIR/dropped/"
+            fi
         fi
     else
         echo "$out,0," >> "$DIR/labels.csv.tmp"

@@ -301,27 +301,65 @@ fn method_both_gives_each_model_a_cwp_row_and_a_neural_cleanse_row() {
     assert!(kinds.contains(&"natural"), "{kinds:?}");
 }
 
+/// A temporary folder with two smallcnn models (seeds 1 and 2), the tiny
+/// data set, and the path of a scan output inside it.
+fn two_models() -> (tempfile::TempDir, [PathBuf; 2], String, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = tiny_data(d);
+    let models = [
+        smallcnn(d, "a.safetensors", 1),
+        smallcnn(d, "b.safetensors", 2),
+    ];
+    let out = d.join("out");
+    (dir, models, data, out)
+}
+
+/// `cwp scan` of two models started in the background (CPU, quiet), with
+/// `extra` options.
+fn spawn_scan(models: [&Path; 2], out: &Path, data: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args([
+            "scan",
+            s(models[0]),
+            s(models[1]),
+            "--out",
+            s(out),
+            "--data",
+            data,
+        ])
+        .args(extra)
+        .args(["--quiet", "--device", "cpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM to `child` and checks that it stopped as a signal should
+/// stop a scan: a non-zero exit whose message says how to continue.
+fn terminate(child: std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "exit status after SIGTERM: {err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    assert!(err.contains("rerun the same command"), "{err}");
+}
+
 /// SIGTERM (what Slurm sends before it kills a job) stops the whole scan:
 /// the running search saves its checkpoint, no model is marked failed, the
 /// next model is not started, and the exit says how to continue.
 #[test]
 fn sigterm_stops_the_scan_with_the_search_checkpointed_and_no_model_failed() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let data = tiny_data(d);
-    let (a, b) = (
-        smallcnn(d, "a.safetensors", 1),
-        smallcnn(d, "b.safetensors", 2),
-    );
-    let out = d.join("out");
+    let (_dir, [a, b], data, out) = two_models();
     // Enough epochs that the first search is still running when signalled.
-    let child = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args(["scan", s(&a), s(&b), "--out", s(&out), "--data", &data])
-        .args(["--epochs", "5000", "--quiet", "--device", "cpu"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_scan([&a, &b], &out, &data, &["--epochs", "5000"]);
     let t0 = std::time::Instant::now();
     let checkpoint_dir = || {
         std::fs::read_dir(out.join("models")).ok().and_then(|rd| {
@@ -339,17 +377,7 @@ fn sigterm_stops_the_scan_with_the_search_checkpointed_and_no_model_failed() {
     };
     // Past the moment the optimisation starts catching signals.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "exit status after SIGTERM: {err}");
-    assert!(err.contains("interrupted by SIGTERM"), "{err}");
-    assert!(err.contains("rerun the same command"), "{err}");
+    terminate(child);
     let saved: Vec<_> = std::fs::read_dir(&ck)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -371,5 +399,38 @@ fn sigterm_stops_the_scan_with_the_search_checkpointed_and_no_model_failed() {
         "the interrupted model was marked failed"
     );
     // The table of what is finished is still written: nothing yet.
+    assert!(rows(&out).is_empty());
+}
+
+/// A signal during Neural Cleanse (which keeps no checkpoint) stops the scan
+/// as cleanly: the exit says how to continue, no model is marked failed and
+/// the table is written.
+#[test]
+fn sigterm_during_neural_cleanse_stops_the_scan_and_writes_the_table() {
+    let (_dir, [a, b], data, out) = two_models();
+    let child = spawn_scan(
+        [&a, &b],
+        &out,
+        &data,
+        &["--method", "nc", "--nc-steps", "100000"],
+    );
+    // The scan catches signals from before it makes its output folder; a
+    // moment later the first model's Neural Cleanse is running.
+    let t0 = std::time::Instant::now();
+    while !out.is_dir() {
+        assert!(t0.elapsed().as_secs() < 300, "the scan never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    terminate(child);
+    let failed: Vec<_> = std::fs::read_dir(out.join("models"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("nc/error.json"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(failed.is_empty(), "marked failed: {failed:?}");
+    assert!(out.join("scan.json").is_file(), "no table written");
     assert!(rows(&out).is_empty());
 }

@@ -36,6 +36,13 @@ pub struct ConvParams {
     pub groups: usize,
     /// Distance between filter taps, in input pixels (1: adjacent).
     pub dilation: usize,
+    /// Compute it directly (no Winograd) even where a faster algorithm
+    /// applies. Train-mode passes ask for it, keeping training on the path
+    /// its gradient fixtures hold: with Winograd, two of them exceeded their
+    /// tolerances (train-mode batch norm divides by the batch's spread,
+    /// which magnifies small differences). A backend without such
+    /// algorithms ignores it.
+    pub direct: bool,
 }
 
 impl Default for ConvParams {
@@ -53,6 +60,15 @@ impl ConvParams {
             pad,
             groups: 1,
             dilation: 1,
+            direct: false,
+        }
+    }
+
+    /// The same, computed directly (see [`ConvParams::direct`]).
+    pub const fn direct(self) -> Self {
+        ConvParams {
+            direct: true,
+            ..self
         }
     }
 

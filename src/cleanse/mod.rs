@@ -34,6 +34,7 @@ use crate::data::Dataset;
 use crate::device_model::{check_finite, DeviceModel};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::search::checkpoint::Interrupts;
 use crate::search::verdict;
 use crate::tensor::Tensor;
 use param::{squash, squash_grad, unsquash, Adam, AdamParams};
@@ -480,6 +481,11 @@ pub fn run<B: Backend>(
     let mut progress = Progress::new("cleanse", total, quiet);
     let start = Instant::now();
     let mut images = 0u64;
+    // Ctrl-C or SIGTERM ends the run between mini-batches with an error
+    // that a scan recognises (it stops and still writes its table). The
+    // run keeps no checkpoint: it is minutes long, and a rerun starts it
+    // again.
+    let mut interrupts = Interrupts::arm()?;
     for group in &groups {
         for step in 0..cfg.steps {
             let active: Vec<usize> = group.iter().copied().filter(|&i| !states[i].done).collect();
@@ -487,6 +493,14 @@ pub fn run<B: Backend>(
                 break;
             }
             for j in 0..cfg.mini_batches {
+                if let Some(signal) = interrupts.received() {
+                    return Err(Error::Interrupted(format!(
+                        "Neural Cleanse of {label} interrupted by {signal} at step {} of {}; \
+                         nothing of it is kept: rerun the same command to run it again",
+                        step + 1,
+                        cfg.steps
+                    )));
+                }
                 let u = step * cfg.mini_batches + j;
                 for chunk in active.chunks(per_chunk) {
                     mini_batch(model, test, &pool, cfg, &mut states, chunk, u).map_err(|e| {
@@ -505,6 +519,7 @@ pub fn run<B: Backend>(
             }
         }
     }
+    drop(interrupts);
     let seconds = start.elapsed().as_secs_f64();
     progress.finish();
     let results: Vec<ClassResult> = states.into_iter().map(ClassState::finish).collect();

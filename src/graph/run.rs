@@ -1,7 +1,7 @@
 //! Forward and backward passes of a [`Graph`] on a [`Backend`].
 
 use super::{Graph, Op, ParamId};
-use crate::backend::{Backend, BnSaved, Pad2d};
+use crate::backend::{Backend, BnSaved, ConvParams, Pad2d};
 use crate::error::{Error, Result};
 
 /// Batch-norm behaviour of a forward pass.
@@ -112,6 +112,7 @@ impl Graph {
     ) -> Result<RunOutputs<B>> {
         let n = self.nodes.len();
         let last_use = self.last_use();
+        let train = matches!(params, Params::Train(..));
         let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
         let mut bn: Vec<Option<BnSaved<B::Buf>>> = (0..n).map(|_| None).collect();
         for j in 1..n {
@@ -130,7 +131,8 @@ impl Graph {
                 Op::Input => return Err(Error::Msg("graph: a second input node".into())),
                 Op::Normalize { mean, std } => be.normalize(arg(0)?, mean, std)?,
                 Op::Conv { w, b, p } => {
-                    be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), *p)?
+                    let p = conv_params(*p, train);
+                    be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), p)?
                 }
                 Op::FusedConv { w, b, p, relu } => {
                     let residual = match node.inputs.len() {
@@ -319,6 +321,7 @@ impl Graph {
                     accumulate(&mut grads, input, be.normalize_backward(&dy, std)?)?
                 }
                 Op::Conv { w, b, p } => {
+                    let p = &conv_params(*p, matches!(trace.mode, Mode::Train { .. }));
                     let x = out_of(input)?;
                     let x_shape = be.shape(x).to_vec();
                     let dx = be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p)?;
@@ -482,6 +485,16 @@ impl Graph {
             ))
         })?;
         Ok(Grads { dx, params: pgrads })
+    }
+}
+
+/// A convolution's parameters as a pass runs them: train-mode passes compute
+/// every convolution directly (see [`ConvParams::direct`]).
+fn conv_params(p: ConvParams, train: bool) -> ConvParams {
+    if train {
+        p.direct()
+    } else {
+        p
     }
 }
 

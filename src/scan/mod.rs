@@ -21,6 +21,7 @@ use crate::backend::Backend;
 use crate::data::{self, DataSpec, Dataset, Split};
 use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
+use crate::search::checkpoint::Interrupts;
 use crate::search::shard::Shard;
 use crate::search::{self, RunInputs, SearchConfig};
 use crate::weights::{LoadOptions, Model};
@@ -496,6 +497,9 @@ pub fn run<B: Backend>(
     out: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<ScanSummary> {
+    // Caught for the whole scan, so that a signal between the searches (or
+    // during an evaluation) also stops it cleanly, with the table written.
+    let mut interrupts = Interrupts::arm()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cache = DataCache::default();
     let (mut made, mut reused, mut failed) = (0, 0, 0);
@@ -522,6 +526,14 @@ pub fn run<B: Backend>(
                 Ok((m, id))
             });
         for &method in &opts.methods {
+            if let Some(signal) = interrupts.received() {
+                interrupted = Some(Error::Interrupted(format!(
+                    "interrupted by {signal} before {} of {model_path}; \
+                     rerun the same command to continue",
+                    method.name()
+                )));
+                break 'models;
+            }
             let path = row_path(out, model_path, method);
             let dir = path.parent().expect("row path has a folder").to_path_buf();
             let settings = opts.settings(method);
@@ -580,6 +592,9 @@ pub fn run<B: Backend>(
                 // A signal stops the scan, not just this model: its
                 // search saved a checkpoint and the rerun continues it.
                 Err(e @ Error::Interrupted(_)) => {
+                    // Reported here: the signal ends the scan through its
+                    // error, not by its default action.
+                    let _ = interrupts.received();
                     log(&format!("{tag}: {}: {e}", method.name()));
                     interrupted = Some(e);
                     break 'models;

@@ -97,34 +97,72 @@ pub(super) fn gemm(
         }
         return;
     }
-    // About 192 KiB of `a` per inner block, at least 64 deep.
-    let kc = ((48 * 1024) / (nblk * MR).max(1)).clamp(64, 1024);
-    // Column blocks keep the slice of `b` an inner block reads small.
+    // About 192 KiB of `a` per inner block (it stays in the second-level
+    // cache), and at most 256 deep, so that one packed panel of `b`
+    // (`kc x NR`, 16 KiB) stays in the first-level cache while every row
+    // block of `a` streams past it.
+    let kc = ((48 * 1024) / (nblk * MR).max(1)).clamp(64, 256);
+    // Column blocks keep the packed slice of `b` small.
     const COL_BLOCK: usize = 256 / NR;
     let avx = has_avx2_fma();
-    for p0 in (0..panels).step_by(COL_BLOCK) {
-        let p1 = (p0 + COL_BLOCK).min(panels);
-        for k0 in (0..k).step_by(kc) {
-            let kn = kc.min(k - k0);
-            for p in p0..p1 {
-                let bp = &b[k0 * ldb + p * NR..];
-                for (local, blk) in blocks.clone().enumerate() {
-                    let ap = &a.data[(blk * k + k0) * MR..][..kn * MR];
-                    let cp = &mut c[local * MR * ldc + p * NR..];
-                    // SAFETY: the asserts above keep `kn` rows of `b` at
-                    // stride `ldb` (NR each) inside `bp`, and MR rows of
-                    // `c` at stride `ldc` (NR each) inside `cp`.
-                    #[cfg(target_arch = "x86_64")]
-                    if avx {
-                        unsafe { kernel_avx2(kn, ap, bp, ldb, cp, ldc, k0 > 0) };
-                        continue;
+    PANELS.with(|cell| {
+        let mut panels_buf = cell.borrow_mut();
+        for p0 in (0..panels).step_by(COL_BLOCK) {
+            let p1 = (p0 + COL_BLOCK).min(panels);
+            for k0 in (0..k).step_by(kc) {
+                let kn = kc.min(k - k0);
+                let packed = pack_panels(&mut panels_buf, b, ldb, k0..k0 + kn, p0..p1);
+                for (q, bp) in packed.chunks_exact(kn * NR).enumerate() {
+                    let p = p0 + q;
+                    for (local, blk) in blocks.clone().enumerate() {
+                        let ap = &a.data[(blk * k + k0) * MR..][..kn * MR];
+                        let cp = &mut c[local * MR * ldc + p * NR..];
+                        // SAFETY: `bp` holds `kn` rows of NR floats back to
+                        // back, and the asserts above keep MR rows of `c` at
+                        // stride `ldc` (NR each) inside `cp`.
+                        #[cfg(target_arch = "x86_64")]
+                        if avx {
+                            unsafe { kernel_avx2(kn, ap, bp, NR, cp, ldc, k0 > 0) };
+                            continue;
+                        }
+                        let _ = avx;
+                        kernel_portable(kn, ap, bp, NR, cp, ldc, k0 > 0);
                     }
-                    let _ = avx;
-                    kernel_portable(kn, ap, bp, ldb, cp, ldc, k0 > 0);
                 }
             }
         }
+    });
+}
+
+thread_local! {
+    /// Each thread's buffer for the packed panels of `b` (a few hundred KiB
+    /// at most, kept between calls).
+    static PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies rows `rows` of the column panels `panels` of `b` (row-major,
+/// stride `ldb`) into `buf` panel after panel, each `rows.len() x NR` with
+/// its rows back to back: the kernel then reads `b` as one contiguous
+/// stream instead of one cache line (and, for wide `b`, one page) per row.
+/// The arithmetic is unchanged; only where the operands sit.
+fn pack_panels<'a>(
+    buf: &'a mut Vec<f32>,
+    b: &[f32],
+    ldb: usize,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+) -> &'a [f32] {
+    let (kn, width) = (rows.len(), panels.len() * NR);
+    if buf.len() < kn * width {
+        buf.resize(kn * width, 0.0);
     }
+    for (kk, r) in rows.enumerate() {
+        let src = &b[r * ldb + panels.start * NR..][..width];
+        for (q, chunk) in src.chunks_exact(NR).enumerate() {
+            buf[(q * kn + kk) * NR..][..NR].copy_from_slice(chunk);
+        }
+    }
+    &buf[..kn * width]
 }
 
 /// Whether the AVX2 + FMA kernel can run (checked once per process).

@@ -28,13 +28,15 @@ const FILTER_PARTS: usize = 4;
 /// at a time (16 MiB), so large batches do not need gigabytes.
 const FILTER_BUDGET: usize = 1 << 22;
 
-/// Whether [`conv2d`] and [`conv2d_backward_data`] send the layers
-/// [`winograd::applies`] to into the Winograd path. Off: its slightly larger
-/// rounding (within the unit tests' 2e-5 of a float64 convolution) pushes
-/// the ill-conditioned train-mode BN fixtures of resnet18 and
-/// preact_resnet18 (tests/fixtures_forward.rs) past their tolerances, which
-/// the direct path meets.
-const WINOGRAD_IN_MODELS: bool = false;
+/// Whether the forward takes the Winograd path where it applies. Off: its
+/// outputs differ from the direct path's by a few ulps, and where a
+/// pre-activation sits near zero (or two pooled values near a tie) that
+/// flips a ReLU or max-pool decision, which moves the input gradient. On the
+/// zoo resnet18's ONNX fixture the input gradient's relative L2 error
+/// against PyTorch is 7e-7 with the direct forward and 1.6e-3 with Winograd
+/// (its tolerance is 1e-3), while Winograd in backward-data alone gives
+/// 9e-7. So backward-data takes it and the forward does not.
+const WINOGRAD_FORWARD: bool = false;
 
 /// The extents of one convolution (shared with the GPU path).
 type Geom = ConvGeom;
@@ -276,7 +278,7 @@ pub(super) fn conv2d_fused(
     if !g.is_dense() {
         return super::conv_grouped::forward(x, w, bias, residual, relu, &g);
     }
-    let y = if WINOGRAD_IN_MODELS && winograd::applies(&g) {
+    let y = if WINOGRAD_FORWARD && !p.direct && winograd::applies(&g) {
         let epi = winograd::Epilogue {
             bias: bias.map(|b| b.data()),
             residual: residual.map(|r| r.data()),
@@ -372,7 +374,11 @@ pub(super) fn conv2d_backward_data(
     if !g.is_dense() {
         return super::conv_grouped::backward_data(dy, w, &g);
     }
-    let dx = if WINOGRAD_IN_MODELS && winograd::applies(&g) {
+    // Winograd where it applies, unless asked not to: 2.25x fewer
+    // multiplies, and on the fixtures its input gradients are as close to
+    // PyTorch's float64 ones as the direct path's (see `WINOGRAD_FORWARD`
+    // for the forward, and `ConvParams::direct` for train mode).
+    let dx = if !p.direct && winograd::applies(&g) {
         winograd::backward_data(dy.data(), w.data(), &g)
     } else {
         backward_data_dense(dy.data(), w.data(), &g)
@@ -719,7 +725,7 @@ mod tests {
     ];
 
     #[test]
-    fn winograd_and_the_direct_path_both_match_a_naive_convolution() {
+    fn winograd_and_the_direct_path_both_match_a_naive_convolution_and_dgrad_takes_winograd() {
         for (k, c) in WINOGRAD_SHAPES.iter().enumerate() {
             let (x, w, b, dy) = c.data(500 + k as u64);
             let g = Geom::new(&c.x, &c.w, c.params()).unwrap();
@@ -738,8 +744,14 @@ mod tests {
             let wino = winograd::forward(x.data(), w.data(), &g, &epi);
             assert_close(&format!("winograd forward {what}"), &wino, &want_y, 2e-5);
             let public = conv2d(&x, &w, Some(&b), c.params()).unwrap();
-            let chosen = if WINOGRAD_IN_MODELS { &wino } else { &direct };
-            assert_bitwise(&format!("conv2d's choice {what}"), public.data(), chosen);
+            let chosen = if WINOGRAD_FORWARD { &wino } else { &direct };
+            assert_bitwise(&format!("conv2d's default {what}"), public.data(), chosen);
+            let asked = conv2d(&x, &w, Some(&b), c.params().direct()).unwrap();
+            assert_bitwise(
+                &format!("conv2d asked for direct {what}"),
+                asked.data(),
+                &direct,
+            );
 
             let direct = backward_data_dense(dy.data(), w.data(), &g);
             assert_close(
@@ -754,6 +766,14 @@ mod tests {
                 &wino,
                 &want_dx,
                 2e-5,
+            );
+            let public = conv2d_backward_data(&dy, &w, &c.x, c.params()).unwrap();
+            assert_bitwise(&format!("dgrad's default {what}"), public.data(), &wino);
+            let asked = conv2d_backward_data(&dy, &w, &c.x, c.params().direct()).unwrap();
+            assert_bitwise(
+                &format!("dgrad asked for direct {what}"),
+                asked.data(),
+                &direct,
             );
         }
     }
