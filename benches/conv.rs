@@ -1,7 +1,7 @@
 //! Throughput of the CPU backend's convolutions on the layer shapes of a
 //! CIFAR ResNet-18 at batch 32: forward, backward-data, backward-filter;
-//! for the stride-1 3x3 layers also the direct backward-data that
-//! train-mode passes take instead of Winograd (`backward_data_direct`).
+//! and the direct backward-data that train-mode passes take where the
+//! default is Winograd (`backward_data_direct`).
 //! (Whole models are in `benches/models.rs`.)
 //!
 //! Run: `cargo bench --bench conv` (criterion reports elements/s; an
@@ -82,19 +82,12 @@ fn conv_layers(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("forward", l.name), |b| {
             b.iter(|| be.conv2d(black_box(&x), black_box(&w), None, p).unwrap())
         });
-        group.bench_function(BenchmarkId::new("backward_data", l.name), |b| {
-            b.iter(|| {
-                be.conv2d_backward_data(black_box(&dy), black_box(&w), x.shape(), p)
-                    .unwrap()
-            })
-        });
-        // Where backward-data takes Winograd, the direct path beside it
-        // (what train-mode passes run): the two figures give its gain.
-        if l.k == 3 && l.stride == 1 && l.c >= 16 && l.o >= 16 {
-            let d = p.direct();
-            group.bench_function(BenchmarkId::new("backward_data_direct", l.name), |b| {
+        // Beside the default, the direct path (what train-mode passes run):
+        // where backward-data takes Winograd, the two figures give its gain.
+        for (name, q) in [("backward_data", p), ("backward_data_direct", p.direct())] {
+            group.bench_function(BenchmarkId::new(name, l.name), |b| {
                 b.iter(|| {
-                    be.conv2d_backward_data(black_box(&dy), black_box(&w), x.shape(), d)
+                    be.conv2d_backward_data(black_box(&dy), black_box(&w), x.shape(), q)
                         .unwrap()
                 })
             });

@@ -299,6 +299,7 @@ impl Graph {
             Vec::new()
         };
         grads[n - 1] = Some(dlogits);
+        let train = matches!(trace.mode, Mode::Train { .. });
 
         // Adds a gradient contribution to node `i`'s output gradient.
         let accumulate = |grads: &mut Vec<Option<B::Buf>>, i: usize, g: B::Buf| -> Result<()> {
@@ -321,7 +322,7 @@ impl Graph {
                     accumulate(&mut grads, input, be.normalize_backward(&dy, std)?)?
                 }
                 Op::Conv { w, b, p } => {
-                    let p = &conv_params(*p, matches!(trace.mode, Mode::Train { .. }));
+                    let p = &conv_params(*p, train);
                     let x = out_of(input)?;
                     let x_shape = be.shape(x).to_vec();
                     let dx = be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p)?;
