@@ -5,7 +5,10 @@
 # take (ASR below 90%), scans them all with the class-wise pattern search (the
 # default canvases, and the paper's real-image canvas alone) and with Neural
 # Cleanse, and prints one table: method, TPR, FPR, AUC, target accuracy,
-# seconds per model.
+# seconds per model. Each method is also judged against reference models
+# (`+ref`): the population's clean models serve as the references, each
+# clean model judged against the other clean ones (leave-one-out: a model is
+# never its own reference), each backdoored one against all of them.
 #
 #   scripts/detect-bench.sh [DIR]      # default DIR: ./detect-bench
 #
@@ -141,11 +144,13 @@ echo "population: $(grep -c ',0,$' "$DIR/labels.csv") clean, $kept backdoored (s
 scan_args=(--labels "$DIR/labels.csv" --device "$DEVICE" --quiet --epochs "$SCAN_EPOCHS"
            --k-sweep none --eval-per-class 200 --canvas "auto:1+solid:1+learn:0.5")
 models=$(cut -d, -f1 "$DIR/labels.csv" | tail -n +2)
+refs=()
+for m in $(grep ',0,$' "$DIR/labels.csv" | cut -d, -f1); do refs+=(--reference "$m"); done
 # One scan gives every figure: the search's verdict (on the learned canvas),
 # each canvas kind's verdict (natural alone is the paper's method), and
 # Neural Cleanse.
 # shellcheck disable=SC2086
-"$CWP" scan $models --out "$DIR/scan" --method both "${scan_args[@]}" | tee "$DIR/scan.txt"
+"$CWP" scan $models --out "$DIR/scan" --method both "${scan_args[@]}" "${refs[@]}" | tee "$DIR/scan.txt"
 
 python3 - "$DIR" <<'EOF'
 import json, sys
@@ -157,6 +162,9 @@ names = {
     "cwp/natural": "cwp, natural canvas (the paper's method alone)",
     "nc": "Neural Cleanse",
 }
+for k, v in list(names.items()):
+    names[k + "+ref"] = v + ", against the clean references"
+
 f = lambda v, pct=True: "-" if v is None else (f"{100*v:.1f}%" if pct else f"{v:.3f}")
 lines = ["| method | backdoored | clean | TPR | FPR | AUC | target accuracy | s / model |",
          "|---|---|---|---|---|---|---|---|"]

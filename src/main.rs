@@ -98,6 +98,11 @@ struct ScanArgs {
     /// and target accuracy per method.
     #[arg(long, value_name = "FILE.csv")]
     labels: Option<PathBuf>,
+    /// Known-clean models of the same task (files or folders; repeatable): scanned too, and
+    /// each model also gets a verdict against them, class by class, which discounts the
+    /// classes every model finds easy. A model is never its own reference.
+    #[arg(long, value_name = "MODEL")]
+    reference: Vec<PathBuf>,
     /// Architecture for weights files whose metadata names none.
     #[arg(long)]
     arch: Option<String>,
@@ -1058,6 +1063,14 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         .transpose()?;
     let labels = a.labels.as_deref().map(scan::Labels::read).transpose()?;
     let models = scan::list_models(&a.models)?;
+    let references = if a.reference.is_empty() {
+        Vec::new()
+    } else {
+        scan::list_models(&a.reference).map_err(|e| match e {
+            classwise::Error::Arg { msg, .. } => classwise::Error::arg("--reference", msg),
+            other => other,
+        })?
+    };
     if let Some(c) = &a.canvas {
         c.parse::<Canvases>()?;
     }
@@ -1087,6 +1100,7 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
         memory: units::parse_bytes(&a.memory, "--memory")?,
         nc_steps: a.nc_steps,
         shard,
+        references,
         command: command_line(),
         quiet: a.quiet,
     };
@@ -1102,6 +1116,18 @@ fn cmd_scan(a: &ScanArgs) -> Result<()> {
             &mut log
         )?))
     })?;
+    for r in &summary.rows {
+        if let Some(x) = &r.referenced {
+            outln!(
+                "{} ({}): against {} reference model(s): flagged {:?} (largest anomaly index {})",
+                r.model,
+                r.method.name(),
+                x.references,
+                x.flagged,
+                x.score.map_or("-".into(), |s| format!("{s:.2}"))
+            );
+        }
+    }
     for d in &summary.detection {
         let p = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
         outln!(

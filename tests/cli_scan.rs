@@ -239,6 +239,83 @@ fn labels_give_detection_figures_computed_from_the_rows() {
 }
 
 #[test]
+fn reference_models_are_scanned_too_and_each_model_is_judged_against_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let a = smallcnn(dir.path(), "a.safetensors", 1);
+    let b = smallcnn(dir.path(), "b.safetensors", 2);
+    let c = smallcnn(dir.path(), "c.safetensors", 3);
+    let labels = dir.path().join("labels.csv");
+    std::fs::write(
+        &labels,
+        "model,backdoored,target\na.safetensors,1,3\nb.safetensors,0,\nc.safetensors,0,\n",
+    )
+    .unwrap();
+    let out = dir.path().join("scan");
+    // b and c are named only as references: they are scanned all the same.
+    let refs = ["--reference", s(&b), "--reference", s(&c)];
+    let args: Vec<&str> = [&["--labels", s(&labels)][..], &refs].concat();
+    let o = scan(&[&a], &out, &data, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = rows(&out);
+    let values = |m: &Path| -> Vec<f64> {
+        let v = row(&got, m)["values"].as_array().unwrap().clone();
+        v.iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    let classes: Vec<usize> = (0..10).collect();
+    // a against both references; each reference against the other only.
+    for (m, others) in [(&a, vec![&b, &c]), (&b, vec![&c]), (&c, vec![&b])] {
+        let r = row(&got, m);
+        assert_eq!(r["reference"].as_bool().unwrap_or(false), m != &a);
+        let x = &r["referenced"];
+        assert_eq!(x["references"].as_u64(), Some(others.len() as u64));
+        let theirs: Vec<Vec<f64>> = others.iter().map(|o| values(o)).collect();
+        let theirs: Vec<&[f64]> = theirs.iter().map(|v| v.as_slice()).collect();
+        let want = classwise::search::verdict::against_reference(&classes, &values(m), &theirs);
+        let index: Vec<f64> = x["anomaly_index"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(index, want.anomaly_index, "{}", m.display());
+    }
+    let det = std::fs::read_to_string(out.join("detection.json")).unwrap();
+    assert!(
+        det.contains("\"cwp+ref\"") && det.contains("\"cwp/natural+ref\""),
+        "{det}"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("against 2 reference model(s)"), "{stdout}");
+
+    // A row written before the sizes were kept gets them back from its
+    // report: the rerun searches nothing and judges it the same.
+    let row_file = out
+        .join(row(&got, &a)["report"].as_str().unwrap())
+        .with_file_name("row.json");
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&row_file).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("values");
+    old.as_object_mut().unwrap().remove("proven");
+    std::fs::write(&row_file, old.to_string()).unwrap();
+    let again = scan(&[&a], &out, &data, &args);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("reused"));
+    assert_eq!(rows(&out), got);
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = scan(
+        &[&a],
+        &dir.path().join("scan2"),
+        &data,
+        &["--reference", s(&empty)],
+    );
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && msg.contains("--reference"), "{msg}");
+}
+
+#[test]
 fn bad_options_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());

@@ -10,6 +10,7 @@
 pub mod labels;
 pub mod metrics;
 pub mod page;
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,6 +85,9 @@ pub struct ScanOptions {
     pub nc_steps: Option<usize>,
     /// This process's share of the models.
     pub shard: Option<Shard>,
+    /// Known-clean models of the same task (paths as given): scanned like
+    /// the others, and each model is also judged against them.
+    pub references: Vec<String>,
     /// The command line, for the reports.
     pub command: String,
     /// No per-model progress bars (the one line per model stays).
@@ -128,6 +132,24 @@ pub struct Row {
     pub clean_accuracy: Option<f64>,
     /// The model's full report, relative to the scan's folder.
     pub report: Option<String>,
+    /// The size statistic per class (`classes` order) the anomaly index
+    /// comes from, on a log scale: ln(mask mean) of the compared pattern
+    /// (cwp) or ln(mask L1 norm) (nc). The reference verdict compares it
+    /// with other models'. Empty in rows of older versions until the scan
+    /// reads it back from the method's report.
+    #[serde(default)]
+    pub values: Vec<f64>,
+    /// Classes whose pattern counts as evidence, the only ones a verdict
+    /// flags: the compared pattern reaches the threshold power (cwp), or the
+    /// reversed trigger its attack success target (nc).
+    #[serde(default)]
+    pub proven: Vec<usize>,
+    /// The verdict against the scan's reference models (`--reference`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub referenced: Option<Referenced>,
+    /// Whether the model is one of the scan's references.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub reference: bool,
     /// For `cwp`: the verdict of each canvas kind every class was searched
     /// from (`natural` alone is the paper's method), beside the run's own.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
@@ -158,20 +180,150 @@ pub struct KindRow {
     pub anomaly_index: Vec<f64>,
     /// The largest anomaly index.
     pub score: Option<f64>,
+    /// See [`Row::values`].
+    #[serde(default)]
+    pub values: Vec<f64>,
+    /// See [`Row::proven`].
+    #[serde(default)]
+    pub proven: Vec<usize>,
+    /// See [`Row::referenced`].
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub referenced: Option<Referenced>,
+}
+
+/// A verdict against reference models (see
+/// [`crate::search::verdict::against_reference`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Referenced {
+    /// How many reference models it was compared with.
+    pub references: usize,
+    /// Flagged classes, most anomalous first.
+    pub flagged: Vec<usize>,
+    /// Anomaly index per class (the row's `classes` order).
+    pub anomaly_index: Vec<f64>,
+    /// The largest anomaly index.
+    pub score: Option<f64>,
+}
+
+/// One verdict of a method on one model.
+#[derive(Clone, Debug, Default)]
+pub struct Judgement {
+    /// Flagged classes (any order).
+    pub flagged: Vec<usize>,
+    /// Anomaly index per class.
+    pub anomaly_index: Vec<f64>,
+    /// See [`Row::values`].
+    pub values: Vec<f64>,
+    /// See [`Row::proven`].
+    pub proven: Vec<usize>,
 }
 
 /// The anomaly figures a method hands back for one model.
 pub struct Outcome {
-    /// Flagged classes (any order).
-    pub flagged: Vec<usize>,
     /// Classes analysed.
     pub classes: Vec<usize>,
-    /// Their anomaly indices.
-    pub anomaly_index: Vec<f64>,
+    /// The method's verdict.
+    pub main: Judgement,
     /// Clean test accuracy.
     pub clean_accuracy: Option<f64>,
-    /// Per canvas kind: `(kind, flagged, anomaly indices)`.
-    pub by_canvas: Vec<(String, Vec<usize>, Vec<f64>)>,
+    /// Per canvas kind (cwp): its verdict.
+    pub by_canvas: Vec<(String, Judgement)>,
+}
+
+/// The figures of a finished search run: its verdict, and each canvas
+/// kind's that every class was searched from.
+pub fn cwp_outcome(report: &search::RunReport) -> Outcome {
+    let classes = &report.config.classes;
+    let threshold = report.config.threshold;
+    let proven = |compared: &[usize]| -> Vec<usize> {
+        classes
+            .iter()
+            .zip(compared)
+            .filter(|(_, &i)| report.searches[i].power.overall >= threshold)
+            .map(|(&c, _)| c)
+            .collect()
+    };
+    let by_canvas = search::shared_kinds(classes, &report.searches)
+        .into_iter()
+        .map(|k| {
+            let v = search::kind_verdict(classes, &report.searches, Some(k), threshold);
+            let j = Judgement {
+                proven: proven(&v.searches),
+                flagged: v.flagged,
+                anomaly_index: v.verdict.anomaly_index,
+                values: v.verdict.values,
+            };
+            (k.to_string(), j)
+        })
+        .collect();
+    Outcome {
+        classes: report.verdict_mask.classes.clone(),
+        main: Judgement {
+            flagged: report.flagged.clone(),
+            anomaly_index: report.verdict_mask.anomaly_index.clone(),
+            values: report.verdict_mask.values.clone(),
+            proven: proven(&report.verdict_searches),
+        },
+        clean_accuracy: Some(report.clean_accuracy),
+        by_canvas,
+    }
+}
+
+/// What a scan reads of a Neural Cleanse report (`cleanse.json`).
+#[derive(Deserialize)]
+struct CleanseFile {
+    classes: Vec<usize>,
+    results: Vec<CleanseClass>,
+    #[serde(with = "crate::search::verdict::nonfinite")]
+    anomaly_index: Vec<f64>,
+    flagged: Vec<usize>,
+}
+
+#[derive(Deserialize)]
+struct CleanseClass {
+    class: usize,
+    l1: f64,
+    reached: bool,
+}
+
+impl CleanseFile {
+    fn outcome(self) -> Outcome {
+        Outcome {
+            main: Judgement {
+                flagged: self.flagged,
+                anomaly_index: self.anomaly_index,
+                values: self.results.iter().map(|r| r.l1.max(1e-9).ln()).collect(),
+                proven: self
+                    .results
+                    .iter()
+                    .filter(|r| r.reached)
+                    .map(|r| r.class)
+                    .collect(),
+            },
+            classes: self.classes,
+            clean_accuracy: None,
+            by_canvas: Vec::new(),
+        }
+    }
+}
+
+/// The figures of a finished Neural Cleanse run.
+pub fn nc_outcome(r: &crate::cleanse::CleanseReport) -> Outcome {
+    CleanseFile {
+        classes: r.classes.clone(),
+        results: r
+            .results
+            .iter()
+            .map(|c| CleanseClass {
+                class: c.class,
+                l1: c.l1,
+                reached: c.reached,
+            })
+            .collect(),
+        anomaly_index: r.anomaly_index.clone(),
+        flagged: r.flagged.clone(),
+    }
+    .outcome()
 }
 
 /// What a whole scan produced.
@@ -377,21 +529,7 @@ fn run_method<B: Backend>(
             };
             let report = search::run(be, &inputs, &cfg, dir)?;
             crate::report::write_run(&report, test.class_names(), dir)?;
-            let classes = &report.config.classes;
-            let by_canvas = search::shared_kinds(classes, &report.searches)
-                .into_iter()
-                .map(|k| {
-                    let v = search::kind_verdict(classes, &report.searches, Some(k), cfg.threshold);
-                    (k.to_string(), v.flagged, v.verdict.anomaly_index)
-                })
-                .collect();
-            Ok(Outcome {
-                flagged: report.flagged.clone(),
-                classes: report.verdict_mask.classes.clone(),
-                anomaly_index: report.verdict_mask.anomaly_index.clone(),
-                clean_accuracy: Some(report.clean_accuracy),
-                by_canvas,
-            })
+            Ok(cwp_outcome(&report))
         }
         Method::Nc => {
             let g = &model.graph;
@@ -404,19 +542,17 @@ fn run_method<B: Backend>(
             let dm = DeviceModel::upload(be, g, &model.params)?.with_label(label);
             let r = crate::cleanse::run(&dm, test, &cfg, label, opts.quiet)?;
             crate::cleanse::output::write(&r, test.class_names(), dir)?;
-            Ok(Outcome {
-                flagged: r.flagged.clone(),
-                classes: r.classes.clone(),
-                anomaly_index: r.anomaly_index.clone(),
-                clean_accuracy: None,
-                by_canvas: Vec::new(),
-            })
+            Ok(nc_outcome(&r))
         }
     }
 }
 
 /// `flagged` ordered by anomaly (most first), and the largest index.
-fn rank(flagged: &[usize], classes: &[usize], index: &[f64]) -> (Vec<usize>, Option<f64>) {
+pub(crate) fn rank(
+    flagged: &[usize],
+    classes: &[usize],
+    index: &[f64],
+) -> (Vec<usize>, Option<f64>) {
     let index_of = |c: usize| {
         classes
             .iter()
@@ -435,17 +571,20 @@ fn rank(flagged: &[usize], classes: &[usize], index: &[f64]) -> (Vec<usize>, Opt
 
 /// The row of a finished method.
 fn finished_row(model: &str, method: Method, o: Outcome, seconds: f64, report: String) -> Row {
-    let (flagged, score) = rank(&o.flagged, &o.classes, &o.anomaly_index);
+    let (flagged, score) = rank(&o.main.flagged, &o.classes, &o.main.anomaly_index);
     let by_canvas = o
         .by_canvas
-        .iter()
-        .map(|(kind, f, index)| {
-            let (flagged, score) = rank(f, &o.classes, index);
+        .into_iter()
+        .map(|(kind, j)| {
+            let (flagged, score) = rank(&j.flagged, &o.classes, &j.anomaly_index);
             KindRow {
-                kind: kind.clone(),
+                kind,
                 flagged,
-                anomaly_index: index.clone(),
+                anomaly_index: j.anomaly_index,
                 score,
+                values: j.values,
+                proven: j.proven,
+                referenced: None,
             }
         })
         .collect();
@@ -454,11 +593,15 @@ fn finished_row(model: &str, method: Method, o: Outcome, seconds: f64, report: S
         method,
         flagged,
         classes: o.classes,
-        anomaly_index: o.anomaly_index,
+        anomaly_index: o.main.anomaly_index,
         score,
         seconds,
         clean_accuracy: o.clean_accuracy,
         report: Some(report),
+        values: o.main.values,
+        proven: o.main.proven,
+        referenced: None,
+        reference: false,
         by_canvas,
         label: None,
         error: None,
@@ -478,6 +621,10 @@ fn error_row(model: &str, method: Method, e: &dyn std::fmt::Display, seconds: f6
         seconds,
         clean_accuracy: None,
         report: None,
+        values: Vec::new(),
+        proven: Vec::new(),
+        referenced: None,
+        reference: false,
         by_canvas: Vec::new(),
         label: None,
         error: Some(e.to_string()),
@@ -486,9 +633,9 @@ fn error_row(model: &str, method: Method, e: &dyn std::fmt::Display, seconds: f6
     }
 }
 
-/// Scans `models` (paths as given) into `out`, this shard's share of them,
-/// then writes the table of every row found there. `log` gets one line per
-/// (model, method).
+/// Scans `models` (paths as given) and the references of `opts` into
+/// `out`, this shard's share of them, then writes the table of every row
+/// found there. `log` gets one line per (model, method).
 pub fn run<B: Backend>(
     be: &B,
     models: &[String],
@@ -503,6 +650,13 @@ pub fn run<B: Backend>(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cache = DataCache::default();
     let (mut made, mut reused, mut failed) = (0, 0, 0);
+    let mut all = models.to_vec();
+    for r in &opts.references {
+        if !all.contains(r) {
+            all.push(r.clone());
+        }
+    }
+    let models = &all[..];
     let mine: Vec<(usize, &String)> = models
         .iter()
         .enumerate()
@@ -607,7 +761,10 @@ pub fn run<B: Backend>(
             }
         }
     }
-    let (rows, pending) = collect(models, &opts.methods, labels, out);
+    let (mut rows, pending) = collect(models, &opts.methods, labels, out);
+    if !opts.references.is_empty() {
+        reference::apply(&mut rows, &opts.references);
+    }
     let detection = if labels.is_some() {
         detection(&rows, &opts.methods)
     } else {
@@ -664,6 +821,7 @@ fn collect(
             let path = row_path(out, m, method);
             let row = read_row(&path)
                 .filter(|r| r.error.is_none())
+                .map(|r| with_values(r, &path))
                 .or_else(|| read_row(&path.with_file_name("error.json")));
             match row {
                 Some(mut r) => {
@@ -679,6 +837,43 @@ fn collect(
         }
     }
     (rows, pending)
+}
+
+/// A finished row with its per-class sizes: a row written before they
+/// were kept gets them from the method's report beside it (and is saved
+/// with them), so a scan made by an older version can still be judged
+/// against references without searching again.
+fn with_values(mut row: Row, path: &Path) -> Row {
+    if !row.values.is_empty() {
+        return row;
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let outcome = match row.method {
+        Method::Cwp => std::fs::read(dir.join("report.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<search::RunReport>(&b).ok())
+            .map(|r| cwp_outcome(&r)),
+        Method::Nc => std::fs::read(dir.join("cleanse.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CleanseFile>(&b).ok())
+            .map(CleanseFile::outcome),
+    };
+    let Some(o) = outcome.filter(|o| o.classes == row.classes) else {
+        return row;
+    };
+    row.values = o.main.values;
+    row.proven = o.main.proven;
+    for (kind, j) in o.by_canvas {
+        if let Some(k) = row.by_canvas.iter_mut().find(|k| k.kind == kind) {
+            k.values = j.values;
+            k.proven = j.proven;
+        }
+    }
+    if let Ok(json) = to_json(&row) {
+        // Only a cache: the row is complete without it being saved.
+        let _ = crate::io::write_atomic(path, &json);
+    }
+    row
 }
 
 /// Picks a row's flagged classes and score (the run's verdict, or one kind's).
@@ -721,7 +916,7 @@ fn detection(rows: &[Row], methods: &[Method]) -> Vec<Detection> {
                 }
             }
         }
-        for kind in kinds {
+        for &kind in &kinds {
             let pick = |r: &Row| {
                 r.by_canvas
                     .iter()
@@ -732,6 +927,25 @@ fn detection(rows: &[Row], methods: &[Method]) -> Vec<Detection> {
                 &format!("{}/{kind}", method.name()),
                 &scored(&pick),
             ));
+        }
+        // The same verdicts against the reference models, for the rows
+        // that have one.
+        if ok.iter().any(|r| r.referenced.is_some()) {
+            let pick = |r: &Row| r.referenced.as_ref().map(|x| (x.flagged.clone(), x.score));
+            out.push(metrics::detection(
+                &format!("{}+ref", method.name()),
+                &scored(&pick),
+            ));
+            for &kind in &kinds {
+                let pick = |r: &Row| {
+                    let k = r.by_canvas.iter().find(|k| k.kind == kind)?;
+                    k.referenced.as_ref().map(|x| (x.flagged.clone(), x.score))
+                };
+                out.push(metrics::detection(
+                    &format!("{}/{kind}+ref", method.name()),
+                    &scored(&pick),
+                ));
+            }
         }
     }
     out
@@ -799,11 +1013,21 @@ mod tests {
     #[test]
     fn a_row_lists_flagged_classes_most_anomalous_first_and_scores_the_largest_index() {
         let o = Outcome {
-            flagged: vec![1, 4],
             classes: vec![0, 1, 2, 3, 4],
-            anomaly_index: vec![0.1, 2.5, -1.0, f64::NAN, 6.0],
+            main: Judgement {
+                flagged: vec![1, 4],
+                anomaly_index: vec![0.1, 2.5, -1.0, f64::NAN, 6.0],
+                ..Judgement::default()
+            },
             clean_accuracy: Some(0.9),
-            by_canvas: vec![("solid".into(), vec![1], vec![0.0, 3.0, 0.0, 0.0, 1.0])],
+            by_canvas: vec![(
+                "solid".into(),
+                Judgement {
+                    flagged: vec![1],
+                    anomaly_index: vec![0.0, 3.0, 0.0, 0.0, 1.0],
+                    ..Judgement::default()
+                },
+            )],
         };
         let r = finished_row("m.onnx", Method::Nc, o, 1.5, "r.html".into());
         assert_eq!(r.flagged, [4, 1]);

@@ -16,6 +16,17 @@ fn opt_num(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{v:.3}"))
 }
 
+fn classes(c: &[usize]) -> String {
+    if c.is_empty() {
+        "none".to_string()
+    } else {
+        c.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// The page of a scan.
 pub fn scan_page(
     rows: &[Row],
@@ -60,33 +71,51 @@ pub fn scan_page(
         b.push_str(
             "</table>\n<p class=\"sub\">TPR/FPR: share of backdoored/clean models with a flagged class. \
              AUC over each model's largest anomaly index. Target accuracy: detected backdoored models \
-             whose most anomalous flagged class is the target.</p>\n",
+             whose most anomalous flagged class is the target. <code>+ref</code>: the verdict against \
+             the reference models (a reference model is judged against the others).</p>\n",
         );
     }
-    b.push_str(
+    let referenced = rows.iter().any(|r| r.referenced.is_some());
+    let _ = writeln!(
+        b,
         "<h2>Models</h2>\n<table class=\"data\"><tr><th>model</th><th>method</th><th>label</th>\
-         <th>flagged</th><th>largest anomaly index</th><th>clean accuracy</th><th>seconds</th><th>report</th></tr>\n",
+         <th>flagged</th><th>largest anomaly index</th><th>clean accuracy</th>{}<th>seconds</th><th>report</th></tr>",
+        if referenced {
+            "<th>flagged against references</th><th>its largest index</th>"
+        } else {
+            ""
+        }
     );
     for r in rows {
-        let label = match &r.label {
+        let mut label = match &r.label {
             None => "–".to_string(),
             Some(l) if l.backdoored => format!("backdoor → {}", l.target.unwrap_or_default()),
             Some(_) => "clean".to_string(),
         };
+        if r.reference {
+            label.push_str(" (reference)");
+        }
         let flagged = if let Some(e) = &r.error {
-            format!("<td class=\"flag\" colspan=\"3\">error: {}</td>", esc(e))
-        } else {
             format!(
-                "<td class=\"flag\">{}</td><td>{}</td><td>{}</td>",
-                if r.flagged.is_empty() {
-                    "none".to_string()
-                } else {
-                    r.flagged
-                        .iter()
-                        .map(|c| c.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
+                "<td class=\"flag\" colspan=\"{}\">error: {}</td>",
+                if referenced { 5 } else { 3 },
+                esc(e)
+            )
+        } else {
+            let against = if !referenced {
+                String::new()
+            } else if let Some(x) = &r.referenced {
+                format!(
+                    "<td class=\"flag\">{}</td><td>{}</td>",
+                    classes(&x.flagged),
+                    x.score.map_or("–".into(), |s| format!("{s:.2}"))
+                )
+            } else {
+                "<td>no reference</td><td>–</td>".to_string()
+            };
+            format!(
+                "<td class=\"flag\">{}</td><td>{}</td><td>{}</td>{against}",
+                classes(&r.flagged),
                 r.score.map_or("–".into(), |s| format!("{s:.2}")),
                 opt_pct(r.clean_accuracy)
             )

@@ -45,7 +45,7 @@ pub struct Verdict {
 
 /// Serde for `Vec<f64>` that keeps infinities and NaN through JSON: finite
 /// values stay numbers, the others become `"inf"`, `"-inf"`, `"nan"`.
-mod nonfinite {
+pub(crate) mod nonfinite {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     #[derive(Serialize, Deserialize)]
@@ -131,6 +131,40 @@ pub fn analyse(statistic: &str, classes: &[usize], values: &[f64]) -> Verdict {
     }
 }
 
+/// Analyses `values` against known-clean models of the same task (`refs`,
+/// each one value per class in the same order, all on one log scale).
+///
+/// Some classes are easy for every model (Fashion-MNIST's bag needs a
+/// third of the others' pixels in clean models too), so the plain verdict
+/// flags them everywhere. Here each model's values are first taken relative
+/// to its own median (a model whose patterns are all larger is no outlier),
+/// then each class's typical relative value among the references is
+/// subtracted: what is left is how much smaller this model's pattern is
+/// than a clean model's for the same class. Those differences go through
+/// [`analyse`], so a class is flagged when it is an outlier among them.
+/// With no reference this is [`analyse`] of the relative values.
+pub fn against_reference(classes: &[usize], values: &[f64], refs: &[&[f64]]) -> Verdict {
+    let relative = |v: &[f64]| {
+        let m = median(v);
+        v.iter().map(|x| x - m).collect::<Vec<f64>>()
+    };
+    let own = relative(values);
+    let theirs: Vec<Vec<f64>> = refs.iter().map(|r| relative(r)).collect();
+    let diff: Vec<f64> = own
+        .iter()
+        .enumerate()
+        .map(|(c, v)| {
+            let typical: Vec<f64> = theirs.iter().map(|r| r[c]).collect();
+            if typical.is_empty() {
+                *v
+            } else {
+                v - median(&typical)
+            }
+        })
+        .collect();
+    analyse("ln_size_vs_reference", classes, &diff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +229,48 @@ mod tests {
         let json = serde_json::to_string(&v).unwrap();
         let back: Verdict = serde_json::from_str(&json).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn a_class_small_in_every_clean_model_is_not_flagged_against_references() {
+        // Class 8 needs a third of the others' pixels in every model (as the
+        // bag does on Fashion-MNIST): the plain verdict flags it, the
+        // reference explains it away.
+        let classes: Vec<usize> = (0..10).collect();
+        let model = |shift: f64, wobble: f64| -> Vec<f64> {
+            (0..10)
+                .map(|c| {
+                    let base = -3.0 + 0.05 * ((c * 7 % 5) as f64 - 2.0) * wobble;
+                    if c == 8 {
+                        base - 1.1 + shift
+                    } else {
+                        base + shift
+                    }
+                })
+                .collect()
+        };
+        let suspect = model(0.3, 1.0);
+        assert_eq!(analyse("x", &classes, &suspect).flagged, vec![8]);
+        let (a, b, c) = (model(0.0, -1.0), model(-0.2, 0.5), model(0.1, 2.0));
+        let refs: Vec<&[f64]> = vec![&a, &b, &c];
+        let v = against_reference(&classes, &suspect, &refs);
+        assert!(v.flagged.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn a_backdoor_target_is_flagged_against_references_that_lack_it() {
+        let classes: Vec<usize> = (0..10).collect();
+        let clean: Vec<f64> = (0..10)
+            .map(|c| if c == 8 { -4.1 } else { -3.0 + 0.03 * c as f64 })
+            .collect();
+        let mut backdoored = clean.clone();
+        backdoored[3] = -5.2;
+        let refs: Vec<&[f64]> = vec![&clean, &clean];
+        let v = against_reference(&classes, &backdoored, &refs);
+        assert_eq!(v.flagged, vec![3]);
+        // The same model against no reference is judged on its own, and
+        // then the bag joins the target.
+        let alone = against_reference(&classes, &backdoored, &[]);
+        assert_eq!(alone.flagged, vec![3, 8]);
     }
 }
