@@ -23,42 +23,9 @@
 // (`conv_fold_bn`).
 #include "common.cuh"
 
-#define BK 8
+#include "conv_gather.cuh"
 
-// Shared by all conv kernels (the Rust twin is `ConvArgs` in
-// src/backend/gpu/conv.rs).
-struct ConvArgs {
-  int n, c, h, w;   // input batch, channels, height, width
-  int k, r, s;      // output channels, filter height and width
-  int p, q;         // output height and width
-  int stride, pad;
-  int flags;        // CONV_* bits
-  int gm, gn, gk;   // GEMM extents M, N, K
-  int k_chunk;      // wgrad: K values per split (a multiple of BK)
-  int splits;       // wgrad: number of splits (gridDim.z)
-};
-
-#define CONV_BIAS 1      // forward: add bias[m]
-#define CONV_RELU 2      // forward: max(., 0) last
-#define CONV_RESIDUAL 4  // forward: add residual[same index] before the ReLU
-#define CONV_DY_MASK 8   // dgrad: dy is multiplied by (y > 0)
-
-// Moves a (c, r, s) filter-tap cursor on by BK taps, given BK split as
-// (dc, dr, ds) in the same mixed radix (R, S): no division in the k loop.
-__device__ __forceinline__ void advance_crs(int& c, int& r, int& s, int dc, int dr, int ds,
-                                            int R, int S) {
-  s += ds;
-  if (s >= S) {
-    s -= S;
-    r++;
-  }
-  r += dr;
-  if (r >= R) {
-    r -= R;
-    c++;
-  }
-  c += dc;
-}
+constexpr int BK = 8;
 
 // ---- operand loaders: global -> registers -> shared ---------------------------
 // Each thread loads E elements of a BK x BM (or BK x BN) tile per K step and
@@ -94,255 +61,23 @@ struct FwdA {
   }
 };
 
-// Forward B: im2col of x, B[k][n] with k = (c, r, s), n = (img, p, q); n-fastest.
-// Each of the thread's E rows keeps its (c, r, s) and steps it by BK with
-// carries instead of dividing.
-template <int BN, int NT, int LD>
-struct FwdB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BN;
-  const float* __restrict__ x;
-  int K, H, W, HW, R, S, nn, base, h0, w0, dc, dr, ds;
-  bool nvalid;
-  int cc[E], rr[E], ss[E];
-  float v[E];
-  __device__ __forceinline__ FwdB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
-      : x(x_), K(a.gk), H(a.h), W(a.w), HW(a.h * a.w), R(a.r), S(a.s) {
-    nn = threadIdx.x % BN;
-    const int n = ntile + nn;
-    const int pq = a.p * a.q;
-    nvalid = n < a.gn;
-    const int img = nvalid ? n / pq : 0;
-    const int rem = n - img * pq;
-    const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
-    base = img * a.c * HW;
-    h0 = p * a.stride - a.pad;
-    w0 = q * a.stride - a.pad;
-    const int RS = R * S;
-    dc = BK / RS;
-    dr = (BK % RS) / S;
-    ds = (BK % RS) % S;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = k_begin + threadIdx.x / BN + i * STEP;
-      cc[i] = k / RS;
-      const int rs = k - cc[i] * RS;
-      rr[i] = rs / S;
-      ss[i] = rs - rr[i] * S;
-    }
-  }
+// The gathered operands (conv_gather.cuh): each slot's value held in a
+// register from `load` until `store` puts it in the k-major shared tile.
+template <class G, int LD>
+struct Gathered {
+  G g;
+  const float* __restrict__ src;
+  float v[G::E];
+  // The gather is built in place from `args` (a copy would keep two sets
+  // of cursors alive).
+  template <class... Args>
+  __device__ __forceinline__ Gathered(const float* __restrict__ src_, Args... args) : g(args...), src(src_) {}
   __device__ __forceinline__ void load(int k0) {
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = k0 + threadIdx.x / BN + i * STEP;
-      const int h = h0 + rr[i], w = w0 + ss[i];
-      v[i] = (nvalid && k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W)
-                 ? x[base + cc[i] * HW + h * W + w]
-                 : 0.f;
-      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
-    }
+    g.step(k0, [&](int i, bool ok, int idx) { v[i] = ok ? src[idx] : 0.f; });
   }
   __device__ __forceinline__ void store(float* s) const {
 #pragma unroll
-    for (int i = 0; i < E; i++) s[(threadIdx.x / BN + i * STEP) * LD + nn] = v[i];
-  }
-};
-
-// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s]; k-fastest.
-template <int BM, int NT, int LD>
-struct DgradA {
-  static constexpr int E = BM * BK / NT;
-  static constexpr int STEP = NT / BK;
-  const float* __restrict__ w;
-  int M, K, RS, kk, m0, ko, rs, dko, drs;
-  float v[E];
-  __device__ __forceinline__ DgradA(const float* __restrict__ w_, const ConvArgs& a, int mtile, int k_begin)
-      : w(w_), M(a.gm), K(a.gk), RS(a.r * a.s) {
-    kk = threadIdx.x % BK;
-    m0 = mtile + threadIdx.x / BK;
-    const int k = k_begin + kk;
-    ko = k / RS;
-    rs = k - ko * RS;
-    dko = BK / RS;
-    drs = BK % RS;
-  }
-  __device__ __forceinline__ void load(int k0) {
-    const int k = k0 + kk;
-    const int off = ko * M * RS + rs;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int m = m0 + i * STEP;
-      v[i] = (m < M && k < K) ? w[off + m * RS] : 0.f;
-    }
-    rs += drs;
-    if (rs >= RS) {
-      rs -= RS;
-      ko++;
-    }
-    ko += dko;
-  }
-  __device__ __forceinline__ void store(float* s) const {
-#pragma unroll
-    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
-  }
-};
-
-// Dgrad B: the "col" of dy, B[k = (ko, r, s)][n = (img, h, w)] =
-// dy[img][ko][(h + pad - r) / stride][(w + pad - s) / stride] where the
-// division is exact and in range, else 0; n-fastest.
-template <int BN, int NT, int LD>
-struct DgradB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BN;
-  const float* __restrict__ dy;
-  const float* __restrict__ ymask;
-  int K, P, Q, PQ, R, S, stride, nn, base, hh, ww, dc, dr, ds;
-  bool nvalid;
-  int cc[E], rr[E], ss[E];
-  float v[E];
-  __device__ __forceinline__ DgradB(const ConvArgs& a, const float* __restrict__ dy_,
-                                    const float* __restrict__ ymask_, int ntile, int k_begin)
-      : dy(dy_), ymask(ymask_), K(a.gk), P(a.p), Q(a.q), PQ(a.p * a.q), R(a.r), S(a.s), stride(a.stride) {
-    nn = threadIdx.x % BN;
-    const int n = ntile + nn;
-    const int hw = a.h * a.w;
-    nvalid = n < a.gn;
-    const int img = nvalid ? n / hw : 0;
-    const int rem = n - img * hw;
-    const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
-    base = img * a.k * PQ;
-    hh = h + a.pad;
-    ww = w + a.pad;
-    const int RS = R * S;
-    dc = BK / RS;
-    dr = (BK % RS) / S;
-    ds = (BK % RS) % S;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = k_begin + threadIdx.x / BN + i * STEP;
-      cc[i] = k / RS;
-      const int rs = k - cc[i] * RS;
-      rr[i] = rs / S;
-      ss[i] = rs - rr[i] * S;
-    }
-  }
-  __device__ __forceinline__ void load(int k0) {
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = k0 + threadIdx.x / BN + i * STEP;
-      int ph = hh - rr[i], pw = ww - ss[i];
-      bool ok = nvalid && k < K && ph >= 0 && pw >= 0;
-      if (stride != 1) {
-        ok = ok && (ph % stride) == 0 && (pw % stride) == 0;
-        ph /= stride;
-        pw /= stride;
-      }
-      ok = ok && ph < P && pw < Q;
-      float val = 0.f;
-      if (ok) {
-        const int idx = base + cc[i] * PQ + ph * Q + pw;
-        val = dy[idx];
-        if (ymask != nullptr && !(ymask[idx] > 0.f)) val = 0.f;
-      }
-      v[i] = val;
-      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
-    }
-  }
-  __device__ __forceinline__ void store(float* s) const {
-#pragma unroll
-    for (int i = 0; i < E; i++) s[(threadIdx.x / BN + i * STEP) * LD + nn] = v[i];
-  }
-};
-
-// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq]; k-fastest.
-template <int BM, int NT, int LD>
-struct WgradA {
-  static constexpr int E = BM * BK / NT;
-  static constexpr int STEP = NT / BK;
-  const float* __restrict__ dy;
-  int M, K, PQ, kk, m0, img, pq;
-  float v[E];
-  __device__ __forceinline__ WgradA(const float* __restrict__ dy_, const ConvArgs& a, int mtile, int k_begin)
-      : dy(dy_), M(a.gm), K(a.gk), PQ(a.p * a.q) {
-    kk = threadIdx.x % BK;
-    m0 = mtile + threadIdx.x / BK;
-    const int k = k_begin + kk;
-    img = k / PQ;
-    pq = k - img * PQ;
-  }
-  __device__ __forceinline__ void load(int k0) {
-    const int k = k0 + kk;
-    const int off = img * M * PQ + pq;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int m = m0 + i * STEP;
-      v[i] = (m < M && k < K) ? dy[off + m * PQ] : 0.f;
-    }
-    pq += BK;
-    while (pq >= PQ) {
-      pq -= PQ;
-      img++;
-    }
-  }
-  __device__ __forceinline__ void store(float* s) const {
-#pragma unroll
-    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
-  }
-};
-
-// Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)] = x[img][c][p*st-pad+r][q*st-pad+s];
-// k-fastest (consecutive q are consecutive pixels). Each of the thread's E
-// columns keeps its offset c*H*W + r*W + s and its (r, s) packed in one int.
-template <int BN, int NT, int LD>
-struct WgradB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BK;
-  const float* __restrict__ x;
-  int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q;
-  int off[E], rs[E];
-  float v[E];
-  __device__ __forceinline__ WgradB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
-      : x(x_), K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad) {
-    kk = threadIdx.x % BK;
-    const int RS = a.r * a.s;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int n = ntile + threadIdx.x / BK + i * STEP;
-      const int c = n / RS, t = n - (n / RS) * RS;
-      const int r = t / a.s, sx = t - (t / a.s) * a.s;
-      off[i] = c * H * W + r * W + sx;
-      // Out-of-range columns: a row offset (-32768) that is never in bounds.
-      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
-    }
-    const int k = k_begin + kk;
-    const int pq = P * Q;
-    img = k / pq;
-    const int rem = k - img * pq;
-    p = rem / Q;
-    q = rem - p * Q;
-  }
-  __device__ __forceinline__ void load(int k0) {
-    const int k = k0 + kk;
-    const int hb = p * stride - pad, wb = q * stride - pad;
-    const int base = img * CHW + hb * W + wb;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
-      v[i] = (k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W) ? x[base + off[i]] : 0.f;
-    }
-    q += BK;
-    while (q >= Q) {
-      q -= Q;
-      p++;
-    }
-    while (p >= P) {
-      p -= P;
-      img++;
-    }
-  }
-  __device__ __forceinline__ void store(float* s) const {
-#pragma unroll
-    for (int i = 0; i < E; i++) s[kk * LD + threadIdx.x / BK + i * STEP] = v[i];
+    for (int i = 0; i < G::E; i++) s[g.k(i) * LD + g.mn(i)] = v[i];
   }
 };
 
@@ -430,7 +165,7 @@ __device__ __forceinline__ void conv_fwd_impl(const ConvArgs& a, const float* __
   typedef Tile<BM, BN, TM, TN> T;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
   FwdA<BM, T::NT, T::LDA> la(w, a.gm, a.gk, mtile, 0);
-  FwdB<BN, T::NT, T::LDB> lb(a, x, ntile, 0);
+  Gathered<FwdGather<BK, BN, T::NT>, T::LDB> lb(x, a, ntile, 0);
   float acc[TM][TN];
   gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
   const int PQ = a.p * a.q;
@@ -460,8 +195,9 @@ __device__ __forceinline__ void conv_dgrad_impl(const ConvArgs& a, const float* 
                                                 float* __restrict__ dx) {
   typedef Tile<BM, BN, TM, TN> T;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  DgradA<BM, T::NT, T::LDA> la(w, a, mtile, 0);
-  DgradB<BN, T::NT, T::LDB> lb(a, dy, (a.flags & CONV_DY_MASK) ? ymask : nullptr, ntile, 0);
+  Gathered<DgradAGather<BK, BM, T::NT>, T::LDA> la(w, a, mtile, 0);
+  const float* mask = (a.flags & CONV_DY_MASK) ? ymask : nullptr;
+  Gathered<DgradGather<BK, BN, T::NT>, T::LDB> lb(dy, a, mask, ntile, 0);
   float acc[TM][TN];
   gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
   const int HW = a.h * a.w;
@@ -486,8 +222,8 @@ __device__ __forceinline__ void conv_wgrad_impl(const ConvArgs& a, const float* 
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
   const int k_begin = blockIdx.z * a.k_chunk;
   const int k_end = min(a.gk, k_begin + a.k_chunk);
-  WgradA<BM, T::NT, T::LDA> la(dy, a, mtile, k_begin);
-  WgradB<BN, T::NT, T::LDB> lb(a, x, ntile, k_begin);
+  Gathered<WgradAGather<BK, BM, T::NT>, T::LDA> la(dy, a, mtile, k_begin);
+  Gathered<WgradGather<BK, BN, T::NT>, T::LDB> lb(x, a, ntile, k_begin);
   float acc[TM][TN];
   gemm_main<BM, BN, TM, TN>(la, lb, k_begin, k_end, acc);
   float* o = out + blockIdx.z * a.gm * a.gn;

@@ -30,6 +30,7 @@
 // then summed in order by conv_wgrad_reduce), whatever the tile, so the
 // forward and dgrad results do not depend on the tile or the batch size.
 #include "mma.cuh"
+#include "conv_gather.cuh"
 
 #define PREC_TF32 0
 #define PREC_TF32X3 1
@@ -40,37 +41,6 @@ namespace cmma {
 constexpr int BK = 16;
 constexpr int STAGES = 3;
 constexpr int LDA = BK + 4;
-
-// Twin of ConvArgs in conv.cu and src/backend/gpu/conv.rs.
-struct ConvArgs {
-  int n, c, h, w;
-  int k, r, s;
-  int p, q;
-  int stride, pad;
-  int flags;
-  int gm, gn, gk;
-  int k_chunk;
-  int splits;
-};
-
-constexpr int CONV_BIAS = 1;
-constexpr int CONV_RELU = 2;
-constexpr int CONV_RESIDUAL = 4;
-constexpr int CONV_DY_MASK = 8;
-
-__device__ __forceinline__ void advance_crs(int& c, int& r, int& s, int dc, int dr, int ds, int R, int S) {
-  s += ds;
-  if (s >= S) {
-    s -= S;
-    r++;
-  }
-  r += dr;
-  if (r >= R) {
-    r -= R;
-    c++;
-  }
-  c += dc;
-}
 
 // ---- operand loaders: each `issue` starts the cp.async copies of one BK
 // step into a stage (A: [BM][LDA], B: [BK][LDB]) and moves on by BK.
@@ -109,231 +79,24 @@ struct FwdA {
   }
 };
 
-// Forward B: im2col of x, B[k = (c, r, s)][n = (img, p, q)]; consecutive
-// threads take consecutive n (consecutive pixels). Each of the thread's rows
-// keeps its (c, r, s) and steps it by BK with carries.
-template <int BN, int NT>
-struct FwdB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BN;
-  const float* __restrict__ x;
-  int K, H, W, HW, R, S, nn, base, h0, w0, dc, dr, ds, k0;
-  bool nvalid;
-  int cc[E], rr[E], ss[E];
-  __device__ __forceinline__ FwdB(const ConvArgs& a, const float* __restrict__ x_, int ntile)
-      : x(x_), K(a.gk), H(a.h), W(a.w), HW(a.h * a.w), R(a.r), S(a.s), k0(0) {
-    nn = threadIdx.x % BN;
-    const int n = ntile + nn;
-    const int pq = a.p * a.q;
-    nvalid = n < a.gn;
-    const int img = nvalid ? n / pq : 0;
-    const int rem = n - img * pq;
-    const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
-    base = img * a.c * HW;
-    h0 = p * a.stride - a.pad;
-    w0 = q * a.stride - a.pad;
-    const int RS = R * S;
-    dc = BK / RS;
-    dr = (BK % RS) / S;
-    ds = (BK % RS) % S;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = threadIdx.x / BN + i * STEP;
-      cc[i] = k / RS;
-      const int rs = k - cc[i] * RS;
-      rr[i] = rs / S;
-      ss[i] = rs - rr[i] * S;
-    }
-  }
+// The gathered operands (conv_gather.cuh), each slot one 4-byte cp.async
+// (zero-filled where nothing feeds it) into an m-major tile (A: [BM][LD]) or
+// a k-major one (B: [BK][LD]).
+template <class G, int LD, bool M_MAJOR>
+struct Gathered {
+  G g;
+  const float* __restrict__ src;
+  int k0;
+  // The gather is built in place from `args` (a copy would keep two sets
+  // of cursors alive); `k_begin` is where its K walk starts.
+  template <class... Args>
+  __device__ __forceinline__ Gathered(const float* __restrict__ src_, int k_begin, Args... args)
+      : g(args...), src(src_), k0(k_begin) {}
   __device__ __forceinline__ void issue(float* s) {
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int kl = threadIdx.x / BN + i * STEP;
-      const int h = h0 + rr[i], w = w0 + ss[i];
-      const bool ok = nvalid && k0 + kl < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
-      cp_async<4>(s + kl * (BN + 8) + nn, ok ? x + base + cc[i] * HW + h * W + w : x, ok ? 4 : 0);
-      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
-    }
-    k0 += BK;
-  }
-};
-
-// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s].
-template <int BM, int NT>
-struct DgradA {
-  static constexpr int E = BM * BK / NT;
-  const float* __restrict__ w;
-  int M, Mlim, K, RS, kk, m0, ko, rs, dko, drs, k0;
-  // Rows of the tile starting at channel `mtile`.
-  __device__ __forceinline__ DgradA(const float* __restrict__ w_, const ConvArgs& a, int mtile)
-      : w(w_ + mtile * a.r * a.s), M(a.gm), Mlim(a.gm - mtile), K(a.gk), RS(a.r * a.s), k0(0) {
-    kk = threadIdx.x % BK;
-    m0 = threadIdx.x / BK;
-    ko = kk / RS;
-    rs = kk - ko * RS;
-    dko = BK / RS;
-    drs = BK % RS;
-  }
-  __device__ __forceinline__ void issue(float* s) {
-    const int k = k0 + kk;
-    const int off = ko * M * RS + rs;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int m = m0 + i * (NT / BK);
-      const bool ok = m < Mlim && k < K;
-      cp_async<4>(s + m * LDA + kk, ok ? w + off + m * RS : w, ok ? 4 : 0);
-    }
-    rs += drs;
-    if (rs >= RS) {
-      rs -= RS;
-      ko++;
-    }
-    ko += dko;
-    k0 += BK;
-  }
-};
-
-// Dgrad B: B[k = (ko, r, s)][n = (img, h, w)] = dy[img][ko][(h + pad - r) / stride]
-// [(w + pad - s) / stride] where the division is exact and in range, else 0;
-// zero also where the ReLU mask (the fused conv's output y) is not positive.
-template <int BN, int NT>
-struct DgradB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BN;
-  const float* __restrict__ dy;
-  const float* __restrict__ ymask;
-  int K, P, Q, PQ, R, S, stride, nn, base, hh, ww, dc, dr, ds, k0;
-  bool nvalid;
-  int cc[E], rr[E], ss[E];
-  __device__ __forceinline__ DgradB(const ConvArgs& a, const float* __restrict__ dy_, const float* __restrict__ ymask_,
-                                    int ntile)
-      : dy(dy_), ymask(ymask_), K(a.gk), P(a.p), Q(a.q), PQ(a.p * a.q), R(a.r), S(a.s), stride(a.stride), k0(0) {
-    nn = threadIdx.x % BN;
-    const int n = ntile + nn;
-    const int hw = a.h * a.w;
-    nvalid = n < a.gn;
-    const int img = nvalid ? n / hw : 0;
-    const int rem = n - img * hw;
-    const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
-    base = img * a.k * PQ;
-    hh = h + a.pad;
-    ww = w + a.pad;
-    const int RS = R * S;
-    dc = BK / RS;
-    dr = (BK % RS) / S;
-    ds = (BK % RS) % S;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int k = threadIdx.x / BN + i * STEP;
-      cc[i] = k / RS;
-      const int rs = k - cc[i] * RS;
-      rr[i] = rs / S;
-      ss[i] = rs - rr[i] * S;
-    }
-  }
-  __device__ __forceinline__ void issue(float* s) {
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int kl = threadIdx.x / BN + i * STEP;
-      int ph = hh - rr[i], pw = ww - ss[i];
-      bool ok = nvalid && k0 + kl < K && ph >= 0 && pw >= 0;
-      if (stride != 1) {
-        ok = ok && (ph % stride) == 0 && (pw % stride) == 0;
-        ph /= stride;
-        pw /= stride;
-      }
-      ok = ok && ph < P && pw < Q;
-      const int idx = ok ? base + cc[i] * PQ + ph * Q + pw : 0;
-      if (ok && ymask != nullptr) ok = ymask[idx] > 0.f;
-      cp_async<4>(s + kl * (BN + 8) + nn, dy + idx, ok ? 4 : 0);
-      advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S);
-    }
-    k0 += BK;
-  }
-};
-
-// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq].
-template <int BM, int NT>
-struct WgradA {
-  static constexpr int E = BM * BK / NT;
-  const float* __restrict__ dy;
-  int M, Mlim, K, PQ, kk, m0, img, pq, k0;
-  // Rows of the tile starting at output channel `mtile`.
-  __device__ __forceinline__ WgradA(const float* __restrict__ dy_, const ConvArgs& a, int mtile, int k_begin)
-      : dy(dy_ + mtile * a.p * a.q), M(a.gm), Mlim(a.gm - mtile), K(a.gk), PQ(a.p * a.q), k0(k_begin) {
-    kk = threadIdx.x % BK;
-    m0 = threadIdx.x / BK;
-    const int k = k_begin + kk;
-    img = k / PQ;
-    pq = k - img * PQ;
-  }
-  __device__ __forceinline__ void issue(float* s) {
-    const int k = k0 + kk;
-    const int off = img * M * PQ + pq;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int m = m0 + i * (NT / BK);
-      const bool ok = m < Mlim && k < K;
-      cp_async<4>(s + m * LDA + kk, ok ? dy + off + m * PQ : dy, ok ? 4 : 0);
-    }
-    pq += BK;
-    while (pq >= PQ) {
-      pq -= PQ;
-      img++;
-    }
-    k0 += BK;
-  }
-};
-
-// Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)]; consecutive threads
-// take consecutive k (consecutive output pixels).
-template <int BN, int NT>
-struct WgradB {
-  static constexpr int E = BN * BK / NT;
-  static constexpr int STEP = NT / BK;
-  const float* __restrict__ x;
-  int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q, k0;
-  int off[E], rs[E];
-  __device__ __forceinline__ WgradB(const ConvArgs& a, const float* __restrict__ x_, int ntile, int k_begin)
-      : x(x_), K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad),
-        k0(k_begin) {
-    kk = threadIdx.x % BK;
-    const int RS = a.r * a.s;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int n = ntile + threadIdx.x / BK + i * STEP;
-      const int c = n / RS, t = n - (n / RS) * RS;
-      const int r = t / a.s, sx = t - (t / a.s) * a.s;
-      off[i] = c * H * W + r * W + sx;
-      // Out-of-range columns: a row offset (-32768) that is never in bounds.
-      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
-    }
-    const int k = k_begin + kk;
-    const int pq = P * Q;
-    img = k / pq;
-    const int rem = k - img * pq;
-    p = rem / Q;
-    q = rem - p * Q;
-  }
-  __device__ __forceinline__ void issue(float* s) {
-    const int k = k0 + kk;
-    const int hb = p * stride - pad, wb = q * stride - pad;
-    const int base = img * CHW + hb * W + wb;
-#pragma unroll
-    for (int i = 0; i < E; i++) {
-      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
-      const bool ok = k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
-      cp_async<4>(s + kk * (BN + 8) + threadIdx.x / BK + i * STEP, ok ? x + base + off[i] : x, ok ? 4 : 0);
-    }
-    q += BK;
-    while (q >= Q) {
-      q -= Q;
-      p++;
-    }
-    while (p >= P) {
-      p -= P;
-      img++;
-    }
+    g.step(k0, [&](int i, bool ok, int idx) {
+      float* dst = M_MAJOR ? s + g.mn(i) * LD + g.k(i) : s + g.k(i) * LD + g.mn(i);
+      cp_async<4>(dst, ok ? src + idx : src, ok ? 4 : 0);
+    });
     k0 += BK;
   }
 };
@@ -489,7 +252,7 @@ __device__ __forceinline__ void fwd(const ConvArgs& a, const float* __restrict__
   constexpr int NT = WM * WN * 32;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
   FwdA<BM, NT> la(w + mtile * a.gk, a.gm - mtile, a.gk);
-  FwdB<BN, NT> lb(a, x, ntile);
+  Gathered<FwdGather<BK, BN, NT>, BN + 8, false> lb(x, 0, a, ntile, 0);
   float acc[2][4][4];
   mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
   const int PQ = a.p * a.q;
@@ -508,8 +271,9 @@ __device__ __forceinline__ void dgrad(const ConvArgs& a, const float* __restrict
                                       const float* __restrict__ ymask, float* __restrict__ dx) {
   constexpr int NT = WM * WN * 32;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  DgradA<BM, NT> la(w, a, mtile);
-  DgradB<BN, NT> lb(a, dy, (a.flags & CONV_DY_MASK) ? ymask : nullptr, ntile);
+  Gathered<DgradAGather<BK, BM, NT>, LDA, true> la(w, 0, a, mtile, 0);
+  const float* mask = (a.flags & CONV_DY_MASK) ? ymask : nullptr;
+  Gathered<DgradGather<BK, BN, NT>, BN + 8, false> lb(dy, 0, a, mask, ntile, 0);
   float acc[2][4][4];
   mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
   const int HW = a.h * a.w;
@@ -526,11 +290,11 @@ __device__ __forceinline__ void wgrad(const ConvArgs& a, const float* __restrict
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
   const int k_begin = blockIdx.z * a.k_chunk;
   const int k_end = min(a.gk, k_begin + a.k_chunk);
-  WgradA<BM, NT> la(dy, a, mtile, k_begin);
-  WgradB<BN, NT> lb(a, x, ntile, k_begin);
+  Gathered<WgradAGather<BK, BM, NT>, LDA, true> la(dy, k_begin, a, mtile, k_begin);
+  Gathered<WgradGather<BK, BN, NT>, BN + 8, false> lb(x, k_begin, a, ntile, k_begin);
   // a split's last step never reads into the next split
-  la.K = k_end;
-  lb.K = k_end;
+  la.g.K = k_end;
+  lb.g.K = k_end;
   float acc[2][4][4];
   mma_main<BM, BN, WN, P>(la, lb, k_begin, k_end, acc);
   float* o = out + blockIdx.z * a.gm * a.gn;
@@ -546,19 +310,19 @@ __device__ __forceinline__ void wgrad(const ConvArgs& a, const float* __restrict
 
 #define CONV_MMA_KERNELS(BM, BN, WM, WN, P, NAME)                                                                  \
   extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
-      convmma_fwd_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ x,                       \
+      convmma_fwd_##NAME##_##BM##x##BN(const ConvArgs a, const float* __restrict__ x,                       \
                                        const float* __restrict__ w, const float* __restrict__ bias,              \
                                        const float* __restrict__ residual, float* __restrict__ y) {               \
     cmma::fwd<BM, BN, WM, WN, P>(a, x, w, bias, residual, y);                                                     \
   }                                                                                                               \
   extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
-      convmma_dgrad_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ dy,                    \
+      convmma_dgrad_##NAME##_##BM##x##BN(const ConvArgs a, const float* __restrict__ dy,                    \
                                          const float* __restrict__ w, const float* __restrict__ ymask,           \
                                          float* __restrict__ dx) {                                                \
     cmma::dgrad<BM, BN, WM, WN, P>(a, dy, w, ymask, dx);                                                          \
   }                                                                                                               \
   extern "C" __global__ void __launch_bounds__(WM * WN * 32)                                                      \
-      convmma_wgrad_##NAME##_##BM##x##BN(const cmma::ConvArgs a, const float* __restrict__ x,                     \
+      convmma_wgrad_##NAME##_##BM##x##BN(const ConvArgs a, const float* __restrict__ x,                     \
                                          const float* __restrict__ dy, float* __restrict__ out) {                 \
     cmma::wgrad<BM, BN, WM, WN, P>(a, x, dy, out);                                                                \
   }

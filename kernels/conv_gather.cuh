@@ -1,0 +1,280 @@
+// The implicit-GEMM operand gathers of the convolutions, shared by conv.cu
+// (global -> registers -> shared) and conv_mma.cu (cp.async copies): for
+// each of a thread's E slots of one K step, whether a global element feeds
+// it and which one, with the cursors moved on by the step. The kernels
+// differ only in how they move the element; the im2col geometry, and so
+// which element lands where, is written once here. CPU twin of the
+// geometry: im2col_segment and col2im in src/backend/cpu/conv.rs.
+//
+// Each gather's `step(k0, f)` calls `f(i, ok, idx)` for its slots (`idx`
+// only means something when `ok`), then advances by the step; slot i sits
+// at row `k(i)` of the step and column `mn(i)` of the tile. Template
+// parameters: KB the K step, BM/BN the tile extent, NT the threads.
+#pragma once
+
+// Shared by all conv kernels (the Rust twin is `ConvArgs` in
+// src/backend/gpu/conv.rs).
+struct ConvArgs {
+  int n, c, h, w;   // input batch, channels, height, width
+  int k, r, s;      // output channels, filter height and width
+  int p, q;         // output height and width
+  int stride, pad;
+  int flags;        // CONV_* bits
+  int gm, gn, gk;   // GEMM extents M, N, K
+  int k_chunk;      // wgrad: K values per split (a multiple of the K step)
+  int splits;       // wgrad: number of splits (gridDim.z)
+};
+
+constexpr int CONV_BIAS = 1;      // forward: add bias[m]
+constexpr int CONV_RELU = 2;      // forward: max(., 0) last
+constexpr int CONV_RESIDUAL = 4;  // forward: add residual[same index] before the ReLU
+constexpr int CONV_DY_MASK = 8;   // dgrad: dy is multiplied by (y > 0)
+
+// Moves a (c, r, s) filter-tap cursor on by one K step, given the step
+// split as (dc, dr, ds) in the same mixed radix (R, S): no division in the
+// k loop.
+__device__ __forceinline__ void advance_crs(int& c, int& r, int& s, int dc, int dr, int ds, int R, int S) {
+  s += ds;
+  if (s >= S) {
+    s -= S;
+    r++;
+  }
+  r += dr;
+  if (r >= R) {
+    r -= R;
+    c++;
+  }
+  c += dc;
+}
+
+// A (c, r, s) cursor for each of E slots, slot i at K offset
+// k_begin + first + i * step, stepped by KB with carries.
+template <int KB, int E>
+struct CrsCursor {
+  int R, S, dc, dr, ds;
+  int cc[E], rr[E], ss[E];
+  __device__ __forceinline__ CrsCursor(int R_, int S_, int k_begin, int first, int step) : R(R_), S(S_) {
+    const int RS = R * S;
+    dc = KB / RS;
+    dr = (KB % RS) / S;
+    ds = (KB % RS) % S;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int k = k_begin + first + i * step;
+      cc[i] = k / RS;
+      const int rs = k - cc[i] * RS;
+      rr[i] = rs / S;
+      ss[i] = rs - rr[i] * S;
+    }
+  }
+  __device__ __forceinline__ void advance(int i) { advance_crs(cc[i], rr[i], ss[i], dc, dr, ds, R, S); }
+};
+
+// Forward B: im2col of x, B[k = (c, r, s)][n = (img, p, q)] =
+// x[img][c][p*st-pad+r][q*st-pad+s]; n-fastest (consecutive threads take
+// consecutive n): slot i is row `row(i)` of the step, column `nn`.
+template <int KB, int BN, int NT>
+struct FwdGather {
+  static constexpr int E = BN * KB / NT;
+  static constexpr int STEP = NT / BN;
+  int K, H, W, HW, nn, base, h0, w0;
+  bool nvalid;
+  CrsCursor<KB, E> crs;
+  __device__ __forceinline__ FwdGather(const ConvArgs& a, int ntile, int k_begin)
+      : K(a.gk), H(a.h), W(a.w), HW(a.h * a.w), crs(a.r, a.s, k_begin, threadIdx.x / BN, STEP) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int pq = a.p * a.q;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / pq : 0;
+    const int rem = n - img * pq;
+    const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
+    base = img * a.c * HW;
+    h0 = p * a.stride - a.pad;
+    w0 = q * a.stride - a.pad;
+  }
+  __device__ __forceinline__ static int row(int i) { return threadIdx.x / BN + i * STEP; }
+  __device__ __forceinline__ int k(int i) const { return row(i); }
+  __device__ __forceinline__ int mn(int) const { return nn; }
+  template <class F>
+  __device__ __forceinline__ void step(int k0, F f) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int h = h0 + crs.rr[i], w = w0 + crs.ss[i];
+      const bool ok = nvalid && k0 + row(i) < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
+      f(i, ok, base + crs.cc[i] * HW + h * W + w);
+      crs.advance(i);
+    }
+  }
+};
+
+// Dgrad B: the "col" of dy, B[k = (ko, r, s)][n = (img, h, w)] =
+// dy[img][ko][(h + pad - r) / stride][(w + pad - s) / stride] where the
+// division is exact and in range, else 0; also 0 where the ReLU mask (the
+// fused conv's output y, when given) is not positive. n-fastest.
+template <int KB, int BN, int NT>
+struct DgradGather {
+  static constexpr int E = BN * KB / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ ymask;
+  int K, P, Q, PQ, stride, nn, base, hh, ww;
+  bool nvalid;
+  CrsCursor<KB, E> crs;
+  __device__ __forceinline__ DgradGather(const ConvArgs& a, const float* __restrict__ ymask_, int ntile, int k_begin)
+      : ymask(ymask_), K(a.gk), P(a.p), Q(a.q), PQ(a.p * a.q), stride(a.stride),
+        crs(a.r, a.s, k_begin, threadIdx.x / BN, STEP) {
+    nn = threadIdx.x % BN;
+    const int n = ntile + nn;
+    const int hw = a.h * a.w;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / hw : 0;
+    const int rem = n - img * hw;
+    const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
+    base = img * a.k * PQ;
+    hh = h + a.pad;
+    ww = w + a.pad;
+  }
+  __device__ __forceinline__ static int row(int i) { return threadIdx.x / BN + i * STEP; }
+  __device__ __forceinline__ int k(int i) const { return row(i); }
+  __device__ __forceinline__ int mn(int) const { return nn; }
+  template <class F>
+  __device__ __forceinline__ void step(int k0, F f) {
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      int ph = hh - crs.rr[i], pw = ww - crs.ss[i];
+      bool ok = nvalid && k0 + row(i) < K && ph >= 0 && pw >= 0;
+      if (stride != 1) {
+        ok = ok && (ph % stride) == 0 && (pw % stride) == 0;
+        ph /= stride;
+        pw /= stride;
+      }
+      ok = ok && ph < P && pw < Q;
+      const int idx = ok ? base + crs.cc[i] * PQ + ph * Q + pw : 0;
+      if (ok && ymask != nullptr) ok = ymask[idx] > 0.f;
+      f(i, ok, idx);
+      crs.advance(i);
+    }
+  }
+};
+
+// Wgrad B: col(x)^T, B[k = (img, p, q)][n = (c, r, s)] =
+// x[img][c][p*st-pad+r][q*st-pad+s]; k-fastest (consecutive threads take
+// consecutive output pixels): slot i is column `col(i)`, row `kk`. Each
+// slot keeps its offset c*H*W + r*W + s and its (r, s) packed in one int.
+template <int KB, int BN, int NT>
+struct WgradGather {
+  static constexpr int E = BN * KB / NT;
+  static constexpr int STEP = NT / KB;
+  int K, H, W, P, Q, CHW, stride, pad, kk, img, p, q;
+  int off[E], rs[E];
+  __device__ __forceinline__ WgradGather(const ConvArgs& a, int ntile, int k_begin)
+      : K(a.gk), H(a.h), W(a.w), P(a.p), Q(a.q), CHW(a.c * a.h * a.w), stride(a.stride), pad(a.pad) {
+    kk = threadIdx.x % KB;
+    const int RS = a.r * a.s;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int n = ntile + col(i);
+      const int c = n / RS, t = n - (n / RS) * RS;
+      const int r = t / a.s, sx = t - (t / a.s) * a.s;
+      off[i] = c * H * W + r * W + sx;
+      // Out-of-range columns: a row offset (-32768) that is never in bounds.
+      rs[i] = n < a.gn ? (r << 16) | sx : (int)0x80000000;
+    }
+    const int k = k_begin + kk;
+    const int pq = P * Q;
+    img = k / pq;
+    const int rem = k - img * pq;
+    p = rem / Q;
+    q = rem - p * Q;
+  }
+  __device__ __forceinline__ static int col(int i) { return threadIdx.x / KB + i * STEP; }
+  __device__ __forceinline__ int k(int) const { return kk; }
+  __device__ __forceinline__ int mn(int i) const { return col(i); }
+  template <class F>
+  __device__ __forceinline__ void step(int k0, F f) {
+    const int k = k0 + kk;
+    const int hb = p * stride - pad, wb = q * stride - pad;
+    const int base = img * CHW + hb * W + wb;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int h = hb + (rs[i] >> 16), w = wb + (rs[i] & 0xffff);
+      f(i, k < K && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W, base + off[i]);
+    }
+    q += KB;
+    while (q >= Q) {
+      q -= Q;
+      p++;
+    }
+    while (p >= P) {
+      p -= P;
+      img++;
+    }
+  }
+};
+
+// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s];
+// k-fastest: slot i is output row `m(i)` (absolute), K column `kk`.
+template <int KB, int BM, int NT>
+struct DgradAGather {
+  static constexpr int E = BM * KB / NT;
+  int M, K, RS, kk, m0, ko, rs, dko, drs;
+  __device__ __forceinline__ DgradAGather(const ConvArgs& a, int mtile, int k_begin)
+      : M(a.gm), K(a.gk), RS(a.r * a.s) {
+    kk = threadIdx.x % KB;
+    m0 = mtile + threadIdx.x / KB;
+    const int k = k_begin + kk;
+    ko = k / RS;
+    rs = k - ko * RS;
+    dko = KB / RS;
+    drs = KB % RS;
+  }
+  __device__ __forceinline__ int m(int i) const { return m0 + i * (NT / KB); }
+  __device__ __forceinline__ int k(int) const { return kk; }
+  // The row within the tile, from the thread index (no register kept for it).
+  __device__ __forceinline__ int mn(int i) const { return threadIdx.x / KB + i * (NT / KB); }
+  template <class F>
+  __device__ __forceinline__ void step(int k0, F f) {
+    const int k = k0 + kk;
+    const int off = ko * M * RS + rs;
+#pragma unroll
+    for (int i = 0; i < E; i++) f(i, m(i) < M && k < K, off + m(i) * RS);
+    rs += drs;
+    if (rs >= RS) {
+      rs -= RS;
+      ko++;
+    }
+    ko += dko;
+  }
+};
+
+// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq];
+// k-fastest: slot i is output row `m(i)` (absolute), K column `kk`.
+template <int KB, int BM, int NT>
+struct WgradAGather {
+  static constexpr int E = BM * KB / NT;
+  int M, K, PQ, kk, m0, img, pq;
+  __device__ __forceinline__ WgradAGather(const ConvArgs& a, int mtile, int k_begin)
+      : M(a.gm), K(a.gk), PQ(a.p * a.q) {
+    kk = threadIdx.x % KB;
+    m0 = mtile + threadIdx.x / KB;
+    const int k = k_begin + kk;
+    img = k / PQ;
+    pq = k - img * PQ;
+  }
+  __device__ __forceinline__ int m(int i) const { return m0 + i * (NT / KB); }
+  __device__ __forceinline__ int k(int) const { return kk; }
+  // The row within the tile, from the thread index (no register kept for it).
+  __device__ __forceinline__ int mn(int i) const { return threadIdx.x / KB + i * (NT / KB); }
+  template <class F>
+  __device__ __forceinline__ void step(int k0, F f) {
+    const int k = k0 + kk;
+    const int off = img * M * PQ + pq;
+#pragma unroll
+    for (int i = 0; i < E; i++) f(i, m(i) < M && k < K, off + m(i) * PQ);
+    pq += KB;
+    while (pq >= PQ) {
+      pq -= PQ;
+      img++;
+    }
+  }
+};
