@@ -9,7 +9,7 @@ use crate::backend::check::{dims4, ConvGeom};
 use crate::backend::{ConvParams, Precision};
 use crate::error::{Error, Result};
 
-/// Argument struct of every conv kernel (C twin `ConvArgs` in conv.cu).
+/// Argument struct of every conv kernel (C twin `ConvArgs` in kernels/conv_gather.cuh).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConvArgs {
