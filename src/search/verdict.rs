@@ -140,9 +140,14 @@ pub fn analyse(statistic: &str, classes: &[usize], values: &[f64]) -> Verdict {
 /// to its own median (a model whose patterns are all larger is no outlier),
 /// then each class's typical relative value among the references is
 /// subtracted: what is left is how much smaller this model's pattern is
-/// than a clean model's for the same class. Those differences go through
-/// [`analyse`], so a class is flagged when it is an outlier among them.
-/// With no reference this is [`analyse`] of the relative values.
+/// than a clean model's for the same class. A class is anomalous when that
+/// difference is far below the median difference, measured in the larger
+/// of two spreads: the MAD of this model's differences (how closely it
+/// follows the references overall) and the MAD of the class's own relative
+/// value among the references (how much that class varies between clean
+/// models, wide for the bag). A planted target is far outside both; a
+/// class that is merely variable is not. With no reference this is
+/// [`analyse`] of the relative values.
 pub fn against_reference(classes: &[usize], values: &[f64], refs: &[&[f64]]) -> Verdict {
     let relative = |v: &[f64]| {
         let m = median(v);
@@ -150,19 +155,42 @@ pub fn against_reference(classes: &[usize], values: &[f64], refs: &[&[f64]]) -> 
     };
     let own = relative(values);
     let theirs: Vec<Vec<f64>> = refs.iter().map(|r| relative(r)).collect();
-    let diff: Vec<f64> = own
-        .iter()
-        .enumerate()
-        .map(|(c, v)| {
-            let typical: Vec<f64> = theirs.iter().map(|r| r[c]).collect();
-            if typical.is_empty() {
-                *v
-            } else {
-                v - median(&typical)
+    // Per class: the references' median and MAD of the relative value.
+    let typical: Vec<(f64, f64)> = (0..own.len())
+        .map(|c| {
+            let col: Vec<f64> = theirs.iter().map(|r| r[c]).collect();
+            if col.is_empty() {
+                return (0.0, 0.0);
             }
+            let m = median(&col);
+            let dev: Vec<f64> = col.iter().map(|x| (x - m).abs()).collect();
+            (m, median(&dev))
         })
         .collect();
-    analyse("ln_size_vs_reference", classes, &diff)
+    let diff: Vec<f64> = own.iter().zip(&typical).map(|(v, (m, _))| v - m).collect();
+    let med = median(&diff);
+    let dev: Vec<f64> = diff.iter().map(|v| (v - med).abs()).collect();
+    let mad = median(&dev);
+    let anomaly_index: Vec<f64> = diff
+        .iter()
+        .zip(&typical)
+        .map(|(&d, &(_, class_mad))| (med - d) / (MAD_SCALE * mad.max(class_mad).max(MIN_MAD)))
+        .collect();
+    let flagged = classes
+        .iter()
+        .zip(&anomaly_index)
+        .filter(|(_, &a)| a > THRESHOLD)
+        .map(|(&c, _)| c)
+        .collect();
+    Verdict {
+        statistic: "ln_size_vs_reference".to_string(),
+        values: diff,
+        classes: classes.to_vec(),
+        median: med,
+        mad,
+        anomaly_index,
+        flagged,
+    }
 }
 
 #[cfg(test)]
@@ -272,5 +300,36 @@ mod tests {
         // then the bag joins the target.
         let alone = against_reference(&classes, &backdoored, &[]);
         assert_eq!(alone.flagged, vec![3, 8]);
+    }
+
+    #[test]
+    fn a_class_that_varies_between_clean_models_is_judged_by_its_own_spread() {
+        // Nine classes agree to within 1% in every model; class 8 wanders by
+        // 0.4 between clean models. The suspect's class 8 lies 0.5 below the
+        // references' median: far outside the other classes' agreement, but
+        // within what class 8 does in clean models. Class 3, 1.5 below, is
+        // outside both.
+        let classes: Vec<usize> = (0..10).collect();
+        let clean = |bag: f64| -> Vec<f64> {
+            (0..10)
+                .map(|c| {
+                    if c == 8 {
+                        -4.0 + bag
+                    } else {
+                        -3.0 + 0.01 * (c % 2) as f64
+                    }
+                })
+                .collect()
+        };
+        let (a, b, c, d) = (clean(-0.4), clean(0.0), clean(0.4), clean(0.1));
+        let refs: Vec<&[f64]> = vec![&a, &b, &c, &d];
+        let mut suspect = clean(-0.45);
+        let bag_only = against_reference(&classes, &suspect, &refs);
+        assert!(bag_only.flagged.is_empty(), "{bag_only:?}");
+        suspect[3] -= 1.5;
+        assert_eq!(
+            against_reference(&classes, &suspect, &refs).flagged,
+            vec![3]
+        );
     }
 }
