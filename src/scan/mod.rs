@@ -239,7 +239,13 @@ pub fn cwp_outcome(report: &search::RunReport) -> Outcome {
         classes
             .iter()
             .zip(compared)
-            .filter(|(_, &i)| report.searches[i].power.overall >= threshold)
+            // A report read back from disk is not trusted to index right.
+            .filter(|(_, &i)| {
+                report
+                    .searches
+                    .get(i)
+                    .is_some_and(|r| r.power.overall >= threshold)
+            })
             .map(|(&c, _)| c)
             .collect()
     };
