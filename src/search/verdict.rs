@@ -105,6 +105,16 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The classes whose anomaly index exceeds [`THRESHOLD`].
+fn over_threshold(classes: &[usize], anomaly_index: &[f64]) -> Vec<usize> {
+    classes
+        .iter()
+        .zip(anomaly_index)
+        .filter(|(_, &a)| a > THRESHOLD)
+        .map(|(&c, _)| c)
+        .collect()
+}
+
 /// Analyses `values` (one per class in `classes`, logarithms of a size);
 /// small values are suspicious. The spread divided by is the MAD floored at
 /// [`MIN_MAD`].
@@ -114,12 +124,7 @@ pub fn analyse(statistic: &str, classes: &[usize], values: &[f64]) -> Verdict {
     let mad = median(&dev);
     let spread = MAD_SCALE * mad.max(MIN_MAD);
     let anomaly_index: Vec<f64> = values.iter().map(|&v| (med - v) / spread).collect();
-    let flagged = classes
-        .iter()
-        .zip(&anomaly_index)
-        .filter(|(_, &a)| a > THRESHOLD)
-        .map(|(&c, _)| c)
-        .collect();
+    let flagged = over_threshold(classes, &anomaly_index);
     Verdict {
         statistic: statistic.to_string(),
         values: values.to_vec(),
@@ -176,12 +181,7 @@ pub fn against_reference(classes: &[usize], values: &[f64], refs: &[&[f64]]) -> 
         .zip(&typical)
         .map(|(&d, &(_, class_mad))| (med - d) / (MAD_SCALE * mad.max(class_mad).max(MIN_MAD)))
         .collect();
-    let flagged = classes
-        .iter()
-        .zip(&anomaly_index)
-        .filter(|(_, &a)| a > THRESHOLD)
-        .map(|(&c, _)| c)
-        .collect();
+    let flagged = over_threshold(classes, &anomaly_index);
     Verdict {
         statistic: "ln_size_vs_reference".to_string(),
         values: diff,
