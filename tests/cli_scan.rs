@@ -169,20 +169,28 @@ fn shards_split_the_models_and_together_fill_the_table() {
     assert_eq!(row(&all, &a), &after_first[0]);
 }
 
-#[test]
-fn labels_give_detection_figures_computed_from_the_rows() {
+/// A temporary folder with the tiny data set, three smallcnn models (seeds
+/// 1–3) and labels naming `a` backdoored (target 3), `b` and `c` clean, by
+/// file name: the scan matches rows to models whatever folder prefix.
+fn three_labelled_models() -> (tempfile::TempDir, String, [PathBuf; 3], PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
-    let a = smallcnn(dir.path(), "a.safetensors", 1);
-    let b = smallcnn(dir.path(), "b.safetensors", 2);
-    let c = smallcnn(dir.path(), "c.safetensors", 3);
+    let models = [1, 2, 3].map(|seed| {
+        let name = format!("{}.safetensors", ["a", "b", "c"][seed as usize - 1]);
+        smallcnn(dir.path(), &name, seed)
+    });
     let labels = dir.path().join("labels.csv");
-    // By file name: the scan matches rows to models whatever folder prefix.
     std::fs::write(
         &labels,
         "model,backdoored,target\na.safetensors,1,3\nb.safetensors,0,\nc.safetensors,0,\n",
     )
     .unwrap();
+    (dir, data, models, labels)
+}
+
+#[test]
+fn labels_give_detection_figures_computed_from_the_rows() {
+    let (dir, data, [a, b, c], labels) = three_labelled_models();
     let out = dir.path().join("scan");
     let o = scan(&[&a, &b, &c], &out, &data, &["--labels", s(&labels)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -240,17 +248,7 @@ fn labels_give_detection_figures_computed_from_the_rows() {
 
 #[test]
 fn reference_models_are_scanned_too_and_each_model_is_judged_against_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = tiny_data(dir.path());
-    let a = smallcnn(dir.path(), "a.safetensors", 1);
-    let b = smallcnn(dir.path(), "b.safetensors", 2);
-    let c = smallcnn(dir.path(), "c.safetensors", 3);
-    let labels = dir.path().join("labels.csv");
-    std::fs::write(
-        &labels,
-        "model,backdoored,target\na.safetensors,1,3\nb.safetensors,0,\nc.safetensors,0,\n",
-    )
-    .unwrap();
+    let (dir, data, [a, b, c], labels) = three_labelled_models();
     let out = dir.path().join("scan");
     // b and c are named only as references: they are scanned all the same.
     let refs = ["--reference", s(&b), "--reference", s(&c)];
