@@ -212,21 +212,25 @@ struct WgradGather {
   }
 };
 
-// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s];
+// An A operand stored as planes, A[m][k = (outer, in)] = base[outer][m][in]
+// with `inner` values of `in`: dgrad's transposed weights (m = c, outer =
+// ko, in = (r, s)) and wgrad's dy (m = ko, outer = img, in = (p, q)).
 // k-fastest: slot i is output row `m(i)` (absolute), K column `kk`.
 template <int KB, int BM, int NT>
-struct DgradAGather {
+struct PlaneAGather {
   static constexpr int E = BM * KB / NT;
-  int M, K, RS, kk, m0, ko, rs, dko, drs;
-  __device__ __forceinline__ DgradAGather(const ConvArgs& a, int mtile, int k_begin)
-      : M(a.gm), K(a.gk), RS(a.r * a.s) {
+  int M, K, inner, kk, m0, outer, in, douter, dinner;
+  __device__ __forceinline__ PlaneAGather(int m_rows, int k_cols, int inner_, int mtile,
+                                          int k_begin)
+      : M(m_rows), K(k_cols), inner(inner_) {
     kk = threadIdx.x % KB;
     m0 = mtile + threadIdx.x / KB;
     const int k = k_begin + kk;
-    ko = k / RS;
-    rs = k - ko * RS;
-    dko = KB / RS;
-    drs = KB % RS;
+    outer = k / inner;
+    in = k - outer * inner;
+    // A K step of KB moves `in` by KB % inner with at most one carry.
+    douter = KB / inner;
+    dinner = KB % inner;
   }
   __device__ __forceinline__ int m(int i) const { return m0 + i * (NT / KB); }
   __device__ __forceinline__ int k(int) const { return kk; }
@@ -235,46 +239,28 @@ struct DgradAGather {
   template <class F>
   __device__ __forceinline__ void step(int k0, F f) {
     const int k = k0 + kk;
-    const int off = ko * M * RS + rs;
+    const int off = outer * M * inner + in;
 #pragma unroll
-    for (int i = 0; i < E; i++) f(i, m(i) < M && k < K, off + m(i) * RS);
-    rs += drs;
-    if (rs >= RS) {
-      rs -= RS;
-      ko++;
+    for (int i = 0; i < E; i++) f(i, m(i) < M && k < K, off + m(i) * inner);
+    in += dinner;
+    if (in >= inner) {
+      in -= inner;
+      outer++;
     }
-    ko += dko;
+    outer += douter;
   }
 };
 
-// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq];
-// k-fastest: slot i is output row `m(i)` (absolute), K column `kk`.
+// Dgrad A: transposed weights, A[m = c][k = (ko, r, s)] = w[ko][c][r][s].
 template <int KB, int BM, int NT>
-struct WgradAGather {
-  static constexpr int E = BM * KB / NT;
-  int M, K, PQ, kk, m0, img, pq;
+struct DgradAGather : PlaneAGather<KB, BM, NT> {
+  __device__ __forceinline__ DgradAGather(const ConvArgs& a, int mtile, int k_begin)
+      : PlaneAGather<KB, BM, NT>(a.gm, a.gk, a.r * a.s, mtile, k_begin) {}
+};
+
+// Wgrad A: dy as a matrix, A[m = ko][k = (img, pq)] = dy[img][ko][pq].
+template <int KB, int BM, int NT>
+struct WgradAGather : PlaneAGather<KB, BM, NT> {
   __device__ __forceinline__ WgradAGather(const ConvArgs& a, int mtile, int k_begin)
-      : M(a.gm), K(a.gk), PQ(a.p * a.q) {
-    kk = threadIdx.x % KB;
-    m0 = mtile + threadIdx.x / KB;
-    const int k = k_begin + kk;
-    img = k / PQ;
-    pq = k - img * PQ;
-  }
-  __device__ __forceinline__ int m(int i) const { return m0 + i * (NT / KB); }
-  __device__ __forceinline__ int k(int) const { return kk; }
-  // The row within the tile, from the thread index (no register kept for it).
-  __device__ __forceinline__ int mn(int i) const { return threadIdx.x / KB + i * (NT / KB); }
-  template <class F>
-  __device__ __forceinline__ void step(int k0, F f) {
-    const int k = k0 + kk;
-    const int off = img * M * PQ + pq;
-#pragma unroll
-    for (int i = 0; i < E; i++) f(i, m(i) < M && k < K, off + m(i) * PQ);
-    pq += KB;
-    while (pq >= PQ) {
-      pq -= PQ;
-      img++;
-    }
-  }
+      : PlaneAGather<KB, BM, NT>(a.gm, a.gk, a.p * a.q, mtile, k_begin) {}
 };
