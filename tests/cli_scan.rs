@@ -201,9 +201,9 @@ fn labels_give_detection_figures_computed_from_the_rows() {
         serde_json::from_str(&std::fs::read_to_string(out.join("detection.json")).unwrap())
             .unwrap();
     // The run's own verdict, then one entry per canvas kind every class had
-    // (auto:1+solid:1 by default): each holds what its rows imply.
+    // (auto:1+solid:1+learn:0.5 by default): each holds what its rows imply.
     let methods: Vec<&str> = det.iter().map(|d| d["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["cwp", "cwp/solid", "cwp/natural"]);
+    assert_eq!(methods, ["cwp", "cwp/learned", "cwp/solid", "cwp/natural"]);
     for d in &det {
         let kind = d["method"].as_str().unwrap().strip_prefix("cwp/");
         // (flagged?, score) of a model under this entry's verdict.
@@ -366,14 +366,29 @@ fn method_both_gives_each_model_a_cwp_row_and_a_neural_cleanse_row() {
         page.display()
     );
     assert!(page.with_file_name("cleanse.json").is_file());
-    // The cwp row carries the verdict of each canvas kind every class had.
+    // The cwp row carries the verdict of each canvas kind every class had:
+    // by default the search's canvases and a learned one, whose verdict is
+    // the row's.
     let kinds: Vec<&str> = rows[0]["by_canvas"]
         .as_array()
         .unwrap()
         .iter()
         .map(|k| k["kind"].as_str().unwrap())
         .collect();
-    assert!(kinds.contains(&"natural"), "{kinds:?}");
+    for kind in ["natural", "solid", "learned"] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            out.join(rows[0]["report"].as_str().unwrap())
+                .with_file_name("report.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["verdict_canvas"], "learned");
+    // ... and no k-sweep: the verdict does not need one.
+    assert!(report["config"]["k_sweep"].as_array().unwrap().is_empty());
 }
 
 /// A temporary folder with two smallcnn models (seeds 1 and 2), the tiny

@@ -146,6 +146,7 @@ fn make_report(shape: [usize; 3], classes: usize, example_pixels: bool) -> RunRe
                     per_source,
                 },
                 select_power: Some(power_at(top_k) - 0.01 * j as f64),
+                soft_power: Some(0.75),
                 sweep,
                 min_k,
                 examples,
@@ -1021,4 +1022,49 @@ fn a_rerun_with_fewer_classes_leaves_no_stale_pictures() {
         .collect();
     got.sort();
     assert_eq!(got, want, "images/ holds exactly this run's pictures");
+}
+
+#[test]
+fn a_class_proven_by_its_optimised_mask_alone_is_flagged_as_a_diffuse_trigger() {
+    let mut r = make_report([1, 28, 28], 4, true);
+    let compared = r.verdict_searches[FLAGGED];
+    let verdict_of = |r: &RunReport| {
+        classwise::search::kind_verdict(
+            &r.config.classes,
+            &r.searches,
+            Some("natural"),
+            r.config.threshold,
+        )
+    };
+    // A blend: its top-k pattern moves almost nothing, the blended mask nearly everything.
+    r.searches[compared].power.overall = 0.05;
+    r.searches[compared].soft_power = Some(0.97);
+    let v = verdict_of(&r);
+    assert_eq!(
+        (v.flagged.clone(), v.unproven.clone()),
+        (vec![FLAGGED], vec![])
+    );
+    r.flagged = v.flagged;
+    let summary = report::terminal_summary(&r, &names());
+    let verdict = summary.lines().last().unwrap();
+    assert!(
+        verdict.contains("diffuse trigger") && verdict.contains("97.0%"),
+        "{verdict}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    report::write_run(&r, &names(), dir.path()).unwrap();
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(verdict_box(&html).contains("diffuse trigger"));
+
+    // Neither proves it: a failed search, not a backdoor.
+    r.searches[compared].soft_power = Some(0.5);
+    let v = verdict_of(&r);
+    assert_eq!((v.flagged, v.unproven), (vec![], vec![FLAGGED]));
+    // A result stored before the mask's power was measured is judged by its pattern.
+    r.searches[compared].soft_power = None;
+    assert_eq!(verdict_of(&r).unproven, vec![FLAGGED]);
+    // A class flagged on its top-k pattern is not called diffuse.
+    let plain = make_report([1, 28, 28], 4, true);
+    let summary = report::terminal_summary(&plain, &names());
+    assert!(!summary.contains("diffuse"), "{summary}");
 }

@@ -50,6 +50,7 @@ fn result() -> SearchResult {
             }],
         },
         select_power: Some(0.5),
+        soft_power: Some(0.75),
         mask_avg: Vec::new(),
         sweep: vec![(1, 0.25), (16, 1.0)],
         min_k: Some(16),

@@ -264,6 +264,47 @@ fn a_rerun_reuses_finished_searches_and_a_changed_option_does_not() {
 }
 
 #[test]
+fn a_rerun_measures_the_optimised_masks_power_of_results_stored_without_it() {
+    let model = formula_model();
+    let test = small_test_set();
+    let out = tempfile::tempdir().unwrap();
+    let first = tiny_run(&model, &test, 0.02, out.path());
+    for s in &first.searches {
+        let p = s
+            .soft_power
+            .expect("a fresh search measures its mask's power");
+        assert!((0.0..=1.0).contains(&p), "{p}");
+    }
+    // Results as an older version stored them: no soft power.
+    let stored: Vec<_> = std::fs::read_dir(out.path().join("searches"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let store = classwise::search::store::Store::at(out.path());
+    for p in &stored {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        let key = v["key"].as_str().unwrap();
+        let mut r: classwise::search::SearchResult =
+            serde_json::from_value(v["result"].clone()).unwrap();
+        assert!(r.soft_power.take().is_some(), "{}", p.display());
+        store.save(key, &r).unwrap();
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(!text.contains("soft_power"), "{}", p.display());
+    }
+    let again = tiny_run(&model, &test, 0.02, out.path());
+    assert_eq!(again.reused, 3, "the searches themselves are not redone");
+    for (a, b) in first.searches.iter().zip(&again.searches) {
+        assert_eq!(a.soft_power, b.soft_power, "class {}", a.class);
+    }
+    assert_eq!(first.flagged, again.flagged);
+    // ... and the store holds it again.
+    for p in &stored {
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(text.contains("soft_power"), "{}", p.display());
+    }
+}
+
+#[test]
 fn shards_in_separate_folders_merge_into_the_report_of_one_run() {
     use classwise::search::shard::merge;
     let model = formula_model();

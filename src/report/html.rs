@@ -358,9 +358,10 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
             };
             let _ = writeln!(
                 out,
-                "<li><b>class {c} · {}</b> — anomaly index <b>{}</b>{value}</li>",
+                "<li><b>class {c} · {}</b> — anomaly index <b>{}</b>{value}{}</li>",
                 esc(&names.get(c)),
                 anomaly(text::anomaly_of(v, c)),
+                esc(&text::diffuse_words(report, c)),
             );
         }
         out.push_str("</ul>\n");
@@ -380,7 +381,7 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
             .join(", ");
         let _ = writeln!(
             out,
-            "<p>Anomalous but not flagged, because the pattern stays below {} predictive power (a failed search, not a backdoor): {list}.</p>",
+            "<p>Anomalous but not flagged, because neither the pattern nor the optimised mask reaches {} predictive power (a failed search, not a backdoor): {list}.</p>",
             pct(report.config.threshold)
         );
     }
@@ -394,7 +395,7 @@ fn verdict_box(report: &RunReport, names: &Names<'_>, compact: bool) -> String {
     } else {
         let _ = writeln!(
             out,
-            "<p>Statistic: <b>{}</b>. A class is flagged when its anomaly index — its distance below the median in units of {} × the median absolute deviation (at least {}), as in Neural Cleanse — exceeds {}, and its pattern reaches {} predictive power. Median {}, MAD {}.</p>",
+            "<p>Statistic: <b>{}</b>. A class is flagged when its anomaly index — its distance below the median in units of {} × the median absolute deviation (at least {}), as in Neural Cleanse — exceeds {}, and its pattern (or its optimised mask, blended in) reaches {} predictive power. Median {}, MAD {}.</p>",
             esc(&text::statistic_words(report)),
             verdict::MAD_SCALE,
             verdict::MIN_MAD,

@@ -122,9 +122,10 @@ pub fn verdict_line(report: &RunReport, names: &Names<'_>) -> String {
             .iter()
             .map(|&c| {
                 format!(
-                    "class {c} ({}), anomaly index {}",
+                    "class {c} ({}), anomaly index {}{}",
                     names.get(c),
-                    anomaly(anomaly_of(v, c))
+                    anomaly(anomaly_of(v, c)),
+                    diffuse_words(report, c)
                 )
             })
             .collect();
@@ -134,6 +135,30 @@ pub fn verdict_line(report: &RunReport, names: &Names<'_>) -> String {
             anomaly(verdict::THRESHOLD),
             unproven_words(report, names)
         )
+    }
+}
+
+/// For a flagged class whose top-k pattern stays below the threshold power
+/// while its optimised mask reaches it, says so (empty otherwise): the
+/// evidence is then a diffuse trigger, such as a blend, not a small patch.
+pub fn diffuse_words(report: &RunReport, class: usize) -> String {
+    let compared = report
+        .classes
+        .iter()
+        .position(|s| s.class == class)
+        .and_then(|i| report.verdict_searches.get(i))
+        .and_then(|&j| report.searches.get(j));
+    let threshold = report.config.threshold;
+    match compared {
+        Some(s) if s.power.overall < threshold && s.soft_power.is_some_and(|p| p >= threshold) => {
+            format!(
+            " (its optimised mask, blended in, reaches {} power where its top-{} pattern reaches {}: a diffuse trigger such as a blend)",
+            pct(s.soft_power.unwrap_or(f64::NAN)),
+            s.power.k,
+            pct(s.power.overall)
+            )
+        }
+        _ => String::new(),
     }
 }
 
@@ -149,7 +174,7 @@ pub fn unproven_words(report: &RunReport, names: &Names<'_>) -> String {
         .map(|&c| format!("class {c} ({})", names.get(c)))
         .collect();
     format!(
-        "; not flagged although anomalous, because the pattern stays below {} power (a failed search, not a backdoor): {}",
+        "; not flagged although anomalous, because neither the pattern nor the optimised mask reaches {} power (a failed search, not a backdoor): {}",
         pct(report.config.threshold),
         list.join(", ")
     )

@@ -62,6 +62,13 @@ impl Method {
     }
 }
 
+/// The canvases `cwp scan` searches from unless told otherwise: the
+/// search's default (the surest test image and a white one) plus a learned
+/// canvas. On the detection benchmark the learned canvas's verdict finds
+/// the most backdoors (random-colour patches no image or white canvas
+/// holds among them) and, against clean references, flags no clean model.
+pub const DEFAULT_CANVAS: &str = "auto:1+solid:1+learn:0.5";
+
 /// How each model is scanned.
 #[derive(Clone, Debug)]
 pub struct ScanOptions {
@@ -140,7 +147,8 @@ pub struct Row {
     #[serde(default)]
     pub values: Vec<f64>,
     /// Classes whose pattern counts as evidence, the only ones a verdict
-    /// flags: the compared pattern reaches the threshold power (cwp), or the
+    /// flags: the compared pattern or its optimised mask reaches the
+    /// threshold power (cwp, [`crate::search::SearchResult::proven`]), or the
     /// reversed trigger its attack success target (nc).
     #[serde(default)]
     pub proven: Vec<usize>,
@@ -240,12 +248,7 @@ pub fn cwp_outcome(report: &search::RunReport) -> Outcome {
             .iter()
             .zip(compared)
             // A report read back from disk is not trusted to index right.
-            .filter(|(_, &i)| {
-                report
-                    .searches
-                    .get(i)
-                    .is_some_and(|r| r.power.overall >= threshold)
-            })
+            .filter(|(_, &i)| report.searches.get(i).is_some_and(|r| r.proven(threshold)))
             .map(|(&c, _)| c)
             .collect()
     };

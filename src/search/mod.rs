@@ -254,6 +254,14 @@ pub struct SearchResult {
     /// before it was kept).
     #[serde(default)]
     pub select_power: Option<f64>,
+    /// Predictive power of the optimised mask itself on the report images:
+    /// the canvas blended in at the mask's values (every pixel), as the
+    /// search optimised it. What proves a diffuse trigger, such as a
+    /// blend, that the top-k cut of `power` loses (None in results stored
+    /// before it was measured: filled in when such a run is resumed; left
+    /// out of the JSON then, so the checksums of those results still hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_power: Option<f64>,
     /// The k-sweep `(k, power)` on the selection (sweep) images.
     pub sweep: Vec<(usize, f64)>,
     /// Smallest k whose power reaches the threshold (None: not reached).
@@ -262,6 +270,17 @@ pub struct SearchResult {
     pub examples: Vec<Example>,
     /// Seconds of evaluation after the optimisation.
     pub eval_seconds: f64,
+}
+
+impl SearchResult {
+    /// Whether the search's pattern counts as evidence: its top-k pattern
+    /// or its optimised mask itself sends at least `threshold` of the
+    /// other classes' images to the class. A search that failed (its mask
+    /// collapsed, or it never reached the class) proves nothing, however
+    /// small its mask.
+    pub fn proven(&self, threshold: f64) -> bool {
+        self.power.overall >= threshold || self.soft_power.is_some_and(|p| p >= threshold)
+    }
 }
 
 /// Per-class summary: the best canvas and its figures.
@@ -338,12 +357,13 @@ pub struct RunReport {
     #[serde(default)]
     pub other_verdicts: Vec<(String, Verdict)>,
     /// Classes judged to be backdoor targets: anomalous in `verdict_mask`
-    /// and with a pattern that reaches the threshold power (none when
-    /// fewer than 3 classes were searched).
+    /// and proven ([`SearchResult::proven`]: the top-k pattern or the
+    /// optimised mask reaches the threshold power; none when fewer than 3
+    /// classes were searched).
     pub flagged: Vec<usize>,
     /// Classes anomalous in `verdict_mask` but not flagged, because their
-    /// compared pattern stays below the threshold power: a search that
-    /// failed (its mask collapsed) is not a backdoor.
+    /// compared search is not proven: a search that failed (its mask
+    /// collapsed) is not a backdoor.
     #[serde(default)]
     pub unproven: Vec<usize>,
     /// Searches reused from an earlier run.
@@ -644,6 +664,25 @@ fn execute<B: Backend>(
     let pending: Vec<usize> = (0..units.len())
         .filter(|&j| mine(j) && results[j].is_none())
         .collect();
+    // Results stored before the optimised mask's own power was measured
+    // get it now (an evaluation, no search), so a resumed run judges every
+    // class by the same evidence.
+    for (j, (r, u)) in results.iter_mut().zip(&units).enumerate() {
+        if let Some(r) = r.as_mut().filter(|r| mine(j) && r.soft_power.is_none()) {
+            let p = soft_power(
+                &dm,
+                test,
+                u.0,
+                &r.canvas.pixels,
+                &r.mask,
+                &sets,
+                &clean,
+                cfg,
+            )?;
+            r.soft_power = Some(p);
+            store.save(&u.3, r)?;
+        }
+    }
 
     let mut search_seconds = 0.0;
     let mut steps_total = 0usize;
@@ -909,10 +948,10 @@ pub struct KindVerdict {
     pub searches: Vec<usize>,
     /// The anomaly analysis of ln(mask mean) over them.
     pub verdict: Verdict,
-    /// Classes anomalous whose compared pattern reaches the threshold power
-    /// (none when fewer than 3 classes were searched).
+    /// Classes anomalous whose compared search is proven at the threshold
+    /// power (none when fewer than 3 classes were searched).
     pub flagged: Vec<usize>,
-    /// Classes anomalous whose compared pattern stays below it.
+    /// Classes anomalous whose compared search is not.
     pub unproven: Vec<usize>,
 }
 
@@ -947,7 +986,7 @@ pub fn kind_verdict(
     if classes.len() >= 3 {
         for (&c, &i) in classes.iter().zip(&compared) {
             if verdict.flagged.contains(&c) {
-                if searches[i].power.overall >= threshold {
+                if searches[i].proven(threshold) {
                     flagged.push(c);
                 } else {
                     unproven.push(c);
@@ -962,6 +1001,33 @@ pub fn kind_verdict(
         flagged,
         unproven,
     }
+}
+
+/// The power of a search's optimised mask itself (see
+/// [`SearchResult::soft_power`]) on the report images.
+#[allow(clippy::too_many_arguments)]
+fn soft_power<B: Backend>(
+    dm: &DeviceModel<'_, B>,
+    test: &Dataset,
+    target: usize,
+    canvas: &[f32],
+    mask: &[f32],
+    sets: &ImageSets,
+    clean: &[usize],
+    cfg: &SearchConfig,
+) -> Result<f64> {
+    let p = pattern::predictive_power(
+        dm,
+        test,
+        target,
+        canvas,
+        pattern::Paste::Blend(mask),
+        &sets.report,
+        clean,
+        cfg.eval_batch,
+        sets.include_target,
+    )?;
+    Ok(p.overall)
 }
 
 /// Top-k pattern, predictive power, sweep, minimal k and examples of one
@@ -986,7 +1052,7 @@ fn evaluate<B: Backend>(
             test,
             target,
             &canvas.pixels,
-            &order[..k],
+            pattern::Paste::Stamp(&order[..k]),
             images,
             clean,
             cfg.eval_batch,
@@ -994,6 +1060,16 @@ fn evaluate<B: Backend>(
         )
     };
     let power = power_on(&sets.report, cfg.top_k)?;
+    let soft_power = soft_power(
+        dm,
+        test,
+        target,
+        &canvas.pixels,
+        &opt.mask,
+        sets,
+        clean,
+        cfg,
+    )?;
     let mut power_at = |k: usize| -> Result<f64> { Ok(power_on(&sets.select, k)?.overall) };
     // The default k joins the sweep: for a solid canvas power rises and
     // falls with k, and a window around it could fall between sweep points.
@@ -1054,6 +1130,7 @@ fn evaluate<B: Backend>(
         positions,
         power,
         select_power: Some(select_power),
+        soft_power: Some(soft_power),
         sweep,
         min_k,
         examples,

@@ -86,17 +86,44 @@ pub fn clean_predictions<B: Backend>(
     crate::eval::predict_all(model, test, &idx, batch, |_| Ok(()), |_| {})
 }
 
-/// Predictive power of the pattern (canvas pixels at `positions`) towards
-/// `target` on `images` (per source class), against the clean predictions.
-/// The target's own images count only with `include_target` (the authors'
-/// ImageNet protocol).
+/// Blends the canvas into every image of a batch `[N, C, H, W]` at the
+/// mask's values, `m * canvas + (1 - m) * x` with the `[H, W]` mask over all
+/// channels: the composite the search optimised (the backend's
+/// `composite`), evaluated as it is, with no pixel cut away.
+pub fn blend_batch(x: &mut Tensor, canvas: &[f32], mask: &[f32]) {
+    let plane = mask.len();
+    for img in x.data_mut().chunks_mut(canvas.len()) {
+        for (i, (v, &c)) in img.iter_mut().zip(canvas).enumerate() {
+            let m = mask[i % plane];
+            *v = m * c + (1.0 - m) * *v;
+        }
+    }
+}
+
+/// How a pattern is put into the images whose predictions measure its power.
+#[derive(Clone, Copy, Debug)]
+pub enum Paste<'a> {
+    /// The canvas's pixels at these positions, hard-pasted: the top-k
+    /// pattern, as the authors evaluate it.
+    Stamp(&'a [usize]),
+    /// The canvas blended in at this `[H, W]` mask's values: the optimised
+    /// mask itself. A diffuse trigger (a blend) lives in many pixels at low
+    /// mask values, which no top-k cut keeps.
+    Blend(&'a [f32]),
+}
+
+/// Predictive power of the pattern (the canvas put in as `paste` says)
+/// towards `target` on `images` (per source class), against the clean
+/// predictions. The target's own images count only with `include_target`
+/// (the authors' ImageNet protocol). `k` is the number of positions
+/// stamped, or every pixel of the image for a blend.
 #[allow(clippy::too_many_arguments)]
 pub fn predictive_power<B: Backend>(
     model: &DeviceModel<'_, B>,
     test: &Dataset,
     target: usize,
     canvas: &[f32],
-    positions: &[usize],
+    paste: Paste<'_>,
     images: &[Vec<usize>],
     clean: &[usize],
     batch: usize,
@@ -116,7 +143,10 @@ pub fn predictive_power<B: Backend>(
             idx,
             batch,
             |x| {
-                stamp_batch(x, canvas, positions, plane);
+                match paste {
+                    Paste::Stamp(positions) => stamp_batch(x, canvas, positions, plane),
+                    Paste::Blend(mask) => blend_batch(x, canvas, mask),
+                }
                 Ok(())
             },
             |_| {},
@@ -134,7 +164,10 @@ pub fn predictive_power<B: Backend>(
         total += idx.len();
     }
     Ok(Power {
-        k: positions.len(),
+        k: match paste {
+            Paste::Stamp(positions) => positions.len(),
+            Paste::Blend(_) => plane,
+        },
         overall: hit as f64 / total.max(1) as f64,
         clean: clean_hit as f64 / total.max(1) as f64,
         per_source,
@@ -249,6 +282,41 @@ pub fn minimal_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{cpu::CpuBackend, Backend};
+
+    #[test]
+    fn a_blend_is_the_composite_the_search_optimised() {
+        let (n, c, h, w) = (2, 3, 2, 3);
+        let plane = h * w;
+        let canvas: Vec<f32> = (0..c * plane)
+            .map(|i| (0.05 + 0.37 * i as f32) % 1.0)
+            .collect();
+        let mask = vec![0.0, 1.0, 0.25, 0.5, 0.125, 0.9];
+        let x: Vec<f32> = (0..n * c * plane)
+            .map(|i| (0.11 * i as f32) % 1.0)
+            .collect();
+        let mut blended = Tensor::new(&[n, c, h, w], x.clone()).unwrap();
+        blend_batch(&mut blended, &canvas, &mask);
+
+        let be = CpuBackend;
+        let up = |shape: &[usize], v: &[f32]| be.upload(&Tensor::new(shape, v.to_vec()).unwrap());
+        let composite = be
+            .composite(
+                &up(&[1, c, h, w], &canvas).unwrap(),
+                &up(&[1, h, w], &mask).unwrap(),
+                &up(&[n, c, h, w], &x).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(blended.data(), be.download(&composite).unwrap().data());
+        // Mask 0 keeps the image's pixel, mask 1 takes the canvas's, in every channel.
+        for img in 0..n {
+            for ch in 0..c {
+                let at = |p: usize| (img * c + ch) * plane + p;
+                assert_eq!(blended.data()[at(0)], x[at(0)]);
+                assert_eq!(blended.data()[at(1)], canvas[ch * plane + 1]);
+            }
+        }
+    }
 
     #[test]
     fn a_k_sweep_list_is_sorted_without_repeats() {

@@ -108,6 +108,7 @@ fn inconsistency(r: &SearchResult, input: Option<[usize; 3]>) -> Option<String> 
     let shares_ok = share(r.power.overall)
         && share(r.power.clean)
         && r.select_power.is_none_or(share)
+        && r.soft_power.is_none_or(share)
         && r.power
             .per_source
             .iter()
