@@ -136,11 +136,11 @@ mv "$DIR/labels.csv.tmp" "$DIR/labels.csv"
 mv "$DIR/population.tsv.tmp" "$DIR/population.tsv"
 echo "population: $(grep -c ',0,$' "$DIR/labels.csv") clean, $kept backdoored (see $DIR/population.tsv)" >&2
 
-# The verdict needs no k-sweep, and 200 report images per class measure a
-# pattern's power well enough to confirm a flag: the scan costs a fraction of
-# a full search.
-# The canvases are the default ones plus a learned one (the extension for
-# triggers of colours no canvas holds), so that one scan measures both.
+# 200 report images per class measure a pattern's power well enough to
+# confirm a flag, so the scan costs a fraction of a full search. The
+# canvases and the k-sweep are the scan's defaults, spelled out: the
+# search's canvases plus a learned one (the extension for triggers of
+# colours no canvas holds), so that one scan measures both, and no sweep.
 scan_args=(--labels "$DIR/labels.csv" --device "$DEVICE" --quiet --epochs "$SCAN_EPOCHS"
            --k-sweep none --eval-per-class 200 --canvas "auto:1+solid:1+learn:0.5")
 models=$(cut -d, -f1 "$DIR/labels.csv" | tail -n +2)

@@ -90,10 +90,9 @@ pub const TILES: [TileCfg; 4] = [
     },
 ];
 
-/// The tile for a GEMM of `m` rows and `n` columns: wide tiles when there
-/// are many columns, rows matched to `m` so few rows are wasted. The choice
-/// changes speed only: every accumulator sums its K terms in the same order
-/// whatever the tile.
+/// The tile for a GEMM of `m` rows and `n` columns by shape alone: wide
+/// tiles when there are many columns, rows matched to `m` so few rows are
+/// wasted. What wgrad uses, since its K splits follow the tile count.
 pub fn pick_tile(m: usize, n: usize) -> TileCfg {
     if n < 128 {
         TILES[3]
@@ -104,6 +103,25 @@ pub fn pick_tile(m: usize, n: usize) -> TileCfg {
     } else {
         TILES[2]
     }
+}
+
+/// The tile for a forward or backward-data GEMM on a device of `sms` SMs:
+/// [`pick_tile`]'s, or, when its grid would leave SMs idle (the deep layers
+/// at search batch sizes), the next smaller tile until the grid fills a
+/// wave, else the one with the most blocks. Speed only: every output sums
+/// its K terms in the same order whatever the tile, so the result is the
+/// same on every device.
+pub fn pick_tile_for(m: usize, n: usize, sms: usize) -> TileCfg {
+    let base = pick_tile(m, n);
+    let blocks = |t: &TileCfg| m.div_ceil(t.bm) * n.div_ceil(t.bn);
+    let start = TILES.iter().position(|t| t.fwd == base.fwd).unwrap_or(0);
+    let smaller = &TILES[start..];
+    smaller
+        .iter()
+        .find(|t| blocks(t) >= sms)
+        .or_else(|| smaller.iter().max_by_key(|t| blocks(t)))
+        .copied()
+        .unwrap_or(base)
 }
 
 /// Splits of the K axis of a wgrad GEMM (`k` long, `tiles` output tiles,
@@ -217,7 +235,7 @@ impl<D: Driver> GpuBackend<D> {
             return self.launch_fwd_mma(a, x, w, bias, res, y);
         }
         let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = pick_tile(m, n);
+        let t = pick_tile_for(m, n, self.drv.sm_count());
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
         self.launch(
             t.fwd,
@@ -278,7 +296,7 @@ impl<D: Driver> GpuBackend<D> {
             return self.launch_dgrad_mma(a, dy, w, mask, dx);
         }
         let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = pick_tile(m, n);
+        let t = pick_tile_for(m, n, self.drv.sm_count());
         let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
         self.launch(
             t.dgrad,
@@ -474,6 +492,32 @@ pub(super) fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grid_that_would_leave_sms_idle_takes_a_smaller_tile() {
+        // resnet18's last layers at 4 searches x 4 images: 512 x 16 outputs.
+        let deep = pick_tile_for(512, 16 * 16, 132);
+        assert!(deep.bm * deep.bn < 128 * 128, "{deep:?}");
+        assert!(512usize.div_ceil(deep.bm) * 256usize.div_ceil(deep.bn) > 8);
+        // A grid that fills the device keeps the shape's tile.
+        let wide = pick_tile_for(256, 128 * 1024, 132);
+        assert_eq!(wide.fwd, pick_tile(256, 128 * 1024).fwd);
+        // Too small for any tile to fill it: the most blocks.
+        let tiny = pick_tile_for(64, 128, 132);
+        let most = TILES
+            .iter()
+            .map(|t| 64usize.div_ceil(t.bm) * 128usize.div_ceil(t.bn))
+            .max()
+            .unwrap();
+        assert_eq!(64usize.div_ceil(tiny.bm) * 128usize.div_ceil(tiny.bn), most);
+        // One SM: never smaller than the shape's tile.
+        assert_eq!(pick_tile_for(512, 256, 1).fwd, pick_tile(512, 256).fwd);
+        // The tensor-core tiles alike.
+        use super::super::conv_mma::{pick_mma_tile, pick_mma_tile_for, MMA_TILES};
+        assert_eq!(pick_mma_tile_for(512, 256, 132), MMA_TILES[1]);
+        assert_eq!(pick_mma_tile_for(512, 65536, 132), pick_mma_tile(512));
+        assert_eq!(pick_mma_tile_for(512, 256, 1), pick_mma_tile(512));
+    }
 
     #[test]
     fn wgrad_splits_cover_k_exactly_once() {

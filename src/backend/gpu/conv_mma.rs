@@ -47,6 +47,21 @@ pub fn pick_mma_tile(m: usize) -> MmaTile {
     }
 }
 
+/// The tile of a forward or backward-data GEMM of `m` x `n` on a device of
+/// `sms` SMs: [`pick_mma_tile`]'s, or the short one when the tall one's
+/// grid would not fill a wave and the short one has more blocks (speed
+/// only, as there).
+pub fn pick_mma_tile_for(m: usize, n: usize, sms: usize) -> MmaTile {
+    let t = pick_mma_tile(m);
+    let blocks = |t: MmaTile| m.div_ceil(t.bm) * n.div_ceil(t.bn);
+    let short = MMA_TILES[1];
+    if blocks(t) < sms && blocks(short) > blocks(t) {
+        short
+    } else {
+        t
+    }
+}
+
 /// The kernel name of `op` (`fwd`, `dgrad`, `wgrad`) in precision `p` on tile `t`.
 pub fn mma_kernel(op: &str, p: Precision, t: MmaTile) -> Result<String> {
     if p == Precision::Fp32 {
@@ -66,9 +81,16 @@ pub fn mma_wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
 }
 
 impl<D: Driver> GpuBackend<D> {
+    /// The tile and grid of a GEMM with `z` K splits: a split wgrad keeps
+    /// the shape's tile its split plan counted; otherwise the tile also
+    /// follows the SM count. No tile changes a result.
     fn mma_grid(&self, a: &ConvArgs, z: u32) -> (MmaTile, [u32; 3]) {
         let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = pick_mma_tile(m);
+        let t = if z == 1 {
+            pick_mma_tile_for(m, n, self.drv.sm_count())
+        } else {
+            pick_mma_tile(m)
+        };
         (t, [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z])
     }
 

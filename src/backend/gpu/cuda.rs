@@ -161,11 +161,6 @@ impl CudaDriver {
         self.cc
     }
 
-    /// Number of streaming multiprocessors.
-    pub fn sm_count(&self) -> usize {
-        self.sm_count
-    }
-
     /// The device's own CUBIN target (`sm_90`), which the kernel cache is
     /// searched for first; when NVRTC does not know this device, kernels
     /// are compiled to PTX of the newest architecture it knows instead.
@@ -293,6 +288,10 @@ impl Driver for CudaDriver {
 
     fn arch(&self) -> String {
         format!("cuda sm_{}{}", self.cc.0, self.cc.1)
+    }
+
+    fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError> {

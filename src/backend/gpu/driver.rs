@@ -34,6 +34,11 @@ pub trait Driver: Send + Sync + 'static {
     /// The kind of device the kernels run on, for [`crate::backend::Backend::numerics`]:
     /// `cuda sm_XY`, or `emu`. Devices of one arch run the same code.
     fn arch(&self) -> String;
+    /// Streaming multiprocessors: how many blocks one wave of a grid runs.
+    /// The forward and backward-data convolutions pick smaller tiles when
+    /// a large one would leave SMs idle (their results never depend on the
+    /// tile); nothing whose result could change reads it.
+    fn sm_count(&self) -> usize;
     /// Allocates `bytes` (> 0) of device memory, aligned to 256 bytes.
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError>;
     /// Frees memory from [`Driver::alloc`]. Ordered after earlier work.

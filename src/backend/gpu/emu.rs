@@ -94,6 +94,11 @@ impl Driver for EmuDriver {
         "emu".into()
     }
 
+    /// An H200's, so that the emulator picks the tiles the H200 does.
+    fn sm_count(&self) -> usize {
+        132
+    }
+
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError> {
         let bytes = bytes.max(1);
         let used = self.used();
