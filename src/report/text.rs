@@ -162,8 +162,9 @@ pub fn diffuse_words(report: &RunReport, class: usize) -> String {
     }
 }
 
-/// The anomalous classes left unflagged because their pattern stays below
-/// the threshold power, in words (empty when there are none).
+/// The anomalous classes left unflagged because neither their pattern nor
+/// their optimised mask reaches the threshold power, in words (empty when
+/// there are none).
 pub fn unproven_words(report: &RunReport, names: &Names<'_>) -> String {
     if report.unproven.is_empty() {
         return String::new();
