@@ -3,7 +3,7 @@
 //! terminal summary.
 
 use super::Names;
-use crate::search::{verdict, RunReport, Verdict};
+use crate::search::{verdict, RunReport, SearchResult, Verdict};
 
 /// A share in [0, 1] as a percentage with one decimal (`87.5%`).
 pub fn pct(v: f64) -> String {
@@ -29,13 +29,19 @@ pub fn min_k_measured(report: &RunReport) -> bool {
     !report.config.k_sweep.is_empty()
 }
 
-/// The mask mean of the search the verdict compares for class row `row`
-/// (the best search's for reports without the comparison).
-pub fn compared_mask_mean(report: &RunReport, row: usize) -> f64 {
+/// The search the verdict compares for class row `row` (None for reports
+/// without the comparison, or one that indexes wrong).
+pub fn compared_search(report: &RunReport, row: usize) -> Option<&SearchResult> {
     report
         .verdict_searches
         .get(row)
         .and_then(|&i| report.searches.get(i))
+}
+
+/// The mask mean of the search the verdict compares for class row `row`
+/// (the best search's for reports without the comparison).
+pub fn compared_mask_mean(report: &RunReport, row: usize) -> f64 {
+    compared_search(report, row)
         .map(|s| s.mask_mean)
         .unwrap_or_else(|| report.classes[row].mask_mean)
 }
@@ -146,8 +152,7 @@ pub fn diffuse_words(report: &RunReport, class: usize) -> String {
         .classes
         .iter()
         .position(|s| s.class == class)
-        .and_then(|i| report.verdict_searches.get(i))
-        .and_then(|&j| report.searches.get(j));
+        .and_then(|row| compared_search(report, row));
     let threshold = report.config.threshold;
     match compared {
         Some(s) if s.power.overall < threshold && s.soft_power.is_some_and(|p| p >= threshold) => {

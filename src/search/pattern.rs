@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
@@ -88,16 +89,23 @@ pub fn clean_predictions<B: Backend>(
 
 /// Blends the canvas into every image of a batch `[N, C, H, W]` at the
 /// mask's values, `m * canvas + (1 - m) * x` with the `[H, W]` mask over all
-/// channels: the composite the search optimised (the backend's
-/// `composite`), evaluated as it is, with no pixel cut away.
-pub fn blend_batch(x: &mut Tensor, canvas: &[f32], mask: &[f32]) {
-    let plane = mask.len();
-    for img in x.data_mut().chunks_mut(canvas.len()) {
-        for (i, (v, &c)) in img.iter_mut().zip(canvas).enumerate() {
-            let m = mask[i % plane];
-            *v = m * c + (1.0 - m) * *v;
+/// channels: the composite the search optimised, evaluated as it is, with
+/// no pixel cut away. The CPU reference's `composite` computes it (one
+/// search of N images), so the formula lives in one place.
+pub fn blend_batch(x: &mut Tensor, canvas: &[f32], mask: &[f32]) -> Result<()> {
+    let (h, w) = match x.shape() {
+        [_, _, h, w] => (*h, *w),
+        other => {
+            return Err(Error::tensor(
+                "images",
+                format!("a blend needs a batch [N, C, H, W], got shape {other:?}"),
+            ))
         }
-    }
+    };
+    let canvas = Tensor::new(&[1, canvas.len() / (h * w).max(1), h, w], canvas.to_vec())?;
+    let mask = Tensor::new(&[1, h, w], mask.to_vec())?;
+    *x = CpuBackend.composite(&canvas, &mask, x)?;
+    Ok(())
 }
 
 /// How a pattern is put into the images whose predictions measure its power.
@@ -142,12 +150,12 @@ pub fn predictive_power<B: Backend>(
             test,
             idx,
             batch,
-            |x| {
-                match paste {
-                    Paste::Stamp(positions) => stamp_batch(x, canvas, positions, plane),
-                    Paste::Blend(mask) => blend_batch(x, canvas, mask),
+            |x| match paste {
+                Paste::Stamp(positions) => {
+                    stamp_batch(x, canvas, positions, plane);
+                    Ok(())
                 }
-                Ok(())
+                Paste::Blend(mask) => blend_batch(x, canvas, mask),
             },
             |_| {},
         )?;
@@ -282,7 +290,6 @@ pub fn minimal_k(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{cpu::CpuBackend, Backend};
 
     #[test]
     fn a_blend_is_the_composite_the_search_optimised() {
@@ -296,7 +303,7 @@ mod tests {
             .map(|i| (0.11 * i as f32) % 1.0)
             .collect();
         let mut blended = Tensor::new(&[n, c, h, w], x.clone()).unwrap();
-        blend_batch(&mut blended, &canvas, &mask);
+        blend_batch(&mut blended, &canvas, &mask).unwrap();
 
         let be = CpuBackend;
         let up = |shape: &[usize], v: &[f32]| be.upload(&Tensor::new(shape, v.to_vec()).unwrap());

@@ -94,14 +94,19 @@ pub const TILES: [TileCfg; 4] = [
 /// tiles when there are many columns, rows matched to `m` so few rows are
 /// wasted. What wgrad uses, since its K splits follow the tile count.
 pub fn pick_tile(m: usize, n: usize) -> TileCfg {
+    TILES[shape_tile(m, n)]
+}
+
+/// [`pick_tile`]'s choice as an index into [`TILES`] (largest first).
+fn shape_tile(m: usize, n: usize) -> usize {
     if n < 128 {
-        TILES[3]
+        3
     } else if m > 64 {
-        TILES[0]
+        0
     } else if m > 32 {
-        TILES[1]
+        1
     } else {
-        TILES[2]
+        2
     }
 }
 
@@ -112,16 +117,13 @@ pub fn pick_tile(m: usize, n: usize) -> TileCfg {
 /// its K terms in the same order whatever the tile, so the result is the
 /// same on every device.
 pub fn pick_tile_for(m: usize, n: usize, sms: usize) -> TileCfg {
-    let base = pick_tile(m, n);
-    let blocks = |t: &TileCfg| m.div_ceil(t.bm) * n.div_ceil(t.bn);
-    let start = TILES.iter().position(|t| t.fwd == base.fwd).unwrap_or(0);
-    let smaller = &TILES[start..];
-    smaller
+    let blocks = |t: &&TileCfg| m.div_ceil(t.bm) * n.div_ceil(t.bn);
+    let smaller = &TILES[shape_tile(m, n)..];
+    *smaller
         .iter()
         .find(|t| blocks(t) >= sms)
-        .or_else(|| smaller.iter().max_by_key(|t| blocks(t)))
-        .copied()
-        .unwrap_or(base)
+        .or_else(|| smaller.iter().max_by_key(blocks))
+        .unwrap_or(&smaller[0])
 }
 
 /// Splits of the K axis of a wgrad GEMM (`k` long, `tiles` output tiles,
