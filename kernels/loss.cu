@@ -19,11 +19,15 @@ extern "C" __global__ void __launch_bounds__(128)
   double s = 0.0;
   for (int j = threadIdx.x; j < a.k; j += 128) s += exp((double)z[j] - max);
   const double lse = max + log(block_sum<128>(s));
+  // A label out of range (the host never uploads one) makes the row NaN,
+  // which the finiteness checks report, rather than a read outside the row.
   const int label = labels[row];
+  const bool in_range = label >= 0 && label < a.k;
+  const float nan = __int_as_float(0x7fc00000);
   const double w = (double)weights[row];
   for (int j = threadIdx.x; j < a.k; j += 128) {
     const double p = exp((double)z[j] - lse);
-    dlogits[row * a.k + j] = (float)(w * (p - (j == label ? 1.0 : 0.0)));
+    dlogits[row * a.k + j] = in_range ? (float)(w * (p - (j == label ? 1.0 : 0.0))) : nan;
   }
-  if (threadIdx.x == 0) loss[row] = (float)(lse - (double)z[label]);
+  if (threadIdx.x == 0) loss[row] = in_range ? (float)(lse - (double)z[label]) : nan;
 }

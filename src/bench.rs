@@ -7,7 +7,9 @@
 //! - **Search steps per second**: the authors' step (composite, forward,
 //!   weighted cross-entropy, backward to the input, mask gradient, signed
 //!   step) for S searches of B = 4 images batched into one step, and S = 1
-//!   (the authors' eager batch 4).
+//!   (the authors' eager batch 4). Timed on the step a run makes, a
+//!   [`crate::search::window::Window`] that gathers its batch on the device
+//!   and reads its results back once per window.
 //! - **Convolution kernels** (GPU): forward, backward-data and
 //!   backward-filter on every distinct convolution of a model at a batch
 //!   size, in TFLOP/s and as a share of the FP32 peak.
@@ -291,32 +293,7 @@ fn bench_cpu(
             models.push(model_row(arch, *input, n, secs, &graph));
         }
     }
-    let mut search = Vec::new();
-    for (arch, input, ss) in &cfg.search {
-        let graph = model_graph(arch, *input)?;
-        let input = &graph.input;
-        let model = crate::device_model::DeviceModel::upload(cpu, &graph, &formula_params(&graph))?;
-        for &s in ss {
-            progress(&format!("{arch} search S={s}"));
-            let (canvas, mask, others) = search_inputs(*input, s, 4);
-            let targets = vec![1usize; s];
-            let mc = crate::search::MaskConfig {
-                batch: 4,
-                ..crate::search::MaskConfig::default()
-            };
-            let secs = time(
-                cfg.seconds,
-                || {
-                    crate::search::optimize::step(
-                        &model, &canvas, &mask, &others, &targets, &mc, false,
-                    )
-                    .map(|_| ())
-                },
-                &sync,
-            )?;
-            search.push(search_row(arch, *input, s, 4, secs));
-        }
-    }
+    let search = search_rows(cpu, cfg, 1, &sync, progress)?;
     let train = train_rows(cpu, cfg, &sync, progress)?;
     Ok(BenchReport {
         device: cpu.name(),
@@ -413,6 +390,57 @@ fn search_row(arch: &str, input: [usize; 3], s: usize, b: usize, secs: f64) -> S
     }
 }
 
+/// Steps of one timed search window on a GPU: a run reads its results back
+/// once per window, so the time per step includes that wait shared over a
+/// window's steps, as in a run (whose windows are up to 64 steps long).
+const GPU_WINDOW_STEPS: usize = 8;
+
+/// Search steps of the plan's models, timed on the step a run makes
+/// ([`crate::search::window::Window`]: batch gathered on the device,
+/// composite, forward, cross-entropy, backward to the input, mask gradient,
+/// signed step, results left on the device): windows of `steps` steps read
+/// back at their end, the time divided by `steps`.
+fn search_rows<B: Backend>(
+    be: &B,
+    cfg: &BenchConfig,
+    steps: usize,
+    sync: &dyn Fn() -> Result<()>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<SearchRow>> {
+    let mut rows = Vec::new();
+    for (arch, input, ss) in &cfg.search {
+        let graph = model_graph(arch, *input)?;
+        let input = graph.input;
+        let model = crate::device_model::DeviceModel::upload(be, &graph, &formula_params(&graph))?;
+        let mc = crate::search::MaskConfig {
+            batch: 4,
+            ..crate::search::MaskConfig::default()
+        };
+        for &s in ss {
+            progress(&format!("{arch} search S={s}"));
+            let (canvas, mask, others) = search_inputs(input, s, mc.batch);
+            let images = be.upload(&others)?;
+            let table: Vec<u32> = (0..steps).flat_map(|_| 0..(s * mc.batch) as u32).collect();
+            let (targets, learn) = (vec![1usize; s], vec![false; s]);
+            let secs = time(
+                cfg.seconds,
+                || {
+                    let mut win = crate::search::window::Window::new(
+                        &model, &mc, &images, &table, &targets, &learn, &canvas, &mask, steps,
+                    )?;
+                    while !win.is_full() {
+                        win.step()?;
+                    }
+                    win.finish().map(|_| ())
+                },
+                sync,
+            )?;
+            rows.push(search_row(arch, input, s, mc.batch, secs / steps as f64));
+        }
+    }
+    Ok(rows)
+}
+
 /// Canvases, a mask at 0.5 and other images for `s` searches of `b`.
 fn search_inputs(input: [usize; 3], s: usize, b: usize) -> (Tensor, Tensor, Tensor) {
     let [c, h, w] = input;
@@ -449,33 +477,7 @@ fn bench_gpu<D: Driver>(
             models.push(model_row(arch, *input, n, secs, &graph));
         }
     }
-    let mut search = Vec::new();
-    for (arch, input, ss) in &cfg.search {
-        let plain = model_graph(arch, *input)?;
-        let input = &plain.input;
-        let (graph, params) = fused_model(gpu, &plain)?;
-        for &s in ss {
-            progress(&format!("{arch} search S={s}"));
-            let (canvas, mask, others) = search_inputs(*input, s, 4);
-            let (c, o) = (gpu.upload(&canvas)?, gpu.upload(&others)?);
-            let mut m = gpu.upload(&mask)?;
-            let (n, hw) = (s * 4, input[1] * input[2]);
-            let (y, wts) = (vec![1usize; n], vec![0.2 / 4.0; n]);
-            let secs = time(
-                cfg.seconds,
-                || {
-                    let comp = gpu.composite(&c, &m, &o)?;
-                    let t = graph.forward_trace(gpu, &params, comp)?;
-                    let (_, dl) = gpu.softmax_cross_entropy(t.logits(), &y, &wts)?;
-                    let dx = graph.backward(gpu, &params, &t, dl, false)?.dx;
-                    let dm = gpu.mask_grad(&dx, &c, &o, 0.8 / (hw as f32 / 2.0))?;
-                    gpu.sign_step_clamp(&mut m, &dm, 0.02)
-                },
-                &sync,
-            )?;
-            search.push(search_row(arch, *input, s, 4, secs));
-        }
-    }
+    let search = search_rows(gpu, cfg, GPU_WINDOW_STEPS, &sync, progress)?;
     let train = train_rows(gpu, cfg, &sync, progress)?;
     let mut convs = Vec::new();
     for (arch, input, n) in &cfg.convs {

@@ -149,17 +149,47 @@ impl<'a, B: Backend> DeviceModel<'a, B> {
     /// pass (see [`check_finite`]).
     pub fn pass(&self, x: B::Buf, labels: &[usize], weights: &[f32]) -> Result<ModelPass<B::Buf>> {
         let pass = self.next_pass();
-        let (graph, params) = self.runnable();
-        let trace = graph.forward_trace(self.be, params, x)?;
-        let (losses, dlogits) = self
+        crate::backend::check::cross_entropy_args(
+            &[labels.len(), self.graph.num_classes],
+            labels,
+            weights,
+        )?;
+        let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+        let labels = self.be.upload_index(&labels)?;
+        let weights = self
             .be
-            .softmax_cross_entropy(trace.logits(), labels, weights)?;
-        let logits = self.be.download(trace.logits())?;
-        let dx = graph.backward(self.be, params, &trace, dlogits, false)?.dx;
-        let out = ModelPass { losses, logits, dx };
+            .upload(&Tensor::new(&[weights.len()], weights.to_vec())?)?;
+        let out = self.pass_on_device(x, &labels, &weights)?;
+        let out = ModelPass {
+            losses: self.be.download(&out.losses)?.into_data(),
+            logits: self.be.download(&out.logits)?,
+            dx: out.dx,
+        };
         self.check(pass, "logits", out.logits.data())?;
         self.check(pass, "cross-entropy", &out.losses)?;
         Ok(out)
+    }
+
+    /// [`DeviceModel::pass`] with its labels and weights on the device and
+    /// everything it gives left there: what a search step runs, so that it
+    /// neither copies nor waits. The caller checks finiteness (see
+    /// [`Backend::count_nonfinite`]).
+    pub fn pass_on_device(
+        &self,
+        x: B::Buf,
+        labels: &B::Index,
+        weights: &B::Buf,
+    ) -> Result<DevicePass<B::Buf>> {
+        let (graph, params) = self.runnable();
+        let trace = graph.forward_trace(self.be, params, x)?;
+        let (losses, dlogits) =
+            self.be
+                .softmax_cross_entropy_on_device(trace.logits(), labels, weights)?;
+        let dx = graph.backward(self.be, params, &trace, dlogits, false)?.dx;
+        let logits = self
+            .be
+            .reshape(trace.logits(), self.be.shape(trace.logits()))?;
+        Ok(DevicePass { losses, logits, dx })
     }
 
     /// Mean cross-entropy loss and input gradient (eval mode) of a host batch.
@@ -182,6 +212,16 @@ pub struct ModelPass<Buf> {
     pub dx: Buf,
 }
 
+/// [`ModelPass`] left on the device.
+pub struct DevicePass<Buf> {
+    /// Per-sample cross-entropy `[N]` (unweighted).
+    pub losses: Buf,
+    /// Logits `[N, K]`.
+    pub logits: Buf,
+    /// Gradient of the weighted loss with respect to the input.
+    pub dx: Buf,
+}
+
 /// Fails unless every value is finite: a NaN or infinite logit or loss
 /// during a run means the weights overflow (or are corrupt), and every
 /// figure computed from it would be meaningless (NaN logits all read as
@@ -195,15 +235,30 @@ pub fn check_finite(what: &str, step: usize, values: &[f32]) -> Result<()> {
 fn finite_or_error(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(i) => Err(Error::Msg(format!(
-            "{}: element {i} is {} ({} of {} values non-finite); the model overflows or its \
-             weights are corrupt, so no result computed from it can be trusted",
+        Some(i) => Err(untrusted(format!(
+            "{}: element {i} is {} ({} of {} values non-finite)",
             what(),
             values[i],
             values.iter().filter(|v| !v.is_finite()).count(),
             values.len()
         ))),
     }
+}
+
+/// The error for `bad` non-finite values of `total` counted on the device
+/// (see [`crate::backend::Backend::count_nonfinite`]) at a step; `what` as
+/// in [`check_finite`].
+pub fn nonfinite_error(what: &str, step: usize, bad: usize, total: usize) -> Error {
+    untrusted(format!(
+        "{what} at step {step}: {bad} of {total} values non-finite"
+    ))
+}
+
+fn untrusted(found: String) -> Error {
+    Error::Msg(format!(
+        "{found}; the model overflows or its weights are corrupt, so no result computed from \
+         it can be trusted"
+    ))
 }
 
 #[cfg(test)]

@@ -124,7 +124,8 @@ struct ScanArgs {
     /// Report images per class for each pattern's power (default: all).
     #[arg(long)]
     eval_per_class: Option<usize>,
-    /// Memory budget of one search step (bytes with K, M, G or T).
+    /// Memory budget of one search step (bytes with K, M, G or T); the search images kept on
+    /// the device take at most a quarter more.
     #[arg(long, default_value = "2G")]
     memory: String,
     /// Neural Cleanse's most steps per class (default: as `cwp cleanse`).
@@ -502,7 +503,8 @@ struct SearchArgs {
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
     /// Memory budget of one search step: bytes with an optional K, M, G or T suffix, e.g. 2G or
-    /// 512M (sets how many searches share a forward pass).
+    /// 512M (sets how many searches share a forward pass). The search images kept on the
+    /// device take at most a quarter more.
     #[arg(long, default_value = "2G")]
     memory: String,
     /// Save the optimisation's state every SECONDS (and on SIGINT/SIGTERM) under OUT/checkpoints;

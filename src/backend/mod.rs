@@ -182,6 +182,9 @@ pub struct SgdParams {
 pub trait Backend: Send + Sync {
     /// A buffer on the backend's device.
     type Buf: Send + Sync;
+    /// Row indices or class labels (`u32`) on the backend's device: what
+    /// lets a search step gather and score its batch without the host.
+    type Index: Send + Sync;
 
     /// A short name for reports ("cpu", "cuda:0 NVIDIA H200", "emu").
     fn name(&self) -> String;
@@ -196,6 +199,25 @@ pub trait Backend: Send + Sync {
     fn upload(&self, t: &Tensor) -> Result<Self::Buf>;
     /// Copies a buffer back to the host, in logical (NCHW) order.
     fn download(&self, b: &Self::Buf) -> Result<Tensor>;
+    /// Copies row indices or labels onto the device (each below 2^31).
+    fn upload_index(&self, v: &[u32]) -> Result<Self::Index>;
+    /// Rows `index[start..start + n]` of `src` (rows along its first axis),
+    /// in that order: `[n, ...]`. A search step gathers its batch this way
+    /// from the images kept on the device.
+    fn gather_rows(
+        &self,
+        src: &Self::Buf,
+        index: &Self::Index,
+        start: usize,
+        n: usize,
+    ) -> Result<Self::Buf>;
+    /// Writes `src`'s values into `dst` from flat element `at` on: a step
+    /// leaves its results in a window buffer that the host reads once.
+    fn write_at(&self, dst: &mut Self::Buf, at: usize, src: &Self::Buf) -> Result<()>;
+    /// Adds the number of NaN or infinite values of `x` to `counts[slot]`,
+    /// so a step's finiteness is checked on the device and read back with
+    /// its window (exact below 2^24; never zero when there is one).
+    fn count_nonfinite(&self, x: &Self::Buf, counts: &mut Self::Buf, slot: usize) -> Result<()>;
     /// The logical shape of a buffer.
     fn shape<'a>(&self, b: &'a Self::Buf) -> &'a [usize];
     /// A buffer of zeros.
@@ -377,7 +399,24 @@ pub trait Backend: Send + Sync {
         logits: &Self::Buf,
         labels: &[usize],
         weights: &[f32],
-    ) -> Result<(Vec<f32>, Self::Buf)>;
+    ) -> Result<(Vec<f32>, Self::Buf)> {
+        let [n, _] = check::cross_entropy_args(self.shape(logits), labels, weights)?;
+        let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+        let labels = self.upload_index(&labels)?;
+        let weights = self.upload(&Tensor::new(&[n], weights.to_vec())?)?;
+        let (losses, dlogits) = self.softmax_cross_entropy_on_device(logits, &labels, &weights)?;
+        Ok((self.download(&losses)?.into_data(), dlogits))
+    }
+    /// [`Backend::softmax_cross_entropy`] with the labels and weights `[N]`
+    /// already on the device and the losses `[N]` left there. Each label
+    /// must be below K: the CPU refuses one that is not, a GPU gives that
+    /// row a NaN loss (which the finiteness checks report).
+    fn softmax_cross_entropy_on_device(
+        &self,
+        logits: &Self::Buf,
+        labels: &Self::Index,
+        weights: &Self::Buf,
+    ) -> Result<(Self::Buf, Self::Buf)>;
 
     /// The search composite for S searches with B images each:
     /// `out[s*B+b] = mask[s] * canvas[s] + (1 - mask[s]) * others[s*B+b]`,

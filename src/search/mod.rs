@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod shard;
 pub mod store;
 pub mod verdict;
+pub mod window;
 
 use std::path::Path;
 use std::time::Instant;

@@ -5,6 +5,7 @@
 //! gives bit for bit the masks of separate runs.
 
 use super::checkpoint::{Checkpoint, Interrupts, SearchState, State};
+use super::window::{Window, WindowOutput};
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
@@ -88,35 +89,42 @@ pub fn step<B: Backend>(
         )));
     }
     let (mut c, mut m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
-    let x = be.composite(&c, &m, &o)?;
-    let labels: Vec<usize> = targets
-        .iter()
-        .flat_map(|&t| std::iter::repeat_n(t, cfg.batch))
-        .collect();
-    let weights = vec![cfg.alpha / cfg.batch as f32; labels.len()];
-    let out = model.pass(x, &labels, &weights)?;
-    let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
-    let dmask = be.mask_grad(&out.dx, &c, &o, l1_grad)?;
-    let canvases = if learn {
-        let dcanvas = be.pattern_grad(&out.dx, &m)?;
-        be.sign_step_clamp(&mut c, &dcanvas, cfg.lr)?;
-        Some(be.download(&c)?)
+    let (labels, weights) = super::window::targets_on_device(be, targets, cfg)?;
+    let learners = if learn {
+        Some(be.upload(&Tensor::full(&[s, h, w], 1.0))?)
     } else {
         None
     };
-    be.sign_step_clamp(&mut m, &dmask, cfg.lr)?;
-    let ce = out
-        .losses
-        .chunks(cfg.batch)
-        .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / cfg.batch as f64) as f32)
-        .collect();
+    let out = super::window::advance(
+        model,
+        &mut c,
+        &mut m,
+        &o,
+        &labels,
+        &weights,
+        cfg,
+        learners.as_ref(),
+    )?;
+    let losses = be.download(&out.losses)?.into_data();
+    let logits = be.download(&out.logits)?;
+    let what = format!("model `{}`", model.label());
+    crate::device_model::check_finite(&format!("{what}: logits"), 1, logits.data())?;
+    crate::device_model::check_finite(&format!("{what}: cross-entropy"), 1, &losses)?;
     Ok(StepOutput {
         masks: be.download(&m)?,
-        ce,
-        dmask: be.download(&dmask)?,
-        logits: out.logits,
-        canvases,
+        ce: mean_per_search(&losses, cfg.batch),
+        dmask: be.download(&out.dmask)?,
+        logits,
+        canvases: learners.map(|_| be.download(&c)).transpose()?,
     })
+}
+
+/// Each search's mean cross-entropy from its B consecutive losses.
+fn mean_per_search(losses: &[f32], batch: usize) -> Vec<f32> {
+    losses
+        .chunks(batch)
+        .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / batch as f64) as f32)
+        .collect()
 }
 
 /// One search to optimise: a target class, a canvas and the images it is
@@ -184,6 +192,69 @@ pub fn bytes_per_image(graph: &Graph) -> usize {
 /// bytes (at least one batch, so a step always runs).
 pub fn max_images(graph: &Graph, memory: usize, batch: usize) -> usize {
     (memory / bytes_per_image(graph)).max(batch)
+}
+
+/// Most steps one window makes before the host reads its results.
+const WINDOW_STEPS: usize = 64;
+/// Host time after which a window ends early, so progress (and a
+/// checkpoint that is due) is never far behind.
+const WINDOW_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bytes of last-epoch masks one window keeps on the device.
+const WINDOW_BYTES: usize = 64 << 20;
+/// Most bytes of images kept on the device (and at most a quarter of the
+/// step's memory budget).
+const RESIDENT_IMAGE_BYTES: usize = 1 << 30;
+
+/// Images of the dataset on the device, by ascending dataset index.
+struct ImageSet<Buf> {
+    rows: Vec<usize>,
+    buf: Buf,
+}
+
+impl<Buf> ImageSet<Buf> {
+    fn upload<B: Backend<Buf = Buf>>(be: &B, test: &Dataset, rows: Vec<usize>) -> Result<Self> {
+        let buf = be.upload(&test.batch(&rows))?;
+        Ok(ImageSet { rows, buf })
+    }
+
+    /// Where dataset image `row` sits in the set.
+    fn position(&self, row: usize) -> Result<u32> {
+        self.rows
+            .binary_search(&row)
+            .map(|p| p as u32)
+            .map_err(|_| {
+                Error::Msg(format!(
+                    "search images: image {row} was not put on the device"
+                ))
+            })
+    }
+}
+
+/// Fails when step `step` (window entry `i`) made a non-finite logit or
+/// mask-gradient value: a NaN gradient would slip into the mask through
+/// the sign step and rank first in top-k.
+fn nonfinite_check<B: Backend>(
+    model: &DeviceModel<'_, B>,
+    step: usize,
+    out: &WindowOutput,
+    i: usize,
+    searches: usize,
+    batch: usize,
+) -> Result<()> {
+    let [_, h, w] = model.graph.input;
+    let sizes = [searches * batch * model.graph.num_classes, searches * h * w];
+    for (j, what) in ["logits", "mask gradient"].iter().enumerate() {
+        let bad = out.nonfinite[2 * i + j];
+        if bad > 0.0 {
+            return Err(crate::device_model::nonfinite_error(
+                &format!("model `{}`: {what}", model.label()),
+                step,
+                bad as usize,
+                sizes[j],
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Optimises the masks of all `jobs` together on `test`, at most
@@ -256,70 +327,158 @@ pub fn optimise<B: Backend>(
     let mut interrupts = checkpoint.is_some().then(Interrupts::arm).transpose()?;
     let mut orders: Vec<(usize, Vec<usize>)> =
         jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
+    // Search s's images at step t: consecutive batches of its epoch's order.
+    let mut rows_at = |s: usize, t: usize| -> Vec<usize> {
+        let job = &jobs[s];
+        let epoch = t / steps_per_epoch[s];
+        if orders[s].0 != epoch {
+            orders[s] = (epoch, batch_order(job.images, cfg.seed, job.target, epoch));
+        }
+        let j = t % steps_per_epoch[s];
+        orders[s].1[j * cfg.batch..(j + 1) * cfg.batch].to_vec()
+    };
+    let budget = max_images * bytes_per_image(model.graph);
+    let image_bytes = (budget / 4).min(RESIDENT_IMAGE_BYTES);
+    let mut all_rows: Vec<usize> = jobs.iter().flat_map(|j| j.images.iter().copied()).collect();
+    all_rows.sort_unstable();
+    all_rows.dedup();
+    // Every image of the run stays on the device when they fit; otherwise
+    // each window brings the images it visits.
+    let whole = if all_rows.len() * per_image * 4 <= image_bytes {
+        Some(ImageSet::upload(model.be, test, all_rows)?)
+    } else {
+        None
+    };
 
     while state.t < longest {
-        let t = state.t;
-        let active: Vec<usize> = (0..jobs.len()).filter(|&s| t < total[s]).collect();
-        for chunk in active.chunks(per_chunk) {
-            let s_n = chunk.len();
-            let mut canvases = Vec::with_capacity(s_n * per_image);
-            let mut mask_data = Vec::with_capacity(s_n * plane);
-            let mut idx = Vec::with_capacity(s_n * cfg.batch);
-            for &s in chunk {
-                let job = &jobs[s];
-                let epoch = t / steps_per_epoch[s];
-                if orders[s].0 != epoch {
-                    orders[s] = (epoch, batch_order(job.images, cfg.seed, job.target, epoch));
+        let t0 = state.t;
+        let active: Vec<usize> = (0..jobs.len()).filter(|&s| t0 < total[s]).collect();
+        let n_active = active.len();
+        // A window ends before any search finishes (the chunks change
+        // then), and keeps its buffers of masks and images within bounds.
+        let mut len = active
+            .iter()
+            .map(|&s| total[s])
+            .min()
+            .unwrap_or(t0)
+            .saturating_sub(t0)
+            .min(WINDOW_STEPS)
+            .min((WINDOW_BYTES / (n_active * plane * 4).max(1)).max(1));
+        if whole.is_none() {
+            len = len.min((image_bytes / (n_active * cfg.batch * per_image * 4).max(1)).max(1));
+        }
+        let rows: Vec<Vec<usize>> = active
+            .iter()
+            .map(|&s| (t0..t0 + len).flat_map(|t| rows_at(s, t)).collect())
+            .collect();
+        let window_set;
+        let set = match &whole {
+            Some(w) => w,
+            None => {
+                let mut needed: Vec<usize> = rows.iter().flatten().copied().collect();
+                needed.sort_unstable();
+                needed.dedup();
+                window_set = ImageSet::upload(model.be, test, needed)?;
+                &window_set
+            }
+        };
+        let mut windows = Vec::new();
+        for (c_i, chunk) in active.chunks(per_chunk).enumerate() {
+            let mine = &rows[c_i * per_chunk..c_i * per_chunk + chunk.len()];
+            let mut table = Vec::with_capacity(len * chunk.len() * cfg.batch);
+            for i in 0..len {
+                for r in mine {
+                    for &row in &r[i * cfg.batch..(i + 1) * cfg.batch] {
+                        table.push(set.position(row)?);
+                    }
                 }
-                let j = t % steps_per_epoch[s];
-                idx.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
+            }
+            let mut canvases = Vec::with_capacity(chunk.len() * per_image);
+            let mut masks = Vec::with_capacity(chunk.len() * plane);
+            for &s in chunk {
                 let st = &state.searches[s];
-                canvases.extend_from_slice(if job.learn { &st.canvas } else { job.canvas });
-                mask_data.extend_from_slice(&st.mask);
+                canvases.extend_from_slice(if jobs[s].learn {
+                    &st.canvas
+                } else {
+                    jobs[s].canvas
+                });
+                masks.extend_from_slice(&st.mask);
             }
             let targets: Vec<usize> = chunk.iter().map(|&s| jobs[s].target).collect();
-            let learn = chunk.iter().any(|&s| jobs[s].learn);
-            let out = step(
+            let learn: Vec<bool> = chunk.iter().map(|&s| jobs[s].learn).collect();
+            let snap_from = chunk
+                .iter()
+                .map(|&s| (total[s] - steps_per_epoch[s]).saturating_sub(t0))
+                .min()
+                .unwrap_or(len);
+            windows.push(Window::new(
                 model,
-                &Tensor::new(&[s_n, c, h, w], canvases)?,
-                &Tensor::new(&[s_n, h, w], mask_data)?,
-                &test.batch(&idx),
-                &targets,
                 cfg,
-                learn,
-            )
-            .map_err(|e| Error::Msg(format!("search step {}: {e}", t + 1)))?;
-            // A NaN gradient would slip into the mask through the sign step
-            // and rank first in top-k.
-            crate::device_model::check_finite(
-                &format!("model `{}`: mask gradient", model.label()),
-                t + 1,
-                out.dmask.data(),
-            )?;
+                &set.buf,
+                &table,
+                &targets,
+                &learn,
+                &Tensor::new(&[chunk.len(), c, h, w], canvases)?,
+                &Tensor::new(&[chunk.len(), h, w], masks)?,
+                snap_from,
+            )?);
+        }
+        let started = std::time::Instant::now();
+        let mut signal = None;
+        for i in 0..len {
+            for win in &mut windows {
+                win.step()
+                    .map_err(|e| Error::Msg(format!("search step {}: {e}", t0 + i + 1)))?;
+            }
+            signal = interrupts.as_mut().and_then(|int| int.received());
+            if signal.is_some() || started.elapsed() >= WINDOW_TIME {
+                break;
+            }
+        }
+        let made = windows.first().map_or(0, |w| w.done());
+        for (chunk, win) in active.chunks(per_chunk).zip(windows) {
+            let out = win.finish()?;
+            for i in 0..made {
+                let t = t0 + i;
+                nonfinite_check(model, t + 1, &out, i, chunk.len(), cfg.batch)?;
+                let losses =
+                    &out.losses[i * chunk.len() * cfg.batch..(i + 1) * chunk.len() * cfg.batch];
+                crate::device_model::check_finite(
+                    &format!("model `{}`: cross-entropy", model.label()),
+                    t + 1,
+                    losses,
+                )?;
+                let ce = mean_per_search(losses, cfg.batch);
+                for (k, &s) in chunk.iter().enumerate() {
+                    let st = &mut state.searches[s];
+                    if t >= total[s] - steps_per_epoch[s] {
+                        let at = (i - out.first_snapshot) * chunk.len() * plane + k * plane;
+                        st.mask.copy_from_slice(&out.snapshots[at..at + plane]);
+                        st.add_to_last_epoch();
+                    }
+                    st.window.0 += ce[k] as f64;
+                    st.window.1 += 1;
+                    if (t + 1) % log_every[s] == 0 || t + 1 == total[s] {
+                        st.curve
+                            .push((t + 1, (st.window.0 / st.window.1 as f64) as f32));
+                        st.window = (0.0, 0);
+                    }
+                }
+            }
             for (k, &s) in chunk.iter().enumerate() {
                 let st = &mut state.searches[s];
                 st.mask
-                    .copy_from_slice(&out.masks.data()[k * plane..(k + 1) * plane]);
+                    .copy_from_slice(&out.masks[k * plane..(k + 1) * plane]);
                 if let (true, Some(cv)) = (jobs[s].learn, &out.canvases) {
                     st.canvas
-                        .copy_from_slice(&cv.data()[k * per_image..(k + 1) * per_image]);
-                }
-                if t >= total[s] - steps_per_epoch[s] {
-                    st.add_to_last_epoch();
-                }
-                st.window.0 += out.ce[k] as f64;
-                st.window.1 += 1;
-                if (t + 1) % log_every[s] == 0 || t + 1 == total[s] {
-                    st.curve
-                        .push((t + 1, (st.window.0 / st.window.1 as f64) as f32));
-                    st.window = (0.0, 0);
+                        .copy_from_slice(&cv[k * per_image..(k + 1) * per_image]);
                 }
             }
-            progress.inc(s_n as u64);
         }
-        state.t += 1;
-        if let (Some(ck), Some(int)) = (checkpoint.as_deref_mut(), interrupts.as_mut()) {
-            if let Some(signal) = int.received() {
+        progress.inc((made * n_active) as u64);
+        state.t = t0 + made;
+        if let Some(ck) = checkpoint.as_deref_mut() {
+            if let Some(signal) = signal {
                 ck.save(&state)?;
                 return Err(Error::Interrupted(format!(
                     "interrupted by {signal} at step {} of {longest}; checkpoint saved to {}; \

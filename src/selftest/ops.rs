@@ -189,6 +189,68 @@ impl<'a, D: Driver> Suite<'a, D> {
             "empty tensors round-trip",
             self.down(&empty)?.shape() == [0, 3],
         );
+        self.rows()
+    }
+
+    /// What a search step runs on without the host: a batch gathered by
+    /// row index, results written at an offset of a window buffer, and
+    /// non-finite values counted on the device.
+    fn rows(&mut self) -> Result<()> {
+        let src = self.rand(&[6, 2, 3, 1], -1.0, 1.0);
+        let idx = vec![5u32, 0, 3, 3, 1];
+        let gidx = self.gpu.upload_index(&idx)?;
+        let gsrc = self.up(&src)?;
+        let want = self.cpu.gather_rows(&src, &idx, 1, 3)?;
+        let got = self.down(&self.gpu.gather_rows(&gsrc, &gidx, 1, 3)?)?;
+        self.cmp("gather_rows", &got, &want, |_| 0.0);
+        let outside = self.gpu.upload_index(&[2, 6])?;
+        let got = self.down(&self.gpu.gather_rows(&gsrc, &outside, 0, 2)?)?;
+        self.property(
+            "a row index outside the source gives a NaN row, never another row",
+            got.data()[..6].iter().all(|v| v.is_finite())
+                && got.data()[6..].iter().all(|v| v.is_nan()),
+        );
+        self.property(
+            "an index beyond 32-bit signed is refused",
+            self.gpu.upload_index(&[1u32 << 31]).is_err(),
+        );
+
+        let part = self.rand(&[2, 3], -1.0, 1.0);
+        let mut want = Tensor::zeros(&[10]);
+        self.cpu.write_at(&mut want, 3, &part)?;
+        let mut dst = self.gpu.zeros(&[10])?;
+        let sharing = self.gpu.reshape(&dst, &[10])?;
+        self.gpu.write_at(&mut dst, 3, &self.up(&part)?)?;
+        self.cmp("write_at", &self.down(&dst)?, &want, |_| 0.0);
+        self.cmp(
+            "write_at leaves a sharing buffer unchanged",
+            &self.down(&sharing)?,
+            &Tensor::zeros(&[10]),
+            |_| 0.0,
+        );
+        self.property(
+            "write_at past the end is refused",
+            self.gpu.write_at(&mut dst, 5, &self.up(&part)?).is_err(),
+        );
+
+        let mut x = self.rand(&[1031], -1.0, 1.0);
+        for (i, v) in [
+            (0, f32::NAN),
+            (255, f32::INFINITY),
+            (256, -f32::INFINITY),
+            (1030, f32::NAN),
+        ] {
+            x.data_mut()[i] = v;
+        }
+        x.data_mut()[7] = f32::MAX;
+        let mut want = Tensor::new(&[3], vec![1.0, 0.0, 2.0])?;
+        let mut got = self.up(&want)?;
+        let gx = self.up(&x)?;
+        for slot in [1, 2, 1] {
+            self.cpu.count_nonfinite(&x, &mut want, slot)?;
+            self.gpu.count_nonfinite(&gx, &mut got, slot)?;
+        }
+        self.cmp("count_nonfinite", &self.down(&got)?, &want, |_| 0.0);
         Ok(())
     }
 
@@ -804,6 +866,22 @@ impl<'a, D: Driver> Suite<'a, D> {
                 |i| 4.0 * U * weights[i / k] as f64 + 1e-30,
             );
         }
+        // On the device no label is checked: one out of range makes its
+        // row NaN (the step's finiteness count reports it), nothing else.
+        let logits = self.rand(&[2, 5], -2.0, 2.0);
+        let labels = self.gpu.upload_index(&[1, 5])?;
+        let weights = self.up(&Tensor::full(&[2], 0.5))?;
+        let (gl, gd) =
+            self.gpu
+                .softmax_cross_entropy_on_device(&self.up(&logits)?, &labels, &weights)?;
+        let (gl, gd) = (self.down(&gl)?, self.down(&gd)?);
+        self.property(
+            "softmax_cross_entropy_on_device: a label out of range gives a NaN row only",
+            gl.data()[0].is_finite()
+                && gl.data()[1].is_nan()
+                && gd.data()[..5].iter().all(|v| v.is_finite())
+                && gd.data()[5..].iter().all(|v| v.is_nan()),
+        );
         Ok(())
     }
 

@@ -24,6 +24,7 @@ mod mask;
 mod norm;
 mod optim;
 mod pool;
+mod rows;
 mod scale;
 #[cfg(test)]
 mod testutil;
@@ -71,6 +72,7 @@ pub fn tune_allocator() {
 
 impl Backend for CpuBackend {
     type Buf = Tensor;
+    type Index = Vec<u32>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -87,6 +89,28 @@ impl Backend for CpuBackend {
 
     fn download(&self, b: &Tensor) -> Result<Tensor> {
         Ok(b.clone())
+    }
+
+    fn upload_index(&self, v: &[u32]) -> Result<Vec<u32>> {
+        Ok(v.to_vec())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &Tensor,
+        index: &Vec<u32>,
+        start: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        rows::gather(src, index, start, n)
+    }
+
+    fn write_at(&self, dst: &mut Tensor, at: usize, src: &Tensor) -> Result<()> {
+        rows::write_at(dst, at, src)
+    }
+
+    fn count_nonfinite(&self, x: &Tensor, counts: &mut Tensor, slot: usize) -> Result<()> {
+        rows::count_nonfinite(x, counts, slot)
     }
 
     fn shape<'a>(&self, b: &'a Tensor) -> &'a [usize] {
@@ -295,13 +319,15 @@ impl Backend for CpuBackend {
         norm::normalize_backward(dy, std)
     }
 
-    fn softmax_cross_entropy(
+    fn softmax_cross_entropy_on_device(
         &self,
         logits: &Tensor,
-        labels: &[usize],
-        weights: &[f32],
-    ) -> Result<(Vec<f32>, Tensor)> {
-        loss::softmax_cross_entropy(logits, labels, weights)
+        labels: &Vec<u32>,
+        weights: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+        let (losses, dlogits) = loss::softmax_cross_entropy(logits, &labels, weights.data())?;
+        Ok((Tensor::new(&[losses.len()], losses)?, dlogits))
     }
 
     fn composite(&self, canvas: &Tensor, mask: &Tensor, others: &Tensor) -> Result<Tensor> {

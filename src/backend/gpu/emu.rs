@@ -11,6 +11,7 @@
 use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::driver::{AllocError, DevPtr, Dim3, Driver};
@@ -35,6 +36,20 @@ pub struct EmuDriver {
     limit: usize,
     /// Live allocations: start address -> size in bytes.
     live: Mutex<BTreeMap<u64, usize>>,
+    /// Host copies and waits so far, for [`EmuDriver::host_traffic`].
+    traffic: [AtomicUsize; 3],
+}
+
+/// How often the host reached the device other than by launching: what a
+/// device-resident search step must not do between its progress points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Host-to-device copies.
+    pub uploads: usize,
+    /// Device-to-host copies (each waits for the device on a GPU).
+    pub downloads: usize,
+    /// Explicit waits for the device.
+    pub syncs: usize,
 }
 
 impl Default for EmuDriver {
@@ -58,6 +73,17 @@ impl EmuDriver {
         EmuDriver {
             limit: bytes,
             live: Mutex::new(BTreeMap::new()),
+            traffic: Default::default(),
+        }
+    }
+
+    /// Host copies and waits made through this driver so far.
+    pub fn host_traffic(&self) -> HostTraffic {
+        let [u, d, s] = &self.traffic;
+        HostTraffic {
+            uploads: u.load(Ordering::Relaxed),
+            downloads: d.load(Ordering::Relaxed),
+            syncs: s.load(Ordering::Relaxed),
         }
     }
 
@@ -139,6 +165,7 @@ impl Driver for EmuDriver {
     }
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.traffic[0].fetch_add(1, Ordering::Relaxed);
         self.check_range("host-to-device copy", dst, src.len())?;
         // SAFETY: the range was checked against a live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
@@ -146,6 +173,7 @@ impl Driver for EmuDriver {
     }
 
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+        self.traffic[1].fetch_add(1, Ordering::Relaxed);
         self.check_range("device-to-host copy", src, dst.len())?;
         // SAFETY: the range was checked against a live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
@@ -207,6 +235,7 @@ impl Driver for EmuDriver {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.traffic[2].fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 pub use driver::Driver;
 
-use crate::backend::{Backend, Precision};
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::tensor::numel;
 use driver::{AllocError, DevPtr, Dim3};
@@ -191,11 +191,6 @@ impl<D: Driver> GpuBackend<D> {
             self.drv.htod(b.ptr(), bytes)?;
         }
         Ok(b)
-    }
-
-    /// A buffer's values on the host.
-    fn download_vec(&self, b: &GpuBuf<D>) -> Result<Vec<f32>> {
-        Ok(self.download(b)?.into_data())
     }
 
     /// Makes `b` the only handle of its memory (copying it if shared), so it

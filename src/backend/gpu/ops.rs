@@ -7,9 +7,7 @@
 
 use super::conv::{check_extents, expect_shape, linear_args, Geom};
 use super::{arg, Driver, GpuBackend, GpuBuf};
-use crate::backend::check::{
-    channel_dims, cross_entropy_args, dims2, dims4, pattern_grad_dims, pgd_radius, PoolGeom,
-};
+use crate::backend::check::{channel_dims, dims2, dims4, pattern_grad_dims, pgd_radius, PoolGeom};
 use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Tensor};
@@ -214,6 +212,7 @@ fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs 
 
 impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = GpuBuf<D>;
+    type Index = GpuBuf<D>;
 
     fn name(&self) -> String {
         self.drv.name()
@@ -237,6 +236,106 @@ impl<D: Driver> Backend for GpuBackend<D> {
             self.drv.dtoh(b.ptr(), bytemuck::cast_slice_mut(&mut v))?;
         }
         Tensor::new(&b.shape, v)
+    }
+
+    fn upload_index(&self, v: &[u32]) -> Result<GpuBuf<D>> {
+        if let Some(&big) = v.iter().find(|&&i| i > i32::MAX as u32) {
+            return Err(Error::tensor(
+                "index",
+                format!("{big} is beyond the kernels' 32-bit signed indices"),
+            ));
+        }
+        let mut b = self.upload_raw(v)?;
+        b.shape = vec![v.len()];
+        Ok(b)
+    }
+
+    fn gather_rows(
+        &self,
+        src: &GpuBuf<D>,
+        index: &GpuBuf<D>,
+        start: usize,
+        n: usize,
+    ) -> Result<GpuBuf<D>> {
+        let rows = *src
+            .shape
+            .first()
+            .ok_or_else(|| Error::tensor("gather source", "has no rows (a scalar)"))?;
+        if start + n > index.len() {
+            return Err(Error::tensor(
+                "gather index",
+                format!(
+                    "entries {start}..{} asked of {} indices",
+                    start + n,
+                    index.len()
+                ),
+            ));
+        }
+        let row_len = src.len() / rows.max(1);
+        let mut shape = src.shape.clone();
+        shape[0] = n;
+        let out = self.alloc(&shape)?;
+        #[repr(C)]
+        struct GatherArgs {
+            n: i32,
+            row_len: i32,
+            start: i32,
+            src_rows: i32,
+        }
+        let a = GatherArgs {
+            n: n as i32,
+            row_len: row_len as i32,
+            start: start as i32,
+            src_rows: rows as i32,
+        };
+        let p = [src.ptr(), index.ptr(), out.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("rows_gather", out.len(), &mut args)?;
+        Ok(out)
+    }
+
+    fn write_at(&self, dst: &mut GpuBuf<D>, at: usize, src: &GpuBuf<D>) -> Result<()> {
+        if at + src.len() > dst.len() {
+            return Err(Error::tensor(
+                "write_at destination",
+                format!(
+                    "{} values written at {at} overrun its {} values",
+                    src.len(),
+                    dst.len()
+                ),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.make_unique(dst)?;
+        self.drv
+            .dtod(dst.ptr() + 4 * at as u64, src.ptr(), 4 * src.len())
+    }
+
+    fn count_nonfinite(&self, x: &GpuBuf<D>, counts: &mut GpuBuf<D>, slot: usize) -> Result<()> {
+        if slot >= counts.len() {
+            return Err(Error::tensor(
+                "non-finite counts",
+                format!("slot {slot} of {} counts", counts.len()),
+            ));
+        }
+        self.make_unique(counts)?;
+        #[repr(C)]
+        struct CountArgs {
+            n: i32,
+            slot: i32,
+        }
+        let a = CountArgs {
+            n: x.len() as i32,
+            slot: slot as i32,
+        };
+        let p = [x.ptr(), counts.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        // Launched even for an empty x: it adds the zero the CPU adds.
+        self.launch("rows_count_nonfinite", 1, [1, 1, 1], [256, 1, 1], &mut args)
     }
 
     fn shape<'a>(&self, b: &'a GpuBuf<D>) -> &'a [usize] {
@@ -712,21 +811,26 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.normalize_op(dy, None, std)
     }
 
-    fn softmax_cross_entropy(
+    fn softmax_cross_entropy_on_device(
         &self,
         logits: &GpuBuf<D>,
-        labels: &[usize],
-        weights: &[f32],
-    ) -> Result<(Vec<f32>, GpuBuf<D>)> {
-        let [n, k] = cross_entropy_args(logits.shape(), labels, weights)?;
-        let dlogits = self.alloc(&[n, k])?;
-        if k == 0 || n == 0 {
-            return Ok((Vec::new(), dlogits));
+        labels: &GpuBuf<D>,
+        weights: &GpuBuf<D>,
+    ) -> Result<(GpuBuf<D>, GpuBuf<D>)> {
+        let [n, k] = dims2("logits", logits.shape())?;
+        for (what, b) in [("labels", labels), ("weights", weights)] {
+            if b.len() != n {
+                return Err(Error::Msg(format!(
+                    "softmax_cross_entropy: {} {what} for {n} rows of logits",
+                    b.len()
+                )));
+            }
         }
-        let lab: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
-        let lab = self.upload_raw(&lab)?;
-        let wts = self.upload_raw(weights)?;
+        let dlogits = self.alloc(&[n, k])?;
         let loss = self.alloc(&[n])?;
+        if k == 0 || n == 0 {
+            return Ok((loss, dlogits));
+        }
         #[repr(C)]
         struct LossArgs {
             n: i32,
@@ -738,15 +842,15 @@ impl<D: Driver> Backend for GpuBackend<D> {
         };
         let p = [
             logits.ptr(),
-            lab.ptr(),
-            wts.ptr(),
+            labels.ptr(),
+            weights.ptr(),
             loss.ptr(),
             dlogits.ptr(),
         ];
         let mut args = vec![arg(&a)];
         args.extend(p.iter().map(arg));
         self.launch("softmax_xent", n, [n as u32, 1, 1], [128, 1, 1], &mut args)?;
-        Ok((self.download_vec(&loss)?, dlogits))
+        Ok((loss, dlogits))
     }
 
     fn composite(

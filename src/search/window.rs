@@ -1,0 +1,269 @@
+//! The search step as it runs: a window of steps of S searches that never
+//! leaves the backend. The images sit on the device; each step gathers its
+//! batch there by row index, updates the masks (and learned canvases) in
+//! place, and leaves its losses, finiteness counts and (in the last epoch)
+//! its masks in window buffers. The host reads them once, when the window
+//! ends (a progress point): no copy and no wait inside a step.
+//!
+//! [`advance`] is the one step computation; [`super::optimize::step`] (one
+//! step from host tensors) and [`Window`] both run it, so the two agree bit
+//! for bit.
+
+use super::optimize::MaskConfig;
+use crate::backend::Backend;
+use crate::device_model::DeviceModel;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// What one step leaves on the device besides the updated masks.
+pub(crate) struct Advanced<Buf> {
+    /// Per-image cross-entropy `[S*B]`, before the update.
+    pub losses: Buf,
+    /// Logits of the composites `[S*B, K]`.
+    pub logits: Buf,
+    /// The loss gradient with respect to each mask `[S, H, W]`.
+    pub dmask: Buf,
+}
+
+/// One update of S searches on the device. `others [S*B,C,H,W]` (search s
+/// owns rows s*B..(s+1)*B); `labels`/`weights` `[S*B]` (each search's
+/// target, `alpha / B`). The masks take the signed step; with `learners`
+/// (`[S,H,W]`, 1 for a search that learns its canvas and 0 for one that
+/// does not) so do the canvases, from the masks before the update: a zero
+/// gradient leaves a fixed canvas exactly as it is.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn advance<B: Backend>(
+    model: &DeviceModel<'_, B>,
+    canvases: &mut B::Buf,
+    masks: &mut B::Buf,
+    others: &B::Buf,
+    labels: &B::Index,
+    weights: &B::Buf,
+    cfg: &MaskConfig,
+    learners: Option<&B::Buf>,
+) -> Result<Advanced<B::Buf>> {
+    let be = model.be;
+    let [_, h, w] = model.graph.input;
+    let x = be.composite(canvases, masks, others)?;
+    let out = model.pass_on_device(x, labels, weights)?;
+    let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
+    let dmask = be.mask_grad(&out.dx, canvases, others, l1_grad)?;
+    if let Some(learners) = learners {
+        let dcanvas = be.pattern_grad(&out.dx, &be.mul(masks, learners)?)?;
+        be.sign_step_clamp(canvases, &dcanvas, cfg.lr)?;
+    }
+    be.sign_step_clamp(masks, &dmask, cfg.lr)?;
+    Ok(Advanced {
+        losses: out.losses,
+        logits: out.logits,
+        dmask,
+    })
+}
+
+/// The labels and weights of S searches' composites: each search's target
+/// and `alpha / B`, repeated over its B images.
+pub(crate) fn targets_on_device<B: Backend>(
+    be: &B,
+    targets: &[usize],
+    cfg: &MaskConfig,
+) -> Result<(B::Index, B::Buf)> {
+    let labels: Vec<u32> = targets
+        .iter()
+        .flat_map(|&t| std::iter::repeat_n(t as u32, cfg.batch))
+        .collect();
+    let n = labels.len();
+    let weights = Tensor::full(&[n], cfg.alpha / cfg.batch as f32);
+    Ok((be.upload_index(&labels)?, be.upload(&weights)?))
+}
+
+/// What a window gives back to the host when it ends.
+pub struct WindowOutput {
+    /// Steps the window made.
+    pub steps: usize,
+    /// Cross-entropy of every composite of every step, `[steps][S*B]`.
+    pub losses: Vec<f32>,
+    /// Non-finite logits and mask-gradient values per step, `[steps][2]`.
+    pub nonfinite: Vec<f32>,
+    /// The masks after each step from step `first_snapshot` of the window
+    /// on, `[steps - first_snapshot][S*H*W]` (empty when it made none).
+    pub snapshots: Vec<f32>,
+    /// The window's first step whose masks are in `snapshots`.
+    pub first_snapshot: usize,
+    /// The masks after the last step, `[S*H*W]`.
+    pub masks: Vec<f32>,
+    /// The canvases after the last step, `[S*C*H*W]`, when any search learns.
+    pub canvases: Option<Vec<f32>>,
+}
+
+/// S searches advancing together for up to `len` steps with everything on
+/// the backend (see the module's doc).
+pub struct Window<'w, 'm, B: Backend> {
+    model: &'w DeviceModel<'m, B>,
+    cfg: &'w MaskConfig,
+    images: &'w B::Buf,
+    /// Rows of `images` each step composes, step-major: `[len][S*B]`.
+    rows: B::Index,
+    labels: B::Index,
+    weights: B::Buf,
+    learners: Option<B::Buf>,
+    canvases: B::Buf,
+    masks: B::Buf,
+    losses: B::Buf,
+    nonfinite: B::Buf,
+    snapshots: Option<B::Buf>,
+    snap_from: usize,
+    len: usize,
+    done: usize,
+    searches: usize,
+}
+
+impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
+    /// A window of `rows.len() / (S*B)` steps of the searches for `targets`
+    /// from their `canvases [S,C,H,W]` and `masks [S,H,W]`. Step i composes
+    /// rows `rows[i*S*B..(i+1)*S*B]` of `images` (search-major, B per
+    /// search). `learn[s]` says whether search s learns its canvas. The
+    /// masks after each step from `snap_from` on are kept for the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &'w DeviceModel<'m, B>,
+        cfg: &'w MaskConfig,
+        images: &'w B::Buf,
+        rows: &[u32],
+        targets: &[usize],
+        learn: &[bool],
+        canvases: &Tensor,
+        masks: &Tensor,
+        snap_from: usize,
+    ) -> Result<Self> {
+        let be = model.be;
+        let s = targets.len();
+        let [c, h, w] = model.graph.input;
+        let per_step = s * cfg.batch;
+        if s == 0
+            || learn.len() != s
+            || per_step == 0
+            || !rows.len().is_multiple_of(per_step)
+            || canvases.shape() != [s, c, h, w]
+            || masks.shape() != [s, h, w]
+        {
+            return Err(Error::Msg(format!(
+                "search window: {s} searches of {} images need canvases [{s}, {c}, {h}, {w}], \
+                 masks [{s}, {h}, {w}], {s} learn flags and whole steps of rows; got canvases \
+                 {:?}, masks {:?}, {} flags, {} rows",
+                cfg.batch,
+                canvases.shape(),
+                masks.shape(),
+                learn.len(),
+                rows.len()
+            )));
+        }
+        let len = rows.len() / per_step;
+        let (labels, weights) = targets_on_device(be, targets, cfg)?;
+        let learners = if learn.iter().any(|&l| l) {
+            let flags = Tensor::from_fn(&[s, h, w], |i| if learn[i / (h * w)] { 1.0 } else { 0.0 });
+            Some(be.upload(&flags)?)
+        } else {
+            None
+        };
+        let snap_steps = len.saturating_sub(snap_from);
+        let snapshots = if snap_steps > 0 {
+            Some(be.zeros(&[snap_steps * s * h * w])?)
+        } else {
+            None
+        };
+        Ok(Window {
+            model,
+            cfg,
+            images,
+            rows: be.upload_index(rows)?,
+            labels,
+            weights,
+            learners,
+            canvases: be.upload(canvases)?,
+            masks: be.upload(masks)?,
+            losses: be.zeros(&[len * per_step])?,
+            nonfinite: be.zeros(&[len * 2])?,
+            snapshots,
+            snap_from,
+            len,
+            done: 0,
+            searches: s,
+        })
+    }
+
+    /// Steps made so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// True when every step of the window is made.
+    pub fn is_full(&self) -> bool {
+        self.done == self.len
+    }
+
+    /// Enqueues the next step; nothing is copied to or from the host and
+    /// nothing waits for the device.
+    pub fn step(&mut self) -> Result<()> {
+        if self.is_full() {
+            return Err(Error::Msg(format!(
+                "search window: all {} steps are made",
+                self.len
+            )));
+        }
+        let be = self.model.be;
+        let per_step = self.searches * self.cfg.batch;
+        let i = self.done;
+        let others = be.gather_rows(self.images, &self.rows, i * per_step, per_step)?;
+        let out = advance(
+            self.model,
+            &mut self.canvases,
+            &mut self.masks,
+            &others,
+            &self.labels,
+            &self.weights,
+            self.cfg,
+            self.learners.as_ref(),
+        )?;
+        be.write_at(&mut self.losses, i * per_step, &out.losses)?;
+        be.count_nonfinite(&out.logits, &mut self.nonfinite, 2 * i)?;
+        be.count_nonfinite(&out.dmask, &mut self.nonfinite, 2 * i + 1)?;
+        if let (Some(snaps), true) = (self.snapshots.as_mut(), i >= self.snap_from) {
+            let plane = be.shape(&self.masks).iter().product::<usize>();
+            be.write_at(snaps, (i - self.snap_from) * plane, &self.masks)?;
+        }
+        self.done += 1;
+        Ok(())
+    }
+
+    /// Reads the window's results back (the one wait of the window).
+    pub fn finish(self) -> Result<WindowOutput> {
+        let be = self.model.be;
+        let per_step = self.searches * self.cfg.batch;
+        let mut losses = be.download(&self.losses)?.into_data();
+        losses.truncate(self.done * per_step);
+        let mut nonfinite = be.download(&self.nonfinite)?.into_data();
+        nonfinite.truncate(self.done * 2);
+        let masks = be.download(&self.masks)?.into_data();
+        let snapshots = match &self.snapshots {
+            Some(b) if self.done > self.snap_from => {
+                let mut v = be.download(b)?.into_data();
+                v.truncate((self.done - self.snap_from) * masks.len());
+                v
+            }
+            _ => Vec::new(),
+        };
+        let canvases = match self.learners {
+            Some(_) => Some(be.download(&self.canvases)?.into_data()),
+            None => None,
+        };
+        Ok(WindowOutput {
+            steps: self.done,
+            losses,
+            nonfinite,
+            snapshots,
+            first_snapshot: self.snap_from,
+            masks,
+            canvases,
+        })
+    }
+}
