@@ -100,6 +100,10 @@ fn main() {
                 tu,
                 "extern \"C\" void cwp_emu_body_{n}(void** a) {{ cwp_emu::invoke({n}, a); }}"
             );
+            let _ = writeln!(
+                tu,
+                "extern \"C\" int cwp_emu_sizes_{n}(unsigned long* o) {{ return cwp_emu::arg_sizes({n}, o); }}"
+            );
         }
         std::fs::write(&cpp, tu).expect("write emu translation unit");
         build.file(&cpp);
@@ -118,6 +122,10 @@ fn main() {
             rs,
             "    fn cwp_emu_body_{n}(args: *mut *mut std::ffi::c_void);"
         );
+        let _ = writeln!(
+            rs,
+            "    fn cwp_emu_sizes_{n}(out: *mut std::ffi::c_ulong) -> i32;"
+        );
     }
     let _ = writeln!(rs, "}}");
     let _ = writeln!(
@@ -127,6 +135,15 @@ fn main() {
     let _ = writeln!(rs, "pub static EMU_BODIES: &[(&str, EmuBody)] = &[");
     for n in &all_kernels {
         let _ = writeln!(rs, "    ({n:?}, cwp_emu_body_{n}),");
+    }
+    let _ = writeln!(rs, "];");
+    let _ = writeln!(
+        rs,
+        "/// The byte size of every kernel's parameters (what a recorded launch copies)."
+    );
+    let _ = writeln!(rs, "pub static EMU_ARG_SIZES: &[(&str, EmuArgSizes)] = &[");
+    for n in &all_kernels {
+        let _ = writeln!(rs, "    ({n:?}, cwp_emu_sizes_{n}),");
     }
     let _ = writeln!(rs, "];");
     std::fs::write(out.join("kernels.rs"), rs).expect("write kernels.rs");

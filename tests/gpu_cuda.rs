@@ -4,6 +4,8 @@
 //! the prepared script `scripts/gpu-check.sh` on a GPU machine) runs them,
 //! and there a missing driver or device fails the test.
 
+mod common;
+
 use classwise::backend::gpu::cuda::CudaDriver;
 use classwise::backend::gpu::GpuBackend;
 use classwise::backend::Backend;
@@ -118,4 +120,13 @@ fn cuda_corrupted_kernel_cache_is_rebuilt() {
         &[0.0; 6]
     );
     std::env::remove_var("CWP_CACHE_DIR");
+}
+
+/// A search window on the device (first step op by op, second recorded as
+/// a CUDA graph, third replayed) gives the bits of the plain one-step
+/// function on the same device.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --ignored on a GPU machine"]
+fn cuda_search_window_gives_the_bits_of_one_step_at_a_time() {
+    common::window::window_equals_step_by_step(&cuda());
 }

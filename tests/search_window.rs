@@ -5,108 +5,17 @@
 //! the CPU and on the GPU backend (emulated), and copy nothing between host
 //! and device while it steps.
 
+mod common;
+
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::gpu::emu::EmuDriver;
 use classwise::backend::gpu::GpuBackend;
 use classwise::backend::Backend;
 use classwise::device_model::DeviceModel;
-use classwise::search::optimize::{step, MaskConfig};
 use classwise::search::window::Window;
 use classwise::selftest::formula_params;
-use classwise::zoo::{build, ModelSpec};
 use classwise::Tensor;
-
-const S: usize = 2;
-const B: usize = 2;
-
-fn cfg() -> MaskConfig {
-    MaskConfig {
-        batch: B,
-        ..MaskConfig::default()
-    }
-}
-
-fn graph() -> classwise::graph::Graph {
-    build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap()
-}
-
-/// Eight images, and for each step the rows its two searches compose.
-fn image_set() -> Tensor {
-    Tensor::from_fn(&[8, 1, 28, 28], |i| ((i * 7919) % 1000) as f32 / 1000.0)
-}
-
-fn table(steps: usize) -> Vec<u32> {
-    (0..steps * S * B)
-        .map(|i| ((i * 3 + i / 4) % 8) as u32)
-        .collect()
-}
-
-fn rows(t: &Tensor, idx: &[u32]) -> Tensor {
-    let n = t.len() / t.shape()[0];
-    let data = idx
-        .iter()
-        .flat_map(|&r| t.data()[r as usize * n..(r as usize + 1) * n].to_vec())
-        .collect();
-    let mut shape = t.shape().to_vec();
-    shape[0] = idx.len();
-    Tensor::new(&shape, data).unwrap()
-}
-
-/// Three steps of a window (search 0 learns its canvas, search 1 does not;
-/// masks kept from step 1 on) against three calls of the plain step, whose
-/// fixed canvas is put back after each call as a run does.
-fn window_equals_step_by_step<Bk: Backend>(be: &Bk) {
-    let g = graph();
-    let model = DeviceModel::upload(be, &g, &formula_params(&g)).unwrap();
-    let cfg = cfg();
-    let steps = 3;
-    let table = table(steps);
-    let canvas0 = Tensor::from_fn(&[S, 1, 28, 28], |i| ((i * 31) % 97) as f32 / 97.0);
-    let mask0 = Tensor::full(&[S, 28, 28], 0.5);
-    let (targets, learn) = ([3usize, 7], [true, false]);
-    let images = be.upload(&image_set()).unwrap();
-    let mut win = Window::new(
-        &model, &cfg, &images, &table, &targets, &learn, &canvas0, &mask0, 1,
-    )
-    .unwrap();
-    while !win.is_full() {
-        win.step().unwrap();
-    }
-    let got = win.finish().unwrap();
-    assert_eq!(got.steps, steps);
-
-    let (mut canvas, mut mask) = (canvas0.clone(), mask0.clone());
-    let plane = 28 * 28;
-    for i in 0..steps {
-        let others = rows(&image_set(), &table[i * S * B..(i + 1) * S * B]);
-        let out = step(&model, &canvas, &mask, &others, &targets, &cfg, true).unwrap();
-        let ce: Vec<f32> = got.losses[i * S * B..(i + 1) * S * B]
-            .chunks(B)
-            .map(|l| (l.iter().map(|&v| v as f64).sum::<f64>() / B as f64) as f32)
-            .collect();
-        assert_eq!(ce, out.ce, "step {i}: each search's cross-entropy");
-        assert_eq!(&got.nonfinite[2 * i..2 * i + 2], &[0.0, 0.0]);
-        mask = out.masks;
-        if i >= 1 {
-            let at = (i - 1) * S * plane;
-            assert_eq!(
-                &got.snapshots[at..at + S * plane],
-                mask.data(),
-                "the masks kept after step {i}"
-            );
-        }
-        let learned = out.canvases.unwrap();
-        let n = canvas.len() / S;
-        canvas.data_mut()[..n].copy_from_slice(&learned.data()[..n]);
-    }
-    assert_eq!(got.snapshots.len(), (steps - 1) * S * plane);
-    assert_eq!(got.masks, mask.data(), "the final masks");
-    let canvases = got
-        .canvases
-        .expect("a learning search brings its canvas back");
-    assert_eq!(canvases, canvas.data(), "learned canvas 0, fixed canvas 1");
-    assert_ne!(canvas.data(), canvas0.data(), "the learned canvas moved");
-}
+use common::window::*;
 
 #[test]
 fn a_window_gives_the_bits_of_one_step_at_a_time_on_the_cpu() {
@@ -146,10 +55,17 @@ fn a_window_copies_nothing_between_host_and_device_until_it_ends() {
         while !win.is_full() {
             win.step().unwrap();
         }
+        let during = gpu.driver().host_traffic();
         assert_eq!(
-            gpu.driver().host_traffic(),
-            before,
+            (during.uploads, during.downloads, during.syncs),
+            (before.uploads, before.downloads, before.syncs),
             "{steps} steps copied or waited"
+        );
+        let launched = gpu.driver().host_traffic().graph_launches - before.graph_launches;
+        assert_eq!(
+            launched,
+            steps - 1,
+            "every step after the first is one recorded submission"
         );
         win.finish().unwrap();
         let after = gpu.driver().host_traffic();
@@ -204,4 +120,50 @@ fn a_window_refuses_shapes_that_do_not_make_whole_steps() {
     .unwrap();
     win.step().unwrap();
     assert!(win.step().is_err(), "a step past the window's end");
+}
+
+/// What a CUDA graph cannot hold, the emulator refuses to record: host
+/// copies and waits, memory allocated in the recording that outlives it,
+/// and freeing memory from before it (every replay would free it again).
+#[test]
+fn the_emulator_refuses_a_recording_a_cuda_graph_could_not_replay() {
+    use classwise::backend::gpu::Driver;
+    let drv = EmuDriver::new();
+    let older = drv.alloc(64).unwrap();
+
+    drv.begin_capture().unwrap();
+    assert!(
+        drv.htod(older, &[0u8; 4]).is_err(),
+        "an upload while recording"
+    );
+    let mut back = [0u8; 4];
+    assert!(
+        drv.dtoh(older, &mut back).is_err(),
+        "a download while recording"
+    );
+    assert!(drv.synchronize().is_err(), "a wait while recording");
+    let scratch = drv.alloc(32).unwrap();
+    drv.memset_zero(scratch, 32).unwrap();
+    drv.dtod(older, scratch, 32).unwrap();
+    drv.free(scratch);
+    let g = drv
+        .end_capture()
+        .expect("copies on the device and freed scratch are fine");
+    drv.htod(older, &[7u8; 64]).unwrap();
+    drv.launch_graph(g).unwrap();
+    let mut now = [1u8; 64];
+    drv.dtoh(older, &mut now).unwrap();
+    assert_eq!(&now[..32], &[0u8; 32], "the replay zeroed and copied");
+    assert_eq!(&now[32..], &[7u8; 32]);
+    drv.destroy_graph(g);
+
+    drv.begin_capture().unwrap();
+    let _kept = drv.alloc(32).unwrap();
+    let e = drv.end_capture().unwrap_err().to_string();
+    assert!(e.contains("outlive"), "{e}");
+
+    drv.begin_capture().unwrap();
+    drv.free(older);
+    let e = drv.end_capture().unwrap_err().to_string();
+    assert!(e.contains("before the recording"), "{e}");
 }

@@ -208,4 +208,12 @@ template <typename... A>
 static inline void invoke(void (*f)(A...), void** args) {
   call(f, args, std::make_integer_sequence<unsigned long, sizeof...(A)>{});
 }
+// The byte size of each parameter of a kernel (what a recorded launch must
+// copy of its argument values), written to `out`; returns how many.
+template <typename... A>
+static inline int arg_sizes(void (*)(A...), unsigned long* out) {
+  const unsigned long sizes[sizeof...(A) + 1] = {sizeof(A)..., 0};
+  for (unsigned long i = 0; i < sizeof...(A); ++i) out[i] = sizes[i];
+  return (int)sizeof...(A);
+}
 }  // namespace cwp_emu

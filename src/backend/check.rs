@@ -275,3 +275,27 @@ pub fn pattern_grad_dims(dx: &[usize], mask: &[usize]) -> Result<(usize, usize, 
     }
     Ok((s, n / s, c, h * w))
 }
+
+/// Rows of `dst` (its first axis) once each holds as many values as `src`.
+pub fn row_count(dst: &[usize], src_len: usize) -> Result<usize> {
+    let rows = dst.first().copied().unwrap_or(0);
+    let per_row = dst.iter().skip(1).product::<usize>();
+    if per_row != src_len {
+        return Err(Error::tensor(
+            "window row",
+            format!("{src_len} values written into rows of {per_row} (window {dst:?})"),
+        ));
+    }
+    Ok(rows)
+}
+
+/// The row width of `counts [rows, width]`, checked against `slot`.
+pub fn counts_width(shape: &[usize], slot: usize) -> Result<usize> {
+    match shape {
+        [_, width] if slot < *width => Ok(*width),
+        _ => Err(Error::tensor(
+            "non-finite counts",
+            format!("slot {slot} of counts shaped {shape:?} (need [steps, width > slot])"),
+        )),
+    }
+}

@@ -185,6 +185,8 @@ pub trait Backend: Send + Sync {
     /// Row indices or class labels (`u32`) on the backend's device: what
     /// lets a search step gather and score its batch without the host.
     type Index: Send + Sync;
+    /// Device work recorded once and replayed ([`Backend::record`]).
+    type Recording: Send + Sync;
 
     /// A short name for reports ("cpu", "cuda:0 NVIDIA H200", "emu").
     fn name(&self) -> String;
@@ -201,23 +203,45 @@ pub trait Backend: Send + Sync {
     fn download(&self, b: &Self::Buf) -> Result<Tensor>;
     /// Copies row indices or labels onto the device (each below 2^31).
     fn upload_index(&self, v: &[u32]) -> Result<Self::Index>;
-    /// Rows `index[start..start + n]` of `src` (rows along its first axis),
-    /// in that order: `[n, ...]`. A search step gathers its batch this way
-    /// from the images kept on the device.
+    /// Rows `index[c*n..(c+1)*n]` of `src` (rows along its first axis), in
+    /// that order: `[n, ...]`, `c` the step `cursor` holds (a one-entry
+    /// index). A search step gathers its batch this way from the images kept
+    /// on the device, reading where it stands from the device too, so every
+    /// step submits the same work.
     fn gather_rows(
         &self,
         src: &Self::Buf,
         index: &Self::Index,
-        start: usize,
+        cursor: &Self::Index,
         n: usize,
     ) -> Result<Self::Buf>;
-    /// Writes `src`'s values into `dst` from flat element `at` on: a step
-    /// leaves its results in a window buffer that the host reads once.
-    fn write_at(&self, dst: &mut Self::Buf, at: usize, src: &Self::Buf) -> Result<()>;
-    /// Adds the number of NaN or infinite values of `x` to `counts[slot]`,
-    /// so a step's finiteness is checked on the device and read back with
-    /// its window (exact below 2^24; never zero when there is one).
-    fn count_nonfinite(&self, x: &Self::Buf, counts: &mut Self::Buf, slot: usize) -> Result<()>;
+    /// Writes `src` into row `c` of `dst` (rows along its first axis, each
+    /// as many values as `src`), `c` the cursor's step: a step leaves its
+    /// results in a window buffer that the host reads once.
+    fn write_row(&self, dst: &mut Self::Buf, cursor: &Self::Index, src: &Self::Buf) -> Result<()>;
+    /// Adds the number of NaN or infinite values of `x` to `counts[c][slot]`
+    /// (`counts [steps, width]`, `c` the cursor's step), so a step's
+    /// finiteness is checked on the device and read back with its window
+    /// (exact below 2^24; never zero when there is one).
+    fn count_nonfinite(
+        &self,
+        x: &Self::Buf,
+        counts: &mut Self::Buf,
+        cursor: &Self::Index,
+        slot: usize,
+    ) -> Result<()>;
+    /// Moves a step cursor on by one step.
+    fn advance_cursor(&self, cursor: &mut Self::Index) -> Result<()>;
+    /// Runs `f` once and, where the device can, records the work it submits
+    /// so that [`Backend::replay`] submits it again in one go, with no host
+    /// work per op (on a GPU, a CUDA graph). `f` must submit work that
+    /// reads everything that changes between calls from the device (see
+    /// the cursor ops above), allocate nothing that outlives it, and copy
+    /// nothing to or from the host. None where ops run as they are called
+    /// (the CPU): call `f` again instead.
+    fn record(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Recording>>;
+    /// Submits the work of a [`Backend::record`]ing again.
+    fn replay(&self, r: &Self::Recording) -> Result<()>;
     /// The logical shape of a buffer.
     fn shape<'a>(&self, b: &'a Self::Buf) -> &'a [usize];
     /// A buffer of zeros.

@@ -452,7 +452,7 @@ pub fn optimise<B: Backend>(
                 for (k, &s) in chunk.iter().enumerate() {
                     let st = &mut state.searches[s];
                     if t >= total[s] - steps_per_epoch[s] {
-                        let at = (i - out.first_snapshot) * chunk.len() * plane + k * plane;
+                        let at = i * chunk.len() * plane + k * plane;
                         st.mask.copy_from_slice(&out.snapshots[at..at + plane]);
                         st.add_to_last_epoch();
                     }

@@ -15,6 +15,12 @@ use crate::device_model::DeviceModel;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// Prints `msg` to stderr the first time only.
+fn warn_once(msg: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| eprintln!("warning: {msg}"));
+}
+
 /// What one step leaves on the device besides the updated masks.
 pub(crate) struct Advanced<Buf> {
     /// Per-image cross-entropy `[S*B]`, before the update.
@@ -84,11 +90,9 @@ pub struct WindowOutput {
     pub losses: Vec<f32>,
     /// Non-finite logits and mask-gradient values per step, `[steps][2]`.
     pub nonfinite: Vec<f32>,
-    /// The masks after each step from step `first_snapshot` of the window
-    /// on, `[steps - first_snapshot][S*H*W]` (empty when it made none).
+    /// The masks after each step, `[steps][S*H*W]`, when the window keeps
+    /// them (see [`Window::new`]); else empty.
     pub snapshots: Vec<f32>,
-    /// The window's first step whose masks are in `snapshots`.
-    pub first_snapshot: usize,
     /// The masks after the last step, `[S*H*W]`.
     pub masks: Vec<f32>,
     /// The canvases after the last step, `[S*C*H*W]`, when any search learns.
@@ -108,10 +112,16 @@ pub struct Window<'w, 'm, B: Backend> {
     learners: Option<B::Buf>,
     canvases: B::Buf,
     masks: B::Buf,
+    /// `[len, S*B]` cross-entropies, `[len, 2]` non-finite counts, and
+    /// (when kept) `[len, S*H*W]` masks: one row per step.
     losses: B::Buf,
     nonfinite: B::Buf,
     snapshots: Option<B::Buf>,
-    snap_from: usize,
+    /// The step the device is at: what the ops above read, so every step
+    /// submits the same work.
+    cursor: B::Index,
+    /// The second step's work, recorded for the steps after it.
+    recording: Option<B::Recording>,
     len: usize,
     done: usize,
     searches: usize,
@@ -122,7 +132,8 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
     /// from their `canvases [S,C,H,W]` and `masks [S,H,W]`. Step i composes
     /// rows `rows[i*S*B..(i+1)*S*B]` of `images` (search-major, B per
     /// search). `learn[s]` says whether search s learns its canvas. The
-    /// masks after each step from `snap_from` on are kept for the host.
+    /// masks after every step are kept for the host when a step from
+    /// `snap_from` on is in the window (a run needs those of its last epoch).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &'w DeviceModel<'m, B>,
@@ -165,9 +176,8 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
         } else {
             None
         };
-        let snap_steps = len.saturating_sub(snap_from);
-        let snapshots = if snap_steps > 0 {
-            Some(be.zeros(&[snap_steps * s * h * w])?)
+        let snapshots = if snap_from < len {
+            Some(be.zeros(&[len, s * h * w])?)
         } else {
             None
         };
@@ -181,10 +191,11 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             learners,
             canvases: be.upload(canvases)?,
             masks: be.upload(masks)?,
-            losses: be.zeros(&[len * per_step])?,
-            nonfinite: be.zeros(&[len * 2])?,
+            losses: be.zeros(&[len, per_step])?,
+            nonfinite: be.zeros(&[len, 2])?,
             snapshots,
-            snap_from,
+            cursor: be.upload_index(&[0])?,
+            recording: None,
             len,
             done: 0,
             searches: s,
@@ -201,8 +212,11 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
         self.done == self.len
     }
 
-    /// Enqueues the next step; nothing is copied to or from the host and
-    /// nothing waits for the device.
+    /// Submits the next step; nothing is copied to or from the host and
+    /// nothing waits for the device. The first step runs op by op (its
+    /// launches load the kernels); the second is recorded as it runs, and
+    /// later ones replay that recording where the backend can (one
+    /// submission per step on a GPU).
     pub fn step(&mut self) -> Result<()> {
         if self.is_full() {
             return Err(Error::Msg(format!(
@@ -211,9 +225,34 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             )));
         }
         let be = self.model.be;
+        if self.done == 1 {
+            self.recording = match be.record(&mut || self.submit()) {
+                Ok(r) => r,
+                // Nothing recorded has run (the cursor has not moved): the
+                // step runs op by op instead, as every later one will. A
+                // real failure of the step fails again here.
+                Err(e) => {
+                    warn_once(&format!(
+                        "recording a search step failed ({e}); steps run op by op"
+                    ));
+                    self.submit()?;
+                    None
+                }
+            };
+        } else if let (2.., Some(r)) = (self.done, self.recording.as_ref()) {
+            be.replay(r)?;
+        } else {
+            self.submit()?;
+        }
+        self.done += 1;
+        Ok(())
+    }
+
+    /// The work of one step, reading where it stands from the cursor.
+    fn submit(&mut self) -> Result<()> {
+        let be = self.model.be;
         let per_step = self.searches * self.cfg.batch;
-        let i = self.done;
-        let others = be.gather_rows(self.images, &self.rows, i * per_step, per_step)?;
+        let others = be.gather_rows(self.images, &self.rows, &self.cursor, per_step)?;
         let out = advance(
             self.model,
             &mut self.canvases,
@@ -224,15 +263,13 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             self.cfg,
             self.learners.as_ref(),
         )?;
-        be.write_at(&mut self.losses, i * per_step, &out.losses)?;
-        be.count_nonfinite(&out.logits, &mut self.nonfinite, 2 * i)?;
-        be.count_nonfinite(&out.dmask, &mut self.nonfinite, 2 * i + 1)?;
-        if let (Some(snaps), true) = (self.snapshots.as_mut(), i >= self.snap_from) {
-            let plane = be.shape(&self.masks).iter().product::<usize>();
-            be.write_at(snaps, (i - self.snap_from) * plane, &self.masks)?;
+        be.write_row(&mut self.losses, &self.cursor, &out.losses)?;
+        be.count_nonfinite(&out.logits, &mut self.nonfinite, &self.cursor, 0)?;
+        be.count_nonfinite(&out.dmask, &mut self.nonfinite, &self.cursor, 1)?;
+        if let Some(snaps) = self.snapshots.as_mut() {
+            be.write_row(snaps, &self.cursor, &self.masks)?;
         }
-        self.done += 1;
-        Ok(())
+        be.advance_cursor(&mut self.cursor)
     }
 
     /// Reads the window's results back (the one wait of the window).
@@ -245,12 +282,12 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
         nonfinite.truncate(self.done * 2);
         let masks = be.download(&self.masks)?.into_data();
         let snapshots = match &self.snapshots {
-            Some(b) if self.done > self.snap_from => {
+            Some(b) => {
                 let mut v = be.download(b)?.into_data();
-                v.truncate((self.done - self.snap_from) * masks.len());
+                v.truncate(self.done * masks.len());
                 v
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let canvases = match self.learners {
             Some(_) => Some(be.download(&self.canvases)?.into_data()),
@@ -261,7 +298,6 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             losses,
             nonfinite,
             snapshots,
-            first_snapshot: self.snap_from,
             masks,
             canvases,
         })

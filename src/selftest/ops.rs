@@ -193,22 +193,30 @@ impl<'a, D: Driver> Suite<'a, D> {
     }
 
     /// What a search step runs on without the host: a batch gathered by
-    /// row index, results written at an offset of a window buffer, and
-    /// non-finite values counted on the device.
+    /// row index, results written into a row of a window buffer, and
+    /// non-finite values counted, each at the step a cursor on the device
+    /// holds; and a recorded step replayed.
     fn rows(&mut self) -> Result<()> {
         let src = self.rand(&[6, 2, 3, 1], -1.0, 1.0);
-        let idx = vec![5u32, 0, 3, 3, 1];
+        let idx = vec![5u32, 0, 3, 3, 1, 2];
+        let (ccur, gcur) = (vec![1u32], self.gpu.upload_index(&[1])?);
         let gidx = self.gpu.upload_index(&idx)?;
         let gsrc = self.up(&src)?;
-        let want = self.cpu.gather_rows(&src, &idx, 1, 3)?;
-        let got = self.down(&self.gpu.gather_rows(&gsrc, &gidx, 1, 3)?)?;
+        let want = self.cpu.gather_rows(&src, &idx, &ccur, 3)?;
+        let got = self.down(&self.gpu.gather_rows(&gsrc, &gidx, &gcur, 3)?)?;
         self.cmp("gather_rows", &got, &want, |_| 0.0);
         let outside = self.gpu.upload_index(&[2, 6])?;
-        let got = self.down(&self.gpu.gather_rows(&gsrc, &outside, 0, 2)?)?;
+        let first = self.gpu.upload_index(&[0])?;
+        let got = self.down(&self.gpu.gather_rows(&gsrc, &outside, &first, 2)?)?;
         self.property(
             "a row index outside the source gives a NaN row, never another row",
             got.data()[..6].iter().all(|v| v.is_finite())
                 && got.data()[6..].iter().all(|v| v.is_nan()),
+        );
+        let got = self.down(&self.gpu.gather_rows(&gsrc, &gidx, &gcur, 4)?)?;
+        self.property(
+            "a cursor past the index gives NaN rows",
+            got.data()[12..].iter().all(|v| v.is_nan()),
         );
         self.property(
             "an index beyond 32-bit signed is refused",
@@ -216,21 +224,23 @@ impl<'a, D: Driver> Suite<'a, D> {
         );
 
         let part = self.rand(&[2, 3], -1.0, 1.0);
-        let mut want = Tensor::zeros(&[10]);
-        self.cpu.write_at(&mut want, 3, &part)?;
-        let mut dst = self.gpu.zeros(&[10])?;
-        let sharing = self.gpu.reshape(&dst, &[10])?;
-        self.gpu.write_at(&mut dst, 3, &self.up(&part)?)?;
-        self.cmp("write_at", &self.down(&dst)?, &want, |_| 0.0);
+        let mut want = Tensor::zeros(&[3, 6]);
+        self.cpu.write_row(&mut want, &ccur, &part)?;
+        let mut dst = self.gpu.zeros(&[3, 6])?;
+        let sharing = self.gpu.reshape(&dst, &[18])?;
+        self.gpu.write_row(&mut dst, &gcur, &self.up(&part)?)?;
+        self.cmp("write_row", &self.down(&dst)?, &want, |_| 0.0);
         self.cmp(
-            "write_at leaves a sharing buffer unchanged",
+            "write_row leaves a sharing buffer unchanged",
             &self.down(&sharing)?,
-            &Tensor::zeros(&[10]),
+            &Tensor::zeros(&[18]),
             |_| 0.0,
         );
         self.property(
-            "write_at past the end is refused",
-            self.gpu.write_at(&mut dst, 5, &self.up(&part)?).is_err(),
+            "write_row of a row of another size is refused",
+            self.gpu
+                .write_row(&mut dst, &gcur, &self.up(&Tensor::zeros(&[5]))?)
+                .is_err(),
         );
 
         let mut x = self.rand(&[1031], -1.0, 1.0);
@@ -243,14 +253,27 @@ impl<'a, D: Driver> Suite<'a, D> {
             x.data_mut()[i] = v;
         }
         x.data_mut()[7] = f32::MAX;
-        let mut want = Tensor::new(&[3], vec![1.0, 0.0, 2.0])?;
+        let mut want = Tensor::new(&[2, 2], vec![1.0, 0.0, 2.0, 5.0])?;
         let mut got = self.up(&want)?;
         let gx = self.up(&x)?;
-        for slot in [1, 2, 1] {
-            self.cpu.count_nonfinite(&x, &mut want, slot)?;
-            self.gpu.count_nonfinite(&gx, &mut got, slot)?;
+        for slot in [1, 0, 1] {
+            self.cpu.count_nonfinite(&x, &mut want, &ccur, slot)?;
+            self.gpu.count_nonfinite(&gx, &mut got, &gcur, slot)?;
         }
         self.cmp("count_nonfinite", &self.down(&got)?, &want, |_| 0.0);
+
+        // Three steps of "gather the cursor's rows, add them to an
+        // accumulator, move on": the first run op by op, the second
+        // recorded, the third replayed, as a search window runs them.
+        let table = [4u32, 1, 0, 5, 2, 2];
+        let want = recorded_steps(&self.cpu, &src, &table)?;
+        let got = recorded_steps(self.gpu, &src, &table)?;
+        self.cmp(
+            "three steps, one recorded and replayed",
+            &got,
+            &want,
+            |_| 0.0,
+        );
         Ok(())
     }
 
@@ -1038,6 +1061,30 @@ impl<'a, D: Driver> Suite<'a, D> {
 }
 
 /// Runs one op family of the suite (see [`OP_FAMILIES`]) on `gpu`.
+/// Three steps that each add the cursor's two rows of `src` (by `table`)
+/// to an accumulator: the first run op by op, the second through
+/// [`Backend::record`], the third replayed (run again where nothing was
+/// recorded). The accumulator comes back.
+fn recorded_steps<B: Backend>(be: &B, src: &Tensor, table: &[u32]) -> Result<Tensor> {
+    let src = be.upload(src)?;
+    let table = be.upload_index(table)?;
+    let mut cursor = be.upload_index(&[0])?;
+    let mut shape = be.shape(&src).to_vec();
+    shape[0] = 2;
+    let mut acc = be.zeros(&shape)?;
+    let mut step = || -> Result<()> {
+        let rows = be.gather_rows(&src, &table, &cursor, 2)?;
+        be.add_assign(&mut acc, &rows)?;
+        be.advance_cursor(&mut cursor)
+    };
+    step()?;
+    match be.record(&mut step)? {
+        Some(r) => be.replay(&r)?,
+        None => step()?,
+    }
+    be.download(&acc)
+}
+
 pub fn check_ops<D: Driver>(gpu: &GpuBackend<D>, family: &str, seed: u64) -> Result<Vec<Check>> {
     let mut s = Suite::new(gpu, family, seed);
     match family {

@@ -4,6 +4,8 @@
 //! (`classwise::selftest::formula_params`), the one copy of that formula.
 #![allow(dead_code)]
 
+pub mod window;
+
 use std::path::PathBuf;
 
 use classwise::weights::{read_tensors, TensorFile};

@@ -73,6 +73,7 @@ pub fn tune_allocator() {
 impl Backend for CpuBackend {
     type Buf = Tensor;
     type Index = Vec<u32>;
+    type Recording = ();
 
     fn name(&self) -> String {
         "cpu".into()
@@ -99,18 +100,40 @@ impl Backend for CpuBackend {
         &self,
         src: &Tensor,
         index: &Vec<u32>,
-        start: usize,
+        cursor: &Vec<u32>,
         n: usize,
     ) -> Result<Tensor> {
-        rows::gather(src, index, start, n)
+        rows::gather(src, index, cursor, n)
     }
 
-    fn write_at(&self, dst: &mut Tensor, at: usize, src: &Tensor) -> Result<()> {
-        rows::write_at(dst, at, src)
+    fn write_row(&self, dst: &mut Tensor, cursor: &Vec<u32>, src: &Tensor) -> Result<()> {
+        rows::write_row(dst, cursor, src)
     }
 
-    fn count_nonfinite(&self, x: &Tensor, counts: &mut Tensor, slot: usize) -> Result<()> {
-        rows::count_nonfinite(x, counts, slot)
+    fn count_nonfinite(
+        &self,
+        x: &Tensor,
+        counts: &mut Tensor,
+        cursor: &Vec<u32>,
+        slot: usize,
+    ) -> Result<()> {
+        rows::count_nonfinite(x, counts, cursor, slot)
+    }
+
+    fn advance_cursor(&self, cursor: &mut Vec<u32>) -> Result<()> {
+        rows::next(cursor)
+    }
+
+    /// Ops run as they are called: nothing to record.
+    fn record(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<()>> {
+        f()?;
+        Ok(None)
+    }
+
+    fn replay(&self, _: &()) -> Result<()> {
+        Err(Error::Msg(
+            "the CPU backend records nothing to replay; run the work again".into(),
+        ))
     }
 
     fn shape<'a>(&self, b: &'a Tensor) -> &'a [usize] {

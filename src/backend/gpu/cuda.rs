@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 
-use super::driver::{AllocError, DevPtr, Dim3, Driver};
+use super::driver::{AllocError, DevPtr, Dim3, Driver, GraphId};
 use super::kernels::{file_of, KernelFile};
 use super::nvrtc::{self, Origin};
 use crate::error::{Error, Result};
@@ -74,6 +74,12 @@ struct Module {
 // SAFETY: a loaded module is a device-side object usable from any thread.
 unsafe impl Send for Module {}
 
+/// An instantiated CUDA graph.
+struct Exec(sys::CUgraphExec);
+// SAFETY: an executable graph is a driver object usable from any thread
+// with its context current.
+unsafe impl Send for Exec {}
+
 #[derive(Clone, Copy)]
 struct Func(sys::CUfunction);
 // SAFETY: a function handle is immutable and valid while its module is loaded.
@@ -90,6 +96,8 @@ pub struct CudaDriver {
     cache: Option<PathBuf>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<&'static str, Func>>,
+    graphs: Mutex<HashMap<GraphId, Exec>>,
+    next_graph: std::sync::atomic::AtomicU64,
 }
 
 impl CudaDriver {
@@ -153,6 +161,8 @@ impl CudaDriver {
             cache: nvrtc::cache_dir(),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
+            graphs: Mutex::new(HashMap::new()),
+            next_graph: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -386,5 +396,65 @@ impl Driver for CudaDriver {
     fn memory(&self) -> Result<(usize, usize)> {
         self.bind()?;
         cu::mem_get_info().map_err(|e| err("cuMemGetInfo", e))
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        self.bind()?;
+        // Relaxed: loading a module while recording (a first launch) is allowed.
+        // SAFETY: a live stream.
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                self.h.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+        }
+        .result()
+        .map_err(|e| err("cuStreamBeginCapture", e))
+    }
+
+    fn end_capture(&self) -> Result<GraphId> {
+        self.bind()?;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: a live stream under capture; `graph` receives the result.
+        unsafe { sys::cuStreamEndCapture(self.h.stream, &mut graph) }
+            .result()
+            .map_err(|e| err("cuStreamEndCapture", e))?;
+        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: `graph` is the captured graph; it is not needed once instantiated.
+        let made = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result();
+        // SAFETY: as above.
+        unsafe { sys::cuGraphDestroy(graph) };
+        made.map_err(|e| err("cuGraphInstantiateWithFlags", e))?;
+        let id = self
+            .next_graph
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.graphs
+            .lock()
+            .map_err(|_| Error::Backend("CUDA: graph table poisoned".into()))?
+            .insert(id, Exec(exec));
+        Ok(id)
+    }
+
+    fn launch_graph(&self, graph: GraphId) -> Result<()> {
+        self.bind()?;
+        let graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| Error::Backend("CUDA: graph table poisoned".into()))?;
+        let exec = graphs
+            .get(&graph)
+            .ok_or_else(|| Error::Backend(format!("CUDA: no graph {graph}")))?;
+        // SAFETY: an instantiated graph and a live stream.
+        unsafe { sys::cuGraphLaunch(exec.0, self.h.stream) }
+            .result()
+            .map_err(|e| err("cuGraphLaunch", e))
+    }
+
+    fn destroy_graph(&self, graph: GraphId) {
+        let exec = self.graphs.lock().ok().and_then(|mut g| g.remove(&graph));
+        if let (Some(exec), Ok(())) = (exec, self.bind()) {
+            // SAFETY: launches still pending complete before it goes.
+            unsafe { sys::cuGraphExecDestroy(exec.0) };
+        }
     }
 }

@@ -24,6 +24,9 @@ pub enum AllocError {
     Other(crate::Error),
 }
 
+/// A recorded graph of work, as a driver numbers it.
+pub type GraphId = u64;
+
 /// Grid or block extents of a launch, `(x, y, z)`.
 pub type Dim3 = [u32; 3];
 
@@ -67,6 +70,20 @@ pub trait Driver: Send + Sync + 'static {
     ) -> Result<()>;
     /// Waits until all submitted work is done; reports asynchronous faults.
     fn synchronize(&self) -> Result<()>;
+    /// From now on records the launches, device copies and memsets
+    /// submitted (and the allocations and frees between them) into a graph
+    /// instead of running them. Host copies and waits are errors until
+    /// [`Driver::end_capture`].
+    fn begin_capture(&self) -> Result<()>;
+    /// Ends a recording: the graph of everything submitted since
+    /// [`Driver::begin_capture`], none of which has run. Memory allocated
+    /// while recording must have been freed while recording too (it lives
+    /// with the graph), and nothing allocated before freed.
+    fn end_capture(&self) -> Result<GraphId>;
+    /// Submits a recorded graph's work, in order after earlier work.
+    fn launch_graph(&self, graph: GraphId) -> Result<()>;
+    /// Frees a recorded graph (after the work submitted so far).
+    fn destroy_graph(&self, graph: GraphId);
     /// `(free, total)` device memory in bytes.
     fn memory(&self) -> Result<(usize, usize)>;
 }

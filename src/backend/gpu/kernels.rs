@@ -19,6 +19,10 @@ pub struct KernelFile {
 /// launch's argument array (a pointer to each argument value).
 pub type EmuBody = unsafe extern "C" fn(*mut *mut c_void);
 
+/// Writes the byte size of each parameter of an emulated kernel (at most
+/// 16) and returns how many there are.
+pub type EmuArgSizes = unsafe extern "C" fn(*mut std::ffi::c_ulong) -> i32;
+
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The file that defines `kernel`.

@@ -51,6 +51,18 @@ impl<D: Driver> Drop for Mem<D> {
     }
 }
 
+/// Device work recorded once (a CUDA graph), destroyed with its last handle.
+pub struct Recording<D: Driver> {
+    graph: driver::GraphId,
+    drv: Arc<D>,
+}
+
+impl<D: Driver> Drop for Recording<D> {
+    fn drop(&mut self) {
+        self.drv.destroy_graph(self.graph);
+    }
+}
+
 /// A tensor on the device: shared memory plus a logical shape.
 pub struct GpuBuf<D: Driver> {
     mem: Arc<Mem<D>>,

@@ -6,7 +6,7 @@
 //! refuse the same inputs.
 
 use super::conv::{check_extents, expect_shape, linear_args, Geom};
-use super::{arg, Driver, GpuBackend, GpuBuf};
+use super::{arg, Driver, GpuBackend, GpuBuf, Recording};
 use crate::backend::check::{channel_dims, dims2, dims4, pattern_grad_dims, pgd_radius, PoolGeom};
 use crate::backend::{Activation, Backend, BnSaved, ConvParams, Pad2d, PoolParams, SgdParams};
 use crate::error::{Error, Result};
@@ -210,9 +210,21 @@ fn bn_args(n: usize, c: usize, plane: usize, eps: f32, momentum: f32) -> BnArgs 
     }
 }
 
+/// A step cursor is one entry.
+fn check_cursor<D: Driver>(cursor: &GpuBuf<D>) -> Result<()> {
+    if cursor.len() != 1 {
+        return Err(Error::tensor(
+            "step cursor",
+            format!("has {} entries, not 1", cursor.len()),
+        ));
+    }
+    Ok(())
+}
+
 impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = GpuBuf<D>;
     type Index = GpuBuf<D>;
+    type Recording = Recording<D>;
 
     fn name(&self) -> String {
         self.drv.name()
@@ -254,23 +266,14 @@ impl<D: Driver> Backend for GpuBackend<D> {
         &self,
         src: &GpuBuf<D>,
         index: &GpuBuf<D>,
-        start: usize,
+        cursor: &GpuBuf<D>,
         n: usize,
     ) -> Result<GpuBuf<D>> {
         let rows = *src
             .shape
             .first()
             .ok_or_else(|| Error::tensor("gather source", "has no rows (a scalar)"))?;
-        if start + n > index.len() {
-            return Err(Error::tensor(
-                "gather index",
-                format!(
-                    "entries {start}..{} asked of {} indices",
-                    start + n,
-                    index.len()
-                ),
-            ));
-        }
+        check_cursor(cursor)?;
         let row_len = src.len() / rows.max(1);
         let mut shape = src.shape.clone();
         shape[0] = n;
@@ -279,63 +282,109 @@ impl<D: Driver> Backend for GpuBackend<D> {
         struct GatherArgs {
             n: i32,
             row_len: i32,
-            start: i32,
             src_rows: i32,
+            entries: i32,
         }
         let a = GatherArgs {
             n: n as i32,
             row_len: row_len as i32,
-            start: start as i32,
             src_rows: rows as i32,
+            entries: index.len() as i32,
         };
-        let p = [src.ptr(), index.ptr(), out.ptr()];
+        let p = [src.ptr(), index.ptr(), cursor.ptr(), out.ptr()];
         let mut args = vec![arg(&a)];
         args.extend(p.iter().map(arg));
         self.launch_flat("rows_gather", out.len(), &mut args)?;
         Ok(out)
     }
 
-    fn write_at(&self, dst: &mut GpuBuf<D>, at: usize, src: &GpuBuf<D>) -> Result<()> {
-        if at + src.len() > dst.len() {
-            return Err(Error::tensor(
-                "write_at destination",
-                format!(
-                    "{} values written at {at} overrun its {} values",
-                    src.len(),
-                    dst.len()
-                ),
-            ));
-        }
-        if src.is_empty() {
-            return Ok(());
-        }
+    fn write_row(&self, dst: &mut GpuBuf<D>, cursor: &GpuBuf<D>, src: &GpuBuf<D>) -> Result<()> {
+        let rows = crate::backend::check::row_count(&dst.shape, src.len())?;
+        check_cursor(cursor)?;
         self.make_unique(dst)?;
-        self.drv
-            .dtod(dst.ptr() + 4 * at as u64, src.ptr(), 4 * src.len())
+        #[repr(C)]
+        struct WriteArgs {
+            n: i32,
+            rows: i32,
+        }
+        let a = WriteArgs {
+            n: src.len() as i32,
+            rows: rows as i32,
+        };
+        let p = [cursor.ptr(), src.ptr(), dst.ptr()];
+        let mut args = vec![arg(&a)];
+        args.extend(p.iter().map(arg));
+        self.launch_flat("rows_write", src.len(), &mut args)
     }
 
-    fn count_nonfinite(&self, x: &GpuBuf<D>, counts: &mut GpuBuf<D>, slot: usize) -> Result<()> {
-        if slot >= counts.len() {
-            return Err(Error::tensor(
-                "non-finite counts",
-                format!("slot {slot} of {} counts", counts.len()),
-            ));
-        }
+    fn count_nonfinite(
+        &self,
+        x: &GpuBuf<D>,
+        counts: &mut GpuBuf<D>,
+        cursor: &GpuBuf<D>,
+        slot: usize,
+    ) -> Result<()> {
+        let width = crate::backend::check::counts_width(&counts.shape, slot)?;
+        check_cursor(cursor)?;
         self.make_unique(counts)?;
         #[repr(C)]
         struct CountArgs {
             n: i32,
+            width: i32,
+            rows: i32,
             slot: i32,
         }
         let a = CountArgs {
             n: x.len() as i32,
+            width: width as i32,
+            rows: counts.shape[0] as i32,
             slot: slot as i32,
         };
-        let p = [x.ptr(), counts.ptr()];
+        let p = [x.ptr(), cursor.ptr(), counts.ptr()];
         let mut args = vec![arg(&a)];
         args.extend(p.iter().map(arg));
         // Launched even for an empty x: it adds the zero the CPU adds.
         self.launch("rows_count_nonfinite", 1, [1, 1, 1], [256, 1, 1], &mut args)
+    }
+
+    fn advance_cursor(&self, cursor: &mut GpuBuf<D>) -> Result<()> {
+        check_cursor(cursor)?;
+        self.make_unique(cursor)?;
+        let a: i32 = 0;
+        let p = cursor.ptr();
+        self.launch(
+            "rows_next",
+            1,
+            [1, 1, 1],
+            [32, 1, 1],
+            &mut [arg(&a), arg(&p)],
+        )
+    }
+
+    fn record(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Recording<D>>> {
+        self.drv.begin_capture()?;
+        let ran = f();
+        let graph = self.drv.end_capture();
+        let graph = match (ran, graph) {
+            (Ok(()), Ok(g)) => Recording {
+                graph: g,
+                drv: self.drv.clone(),
+            },
+            (Err(e), g) => {
+                if let Ok(g) = g {
+                    self.drv.destroy_graph(g);
+                }
+                return Err(e);
+            }
+            (Ok(()), Err(e)) => return Err(e),
+        };
+        // Nothing recorded has run yet.
+        self.replay(&graph)?;
+        Ok(Some(graph))
+    }
+
+    fn replay(&self, r: &Recording<D>) -> Result<()> {
+        self.drv.launch_graph(r.graph)
     }
 
     fn shape<'a>(&self, b: &'a GpuBuf<D>) -> &'a [usize] {
