@@ -21,7 +21,8 @@
 #         0. bare start: cwp selftest --quick with CWP_NVRTC_LIB pointing
 #            nowhere (every kernel must come from the precompiled cache)
 #         1. cwp selftest --device cuda   (equivalence suite, table of errors)
-#         2. gpu_cuda tests               (ops, out of memory, damaged cache)
+#         2. gpu_cuda tests               (ops, out of memory, damaged cache,
+#                                         a search window replayed as a CUDA graph)
 #         3. cwp bench, once per --precision mode if `cwp bench --help` lists
 #            that flag (else the one default mode), in three parts: whole
 #            models at batch 256, batched searches (S = 1, 10, 40, 160; 4 and
@@ -180,6 +181,7 @@ run() {
   local rc_tests=0
   if [ "$dev" = cuda ]; then
     step cuda_tests 60 ./gpu_cuda --ignored --test-threads=1 --nocapture cuda_ops cuda_out_of_memory cuda_corrupted \
+      cuda_search_window \
       >"$work/cuda-tests.txt" 2>&1
     rc_tests=$?
     grep -E '^test |test result|no CUDA device' "$work/cuda-tests.txt" | sort -u

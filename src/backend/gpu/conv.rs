@@ -90,6 +90,20 @@ pub const TILES: [TileCfg; 4] = [
     },
 ];
 
+/// Input channels up to which a dense convolution's input gradient runs
+/// the direct kernel (`gconv_dgrad`) rather than the implicit GEMM.
+pub const DIRECT_DGRAD_CHANNELS: usize = 4;
+
+/// True when a dense convolution with `c` input channels (a network's stem:
+/// 1 or 3) takes the direct dgrad kernel. The GEMM's rows are those
+/// channels, so its narrowest tile (32 rows) would compute 8 to 32 times
+/// the useful products; the direct kernel computes each input gradient
+/// from its own taps, skipping a strided layer's empty ones. It depends on
+/// the shape alone, so results stay batch-invariant.
+pub fn direct_dgrad(c: usize) -> bool {
+    c <= DIRECT_DGRAD_CHANNELS
+}
+
 /// The tile for a GEMM of `m` rows and `n` columns by shape alone: wide
 /// tiles when there are many columns, rows matched to `m` so few rows are
 /// wasted. What wgrad uses, since its K splits follow the tile count.
@@ -264,7 +278,7 @@ impl<D: Driver> GpuBackend<D> {
         if let Some(y) = relu_y {
             expect_shape("y", y, &g.out_shape())?;
         }
-        if !g.is_dense() {
+        if !g.is_dense() || direct_dgrad(g.c) {
             return self.gconv_dgrad(&g, dy, w, relu_y);
         }
         let dx = self.alloc(x_shape)?;
@@ -494,6 +508,15 @@ pub(super) fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_stems_dgrad_runs_the_direct_kernel() {
+        assert!(direct_dgrad(1) && direct_dgrad(3) && direct_dgrad(4));
+        assert!(!direct_dgrad(5) && !direct_dgrad(64));
+        // The GEMM's narrowest tile would waste most of its rows on them.
+        let narrowest = TILES.iter().map(|t| t.bm).min().unwrap();
+        assert!(narrowest >= 8 * DIRECT_DGRAD_CHANNELS);
+    }
 
     #[test]
     fn a_grid_that_would_leave_sms_idle_takes_a_smaller_tile() {
