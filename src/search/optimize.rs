@@ -257,6 +257,69 @@ fn nonfinite_check<B: Backend>(
     Ok(())
 }
 
+/// Where a window stood in the run: each search's steps per epoch, its
+/// total steps, its CE-curve interval, and the run step of the window's first.
+struct Schedule<'a> {
+    steps_per_epoch: &'a [usize],
+    total: &'a [usize],
+    log_every: &'a [usize],
+    t0: usize,
+}
+
+/// Takes a finished window of the searches `chunk` into their host state,
+/// step by step as the steps were made: finiteness, the CE curve, the
+/// last epoch's mask sums, then the masks (and learned canvases) it ended with.
+fn absorb<B: Backend>(
+    model: &DeviceModel<'_, B>,
+    cfg: &MaskConfig,
+    jobs: &[Job<'_>],
+    at: &Schedule<'_>,
+    chunk: &[usize],
+    out: &WindowOutput,
+    state: &mut State,
+) -> Result<()> {
+    let [c, h, w] = model.graph.input;
+    let plane = h * w;
+    let per_step = chunk.len() * cfg.batch;
+    for i in 0..out.steps {
+        let t = at.t0 + i;
+        nonfinite_check(model, t + 1, out, i, chunk.len(), cfg.batch)?;
+        let losses = &out.losses[i * per_step..(i + 1) * per_step];
+        crate::device_model::check_finite(
+            &format!("model `{}`: cross-entropy", model.label()),
+            t + 1,
+            losses,
+        )?;
+        let ce = mean_per_search(losses, cfg.batch);
+        for (k, &s) in chunk.iter().enumerate() {
+            let st = &mut state.searches[s];
+            if t >= at.total[s] - at.steps_per_epoch[s] {
+                let from = (i * chunk.len() + k) * plane;
+                st.mask.copy_from_slice(&out.snapshots[from..from + plane]);
+                st.add_to_last_epoch();
+            }
+            st.window.0 += ce[k] as f64;
+            st.window.1 += 1;
+            if (t + 1).is_multiple_of(at.log_every[s]) || t + 1 == at.total[s] {
+                st.curve
+                    .push((t + 1, (st.window.0 / st.window.1 as f64) as f32));
+                st.window = (0.0, 0);
+            }
+        }
+    }
+    for (k, &s) in chunk.iter().enumerate() {
+        let st = &mut state.searches[s];
+        st.mask
+            .copy_from_slice(&out.masks[k * plane..(k + 1) * plane]);
+        if let (true, Some(cv)) = (jobs[s].learn, &out.canvases) {
+            let per_image = c * plane;
+            st.canvas
+                .copy_from_slice(&cv[k * per_image..(k + 1) * per_image]);
+        }
+    }
+    Ok(())
+}
+
 /// Optimises the masks of all `jobs` together on `test`, at most
 /// `max_images` composites per forward pass (chunks of searches otherwise).
 ///
@@ -438,42 +501,13 @@ pub fn optimise<B: Backend>(
         let made = windows.first().map_or(0, |w| w.done());
         for (chunk, win) in active.chunks(per_chunk).zip(windows) {
             let out = win.finish()?;
-            for i in 0..made {
-                let t = t0 + i;
-                nonfinite_check(model, t + 1, &out, i, chunk.len(), cfg.batch)?;
-                let losses =
-                    &out.losses[i * chunk.len() * cfg.batch..(i + 1) * chunk.len() * cfg.batch];
-                crate::device_model::check_finite(
-                    &format!("model `{}`: cross-entropy", model.label()),
-                    t + 1,
-                    losses,
-                )?;
-                let ce = mean_per_search(losses, cfg.batch);
-                for (k, &s) in chunk.iter().enumerate() {
-                    let st = &mut state.searches[s];
-                    if t >= total[s] - steps_per_epoch[s] {
-                        let at = i * chunk.len() * plane + k * plane;
-                        st.mask.copy_from_slice(&out.snapshots[at..at + plane]);
-                        st.add_to_last_epoch();
-                    }
-                    st.window.0 += ce[k] as f64;
-                    st.window.1 += 1;
-                    if (t + 1) % log_every[s] == 0 || t + 1 == total[s] {
-                        st.curve
-                            .push((t + 1, (st.window.0 / st.window.1 as f64) as f32));
-                        st.window = (0.0, 0);
-                    }
-                }
-            }
-            for (k, &s) in chunk.iter().enumerate() {
-                let st = &mut state.searches[s];
-                st.mask
-                    .copy_from_slice(&out.masks[k * plane..(k + 1) * plane]);
-                if let (true, Some(cv)) = (jobs[s].learn, &out.canvases) {
-                    st.canvas
-                        .copy_from_slice(&cv[k * per_image..(k + 1) * per_image]);
-                }
-            }
+            let at = Schedule {
+                steps_per_epoch: &steps_per_epoch,
+                total: &total,
+                log_every: &log_every,
+                t0,
+            };
+            absorb(model, cfg, jobs, &at, chunk, &out, &mut state)?;
         }
         progress.inc((made * n_active) as u64);
         state.t = t0 + made;

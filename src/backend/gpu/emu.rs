@@ -224,8 +224,11 @@ fn bodies() -> &'static HashMap<&'static str, EmuBody> {
 
 impl EmuDriver {
     /// Runs `op` now, or records it while a recording is under way (its
-    /// ranges checked either way).
+    /// ranges checked now, and again when a replay runs it).
     fn submit(&self, op: Op) -> Result<()> {
+        if self.capturing(|_| ()).is_none() {
+            return self.run(&op);
+        }
         match &op {
             Op::Copy { dst, src, bytes } => {
                 self.check_range("device-to-device copy (source)", *src, *bytes)?;
@@ -234,20 +237,8 @@ impl EmuDriver {
             Op::Zero { dst, bytes } => self.check_range("memset", *dst, *bytes)?,
             Op::Launch { .. } => {}
         }
-        let mut c = self
-            .capture
-            .lock()
-            .map_err(|_| Error::Backend("emu: capture state poisoned".into()))?;
-        match c.as_mut() {
-            Some(c) => {
-                c.ops.push(op);
-                Ok(())
-            }
-            None => {
-                drop(c);
-                self.run(&op)
-            }
-        }
+        self.capturing(|c| c.ops.push(op))
+            .ok_or_else(|| Error::Backend("emu: the recording ended while submitting".into()))
     }
 }
 
