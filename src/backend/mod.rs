@@ -232,13 +232,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Moves a step cursor on by one step.
     fn advance_cursor(&self, cursor: &mut Self::Index) -> Result<()>;
-    /// Runs `f` once and, where the device can, records the work it submits
+    /// Where the device can, records the work `f` submits and runs it once,
     /// so that [`Backend::replay`] submits it again in one go, with no host
     /// work per op (on a GPU, a CUDA graph). `f` must submit work that
     /// reads everything that changes between calls from the device (see
     /// the cursor ops above), allocate nothing that outlives it, and copy
-    /// nothing to or from the host. None where ops run as they are called
-    /// (the CPU): call `f` again instead.
+    /// nothing to or from the host. On an error nothing `f` submitted has
+    /// run. None where ops run as they are called (the CPU): nothing ran,
+    /// and the caller runs `f` itself.
     fn record(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Recording>>;
     /// Submits the work of a [`Backend::record`]ing again.
     fn replay(&self, r: &Self::Recording) -> Result<()>;

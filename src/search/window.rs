@@ -227,7 +227,11 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
         let be = self.model.be;
         if self.done == 1 {
             self.recording = match be.record(&mut || self.submit()) {
-                Ok(r) => r,
+                Ok(Some(r)) => Some(r),
+                Ok(None) => {
+                    self.submit()?;
+                    None
+                }
                 // Nothing recorded has run (the cursor has not moved): the
                 // step runs op by op instead, as every later one will. A
                 // real failure of the step fails again here.
