@@ -5,7 +5,7 @@
 //! its masks in window buffers. The host reads them once, when the window
 //! ends (a progress point): no copy and no wait inside a step.
 //!
-//! [`advance`] is the one step computation; [`super::optimize::step`] (one
+//! `advance` is the one step computation; [`super::optimize::step`] (one
 //! step from host tensors) and [`Window`] both run it, so the two agree bit
 //! for bit.
 
