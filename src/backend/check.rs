@@ -299,3 +299,11 @@ pub fn counts_width(shape: &[usize], slot: usize) -> Result<usize> {
         )),
     }
 }
+
+/// `(rows, values per row)` of a gather's source, its rows along the first axis.
+pub fn gather_source(shape: &[usize]) -> Result<(usize, usize)> {
+    let rows = *shape
+        .first()
+        .ok_or_else(|| Error::tensor("gather source", "has no rows (a scalar)"))?;
+    Ok((rows, numel(shape) / rows.max(1)))
+}

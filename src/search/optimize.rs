@@ -5,7 +5,7 @@
 //! gives bit for bit the masks of separate runs.
 
 use super::checkpoint::{Checkpoint, Interrupts, SearchState, State};
-use super::window::{Window, WindowOutput};
+use super::window::{Learners, Window, WindowOutput};
 use crate::backend::Backend;
 use crate::data::Dataset;
 use crate::device_model::DeviceModel;
@@ -90,21 +90,8 @@ pub fn step<B: Backend>(
     }
     let (mut c, mut m, o) = (be.upload(canvases)?, be.upload(masks)?, be.upload(others)?);
     let (labels, weights) = super::window::targets_on_device(be, targets, cfg)?;
-    let learners = if learn {
-        Some(be.upload(&Tensor::full(&[s, h, w], 1.0))?)
-    } else {
-        None
-    };
-    let out = super::window::advance(
-        model,
-        &mut c,
-        &mut m,
-        &o,
-        &labels,
-        &weights,
-        cfg,
-        learners.as_ref(),
-    )?;
+    let learners = if learn { Learners::All } else { Learners::None };
+    let out = super::window::advance(model, &mut c, &mut m, &o, &labels, &weights, cfg, &learners)?;
     let losses = be.download(&out.losses)?.into_data();
     let logits = be.download(&out.logits)?;
     let what = format!("model `{}`", model.label());
@@ -115,7 +102,7 @@ pub fn step<B: Backend>(
         ce: mean_per_search(&losses, cfg.batch),
         dmask: be.download(&out.dmask)?,
         logits,
-        canvases: learners.map(|_| be.download(&c)).transpose()?,
+        canvases: learn.then(|| be.download(&c)).transpose()?,
     })
 }
 
@@ -390,15 +377,16 @@ pub fn optimise<B: Backend>(
     let mut interrupts = checkpoint.is_some().then(Interrupts::arm).transpose()?;
     let mut orders: Vec<(usize, Vec<usize>)> =
         jobs.iter().map(|_| (usize::MAX, Vec::new())).collect();
-    // Search s's images at step t: consecutive batches of its epoch's order.
-    let mut rows_at = |s: usize, t: usize| -> Vec<usize> {
+    // Appends search s's images at step t: consecutive batches of its
+    // epoch's order.
+    let mut rows_at = |s: usize, t: usize, out: &mut Vec<usize>| {
         let job = &jobs[s];
         let epoch = t / steps_per_epoch[s];
         if orders[s].0 != epoch {
             orders[s] = (epoch, batch_order(job.images, cfg.seed, job.target, epoch));
         }
         let j = t % steps_per_epoch[s];
-        orders[s].1[j * cfg.batch..(j + 1) * cfg.batch].to_vec()
+        out.extend_from_slice(&orders[s].1[j * cfg.batch..(j + 1) * cfg.batch]);
     };
     let budget = max_images * bytes_per_image(model.graph);
     let image_bytes = (budget / 4).min(RESIDENT_IMAGE_BYTES);
@@ -432,7 +420,11 @@ pub fn optimise<B: Backend>(
         }
         let rows: Vec<Vec<usize>> = active
             .iter()
-            .map(|&s| (t0..t0 + len).flat_map(|t| rows_at(s, t)).collect())
+            .map(|&s| {
+                let mut r = Vec::with_capacity(len * cfg.batch);
+                (t0..t0 + len).for_each(|t| rows_at(s, t, &mut r));
+                r
+            })
             .collect();
         let window_set;
         let set = match &whole {

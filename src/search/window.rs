@@ -31,12 +31,21 @@ pub(crate) struct Advanced<Buf> {
     pub dmask: Buf,
 }
 
+/// Which searches of a step learn their canvas.
+pub(crate) enum Learners<Buf> {
+    /// None: the canvases stay as they are.
+    None,
+    /// Every one.
+    All,
+    /// Those whose rows of these `[S,H,W]` flags are 1 (0 for the others:
+    /// a zero gradient leaves a fixed canvas exactly as it is).
+    Some(Buf),
+}
+
 /// One update of S searches on the device. `others [S*B,C,H,W]` (search s
 /// owns rows s*B..(s+1)*B); `labels`/`weights` `[S*B]` (each search's
-/// target, `alpha / B`). The masks take the signed step; with `learners`
-/// (`[S,H,W]`, 1 for a search that learns its canvas and 0 for one that
-/// does not) so do the canvases, from the masks before the update: a zero
-/// gradient leaves a fixed canvas exactly as it is.
+/// target, `alpha / B`). The masks take the signed step; the canvases of
+/// the `learners` do too, from the masks before the update.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn advance<B: Backend>(
     model: &DeviceModel<'_, B>,
@@ -46,7 +55,7 @@ pub(crate) fn advance<B: Backend>(
     labels: &B::Index,
     weights: &B::Buf,
     cfg: &MaskConfig,
-    learners: Option<&B::Buf>,
+    learners: &Learners<B::Buf>,
 ) -> Result<Advanced<B::Buf>> {
     let be = model.be;
     let [_, h, w] = model.graph.input;
@@ -54,8 +63,12 @@ pub(crate) fn advance<B: Backend>(
     let out = model.pass_on_device(x, labels, weights)?;
     let l1_grad = cfg.beta / ((h * w) as f32 / 2.0);
     let dmask = be.mask_grad(&out.dx, canvases, others, l1_grad)?;
-    if let Some(learners) = learners {
-        let dcanvas = be.pattern_grad(&out.dx, &be.mul(masks, learners)?)?;
+    let dcanvas = match learners {
+        Learners::None => None,
+        Learners::All => Some(be.pattern_grad(&out.dx, masks)?),
+        Learners::Some(flags) => Some(be.pattern_grad(&out.dx, &be.mul(masks, flags)?)?),
+    };
+    if let Some(dcanvas) = dcanvas {
         be.sign_step_clamp(canvases, &dcanvas, cfg.lr)?;
     }
     be.sign_step_clamp(masks, &dmask, cfg.lr)?;
@@ -109,7 +122,7 @@ pub struct Window<'w, 'm, B: Backend> {
     rows: B::Index,
     labels: B::Index,
     weights: B::Buf,
-    learners: Option<B::Buf>,
+    learners: Learners<B::Buf>,
     canvases: B::Buf,
     masks: B::Buf,
     /// `[len, S*B]` cross-entropies, `[len, 2]` non-finite counts, and
@@ -170,11 +183,13 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
         }
         let len = rows.len() / per_step;
         let (labels, weights) = targets_on_device(be, targets, cfg)?;
-        let learners = if learn.iter().any(|&l| l) {
+        let learners = if learn.iter().all(|&l| l) {
+            Learners::All
+        } else if learn.iter().any(|&l| l) {
             let flags = Tensor::from_fn(&[s, h, w], |i| if learn[i / (h * w)] { 1.0 } else { 0.0 });
-            Some(be.upload(&flags)?)
+            Learners::Some(be.upload(&flags)?)
         } else {
-            None
+            Learners::None
         };
         let snapshots = if snap_from < len {
             Some(be.zeros(&[len, s * h * w])?)
@@ -265,7 +280,7 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             &self.labels,
             &self.weights,
             self.cfg,
-            self.learners.as_ref(),
+            &self.learners,
         )?;
         be.write_row(&mut self.losses, &self.cursor, &out.losses)?;
         be.count_nonfinite(&out.logits, &mut self.nonfinite, &self.cursor, 0)?;
@@ -294,8 +309,8 @@ impl<'w, 'm, B: Backend> Window<'w, 'm, B> {
             None => Vec::new(),
         };
         let canvases = match self.learners {
-            Some(_) => Some(be.download(&self.canvases)?.into_data()),
-            None => None,
+            Learners::None => None,
+            _ => Some(be.download(&self.canvases)?.into_data()),
         };
         Ok(WindowOutput {
             steps: self.done,

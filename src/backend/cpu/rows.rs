@@ -4,7 +4,7 @@
 //! step a cursor holds.
 //! GPU twin: kernels/rows.cu.
 
-use crate::backend::check::{counts_width, row_count};
+use crate::backend::check::{counts_width, gather_source, row_count};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -19,10 +19,7 @@ fn at(cursor: &[u32]) -> Result<usize> {
 /// Rows `index[c*n..(c+1)*n]` of `src` (rows along its first axis), `c`
 /// the cursor's step.
 pub(super) fn gather(src: &Tensor, index: &[u32], cursor: &[u32], n: usize) -> Result<Tensor> {
-    let rows = *src
-        .shape()
-        .first()
-        .ok_or_else(|| Error::tensor("gather source", "has no rows (a scalar)"))?;
+    let (rows, row_len) = gather_source(src.shape())?;
     let start = at(cursor)? * n;
     let picked = index.get(start..start + n).ok_or_else(|| {
         Error::tensor(
@@ -34,7 +31,6 @@ pub(super) fn gather(src: &Tensor, index: &[u32], cursor: &[u32], n: usize) -> R
             ),
         )
     })?;
-    let row_len = src.len() / rows.max(1);
     let mut out = Vec::with_capacity(n * row_len);
     for &r in picked {
         let r = r as usize;

@@ -37,12 +37,21 @@ pub struct EmuDriver {
     /// Live allocations: start address -> size in bytes.
     live: Mutex<BTreeMap<u64, usize>>,
     /// Host copies, waits and graph launches so far, for [`EmuDriver::host_traffic`].
-    traffic: [AtomicUsize; 4],
+    traffic: Traffic,
     /// The recording under way, if any.
     capture: Mutex<Option<Capture>>,
     /// Recorded graphs by id.
     graphs: Mutex<HashMap<GraphId, Graph>>,
     next_graph: AtomicUsize,
+}
+
+/// The counters behind [`HostTraffic`].
+#[derive(Default)]
+struct Traffic {
+    uploads: AtomicUsize,
+    downloads: AtomicUsize,
+    syncs: AtomicUsize,
+    graph_launches: AtomicUsize,
 }
 
 /// One piece of recorded work.
@@ -151,7 +160,20 @@ impl EmuDriver {
         }
     }
 
+    /// Fails unless the memory `op` touches lies in live allocations.
+    fn check_op(&self, op: &Op) -> Result<()> {
+        match op {
+            Op::Copy { dst, src, bytes } => {
+                self.check_range("device-to-device copy (source)", *src, *bytes)?;
+                self.check_range("device-to-device copy (destination)", *dst, *bytes)
+            }
+            Op::Zero { dst, bytes } => self.check_range("memset", *dst, *bytes),
+            Op::Launch { .. } => Ok(()),
+        }
+    }
+
     fn run(&self, op: &Op) -> Result<()> {
+        self.check_op(op)?;
         match op {
             Op::Launch {
                 kernel,
@@ -167,34 +189,28 @@ impl EmuDriver {
                 // this kernel with exactly its parameter sizes.
                 unsafe { run_kernel(kernel, *body, *grid, *block, *smem, &mut ptrs) }
             }
-            Op::Copy { dst, src, bytes } => self.copy_now(*dst, *src, *bytes),
-            Op::Zero { dst, bytes } => self.zero_now(*dst, *bytes),
+            Op::Copy { dst, src, bytes } => {
+                // SAFETY: both ranges were checked against live allocations;
+                // `copy` allows overlap.
+                unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
+                Ok(())
+            }
+            Op::Zero { dst, bytes } => {
+                // SAFETY: the range was checked against a live allocation.
+                unsafe { std::ptr::write_bytes(*dst as *mut u8, 0, *bytes) };
+                Ok(())
+            }
         }
-    }
-
-    fn copy_now(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
-        self.check_range("device-to-device copy (source)", src, bytes)?;
-        self.check_range("device-to-device copy (destination)", dst, bytes)?;
-        // SAFETY: both ranges are inside live allocations; `copy` allows overlap.
-        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
-        Ok(())
-    }
-
-    fn zero_now(&self, dst: DevPtr, bytes: usize) -> Result<()> {
-        self.check_range("memset", dst, bytes)?;
-        // SAFETY: the range was checked against a live allocation.
-        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
-        Ok(())
     }
 
     /// Host copies and waits made through this driver so far.
     pub fn host_traffic(&self) -> HostTraffic {
-        let [u, d, s, g] = &self.traffic;
+        let t = &self.traffic;
         HostTraffic {
-            uploads: u.load(Ordering::Relaxed),
-            downloads: d.load(Ordering::Relaxed),
-            syncs: s.load(Ordering::Relaxed),
-            graph_launches: g.load(Ordering::Relaxed),
+            uploads: t.uploads.load(Ordering::Relaxed),
+            downloads: t.downloads.load(Ordering::Relaxed),
+            syncs: t.syncs.load(Ordering::Relaxed),
+            graph_launches: t.graph_launches.load(Ordering::Relaxed),
         }
     }
 
@@ -229,14 +245,7 @@ impl EmuDriver {
         if self.capturing(|_| ()).is_none() {
             return self.run(&op);
         }
-        match &op {
-            Op::Copy { dst, src, bytes } => {
-                self.check_range("device-to-device copy (source)", *src, *bytes)?;
-                self.check_range("device-to-device copy (destination)", *dst, *bytes)?;
-            }
-            Op::Zero { dst, bytes } => self.check_range("memset", *dst, *bytes)?,
-            Op::Launch { .. } => {}
-        }
+        self.check_op(&op)?;
         self.capturing(|c| c.ops.push(op))
             .ok_or_else(|| Error::Backend("emu: the recording ended while submitting".into()))
     }
@@ -367,7 +376,7 @@ impl Driver for EmuDriver {
     }
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
-        self.traffic[0].fetch_add(1, Ordering::Relaxed);
+        self.traffic.uploads.fetch_add(1, Ordering::Relaxed);
         self.not_while_capturing("a host-to-device copy")?;
         self.check_range("host-to-device copy", dst, src.len())?;
         // SAFETY: the range was checked against a live allocation.
@@ -376,7 +385,7 @@ impl Driver for EmuDriver {
     }
 
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
-        self.traffic[1].fetch_add(1, Ordering::Relaxed);
+        self.traffic.downloads.fetch_add(1, Ordering::Relaxed);
         self.not_while_capturing("a device-to-host copy")?;
         self.check_range("device-to-host copy", src, dst.len())?;
         // SAFETY: the range was checked against a live allocation.
@@ -439,7 +448,7 @@ impl Driver for EmuDriver {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.traffic[2].fetch_add(1, Ordering::Relaxed);
+        self.traffic.syncs.fetch_add(1, Ordering::Relaxed);
         self.not_while_capturing("a wait for the device")
     }
 
@@ -493,7 +502,7 @@ impl Driver for EmuDriver {
     }
 
     fn launch_graph(&self, graph: GraphId) -> Result<()> {
-        self.traffic[3].fetch_add(1, Ordering::Relaxed);
+        self.traffic.graph_launches.fetch_add(1, Ordering::Relaxed);
         self.not_while_capturing("a graph launch")?;
         let graphs = self
             .graphs

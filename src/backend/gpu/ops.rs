@@ -269,12 +269,8 @@ impl<D: Driver> Backend for GpuBackend<D> {
         cursor: &GpuBuf<D>,
         n: usize,
     ) -> Result<GpuBuf<D>> {
-        let rows = *src
-            .shape
-            .first()
-            .ok_or_else(|| Error::tensor("gather source", "has no rows (a scalar)"))?;
+        let (rows, row_len) = crate::backend::check::gather_source(&src.shape)?;
         check_cursor(cursor)?;
-        let row_len = src.len() / rows.max(1);
         let mut shape = src.shape.clone();
         shape[0] = n;
         let out = self.alloc(&shape)?;
@@ -364,20 +360,13 @@ impl<D: Driver> Backend for GpuBackend<D> {
     fn record(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Recording<D>>> {
         self.drv.begin_capture()?;
         let ran = f();
-        let graph = self.drv.end_capture();
-        let graph = match (ran, graph) {
-            (Ok(()), Ok(g)) => Recording {
-                graph: g,
-                drv: self.drv.clone(),
-            },
-            (Err(e), g) => {
-                if let Ok(g) = g {
-                    self.drv.destroy_graph(g);
-                }
-                return Err(e);
-            }
-            (Ok(()), Err(e)) => return Err(e),
-        };
+        let graph = self.drv.end_capture().map(|graph| Recording {
+            graph,
+            drv: self.drv.clone(),
+        });
+        // A graph of a failed `f` is destroyed as it drops here.
+        ran?;
+        let graph = graph?;
         // Nothing recorded has run yet.
         self.replay(&graph)?;
         Ok(Some(graph))
