@@ -32,11 +32,15 @@ if [ ! -x "$cwp" ]; then
 fi
 
 venv="${TORCH_VENV:-$root/.venv-torch}"
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, torchvision" 2>/dev/null; then
     echo "installing CPU PyTorch into $venv..." >&2
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --upgrade pip
-    "$venv/bin/pip" install --quiet torch numpy --index-url https://download.pytorch.org/whl/cpu
+    # The CPU wheels are smaller; where their index is out of reach, PyPI's
+    # (CUDA-enabled) wheels run on the CPU just the same.
+    "$venv/bin/pip" install --quiet --retries 1 --timeout 15 torch torchvision numpy \
+        --index-url https://download.pytorch.org/whl/cpu \
+        || "$venv/bin/pip" install --quiet torch torchvision numpy
 fi
 py="$venv/bin/python"
 

@@ -680,9 +680,14 @@ pub fn format_report(r: &BenchReport) -> String {
     s
 }
 
-/// Parses `ARCH[:CxHxW]:B1,B2,..` lists (the `--models`/`--search` options).
+/// Parses `ARCH[:CxHxW]:B1,B2,..` lists (the `--models`, `--search`,
+/// `--train` and `--convs` options); `none` is the empty plan.
 pub fn parse_plan(spec: &str, option: &str) -> Result<Plan> {
     let mut out = Vec::new();
+    // `none` leaves a section out, so one figure can be timed alone.
+    if spec.trim() == "none" {
+        return Ok(out);
+    }
     for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
         let parts: Vec<&str> = item.trim().split(':').collect();
         let bad = || Error::arg(option, format!("`{item}`: expected ARCH[:CxHxW]:N[,N..]"));

@@ -255,10 +255,10 @@ struct SelftestArgs {
 struct BenchArgs {
     #[command(flatten)]
     device: DeviceArg,
-    /// Models and batch sizes: `ARCH[:CxHxW]:N[,N..]` separated by `;` (default: a plan per device); ARCH may be an ONNX file (`model.onnx:64`), whose input comes from the file.
+    /// Models and batch sizes: `ARCH[:CxHxW]:N[,N..]` separated by `;` (default: a plan per device); ARCH may be an ONNX file (`model.onnx:64`), whose input comes from the file; or `none`.
     #[arg(long)]
     models: Option<String>,
-    /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step); ARCH may be an ONNX file.
+    /// Batched searches: `ARCH[:CxHxW]:S[,S..]` (S searches of 4 images per step); ARCH may be an ONNX file; or `none`.
     #[arg(long)]
     search: Option<String>,
     /// Training steps: `ARCH[:CxHxW]:N[,N..]` (train-mode BN, SGD with momentum; zoo
@@ -1408,21 +1408,13 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
         cfg.search = bench::parse_plan(s, "--search")?;
     }
     if let Some(t) = &a.train {
-        cfg.train = if t == "none" {
-            Vec::new()
-        } else {
-            bench::parse_plan(t, "--train")?
-        };
+        cfg.train = bench::parse_plan(t, "--train")?;
     }
     if let Some(c) = &a.convs {
-        cfg.convs = if c == "none" {
-            Vec::new()
-        } else {
-            bench::parse_plan(c, "--convs")?
-                .into_iter()
-                .map(|(arch, input, n)| (arch, input, n[0]))
-                .collect()
-        };
+        cfg.convs = bench::parse_plan(c, "--convs")?
+            .into_iter()
+            .map(|(arch, input, n)| (arch, input, n[0]))
+            .collect();
     }
     if let Some(s) = a.seconds {
         cfg.seconds = s;

@@ -83,13 +83,16 @@ fn a_momentum_or_weight_decay_that_would_make_the_weights_meaningless_is_refused
 }
 
 /// `cwp bench --train` times the training step and writes it to the JSON
-/// report; a malformed plan names `--train`.
+/// report, every other section left out with `none`; a malformed plan names
+/// `--train`.
 #[test]
 fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args(["bench", "--device", "cpu", "--models", "", "--search", ""])
+        .args([
+            "bench", "--device", "cpu", "--models", "none", "--search", "none",
+        ])
         .args([
             "--train",
             "smallcnn:4,8",
@@ -119,6 +122,7 @@ fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
         assert!(ips.is_finite() && ips > 0.0, "{r}");
     }
     assert!(report["models"].as_array().unwrap().is_empty());
+    assert!(report["search"].as_array().unwrap().is_empty());
 
     let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
         .args(["bench", "--device", "cpu", "--train", "smallcnn:0"])

@@ -9,9 +9,11 @@
 //! convolutions can lay the columns of every image of a batch side by side
 //! in one product and still give each image the bits it gets alone.
 //!
-//! The inner kernel is AVX2 + FMA where the CPU has them; elsewhere a
-//! portable kernel with `f32::mul_add` (the same single rounding) runs the
-//! same chains, slower.
+//! The inner kernel is AVX-512 (two column panels, `MR x 2NR`, per call)
+//! where the CPU has it, else AVX2 + FMA; elsewhere a portable kernel with
+//! `f32::mul_add` (the same single rounding) runs the same chains, slower.
+//! All three compute each element's chain in the same order, so which one
+//! runs never changes a bit.
 
 /// Rows of `C` one kernel call computes (one broadcast of `A` each).
 pub(super) const MR: usize = 6;
@@ -44,6 +46,11 @@ impl PackedA {
         PackedA { data, rows, k }
     }
 
+    /// Floats held (the rows padded to whole blocks).
+    pub(super) fn len(&self) -> usize {
+        self.data.len()
+    }
+
     /// Row blocks of [`MR`] rows (the last one may be partial).
     pub(super) fn blocks(&self) -> usize {
         self.rows.div_ceil(MR)
@@ -51,8 +58,8 @@ impl PackedA {
 }
 
 /// A row stride of at least `cols` floats (rounded up to [`NR`]) that is an
-/// odd number of 64-byte lines, so that the rows of one column panel do not
-/// all fall into the same few cache sets.
+/// odd number of 64-byte lines, so that the `MR` rows one kernel call
+/// writes of `c` do not all fall into the same few cache sets.
 pub(super) fn padded_stride(cols: usize) -> usize {
     let s = cols.div_ceil(NR) * NR;
     if (s / NR).is_multiple_of(2) {
@@ -63,11 +70,16 @@ pub(super) fn padded_stride(cols: usize) -> usize {
 }
 
 /// `c[i][j] = sum_k a[i][k] b[k][j]` for the row blocks `blocks` of `a` and
-/// the columns `0..cols` of `b` (a row-major `[K][ldb]` buffer). `c` is
-/// row-major with stride `ldc` and holds `blocks.len() * MR` rows; columns
-/// are computed in whole panels of [`NR`], so `ldb` and `ldc` must cover
-/// `cols` rounded up to `NR` (the extra columns and rows of `c` receive
-/// values that mean nothing).
+/// the columns `0..cols` of `b`, which is laid out as the kernel reads it:
+/// column panels of [`NR`], each `k x NR` with its rows back to back
+/// (element `(kk, j)` at [`panel_index`]), so the kernel streams it from
+/// memory in order. Producers (im2col, the Winograd input transform, the
+/// gathered `dY`) write this layout directly, sparing a packing copy.
+///
+/// `c` is row-major with stride `ldc` and holds `blocks.len() * MR` rows;
+/// columns are computed in whole panels, so `ldc` must cover `cols` rounded
+/// up to `NR` (the extra columns and rows of `c` receive values that mean
+/// nothing).
 ///
 /// The inner index is cut into blocks sized to keep the row blocks of `a`
 /// in the second-level cache; see the module doc for why this leaves every
@@ -76,7 +88,6 @@ pub(super) fn gemm(
     a: &PackedA,
     blocks: std::ops::Range<usize>,
     b: &[f32],
-    ldb: usize,
     cols: usize,
     c: &mut [f32],
     ldc: usize,
@@ -85,11 +96,8 @@ pub(super) fn gemm(
     let panels = cols.div_ceil(NR);
     let nblk = blocks.len();
     assert!(blocks.end <= a.blocks(), "gemm: row blocks out of range");
-    assert!(ldb >= panels * NR && ldc >= panels * NR, "gemm: strides");
-    assert!(
-        k == 0 || b.len() >= (k - 1) * ldb + panels * NR,
-        "gemm: b too short"
-    );
+    assert!(ldc >= panels * NR, "gemm: strides");
+    assert!(b.len() >= panels * k * NR, "gemm: b too short");
     assert!(c.len() >= nblk * MR * ldc, "gemm: c too short");
     if k == 0 {
         for row in c.chunks_exact_mut(ldc).take(nblk * MR) {
@@ -97,83 +105,129 @@ pub(super) fn gemm(
         }
         return;
     }
+    let isa = Isa::detect();
+    // Panels go two at a time where the kernel takes two.
+    let step = isa.panels_per_call();
     // About 192 KiB of `a` per inner block (it stays in the second-level
-    // cache), and at most 256 deep, so that one packed panel of `b`
-    // (`kc x NR`, 16 KiB) stays in the first-level cache while every row
-    // block of `a` streams past it.
-    let kc = ((48 * 1024) / (nblk * MR).max(1)).clamp(64, 256);
-    // Column blocks keep the packed slice of `b` small.
-    const COL_BLOCK: usize = 256 / NR;
-    let avx = has_avx2_fma();
-    PANELS.with(|cell| {
-        let mut panels_buf = cell.borrow_mut();
-        for p0 in (0..panels).step_by(COL_BLOCK) {
-            let p1 = (p0 + COL_BLOCK).min(panels);
-            for k0 in (0..k).step_by(kc) {
-                let kn = kc.min(k - k0);
-                let packed = pack_panels(&mut panels_buf, b, ldb, k0..k0 + kn, p0..p1);
-                for (q, bp) in packed.chunks_exact(kn * NR).enumerate() {
-                    let p = p0 + q;
-                    for (local, blk) in blocks.clone().enumerate() {
-                        let ap = &a.data[(blk * k + k0) * MR..][..kn * MR];
-                        let cp = &mut c[local * MR * ldc + p * NR..];
-                        // SAFETY: `bp` holds `kn` rows of NR floats back to
-                        // back, and the asserts above keep MR rows of `c` at
-                        // stride `ldc` (NR each) inside `cp`.
-                        #[cfg(target_arch = "x86_64")]
-                        if avx {
-                            unsafe { kernel_avx2(kn, ap, bp, NR, cp, ldc, k0 > 0) };
-                            continue;
-                        }
-                        let _ = avx;
-                        kernel_portable(kn, ap, bp, NR, cp, ldc, k0 > 0);
-                    }
+    // cache), and at most 16 KiB of `b` per kernel call (`kc x NR` per
+    // panel), so that the panels stay in the first-level cache while every
+    // row block of `a` streams past them.
+    let kc = ((48 * 1024) / (nblk * MR).max(1)).clamp(64, 256 / step);
+    // Column blocks of 256 keep the slice of `c` that every inner block
+    // resumes small.
+    for p0 in (0..panels).step_by(16) {
+        let p1 = (p0 + 16).min(panels);
+        for k0 in (0..k).step_by(kc) {
+            let kn = kc.min(k - k0);
+            for p in (p0..p1).step_by(step) {
+                let n = step.min(p1 - p);
+                let bp = &b[panel_index(k0, p * NR, k)..];
+                for (local, blk) in blocks.clone().enumerate() {
+                    let ap = &a.data[(blk * k + k0) * MR..][..kn * MR];
+                    let cp = &mut c[local * MR * ldc + p * NR..];
+                    tile(isa, kn, ap, bp, k * NR, n, cp, ldc, k0 > 0);
                 }
             }
         }
-    });
-}
-
-thread_local! {
-    /// Each thread's buffer for the packed panels of `b` (a few hundred KiB
-    /// at most, kept between calls).
-    static PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Copies rows `rows` of the column panels `panels` of `b` (row-major,
-/// stride `ldb`) into `buf` panel after panel, each `rows.len() x NR` with
-/// its rows back to back: the kernel then reads `b` as one contiguous
-/// stream instead of one cache line (and, for wide `b`, one page) per row.
-/// The arithmetic is unchanged; only where the operands sit.
-fn pack_panels<'a>(
-    buf: &'a mut Vec<f32>,
-    b: &[f32],
-    ldb: usize,
-    rows: std::ops::Range<usize>,
-    panels: std::ops::Range<usize>,
-) -> &'a [f32] {
-    let (kn, width) = (rows.len(), panels.len() * NR);
-    if buf.len() < kn * width {
-        buf.resize(kn * width, 0.0);
     }
-    for (kk, r) in rows.enumerate() {
-        let src = &b[r * ldb + panels.start * NR..][..width];
-        for (q, chunk) in src.chunks_exact(NR).enumerate() {
-            buf[(q * kn + kk) * NR..][..NR].copy_from_slice(chunk);
+}
+
+/// Where element `(kk, j)` of a `k`-deep operand sits in the layout
+/// [`gemm`] reads.
+#[inline]
+pub(super) fn panel_index(kk: usize, j: usize, k: usize) -> usize {
+    (j / NR * k + kk) * NR + j % NR
+}
+
+/// Zeros the columns `cols..` of the last panel of a `k`-deep panel layout
+/// (they are multiplied like the others; zeros keep them from holding
+/// stale NaNs or subnormals).
+pub(super) fn zero_panel_tail(panels: &mut [f32], k: usize, cols: usize) {
+    if cols.is_multiple_of(NR) {
+        return;
+    }
+    let last = &mut panels[cols / NR * k * NR..][..k * NR];
+    for row in last.chunks_exact_mut(NR) {
+        row[cols % NR..].fill(0.0);
+    }
+}
+
+/// The instruction sets the kernels come in, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best the CPU runs (the checks are cached by the standard library).
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Column panels one kernel call covers.
+    fn panels_per_call(self) -> usize {
+        if self == Isa::Avx512 {
+            2
+        } else {
+            1
         }
     }
-    &buf[..kn * width]
 }
 
-/// Whether the AVX2 + FMA kernel can run (checked once per process).
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The `MR x (n * NR)` tile of `c` from `kn` steps of packed `a` and the `n`
+/// panels in `b` (each `kn x NR` with its rows back to back, `pstride`
+/// floats apart), on `isa`'s kernel; a lone panel where `isa` takes two
+/// goes to the next kernel down.
+#[allow(clippy::too_many_arguments)]
+fn tile(
+    isa: Isa,
+    kn: usize,
+    a: &[f32],
+    b: &[f32],
+    pstride: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    resume: bool,
+) {
+    assert!(
+        n >= 1 && pstride >= kn * NR && a.len() >= kn * MR,
+        "gemm: tile operands"
+    );
+    assert!(
+        b.len() >= (n - 1) * pstride + kn * NR,
+        "gemm: tile operands"
+    );
+    assert!(c.len() >= (MR - 1) * ldc + n * NR, "gemm: tile output");
+    let panel = |j: usize| &b[j * pstride..][..kn * NR];
+    match (isa, n) {
+        // SAFETY: `detect` found the feature; the asserts above cover the
+        // kernels' reads and writes.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, 2) => unsafe { kernel_avx512(kn, a, b, pstride, c, ldc, resume) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512 | Isa::Avx2, _) => {
+            for j in 0..n {
+                // SAFETY: as above; AVX-512 implies AVX2 and FMA.
+                unsafe { kernel_avx2(kn, a, panel(j), NR, &mut c[j * NR..], ldc, resume) };
+            }
+        }
+        _ => {
+            for j in 0..n {
+                kernel_portable(kn, a, panel(j), NR, &mut c[j * NR..], ldc, resume);
+            }
+        }
     }
 }
 
@@ -270,6 +324,71 @@ unsafe fn kernel_avx2(
     }
 }
 
+/// [`kernel_portable`] over two adjacent panels in AVX-512: an `MR x 2NR`
+/// tile, twelve 16-wide accumulators, `b` holding the two `kn x NR` panels
+/// `pstride` floats apart. Each element's chain is the same as the other
+/// kernels'.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `b` must hold `pstride + kn * NR` floats
+/// (`pstride >= kn * NR`), `c` `MR` rows of `2 * NR` at stride `ldc`, `a`
+/// `kn * MR` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(
+    kn: usize,
+    a: &[f32],
+    b: &[f32],
+    pstride: usize,
+    c: &mut [f32],
+    ldc: usize,
+    resume: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= kn * MR && b.len() >= pstride + kn * NR);
+    debug_assert!(c.len() >= (MR - 1) * ldc + 2 * NR);
+    let cp = c.as_mut_ptr();
+    let ap = a.as_ptr();
+    let (b0p, b1p) = (b.as_ptr(), b.as_ptr().add(pstride));
+    let mut acc = [_mm512_setzero_ps(); 2 * MR];
+    if resume {
+        for r in 0..MR {
+            acc[2 * r] = _mm512_loadu_ps(cp.add(r * ldc));
+            acc[2 * r + 1] = _mm512_loadu_ps(cp.add(r * ldc + NR));
+        }
+    }
+    let [mut c00, mut c01, mut c10, mut c11, mut c20, mut c21, mut c30, mut c31, mut c40, mut c41, mut c50, mut c51] =
+        acc;
+    for kk in 0..kn {
+        let b0 = _mm512_loadu_ps(b0p.add(kk * NR));
+        let b1 = _mm512_loadu_ps(b1p.add(kk * NR));
+        let a_k = ap.add(kk * MR);
+        let x = _mm512_set1_ps(*a_k);
+        c00 = _mm512_fmadd_ps(x, b0, c00);
+        c01 = _mm512_fmadd_ps(x, b1, c01);
+        let x = _mm512_set1_ps(*a_k.add(1));
+        c10 = _mm512_fmadd_ps(x, b0, c10);
+        c11 = _mm512_fmadd_ps(x, b1, c11);
+        let x = _mm512_set1_ps(*a_k.add(2));
+        c20 = _mm512_fmadd_ps(x, b0, c20);
+        c21 = _mm512_fmadd_ps(x, b1, c21);
+        let x = _mm512_set1_ps(*a_k.add(3));
+        c30 = _mm512_fmadd_ps(x, b0, c30);
+        c31 = _mm512_fmadd_ps(x, b1, c31);
+        let x = _mm512_set1_ps(*a_k.add(4));
+        c40 = _mm512_fmadd_ps(x, b0, c40);
+        c41 = _mm512_fmadd_ps(x, b1, c41);
+        let x = _mm512_set1_ps(*a_k.add(5));
+        c50 = _mm512_fmadd_ps(x, b0, c50);
+        c51 = _mm512_fmadd_ps(x, b1, c51);
+    }
+    let acc = [c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51];
+    for r in 0..MR {
+        _mm512_storeu_ps(cp.add(r * ldc), acc[2 * r]);
+        _mm512_storeu_ps(cp.add(r * ldc + NR), acc[2 * r + 1]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,22 +398,33 @@ mod tests {
     /// row blocks, returned as a dense `m x n` matrix.
     fn product(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let pa = PackedA::new(a, m, k, k, 1);
-        let ldb = padded_stride(n);
-        let mut bb = vec![0.0f32; k * ldb];
+        let ldc = padded_stride(n);
+        let mut bb = vec![f32::NAN; k * n.div_ceil(NR) * NR];
         for kk in 0..k {
-            bb[kk * ldb..kk * ldb + n].copy_from_slice(&b[kk * n..(kk + 1) * n]);
+            for j in 0..n {
+                bb[panel_index(kk, j, k)] = b[kk * n + j];
+            }
         }
-        let mut c = vec![0.0f32; pa.blocks() * MR * ldb];
-        gemm(&pa, 0..pa.blocks(), &bb, ldb, n, &mut c, ldb);
-        (0..m * n).map(|i| c[i / n * ldb + i % n]).collect()
+        zero_panel_tail(&mut bb, k, n);
+        let mut c = vec![0.0f32; pa.blocks() * MR * ldc];
+        gemm(&pa, 0..pa.blocks(), &bb, n, &mut c, ldc);
+        (0..m * n).map(|i| c[i / n * ldc + i % n]).collect()
     }
 
     #[test]
     fn every_element_is_the_in_order_fma_chain_whatever_the_tiling() {
         // Sizes off every tile and block edge, an inner extent over several
-        // cache blocks, and 1-column and 1-row products.
+        // cache blocks, more columns than one column block, and 1-column
+        // and 1-row products.
         let mut r = rng(7);
-        for (m, k, n) in [(13, 1500, 37), (1, 70, 1), (7, 3, 100), (50, 1200, 16)] {
+        let sizes = [
+            (13, 1500, 37),
+            (1, 70, 1),
+            (7, 3, 100),
+            (50, 1200, 16),
+            (8, 300, 290),
+        ];
+        for (m, k, n) in sizes {
             let a = uniform(&mut r, &[m, k], -1.0, 1.0);
             let b = uniform(&mut r, &[k, n], -1.0, 1.0);
             let got = product(a.data(), b.data(), m, k, n);
@@ -315,6 +445,62 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_kernel_this_cpu_runs_gives_the_portable_kernels_bits() {
+        // Two panels with a gap between them (NaN, so reading it shows),
+        // fresh and resumed chains: a kernel that mixes up panels, rows or
+        // the resume path fails whichever CPU runs CI.
+        let mut r = rng(11);
+        let kn = 37;
+        let pstride = (kn + 5) * NR;
+        let a = uniform(&mut r, &[kn * MR], -1.0, 1.0);
+        let mut b = uniform(&mut r, &[pstride + kn * NR], -1.0, 1.0);
+        b.data_mut()[kn * NR..pstride].fill(f32::NAN);
+        let start = uniform(&mut r, &[MR * 3 * NR], -1.0, 1.0);
+        let ldc = 3 * NR;
+        for resume in [false, true] {
+            let mut want = start.data().to_vec();
+            tile(
+                Isa::Portable,
+                kn,
+                a.data(),
+                b.data(),
+                pstride,
+                2,
+                &mut want,
+                ldc,
+                resume,
+            );
+            let mut isas = vec![Isa::Portable];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    isas.push(Isa::Avx2);
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    isas.push(Isa::Avx512);
+                }
+            }
+            for isa in isas {
+                let mut got = start.data().to_vec();
+                tile(
+                    isa,
+                    kn,
+                    a.data(),
+                    b.data(),
+                    pstride,
+                    2,
+                    &mut got,
+                    ldc,
+                    resume,
+                );
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{isa:?} resume={resume} at {i}");
+                }
+            }
+        }
+    }
+
     fn column(b: &[f32], k: usize, n: usize, j: usize) -> Vec<f32> {
         (0..k).map(|kk| b[kk * n + j]).collect()
     }
@@ -323,7 +509,7 @@ mod tests {
     fn zero_inner_extent_gives_zeros() {
         let pa = PackedA::new(&[], 3, 0, 0, 1);
         let mut c = vec![1.0f32; MR * NR];
-        gemm(&pa, 0..1, &[], NR, 5, &mut c, NR);
+        gemm(&pa, 0..1, &[], 5, &mut c, NR);
         assert!(c.iter().all(|&v| v == 0.0));
     }
 }

@@ -12,6 +12,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::filter_cache::{self, Packing};
 use super::winograd;
 use super::{expect_shape, matmul, with_scratch, MatRef, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
@@ -87,17 +88,66 @@ pub(super) fn valid_outputs(
     (lo.min(hi), hi)
 }
 
-/// Writes the columns `positions` of one image's column matrix
-/// `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
-/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into
-/// `col`, a row-major buffer of stride `ld`, starting at its column `j0`.
-fn im2col_segment(
+/// A run of consecutive entries in one row of a column matrix.
+enum Run<'a> {
+    /// Padding: this many zeros.
+    Zeros(usize),
+    /// Input values, every `stride`-th of `src` starting at its first,
+    /// `len` of them.
+    Pixels {
+        src: &'a [f32],
+        stride: usize,
+        len: usize,
+    },
+}
+
+impl Run<'_> {
+    fn len(&self) -> usize {
+        match *self {
+            Run::Zeros(n) => n,
+            Run::Pixels { len, .. } => len,
+        }
+    }
+
+    /// Writes entries `from..from + dst.len()` of the run into `dst`. The
+    /// panel layout copies a panel's width or less at a time, too little
+    /// for `memcpy` to pay for its call: a whole panel is one fixed-size
+    /// move, a part of one a plain loop.
+    #[inline]
+    fn write(&self, from: usize, dst: &mut [f32]) {
+        match *self {
+            Run::Zeros(_) => dst.fill(0.0),
+            Run::Pixels { src, stride: 1, .. } => {
+                let src = &src[from..from + dst.len()];
+                if let (Ok(d), Ok(s)) = (
+                    <&mut [f32; NR]>::try_from(&mut *dst),
+                    <&[f32; NR]>::try_from(src),
+                ) {
+                    *d = *s;
+                } else if dst.len() < NR {
+                    dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+            Run::Pixels { src, stride, .. } => {
+                let src = src[from * stride..].iter().step_by(stride);
+                dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v);
+            }
+        }
+    }
+}
+
+/// The columns `positions` of one image's column matrix `[C*KH*KW,
+/// OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds `x[c, oh*s + kh -
+/// pad, ow*s + kw - pad]`, or 0 in the padding), as runs: `emit(row, j,
+/// run)` with `j` counted from `positions.start`. Every entry is emitted
+/// once; a writer decides where it goes.
+fn im2col_runs(
     x: &[f32],
     g: &Geom,
     positions: Range<usize>,
-    col: &mut [f32],
-    ld: usize,
-    j0: usize,
+    mut emit: impl FnMut(usize, usize, Run),
 ) {
     let (hw, ow) = (g.h * g.w, g.ow);
     let mut r = 0;
@@ -106,38 +156,138 @@ fn im2col_segment(
             let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
             for kw in 0..g.kw {
                 let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
-                let row = &mut col[r * ld + j0..][..positions.len()];
-                r += 1;
+                // The output rows the positions cross, without a division
+                // per row.
+                let (mut next_oh, mut next_a) = (positions.start / ow, positions.start % ow);
                 let mut p = positions.start;
                 while p < positions.end {
-                    let (oh, a) = (p / ow, p % ow);
+                    let (oh, a) = (next_oh, next_a);
+                    (next_oh, next_a) = (oh + 1, 0);
                     let b = ow.min(a + positions.end - p);
-                    let dst = &mut row[p - positions.start..][..b - a];
+                    let j = p - positions.start;
                     p += b - a;
                     if oh < oh_lo || oh >= oh_hi {
-                        dst.fill(0.0);
+                        emit(r, j, Run::Zeros(b - a));
                         continue;
                     }
                     let lo = ow_lo.clamp(a, b);
                     let hi = ow_hi.clamp(lo, b);
-                    dst[..lo - a].fill(0.0);
-                    dst[hi - a..].fill(0.0);
-                    if lo == hi {
-                        continue;
+                    if lo > a {
+                        emit(r, j, Run::Zeros(lo - a));
                     }
-                    let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
-                    let dst = &mut dst[lo - a..hi - a];
-                    let iw0 = lo * g.stride + kw - g.pad;
-                    if g.stride == 1 {
-                        dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
-                    } else {
-                        for (d, v) in dst.iter_mut().zip(src[iw0..].iter().step_by(g.stride)) {
-                            *d = *v;
-                        }
+                    if hi > lo {
+                        let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
+                        let iw0 = lo * g.stride + kw - g.pad;
+                        let len = hi - lo;
+                        let src = &src[iw0..iw0 + (len - 1) * g.stride + 1];
+                        emit(
+                            r,
+                            j + lo - a,
+                            Run::Pixels {
+                                src,
+                                stride: g.stride,
+                                len,
+                            },
+                        );
+                    }
+                    if b > hi {
+                        emit(r, j + hi - a, Run::Zeros(b - hi));
                     }
                 }
+                r += 1;
             }
         }
+    }
+}
+
+/// Writes the columns `positions` of one image's column matrix (see
+/// [`im2col_runs`]) into `col`, row-major with stride `ld`, from column `j0`.
+fn im2col_segment(
+    x: &[f32],
+    g: &Geom,
+    positions: Range<usize>,
+    col: &mut [f32],
+    ld: usize,
+    j0: usize,
+) {
+    im2col_runs(x, g, positions, |r, j, run| {
+        let n = run.len();
+        run.write(0, &mut col[r * ld + j0 + j..][..n]);
+    });
+}
+
+/// Writes the columns `cols` of the batch's column matrix (every image's
+/// columns side by side, see [`im2col_runs`]) into `panels`, the layout
+/// [`chain_gemm::gemm`] reads, from its column 0.
+///
+/// It goes panel by panel, so the writes run in order through memory: each
+/// panel's 16 columns are located once (image, input row and column of
+/// their first tap), then every row `(c, kh, kw)` is 16 loads at a fixed
+/// offset from those, or one 16-wide copy where the columns are 16
+/// neighbours of one input row inside the image.
+fn im2col_panels(x: &[f32], g: &Geom, cols: Range<usize>, panels: &mut [f32]) {
+    let (k, pos, hw) = (g.rows(), g.positions(), g.h * g.w);
+    let taps = g.kh * g.kw;
+    // Per tap, the lanes whose input pixel lies inside the image.
+    let mut inside = vec![0u16; taps];
+    for (q, dst) in panels.chunks_exact_mut(k * NR).enumerate() {
+        let first = cols.start + q * NR;
+        let lanes = NR.min(cols.end - first);
+        // Input offset of each lane's first tap (it may lie outside the
+        // image: only taps flagged inside are read).
+        let mut base = [0isize; NR];
+        let (mut ih0, mut iw0) = ([0isize; NR], [0isize; NR]);
+        for l in 0..lanes {
+            let (img, p) = ((first + l) / pos, (first + l) % pos);
+            ih0[l] = (p / g.ow * g.stride) as isize - g.pad as isize;
+            iw0[l] = (p % g.ow * g.stride) as isize - g.pad as isize;
+            base[l] = (img * g.in_len()) as isize + ih0[l] * g.w as isize + iw0[l];
+        }
+        for (t, m) in inside.iter_mut().enumerate() {
+            let (kh, kw) = ((t / g.kw) as isize, (t % g.kw) as isize);
+            *m = (0..lanes)
+                .filter(|&l| {
+                    let (ih, iw) = (ih0[l] + kh, iw0[l] + kw);
+                    ih >= 0 && ih < g.h as isize && iw >= 0 && iw < g.w as isize
+                })
+                .fold(0, |m, l| m | 1 << l);
+        }
+        // All 16 lanes one input row's neighbours: a tap inside the image
+        // for every lane is one contiguous copy.
+        let neighbours = lanes == NR && g.stride == 1 && base[NR - 1] - base[0] == NR as isize - 1;
+        for (row, r) in dst.chunks_exact_mut(NR).zip(0..) {
+            let (c, t) = (r / taps, r % taps);
+            let off = (c * hw + t / g.kw * g.w + t % g.kw) as isize;
+            let m = inside[t];
+            if m == u16::MAX && neighbours {
+                let at = (base[0] + off) as usize;
+                let src: &[f32; NR] = x[at..at + NR].try_into().expect("16 floats");
+                row.copy_from_slice(src);
+                continue;
+            }
+            for (l, v) in row.iter_mut().enumerate() {
+                *v = if m >> l & 1 == 1 {
+                    x[(base[l] + off) as usize]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Writes `run` into row `r` of a `k`-deep panel layout from column `j`,
+/// one panel's share at a time.
+#[inline]
+fn write_panels(panels: &mut [f32], k: usize, r: usize, j: usize, run: &Run) {
+    let (mut j, mut from, len) = (j, 0, run.len());
+    while from < len {
+        let lane = j % NR;
+        let n = (NR - lane).min(len - from);
+        let at = chain_gemm::panel_index(r, j, k);
+        run.write(from, &mut panels[at..at + n]);
+        from += n;
+        j += n;
     }
 }
 
@@ -305,7 +455,11 @@ fn forward_dense(
 ) -> Vec<f32> {
     let (k, pos) = (g.rows(), g.positions());
     let cols = g.n * pos;
-    let a = PackedA::new(w, g.o, k, k, 1);
+    let shape = [g.o, g.c, g.kh, g.kw];
+    let a = filter_cache::packed(Packing::Dense, shape, w, || {
+        vec![PackedA::new(w, g.o, k, k, 1)]
+    });
+    let a = &a[0];
     let (chunk, parts) = plan_tasks(cols, k, a.blocks());
     let per_part = a.blocks().div_ceil(parts);
     let mut y = vec![0.0f32; g.n * g.out_len()];
@@ -319,15 +473,10 @@ fn forward_dense(
             return;
         }
         let ld = padded_stride(cols.len());
-        with_scratch([k * ld, blocks.len() * MR * ld], |[b, c]| {
-            for (img, ps, j0) in segments(cols.clone(), pos) {
-                im2col_segment(&x[img * g.in_len()..][..g.in_len()], g, ps, b, ld, j0);
-            }
-            let width = cols.len().div_ceil(NR) * NR;
-            for row in b.chunks_exact_mut(ld) {
-                row[cols.len()..width].fill(0.0);
-            }
-            chain_gemm::gemm(&a, blocks.clone(), b, ld, cols.len(), c, ld);
+        let width = cols.len().div_ceil(NR) * NR;
+        with_scratch([k * width, blocks.len() * MR * ld], |[b, c]| {
+            im2col_panels(x, g, cols.clone(), b);
+            chain_gemm::gemm(a, blocks.clone(), b, cols.len(), c, ld);
             let o0 = blocks.start * MR;
             for o in o0..(blocks.end * MR).min(g.o) {
                 let c_row = &c[(o - o0) * ld..];
@@ -399,13 +548,20 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let per_part = g.c.div_ceil(parts);
     // `W^T` restricted to each part's channels: element (i, o) is
     // `w[o * rows + c0 * khw + i]`.
-    let packed: Vec<(Range<usize>, PackedA)> = (0..g.c)
+    let shape = [g.o, g.c, g.kh, g.kw];
+    let packed = filter_cache::packed(Packing::DenseAdjoint { per_part }, shape, w, || {
+        (0..g.c)
+            .step_by(per_part)
+            .map(|c0| {
+                let c1 = (c0 + per_part).min(g.c);
+                PackedA::new(&w[c0 * khw..], (c1 - c0) * khw, g.o, 1, rows)
+            })
+            .collect()
+    });
+    let packed: Vec<(Range<usize>, &PackedA)> = (0..g.c)
         .step_by(per_part)
-        .map(|c0| {
-            let c1 = (c0 + per_part).min(g.c);
-            let a = PackedA::new(&w[c0 * khw..], (c1 - c0) * khw, g.o, 1, rows);
-            (c0..c1, a)
-        })
+        .zip(packed.iter())
+        .map(|(c0, a)| (c0..(c0 + per_part).min(g.c), a))
         .collect();
     let mut dx = vec![0.0f32; g.n * g.in_len()];
     let out = SharedOut::new(&mut dx);
@@ -418,15 +574,20 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
         let cols = images.len() * pos;
         let ld = padded_stride(cols);
         let width = cols.div_ceil(NR) * NR;
-        with_scratch([g.o * ld, a.blocks() * MR * ld], |[b, dcol]| {
-            for (o, row) in b.chunks_exact_mut(ld).enumerate() {
+        with_scratch([g.o * width, a.blocks() * MR * ld], |[b, dcol]| {
+            for o in 0..g.o {
                 for (j, img) in images.clone().enumerate() {
                     let src = &dy[img * g.out_len() + o * pos..][..pos];
-                    row[j * pos..(j + 1) * pos].copy_from_slice(src);
+                    let run = Run::Pixels {
+                        src,
+                        stride: 1,
+                        len: pos,
+                    };
+                    write_panels(b, g.o, o, j * pos, &run);
                 }
-                row[cols..width].fill(0.0);
             }
-            chain_gemm::gemm(a, 0..a.blocks(), b, ld, cols, dcol, ld);
+            chain_gemm::zero_panel_tail(b, g.o, cols);
+            chain_gemm::gemm(a, 0..a.blocks(), b, cols, dcol, ld);
             for (j, img) in images.clone().enumerate() {
                 let at = img * g.in_len() + channels.start * hw;
                 // SAFETY: tasks cover disjoint (image, channel) sets.

@@ -17,6 +17,7 @@ mod chain_gemm;
 mod conv;
 mod conv_grouped;
 mod elementwise;
+mod filter_cache;
 mod layout;
 mod linear;
 mod loss;
@@ -545,6 +546,10 @@ thread_local! {
 /// across calls: a fresh multi-megabyte column buffer per image would cost
 /// more in page faults than the copy into it. The contents on entry are
 /// unspecified; `f` must write what it reads.
+///
+/// Each buffer starts on a 64-byte line, so the GEMM's panels (rows of 16
+/// floats) and output rows lie on whole cache lines: the kernel's 64-byte
+/// loads and stores never straddle two.
 fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32]; N]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => {
@@ -554,24 +559,51 @@ fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32];
             let mut bufs = bufs.iter_mut();
             f(std::array::from_fn(|i| {
                 let buf = bufs.next().expect("N buffers were made above");
-                if buf.len() < lens[i] {
-                    buf.resize(lens[i], 0.0);
-                }
-                &mut buf[..lens[i]]
+                line_aligned(buf, lens[i])
             }))
         }
         // Only reachable if `f` itself asked for scratch: give it its own.
         Err(_) => {
-            let mut own = lens.map(|len| vec![0.0f32; len]);
-            f(own.each_mut().map(|v| &mut v[..]))
+            let mut own: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+            let mut own = own.iter_mut();
+            f(std::array::from_fn(|i| {
+                line_aligned(own.next().expect("N buffers"), lens[i])
+            }))
         }
     })
+}
+
+/// Floats in a 64-byte line.
+const LINE: usize = 16;
+
+/// `len` floats of `buf` starting on a 64-byte line (grown as needed).
+fn line_aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len + LINE - 1 {
+        buf.resize(len + LINE - 1, 0.0);
+    }
+    // `align_offset` counts elements; a Vec of f32 is 4-byte aligned, so
+    // some offset below LINE reaches the line.
+    let skip = buf.as_ptr().align_offset(64).min(LINE - 1);
+    &mut buf[skip..skip + len]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use testutil::*;
+
+    #[test]
+    fn scratch_buffers_start_on_a_cache_line_nested_or_not() {
+        let aligned = |b: &[f32]| (b.as_ptr() as usize).is_multiple_of(64);
+        for lens in [[1, 17], [1000, 3], [5, 4096]] {
+            with_scratch(lens, |[a, b]| {
+                assert!(aligned(a) && aligned(b), "{lens:?}");
+                assert_eq!([a.len(), b.len()], lens);
+                // A nested call gets buffers of its own, aligned too.
+                with_scratch([33], |[c]| assert!(aligned(c) && c.len() == 33));
+            });
+        }
+    }
 
     #[test]
     fn a_conv_with_a_folded_bn_computes_the_conv_then_the_bn() {

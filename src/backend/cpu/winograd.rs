@@ -13,11 +13,12 @@
 //! such a convolution: of `dy` with the filter flipped and its channel axes
 //! swapped, padding `2 - p`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::filter_cache::{self, Packing};
 use super::with_scratch;
 use crate::backend::check::ConvGeom;
 
@@ -104,51 +105,11 @@ pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
     conv(dy, &u, &s, &none)
 }
 
-/// Transformed filters kept for reuse, with a copy of the filters they came
-/// from: a search runs the same frozen filters thousands of times, and
-/// transforming a 512x512 layer costs more than multiplying a small batch.
-struct CacheEntry {
-    adjoint: bool,
-    filters: Vec<f32>,
-    u: Arc<Vec<PackedA>>,
-}
-
-/// Filter values the cache may hold (originals and transforms), 128 Mi
-/// floats: the 3x3 layers of the largest zoo model several times over.
-const CACHE_LIMIT: usize = 1 << 27;
-
-static CACHE: Mutex<Vec<CacheEntry>> = Mutex::new(Vec::new());
-
-/// [`filter_transform`] through the cache. An entry is used only when its
-/// copy of the filters has the same bits as `w`, so a filter updated in
-/// place (training) is transformed again, never served stale.
+/// [`filter_transform`] through the filter cache.
 fn transformed_filters(w: &[f32], o: usize, c: usize, adjoint: bool) -> Arc<Vec<PackedA>> {
-    let same = |e: &CacheEntry| {
-        e.adjoint == adjoint
-            && e.filters.len() == w.len()
-            && bytemuck::cast_slice::<f32, u32>(&e.filters) == bytemuck::cast_slice::<f32, u32>(w)
-    };
-    if let Ok(cache) = CACHE.lock() {
-        if let Some(e) = cache.iter().find(|e| same(e)) {
-            return Arc::clone(&e.u);
-        }
-    }
-    let u = Arc::new(filter_transform(w, o, c, adjoint));
-    if let Ok(mut cache) = CACHE.lock() {
-        let size = |e: &CacheEntry| e.filters.len() * 3;
-        let mut total: usize = cache.iter().map(size).sum::<usize>() + w.len() * 3;
-        while total > CACHE_LIMIT && !cache.is_empty() {
-            total -= size(&cache.remove(0));
-        }
-        if total <= CACHE_LIMIT {
-            cache.push(CacheEntry {
-                adjoint,
-                filters: w.to_vec(),
-                u: Arc::clone(&u),
-            });
-        }
-    }
-    u
+    filter_cache::packed(Packing::Winograd { adjoint }, [o, c, 3, 3], w, || {
+        filter_transform(w, o, c, adjoint)
+    })
 }
 
 /// `U = G g G^T` for every filter, as 16 packed `[out, in]` matrices (one
@@ -230,15 +191,15 @@ fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
             return;
         }
         let ld = padded_stride(tiles.len());
+        let width = tiles.len().div_ceil(NR) * NR;
         let prows = part.len() * MR;
-        with_scratch([16 * s.c * ld, 16 * prows * ld], |[v, m]| {
-            input_transform(x, s, tiles.clone(), v, ld);
+        with_scratch([16 * s.c * width, 16 * prows * ld], |[v, m]| {
+            input_transform(x, s, tiles.clone(), v);
             for xi in 0..16 {
                 chain_gemm::gemm(
                     &u[xi],
                     part.clone(),
-                    &v[xi * s.c * ld..][..s.c * ld],
-                    ld,
+                    &v[xi * s.c * width..][..s.c * width],
                     tiles.len(),
                     &mut m[xi * prows * ld..][..prows * ld],
                     ld,
@@ -255,12 +216,13 @@ fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
 }
 
 /// `V = B^T d B` for every input channel and every tile of `tiles`, into
-/// `v` (`[16][c][ld]`, tile `j` of the range in column `j`), with the
-/// padding columns up to a whole panel set to 0.
+/// `v`: 16 matrices `[c][tiles]` (tile `j` of the range in column `j`), each
+/// in the panel layout [`chain_gemm::gemm`] reads, with the padding
+/// columns up to a whole panel set to 0.
 ///
 /// `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`; the row step runs
 /// along whole padded input rows, the column step per tile.
-fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32], ld: usize) {
+fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32]) {
     let (th, tw) = s.tiles();
     let per_image = th * tw;
     let width = tiles.len().div_ceil(NR) * NR;
@@ -301,23 +263,38 @@ fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut 
                 t2[q] = d2[q] - d1[q];
                 t3[q] = d1[q] - d3[q];
             }
-            for (i, ti) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                for tx in tx0..tx1 {
-                    let q = 2 * tx;
-                    let col = j + tx - tx0;
-                    let at = |xi: usize| (xi * s.c + ci) * ld + col;
-                    v[at(4 * i)] = ti[q] - ti[q + 2];
-                    v[at(4 * i + 1)] = ti[q + 1] + ti[q + 2];
-                    v[at(4 * i + 2)] = ti[q + 2] - ti[q + 1];
-                    v[at(4 * i + 3)] = ti[q + 1] - ti[q + 3];
+            // The column step, a panel's share of the tiles at a time: each
+            // of the 16 outputs is then one contiguous run of its panel.
+            let mut done = 0;
+            while done < tx1 - tx0 {
+                let col = j + done;
+                let len = (NR - col % NR).min(tx1 - tx0 - done);
+                let at = chain_gemm::panel_index(ci, col, s.c);
+                for (i, ti) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                    let ti = &ti[2 * (tx0 + done)..][..2 * len + 2];
+                    let o = |q: usize| (4 * i + q) * s.c * width + at;
+                    fill(&mut v[o(0)..][..len], |e| ti[e] - ti[e + 2]);
+                    fill(&mut v[o(1)..][..len], |e| ti[e + 1] + ti[e + 2]);
+                    fill(&mut v[o(2)..][..len], |e| ti[e + 2] - ti[e + 1]);
+                    fill(&mut v[o(3)..][..len], |e| ti[e + 1] - ti[e + 3]);
                 }
+                done += len;
             }
             j += tx1 - tx0;
             tile += tx1 - tx0;
         }
-        for xi in 0..16 {
-            v[(xi * s.c + ci) * ld..][tiles.len()..width].fill(0.0);
-        }
+    }
+    for m in v.chunks_exact_mut(s.c * width).take(16) {
+        chain_gemm::zero_panel_tail(m, s.c, tiles.len());
+    }
+}
+
+/// `dst[e] = f(2 e)`: one output of the column step for consecutive tiles
+/// (tile `e`'s 4 columns start at `2 e`).
+#[inline(always)]
+fn fill(dst: &mut [f32], f: impl Fn(usize) -> f32) {
+    for (e, d) in dst.iter_mut().enumerate() {
+        *d = f(2 * e);
     }
 }
 
@@ -338,43 +315,58 @@ fn output_transform<'m>(
     let per_image = th * tw;
     let plane = s.oh * s.ow;
     let ms: [&[f32]; 16] = std::array::from_fn(&m);
-    let bias = epi.bias.map_or(0.0, |b| b[o]);
-    for (j, tile) in tiles.enumerate() {
+    let bias = epi.bias.map(|b| b[o]);
+    // Tiles go a tile row of one image at a time, so each output row is
+    // one slice.
+    let (mut j, mut tile) = (0, tiles.start);
+    while tile < tiles.end {
         let (img, r) = (tile / per_image, tile % per_image);
-        let (ty, tx) = (r / tw, r % tw);
-        let mv = |i: usize, k: usize| ms[i * 4 + k][j];
-        let s0 = |k: usize| mv(0, k) + mv(1, k) + mv(2, k);
-        let s1 = |k: usize| mv(1, k) - mv(2, k) - mv(3, k);
-        let (a0, a1, a2, a3) = (s0(0), s0(1), s0(2), s0(3));
-        let (b0, b1, b2, b3) = (s1(0), s1(1), s1(2), s1(3));
-        let ys = [[a0 + a1 + a2, a1 - a2 - a3], [b0 + b1 + b2, b1 - b2 - b3]];
+        let (ty, tx0) = (r / tw, r % tw);
+        let n = (tw - tx0).min(tiles.end - tile);
         let base = (img * s.o + o) * plane;
-        for (dy, row) in ys.iter().enumerate() {
+        for dy in 0..2 {
             let oh = 2 * ty + dy;
             if oh >= s.oh {
                 continue;
             }
-            for (dx, &val) in row.iter().enumerate() {
-                let ow = 2 * tx + dx;
-                if ow >= s.ow {
-                    continue;
+            let at = base + oh * s.ow + 2 * tx0;
+            let len = (2 * (tx0 + n)).min(s.ow) - 2 * tx0;
+            // SAFETY: tasks cover disjoint (channel, tile) sets, and tiles
+            // do not overlap, so each output has one writer.
+            let dst = unsafe { out.region(at, len) };
+            let res = epi.residual.map(|r| &r[at..at + len]);
+            let finish = |t: usize, mut val: f32| {
+                if let Some(b) = bias {
+                    val += b;
                 }
-                let at = base + oh * s.ow + ow;
-                let mut val = val;
-                if epi.bias.is_some() {
-                    val += bias;
-                }
-                if let Some(res) = epi.residual {
-                    val += res[at];
+                if let Some(res) = res {
+                    val += res[t];
                 }
                 if epi.relu {
                     // As `relu`: NaN stays NaN, -0 becomes 0.
                     val = if val <= 0.0 { 0.0 } else { val };
                 }
-                // SAFETY: tasks cover disjoint (channel, tile) sets, and
-                // tiles do not overlap, so each output has one writer.
-                unsafe { out.region(at, 1)[0] = val };
+                val
+            };
+            // Row `dy` of `A^T M` takes rows `dy..dy + 3` of `M`: `m0 + m1 +
+            // m2` for the first, `m1 - m2 - m3` for the second; then `A`.
+            let src: [&[f32]; 12] =
+                std::array::from_fn(|q| &ms[(q / 4 + dy) * 4 + q % 4][j..j + n]);
+            let sign = if dy == 0 { 1.0 } else { -1.0 };
+            for (t, pair) in dst.chunks_mut(2).enumerate() {
+                // `x - y` is `x + (-1) * y` exactly, so one expression
+                // serves both rows with the same roundings.
+                let a0 = src[0][t] + sign * src[4][t] + sign * src[8][t];
+                let a1 = src[1][t] + sign * src[5][t] + sign * src[9][t];
+                let a2 = src[2][t] + sign * src[6][t] + sign * src[10][t];
+                let a3 = src[3][t] + sign * src[7][t] + sign * src[11][t];
+                pair[0] = finish(2 * t, a0 + a1 + a2);
+                if let Some(v) = pair.get_mut(1) {
+                    *v = finish(2 * t + 1, a1 - a2 - a3);
+                }
             }
         }
+        j += n;
+        tile += n;
     }
 }
