@@ -252,9 +252,10 @@ fn im2col_panels(x: &[f32], g: &Geom, cols: Range<usize>, panels: &mut [f32]) {
                 })
                 .fold(0, |m, l| m | 1 << l);
         }
-        // All 16 lanes one input row's neighbours: a tap inside the image
-        // for every lane is one contiguous copy.
-        let neighbours = lanes == NR && g.stride == 1 && base[NR - 1] - base[0] == NR as isize - 1;
+        // Lanes reading 16 neighbouring input values (one input row, or
+        // rows that meet): a tap inside the image for every lane is one
+        // contiguous copy.
+        let neighbours = lanes == NR && (0..NR).all(|l| base[l] == base[0] + l as isize);
         for (row, r) in dst.chunks_exact_mut(NR).zip(0..) {
             let (c, t) = (r / taps, r % taps);
             let off = (c * hw + t / g.kw * g.w + t % g.kw) as isize;
@@ -825,10 +826,13 @@ mod tests {
     }
 
     /// Odd shapes covering every path: non-square images and kernels,
-    /// stride 1 and 2, padding 0/1/3, 1x1 (pointwise and strided), 3x3 and
-    /// 7x7 kernels, batch 1 and 5, channel counts 3, 5, 17, 40; outputs with
-    /// many positions (gemm along positions) and few (transposed products).
-    const ODD_SHAPES: [Case; 10] = [
+    /// stride 1 and 2, padding 0/1/2/3, 1x1 (pointwise and strided), 3x3
+    /// and 7x7 kernels, batch 1, 5 and 7, channel counts 2, 3, 5, 17, 40;
+    /// outputs with many positions (gemm along positions) and few
+    /// (transposed products); tiny images whose im2col panels span several
+    /// output rows and images, padded wider than the kernel's reach.
+    const ODD_SHAPES: [Case; 11] = [
+        case([7, 2, 2, 3], [3, 2, 3, 3], 1, 2),
         case([1, 3, 7, 9], [5, 3, 3, 3], 1, 1),
         case([5, 5, 9, 6], [17, 5, 3, 3], 2, 1),
         case([5, 17, 8, 8], [3, 17, 1, 1], 1, 0),
