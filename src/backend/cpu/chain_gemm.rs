@@ -139,6 +139,27 @@ pub(super) fn panel_index(kk: usize, j: usize, k: usize) -> usize {
     (j / NR * k + kk) * NR + j % NR
 }
 
+/// Copies `src` into row `kk` of a `k`-deep operand in the layout [`gemm`]
+/// reads, from column `j`: one panel's share at a time.
+pub(super) fn copy_into_panels(panels: &mut [f32], k: usize, kk: usize, j: usize, src: &[f32]) {
+    let mut done = 0;
+    while done < src.len() {
+        let col = j + done;
+        let n = (NR - col % NR).min(src.len() - done);
+        let (at, src) = (panel_index(kk, col, k), &src[done..done + n]);
+        if let (Ok(d), Ok(s)) = (
+            <&mut [f32; NR]>::try_from(&mut panels[at..at + n]),
+            <&[f32; NR]>::try_from(src),
+        ) {
+            // A whole panel row: one fixed-size move, not a `memcpy` call.
+            *d = *s;
+        } else {
+            panels[at..at + n].copy_from_slice(src);
+        }
+        done += n;
+    }
+}
+
 /// Zeros the columns `cols..` of the last panel of a `k`-deep panel layout
 /// (they are multiplied like the others; zeros keep them from holding
 /// stale NaNs or subnormals).

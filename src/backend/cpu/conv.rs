@@ -88,120 +88,10 @@ pub(super) fn valid_outputs(
     (lo.min(hi), hi)
 }
 
-/// A run of consecutive entries in one row of a column matrix.
-enum Run<'a> {
-    /// Padding: this many zeros.
-    Zeros(usize),
-    /// Input values, every `stride`-th of `src` starting at its first,
-    /// `len` of them.
-    Pixels {
-        src: &'a [f32],
-        stride: usize,
-        len: usize,
-    },
-}
-
-impl Run<'_> {
-    fn len(&self) -> usize {
-        match *self {
-            Run::Zeros(n) => n,
-            Run::Pixels { len, .. } => len,
-        }
-    }
-
-    /// Writes entries `from..from + dst.len()` of the run into `dst`. The
-    /// panel layout copies a panel's width or less at a time, too little
-    /// for `memcpy` to pay for its call: a whole panel is one fixed-size
-    /// move, a part of one a plain loop.
-    #[inline]
-    fn write(&self, from: usize, dst: &mut [f32]) {
-        match *self {
-            Run::Zeros(_) => dst.fill(0.0),
-            Run::Pixels { src, stride: 1, .. } => {
-                let src = &src[from..from + dst.len()];
-                if let (Ok(d), Ok(s)) = (
-                    <&mut [f32; NR]>::try_from(&mut *dst),
-                    <&[f32; NR]>::try_from(src),
-                ) {
-                    *d = *s;
-                } else if dst.len() < NR {
-                    dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v);
-                } else {
-                    dst.copy_from_slice(src);
-                }
-            }
-            Run::Pixels { src, stride, .. } => {
-                let src = src[from * stride..].iter().step_by(stride);
-                dst.iter_mut().zip(src).for_each(|(d, v)| *d = *v);
-            }
-        }
-    }
-}
-
-/// The columns `positions` of one image's column matrix `[C*KH*KW,
-/// OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds `x[c, oh*s + kh -
-/// pad, ow*s + kw - pad]`, or 0 in the padding), as runs: `emit(row, j,
-/// run)` with `j` counted from `positions.start`. Every entry is emitted
-/// once; a writer decides where it goes.
-fn im2col_runs(
-    x: &[f32],
-    g: &Geom,
-    positions: Range<usize>,
-    mut emit: impl FnMut(usize, usize, Run),
-) {
-    let (hw, ow) = (g.h * g.w, g.ow);
-    let mut r = 0;
-    for plane in x.chunks_exact(hw).take(g.c) {
-        for kh in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
-            for kw in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
-                // The output rows the positions cross, without a division
-                // per row.
-                let (mut next_oh, mut next_a) = (positions.start / ow, positions.start % ow);
-                let mut p = positions.start;
-                while p < positions.end {
-                    let (oh, a) = (next_oh, next_a);
-                    (next_oh, next_a) = (oh + 1, 0);
-                    let b = ow.min(a + positions.end - p);
-                    let j = p - positions.start;
-                    p += b - a;
-                    if oh < oh_lo || oh >= oh_hi {
-                        emit(r, j, Run::Zeros(b - a));
-                        continue;
-                    }
-                    let lo = ow_lo.clamp(a, b);
-                    let hi = ow_hi.clamp(lo, b);
-                    if lo > a {
-                        emit(r, j, Run::Zeros(lo - a));
-                    }
-                    if hi > lo {
-                        let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
-                        let iw0 = lo * g.stride + kw - g.pad;
-                        let len = hi - lo;
-                        let src = &src[iw0..iw0 + (len - 1) * g.stride + 1];
-                        emit(
-                            r,
-                            j + lo - a,
-                            Run::Pixels {
-                                src,
-                                stride: g.stride,
-                                len,
-                            },
-                        );
-                    }
-                    if b > hi {
-                        emit(r, j + hi - a, Run::Zeros(b - hi));
-                    }
-                }
-                r += 1;
-            }
-        }
-    }
-}
-
-/// Writes the columns `positions` of one image's column matrix (see
-/// [`im2col_runs`]) into `col`, row-major with stride `ld`, from column `j0`.
+/// Writes the columns `positions` of one image's column matrix
+/// `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
+/// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into
+/// `col`, a row-major buffer of stride `ld`, starting at its column `j0`.
 fn im2col_segment(
     x: &[f32],
     g: &Geom,
@@ -210,14 +100,50 @@ fn im2col_segment(
     ld: usize,
     j0: usize,
 ) {
-    im2col_runs(x, g, positions, |r, j, run| {
-        let n = run.len();
-        run.write(0, &mut col[r * ld + j0 + j..][..n]);
-    });
+    let (hw, ow) = (g.h * g.w, g.ow);
+    let mut r = 0;
+    for plane in x.chunks_exact(hw).take(g.c) {
+        for kh in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
+            for kw in 0..g.kw {
+                let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
+                let row = &mut col[r * ld + j0..][..positions.len()];
+                r += 1;
+                let mut p = positions.start;
+                while p < positions.end {
+                    let (oh, a) = (p / ow, p % ow);
+                    let b = ow.min(a + positions.end - p);
+                    let dst = &mut row[p - positions.start..][..b - a];
+                    p += b - a;
+                    if oh < oh_lo || oh >= oh_hi {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let lo = ow_lo.clamp(a, b);
+                    let hi = ow_hi.clamp(lo, b);
+                    dst[..lo - a].fill(0.0);
+                    dst[hi - a..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
+                    let dst = &mut dst[lo - a..hi - a];
+                    let iw0 = lo * g.stride + kw - g.pad;
+                    if g.stride == 1 {
+                        dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
+                    } else {
+                        for (d, v) in dst.iter_mut().zip(src[iw0..].iter().step_by(g.stride)) {
+                            *d = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Writes the columns `cols` of the batch's column matrix (every image's
-/// columns side by side, see [`im2col_runs`]) into `panels`, the layout
+/// columns side by side, see [`im2col_segment`]) into `panels`, the layout
 /// [`chain_gemm::gemm`] reads, from its column 0.
 ///
 /// It goes panel by panel, so the writes run in order through memory: each
@@ -274,21 +200,6 @@ fn im2col_panels(x: &[f32], g: &Geom, cols: Range<usize>, panels: &mut [f32]) {
                 };
             }
         }
-    }
-}
-
-/// Writes `run` into row `r` of a `k`-deep panel layout from column `j`,
-/// one panel's share at a time.
-#[inline]
-fn write_panels(panels: &mut [f32], k: usize, r: usize, j: usize, run: &Run) {
-    let (mut j, mut from, len) = (j, 0, run.len());
-    while from < len {
-        let lane = j % NR;
-        let n = (NR - lane).min(len - from);
-        let at = chain_gemm::panel_index(r, j, k);
-        run.write(from, &mut panels[at..at + n]);
-        from += n;
-        j += n;
     }
 }
 
@@ -487,11 +398,8 @@ fn forward_dense(
                     // so no two write the same outputs.
                     let dst = unsafe { out.region(at, ps.len()) };
                     dst.copy_from_slice(&c_row[j0..j0 + ps.len()]);
-                    if let Some(b) = bias {
-                        let b_o = b.data()[o];
-                        dst.iter_mut().for_each(|v| *v += b_o);
-                    }
-                    epilogue(dst, residual.map(|r| &r.data()[at..at + ps.len()]), relu);
+                    let res = residual.map(|r| &r.data()[at..at + ps.len()]);
+                    epilogue(dst, bias.map(|b| b.data()[o]), res, relu);
                 }
             }
         })
@@ -499,8 +407,12 @@ fn forward_dense(
     y
 }
 
-/// The fused conv's epilogue on a finished output: `relu?(y + residual)`.
-pub(super) fn epilogue(y: &mut [f32], residual: Option<&[f32]>, relu: bool) {
+/// The fused conv's epilogue on a finished output (one output channel's
+/// values): `relu?(y + bias + residual)`, in that order.
+pub(super) fn epilogue(y: &mut [f32], bias: Option<f32>, residual: Option<&[f32]>, relu: bool) {
+    if let Some(b) = bias {
+        y.iter_mut().for_each(|v| *v += b);
+    }
     if let Some(r) = residual {
         y.iter_mut().zip(r).for_each(|(v, &r)| *v += r);
     }
@@ -579,12 +491,7 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
             for o in 0..g.o {
                 for (j, img) in images.clone().enumerate() {
                     let src = &dy[img * g.out_len() + o * pos..][..pos];
-                    let run = Run::Pixels {
-                        src,
-                        stride: 1,
-                        len: pos,
-                    };
-                    write_panels(b, g.o, o, j * pos, &run);
+                    chain_gemm::copy_into_panels(b, g.o, o, j * pos, src);
                 }
             }
             chain_gemm::zero_panel_tail(b, g.o, cols);

@@ -70,12 +70,8 @@ pub(super) fn forward(
                         }
                     }
                 }
-                if let Some(b) = bias {
-                    let b_o = b.data()[o];
-                    yp.iter_mut().for_each(|v| *v += b_o);
-                }
                 let rp = residual.map(|r| &r.data()[idx * plane_out..][..plane_out]);
-                super::conv::epilogue(yp, rp, relu);
+                super::conv::epilogue(yp, bias.map(|b| b.data()[o]), rp, relu);
             });
     }
     Tensor::new(&g.out_shape(), y)

@@ -334,20 +334,6 @@ fn output_transform<'m>(
             // SAFETY: tasks cover disjoint (channel, tile) sets, and tiles
             // do not overlap, so each output has one writer.
             let dst = unsafe { out.region(at, len) };
-            let res = epi.residual.map(|r| &r[at..at + len]);
-            let finish = |t: usize, mut val: f32| {
-                if let Some(b) = bias {
-                    val += b;
-                }
-                if let Some(res) = res {
-                    val += res[t];
-                }
-                if epi.relu {
-                    // As `relu`: NaN stays NaN, -0 becomes 0.
-                    val = if val <= 0.0 { 0.0 } else { val };
-                }
-                val
-            };
             // Row `dy` of `A^T M` takes rows `dy..dy + 3` of `M`: `m0 + m1 +
             // m2` for the first, `m1 - m2 - m3` for the second; then `A`.
             let src: [&[f32]; 12] =
@@ -360,11 +346,13 @@ fn output_transform<'m>(
                 let a1 = src[1][t] + sign * src[5][t] + sign * src[9][t];
                 let a2 = src[2][t] + sign * src[6][t] + sign * src[10][t];
                 let a3 = src[3][t] + sign * src[7][t] + sign * src[11][t];
-                pair[0] = finish(2 * t, a0 + a1 + a2);
+                pair[0] = a0 + a1 + a2;
                 if let Some(v) = pair.get_mut(1) {
-                    *v = finish(2 * t + 1, a1 - a2 - a3);
+                    *v = a1 - a2 - a3;
                 }
             }
+            let res = epi.residual.map(|r| &r[at..at + len]);
+            super::conv::epilogue(dst, bias, res, epi.relu);
         }
         j += n;
         tile += n;
