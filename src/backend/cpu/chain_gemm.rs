@@ -57,6 +57,67 @@ impl PackedA {
     }
 }
 
+/// The `A` operand as the kernels read it: element `(i, kk)` of row block
+/// `blk` at `data[blk * block_stride + (i % MR) * rs + kk * ks]`. A
+/// [`PackedA`] is one such layout (`rs = 1, ks = MR`); a row-major matrix
+/// is another (`rs = lda, ks = 1`), so an operand whose rows a producer
+/// writes anyway (the backward-filter's column matrix) needs no packing.
+#[derive(Clone, Copy)]
+pub(super) struct AView<'a> {
+    data: &'a [f32],
+    k: usize,
+    blocks: usize,
+    block_stride: usize,
+    rs: usize,
+    ks: usize,
+}
+
+impl<'a> AView<'a> {
+    /// The first `k` columns of the row-major `data` (row stride `lda`) as
+    /// `rows` rows; `data` must hold whole row blocks (`rows` rounded up to
+    /// [`MR`]), since the kernels read every row of a block (the extra rows
+    /// give rows of `c` that mean nothing).
+    pub(super) fn row_major(data: &'a [f32], rows: usize, k: usize, lda: usize) -> Self {
+        let blocks = rows.div_ceil(MR);
+        assert!(
+            lda >= k && data.len() >= (blocks * MR).saturating_sub(1) * lda + k,
+            "gemm: row-major A too short"
+        );
+        AView {
+            data,
+            k,
+            blocks,
+            block_stride: MR * lda,
+            rs: lda,
+            ks: 1,
+        }
+    }
+
+    /// Row blocks of [`MR`] rows.
+    pub(super) fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// The `kn` steps from `k0` of row block `blk`, from its first element.
+    fn block(&self, blk: usize, k0: usize, kn: usize) -> &'a [f32] {
+        let at = blk * self.block_stride + k0 * self.ks;
+        &self.data[at..at + (MR - 1) * self.rs + (kn - 1) * self.ks + 1]
+    }
+}
+
+impl<'a> From<&'a PackedA> for AView<'a> {
+    fn from(a: &'a PackedA) -> Self {
+        AView {
+            data: &a.data,
+            k: a.k,
+            blocks: a.blocks(),
+            block_stride: a.k * MR,
+            rs: 1,
+            ks: MR,
+        }
+    }
+}
+
 /// A row stride of at least `cols` floats (rounded up to [`NR`]) that is an
 /// odd number of 64-byte lines, so that the `MR` rows one kernel call
 /// writes of `c` do not all fall into the same few cache sets.
@@ -84,24 +145,89 @@ pub(super) fn padded_stride(cols: usize) -> usize {
 /// The inner index is cut into blocks sized to keep the row blocks of `a`
 /// in the second-level cache; see the module doc for why this leaves every
 /// element's chain, and so its bits, unchanged.
-pub(super) fn gemm(
-    a: &PackedA,
+pub(super) fn gemm<'a>(
+    a: impl Into<AView<'a>>,
     blocks: std::ops::Range<usize>,
     b: &[f32],
     cols: usize,
     c: &mut [f32],
     ldc: usize,
 ) {
+    let a = a.into();
+    product(a, blocks, BRows::all(b, a.k), cols, c, ldc, false);
+}
+
+/// [`gemm`] with `b` the rows `from..` of a `depth`-deep panel layout, as
+/// many as `a` has columns, and, when `onto`, every element's chain
+/// continued from the value in `c` as if the inner index went on: products
+/// over `k1` then over `k2` this way give the bits of one product over
+/// `k1 + k2`. So a long inner extent (the backward-filter's positions of
+/// many images) is multiplied a slice at a time, from one `B` written once.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_rows<'a>(
+    a: impl Into<AView<'a>>,
+    blocks: std::ops::Range<usize>,
+    b: &[f32],
+    depth: usize,
+    from: usize,
+    cols: usize,
+    c: &mut [f32],
+    ldc: usize,
+    onto: bool,
+) {
+    let a = a.into();
+    assert!(from + a.k <= depth, "gemm: b rows out of range");
+    let b = BRows {
+        data: b,
+        depth,
+        from,
+    };
+    product(a, blocks, b, cols, c, ldc, onto);
+}
+
+/// The `B` operand of a product: the rows `from..` of a `depth`-deep panel
+/// layout.
+#[derive(Clone, Copy)]
+struct BRows<'a> {
+    data: &'a [f32],
+    depth: usize,
+    from: usize,
+}
+
+impl<'a> BRows<'a> {
+    /// A whole `k`-deep panel layout.
+    fn all(data: &'a [f32], k: usize) -> Self {
+        BRows {
+            data,
+            depth: k,
+            from: 0,
+        }
+    }
+}
+
+/// [`gemm`] and [`gemm_rows`]: the chains start from 0, or from `c` when
+/// `onto`.
+fn product(
+    a: AView<'_>,
+    blocks: std::ops::Range<usize>,
+    b: BRows<'_>,
+    cols: usize,
+    c: &mut [f32],
+    ldc: usize,
+    onto: bool,
+) {
     let k = a.k;
     let panels = cols.div_ceil(NR);
     let nblk = blocks.len();
-    assert!(blocks.end <= a.blocks(), "gemm: row blocks out of range");
+    assert!(blocks.end <= a.blocks, "gemm: row blocks out of range");
     assert!(ldc >= panels * NR, "gemm: strides");
-    assert!(b.len() >= panels * k * NR, "gemm: b too short");
+    assert!(b.data.len() >= panels * b.depth * NR, "gemm: b too short");
     assert!(c.len() >= nblk * MR * ldc, "gemm: c too short");
     if k == 0 {
-        for row in c.chunks_exact_mut(ldc).take(nblk * MR) {
-            row[..panels * NR].fill(0.0);
+        if !onto {
+            for row in c.chunks_exact_mut(ldc).take(nblk * MR) {
+                row[..panels * NR].fill(0.0);
+            }
         }
         return;
     }
@@ -121,11 +247,15 @@ pub(super) fn gemm(
             let kn = kc.min(k - k0);
             for p in (p0..p1).step_by(step) {
                 let n = step.min(p1 - p);
-                let bp = &b[panel_index(k0, p * NR, k)..];
+                let bp = &b.data[panel_index(b.from + k0, p * NR, b.depth)..];
                 for (local, blk) in blocks.clone().enumerate() {
-                    let ap = &a.data[(blk * k + k0) * MR..][..kn * MR];
+                    let ap = AStep {
+                        data: a.block(blk, k0, kn),
+                        rs: a.rs,
+                        ks: a.ks,
+                    };
                     let cp = &mut c[local * MR * ldc + p * NR..];
-                    tile(isa, kn, ap, bp, k * NR, n, cp, ldc, k0 > 0);
+                    tile(isa, kn, ap, bp, b.depth * NR, n, cp, ldc, onto || k0 > 0);
                 }
             }
         }
@@ -206,7 +336,23 @@ impl Isa {
     }
 }
 
-/// The `MR x (n * NR)` tile of `c` from `kn` steps of packed `a` and the `n`
+/// One row block of `A` from the first step a tile takes: element
+/// `(r, kk)` at `data[r * rs + kk * ks]`.
+#[derive(Clone, Copy)]
+struct AStep<'a> {
+    data: &'a [f32],
+    rs: usize,
+    ks: usize,
+}
+
+impl AStep<'_> {
+    /// Whether `data` holds all `MR` rows of `kn` steps.
+    fn covers(&self, kn: usize) -> bool {
+        kn >= 1 && self.data.len() > (MR - 1) * self.rs + (kn - 1) * self.ks
+    }
+}
+
+/// The `MR x (n * NR)` tile of `c` from `kn` steps of `a` and the `n`
 /// panels in `b` (each `kn x NR` with its rows back to back, `pstride`
 /// floats apart), on `isa`'s kernel; a lone panel where `isa` takes two
 /// goes to the next kernel down.
@@ -214,7 +360,7 @@ impl Isa {
 fn tile(
     isa: Isa,
     kn: usize,
-    a: &[f32],
+    a: AStep<'_>,
     b: &[f32],
     pstride: usize,
     n: usize,
@@ -223,7 +369,7 @@ fn tile(
     resume: bool,
 ) {
     assert!(
-        n >= 1 && pstride >= kn * NR && a.len() >= kn * MR,
+        n >= 1 && kn >= 1 && pstride >= kn * NR && a.covers(kn),
         "gemm: tile operands"
     );
     assert!(
@@ -256,7 +402,7 @@ fn tile(
 /// resumed from `c` when `resume`, else started from 0.
 fn kernel_portable(
     kn: usize,
-    a: &[f32],
+    a: AStep<'_>,
     b: &[f32],
     ldb: usize,
     c: &mut [f32],
@@ -272,7 +418,7 @@ fn kernel_portable(
     for kk in 0..kn {
         let brow = &b[kk * ldb..kk * ldb + NR];
         for (r, row) in acc.iter_mut().enumerate() {
-            let av = a[kk * MR + r];
+            let av = a.data[r * a.rs + kk * a.ks];
             for (v, &bv) in row.iter_mut().zip(brow) {
                 *v = av.mul_add(bv, *v);
             }
@@ -287,12 +433,13 @@ fn kernel_portable(
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `b` must hold `kn` rows of `NR` floats at
-/// stride `ldb`, `c` `MR` rows of `NR` at stride `ldc`, `a` `kn * MR` floats.
+/// stride `ldb`, `c` `MR` rows of `NR` at stride `ldc`, `a` cover `kn`
+/// steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2(
     kn: usize,
-    a: &[f32],
+    a: AStep<'_>,
     b: &[f32],
     ldb: usize,
     c: &mut [f32],
@@ -300,11 +447,11 @@ unsafe fn kernel_avx2(
     resume: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= kn * MR);
+    debug_assert!(a.covers(kn));
     debug_assert!(kn == 0 || b.len() >= (kn - 1) * ldb + NR);
     debug_assert!(c.len() >= (MR - 1) * ldc + NR);
     let cp = c.as_mut_ptr();
-    let ap = a.as_ptr();
+    let (ap, rs, ks) = (a.data.as_ptr(), a.rs, a.ks);
     let bp = b.as_ptr();
     let mut acc = [_mm256_setzero_ps(); 2 * MR];
     if resume {
@@ -318,23 +465,23 @@ unsafe fn kernel_avx2(
     for kk in 0..kn {
         let b0 = _mm256_loadu_ps(bp.add(kk * ldb));
         let b1 = _mm256_loadu_ps(bp.add(kk * ldb + 8));
-        let a_k = ap.add(kk * MR);
+        let a_k = ap.add(kk * ks);
         let x = _mm256_broadcast_ss(&*a_k);
         c00 = _mm256_fmadd_ps(x, b0, c00);
         c01 = _mm256_fmadd_ps(x, b1, c01);
-        let x = _mm256_broadcast_ss(&*a_k.add(1));
+        let x = _mm256_broadcast_ss(&*a_k.add(rs));
         c10 = _mm256_fmadd_ps(x, b0, c10);
         c11 = _mm256_fmadd_ps(x, b1, c11);
-        let x = _mm256_broadcast_ss(&*a_k.add(2));
+        let x = _mm256_broadcast_ss(&*a_k.add(2 * rs));
         c20 = _mm256_fmadd_ps(x, b0, c20);
         c21 = _mm256_fmadd_ps(x, b1, c21);
-        let x = _mm256_broadcast_ss(&*a_k.add(3));
+        let x = _mm256_broadcast_ss(&*a_k.add(3 * rs));
         c30 = _mm256_fmadd_ps(x, b0, c30);
         c31 = _mm256_fmadd_ps(x, b1, c31);
-        let x = _mm256_broadcast_ss(&*a_k.add(4));
+        let x = _mm256_broadcast_ss(&*a_k.add(4 * rs));
         c40 = _mm256_fmadd_ps(x, b0, c40);
         c41 = _mm256_fmadd_ps(x, b1, c41);
-        let x = _mm256_broadcast_ss(&*a_k.add(5));
+        let x = _mm256_broadcast_ss(&*a_k.add(5 * rs));
         c50 = _mm256_fmadd_ps(x, b0, c50);
         c51 = _mm256_fmadd_ps(x, b1, c51);
     }
@@ -353,12 +500,12 @@ unsafe fn kernel_avx2(
 /// # Safety
 /// The CPU must have AVX-512F; `b` must hold `pstride + kn * NR` floats
 /// (`pstride >= kn * NR`), `c` `MR` rows of `2 * NR` at stride `ldc`, `a`
-/// `kn * MR` floats.
+/// cover `kn` steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel_avx512(
     kn: usize,
-    a: &[f32],
+    a: AStep<'_>,
     b: &[f32],
     pstride: usize,
     c: &mut [f32],
@@ -366,10 +513,10 @@ unsafe fn kernel_avx512(
     resume: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= kn * MR && b.len() >= pstride + kn * NR);
+    debug_assert!(a.covers(kn) && b.len() >= pstride + kn * NR);
     debug_assert!(c.len() >= (MR - 1) * ldc + 2 * NR);
     let cp = c.as_mut_ptr();
-    let ap = a.as_ptr();
+    let (ap, rs, ks) = (a.data.as_ptr(), a.rs, a.ks);
     let (b0p, b1p) = (b.as_ptr(), b.as_ptr().add(pstride));
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     if resume {
@@ -383,23 +530,23 @@ unsafe fn kernel_avx512(
     for kk in 0..kn {
         let b0 = _mm512_loadu_ps(b0p.add(kk * NR));
         let b1 = _mm512_loadu_ps(b1p.add(kk * NR));
-        let a_k = ap.add(kk * MR);
+        let a_k = ap.add(kk * ks);
         let x = _mm512_set1_ps(*a_k);
         c00 = _mm512_fmadd_ps(x, b0, c00);
         c01 = _mm512_fmadd_ps(x, b1, c01);
-        let x = _mm512_set1_ps(*a_k.add(1));
+        let x = _mm512_set1_ps(*a_k.add(rs));
         c10 = _mm512_fmadd_ps(x, b0, c10);
         c11 = _mm512_fmadd_ps(x, b1, c11);
-        let x = _mm512_set1_ps(*a_k.add(2));
+        let x = _mm512_set1_ps(*a_k.add(2 * rs));
         c20 = _mm512_fmadd_ps(x, b0, c20);
         c21 = _mm512_fmadd_ps(x, b1, c21);
-        let x = _mm512_set1_ps(*a_k.add(3));
+        let x = _mm512_set1_ps(*a_k.add(3 * rs));
         c30 = _mm512_fmadd_ps(x, b0, c30);
         c31 = _mm512_fmadd_ps(x, b1, c31);
-        let x = _mm512_set1_ps(*a_k.add(4));
+        let x = _mm512_set1_ps(*a_k.add(4 * rs));
         c40 = _mm512_fmadd_ps(x, b0, c40);
         c41 = _mm512_fmadd_ps(x, b1, c41);
-        let x = _mm512_set1_ps(*a_k.add(5));
+        let x = _mm512_set1_ps(*a_k.add(5 * rs));
         c50 = _mm512_fmadd_ps(x, b0, c50);
         c51 = _mm512_fmadd_ps(x, b1, c51);
     }
@@ -481,10 +628,15 @@ mod tests {
         let ldc = 3 * NR;
         for resume in [false, true] {
             let mut want = start.data().to_vec();
+            let packed = AStep {
+                data: a.data(),
+                rs: 1,
+                ks: MR,
+            };
             tile(
                 Isa::Portable,
                 kn,
-                a.data(),
+                packed,
                 b.data(),
                 pstride,
                 2,
@@ -504,19 +656,48 @@ mod tests {
             }
             for isa in isas {
                 let mut got = start.data().to_vec();
-                tile(
-                    isa,
-                    kn,
-                    a.data(),
-                    b.data(),
-                    pstride,
-                    2,
-                    &mut got,
-                    ldc,
-                    resume,
-                );
+                tile(isa, kn, packed, b.data(), pstride, 2, &mut got, ldc, resume);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), w.to_bits(), "{isa:?} resume={resume} at {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_major_a_and_slices_resumed_from_c_give_the_bits_of_one_packed_product() {
+        // 13 rows (two whole blocks and a partial one) at a row stride
+        // wider than k, and 37 columns: a row-major `A` read in place, and
+        // the inner index in slices of 1, 64 and 200 resumed from `c`,
+        // against one product of the packed `A`.
+        let (m, k, n, lda) = (13, 300, 37, 307);
+        let mut r = rng(5);
+        let a = uniform(&mut r, &[m, k], -1.0, 1.0);
+        let b = uniform(&mut r, &[k, n], -1.0, 1.0);
+        let want = product(a.data(), b.data(), m, k, n);
+        let mut strided = vec![f32::NAN; m.div_ceil(MR) * MR * lda];
+        for (dst, src) in strided.chunks_exact_mut(lda).zip(a.data().chunks_exact(k)) {
+            dst[..k].copy_from_slice(src);
+        }
+        let mut bb = vec![f32::NAN; k * n.div_ceil(NR) * NR];
+        for kk in 0..k {
+            for j in 0..n {
+                bb[panel_index(kk, j, k)] = b.data()[kk * n + j];
+            }
+        }
+        zero_panel_tail(&mut bb, k, n);
+        let ldc = padded_stride(n);
+        for slice in [1, 64, 200, k] {
+            let mut c = vec![0.0f32; m.div_ceil(MR) * MR * ldc];
+            for k0 in (0..k).step_by(slice) {
+                let kn = slice.min(k - k0);
+                let a = AView::row_major(&strided[k0..], m, kn, lda);
+                gemm_rows(a, 0..a.blocks(), &bb, k, k0, n, &mut c, ldc, k0 > 0);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, w) = (c[i * ldc + j], want[i * n + j]);
+                    assert_eq!(g.to_bits(), w.to_bits(), "slices of {slice} at ({i},{j})");
                 }
             }
         }

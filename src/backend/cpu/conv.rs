@@ -14,16 +14,22 @@ use rayon::prelude::*;
 use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
 use super::filter_cache::{self, Packing};
 use super::winograd;
-use super::{expect_shape, matmul, with_scratch, MatRef, ELEMENTWISE_CHUNK};
+use super::{expect_shape, with_scratch, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
 use crate::backend::ConvParams;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// Backward-filter cuts the batch into this many ranges of images, one
-/// partial gradient each: enough to keep a few cores busy, few enough that
-/// the partials (one filter's size each) stay small.
+/// Backward-filter cuts the batch into at most this many ranges of images,
+/// one partial gradient each, added in order: shorter chains than one over
+/// the whole batch, few enough that the partials (one filter's size each)
+/// stay small.
 const FILTER_PARTS: usize = 4;
+
+/// Positions (images times output pixels) a backward-filter range spans at
+/// least: a shape with fewer in all is one range, since its partials would
+/// cost more to write and add than their chains take to run.
+const FILTER_PART_POSITIONS: usize = 2048;
 
 /// Upper bound, in values, of the buffers one backward-filter range fills
 /// at a time (16 MiB), so large batches do not need gigabytes.
@@ -88,54 +94,51 @@ pub(super) fn valid_outputs(
     (lo.min(hi), hi)
 }
 
-/// Writes the columns `positions` of one image's column matrix
-/// `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
+/// Writes the rows `rows` and columns `positions` of one image's column
+/// matrix `[C*KH*KW, OH*OW]` (row `(c, kh, kw)`, column `(oh, ow)` holds
 /// `x[c, oh*s + kh - pad, ow*s + kw - pad]`, or 0 in the padding) into
-/// `col`, a row-major buffer of stride `ld`, starting at its column `j0`.
+/// `col`, a row-major buffer of stride `ld`, from its row 0 and column `j0`.
 fn im2col_segment(
     x: &[f32],
     g: &Geom,
+    rows: Range<usize>,
     positions: Range<usize>,
     col: &mut [f32],
     ld: usize,
     j0: usize,
 ) {
-    let (hw, ow) = (g.h * g.w, g.ow);
-    let mut r = 0;
-    for plane in x.chunks_exact(hw).take(g.c) {
-        for kh in 0..g.kh {
-            let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
-            for kw in 0..g.kw {
-                let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
-                let row = &mut col[r * ld + j0..][..positions.len()];
-                r += 1;
-                let mut p = positions.start;
-                while p < positions.end {
-                    let (oh, a) = (p / ow, p % ow);
-                    let b = ow.min(a + positions.end - p);
-                    let dst = &mut row[p - positions.start..][..b - a];
-                    p += b - a;
-                    if oh < oh_lo || oh >= oh_hi {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let lo = ow_lo.clamp(a, b);
-                    let hi = ow_hi.clamp(lo, b);
-                    dst[..lo - a].fill(0.0);
-                    dst[hi - a..].fill(0.0);
-                    if lo == hi {
-                        continue;
-                    }
-                    let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
-                    let dst = &mut dst[lo - a..hi - a];
-                    let iw0 = lo * g.stride + kw - g.pad;
-                    if g.stride == 1 {
-                        dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
-                    } else {
-                        for (d, v) in dst.iter_mut().zip(src[iw0..].iter().step_by(g.stride)) {
-                            *d = *v;
-                        }
-                    }
+    let (hw, ow, taps) = (g.h * g.w, g.ow, g.kh * g.kw);
+    for (i, r) in rows.enumerate() {
+        let (c, kh, kw) = (r / taps, r % taps / g.kw, r % g.kw);
+        let plane = &x[c * hw..][..hw];
+        let (oh_lo, oh_hi) = valid_outputs(kh, g.pad, g.stride, g.h, g.oh);
+        let (ow_lo, ow_hi) = valid_outputs(kw, g.pad, g.stride, g.w, g.ow);
+        let row = &mut col[i * ld + j0..][..positions.len()];
+        let mut p = positions.start;
+        while p < positions.end {
+            let (oh, a) = (p / ow, p % ow);
+            let b = ow.min(a + positions.end - p);
+            let dst = &mut row[p - positions.start..][..b - a];
+            p += b - a;
+            if oh < oh_lo || oh >= oh_hi {
+                dst.fill(0.0);
+                continue;
+            }
+            let lo = ow_lo.clamp(a, b);
+            let hi = ow_hi.clamp(lo, b);
+            dst[..lo - a].fill(0.0);
+            dst[hi - a..].fill(0.0);
+            if lo == hi {
+                continue;
+            }
+            let src = &plane[(oh * g.stride + kh - g.pad) * g.w..][..g.w];
+            let dst = &mut dst[lo - a..hi - a];
+            let iw0 = lo * g.stride + kw - g.pad;
+            if g.stride == 1 {
+                dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
+            } else {
+                for (d, v) in dst.iter_mut().zip(src[iw0..].iter().step_by(g.stride)) {
+                    *d = *v;
                 }
             }
         }
@@ -495,7 +498,7 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
                 }
             }
             chain_gemm::zero_panel_tail(b, g.o, cols);
-            chain_gemm::gemm(a, 0..a.blocks(), b, cols, dcol, ld);
+            chain_gemm::gemm(*a, 0..a.blocks(), b, cols, dcol, ld);
             for (j, img) in images.clone().enumerate() {
                 let at = img * g.in_len() + channels.start * hw;
                 // SAFETY: tasks cover disjoint (image, channel) sets.
@@ -510,10 +513,13 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
 /// Gradients of [`conv2d`] with respect to the filter
 /// (`sum_n dY_n col_n^T`) and, when `with_bias`, the bias.
 ///
-/// The batch is cut into [`FILTER_PARTS`] fixed ranges of images; each range
-/// gives a partial filter gradient on one thread, and the partials are added
-/// in range order. The cut depends on the batch size only, so the bits do
-/// not depend on the number of threads.
+/// The batch is cut into fixed ranges of images (at most [`FILTER_PARTS`],
+/// each over [`FILTER_PART_POSITIONS`] positions or more); each range gives
+/// a partial filter gradient in which every element is one in-order chain
+/// over the range's positions, and the partials are added in range order.
+/// The cut depends on the shapes alone and the chains on nothing else, so
+/// the bits do not depend on the number of threads: threads take row blocks
+/// of the partials, which any cut leaves unchanged.
 pub(super) fn conv2d_backward_filter(
     x: &Tensor,
     dy: &Tensor,
@@ -521,18 +527,31 @@ pub(super) fn conv2d_backward_filter(
     p: ConvParams,
     with_bias: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    backward_filter_in_groups(x, dy, w_shape, p, with_bias, FILTER_BUDGET)
+    let cut = FilterCut {
+        budget: FILTER_BUDGET,
+        part_positions: FILTER_PART_POSITIONS,
+    };
+    backward_filter_in_groups(x, dy, w_shape, p, with_bias, cut)
 }
 
-/// [`conv2d_backward_filter`] with the per-range buffer bound as an argument
-/// (the tests make it small to cut ranges into several groups).
+/// How [`conv2d_backward_filter`] cuts its work, as arguments so the tests
+/// can make small shapes take several ranges and slices.
+#[derive(Clone, Copy, Debug)]
+struct FilterCut {
+    /// Values of the column matrix one task holds at a time.
+    budget: usize,
+    /// Positions a range of images spans at least.
+    part_positions: usize,
+}
+
+/// [`conv2d_backward_filter`] with its cut as an argument.
 fn backward_filter_in_groups(
     x: &Tensor,
     dy: &Tensor,
     w_shape: &[usize],
     p: ConvParams,
     with_bias: bool,
-    budget: usize,
+    cut: FilterCut,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
@@ -541,24 +560,102 @@ fn backward_filter_in_groups(
         let db = with_bias.then(|| bias_grad(dy, &g)).transpose()?;
         return Ok((dw, db));
     }
-    let per_part = g.n.div_ceil(FILTER_PARTS).max(1);
-    let starts: Vec<usize> = (0..g.n).step_by(per_part).collect();
-    let partials: Vec<Vec<f32>> = starts
-        .par_iter()
-        .map(|&first| {
-            let images = first..(first + per_part).min(g.n);
-            filter_part(x.data(), dy.data(), &g, images, budget)
+    let (rows, o) = (g.rows(), g.o);
+    let db = with_bias.then(|| bias_grad(dy, &g)).transpose()?;
+    if g.n == 0 {
+        return Ok((Tensor::zeros(w_shape), db));
+    }
+    let parts = (g.n * g.positions() / cut.part_positions.max(1)).clamp(1, FILTER_PARTS.min(g.n));
+    let per_part = g.n.div_ceil(parts).max(1);
+    let ranges: Vec<Range<usize>> = (0..g.n)
+        .step_by(per_part)
+        .map(|first| first..(first + per_part).min(g.n))
+        .collect();
+    // Each range's partial is `dW^T` (`rows` padded to whole row blocks,
+    // by `ldc`); tasks take whole row blocks of one range, at least two per
+    // thread in all, and few enough rows that a task's share of the partial
+    // (which every slice of positions resumes) stays in the second-level
+    // cache.
+    let row_blocks = rows.div_ceil(MR);
+    let ldc = padded_stride(o);
+    let part_len = row_blocks * MR * ldc;
+    let threads = rayon::current_num_threads().max(1);
+    let per_range = (2 * threads)
+        .div_ceil(ranges.len().max(1))
+        .clamp(1, row_blocks.max(1));
+    let fit = ((1usize << 16) / (MR * ldc)).max(1);
+    let blocks_per_task = row_blocks.div_ceil(per_range).clamp(1, fit);
+    let tasks: Vec<(usize, Range<usize>)> = (0..ranges.len())
+        .flat_map(|part| {
+            (0..row_blocks)
+                .step_by(blocks_per_task)
+                .map(move |b0| (part, b0..(b0 + blocks_per_task).min(row_blocks)))
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let mut dw = parts.next().unwrap_or_else(|| vec![0.0; g.o * g.rows()]);
-    for part in parts {
-        dw.par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(part.par_chunks(ELEMENTWISE_CHUNK))
-            .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, p)| *d += p));
-    }
-    let db = with_bias.then(|| bias_grad(dy, &g)).transpose()?;
+    // `dY^T` of the whole batch in panels, written once for every task.
+    // Every task writes all of its rows of its partial (their columns past
+    // `o` are never read), so neither buffer needs clearing.
+    let depth = g.n * g.positions();
+    let lens = [o.div_ceil(NR) * NR * depth, ranges.len() * part_len];
+    let mut dw = vec![0.0f32; o * rows];
+    with_scratch(lens, |[dyt, partials]| {
+        dy_panels(dy.data(), &g, dyt);
+        let out = SharedOut::new(partials);
+        tasks.par_iter().for_each(|(part, blocks)| {
+            let (r0, r1) = (blocks.start * MR, (blocks.end * MR).min(rows));
+            // SAFETY: tasks cover disjoint (range, row block) sets.
+            let dst = unsafe { out.region(part * part_len + r0 * ldc, blocks.len() * MR * ldc) };
+            let images = ranges[*part].clone();
+            filter_rows(x.data(), dyt, &g, images, r0..r1, cut.budget, dst, ldc);
+        });
+        let (first, rest) = partials.split_at_mut(part_len);
+        for part in rest.chunks_exact(part_len) {
+            first
+                .par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(part.par_chunks(ELEMENTWISE_CHUNK))
+                .for_each(|(d, p)| d.iter_mut().zip(p).for_each(|(d, p)| *d += p));
+        }
+        transpose_rows(first, ldc, rows, o, &mut dw);
+    });
     Ok((Tensor::new(w_shape, dw)?, db))
+}
+
+/// `dst [cols, rows] = src^T`, `src` being `rows x cols` at row stride
+/// `ld`, 16 columns of `dst` per task.
+fn transpose_rows(src: &[f32], ld: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(NR * rows)
+        .enumerate()
+        .for_each(|(q, out)| {
+            let width = NR.min(cols - q * NR);
+            for r0 in (0..rows).step_by(NR) {
+                let height = NR.min(rows - r0);
+                transpose_block(
+                    &src[r0 * ld + q * NR..],
+                    ld,
+                    height,
+                    width,
+                    &mut out[r0..],
+                    rows,
+                );
+            }
+        });
+}
+
+/// Writes the `h x w` block of `src` (row stride `lds`, `h, w <= 16`)
+/// transposed into `dst` (row stride `ldd`) through a local 16 x 16 block:
+/// every read and every write runs along a row, so neither side strides
+/// through memory a value at a time (that walk, a cache line per value,
+/// cost more than the product it fed).
+fn transpose_block(src: &[f32], lds: usize, h: usize, w: usize, dst: &mut [f32], ldd: usize) {
+    let mut block = [[0.0f32; NR]; NR];
+    for (i, row) in src.chunks(lds).take(h).enumerate() {
+        for (j, v) in row[..w].iter().enumerate() {
+            block[j][i] = *v;
+        }
+    }
+    for (line, out) in block.iter().take(w).zip(dst.chunks_mut(ldd)) {
+        out[..h].copy_from_slice(&line[..h]);
+    }
 }
 
 /// The bias gradient `[O]`: the sum of `dy` over images and positions, in
@@ -579,47 +676,72 @@ fn bias_grad(dy: &Tensor, g: &Geom) -> Result<Tensor> {
     Tensor::new(&[g.o], sums)
 }
 
-/// The filter gradient contributed by the images `images`, on one thread.
+/// The rows `rows` (whole row blocks from a block boundary) of the
+/// transposed filter gradient `dW^T = col dY^T` contributed by the images
+/// `images`, on one thread, into `dst` (stride `ldc`, `rows` rounded up to
+/// whole blocks): every element one in-order chain over the images'
+/// positions ([`chain_gemm::gemm_rows`] resumes it slice after slice).
 ///
-/// Images are taken a few at a time (as many as `budget` values allow)
-/// and laid out so that one long GEMM covers them all: their column
-/// matrices side by side as `[C*KH*KW, images*OH*OW]` (read transposed by
-/// the GEMM, so no transpose pass) and `dY` as `[O, images*OH*OW]`.
-fn filter_part(x: &[f32], dy: &[f32], g: &Geom, images: Range<usize>, budget: usize) -> Vec<f32> {
-    let (rows, pos) = (g.rows(), g.positions());
-    let group = (budget / ((rows + g.o) * pos)).clamp(1, images.len().max(1));
-    let ld = group * pos;
-    let mut dw = vec![0.0f32; g.o * rows];
-    with_scratch([rows * ld, g.o * ld], |[cols, dyg]| {
-        for (i, first) in images.clone().step_by(group).enumerate() {
-            let last = (first + group).min(images.end);
-            let k = (last - first) * pos;
-            for (j, img) in (first..last).enumerate() {
-                let x_n = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                im2col_segment(x_n, g, 0..pos, cols, ld, j * pos);
-                let dy_n = &dy[img * g.out_len()..(img + 1) * g.out_len()];
-                for (dst, src) in dyg.chunks_exact_mut(ld).zip(dy_n.chunks_exact(pos)) {
-                    dst[j * pos..(j + 1) * pos].copy_from_slice(src);
-                }
+/// The column matrix `col`, written row by row by [`im2col_segment`], is
+/// the `A` the kernel reads as it lies; `dY` comes as the batch's panels
+/// `dyt` ([`dy_panels`]). Positions are taken a slice at a time (at most
+/// `budget` values of `col`), so the column matrix of a large batch is
+/// never held whole.
+#[allow(clippy::too_many_arguments)]
+fn filter_rows(
+    x: &[f32],
+    dyt: &[f32],
+    g: &Geom,
+    images: Range<usize>,
+    rows: Range<usize>,
+    budget: usize,
+    dst: &mut [f32],
+    ldc: usize,
+) {
+    let (pos, o) = (g.positions(), g.o);
+    let rows_pad = rows.len().div_ceil(MR) * MR;
+    // About 512 KiB of `col` and `dY` per slice (they stay in the
+    // second-level cache while the kernel passes over them), within the
+    // budget.
+    let slice = ((1usize << 17) / (rows_pad + o.div_ceil(NR) * NR)).clamp(64, 2048) / NR * NR;
+    let slice = slice.min(budget / rows_pad).max(1);
+    let positions = images.start * pos..images.end * pos;
+    with_scratch([rows_pad * slice], |[col]| {
+        // The rows that pad `col` to whole row blocks give rows of `dW^T`
+        // that are dropped; zeros keep them from holding stale NaNs.
+        col[rows.len() * slice..].fill(0.0);
+        for (i, k0) in positions.clone().step_by(slice).enumerate() {
+            let kn = slice.min(positions.end - k0);
+            for (img, ps, at) in segments(k0..k0 + kn, pos) {
+                let x_n = &x[img * g.in_len()..][..g.in_len()];
+                im2col_segment(x_n, g, rows.clone(), ps, col, slice, at);
             }
-            let patches = MatRef {
-                data: cols,
-                rows,
-                cols: k,
-                rs: ld,
-                cs: 1,
-            };
-            let dyg = MatRef {
-                data: dyg,
-                rows: g.o,
-                cols: k,
-                rs: ld,
-                cs: 1,
-            };
-            matmul(&mut dw, dyg, patches.t(), i > 0);
+            let a = chain_gemm::AView::row_major(col, rows.len(), kn, slice);
+            let (blocks, depth) = (0..a.blocks(), g.n * pos);
+            chain_gemm::gemm_rows(a, blocks, dyt, depth, k0, o, dst, ldc, i > 0);
         }
     });
-    dw
+}
+
+/// The batch's `dY` (`[N, O, OH*OW]`) transposed into the panel layout
+/// [`chain_gemm::gemm`] reads as its `B`: `N*OH*OW` deep (image by image),
+/// a column per output channel, the last panel's spare columns zero.
+fn dy_panels(dy: &[f32], g: &Geom, dyt: &mut [f32]) {
+    let (pos, depth) = (g.positions(), g.n * g.positions());
+    dyt.par_chunks_mut(depth * NR)
+        .enumerate()
+        .for_each(|(q, panel)| {
+            let lanes = NR.min(g.o - q * NR);
+            for (img, dy_n) in dy.chunks_exact(g.out_len()).enumerate() {
+                let src = &dy_n[q * NR * pos..];
+                for p0 in (0..pos).step_by(NR) {
+                    let n = NR.min(pos - p0);
+                    let dst = &mut panel[(img * pos + p0) * NR..];
+                    transpose_block(&src[p0..], pos, lanes, n, dst, NR);
+                }
+            }
+        });
+    chain_gemm::zero_panel_tail(dyt, depth, g.o);
 }
 
 #[cfg(test)]
@@ -923,18 +1045,54 @@ mod tests {
     }
 
     #[test]
-    fn backward_filter_is_the_same_sum_whatever_the_group_size() {
+    fn backward_filter_slices_give_the_bits_of_one_chain_and_ranges_add_in_order() {
         let c = case([5, 5, 9, 6], [17, 5, 3, 3], 2, 1);
         let (x, _, _, dy) = c.data(11);
         let (want, _) = c.naive_backward_filter(&f64s(&x), &f64s(&dy));
-        // A budget of one value forces one image per GEMM; a budget of two
-        // images' worth forces a range of two to be one group.
-        let two_images = 2 * (c.w[1] * 9 + c.w[0]) * 15;
-        for budget in [1, two_images, FILTER_BUDGET] {
-            let (dw, _) =
-                backward_filter_in_groups(&x, &dy, &c.w, c.params(), false, budget).unwrap();
-            assert_close(&format!("budget {budget}"), dw.data(), &want, 2e-5);
+        let cut = |budget, part_positions| FilterCut {
+            budget,
+            part_positions,
+        };
+        let run = |cut| backward_filter_in_groups(&x, &dy, &c.w, c.params(), false, cut).unwrap();
+        // One range (the shape is small): a budget of one value takes one
+        // position per slice, a budget of two images' worth of column
+        // matrix two images per slice; every element is the same chain.
+        let whole = run(cut(FILTER_BUDGET, FILTER_PART_POSITIONS)).0;
+        assert_close("one range", whole.data(), &want, 2e-5);
+        let two_images = 2 * 15 * (c.w[1] * 9).div_ceil(MR) * MR;
+        for budget in [1, two_images] {
+            let (dw, _) = run(cut(budget, FILTER_PART_POSITIONS));
+            assert_bitwise(&format!("budget {budget}"), dw.data(), whole.data());
         }
+        // Three ranges (a third of the positions each: two images, two and
+        // one): each range's chain, added in range order, is what a plain
+        // loop over the images gives.
+        let (dw, _) = run(cut(FILTER_BUDGET, 5 * 15 / 3));
+        let (rows, pos) = (c.w[1] * 9, 15);
+        let g = Geom::new(x.shape(), &c.w, c.params()).unwrap();
+        let mut col = vec![0.0f32; rows * pos];
+        let mut sum: Option<Vec<f32>> = None;
+        for images in [0..2, 2..4, 4..5] {
+            let mut part = vec![0.0f32; c.w[0] * rows];
+            for img in images {
+                let x_n = &x.data()[img * g.in_len()..][..g.in_len()];
+                im2col_segment(x_n, &g, 0..rows, 0..pos, &mut col, pos, 0);
+                let dy_n = &dy.data()[img * g.out_len()..][..g.out_len()];
+                for (o, dst) in part.chunks_exact_mut(rows).enumerate() {
+                    for (r, v) in dst.iter_mut().enumerate() {
+                        for p in 0..pos {
+                            *v = col[r * pos + p].mul_add(dy_n[o * pos + p], *v);
+                        }
+                    }
+                }
+            }
+            match sum.as_mut() {
+                None => sum = Some(part),
+                Some(s) => s.iter_mut().zip(&part).for_each(|(s, p)| *s += p),
+            }
+        }
+        assert_bitwise("three ranges", dw.data(), &sum.unwrap());
+        assert_close("three ranges", dw.data(), &want, 2e-5);
     }
 
     #[test]
@@ -1022,19 +1180,26 @@ mod tests {
     #[test]
     fn every_conv_op_gives_the_same_bits_on_any_number_of_threads() {
         for (k, c) in INVARIANCE_SHAPES.iter().enumerate() {
-            // Nine images: three ranges of three for backward-filter.
+            // Nine images: three ranges of three for backward-filter when
+            // a range may be one image's positions, sliced a position at a
+            // time when the budget is one value.
             let c = Case {
                 x: [9, c.x[1], c.x[2], c.x[3]],
                 ..*c
             };
             let (x, w, b, dy) = c.data(300 + k as u64);
             let p = c.params();
+            let pos = c.y_shape()[2] * c.y_shape()[3];
+            let cut = FilterCut {
+                budget: 1,
+                part_positions: pos,
+            };
             assert_thread_independent(&format!("{c:?}"), || {
                 let y = conv2d(&x, &w, Some(&b), p).unwrap();
                 let dx = conv2d_backward_data(&dy, &w, &c.x, p).unwrap();
                 let (dw, db) = conv2d_backward_filter(&x, &dy, &c.w, p, true).unwrap();
-                let (dw1, _) = backward_filter_in_groups(&x, &dy, &c.w, p, false, 1).unwrap();
-                flat(&[&y, &dx, &dw, &db.unwrap(), &dw1])
+                let (dw3, _) = backward_filter_in_groups(&x, &dy, &c.w, p, false, cut).unwrap();
+                flat(&[&y, &dx, &dw, &db.unwrap(), &dw3])
             });
         }
     }
