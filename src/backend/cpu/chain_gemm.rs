@@ -20,6 +20,11 @@ pub(super) const MR: usize = 6;
 /// Columns of `C` one kernel call computes (two 8-wide vectors).
 pub(super) const NR: usize = 16;
 
+/// Columns the widest kernel covers in one call (two panels): products
+/// whose column ranges are cut at multiples of it never leave a lone panel
+/// to the narrower kernel except at the very end.
+pub(super) const CUT: usize = 2 * NR;
+
 /// `A` packed for the kernel: blocks of [`MR`] rows, each stored `k`-major
 /// (`[block][k][MR]`), the last block padded with zero rows.
 pub(super) struct PackedA {

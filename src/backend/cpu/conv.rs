@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::chain_gemm::{self, padded_stride, PackedA, CUT, MR, NR};
 use super::filter_cache::{self, Packing};
 use super::winograd;
 use super::{expect_shape, with_scratch, ELEMENTWISE_CHUNK};
@@ -297,9 +297,9 @@ impl<'a> SharedOut<'a> {
 fn plan_tasks(cols: usize, k: usize, row_blocks: usize) -> (usize, usize) {
     let threads = rayon::current_num_threads().max(1);
     // The column buffer of one task (`k x chunk`) stays within 2 MiB.
-    let max_chunk = ((1usize << 19) / k.max(1)).clamp(NR, 1024) / NR * NR;
-    let chunk = cols.div_ceil(threads).div_ceil(NR) * NR;
-    let chunk = chunk.clamp(NR, max_chunk);
+    let max_chunk = ((1usize << 19) / k.max(1)).clamp(CUT, 1024) / CUT * CUT;
+    let chunk = cols.div_ceil(threads).div_ceil(CUT) * CUT;
+    let chunk = chunk.clamp(CUT, max_chunk);
     let col_tasks = cols.div_ceil(chunk).max(1);
     let parts = if col_tasks >= 2 * threads {
         1

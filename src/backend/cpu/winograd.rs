@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::chain_gemm::{self, padded_stride, PackedA, MR, NR};
+use super::chain_gemm::{self, padded_stride, PackedA, CUT, MR, NR};
 use super::filter_cache::{self, Packing};
 use super::with_scratch;
 use crate::backend::check::ConvGeom;
@@ -168,8 +168,8 @@ fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let blocks = s.o.div_ceil(MR);
     // One task's transformed inputs and products stay within about 4 MiB.
-    let max_chunk = ((1usize << 20) / (16 * (s.c + s.o))).clamp(NR, 512) / NR * NR;
-    let chunk = (cols.div_ceil(threads).div_ceil(NR) * NR).clamp(NR, max_chunk);
+    let max_chunk = ((1usize << 20) / (16 * (s.c + s.o))).clamp(CUT, 512) / CUT * CUT;
+    let chunk = (cols.div_ceil(threads).div_ceil(CUT) * CUT).clamp(CUT, max_chunk);
     let col_tasks = cols.div_ceil(chunk).max(1);
     let parts = if col_tasks >= 2 * threads {
         1
