@@ -572,42 +572,60 @@ fn backward_filter_in_groups(
         .map(|first| first..(first + per_part).min(g.n))
         .collect();
     // Each range's partial is `dW^T` (`rows` padded to whole row blocks,
-    // by `ldc`); tasks take whole row blocks of one range, at least two per
-    // thread in all, and few enough rows that a task's share of the partial
-    // (which every slice of positions resumes) stays in the second-level
-    // cache.
+    // by `ldc`). Ranges run side by side, each over its positions a wave at
+    // a time: the wave's `dY^T` is written into panels once, then tasks of
+    // whole row blocks (at least two per thread in all, few enough rows
+    // that a task's share of the partial, which every slice resumes, stays
+    // in the second-level cache) continue their chains over it. The waves
+    // of all ranges hold at most `budget` values of `dY^T`, so a large
+    // batch needs no second copy of its `dY`.
+    let (pos, o_pad) = (g.positions(), o.div_ceil(NR) * NR);
     let row_blocks = rows.div_ceil(MR);
     let ldc = padded_stride(o);
     let part_len = row_blocks * MR * ldc;
     let threads = rayon::current_num_threads().max(1);
-    let per_range = (2 * threads)
-        .div_ceil(ranges.len().max(1))
-        .clamp(1, row_blocks.max(1));
+    let per_range = (2 * threads).div_ceil(ranges.len()).clamp(1, row_blocks);
     let fit = ((1usize << 16) / (MR * ldc)).max(1);
     let blocks_per_task = row_blocks.div_ceil(per_range).clamp(1, fit);
-    let tasks: Vec<(usize, Range<usize>)> = (0..ranges.len())
-        .flat_map(|part| {
-            (0..row_blocks)
-                .step_by(blocks_per_task)
-                .map(move |b0| (part, b0..(b0 + blocks_per_task).min(row_blocks)))
-        })
+    let tasks: Vec<Range<usize>> = (0..row_blocks)
+        .step_by(blocks_per_task)
+        .map(|b0| b0..(b0 + blocks_per_task).min(row_blocks))
         .collect();
-    // `dY^T` of the whole batch in panels, written once for every task.
-    // Every task writes all of its rows of its partial (their columns past
-    // `o` are never read), so neither buffer needs clearing.
-    let depth = g.n * g.positions();
-    let lens = [o.div_ceil(NR) * NR * depth, ranges.len() * part_len];
+    let wave = (cut.budget / (o_pad * ranges.len())).clamp(1, per_part * pos);
     let mut dw = vec![0.0f32; o * rows];
-    with_scratch(lens, |[dyt, partials]| {
-        dy_panels(dy.data(), &g, dyt);
-        let out = SharedOut::new(partials);
-        tasks.par_iter().for_each(|(part, blocks)| {
-            let (r0, r1) = (blocks.start * MR, (blocks.end * MR).min(rows));
-            // SAFETY: tasks cover disjoint (range, row block) sets.
-            let dst = unsafe { out.region(part * part_len + r0 * ldc, blocks.len() * MR * ldc) };
-            let images = ranges[*part].clone();
-            filter_rows(x.data(), dyt, &g, images, r0..r1, cut.budget, dst, ldc);
-        });
+    let lens = [ranges.len() * o_pad * wave, ranges.len() * part_len];
+    with_scratch(lens, |[dyts, partials]| {
+        partials
+            .par_chunks_mut(part_len)
+            .zip(dyts.par_chunks_mut(o_pad * wave))
+            .zip(&ranges)
+            .for_each(|((partial, dyt), images)| {
+                let out = SharedOut::new(partial);
+                let positions = images.start * pos..images.end * pos;
+                for (w, k0) in positions.clone().step_by(wave).enumerate() {
+                    let span = k0..(k0 + wave).min(positions.end);
+                    dy_panels(dy.data(), &g, span.clone(), dyt);
+                    tasks.par_iter().for_each(|blocks| {
+                        let r0 = blocks.start * MR;
+                        // SAFETY: the tasks of a wave cover disjoint row
+                        // blocks.
+                        let dst = unsafe { out.region(r0 * ldc, blocks.len() * MR * ldc) };
+                        let rows = r0..(blocks.end * MR).min(rows);
+                        let (budget, onto) = (cut.budget, w > 0);
+                        filter_rows(
+                            x.data(),
+                            dyt,
+                            &g,
+                            span.clone(),
+                            rows,
+                            budget,
+                            dst,
+                            ldc,
+                            onto,
+                        );
+                    });
+                }
+            });
         let (first, rest) = partials.split_at_mut(part_len);
         for part in rest.chunks_exact(part_len) {
             first
@@ -677,26 +695,28 @@ fn bias_grad(dy: &Tensor, g: &Geom) -> Result<Tensor> {
 }
 
 /// The rows `rows` (whole row blocks from a block boundary) of the
-/// transposed filter gradient `dW^T = col dY^T` contributed by the images
-/// `images`, on one thread, into `dst` (stride `ldc`, `rows` rounded up to
-/// whole blocks): every element one in-order chain over the images'
-/// positions ([`chain_gemm::gemm_rows`] resumes it slice after slice).
+/// transposed filter gradient `dW^T = col dY^T` over the batch's positions
+/// `positions` (image by image, `OH*OW` each), on one thread, into `dst`
+/// (stride `ldc`, `rows` rounded up to whole blocks): every element's
+/// in-order chain over those positions, started from 0 or, when `onto`,
+/// continued from `dst` ([`chain_gemm::gemm_rows`], slice after slice).
 ///
 /// The column matrix `col`, written row by row by [`im2col_segment`], is
-/// the `A` the kernel reads as it lies; `dY` comes as the batch's panels
-/// `dyt` ([`dy_panels`]). Positions are taken a slice at a time (at most
-/// `budget` values of `col`), so the column matrix of a large batch is
-/// never held whole.
+/// the `A` the kernel reads as it lies; `dY` comes as the panels `dyt` of
+/// the same positions ([`dy_panels`]). Positions are taken a slice at a
+/// time (at most `budget` values of `col`), so the column matrix of a large
+/// batch is never held whole.
 #[allow(clippy::too_many_arguments)]
 fn filter_rows(
     x: &[f32],
     dyt: &[f32],
     g: &Geom,
-    images: Range<usize>,
+    positions: Range<usize>,
     rows: Range<usize>,
     budget: usize,
     dst: &mut [f32],
     ldc: usize,
+    onto: bool,
 ) {
     let (pos, o) = (g.positions(), g.o);
     let rows_pad = rows.len().div_ceil(MR) * MR;
@@ -705,7 +725,6 @@ fn filter_rows(
     // budget.
     let slice = ((1usize << 17) / (rows_pad + o.div_ceil(NR) * NR)).clamp(64, 2048) / NR * NR;
     let slice = slice.min(budget / rows_pad).max(1);
-    let positions = images.start * pos..images.end * pos;
     with_scratch([rows_pad * slice], |[col]| {
         // The rows that pad `col` to whole row blocks give rows of `dW^T`
         // that are dropped; zeros keep them from holding stale NaNs.
@@ -717,26 +736,30 @@ fn filter_rows(
                 im2col_segment(x_n, g, rows.clone(), ps, col, slice, at);
             }
             let a = chain_gemm::AView::row_major(col, rows.len(), kn, slice);
-            let (blocks, depth) = (0..a.blocks(), g.n * pos);
-            chain_gemm::gemm_rows(a, blocks, dyt, depth, k0, o, dst, ldc, i > 0);
+            let (blocks, from) = (0..a.blocks(), k0 - positions.start);
+            let depth = positions.len();
+            chain_gemm::gemm_rows(a, blocks, dyt, depth, from, o, dst, ldc, onto || i > 0);
         }
     });
 }
 
-/// The batch's `dY` (`[N, O, OH*OW]`) transposed into the panel layout
-/// [`chain_gemm::gemm`] reads as its `B`: `N*OH*OW` deep (image by image),
-/// a column per output channel, the last panel's spare columns zero.
-fn dy_panels(dy: &[f32], g: &Geom, dyt: &mut [f32]) {
-    let (pos, depth) = (g.positions(), g.n * g.positions());
-    dyt.par_chunks_mut(depth * NR)
+/// The batch's `dY` (`[N, O, OH*OW]`) at the positions `positions` (image
+/// by image) transposed into the panel layout [`chain_gemm::gemm`] reads as
+/// its `B`: as deep as the positions, a column per output channel, the last
+/// panel's spare columns zero.
+fn dy_panels(dy: &[f32], g: &Geom, positions: Range<usize>, dyt: &mut [f32]) {
+    let (pos, depth) = (g.positions(), positions.len());
+    let panels = g.o.div_ceil(NR);
+    dyt[..panels * depth * NR]
+        .par_chunks_mut(depth * NR)
         .enumerate()
         .for_each(|(q, panel)| {
             let lanes = NR.min(g.o - q * NR);
-            for (img, dy_n) in dy.chunks_exact(g.out_len()).enumerate() {
-                let src = &dy_n[q * NR * pos..];
-                for p0 in (0..pos).step_by(NR) {
-                    let n = NR.min(pos - p0);
-                    let dst = &mut panel[(img * pos + p0) * NR..];
+            for (img, ps, at) in segments(positions.clone(), pos) {
+                let src = &dy[img * g.out_len() + q * NR * pos..];
+                for p0 in ps.clone().step_by(NR) {
+                    let n = NR.min(ps.end - p0);
+                    let dst = &mut panel[(at + p0 - ps.start) * NR..];
                     transpose_block(&src[p0..], pos, lanes, n, dst, NR);
                 }
             }
@@ -1055,8 +1078,10 @@ mod tests {
         };
         let run = |cut| backward_filter_in_groups(&x, &dy, &c.w, c.params(), false, cut).unwrap();
         // One range (the shape is small): a budget of one value takes one
-        // position per slice, a budget of two images' worth of column
-        // matrix two images per slice; every element is the same chain.
+        // position per wave of `dY^T` and per slice of the column matrix, a
+        // budget of two images' worth of column matrix two images per slice
+        // (and a wave of three images' positions); every element is the
+        // same chain.
         let whole = run(cut(FILTER_BUDGET, FILTER_PART_POSITIONS)).0;
         assert_close("one range", whole.data(), &want, 2e-5);
         let two_images = 2 * 15 * (c.w[1] * 9).div_ceil(MR) * MR;
