@@ -31,8 +31,9 @@ const FILTER_PARTS: usize = 4;
 /// cost more to write and add than their chains take to run.
 const FILTER_PART_POSITIONS: usize = 2048;
 
-/// Upper bound, in values, of the buffers one backward-filter range fills
-/// at a time (16 MiB), so large batches do not need gigabytes.
+/// Upper bound, in values, of the column matrix one backward-filter task
+/// fills at a time, and of the transposed `dY` all its ranges hold at a
+/// time (16 MiB each), so large batches do not need gigabytes.
 const FILTER_BUDGET: usize = 1 << 22;
 
 /// Whether the forward takes the Winograd path where it applies. Off: its
@@ -538,7 +539,8 @@ pub(super) fn conv2d_backward_filter(
 /// can make small shapes take several ranges and slices.
 #[derive(Clone, Copy, Debug)]
 struct FilterCut {
-    /// Values of the column matrix one task holds at a time.
+    /// Values of the column matrix one task holds at a time, and of `dY^T`
+    /// all ranges hold at a time.
     budget: usize,
     /// Positions a range of images spans at least.
     part_positions: usize,
