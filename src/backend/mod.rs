@@ -40,8 +40,8 @@ pub struct ConvParams {
     /// applies. Train-mode passes ask for it: their filters change every
     /// step, so the Winograd filter transforms would be redone every step,
     /// and with Winograd backward-data the resnet18 training step ran at
-    /// 0.90x the direct one (alternating runs, 2026-12-03), its gradient
-    /// fixtures as close to PyTorch's as directly. A backend without such
+    /// 0.90x the direct one (alternating runs, 2026-12-03), though its
+    /// gradients matched the fixtures as closely. A backend without such
     /// algorithms ignores it.
     pub direct: bool,
 }
