@@ -21,8 +21,9 @@ pub(super) enum Packing {
     /// channels.
     DenseAdjoint { per_part: usize },
     /// The Winograd transforms of the filters (or, `adjoint`, of the
-    /// flipped, channel-swapped filters of backward-data).
-    Winograd { adjoint: bool },
+    /// flipped, channel-swapped filters of backward-data) for output tiles
+    /// of side `tile`.
+    Winograd { adjoint: bool, tile: usize },
 }
 
 struct Entry {
@@ -43,8 +44,9 @@ impl Entry {
 
 /// Floats the cache may hold (copies and packings), 256 Mi (1 GiB): the
 /// filters of the largest zoo model (wrn28_10, 36 M) with the packings a
-/// search step uses (the forward's, and the Winograd transforms or the
-/// transpose of backward-data), about 175 M.
+/// search step uses (the forward's, and the F(4x4) Winograd transforms,
+/// four times the filters, or the transpose of backward-data), about
+/// 255 M.
 const LIMIT: usize = 1 << 28;
 
 struct Cache {

@@ -1,17 +1,22 @@
-//! Winograd F(2x2, 3x3) for dense stride-1 3x3 convolutions: each 2x2 block
-//! of outputs (a tile) takes 16 products per channel pair instead of 36.
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) for dense stride-1 3x3
+//! convolutions: each TxT block of outputs (a tile) takes `(T+2)^2`
+//! products per channel pair instead of `9 T^2` (16 instead of 36 for
+//! T = 2, 36 instead of 144 for T = 4).
 //!
-//! The input tile `d` (4x4) becomes `V = B^T d B`, the filter `g` becomes
-//! `U = G g G^T`, and the 16 products `M[xi] = sum_c U[xi][o][c] V[xi][c]`
-//! are 16 matrix products over the tiles of every image side by side
-//! ([`chain_gemm`], one in-order chain per element); the outputs are
-//! `A^T M A`. Every tile is computed from its own input patch with a fixed
-//! sequence of operations, so an image gets the same bits alone or in a
-//! batch, on any number of threads.
+//! The input tile `d` (`(T+2)x(T+2)`) becomes `V = B^T d B`, the filter `g`
+//! becomes `U = G g G^T`, and the products `M[xi] = sum_c U[xi][o][c]
+//! V[xi][c]` are `(T+2)^2` matrix products over the tiles of every image
+//! side by side ([`chain_gemm`], one in-order chain per element); the
+//! outputs are `A^T M A`. Every tile is computed from its own input patch
+//! with a fixed sequence of operations, so an image gets the same bits
+//! alone or in a batch, on any number of threads.
 //!
 //! Backward-data of a stride-1 3x3 convolution with padding `p` is itself
 //! such a convolution: of `dy` with the filter flipped and its channel axes
-//! swapped, padding `2 - p`.
+//! swapped, padding `2 - p`. It takes the variant with fewer products for
+//! its shape (F(4x4) unless the image is smaller than about two tiles);
+//! the forward, used only where asked (see `conv::WINOGRAD_FORWARD`), is
+//! F(2x2), the more accurate.
 
 use std::sync::Arc;
 
@@ -38,6 +43,108 @@ pub(super) fn applies(g: &ConvGeom) -> bool {
         && g.o >= MIN_CHANNELS
 }
 
+/// One Winograd algorithm F(TxT, 3x3), as its three 1-D transforms: each is
+/// applied along rows, then along columns. Arrays hold `A = T + 2` inputs
+/// (or `T` outputs) from the front; the rest is unused.
+pub(super) trait Variant: Sync {
+    /// Outputs along one side of a tile.
+    const T: usize;
+    /// Inputs along one side of a tile.
+    const A: usize = Self::T + 2;
+    /// The variant's name in the filter cache.
+    const PACKING: fn(bool) -> Packing;
+    /// `B^T d`.
+    fn input(d: &[f32; 6]) -> [f32; 6];
+    /// `A^T m`.
+    fn output(m: &[f32; 6]) -> [f32; 4];
+    /// `G g`, in f64: the filter transform is rounded once, at the end.
+    fn filter(g: [f64; 3]) -> [f64; 6];
+}
+
+/// F(2x2, 3x3): points 0, 1, -1 and infinity.
+pub(super) struct F2;
+
+impl Variant for F2 {
+    const T: usize = 2;
+    const PACKING: fn(bool) -> Packing = |adjoint| Packing::Winograd { adjoint, tile: 2 };
+
+    // B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]].
+    #[inline(always)]
+    fn input(d: &[f32; 6]) -> [f32; 6] {
+        [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3], 0.0, 0.0]
+    }
+
+    // A^T = [[1,1,1,0],[0,1,-1,-1]].
+    #[inline(always)]
+    fn output(m: &[f32; 6]) -> [f32; 4] {
+        [m[0] + m[1] + m[2], m[1] - m[2] - m[3], 0.0, 0.0]
+    }
+
+    // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]].
+    fn filter(g: [f64; 3]) -> [f64; 6] {
+        [
+            g[0],
+            0.5 * (g[0] + g[1] + g[2]),
+            0.5 * (g[0] - g[1] + g[2]),
+            g[2],
+            0.0,
+            0.0,
+        ]
+    }
+}
+
+/// F(4x4, 3x3): points 0, 1, -1, 2, -2 and infinity (Lavin and Gray,
+/// 2016), with the shared sums of their paper's transforms.
+pub(super) struct F4;
+
+impl Variant for F4 {
+    const T: usize = 4;
+    const PACKING: fn(bool) -> Packing = |adjoint| Packing::Winograd { adjoint, tile: 4 };
+
+    // B^T = [[4,0,-5,0,1,0],[0,-4,-4,1,1,0],[0,4,-4,-1,1,0],
+    //        [0,-2,-1,2,1,0],[0,2,-1,-2,1,0],[0,4,0,-5,0,1]].
+    #[inline(always)]
+    fn input(d: &[f32; 6]) -> [f32; 6] {
+        let (s12, d12) = (d[1] + d[2], d[1] - d[2]);
+        let (s34, d43) = (d[3] + d[4], d[4] - d[3]);
+        let (d42, d31) = (d[4] - d[2], d[3] - d[1]);
+        [
+            4.0 * d[0] - 5.0 * d[2] + d[4],
+            s34 - 4.0 * s12,
+            d43 + 4.0 * d12,
+            d42 + 2.0 * d31,
+            d42 - 2.0 * d31,
+            4.0 * d[1] - 5.0 * d[3] + d[5],
+        ]
+    }
+
+    // A^T = [[1,1,1,1,1,0],[0,1,-1,2,-2,0],[0,1,1,4,4,0],[0,1,-1,8,-8,1]].
+    #[inline(always)]
+    fn output(m: &[f32; 6]) -> [f32; 4] {
+        let (s12, d12) = (m[1] + m[2], m[1] - m[2]);
+        let (s34, d34) = (m[3] + m[4], m[3] - m[4]);
+        [
+            m[0] + s12 + s34,
+            d12 + 2.0 * d34,
+            s12 + 4.0 * s34,
+            d12 + 8.0 * d34 + m[5],
+        ]
+    }
+
+    // G = [[1/4,0,0],[-1/6,-1/6,-1/6],[-1/6,1/6,-1/6],
+    //      [1/24,1/12,1/6],[1/24,-1/12,1/6],[0,0,1]].
+    fn filter(g: [f64; 3]) -> [f64; 6] {
+        [
+            g[0] / 4.0,
+            -(g[0] + g[1] + g[2]) / 6.0,
+            -(g[0] - g[1] + g[2]) / 6.0,
+            g[0] / 24.0 + g[1] / 12.0 + g[2] / 6.0,
+            g[0] / 24.0 - g[1] / 12.0 + g[2] / 6.0,
+            g[2],
+        ]
+    }
+}
+
 /// The extents of one Winograd convolution: `x [n, c, h, w]` with
 /// `w [o, c, 3, 3]`, zero padding `pad`, output `[n, o, oh, ow]`.
 #[derive(Clone, Copy, Debug)]
@@ -53,9 +160,15 @@ struct Shape {
 }
 
 impl Shape {
-    /// Tile rows and columns of one image.
-    fn tiles(&self) -> (usize, usize) {
-        (self.oh.div_ceil(2), self.ow.div_ceil(2))
+    /// Tile rows and columns of one image, for tiles of side `t`.
+    fn tiles(&self, t: usize) -> (usize, usize) {
+        (self.oh.div_ceil(t), self.ow.div_ceil(t))
+    }
+
+    /// Products per channel pair of one image with tiles of side `t`.
+    fn products(&self, t: usize) -> usize {
+        let (th, tw) = self.tiles(t);
+        th * tw * (t + 2) * (t + 2)
     }
 }
 
@@ -67,8 +180,20 @@ pub(super) struct Epilogue<'a> {
     pub relu: bool,
 }
 
-/// The forward convolution of `x` by `w` (see [`applies`]).
-pub(super) fn forward(x: &[f32], w: &[f32], g: &ConvGeom, epi: &Epilogue<'_>) -> Vec<f32> {
+const NO_EPILOGUE: Epilogue<'static> = Epilogue {
+    bias: None,
+    residual: None,
+    relu: false,
+};
+
+/// The forward convolution of `x` by `w` (see [`applies`]) with the
+/// variant `V`.
+pub(super) fn forward<V: Variant>(
+    x: &[f32],
+    w: &[f32],
+    g: &ConvGeom,
+    epi: &Epilogue<'_>,
+) -> Vec<f32> {
     let s = Shape {
         n: g.n,
         c: g.c,
@@ -79,14 +204,13 @@ pub(super) fn forward(x: &[f32], w: &[f32], g: &ConvGeom, epi: &Epilogue<'_>) ->
         oh: g.oh,
         ow: g.ow,
     };
-    let u = transformed_filters(w, s.o, s.c, false);
-    conv(x, &u, &s, epi)
+    let u = transformed_filters::<V>(w, s.o, s.c, false);
+    conv::<V>(x, &u, &s, epi)
 }
 
-/// The input gradient of the forward convolution (see [`applies`]): a
-/// Winograd convolution of `dy` by the flipped, channel-swapped filter.
-pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
-    let s = Shape {
+/// The shape of [`backward_data`]'s convolution.
+fn adjoint_shape(g: &ConvGeom) -> Shape {
+    Shape {
         n: g.n,
         c: g.o,
         h: g.oh,
@@ -95,60 +219,73 @@ pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
         pad: 2 - g.pad,
         oh: g.h,
         ow: g.w,
-    };
-    let u = transformed_filters(w, g.o, g.c, true);
-    let none = Epilogue {
-        bias: None,
-        residual: None,
-        relu: false,
-    };
-    conv(dy, &u, &s, &none)
+    }
+}
+
+/// Whether [`backward_data`] takes F(4x4): when it needs fewer products
+/// than F(2x2) (it does not on images of 6x6 and less, whose partial tiles
+/// waste most of it).
+pub(super) fn backward_takes_f4(g: &ConvGeom) -> bool {
+    let s = adjoint_shape(g);
+    s.products(F4::T) < s.products(F2::T)
+}
+
+/// The input gradient of the forward convolution (see [`applies`]): a
+/// Winograd convolution of `dy` by the flipped, channel-swapped filter,
+/// with the variant of fewer products.
+pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    if backward_takes_f4(g) {
+        backward_data_with::<F4>(dy, w, g)
+    } else {
+        backward_data_with::<F2>(dy, w, g)
+    }
+}
+
+/// [`backward_data`] with the variant `V`.
+pub(super) fn backward_data_with<V: Variant>(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let s = adjoint_shape(g);
+    let u = transformed_filters::<V>(w, g.o, g.c, true);
+    conv::<V>(dy, &u, &s, &NO_EPILOGUE)
 }
 
 /// [`filter_transform`] through the filter cache.
-fn transformed_filters(w: &[f32], o: usize, c: usize, adjoint: bool) -> Arc<Vec<PackedA>> {
-    filter_cache::packed(Packing::Winograd { adjoint }, [o, c, 3, 3], w, || {
-        filter_transform(w, o, c, adjoint)
+fn transformed_filters<V: Variant>(
+    w: &[f32],
+    o: usize,
+    c: usize,
+    adjoint: bool,
+) -> Arc<Vec<PackedA>> {
+    filter_cache::packed(V::PACKING(adjoint), [o, c, 3, 3], w, || {
+        filter_transform::<V>(w, o, c, adjoint)
     })
 }
 
-/// `U = G g G^T` for every filter, as 16 packed `[out, in]` matrices (one
-/// per element of the 4x4 transform). `w` is `[o, c, 3, 3]`; with `adjoint`
-/// the result is for the filter `w'[c][o] = flip(w[o][c])`, whose outputs
-/// are `w`'s input channels. Computed in f64 and rounded once.
-fn filter_transform(w: &[f32], o: usize, c: usize, adjoint: bool) -> Vec<PackedA> {
+/// `U = G g G^T` for every filter, as `A^2` packed `[out, in]` matrices
+/// (one per element of the transform). `w` is `[o, c, 3, 3]`; with
+/// `adjoint` the result is for the filter `w'[c][o] = flip(w[o][c])`, whose
+/// outputs are `w`'s input channels. Computed in f64 and rounded once.
+fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) -> Vec<PackedA> {
+    let a = V::A;
     let (rows, inner) = if adjoint { (c, o) } else { (o, c) };
-    let mut u = vec![0.0f32; 16 * rows * inner];
+    let mut u = vec![0.0f32; a * a * rows * inner];
     for oi in 0..o {
         for ci in 0..c {
             let f = &w[(oi * c + ci) * 9..][..9];
-            let g = |a: usize, b: usize| -> f64 {
+            let g = |r: usize, b: usize| -> f64 {
                 if adjoint {
-                    f[(2 - a) * 3 + (2 - b)] as f64
+                    f[(2 - r) * 3 + (2 - b)] as f64
                 } else {
-                    f[a * 3 + b] as f64
+                    f[r * 3 + b] as f64
                 }
             };
-            // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]].
-            let gm = |i: usize, b: usize| -> f64 {
-                match i {
-                    0 => g(0, b),
-                    1 => 0.5 * (g(0, b) + g(1, b) + g(2, b)),
-                    2 => 0.5 * (g(0, b) - g(1, b) + g(2, b)),
-                    _ => g(2, b),
-                }
-            };
+            // `G g` column by column, then `(G g) G^T` row by row.
+            let cols: [[f64; 6]; 3] =
+                std::array::from_fn(|b| V::filter([g(0, b), g(1, b), g(2, b)]));
             let (r, k) = if adjoint { (ci, oi) } else { (oi, ci) };
-            for i in 0..4 {
-                let row = [gm(i, 0), gm(i, 1), gm(i, 2)];
-                let t = [
-                    row[0],
-                    0.5 * (row[0] + row[1] + row[2]),
-                    0.5 * (row[0] - row[1] + row[2]),
-                    row[2],
-                ];
-                for (j, v) in t.iter().enumerate() {
-                    u[((i * 4 + j) * rows + r) * inner + k] = *v as f32;
+            for i in 0..a {
+                let t = V::filter([cols[0][i], cols[1][i], cols[2][i]]);
+                for (j, v) in t[..a].iter().enumerate() {
+                    u[((i * a + j) * rows + r) * inner + k] = *v as f32;
                 }
             }
         }
@@ -161,14 +298,15 @@ fn filter_transform(w: &[f32], o: usize, c: usize, adjoint: bool) -> Vec<PackedA
 /// Runs the convolution of `x` by the transformed filters `u`: tasks take a
 /// range of tiles (of all images, side by side) and a range of output
 /// channels.
-fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
-    let (th, tw) = s.tiles();
+fn conv<V: Variant>(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
+    let aa = V::A * V::A;
+    let (th, tw) = s.tiles(V::T);
     let per_image = th * tw;
     let cols = s.n * per_image;
     let threads = rayon::current_num_threads().max(1);
     let blocks = s.o.div_ceil(MR);
     // One task's transformed inputs and products stay within about 4 MiB.
-    let max_chunk = ((1usize << 20) / (16 * (s.c + s.o))).clamp(CUT, 512) / CUT * CUT;
+    let max_chunk = ((1usize << 20) / (aa * (s.c + s.o))).clamp(CUT, 512) / CUT * CUT;
     let chunk = (cols.div_ceil(threads).div_ceil(CUT) * CUT).clamp(CUT, max_chunk);
     let col_tasks = cols.div_ceil(chunk).max(1);
     let parts = if col_tasks >= 2 * threads {
@@ -193,9 +331,9 @@ fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
         let ld = padded_stride(tiles.len());
         let width = tiles.len().div_ceil(NR) * NR;
         let prows = part.len() * MR;
-        with_scratch([16 * s.c * width, 16 * prows * ld], |[v, m]| {
-            input_transform(x, s, tiles.clone(), v);
-            for xi in 0..16 {
+        with_scratch([aa * s.c * width, aa * prows * ld], |[v, m]| {
+            input_transform::<V>(x, s, tiles.clone(), v);
+            for xi in 0..aa {
                 chain_gemm::gemm(
                     &u[xi],
                     part.clone(),
@@ -207,32 +345,50 @@ fn conv(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
             }
             let o0 = part.start * MR;
             for o in o0..(part.end * MR).min(s.o) {
-                let mo = |xi: usize| &m[(xi * prows + o - o0) * ld..][..tiles.len()];
-                output_transform(s, o, tiles.clone(), mo, epi, &out);
+                let mo = |xi: usize| &m[(xi * prows + o - o0) * ld..][..width];
+                output_transform::<V>(s, o, tiles.clone(), mo, epi, &out);
             }
         })
     });
     y
 }
 
+/// One value of each of [`NR`] tiles side by side (a panel's row): the
+/// transforms run along the tiles, as one vector.
+type Lane = [f32; NR];
+
 /// `V = B^T d B` for every input channel and every tile of `tiles`, into
-/// `v`: 16 matrices `[c][tiles]` (tile `j` of the range in column `j`), each
-/// in the panel layout [`chain_gemm::gemm`] reads, with the padding
+/// `v`: `A^2` matrices `[c][tiles]` (tile `j` of the range in column `j`),
+/// each in the panel layout [`chain_gemm::gemm`] reads, with the padding
 /// columns up to a whole panel set to 0.
 ///
-/// `B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]`; the row step runs
-/// along whole padded input rows, the column step per tile.
-fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32]) {
-    let (th, tw) = s.tiles();
+/// The row step runs along whole padded input rows of a tile row; the
+/// column step gathers a panel's [`NR`] tiles into lanes and stores each
+/// result as one whole panel row.
+fn input_transform<V: Variant>(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32]) {
+    let (a, tt) = (V::A, V::T);
+    let (th, tw) = s.tiles(tt);
     let per_image = th * tw;
     let width = tiles.len().div_ceil(NR) * NR;
     // A padded input row: `pad` zeros, the row, then zeros up to the last
-    // tile's reach (2 * tw + 2 columns).
-    let span = 2 * tw + 2;
-    let mut rows = vec![0.0f32; 4 * span];
-    let mut t = vec![0.0f32; 4 * span];
+    // tile's reach (`T * tw + 2` columns), rounded up to whole lanes.
+    let span = (tt * tw + 2).div_ceil(NR) * NR;
+    let mut rows = vec![0.0f32; a * span];
+    let mut t = vec![0.0f32; a * span];
     for ci in 0..s.c {
-        let mut j = 0;
+        // `g[i][k][lane]`: column `k` of row `i` of the row step, of the
+        // tile in `lane`.
+        let mut g = [[[0.0f32; NR]; 6]; 6];
+        let (mut lane, mut panel) = (0, 0);
+        let flush = |g: &[[Lane; 6]; 6], panel: usize, v: &mut [f32]| {
+            let at = chain_gemm::panel_index(ci, panel * NR, s.c);
+            for (i, gi) in g.iter().enumerate().take(a) {
+                let r = lanes::<V, 6>(gi, V::input);
+                for (q, rq) in r.iter().enumerate().take(a) {
+                    v[(a * i + q) * s.c * width + at..][..NR].copy_from_slice(rq);
+                }
+            }
+        };
         let mut tile = tiles.start;
         while tile < tiles.end {
             let (img, r) = (tile / per_image, tile % per_image);
@@ -241,7 +397,7 @@ fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut 
             let plane = &x[(img * s.c + ci) * s.h * s.w..][..s.h * s.w];
             for (k, row) in rows.chunks_exact_mut(span).enumerate() {
                 row.fill(0.0);
-                let ih = (2 * ty + k) as isize - s.pad as isize;
+                let ih = (tt * ty + k) as isize - s.pad as isize;
                 if ih < 0 || ih >= s.h as isize {
                     continue;
                 }
@@ -251,59 +407,71 @@ fn input_transform(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut 
                 let n = s.w.min(span.saturating_sub(s.pad));
                 row[s.pad..s.pad + n].copy_from_slice(&src[..n]);
             }
-            let (d0, rest) = rows.split_at(span);
-            let (d1, rest) = rest.split_at(span);
-            let (d2, d3) = rest.split_at(span);
-            let (t0, rest) = t.split_at_mut(span);
-            let (t1, rest) = rest.split_at_mut(span);
-            let (t2, t3) = rest.split_at_mut(span);
-            for q in 0..span {
-                t0[q] = d0[q] - d2[q];
-                t1[q] = d1[q] + d2[q];
-                t2[q] = d2[q] - d1[q];
-                t3[q] = d1[q] - d3[q];
-            }
-            // The column step, a panel's share of the tiles at a time: each
-            // of the 16 outputs is then one contiguous run of its panel.
-            let mut done = 0;
-            while done < tx1 - tx0 {
-                let col = j + done;
-                let len = (NR - col % NR).min(tx1 - tx0 - done);
-                let at = chain_gemm::panel_index(ci, col, s.c);
-                for (i, ti) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
-                    let ti = &ti[2 * (tx0 + done)..][..2 * len + 2];
-                    let o = |q: usize| (4 * i + q) * s.c * width + at;
-                    fill(&mut v[o(0)..][..len], |e| ti[e] - ti[e + 2]);
-                    fill(&mut v[o(1)..][..len], |e| ti[e + 1] + ti[e + 2]);
-                    fill(&mut v[o(2)..][..len], |e| ti[e + 2] - ti[e + 1]);
-                    fill(&mut v[o(3)..][..len], |e| ti[e + 1] - ti[e + 3]);
+            row_step::<V>(&rows, &mut t, span);
+            for tx in tx0..tx1 {
+                for (i, gi) in g.iter_mut().enumerate().take(a) {
+                    let ti = &t[i * span + tt * tx..][..a];
+                    for (gk, tk) in gi.iter_mut().zip(ti) {
+                        gk[lane] = *tk;
+                    }
                 }
-                done += len;
+                lane += 1;
+                if lane == NR {
+                    flush(&g, panel, v);
+                    (lane, panel) = (0, panel + 1);
+                }
             }
-            j += tx1 - tx0;
             tile += tx1 - tx0;
         }
-    }
-    for m in v.chunks_exact_mut(s.c * width).take(16) {
-        chain_gemm::zero_panel_tail(m, s.c, tiles.len());
+        if lane > 0 {
+            // The padding columns: transforms of zeros, which are zeros.
+            for gk in g.iter_mut().flatten() {
+                gk[lane..].fill(0.0);
+            }
+            flush(&g, panel, v);
+        }
     }
 }
 
-/// `dst[e] = f(2 e)`: one output of the column step for consecutive tiles
-/// (tile `e`'s 4 columns start at `2 e`).
+/// The row step of the input transform: `t[i] = (B^T d)[i]` along the
+/// `A` padded rows `d` of `span` columns each (whole lanes).
+fn row_step<V: Variant>(rows: &[f32], t: &mut [f32], span: usize) {
+    let a = V::A;
+    for q0 in (0..span).step_by(NR) {
+        let d: [Lane; 6] = std::array::from_fn(|k| lane_at(rows, k.min(a - 1) * span + q0));
+        let r = lanes::<V, 6>(&d, V::input);
+        for (i, ri) in r.iter().enumerate().take(a) {
+            t[i * span + q0..][..NR].copy_from_slice(ri);
+        }
+    }
+}
+
+/// The lane of `src` from `at`.
 #[inline(always)]
-fn fill(dst: &mut [f32], f: impl Fn(usize) -> f32) {
-    for (e, d) in dst.iter_mut().enumerate() {
-        *d = f(2 * e);
-    }
+fn lane_at(src: &[f32], at: usize) -> Lane {
+    src[at..at + NR].try_into().expect("a lane is NR long")
 }
 
-/// `Y = A^T M A` for output channel `o` over the tiles `tiles`
-/// (`m(xi)` the products of that channel, one column per tile), with the
-/// epilogue, written to the outputs that lie inside the image.
-///
-/// `A^T = [[1,1,1,0],[0,1,-1,-1]]`.
-fn output_transform<'m>(
+/// `f` applied lane by lane: `out[.][e] = f(d[.][e])` for the [`NR`] lanes
+/// `e`, written so that the compiler runs the lanes as one vector.
+#[inline(always)]
+fn lanes<V: Variant, const R: usize>(d: &[Lane; 6], f: fn(&[f32; 6]) -> [f32; R]) -> [Lane; R] {
+    let mut out = [[0.0f32; NR]; R];
+    for e in 0..NR {
+        let r = f(&std::array::from_fn(
+            |k| if k < V::A { d[k][e] } else { 0.0 },
+        ));
+        for (o, rv) in out.iter_mut().zip(r) {
+            o[e] = rv;
+        }
+    }
+    out
+}
+
+/// `Y = A^T M A` for output channel `o` over the tiles `tiles` (`m(xi)`
+/// the products of that channel, one column per tile, in whole panels),
+/// with the epilogue, written to the outputs that lie inside the image.
+fn output_transform<'m, V: Variant>(
     s: &Shape,
     o: usize,
     tiles: std::ops::Range<usize>,
@@ -311,50 +479,43 @@ fn output_transform<'m>(
     epi: &Epilogue<'_>,
     out: &super::conv::SharedOut<'_>,
 ) {
-    let (th, tw) = s.tiles();
+    let (a, tt) = (V::A, V::T);
+    let (th, tw) = s.tiles(tt);
     let per_image = th * tw;
     let plane = s.oh * s.ow;
-    let ms: [&[f32]; 16] = std::array::from_fn(&m);
     let bias = epi.bias.map(|b| b[o]);
-    // Tiles go a tile row of one image at a time, so each output row is
-    // one slice.
-    let (mut j, mut tile) = (0, tiles.start);
-    while tile < tiles.end {
-        let (img, r) = (tile / per_image, tile % per_image);
-        let (ty, tx0) = (r / tw, r % tw);
-        let n = (tw - tx0).min(tiles.end - tile);
-        let base = (img * s.o + o) * plane;
-        for dy in 0..2 {
-            let oh = 2 * ty + dy;
-            if oh >= s.oh {
-                continue;
+    for p in 0..tiles.len().div_ceil(NR) {
+        // A panel of tiles at a time: `A^T M` column by column, then
+        // `(A^T M) A` row by row, each along the tiles as one vector.
+        let zero = [[0.0f32; NR]; 4];
+        let cols: [[Lane; 4]; 6] = std::array::from_fn(|q| {
+            if q < a {
+                let d = std::array::from_fn(|i| lane_at(m(i.min(a - 1) * a + q), p * NR));
+                lanes::<V, 4>(&d, V::output)
+            } else {
+                zero
             }
-            let at = base + oh * s.ow + 2 * tx0;
-            let len = (2 * (tx0 + n)).min(s.ow) - 2 * tx0;
-            // SAFETY: tasks cover disjoint (channel, tile) sets, and tiles
-            // do not overlap, so each output has one writer.
-            let dst = unsafe { out.region(at, len) };
-            // Row `dy` of `A^T M` takes rows `dy..dy + 3` of `M`: `m0 + m1 +
-            // m2` for the first, `m1 - m2 - m3` for the second; then `A`.
-            let src: [&[f32]; 12] =
-                std::array::from_fn(|q| &ms[(q / 4 + dy) * 4 + q % 4][j..j + n]);
-            let sign = if dy == 0 { 1.0 } else { -1.0 };
-            for (t, pair) in dst.chunks_mut(2).enumerate() {
-                // `x - y` is `x + (-1) * y` exactly, so one expression
-                // serves both rows with the same roundings.
-                let a0 = src[0][t] + sign * src[4][t] + sign * src[8][t];
-                let a1 = src[1][t] + sign * src[5][t] + sign * src[9][t];
-                let a2 = src[2][t] + sign * src[6][t] + sign * src[10][t];
-                let a3 = src[3][t] + sign * src[7][t] + sign * src[11][t];
-                pair[0] = a0 + a1 + a2;
-                if let Some(v) = pair.get_mut(1) {
-                    *v = a1 - a2 - a3;
+        });
+        let ys: [[Lane; 4]; 4] = std::array::from_fn(|dy| {
+            let d = std::array::from_fn(|q| cols[q][dy]);
+            lanes::<V, 4>(&d, V::output)
+        });
+        for (e, tile) in (tiles.start + p * NR..tiles.end).take(NR).enumerate() {
+            let (img, r) = (tile / per_image, tile % per_image);
+            let (ty, tx) = (r / tw, r % tw);
+            let base = (img * s.o + o) * plane;
+            let w = tt.min(s.ow - tt * tx);
+            for (dy, y) in ys.iter().enumerate().take(tt.min(s.oh - tt * ty)) {
+                let at = base + (tt * ty + dy) * s.ow + tt * tx;
+                // SAFETY: tasks cover disjoint (channel, tile) sets, and
+                // tiles do not overlap, so each output has one writer.
+                let dst = unsafe { out.region(at, w) };
+                for (dx, d) in dst.iter_mut().enumerate() {
+                    *d = y[dx][e];
                 }
+                let res = epi.residual.map(|r| &r[at..at + w]);
+                super::conv::epilogue(dst, bias, res, epi.relu);
             }
-            let res = epi.residual.map(|r| &r[at..at + len]);
-            super::conv::epilogue(dst, bias, res, epi.relu);
         }
-        j += n;
-        tile += n;
     }
 }
