@@ -51,8 +51,6 @@ pub(super) trait Variant: Sync {
     const T: usize;
     /// Inputs along one side of a tile.
     const A: usize = Self::T + 2;
-    /// The variant's name in the filter cache.
-    const PACKING: fn(bool) -> Packing;
     /// `B^T d`.
     fn input(d: &[f32; 6]) -> [f32; 6];
     /// `A^T m`.
@@ -66,7 +64,6 @@ pub(super) struct F2;
 
 impl Variant for F2 {
     const T: usize = 2;
-    const PACKING: fn(bool) -> Packing = |adjoint| Packing::Winograd { adjoint, tile: 2 };
 
     // B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]].
     #[inline(always)]
@@ -99,7 +96,6 @@ pub(super) struct F4;
 
 impl Variant for F4 {
     const T: usize = 4;
-    const PACKING: fn(bool) -> Packing = |adjoint| Packing::Winograd { adjoint, tile: 4 };
 
     // B^T = [[4,0,-5,0,1,0],[0,-4,-4,1,1,0],[0,4,-4,-1,1,0],
     //        [0,-2,-1,2,1,0],[0,2,-1,-2,1,0],[0,4,0,-5,0,1]].
@@ -255,7 +251,11 @@ fn transformed_filters<V: Variant>(
     c: usize,
     adjoint: bool,
 ) -> Arc<Vec<PackedA>> {
-    filter_cache::packed(V::PACKING(adjoint), [o, c, 3, 3], w, || {
+    let packing = Packing::Winograd {
+        adjoint,
+        tile: V::T,
+    };
+    filter_cache::packed(packing, [o, c, 3, 3], w, || {
         filter_transform::<V>(w, o, c, adjoint)
     })
 }
