@@ -37,12 +37,13 @@ pub struct ConvParams {
     /// Distance between filter taps, in input pixels (1: adjacent).
     pub dilation: usize,
     /// Compute it directly (no Winograd) even where a faster algorithm
-    /// applies. Train-mode passes ask for it: their filters change every
-    /// step, so the Winograd filter transforms would be redone every step,
-    /// and with Winograd backward-data the resnet18 training step ran at
-    /// 0.90x the direct one (alternating runs, 2026-12-03), though its
-    /// gradients matched the fixtures as closely. A backend without such
-    /// algorithms ignores it.
+    /// applies: the reference the faster paths are tested against. Passes
+    /// do not ask for it; training takes Winograd backward-data too, since
+    /// its filter transform runs on all threads without divisions
+    /// (resnet18 training 1.20x the direct step, smallcnn about even, in
+    /// alternating runs on 2026-12-04; before that change the transform
+    /// alone took a tenth of the step and Winograd lost). A backend without
+    /// such algorithms ignores it.
     pub direct: bool,
 }
 

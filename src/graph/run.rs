@@ -1,7 +1,7 @@
 //! Forward and backward passes of a [`Graph`] on a [`Backend`].
 
 use super::{Graph, Op, ParamId};
-use crate::backend::{Backend, BnSaved, ConvParams, Pad2d};
+use crate::backend::{Backend, BnSaved, Pad2d};
 use crate::error::{Error, Result};
 
 /// Batch-norm behaviour of a forward pass.
@@ -112,7 +112,6 @@ impl Graph {
     ) -> Result<RunOutputs<B>> {
         let n = self.nodes.len();
         let last_use = self.last_use();
-        let train = matches!(params, Params::Train(..));
         let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
         let mut bn: Vec<Option<BnSaved<B::Buf>>> = (0..n).map(|_| None).collect();
         for j in 1..n {
@@ -131,8 +130,7 @@ impl Graph {
                 Op::Input => return Err(Error::Msg("graph: a second input node".into())),
                 Op::Normalize { mean, std } => be.normalize(arg(0)?, mean, std)?,
                 Op::Conv { w, b, p } => {
-                    let p = conv_params(*p, train);
-                    be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), p)?
+                    be.conv2d(arg(0)?, params.get(*w), b.map(|b| params.get(b)), *p)?
                 }
                 Op::FusedConv { w, b, p, relu } => {
                     let residual = match node.inputs.len() {
@@ -299,7 +297,6 @@ impl Graph {
             Vec::new()
         };
         grads[n - 1] = Some(dlogits);
-        let train = matches!(trace.mode, Mode::Train { .. });
 
         // Adds a gradient contribution to node `i`'s output gradient.
         let accumulate = |grads: &mut Vec<Option<B::Buf>>, i: usize, g: B::Buf| -> Result<()> {
@@ -322,7 +319,6 @@ impl Graph {
                     accumulate(&mut grads, input, be.normalize_backward(&dy, std)?)?
                 }
                 Op::Conv { w, b, p } => {
-                    let p = &conv_params(*p, train);
                     let x = out_of(input)?;
                     let x_shape = be.shape(x).to_vec();
                     let dx = be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p)?;
@@ -486,16 +482,6 @@ impl Graph {
             ))
         })?;
         Ok(Grads { dx, params: pgrads })
-    }
-}
-
-/// A convolution's parameters as a pass runs them: train-mode passes compute
-/// every convolution directly (see [`ConvParams::direct`]).
-fn conv_params(p: ConvParams, train: bool) -> ConvParams {
-    if train {
-        p.direct()
-    } else {
-        p
     }
 }
 

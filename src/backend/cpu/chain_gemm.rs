@@ -79,6 +79,20 @@ impl PackedA {
         PackedA { data, rows, k }
     }
 
+    /// A `rows x k` matrix already in the packed layout (`[block][k][MR]`,
+    /// the last block's missing rows zero), as a producer wrote it.
+    ///
+    /// # Panics
+    /// If `data` does not hold exactly the blocks of `rows` rows.
+    pub(super) fn from_packed(data: Vec<f32>, rows: usize, k: usize) -> Self {
+        assert_eq!(
+            data.len(),
+            rows.div_ceil(MR) * k * MR,
+            "gemm: packed A size"
+        );
+        PackedA { data, rows, k }
+    }
+
     /// Floats held (the rows padded to whole blocks).
     pub(super) fn len(&self) -> usize {
         self.data.len()
@@ -187,7 +201,69 @@ pub(super) fn gemm<'a>(
     ldc: usize,
 ) {
     let a = a.into();
-    product(a, blocks, BRows::all(b, a.k), cols, c, ldc, false);
+    product(
+        a,
+        blocks,
+        BSource::Panels(BRows::all(b, a.k)),
+        cols,
+        c,
+        ldc,
+        false,
+    );
+}
+
+/// The `B` operand read in place from windows of one buffer, not from a
+/// packed copy: element `(kk, j)` at `data[panels[j / NR] + rows[kk] + j %
+/// NR]`. A stride-1 convolution's column matrix is such windows of the
+/// zero-padded input (row `(c, kh, kw)` is the input shifted by its tap),
+/// so the product reads the input where it lies instead of a copy nine
+/// times its size. Only where `B` is read from changes: every element's
+/// chain, and so its bits, are those of [`gemm`] on the same matrix.
+#[derive(Clone, Copy)]
+pub(super) struct Windows<'a> {
+    data: &'a [f32],
+    rows: &'a [usize],
+    panels: &'a [usize],
+    /// One past the farthest float a panel reads from its first.
+    reach: usize,
+}
+
+impl<'a> Windows<'a> {
+    /// The windows `rows` (one offset per inner index) of the panels that
+    /// start at `panels` (one offset per [`NR`] columns) in `data`.
+    ///
+    /// # Panics
+    /// If some window runs past the end of `data`.
+    pub(super) fn new(data: &'a [f32], rows: &'a [usize], panels: &'a [usize]) -> Self {
+        let reach = rows.iter().max().map_or(0, |&r| r + NR);
+        let last = panels.iter().max().copied().unwrap_or(0);
+        assert!(
+            panels.is_empty() || last + reach <= data.len(),
+            "gemm: windows run past their buffer"
+        );
+        Windows {
+            data,
+            rows,
+            panels,
+            reach,
+        }
+    }
+}
+
+/// [`gemm`] with `b` read from [`Windows`]; `cols` must not exceed the
+/// columns its panels cover.
+pub(super) fn gemm_windows<'a>(
+    a: impl Into<AView<'a>>,
+    blocks: std::ops::Range<usize>,
+    b: Windows<'_>,
+    cols: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let a = a.into();
+    assert!(b.rows.len() == a.k, "gemm: one window per inner index");
+    assert!(cols.div_ceil(NR) <= b.panels.len(), "gemm: windows too few");
+    product(a, blocks, BSource::Windows(b), cols, c, ldc, false);
 }
 
 /// [`gemm`] with `b` the rows `from..` of a `depth`-deep panel layout, as
@@ -215,7 +291,7 @@ pub(super) fn gemm_rows<'a>(
         depth,
         from,
     };
-    product(a, blocks, b, cols, c, ldc, onto);
+    product(a, blocks, BSource::Panels(b), cols, c, ldc, onto);
 }
 
 /// The `B` operand of a product: the rows `from..` of a `depth`-deep panel
@@ -238,12 +314,54 @@ impl<'a> BRows<'a> {
     }
 }
 
-/// [`gemm`] and [`gemm_rows`]: the chains start from 0, or from `c` when
-/// `onto`.
+/// Where a product reads `B` from.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    /// The packed panel layout.
+    Panels(BRows<'a>),
+    /// Windows of a buffer read in place.
+    Windows(Windows<'a>),
+}
+
+impl<'a> BSource<'a> {
+    /// The `kn` rows from `k0` of the `n` panels from `p`.
+    fn tile(&self, p: usize, n: usize, k0: usize, kn: usize) -> BTile<'a> {
+        match *self {
+            BSource::Panels(b) => BTile::Panels {
+                data: &b.data[panel_index(b.from + k0, p * NR, b.depth)..],
+                pstride: b.depth * NR,
+            },
+            BSource::Windows(w) => BTile::Windows {
+                data: w.data,
+                first: [w.panels[p], w.panels[p + n - 1]],
+                rows: &w.rows[k0..k0 + kn],
+                reach: w.reach,
+            },
+        }
+    }
+}
+
+/// The `B` of one kernel call: one or two panels of `kn` rows.
+#[derive(Clone, Copy)]
+enum BTile<'a> {
+    /// Rows of [`NR`] back to back, the panels `pstride` floats apart.
+    Panels { data: &'a [f32], pstride: usize },
+    /// Row `kk` of panel `j` at `data[first[j] + rows[kk]..]`; no row
+    /// reaches `reach` floats or more past its panel's first.
+    Windows {
+        data: &'a [f32],
+        first: [usize; 2],
+        rows: &'a [usize],
+        reach: usize,
+    },
+}
+
+/// [`gemm`], [`gemm_rows`] and [`gemm_windows`]: the chains start from 0,
+/// or from `c` when `onto`.
 fn product(
     a: AView<'_>,
     blocks: std::ops::Range<usize>,
-    b: BRows<'_>,
+    b: BSource<'_>,
     cols: usize,
     c: &mut [f32],
     ldc: usize,
@@ -254,7 +372,9 @@ fn product(
     let nblk = blocks.len();
     assert!(blocks.end <= a.blocks, "gemm: row blocks out of range");
     assert!(ldc >= panels * NR, "gemm: strides");
-    assert!(b.data.len() >= panels * b.depth * NR, "gemm: b too short");
+    if let BSource::Panels(b) = b {
+        assert!(b.data.len() >= panels * b.depth * NR, "gemm: b too short");
+    }
     assert!(c.len() >= nblk * MR * ldc, "gemm: c too short");
     if k == 0 {
         if !onto {
@@ -280,7 +400,7 @@ fn product(
             let kn = kc.min(k - k0);
             for p in (p0..p1).step_by(step) {
                 let n = step.min(p1 - p);
-                let bp = &b.data[panel_index(b.from + k0, p * NR, b.depth)..];
+                let bp = b.tile(p, n, k0, kn);
                 for (local, blk) in blocks.clone().enumerate() {
                     let ap = AStep {
                         data: a.block(blk, k0, kn),
@@ -288,7 +408,7 @@ fn product(
                         ks: a.ks,
                     };
                     let cp = &mut c[local * MR * ldc + p * NR..];
-                    tile(isa, kn, ap, bp, b.depth * NR, n, cp, ldc, onto || k0 > 0);
+                    tile(isa, kn, ap, bp, n, cp, ldc, onto || k0 > 0);
                 }
             }
         }
@@ -386,48 +506,129 @@ impl AStep<'_> {
 }
 
 /// The `MR x (n * NR)` tile of `c` from `kn` steps of `a` and the `n`
-/// panels in `b` (each `kn x NR` with its rows back to back, `pstride`
-/// floats apart), on `isa`'s kernel; a lone panel where `isa` takes two
+/// panels of `b`, on `isa`'s kernel; a lone panel where `isa` takes two
 /// goes to the next kernel down.
 #[allow(clippy::too_many_arguments)]
 fn tile(
     isa: Isa,
     kn: usize,
     a: AStep<'_>,
-    b: &[f32],
-    pstride: usize,
+    b: BTile<'_>,
     n: usize,
     c: &mut [f32],
     ldc: usize,
     resume: bool,
 ) {
     assert!(
-        n >= 1 && kn >= 1 && pstride >= kn * NR && a.covers(kn),
-        "gemm: tile operands"
-    );
-    assert!(
-        b.len() >= (n - 1) * pstride + kn * NR,
+        (1..=2).contains(&n) && kn >= 1 && a.covers(kn),
         "gemm: tile operands"
     );
     assert!(c.len() >= (MR - 1) * ldc + n * NR, "gemm: tile output");
-    let panel = |j: usize| &b[j * pstride..][..kn * NR];
+    match b {
+        BTile::Panels { data, pstride } => {
+            assert!(
+                pstride >= kn * NR && data.len() >= (n - 1) * pstride + kn * NR,
+                "gemm: tile operands"
+            );
+            run(
+                isa,
+                kn,
+                a,
+                data,
+                [0, (n - 1) * pstride],
+                Packed,
+                n,
+                c,
+                ldc,
+                resume,
+            );
+        }
+        BTile::Windows {
+            data,
+            first,
+            rows,
+            reach,
+        } => {
+            assert!(
+                rows.len() >= kn && first.iter().all(|&f| f + reach <= data.len()),
+                "gemm: tile operands"
+            );
+            run(isa, kn, a, data, first, Listed(rows), n, c, ldc, resume);
+        }
+    }
+}
+
+/// [`tile`] once its operands are checked: panel `j` of `b` starts at
+/// `data[first[j]]`, its row `kk` `rows.at(kk)` floats further, and every
+/// row read lies inside `data`.
+#[allow(clippy::too_many_arguments)]
+fn run<R: RowAt>(
+    isa: Isa,
+    kn: usize,
+    a: AStep<'_>,
+    data: &[f32],
+    first: [usize; 2],
+    rows: R,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    resume: bool,
+) {
+    let at = |j: usize| data[first[j]..].as_ptr();
     match (isa, n) {
-        // SAFETY: `detect` found the feature; the asserts above cover the
-        // kernels' reads and writes.
+        // SAFETY: `detect` found the feature; `tile` checked that every
+        // row of both panels, `a`'s steps and `c`'s tile are in bounds.
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, 2) => unsafe { kernel_avx512(kn, a, b, pstride, c, ldc, resume) },
+        (Isa::Avx512, 2) => unsafe { kernel_avx512(kn, a, [at(0), at(1)], rows, c, ldc, resume) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512 | Isa::Avx2, _) => {
             for j in 0..n {
                 // SAFETY: as above; AVX-512 implies AVX2 and FMA.
-                unsafe { kernel_avx2(kn, a, panel(j), NR, &mut c[j * NR..], ldc, resume) };
+                unsafe { kernel_avx2(kn, a, at(j), rows, &mut c[j * NR..], ldc, resume) };
             }
         }
         _ => {
             for j in 0..n {
-                kernel_portable(kn, a, panel(j), NR, &mut c[j * NR..], ldc, resume);
+                kernel_portable(
+                    kn,
+                    a,
+                    &data[first[j]..],
+                    rows,
+                    &mut c[j * NR..],
+                    ldc,
+                    resume,
+                );
             }
         }
+    }
+}
+
+/// Where row `kk` of a kernel's `B` panel starts, in floats from the
+/// panel's first: the kernels are generic over it, so the packed layout
+/// keeps its fixed stride and windows pay one offset load per step.
+trait RowAt: Copy {
+    fn at(self, kk: usize) -> usize;
+}
+
+/// Rows of [`NR`] floats back to back (the packed layout).
+#[derive(Clone, Copy)]
+struct Packed;
+
+impl RowAt for Packed {
+    #[inline(always)]
+    fn at(self, kk: usize) -> usize {
+        kk * NR
+    }
+}
+
+/// Rows at listed offsets ([`Windows`]).
+#[derive(Clone, Copy)]
+struct Listed<'a>(&'a [usize]);
+
+impl RowAt for Listed<'_> {
+    #[inline(always)]
+    fn at(self, kk: usize) -> usize {
+        self.0[kk]
     }
 }
 
@@ -437,7 +638,7 @@ fn kernel_portable(
     kn: usize,
     a: AStep<'_>,
     b: &[f32],
-    ldb: usize,
+    rows: impl RowAt,
     c: &mut [f32],
     ldc: usize,
     resume: bool,
@@ -449,7 +650,7 @@ fn kernel_portable(
         }
     }
     for kk in 0..kn {
-        let brow = &b[kk * ldb..kk * ldb + NR];
+        let brow = &b[rows.at(kk)..][..NR];
         for (r, row) in acc.iter_mut().enumerate() {
             let av = a.data[r * a.rs + kk * a.ks];
             for (v, &bv) in row.iter_mut().zip(brow) {
@@ -465,27 +666,25 @@ fn kernel_portable(
 /// [`kernel_portable`] in AVX2: twelve 8-wide accumulators.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `b` must hold `kn` rows of `NR` floats at
-/// stride `ldb`, `c` `MR` rows of `NR` at stride `ldc`, `a` cover `kn`
-/// steps.
+/// The CPU must have AVX2 and FMA; `NR` floats from `bp` plus each of the
+/// `kn` rows' offsets must be readable, `c` must hold `MR` rows of `NR` at
+/// stride `ldc`, and `a` cover `kn` steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2(
     kn: usize,
     a: AStep<'_>,
-    b: &[f32],
-    ldb: usize,
+    bp: *const f32,
+    rows: impl RowAt,
     c: &mut [f32],
     ldc: usize,
     resume: bool,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(a.covers(kn));
-    debug_assert!(kn == 0 || b.len() >= (kn - 1) * ldb + NR);
     debug_assert!(c.len() >= (MR - 1) * ldc + NR);
     let cp = c.as_mut_ptr();
     let (ap, rs, ks) = (a.data.as_ptr(), a.rs, a.ks);
-    let bp = b.as_ptr();
     let mut acc = [_mm256_setzero_ps(); 2 * MR];
     if resume {
         for r in 0..MR {
@@ -496,8 +695,9 @@ unsafe fn kernel_avx2(
     let [mut c00, mut c01, mut c10, mut c11, mut c20, mut c21, mut c30, mut c31, mut c40, mut c41, mut c50, mut c51] =
         acc;
     for kk in 0..kn {
-        let b0 = _mm256_loadu_ps(bp.add(kk * ldb));
-        let b1 = _mm256_loadu_ps(bp.add(kk * ldb + 8));
+        let row = bp.add(rows.at(kk));
+        let b0 = _mm256_loadu_ps(row);
+        let b1 = _mm256_loadu_ps(row.add(8));
         let a_k = ap.add(kk * ks);
         let x = _mm256_broadcast_ss(&*a_k);
         c00 = _mm256_fmadd_ps(x, b0, c00);
@@ -525,32 +725,31 @@ unsafe fn kernel_avx2(
     }
 }
 
-/// [`kernel_portable`] over two adjacent panels in AVX-512: an `MR x 2NR`
-/// tile, twelve 16-wide accumulators, `b` holding the two `kn x NR` panels
-/// `pstride` floats apart. Each element's chain is the same as the other
-/// kernels'.
+/// [`kernel_portable`] over two panels in AVX-512: an `MR x 2NR` tile,
+/// twelve 16-wide accumulators, the panels starting at `bp[0]` and `bp[1]`.
+/// Each element's chain is the same as the other kernels'.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `b` must hold `pstride + kn * NR` floats
-/// (`pstride >= kn * NR`), `c` `MR` rows of `2 * NR` at stride `ldc`, `a`
-/// cover `kn` steps.
+/// The CPU must have AVX-512F; `NR` floats from each of `bp` plus each of
+/// the `kn` rows' offsets must be readable, `c` must hold `MR` rows of
+/// `2 * NR` at stride `ldc`, and `a` cover `kn` steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel_avx512(
     kn: usize,
     a: AStep<'_>,
-    b: &[f32],
-    pstride: usize,
+    bp: [*const f32; 2],
+    rows: impl RowAt,
     c: &mut [f32],
     ldc: usize,
     resume: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.covers(kn) && b.len() >= pstride + kn * NR);
+    debug_assert!(a.covers(kn));
     debug_assert!(c.len() >= (MR - 1) * ldc + 2 * NR);
     let cp = c.as_mut_ptr();
     let (ap, rs, ks) = (a.data.as_ptr(), a.rs, a.ks);
-    let (b0p, b1p) = (b.as_ptr(), b.as_ptr().add(pstride));
+    let [b0p, b1p] = bp;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     if resume {
         for r in 0..MR {
@@ -561,8 +760,9 @@ unsafe fn kernel_avx512(
     let [mut c00, mut c01, mut c10, mut c11, mut c20, mut c21, mut c30, mut c31, mut c40, mut c41, mut c50, mut c51] =
         acc;
     for kk in 0..kn {
-        let b0 = _mm512_loadu_ps(b0p.add(kk * NR));
-        let b1 = _mm512_loadu_ps(b1p.add(kk * NR));
+        let row = rows.at(kk);
+        let b0 = _mm512_loadu_ps(b0p.add(row));
+        let b1 = _mm512_loadu_ps(b1p.add(row));
         let a_k = ap.add(kk * ks);
         let x = _mm512_set1_ps(*a_k);
         c00 = _mm512_fmadd_ps(x, b0, c00);
@@ -646,55 +846,118 @@ mod tests {
         }
     }
 
+    /// The kernels this CPU runs, the portable one first.
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+
     #[test]
     fn every_kernel_this_cpu_runs_gives_the_portable_kernels_bits() {
         // Two panels with a gap between them (NaN, so reading it shows),
-        // fresh and resumed chains: a kernel that mixes up panels, rows or
-        // the resume path fails whichever CPU runs CI.
+        // fresh and resumed chains, packed and as windows: a kernel that
+        // mixes up panels, rows or the resume path fails whichever CPU runs
+        // CI.
         let mut r = rng(11);
         let kn = 37;
         let pstride = (kn + 5) * NR;
         let a = uniform(&mut r, &[kn * MR], -1.0, 1.0);
         let mut b = uniform(&mut r, &[pstride + kn * NR], -1.0, 1.0);
         b.data_mut()[kn * NR..pstride].fill(f32::NAN);
+        // The same two panels as windows of a buffer: row `kk` at a
+        // scattered offset (a permutation, rows a float apart).
+        let rows: Vec<usize> = (0..kn).map(|kk| (kk * 29) % kn * (NR + 1)).collect();
+        let first = [5, 700];
+        let mut windows = vec![f32::NAN; 2000];
+        for (j, f) in first.iter().enumerate() {
+            for (kk, &row) in rows.iter().enumerate() {
+                let src = &b.data()[j * pstride + kk * NR..][..NR];
+                windows[f + row..f + row + NR].copy_from_slice(src);
+            }
+        }
+        let reach = rows.iter().max().unwrap() + NR;
         let start = uniform(&mut r, &[MR * 3 * NR], -1.0, 1.0);
         let ldc = 3 * NR;
+        let packed = AStep {
+            data: a.data(),
+            rs: 1,
+            ks: MR,
+        };
+        let panels = BTile::Panels {
+            data: b.data(),
+            pstride,
+        };
+        let win = BTile::Windows {
+            data: &windows,
+            first,
+            rows: &rows,
+            reach,
+        };
         for resume in [false, true] {
             let mut want = start.data().to_vec();
-            let packed = AStep {
-                data: a.data(),
-                rs: 1,
-                ks: MR,
-            };
-            tile(
-                Isa::Portable,
-                kn,
-                packed,
-                b.data(),
-                pstride,
-                2,
-                &mut want,
-                ldc,
-                resume,
-            );
-            let mut isas = vec![Isa::Portable];
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    isas.push(Isa::Avx2);
-                }
-                if std::is_x86_feature_detected!("avx512f") {
-                    isas.push(Isa::Avx512);
-                }
-            }
-            for isa in isas {
-                let mut got = start.data().to_vec();
-                tile(isa, kn, packed, b.data(), pstride, 2, &mut got, ldc, resume);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), w.to_bits(), "{isa:?} resume={resume} at {i}");
+            tile(Isa::Portable, kn, packed, panels, 2, &mut want, ldc, resume);
+            for isa in isas() {
+                for (what, bt) in [("panels", panels), ("windows", win)] {
+                    let mut got = start.data().to_vec();
+                    tile(isa, kn, packed, bt, 2, &mut got, ldc, resume);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{isa:?} {what} resume={resume} at {i}"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_product_over_windows_gives_the_bits_of_the_packed_product() {
+        // B's rows are shifted views of one buffer (a 1-D "image" with 3
+        // taps over 2 channels), 70 columns in 5 panels placed at scattered
+        // starts, against the same matrix copied into the packed layout.
+        let (m, n, taps, chans, len) = (13, 70usize, 3, 2, 400);
+        let k = taps * chans;
+        let mut r = rng(3);
+        let a = uniform(&mut r, &[m, k], -1.0, 1.0);
+        let src = uniform(&mut r, &[chans * len + 200], -1.0, 1.0);
+        let rows: Vec<usize> = (0..k).map(|kk| kk / taps * len + kk % taps).collect();
+        let panels: Vec<usize> = (0..n.div_ceil(NR)).map(|p| p * 19 + p % 2).collect();
+        let mut bb = vec![0.0f32; k * n];
+        for kk in 0..k {
+            for j in 0..n {
+                bb[kk * n + j] = src.data()[panels[j / NR] + rows[kk] + j % NR];
+            }
+        }
+        let want = product(a.data(), &bb, m, k, n);
+        let pa = PackedA::new(a.data(), m, k, k, 1);
+        let ldc = padded_stride(n);
+        let mut c = vec![0.0f32; pa.blocks() * MR * ldc];
+        let w = Windows::new(src.data(), &rows, &panels);
+        gemm_windows(&pa, 0..pa.blocks(), w, n, &mut c, ldc);
+        for i in 0..m {
+            for j in 0..n {
+                let (g, w) = (c[i * ldc + j], want[i * n + j]);
+                assert_eq!(g.to_bits(), w.to_bits(), "at ({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "windows run past their buffer")]
+    fn windows_past_the_buffer_are_refused() {
+        let data = vec![0.0f32; 100];
+        let _ = Windows::new(&data, &[0, 50], &[0, 40]);
     }
 
     #[test]
