@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::chain_gemm::{self, padded_stride, PackedA, CUT, MR, NR};
 use super::filter_cache::{self, Packing};
-use super::winograd;
+use super::winograd::{self, Epilogue};
 use super::{expect_shape, with_scratch, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
 use crate::backend::ConvParams;
@@ -351,17 +351,17 @@ pub(super) fn conv2d_fused(
     if !g.is_dense() {
         return super::conv_grouped::forward(x, w, bias, residual, relu, &g);
     }
+    let epi = Epilogue {
+        bias: bias.map(|b| b.data()),
+        residual: residual.map(|r| r.data()),
+        relu,
+    };
     let y = if WINOGRAD_FORWARD && !p.direct && winograd::applies(&g) {
-        let epi = winograd::Epilogue {
-            bias: bias.map(|b| b.data()),
-            residual: residual.map(|r| r.data()),
-            relu,
-        };
         winograd::forward::<winograd::F2>(x.data(), w.data(), &g, &epi)
     } else if windows_pay(&g) {
-        forward_windows(x.data(), w.data(), bias, residual, relu, &g)
+        forward_windows(x.data(), w.data(), &epi, &g)
     } else {
-        forward_dense(x.data(), w.data(), bias, residual, relu, &g)
+        forward_dense(x.data(), w.data(), &epi, &g)
     };
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
 }
@@ -370,54 +370,22 @@ pub(super) fn conv2d_fused(
 /// side (`[O, C*KH*KW] x [C*KH*KW, N*OH*OW]`), cut into tasks of a few
 /// hundred columns; each task unfolds its columns, multiplies, and writes
 /// its outputs with the epilogue applied.
-fn forward_dense(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    relu: bool,
-    g: &Geom,
-) -> Vec<f32> {
+fn forward_dense(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f32> {
     let (k, pos) = (g.rows(), g.positions());
-    let cols = g.n * pos;
-    let shape = [g.o, g.c, g.kh, g.kw];
-    let a = filter_cache::packed(Packing::Dense, shape, w, || {
-        vec![PackedA::new(w, g.o, k, k, 1)]
-    });
-    let a = &a[0];
-    let (chunk, parts) = plan_tasks(cols, k, a.blocks());
-    let per_part = a.blocks().div_ceil(parts);
-    let mut y = vec![0.0f32; g.n * g.out_len()];
-    let out = SharedOut::new(&mut y);
-    let tasks = cols.div_ceil(chunk) * parts;
-    (0..tasks).into_par_iter().for_each(|t| {
-        let c0 = t / parts * chunk;
-        let cols = c0..(c0 + chunk).min(cols);
-        let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
-        if blocks.is_empty() {
-            return;
-        }
-        let ld = padded_stride(cols.len());
-        let width = cols.len().div_ceil(NR) * NR;
-        with_scratch([k * width, blocks.len() * MR * ld], |[b, c]| {
+    let task = ForwardTask {
+        cols: g.n * pos,
+        scratch: |n: usize| k * n.div_ceil(NR) * NR,
+        product: |cols: Range<usize>, a: &PackedA, blocks, b: &mut [f32], c: &mut [f32], ld| {
             im2col_panels(x, g, cols.clone(), b);
-            chain_gemm::gemm(a, blocks.clone(), b, cols.len(), c, ld);
-            let o0 = blocks.start * MR;
-            for o in o0..(blocks.end * MR).min(g.o) {
-                let c_row = &c[(o - o0) * ld..];
-                for (img, ps, j0) in segments(cols.clone(), pos) {
-                    let at = img * g.out_len() + o * pos + ps.start;
-                    // SAFETY: tasks cover disjoint (channel, column) sets,
-                    // so no two write the same outputs.
-                    let dst = unsafe { out.region(at, ps.len()) };
-                    dst.copy_from_slice(&c_row[j0..j0 + ps.len()]);
-                    let res = residual.map(|r| &r.data()[at..at + ps.len()]);
-                    epilogue(dst, bias.map(|b| b.data()[o]), res, relu);
-                }
-            }
-        })
-    });
-    y
+            chain_gemm::gemm(a, blocks, b, cols.len(), c, ld);
+        },
+        pieces: |cols: Range<usize>| {
+            segments(cols, pos)
+                .map(|(img, ps, j0)| (img, ps.start, j0, ps.len()))
+                .collect()
+        },
+    };
+    forward_tasks(w, g, &task, epi)
 }
 
 /// Whether the dense forward reads its columns in place, as windows of the
@@ -456,19 +424,8 @@ fn window_columns(g: &Geom) -> usize {
 /// the column matrix is the padded plane `c` from `kh * Wp + kw` on. The
 /// columns with `v % Wp >= OW` wrap into the next row and are dropped.
 /// Every kept output is the chain of [`forward_dense`], bit for bit.
-fn forward_windows(
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-    relu: bool,
-    g: &Geom,
-) -> Vec<f32> {
-    let (k, pos, taps) = (g.rows(), g.positions(), g.kh * g.kw);
-    let a = filter_cache::packed(Packing::Dense, [g.o, g.c, g.kh, g.kw], w, || {
-        vec![PackedA::new(w, g.o, k, k, 1)]
-    });
-    let a = &a[0];
+fn forward_windows(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f32> {
+    let (k, taps) = (g.rows(), g.kh * g.kw);
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let (plane, per_image) = (hp * wp, window_columns(g));
     let image = g.c * plane;
@@ -481,42 +438,86 @@ fn forward_windows(
         .collect();
     // The last panels read past the last image (into columns dropped).
     let len = (panels.last().copied().unwrap_or(0) + rows[k - 1] + NR).max(g.n * image);
-    let (chunk, parts) = plan_tasks(cols, k, a.blocks());
-    let per_part = a.blocks().div_ceil(parts);
-    let mut y = vec![0.0f32; g.n * g.out_len()];
-    let out = SharedOut::new(&mut y);
-    let tasks = cols.div_ceil(chunk) * parts;
     with_scratch([len], |[xp]| {
         pad_planes(x, g, &mut xp[..g.n * image]);
         xp[g.n * image..].fill(0.0);
         let xp = &*xp;
-        (0..tasks).into_par_iter().for_each(|t| {
-            let c0 = t / parts * chunk;
-            let cols = c0..(c0 + chunk).min(cols);
-            let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
-            if blocks.is_empty() {
-                return;
-            }
-            let ld = padded_stride(cols.len());
-            let b = chain_gemm::Windows::new(xp, &rows, &panels[c0 / NR..cols.end.div_ceil(NR)]);
-            let kept = kept_columns(g, cols.clone(), per_image);
-            with_scratch([blocks.len() * MR * ld], |[c]| {
-                chain_gemm::gemm_windows(a, blocks.clone(), b, cols.len(), c, ld);
-                let o0 = blocks.start * MR;
-                for o in o0..(blocks.end * MR).min(g.o) {
-                    let c_row = &c[(o - o0) * ld..];
-                    for &(img, p0, j0, n) in &kept {
-                        let at = img * g.out_len() + o * pos + p0;
-                        // SAFETY: tasks cover disjoint (channel, column)
-                        // sets, so no two write the same outputs.
-                        let dst = unsafe { out.region(at, n) };
-                        dst.copy_from_slice(&c_row[j0..j0 + n]);
-                        let res = residual.map(|r| &r.data()[at..at + n]);
-                        epilogue(dst, bias.map(|b| b.data()[o]), res, relu);
-                    }
+        let task = ForwardTask {
+            cols,
+            scratch: |_: usize| 0,
+            product: |cols: Range<usize>, a: &PackedA, blocks, _: &mut [f32], c: &mut [f32], ld| {
+                let panels = &panels[cols.start / NR..cols.end.div_ceil(NR)];
+                let b = chain_gemm::Windows::new(xp, &rows, panels);
+                chain_gemm::gemm_windows(a, blocks, b, cols.len(), c, ld);
+            },
+            pieces: |cols| kept_columns(g, cols, per_image),
+        };
+        forward_tasks(w, g, &task, epi)
+    })
+}
+
+/// How one forward path computes a task: `cols` columns in all; a task of
+/// `n` columns needs `scratch(n)` floats of its own; `product(columns, a,
+/// row blocks, scratch, c, ldc)` fills `c` with those columns' outputs;
+/// `pieces(columns)` says which outputs they are, as `(image, first
+/// position, first column in the task, length)`.
+struct ForwardTask<S, P, Q> {
+    cols: usize,
+    scratch: S,
+    product: P,
+    pieces: Q,
+}
+
+/// The dense forwards' common frame: the filters packed (cached), the
+/// columns cut into tasks of a few hundred columns by row blocks, each
+/// task's product written out with the epilogue applied.
+fn forward_tasks<S, P, Q>(
+    w: &[f32],
+    g: &Geom,
+    task: &ForwardTask<S, P, Q>,
+    epi: &Epilogue<'_>,
+) -> Vec<f32>
+where
+    S: Fn(usize) -> usize + Sync,
+    P: Fn(Range<usize>, &PackedA, Range<usize>, &mut [f32], &mut [f32], usize) + Sync,
+    Q: Fn(Range<usize>) -> Vec<(usize, usize, usize, usize)> + Sync,
+{
+    let (k, pos) = (g.rows(), g.positions());
+    let a = filter_cache::packed(Packing::Dense, [g.o, g.c, g.kh, g.kw], w, || {
+        vec![PackedA::new(w, g.o, k, k, 1)]
+    });
+    let a = &a[0];
+    let (chunk, parts) = plan_tasks(task.cols, k, a.blocks());
+    let per_part = a.blocks().div_ceil(parts);
+    let mut y = vec![0.0f32; g.n * g.out_len()];
+    let out = SharedOut::new(&mut y);
+    let tasks = task.cols.div_ceil(chunk) * parts;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let c0 = t / parts * chunk;
+        let cols = c0..(c0 + chunk).min(task.cols);
+        let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
+        if blocks.is_empty() {
+            return;
+        }
+        let ld = padded_stride(cols.len());
+        let pieces = (task.pieces)(cols.clone());
+        let lens = [(task.scratch)(cols.len()), blocks.len() * MR * ld];
+        with_scratch(lens, |[b, c]| {
+            (task.product)(cols.clone(), a, blocks.clone(), b, c, ld);
+            let o0 = blocks.start * MR;
+            for o in o0..(blocks.end * MR).min(g.o) {
+                let c_row = &c[(o - o0) * ld..];
+                for &(img, p0, j0, n) in &pieces {
+                    let at = img * g.out_len() + o * pos + p0;
+                    // SAFETY: tasks cover disjoint (channel, column) sets,
+                    // so no two write the same outputs.
+                    let dst = unsafe { out.region(at, n) };
+                    dst.copy_from_slice(&c_row[j0..j0 + n]);
+                    let res = epi.residual.map(|r| &r[at..at + n]);
+                    epilogue(dst, epi.bias.map(|b| b[o]), res, epi.relu);
                 }
-            })
-        });
+            }
+        })
     });
     y
 }
@@ -1082,8 +1083,13 @@ mod tests {
             let (x, w, b, res) = c.data(40 + k as u64);
             let g = Geom::new(&c.x, &c.w, c.params()).unwrap();
             for (bias, residual, relu) in [(None, None, false), (Some(&b), Some(&res), true)] {
-                let want = forward_dense(x.data(), w.data(), bias, residual, relu, &g);
-                let got = forward_windows(x.data(), w.data(), bias, residual, relu, &g);
+                let epi = Epilogue {
+                    bias: bias.map(|b| b.data()),
+                    residual: residual.map(|r| r.data()),
+                    relu,
+                };
+                let want = forward_dense(x.data(), w.data(), &epi, &g);
+                let got = forward_windows(x.data(), w.data(), &epi, &g);
                 assert_eq!(got.len(), want.len(), "{c:?}");
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), w.to_bits(), "{c:?} relu={relu} at {i}");
@@ -1169,9 +1175,14 @@ mod tests {
             let want_y = c.naive_forward(&f64s(&x), &f64s(&w), &f64s(&b));
             let want_dx = c.naive_backward_data(&f64s(&dy), &f64s(&w));
 
-            let direct = forward_dense(x.data(), w.data(), Some(&b), None, false, &g);
+            let epi = Epilogue {
+                bias: Some(b.data()),
+                residual: None,
+                relu: false,
+            };
+            let direct = forward_dense(x.data(), w.data(), &epi, &g);
             assert_close(&format!("direct forward {what}"), &direct, &want_y, 2e-5);
-            let epi = winograd::Epilogue {
+            let epi = Epilogue {
                 bias: Some(b.data()),
                 residual: None,
                 relu: false,
@@ -1248,7 +1259,7 @@ mod tests {
             // to test it: the forward takes F(2x2) when Winograd is on).
             let forward = |x: &Tensor, res: Option<&Tensor>, relu: bool, f4: bool| {
                 let g = geom(x.shape()[0]);
-                let epi = winograd::Epilogue {
+                let epi = Epilogue {
                     bias: Some(b.data()),
                     residual: res.map(|r| r.data()),
                     relu,
