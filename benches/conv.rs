@@ -1,7 +1,7 @@
 //! Throughput of the CPU backend's convolutions on the layer shapes of a
 //! CIFAR ResNet-18 at batch 32: forward, backward-data, backward-filter;
-//! and the direct backward-data that train-mode passes take where the
-//! default is Winograd (`backward_data_direct`).
+//! and the direct backward-data beside it where the default is Winograd
+//! (`backward_data_direct`).
 //! (Whole models are in `benches/models.rs`.)
 //!
 //! Run: `cargo bench --bench conv` (criterion reports elements/s; an
@@ -82,8 +82,9 @@ fn conv_layers(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("forward", l.name), |b| {
             b.iter(|| be.conv2d(black_box(&x), black_box(&w), None, p).unwrap())
         });
-        // Beside the default, the direct path (what train-mode passes run):
-        // where backward-data takes Winograd, the two figures give its gain.
+        // Beside the default, the direct path (the reference the faster
+        // paths are tested against): where backward-data takes Winograd, the
+        // two figures give its gain.
         for (name, q) in [("backward_data", p), ("backward_data_direct", p.direct())] {
             group.bench_function(BenchmarkId::new(name, l.name), |b| {
                 b.iter(|| {

@@ -608,7 +608,8 @@ pub(super) fn conv2d_backward_data(
     // 2.25x), and on the fixtures its input gradients stay within 1.6e-5 of
     // PyTorch's float64 ones (relative L2, vgg16 the worst; tolerances 1e-3
     // and up), against 7.1e-6 for F(2x2) everywhere (see `WINOGRAD_FORWARD`
-    // for the forward, and `ConvParams::direct` for train mode).
+    // for the forward, and `ConvParams::direct` for why training takes it
+    // too).
     let dx = if !p.direct && winograd::applies(&g) {
         winograd::backward_data(dy.data(), w.data(), &g)
     } else {
