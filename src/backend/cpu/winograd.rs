@@ -132,7 +132,7 @@ impl Variant for F4 {
     //      [1/24,1/12,1/6],[1/24,-1/12,1/6],[0,0,1]].
     // Multiplied by the reciprocals, not divided: in training the filters
     // are transformed every step, and 63 f64 divisions per filter took 10%
-    // of a resnet18 step. The f64 results differ by an ulp at most, far
+    // of a resnet18 step. The f64 results differ by an ulp or two, far
     // below the f32 rounding that follows.
     fn filter(g: [f64; 3]) -> [f64; 6] {
         const SIXTH: f64 = 1.0 / 6.0;
