@@ -248,6 +248,14 @@ impl<'a> Windows<'a> {
             reach,
         }
     }
+
+    /// The same windows from panel `p` on (the columns `p * NR..`).
+    pub(super) fn panels_from(&self, p: usize) -> Self {
+        Windows {
+            panels: &self.panels[p..],
+            ..*self
+        }
+    }
 }
 
 /// [`gemm`] with `b` read from [`Windows`]; `cols` must not exceed the

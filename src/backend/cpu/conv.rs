@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use super::chain_gemm::{self, padded_stride, PackedA, CUT, MR, NR};
 use super::filter_cache::{self, Packing};
 use super::winograd::{self, Epilogue};
-use super::{expect_shape, with_scratch, ELEMENTWISE_CHUNK};
+use super::{expect_shape, layout, with_scratch, ELEMENTWISE_CHUNK};
 use crate::backend::check::ConvGeom;
-use crate::backend::ConvParams;
+use crate::backend::{ConvParams, Pad2d};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -439,15 +439,21 @@ fn forward_windows(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f3
     // The last panels read past the last image (into columns dropped).
     let len = (panels.last().copied().unwrap_or(0) + rows[k - 1] + NR).max(g.n * image);
     with_scratch([len], |[xp]| {
-        pad_planes(x, g, &mut xp[..g.n * image]);
+        let p = g.pad;
+        let pad = Pad2d {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        };
+        layout::pad_planes(x, (g.h, g.w), pad, &mut xp[..g.n * image]);
         xp[g.n * image..].fill(0.0);
-        let xp = &*xp;
+        let windows = chain_gemm::Windows::new(xp, &rows, &panels);
         let task = ForwardTask {
             cols,
             scratch: |_: usize| 0,
             product: |cols: Range<usize>, a: &PackedA, blocks, _: &mut [f32], c: &mut [f32], ld| {
-                let panels = &panels[cols.start / NR..cols.end.div_ceil(NR)];
-                let b = chain_gemm::Windows::new(xp, &rows, panels);
+                let b = windows.panels_from(cols.start / NR);
                 chain_gemm::gemm_windows(a, blocks, b, cols.len(), c, ld);
             },
             pieces: |cols| kept_columns(g, cols, per_image),
@@ -522,28 +528,6 @@ where
     y
 }
 
-/// Copies each plane of `x` into `xp` with `g.pad` zeros around it
-/// (`[N, C, H + 2 pad, W + 2 pad]`), planes in parallel.
-fn pad_planes(x: &[f32], g: &Geom, xp: &mut [f32]) {
-    let (hw, wp, pad) = (g.h * g.w, g.w + 2 * g.pad, g.pad);
-    let plane = (g.h + 2 * pad) * wp;
-    xp.par_chunks_mut(plane)
-        .zip(x.par_chunks(hw))
-        .with_min_len(16)
-        .for_each(|(dst, src)| {
-            dst[..pad * wp].fill(0.0);
-            dst[(pad + g.h) * wp..].fill(0.0);
-            for (row, s) in dst[pad * wp..]
-                .chunks_exact_mut(wp)
-                .zip(src.chunks_exact(g.w))
-            {
-                row[..pad].fill(0.0);
-                row[pad..pad + g.w].copy_from_slice(s);
-                row[pad + g.w..].fill(0.0);
-            }
-        });
-}
-
 /// The output pieces that the columns `cols` of [`forward_windows`] hold:
 /// `(image, first position, first local column, length)`, one per output
 /// row that the range meets, without the wrapped columns.
@@ -558,13 +542,13 @@ fn kept_columns(
     while c < cols.end {
         let (img, v) = (c / per_image, c % per_image);
         let (oh, ow) = (v / wp, v % wp);
-        // To the end of this padded row, the image's outputs or the range.
-        let end = (c - ow + wp).min(c - v + g.oh * wp).min(cols.end);
         if oh >= g.oh {
             // Rounding columns after the image's last row.
             c = c - v + per_image;
             continue;
         }
+        // To the end of this padded row or of the range.
+        let end = (c - ow + wp).min(cols.end);
         if ow < g.ow {
             let n = g.ow.min(ow + end - c) - ow;
             kept.push((img, oh * g.ow + ow, c - cols.start, n));

@@ -58,19 +58,32 @@ pub(super) fn concat_backward(dy: &Tensor, channels: &[usize]) -> Result<Vec<Ten
 /// `x` with `p`'s zeros around each plane.
 pub(super) fn pad2d(x: &Tensor, p: Pad2d) -> Result<Tensor> {
     let [n, c, oh, ow] = pad_out_shape(x.shape(), p)?;
-    let (h, w) = (x.shape()[2], x.shape()[3]);
     let mut y = vec![0.0f32; n * c * oh * ow];
-    if h * w > 0 {
-        y.par_chunks_mut((oh * ow).max(1))
-            .zip(x.data().par_chunks(h * w))
-            .for_each(|(y, x)| {
-                for r in 0..h {
-                    let at = (r + p.top) * ow + p.left;
-                    y[at..at + w].copy_from_slice(&x[r * w..(r + 1) * w]);
-                }
-            });
-    }
+    pad_planes(x.data(), (x.shape()[2], x.shape()[3]), p, &mut y);
     Tensor::new(&[n, c, oh, ow], y)
+}
+
+/// Writes each `h x w` plane of `x` into the planes of `y` with `p`'s zeros
+/// around it, planes in parallel. Every value of `y` is written, so it may
+/// be a reused buffer.
+pub(super) fn pad_planes(x: &[f32], (h, w): (usize, usize), p: Pad2d, y: &mut [f32]) {
+    let (oh, ow) = (h + p.top + p.bottom, w + p.left + p.right);
+    if h * w == 0 {
+        y.fill(0.0);
+        return;
+    }
+    y.par_chunks_mut((oh * ow).max(1))
+        .zip(x.par_chunks(h * w))
+        .with_min_len(16)
+        .for_each(|(y, x)| {
+            y[..p.top * ow].fill(0.0);
+            y[(p.top + h) * ow..].fill(0.0);
+            for (row, src) in y[p.top * ow..].chunks_exact_mut(ow).zip(x.chunks_exact(w)) {
+                row[..p.left].fill(0.0);
+                row[p.left..p.left + w].copy_from_slice(src);
+                row[p.left + w..].fill(0.0);
+            }
+        });
 }
 
 /// `dy` with `p`'s padding cropped off.
