@@ -45,7 +45,10 @@ const fn layer(
 }
 
 /// The distinct convolution shapes of ResNet-18 on 3x32x32 inputs.
-const LAYERS: [Layer; 11] = [
+const LAYERS: [Layer; 14] = [
+    layer("32-32@28", 32, 32, 28, 3, 1),
+    layer("32-64@14", 32, 64, 14, 3, 1),
+    layer("64-64@14", 64, 64, 14, 3, 1),
     layer("3-64@32", 3, 64, 32, 3, 1),
     layer("64-64@32", 64, 64, 32, 3, 1),
     layer("64-128s2@32", 64, 128, 32, 3, 2),

@@ -431,21 +431,35 @@ pub(super) fn panel_index(kk: usize, j: usize, k: usize) -> usize {
 }
 
 /// Copies `src` into row `kk` of a `k`-deep operand in the layout [`gemm`]
-/// reads, from column `j`: one panel's share at a time.
-pub(super) fn copy_into_panels(panels: &mut [f32], k: usize, kk: usize, j: usize, src: &[f32]) {
+/// reads, from column `j`: one panel's share at a time. With a `gate` (a
+/// ReLU's output beside `src`), each value passes through
+/// [`relu_gate`](super::elementwise::relu_gate) on the way.
+pub(super) fn copy_into_panels(
+    panels: &mut [f32],
+    k: usize,
+    kk: usize,
+    j: usize,
+    src: &[f32],
+    gate: Option<&[f32]>,
+) {
     let mut done = 0;
     while done < src.len() {
         let col = j + done;
         let n = (NR - col % NR).min(src.len() - done);
-        let (at, src) = (panel_index(kk, col, k), &src[done..done + n]);
-        if let (Ok(d), Ok(s)) = (
+        let (at, values) = (panel_index(kk, col, k), &src[done..done + n]);
+        if let Some(gate) = gate {
+            let dst = panels[at..at + n].iter_mut();
+            for ((d, &v), &y) in dst.zip(values).zip(&gate[done..done + n]) {
+                *d = super::elementwise::relu_gate(v, y);
+            }
+        } else if let (Ok(d), Ok(s)) = (
             <&mut [f32; NR]>::try_from(&mut panels[at..at + n]),
-            <&[f32; NR]>::try_from(src),
+            <&[f32; NR]>::try_from(values),
         ) {
             // A whole panel row: one fixed-size move, not a `memcpy` call.
             *d = *s;
         } else {
-            panels[at..at + n].copy_from_slice(src);
+            panels[at..at + n].copy_from_slice(values);
         }
         done += n;
     }

@@ -366,6 +366,43 @@ pub(super) fn conv2d_fused(
     Tensor::new(&[g.n, g.o, g.oh, g.ow], y)
 }
 
+/// A fully connected layer's forward, `x [N,K] w[O,K]^T + bias`, run as
+/// the 1x1 convolution of `N` 1x1 images that it is: the filters are packed
+/// (and cached) once and each output is one in-order chain over `K`, so a
+/// row gets the same bits in any batch. `N`, `K` and `O` are non-zero.
+pub(super) fn fully_connected(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    [n, k, o]: [usize; 3],
+) -> Vec<f32> {
+    let g = pointwise(n, k, o);
+    let epi = Epilogue {
+        bias,
+        residual: None,
+        relu: false,
+    };
+    forward_dense(x, w, &epi, &g)
+}
+
+/// The input gradient of [`fully_connected`], `dy [N,O] w [O,K]`, as the
+/// 1x1 convolution's backward-data.
+pub(super) fn fully_connected_backward_data(
+    dy: &[f32],
+    w: &[f32],
+    [n, k, o]: [usize; 3],
+) -> Vec<f32> {
+    backward_data_dense(dy, None, w, &pointwise(n, k, o))
+}
+
+/// The geometry of [`fully_connected`]: `N` images of `K` channels, 1x1.
+fn pointwise(n: usize, k: usize, o: usize) -> Geom {
+    // Internal invariant: the caller checked the shapes and that none of
+    // `K` and `O` is zero, which is all a 1x1 geometry can refuse.
+    Geom::new(&[n, k, 1, 1], &[o, k, 1, 1], ConvParams::new(1, 0))
+        .expect("fully connected: a checked non-empty shape")
+}
+
 /// The dense forward: `Y = W col` with the columns of every image side by
 /// side (`[O, C*KH*KW] x [C*KH*KW, N*OH*OW]`), cut into tasks of a few
 /// hundred columns; each task unfolds its columns, multiplies, and writes
@@ -582,11 +619,34 @@ pub(super) fn conv2d_backward_data(
     x_shape: &[usize],
     p: ConvParams,
 ) -> Result<Tensor> {
+    conv2d_gated_backward_data(dy, None, w, x_shape, p)
+}
+
+/// [`conv2d_backward_data`] of a convolution followed by a ReLU whose
+/// output is `relu_y`: `dY` passes the ReLU's gate as it is read, the same
+/// bits as masking it first, without a pass of its own over `dY`.
+pub(super) fn conv2d_gated_backward_data(
+    dy: &Tensor,
+    relu_y: Option<&Tensor>,
+    w: &Tensor,
+    x_shape: &[usize],
+    p: ConvParams,
+) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     expect_shape("dy", dy, &[g.n, g.o, g.oh, g.ow])?;
-    if !g.is_dense() {
-        return super::conv_grouped::backward_data(dy, w, &g);
+    if let Some(y) = relu_y {
+        expect_shape("relu_y", y, dy.shape())?;
     }
+    if !g.is_dense() {
+        return match relu_y {
+            Some(y) => {
+                let gated = super::elementwise::relu_backward(dy, y)?;
+                super::conv_grouped::backward_data(&gated, w, &g)
+            }
+            None => super::conv_grouped::backward_data(dy, w, &g),
+        };
+    }
+    let gate = relu_y.map(Tensor::data);
     // Winograd where it applies, unless asked not to: F(4x4) takes 4x
     // fewer multiplies than the direct path (F(2x2), on small images,
     // 2.25x), and on the fixtures its input gradients stay within 1.6e-5 of
@@ -595,9 +655,9 @@ pub(super) fn conv2d_backward_data(
     // for the forward, and `ConvParams::direct` for why training takes it
     // too).
     let dx = if !p.direct && winograd::applies(&g) {
-        winograd::backward_data(dy.data(), w.data(), &g)
+        winograd::backward_data(dy.data(), gate, w.data(), &g)
     } else {
-        backward_data_dense(dy.data(), w.data(), &g)
+        backward_data_dense(dy.data(), gate, w.data(), &g)
     };
     Tensor::new(x_shape, dx)
 }
@@ -607,7 +667,9 @@ pub(super) fn conv2d_backward_data(
 /// [`col2im`] image by image. Tasks are image groups, split by input
 /// channel when there are few, so each input pixel's sum stays in one task
 /// and in row order.
-fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
+/// With a `gate` (a ReLU's output, shaped as `dy`), `dy` passes it as it
+/// is read.
+fn backward_data_dense(dy: &[f32], gate: Option<&[f32]>, w: &[f32], g: &Geom) -> Vec<f32> {
     let (rows, pos, khw) = (g.rows(), g.positions(), g.kh * g.kw);
     let (chunk, parts) = plan_tasks(g.n * pos, rows, rows.div_ceil(MR));
     let per_group = (chunk / pos).max(1);
@@ -644,8 +706,9 @@ fn backward_data_dense(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
         with_scratch([g.o * width, a.blocks() * MR * ld], |[b, dcol]| {
             for o in 0..g.o {
                 for (j, img) in images.clone().enumerate() {
-                    let src = &dy[img * g.out_len() + o * pos..][..pos];
-                    chain_gemm::copy_into_panels(b, g.o, o, j * pos, src);
+                    let at = img * g.out_len() + o * pos;
+                    let gate = gate.map(|y| &y[at..][..pos]);
+                    chain_gemm::copy_into_panels(b, g.o, o, j * pos, &dy[at..][..pos], gate);
                 }
             }
             chain_gemm::zero_panel_tail(b, g.o, cols);
@@ -1191,7 +1254,7 @@ mod tests {
                 &direct,
             );
 
-            let direct = backward_data_dense(dy.data(), w.data(), &g);
+            let direct = backward_data_dense(dy.data(), None, w.data(), &g);
             assert_close(
                 &format!("direct backward_data {what}"),
                 &direct,
@@ -1201,11 +1264,11 @@ mod tests {
             for (tile, wino) in [
                 (
                     2,
-                    winograd::backward_data_with::<winograd::F2>(dy.data(), w.data(), &g),
+                    winograd::backward_data_with::<winograd::F2>(dy.data(), None, w.data(), &g),
                 ),
                 (
                     4,
-                    winograd::backward_data_with::<winograd::F4>(dy.data(), w.data(), &g),
+                    winograd::backward_data_with::<winograd::F4>(dy.data(), None, w.data(), &g),
                 ),
             ] {
                 assert_close(
@@ -1216,7 +1279,7 @@ mod tests {
                 );
             }
             f4_taken[usize::from(winograd::backward_takes_f4(&g))] = true;
-            let wino = winograd::backward_data(dy.data(), w.data(), &g);
+            let wino = winograd::backward_data(dy.data(), None, w.data(), &g);
             let public = conv2d_backward_data(&dy, &w, &c.x, c.params()).unwrap();
             assert_bitwise(&format!("dgrad's default {what}"), public.data(), &wino);
             let asked = conv2d_backward_data(&dy, &w, &c.x, c.params().direct()).unwrap();
@@ -1227,6 +1290,44 @@ mod tests {
             );
         }
         assert_eq!(f4_taken, [true, true], "dgrad took F(2x2) and F(4x4)");
+    }
+
+    #[test]
+    fn a_relu_gate_read_with_dy_gives_the_bits_of_masking_dy_first() {
+        let grouped = Case {
+            x: [3, 4, 6, 6],
+            w: [6, 2, 3, 3],
+            stride: 1,
+            pad: 1,
+        };
+        let cases = ODD_SHAPES.iter().chain(&WINOGRAD_SHAPES);
+        for (k, c) in cases.enumerate() {
+            let (_, w, _, dy) = c.data(700 + k as u64);
+            // A ReLU's output: zeros, positives, and a NaN or two.
+            let mut y = uniform(&mut rng(800 + k as u64), &c.y_shape(), -1.0, 1.0)
+                .data()
+                .iter()
+                .map(|&v| v.max(0.0))
+                .collect::<Vec<_>>();
+            y[0] = f32::NAN;
+            let y = Tensor::new(&c.y_shape(), y).unwrap();
+            let masked = super::super::elementwise::relu_backward(&dy, &y).unwrap();
+            for p in [c.params(), c.params().direct()] {
+                let want = conv2d_backward_data(&masked, &w, &c.x, p).unwrap();
+                let got = conv2d_gated_backward_data(&dy, Some(&y), &w, &c.x, p).unwrap();
+                assert_bitwise(&format!("{c:?} {p:?}"), got.data(), want.data());
+            }
+        }
+        let (_, _, _, dy) = grouped.data(9);
+        let w = uniform(&mut rng(10), &grouped.w, -1.0, 1.0);
+        let p = grouped.params().with_groups(2);
+        let y = uniform(&mut rng(11), dy.shape(), -1.0, 1.0);
+        let masked = super::super::elementwise::relu_backward(&dy, &y).unwrap();
+        let want = conv2d_backward_data(&masked, &w, &grouped.x, p).unwrap();
+        let got = conv2d_gated_backward_data(&dy, Some(&y), &w, &grouped.x, p).unwrap();
+        assert_bitwise("grouped", got.data(), want.data());
+        let wrong = Tensor::zeros(&[1, 1, 1, 1]);
+        assert!(conv2d_gated_backward_data(&dy, Some(&wrong), &w, &grouped.x, p).is_err());
     }
 
     #[test]
@@ -1258,7 +1359,7 @@ mod tests {
             };
             let backward = |dy: &Tensor| {
                 let g = geom(dy.shape()[0]);
-                let dx = winograd::backward_data(dy.data(), w.data(), &g);
+                let dx = winograd::backward_data(dy.data(), None, w.data(), &g);
                 Tensor::new(&[g.n, g.c, g.h, g.w], dx).unwrap()
             };
             for f4 in [false, true] {

@@ -6,37 +6,43 @@ use super::{expect_shape, ELEMENTWISE_CHUNK};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// `out[i] = f(a[i], b[i])` in parallel chunks.
+/// `out[i] = f(a[i], b[i])` in parallel chunks, collected straight into
+/// the output (zeroing it first would cost a pass of its own).
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = vec![0.0f32; a.len()];
-    out.par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(a.par_chunks(ELEMENTWISE_CHUNK))
-        .zip(b.par_chunks(ELEMENTWISE_CHUNK))
-        .for_each(|((o, a), b)| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
-    out
+    a.par_iter()
+        .zip(b)
+        .with_min_len(ELEMENTWISE_CHUNK)
+        .map(|(&a, &b)| f(a, b))
+        .collect()
 }
 
 /// `max(x, 0)`; a NaN stays NaN, as in PyTorch.
 pub(super) fn relu(x: &Tensor) -> Result<Tensor> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(x.data().par_chunks(ELEMENTWISE_CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &v) in y.iter_mut().zip(x) {
-                *y = if v <= 0.0 { 0.0 } else { v };
-            }
-        });
+    let y = x
+        .data()
+        .par_iter()
+        .with_min_len(ELEMENTWISE_CHUNK)
+        .map(|&v| if v <= 0.0 { 0.0 } else { v })
+        .collect();
     Tensor::new(x.shape(), y)
+}
+
+/// The ReLU's gradient at one element: `g` where its output `y` is
+/// positive, else 0 (a NaN output passes nothing). Also applied by the
+/// backward-data paths that take the ReLU's gate as they read `dY`.
+#[inline(always)]
+pub(super) fn relu_gate(g: f32, y: f32) -> f32 {
+    if y > 0.0 {
+        g
+    } else {
+        0.0
+    }
 }
 
 /// `dy` where the ReLU's output `y` is positive, else 0.
 pub(super) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     expect_shape("y", y, dy.shape())?;
-    let dx = zip_map(dy.data(), y.data(), |g, v| if v > 0.0 { g } else { 0.0 });
+    let dx = zip_map(dy.data(), y.data(), relu_gate);
     Tensor::new(dy.shape(), dx)
 }
 

@@ -1,13 +1,14 @@
 //! Fully connected layers: `y = x W^T + b` and its gradients.
 //!
-//! The forward and input-gradient products run one row at a time: gemm picks
-//! its blocking (and so its summation order) from the matrix shape, so a
-//! whole-batch product could round row `i` differently for different batch
-//! sizes. A row-by-row product has one shape whatever the batch.
+//! The forward and input-gradient products are those of a 1x1 convolution
+//! over 1x1 images (`conv::fully_connected`): packed filters and one
+//! in-order chain per output, so a row gets the same bits in any batch. (A
+//! gemm product picks its blocking, and so its summation order, from the
+//! matrix shape; run row by row it re-read the weights once per row.)
 
 use rayon::prelude::*;
 
-use super::{dims2, expect_shape, matmul, MatRef};
+use super::{conv, dims2, expect_shape, matmul, MatRef};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -25,17 +26,15 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
     if let Some(b) = bias {
         expect_shape("bias", b, &[o])?;
     }
-    let mut y = vec![0.0f32; n * o];
-    if o > 0 {
-        let wt = MatRef::row_major(w.data(), o, k).t();
-        y.par_chunks_mut(o).enumerate().for_each(|(i, y_row)| {
-            let x_row = MatRef::row_major(&x.data()[i * k..(i + 1) * k], 1, k);
-            matmul(y_row, x_row, wt, false);
-            if let Some(b) = bias {
-                y_row.iter_mut().zip(b.data()).for_each(|(v, b)| *v += b);
-            }
-        });
-    }
+    let y = if n == 0 || o == 0 {
+        vec![0.0f32; n * o]
+    } else if k == 0 {
+        // An empty sum: the bias alone.
+        let b = bias.map_or(vec![0.0; o], |b| b.data().to_vec());
+        b.repeat(n)
+    } else {
+        conv::fully_connected(x.data(), w.data(), bias.map(Tensor::data), [n, k, o])
+    };
     Tensor::new(&[n, o], y)
 }
 
@@ -46,14 +45,11 @@ pub(super) fn linear_backward_data(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     if wo != o {
         return Err(Error::shape("w", &[o, k], w.shape()));
     }
-    let mut dx = vec![0.0f32; n * k];
-    if k > 0 {
-        let wm = MatRef::row_major(w.data(), o, k);
-        dx.par_chunks_mut(k).enumerate().for_each(|(i, dx_row)| {
-            let dy_row = MatRef::row_major(&dy.data()[i * o..(i + 1) * o], 1, o);
-            matmul(dx_row, dy_row, wm, false);
-        });
-    }
+    let dx = if n == 0 || k == 0 || o == 0 {
+        vec![0.0f32; n * k]
+    } else {
+        conv::fully_connected_backward_data(dy.data(), w.data(), [n, k, o])
+    };
     Tensor::new(&[n, k], dx)
 }
 

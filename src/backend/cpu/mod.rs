@@ -209,13 +209,7 @@ impl Backend for CpuBackend {
         x_shape: &[usize],
         p: ConvParams,
     ) -> Result<Tensor> {
-        match relu_y {
-            Some(y) => {
-                let masked = elementwise::relu_backward(dy, y)?;
-                conv::conv2d_backward_data(&masked, w, x_shape, p)
-            }
-            None => conv::conv2d_backward_data(dy, w, x_shape, p),
-        }
+        conv::conv2d_gated_backward_data(dy, relu_y, w, x_shape, p)
     }
 
     fn fold_bn(
@@ -473,6 +467,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The transpose, sharing the data.
+    #[cfg(test)]
     fn t(self) -> Self {
         MatRef {
             data: self.data,

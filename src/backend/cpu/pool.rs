@@ -43,6 +43,41 @@ impl Geom {
     }
 }
 
+impl Geom {
+    /// Whether every window is the whole 2x2 block at `(2 oh, 2 ow)`:
+    /// `MaxPool2d(2)` with no padding and no partial last window, the
+    /// common case, which takes a walk without window arithmetic.
+    fn is_pairs(&self) -> bool {
+        let p = self.p;
+        p.kernel == 2
+            && p.stride == 2
+            && p.pad == 0
+            && 2 * self.oh <= self.h
+            && 2 * self.ow <= self.w
+    }
+
+    /// The two input rows under output row `oh` of an [`Geom::is_pairs`]
+    /// pool, cut to the `2 ow` columns its windows cover.
+    fn row_pair<'a>(&self, plane: &'a [f32], oh: usize) -> (&'a [f32], &'a [f32]) {
+        let top = &plane[2 * oh * self.w..][..2 * self.w];
+        let (top, bottom) = top.split_at(self.w);
+        (&top[..2 * self.ow], &bottom[..2 * self.ow])
+    }
+}
+
+/// [`Geom::argmax`] of one 2x2 window in row-major order: the position
+/// (0..4) and value of its first maximum, or of its last NaN.
+#[inline(always)]
+fn first_max4(v: [f32; 4]) -> (usize, f32) {
+    let mut best = (0, v[0]);
+    for (k, &x) in v.iter().enumerate().skip(1) {
+        // `|`, not `||`: no branch on data, whose outcomes are random.
+        let take = (x > best.1) | x.is_nan();
+        best = (if take { k } else { best.0 }, if take { x } else { best.1 });
+    }
+    best
+}
+
 /// Runs `f(input plane, output plane)` over every (image, channel) pair.
 fn per_plane(
     input: &[f32],
@@ -63,12 +98,9 @@ fn per_plane(
 pub(super) fn max_pool2d(x: &Tensor, p: PoolParams) -> Result<Tensor> {
     let g = Geom::new(x.shape(), p)?;
     let mut y = vec![0.0f32; g.n * g.c * g.oh * g.ow];
+    let plane = if g.is_pairs() { pairs_max } else { walk_max };
     per_plane(x.data(), g.h * g.w, &mut y, g.oh * g.ow, |xp, yp| {
-        for oh in 0..g.oh {
-            for ow in 0..g.ow {
-                yp[oh * g.ow + ow] = g.argmax(xp, oh, ow).1;
-            }
-        }
+        plane(&g, xp, yp)
     });
     Tensor::new(&g.out_shape(), y)
 }
@@ -79,19 +111,67 @@ pub(super) fn max_pool2d_backward(x: &Tensor, dy: &Tensor, p: PoolParams) -> Res
     expect_shape("dy", dy, &g.out_shape())?;
     let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
     let mut dx = vec![0.0f32; x.len()];
+    let plane = if g.is_pairs() {
+        pairs_max_backward
+    } else {
+        walk_max_backward
+    };
     if out_plane > 0 {
         dx.par_chunks_mut(in_plane)
             .zip(x.data().par_chunks(in_plane))
             .zip(dy.data().par_chunks(out_plane))
-            .for_each(|((dxp, xp), dyp)| {
-                for oh in 0..g.oh {
-                    for ow in 0..g.ow {
-                        dxp[g.argmax(xp, oh, ow).0] += dyp[oh * g.ow + ow];
-                    }
-                }
-            });
+            .for_each(|((dxp, xp), dyp)| plane(&g, xp, dyp, dxp));
     }
     Tensor::new(x.shape(), dx)
+}
+
+/// One plane of [`max_pool2d`], window by window.
+fn walk_max(g: &Geom, xp: &[f32], yp: &mut [f32]) {
+    for oh in 0..g.oh {
+        for ow in 0..g.ow {
+            yp[oh * g.ow + ow] = g.argmax(xp, oh, ow).1;
+        }
+    }
+}
+
+/// One plane of [`max_pool2d_backward`], window by window, into a zeroed
+/// `dxp` (overlapping windows add up).
+fn walk_max_backward(g: &Geom, xp: &[f32], dyp: &[f32], dxp: &mut [f32]) {
+    for oh in 0..g.oh {
+        for ow in 0..g.ow {
+            dxp[g.argmax(xp, oh, ow).0] += dyp[oh * g.ow + ow];
+        }
+    }
+}
+
+/// [`walk_max`] for a [`Geom::is_pairs`] pool: a row pair at a time, with
+/// no window arithmetic.
+fn pairs_max(g: &Geom, xp: &[f32], yp: &mut [f32]) {
+    for (oh, yr) in yp.chunks_exact_mut(g.ow).enumerate() {
+        let (top, bottom) = g.row_pair(xp, oh);
+        let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (y, (t, b)) in yr.iter_mut().zip(windows) {
+            *y = first_max4([t[0], t[1], b[0], b[1]]).1;
+        }
+    }
+}
+
+/// [`walk_max_backward`] for a [`Geom::is_pairs`] pool. The windows do not
+/// overlap, so each covered input is written once, the gradient or 0.
+fn pairs_max_backward(g: &Geom, xp: &[f32], dyp: &[f32], dxp: &mut [f32]) {
+    for (oh, dyr) in dyp.chunks_exact(g.ow).enumerate() {
+        let (top, bottom) = g.row_pair(xp, oh);
+        let (dtop, dbottom) = dxp[2 * oh * g.w..][..2 * g.w].split_at_mut(g.w);
+        let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        let grads = dtop.chunks_exact_mut(2).zip(dbottom.chunks_exact_mut(2));
+        for ((&d, (t, b)), (dt, db)) in dyr.iter().zip(windows).zip(grads) {
+            let k = first_max4([t[0], t[1], b[0], b[1]]).0;
+            dt[0] = if k == 0 { d } else { 0.0 };
+            dt[1] = if k == 1 { d } else { 0.0 };
+            db[0] = if k == 2 { d } else { 0.0 };
+            db[1] = if k == 3 { d } else { 0.0 };
+        }
+    }
 }
 
 impl Geom {
@@ -358,6 +438,40 @@ mod tests {
             0., 0., 0., 4.,
         ];
         assert_eq!(dx.data(), &want);
+    }
+
+    #[test]
+    fn the_2x2_walk_gives_the_general_walks_bits_with_ties_nans_and_odd_extents() {
+        let mut r = rng(9);
+        for (h, w) in [(4, 4), (5, 6), (7, 5), (2, 3), (28, 28)] {
+            let shape = [2, 3, h, w];
+            // Values from a few levels, so windows tie, with some NaNs.
+            let levels = uniform(&mut r, &shape, 0.0, 4.0);
+            let mut x = levels.data().iter().map(|v| v.floor()).collect::<Vec<_>>();
+            for i in (0..x.len()).step_by(7) {
+                x[i] = f32::NAN;
+            }
+            let x = Tensor::new(&shape, x).unwrap();
+            let g = Geom::new(&shape, pp(2, 2, 0)).unwrap();
+            assert!(g.is_pairs(), "{shape:?}");
+            let dy = uniform(&mut r, &g.out_shape(), -1.0, 1.0);
+            let (planes, ip, op) = (2 * 3, h * w, g.oh * g.ow);
+            let (mut y_walk, mut dx_walk) = (vec![0.0; planes * op], vec![0.0; planes * ip]);
+            for k in 0..planes {
+                let xp = &x.data()[k * ip..][..ip];
+                walk_max(&g, xp, &mut y_walk[k * op..][..op]);
+                let dyp = &dy.data()[k * op..][..op];
+                walk_max_backward(&g, xp, dyp, &mut dx_walk[k * ip..][..ip]);
+            }
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let y = max_pool2d(&x, pp(2, 2, 0)).unwrap();
+            assert_eq!(bits(y.data()), bits(&y_walk), "forward {shape:?}");
+            let dx = max_pool2d_backward(&x, &dy, pp(2, 2, 0)).unwrap();
+            assert_eq!(bits(dx.data()), bits(&dx_walk), "backward {shape:?}");
+        }
+        // Ceil mode with an odd extent has a partial last window: not pairs.
+        let g = Geom::new(&[1, 1, 5, 5], pp(2, 2, 0).with_ceil_mode(true)).unwrap();
+        assert!(!g.is_pairs());
     }
 
     #[test]

@@ -209,7 +209,7 @@ pub(super) fn forward<V: Variant>(
         ow: g.ow,
     };
     let u = transformed_filters::<V>(w, s.o, s.c, false);
-    conv::<V>(x, &u, &s, epi)
+    conv::<V>(x, None, &u, &s, epi)
 }
 
 /// The shape of [`backward_data`]'s convolution.
@@ -236,20 +236,26 @@ pub(super) fn backward_takes_f4(g: &ConvGeom) -> bool {
 
 /// The input gradient of the forward convolution (see [`applies`]): a
 /// Winograd convolution of `dy` by the flipped, channel-swapped filter,
-/// with the variant of fewer products.
-pub(super) fn backward_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+/// with the variant of fewer products. With a `gate` (a ReLU's output,
+/// shaped as `dy`), `dy` passes it as the input transform reads it.
+pub(super) fn backward_data(dy: &[f32], gate: Option<&[f32]>, w: &[f32], g: &ConvGeom) -> Vec<f32> {
     if backward_takes_f4(g) {
-        backward_data_with::<F4>(dy, w, g)
+        backward_data_with::<F4>(dy, gate, w, g)
     } else {
-        backward_data_with::<F2>(dy, w, g)
+        backward_data_with::<F2>(dy, gate, w, g)
     }
 }
 
 /// [`backward_data`] with the variant `V`.
-pub(super) fn backward_data_with<V: Variant>(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub(super) fn backward_data_with<V: Variant>(
+    dy: &[f32],
+    gate: Option<&[f32]>,
+    w: &[f32],
+    g: &ConvGeom,
+) -> Vec<f32> {
     let s = adjoint_shape(g);
     let u = transformed_filters::<V>(w, g.o, g.c, true);
-    conv::<V>(dy, &u, &s, &NO_EPILOGUE)
+    conv::<V>(dy, gate, &u, &s, &NO_EPILOGUE)
 }
 
 /// [`filter_transform`] through the filter cache.
@@ -323,7 +329,14 @@ fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) ->
 /// Runs the convolution of `x` by the transformed filters `u`: tasks take a
 /// range of tiles (of all images, side by side) and a range of output
 /// channels.
-fn conv<V: Variant>(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> Vec<f32> {
+/// `x` passes `gate` (see [`backward_data`]) where one is given.
+fn conv<V: Variant>(
+    x: &[f32],
+    gate: Option<&[f32]>,
+    u: &[PackedA],
+    s: &Shape,
+    epi: &Epilogue<'_>,
+) -> Vec<f32> {
     let aa = V::A * V::A;
     let (th, tw) = s.tiles(V::T);
     let per_image = th * tw;
@@ -357,7 +370,7 @@ fn conv<V: Variant>(x: &[f32], u: &[PackedA], s: &Shape, epi: &Epilogue<'_>) -> 
         let width = tiles.len().div_ceil(NR) * NR;
         let prows = part.len() * MR;
         with_scratch([aa * s.c * width, aa * prows * ld], |[v, m]| {
-            input_transform::<V>(x, s, tiles.clone(), v);
+            input_transform::<V>(x, gate, s, tiles.clone(), v);
             for xi in 0..aa {
                 chain_gemm::gemm(
                     &u[xi],
@@ -390,7 +403,15 @@ type Lane = [f32; NR];
 /// The row step runs along whole padded input rows of a tile row; the
 /// column step gathers a panel's [`NR`] tiles into lanes and stores each
 /// result as one whole panel row.
-fn input_transform<V: Variant>(x: &[f32], s: &Shape, tiles: std::ops::Range<usize>, v: &mut [f32]) {
+/// With a `gate` (shaped as `x`), each input passes
+/// [`relu_gate`](super::elementwise::relu_gate) as it is read.
+fn input_transform<V: Variant>(
+    x: &[f32],
+    gate: Option<&[f32]>,
+    s: &Shape,
+    tiles: std::ops::Range<usize>,
+    v: &mut [f32],
+) {
     let (a, tt) = (V::A, V::T);
     let (th, tw) = s.tiles(tt);
     let per_image = th * tw;
@@ -419,7 +440,9 @@ fn input_transform<V: Variant>(x: &[f32], s: &Shape, tiles: std::ops::Range<usiz
             let (img, r) = (tile / per_image, tile % per_image);
             let (ty, tx0) = (r / tw, r % tw);
             let tx1 = tw.min(tx0 + tiles.end - tile);
-            let plane = &x[(img * s.c + ci) * s.h * s.w..][..s.h * s.w];
+            let at = (img * s.c + ci) * s.h * s.w;
+            let plane = &x[at..][..s.h * s.w];
+            let gate = gate.map(|y| &y[at..][..s.h * s.w]);
             for (k, row) in rows.chunks_exact_mut(span).enumerate() {
                 row.fill(0.0);
                 let ih = (tt * ty + k) as isize - s.pad as isize;
@@ -430,7 +453,16 @@ fn input_transform<V: Variant>(x: &[f32], s: &Shape, tiles: std::ops::Range<usiz
                 // Columns of the padded row: input column `iw` sits at
                 // `iw + pad`; columns past `span` are never read.
                 let n = s.w.min(span.saturating_sub(s.pad));
-                row[s.pad..s.pad + n].copy_from_slice(&src[..n]);
+                let dst = &mut row[s.pad..s.pad + n];
+                match gate {
+                    Some(gate) => {
+                        let y = &gate[ih as usize * s.w..][..n];
+                        for ((d, &v), &y) in dst.iter_mut().zip(&src[..n]).zip(y) {
+                            *d = super::elementwise::relu_gate(v, y);
+                        }
+                    }
+                    None => dst.copy_from_slice(&src[..n]),
+                }
             }
             row_step::<V>(&rows, &mut t, span);
             for tx in tx0..tx1 {
