@@ -433,8 +433,12 @@ fn forward_dense(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f32>
 /// whole panels, so they take stride-1 kernels of more than one tap where
 /// the wasted products cost less than the unfolding: fewer than
 /// `WINDOW_WASTE / O` of the columns wasted.
+///
+/// A 1x1 kernel's unfolding is only a copy of the input, so it takes the
+/// windows only without padding, where they read the input itself and
+/// copy nothing (see [`forward_windows`]).
 fn windows_pay(g: &Geom) -> bool {
-    if !g.is_dense() || g.stride != 1 || g.kh * g.kw < 2 {
+    if !g.is_dense() || g.stride != 1 || (g.kh * g.kw < 2 && g.pad > 0) {
         return false;
     }
     let (pos, per_image) = (g.positions(), window_columns(g));
@@ -475,16 +479,7 @@ fn forward_windows(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f3
         .collect();
     // The last panels read past the last image (into columns dropped).
     let len = (panels.last().copied().unwrap_or(0) + rows[k - 1] + NR).max(g.n * image);
-    with_scratch([len], |[xp]| {
-        let p = g.pad;
-        let pad = Pad2d {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        };
-        layout::pad_planes(x, (g.h, g.w), pad, &mut xp[..g.n * image]);
-        xp[g.n * image..].fill(0.0);
+    let run = |xp: &[f32]| {
         let windows = chain_gemm::Windows::new(xp, &rows, &panels);
         let task = ForwardTask {
             cols,
@@ -496,6 +491,23 @@ fn forward_windows(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f3
             pieces: |cols| kept_columns(g, cols, per_image),
         };
         forward_tasks(w, g, &task, epi)
+    };
+    if g.pad == 0 && len <= x.len() {
+        // Whole panels per image and nothing to pad (a 1x1 kernel over
+        // 16, 64, 256 or 1024 pixels, say): the input is its own windows.
+        return run(x);
+    }
+    with_scratch([len], |[xp]| {
+        let p = g.pad;
+        let pad = Pad2d {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        };
+        layout::pad_planes(x, (g.h, g.w), pad, &mut xp[..g.n * image]);
+        xp[g.n * image..].fill(0.0);
+        run(xp)
     })
 }
 
@@ -1114,20 +1126,20 @@ mod tests {
 
     #[test]
     fn the_forward_over_windows_gives_the_unfolded_forwards_bits() {
-        // Every stride-1 odd shape with more than one tap, plus a batch
-        // whose panels straddle images and rows at 28 wide and one with
-        // more rows of filters than one task's blocks: with bias, residual
-        // and ReLU, each output must be the same chain, bit for bit.
+        // Every stride-1 odd shape, plus a batch whose panels straddle
+        // images and rows at 28 wide, one with more rows of filters than
+        // one task's blocks, and 1x1 kernels over whole panels (read in
+        // place) and not (copied): with bias, residual and ReLU, each
+        // output must be the same chain, bit for bit.
         let extra = [
             case([3, 4, 28, 28], [10, 4, 3, 3], 1, 1),
             case([2, 3, 5, 21], [70, 3, 3, 5], 1, 2),
+            case([3, 20, 4, 4], [24, 20, 1, 1], 1, 0),
+            case([3, 20, 5, 5], [24, 20, 1, 1], 1, 0),
         ];
         let shapes = ODD_SHAPES.iter().chain(&extra);
         let mut tried = 0;
-        for (k, c) in shapes
-            .filter(|c| c.stride == 1 && c.w[2] * c.w[3] > 1)
-            .enumerate()
-        {
+        for (k, c) in shapes.filter(|c| c.stride == 1).enumerate() {
             let (x, w, b, res) = c.data(40 + k as u64);
             let g = Geom::new(&c.x, &c.w, c.params()).unwrap();
             for (bias, residual, relu) in [(None, None, false), (Some(&b), Some(&res), true)] {
@@ -1145,7 +1157,7 @@ mod tests {
             }
             tried += 1;
         }
-        assert!(tried >= 8, "only {tried} shapes");
+        assert!(tried >= 12, "only {tried} shapes");
     }
 
     #[test]
@@ -1162,8 +1174,18 @@ mod tests {
         assert!(!windows_pay(
             &geom([8, 32, 28, 28], [32, 32, 3, 3], 2).unwrap()
         ));
+        // 1x1: never with padding (the windows would copy the input as
+        // the unfolding does), and without it where the images are whole
+        // panels.
         assert!(!windows_pay(
             &geom([8, 32, 28, 28], [32, 32, 1, 1], 1).unwrap()
+        ));
+        let unpadded = |x: [usize; 4], w: [usize; 4]| Geom::new(&x, &w, ConvParams::new(1, 0));
+        assert!(windows_pay(
+            &unpadded([8, 256, 8, 8], [64, 256, 1, 1]).unwrap()
+        ));
+        assert!(windows_pay(
+            &unpadded([8, 64, 4, 4], [512, 64, 1, 1]).unwrap()
         ));
     }
 
