@@ -15,9 +15,13 @@
 #   MODELS        fwd+bwd-to-input plan, `ARCH[:CxHxW]:N;..` (default below)
 #   SEARCH        batched search plan, `ARCH[:CxHxW]:S,S..;..` (default below)
 #   TRAIN         training plan, `ARCH[:CxHxW]:N;..` (default below)
+#   ROUNDS        rounds of (cwp, PyTorch), alternating (default: 1)
 #
 # Absolute speeds move with the host's load; the ratios, measured in the same
-# run, are the figures to quote.
+# run, are the figures to quote. On a shared host whose speed drifts over
+# minutes, take several rounds: each ratio is then the median of the rounds'
+# ratios (each round's cwp figure over the same round's PyTorch figure), with
+# their range, and the speeds shown are the rounds' medians.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,48 +55,75 @@ models="${MODELS:-smallcnn:128;resnet18:32;resnet50:16;preact_resnet18:32;vgg16:
 search="${SEARCH:-smallcnn:1,10,20;resnet18:1,10;resnet50:1,8;resnet50_imagenet:3x224x224:1,4}"
 train="${TRAIN:-smallcnn:128;resnet18:32}"
 
-echo "cwp bench on $threads threads..." >&2
-"$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs none \
-    --seconds "$secs" --json "$out/cwp.json" >"$out/cwp.txt"
-echo "PyTorch baseline on $threads threads..." >&2
-"$py" "$root/benches/pytorch_baseline.py" "$out/cwp.json" "$out/torch.json" \
-    --device cpu --seconds "$secs" --zoo "$root/tests/fixtures" >"$out/torch.txt"
+rounds="${ROUNDS:-1}"
+pairs=()
+for r in $(seq "$rounds"); do
+    echo "round $r of $rounds: cwp bench on $threads threads..." >&2
+    "$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs none \
+        --seconds "$secs" --json "$out/cwp-$r.json" >"$out/cwp-$r.txt"
+    echo "round $r of $rounds: PyTorch baseline on $threads threads..." >&2
+    "$py" "$root/benches/pytorch_baseline.py" "$out/cwp-$r.json" "$out/torch-$r.json" \
+        --device cpu --seconds "$secs" --zoo "$root/tests/fixtures" >"$out/torch-$r.txt"
+    pairs+=("$out/cwp-$r.json" "$out/torch-$r.json")
+done
 
-"$py" - "$out/cwp.json" "$out/torch.json" <<'EOF'
-import json, sys
+"$py" - "${pairs[@]}" <<'EOF'
+import json, statistics, sys
 
-cwp = json.load(open(sys.argv[1]))
-torch = json.load(open(sys.argv[2]))
-print(f"cwp vs PyTorch {torch.get('torch', '?')} on the CPU (ratios > 1: cwp is faster)")
+rounds = [(json.load(open(c)), json.load(open(t))) for c, t in zip(sys.argv[1::2], sys.argv[2::2])]
+print(f"cwp vs PyTorch {rounds[0][1].get('torch', '?')} on the CPU (ratios > 1: cwp is faster"
+      + (f"; medians of {len(rounds)} alternating rounds, range in brackets)" if len(rounds) > 1 else ")"))
 print()
 print("| workload | cwp | PyTorch | cwp / PyTorch |")
 print("|---|---|---|---|")
+
+
+def ratio(rs):
+    """The median ratio, with the rounds' range when there are several."""
+    if not rs:
+        return "-"
+    med = f"{statistics.median(rs):.2f}x"
+    return med if len(rs) == 1 else f"{med} [{min(rs):.2f}-{max(rs):.2f}]"
+
+
 def per_image(kind, label):
     """Rows of an images/s section: cwp against PyTorch on the same model and batch."""
-    tm = {(m["arch"], tuple(m["input"]), m["batch"]): m for m in torch.get(kind, [])}
-    for m in cwp.get(kind, []):
-        t = tm.get((m["arch"], tuple(m["input"]), m["batch"]))
+    for i, m in enumerate(rounds[0][0].get(kind, [])):
+        key = (m["arch"], tuple(m["input"]), m["batch"])
         name = f"{label}, {m['arch']} {'x'.join(map(str, m['input']))} b{m['batch']}"
-        if not t or "images_per_s" not in t:
-            print(f"| {name} | {m['images_per_s']:.1f} img/s | (failed) | - |")
+        ours, theirs, rs = [], [], []
+        for cwp, torch in rounds:
+            c = cwp[kind][i]["images_per_s"]
+            t = {(x["arch"], tuple(x["input"]), x["batch"]): x for x in torch.get(kind, [])}.get(key)
+            ours.append(c)
+            if t and "images_per_s" in t:
+                theirs.append(t["images_per_s"])
+                rs.append(c / t["images_per_s"])
+        if not theirs:
+            print(f"| {name} | {statistics.median(ours):.1f} img/s | (failed) | - |")
             continue
-        r = m["images_per_s"] / t["images_per_s"]
-        print(f"| {name} | {m['images_per_s']:.1f} img/s | {t['images_per_s']:.1f} img/s | {r:.2f}x |")
+        print(f"| {name} | {statistics.median(ours):.1f} img/s | "
+              f"{statistics.median(theirs):.1f} img/s | {ratio(rs)} |")
 
 
 per_image("models", "fwd+bwd-to-input")
-ts = {(s["arch"], tuple(s["input"]), s["searches"]): s for s in torch["search"]}
-for s in cwp["search"]:
+for i, s in enumerate(rounds[0][0]["search"]):
     key = (s["arch"], tuple(s["input"]))
-    authors = ts.get(key + (1,))
-    same = ts.get(key + (s["searches"],))
     name = f"search, {s['arch']} {'x'.join(map(str, s['input']))} S={s['searches']}"
-    per = s["search_steps_per_s"]
-    vs_authors = f"{per / authors['search_steps_per_s']:.2f}x" if authors else "-"
-    vs_same = f"{per / same['search_steps_per_s']:.2f}x" if same else "-"
-    print(f"| {name} (per search; vs PyTorch batched alike) | {per:.1f} steps/s | "
-          f"{authors['search_steps_per_s'] if authors else float('nan'):.1f} steps/s (authors' loop) | "
-          f"{vs_authors} ({vs_same}) |")
+    ours, authors_rate, vs_authors, vs_same = [], [], [], []
+    for cwp, torch in rounds:
+        ts = {(x["arch"], tuple(x["input"]), x["searches"]): x for x in torch["search"]}
+        per = cwp["search"][i]["search_steps_per_s"]
+        ours.append(per)
+        authors, same = ts.get(key + (1,)), ts.get(key + (s["searches"],))
+        if authors:
+            authors_rate.append(authors["search_steps_per_s"])
+            vs_authors.append(per / authors["search_steps_per_s"])
+        if same:
+            vs_same.append(per / same["search_steps_per_s"])
+    theirs = f"{statistics.median(authors_rate):.1f}" if authors_rate else "nan"
+    print(f"| {name} (per search; vs PyTorch batched alike) | {statistics.median(ours):.1f} steps/s | "
+          f"{theirs} steps/s (authors' loop) | {ratio(vs_authors)} ({ratio(vs_same)}) |")
 per_image("train", "training")
 EOF
-echo "(raw reports: $out/cwp.json, $out/torch.json)" >&2
+echo "(raw reports: $out/cwp-*.json, $out/torch-*.json)" >&2
