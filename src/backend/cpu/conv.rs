@@ -435,11 +435,14 @@ fn forward_dense(x: &[f32], w: &[f32], epi: &Epilogue<'_>, g: &Geom) -> Vec<f32>
 /// `WINDOW_WASTE / O` of the columns wasted.
 ///
 /// A 1x1 kernel's unfolding is only a copy of the input, so it takes the
-/// windows only without padding, where they read the input itself and
-/// copy nothing (see [`forward_windows`]).
+/// windows only where they waste nothing and read the input itself: no
+/// padding, and images of whole panels (see [`forward_windows`]).
 fn windows_pay(g: &Geom) -> bool {
-    if !g.is_dense() || g.stride != 1 || (g.kh * g.kw < 2 && g.pad > 0) {
+    if !g.is_dense() || g.stride != 1 {
         return false;
+    }
+    if g.kh * g.kw < 2 {
+        return g.pad == 0 && g.positions().is_multiple_of(NR);
     }
     let (pos, per_image) = (g.positions(), window_columns(g));
     (per_image - pos) * g.o < WINDOW_WASTE * pos
@@ -1186,6 +1189,9 @@ mod tests {
         ));
         assert!(windows_pay(
             &unpadded([8, 64, 4, 4], [512, 64, 1, 1]).unwrap()
+        ));
+        assert!(!windows_pay(
+            &unpadded([8, 64, 7, 7], [16, 64, 1, 1]).unwrap()
         ));
     }
 

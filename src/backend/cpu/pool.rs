@@ -41,9 +41,7 @@ impl Geom {
         }
         best
     }
-}
 
-impl Geom {
     /// Whether every window is the whole 2x2 block at `(2 oh, 2 ow)`:
     /// `MaxPool2d(2)` with no padding and no partial last window, the
     /// common case, which takes a walk without window arithmetic.
@@ -71,9 +69,9 @@ impl Geom {
 fn first_max4(v: [f32; 4]) -> (usize, f32) {
     let mut best = (0, v[0]);
     for (k, &x) in v.iter().enumerate().skip(1) {
-        // `|`, not `||`: no branch on data, whose outcomes are random.
-        let take = (x > best.1) | x.is_nan();
-        best = (if take { k } else { best.0 }, if take { x } else { best.1 });
+        if x > best.1 || x.is_nan() {
+            best = (k, x);
+        }
     }
     best
 }
