@@ -370,6 +370,16 @@ pub trait Backend: Send + Sync {
     fn relu(&self, x: &Self::Buf) -> Result<Self::Buf>;
     /// `dy` where the ReLU's output `y` is positive, else 0.
     fn relu_backward(&self, dy: &Self::Buf, y: &Self::Buf) -> Result<Self::Buf>;
+    /// [`Backend::relu`] of a buffer the caller gives up, so a backend may
+    /// write the result over it instead of allocating another.
+    fn relu_owned(&self, x: Self::Buf) -> Result<Self::Buf> {
+        self.relu(&x)
+    }
+    /// [`Backend::relu_backward`] of a `dy` the caller gives up (see
+    /// [`Backend::relu_owned`]).
+    fn relu_backward_owned(&self, dy: Self::Buf, y: &Self::Buf) -> Result<Self::Buf> {
+        self.relu_backward(&dy, y)
+    }
     /// `a + b`, same shapes.
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
     /// `a += b` in place, same shapes (gradient accumulation).

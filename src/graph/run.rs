@@ -103,6 +103,36 @@ impl Graph {
         last
     }
 
+    /// For each node, whether it is a ReLU that may write over its input's
+    /// output (see [`Backend::relu_owned`]): nothing reads that output
+    /// after it. Without `keep` that is any input the ReLU reads last; with
+    /// it (a trace for the backward pass) the ReLU must be the input's only
+    /// reader, and the input must not read its own output in its backward
+    /// (a ReLU, or a convolution with one fused).
+    fn relu_in_place(&self, last_use: &[usize], keep: bool) -> Vec<bool> {
+        let mut readers = vec![0usize; self.nodes.len()];
+        for node in &self.nodes {
+            for &i in &node.inputs {
+                readers[i] += 1;
+            }
+        }
+        let reads_own_output = |op: &Op| matches!(op, Op::Relu | Op::FusedConv { relu: true, .. });
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(j, node)| match (&node.op, node.inputs.as_slice()) {
+                (Op::Relu, &[i]) if i != 0 => {
+                    if keep {
+                        readers[i] == 1 && !reads_own_output(&self.nodes[i].op)
+                    } else {
+                        last_use[i] == j
+                    }
+                }
+                _ => false,
+            })
+            .collect()
+    }
+
     fn run<B: Backend>(
         &self,
         be: &B,
@@ -112,10 +142,19 @@ impl Graph {
     ) -> Result<RunOutputs<B>> {
         let n = self.nodes.len();
         let last_use = self.last_use();
+        let in_place = self.relu_in_place(&last_use, keep);
         let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
         let mut bn: Vec<Option<BnSaved<B::Buf>>> = (0..n).map(|_| None).collect();
         for j in 1..n {
             let node = &self.nodes[j];
+            if in_place[j] {
+                let i = node.inputs[0];
+                let x = outs[i].take().ok_or_else(|| {
+                    Error::Msg(format!("graph: node {i} freed before node {j} read it"))
+                })?;
+                outs[j] = Some(be.relu_owned(x)?);
+                continue;
+            }
             let arg = |k: usize| -> Result<&B::Buf> {
                 let i = node.inputs[k];
                 if i == 0 {
@@ -388,7 +427,7 @@ impl Graph {
                     accumulate(&mut grads, input, dx)?;
                 }
                 Op::Relu => {
-                    let dx = be.relu_backward(&dy, out_of(j)?)?;
+                    let dx = be.relu_backward_owned(dy, out_of(j)?)?;
                     accumulate(&mut grads, input, dx)?;
                 }
                 Op::Add => {
@@ -493,4 +532,48 @@ fn gate_view<B: Backend>(be: &B, a: &B::Buf, g: &B::Buf) -> Result<B::Buf> {
         return be.reshape(g, sg);
     }
     be.reshape(g, &[sa[0], sa[1]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Builder;
+    use crate::backend::ConvParams;
+
+    #[test]
+    fn a_relu_writes_over_its_input_only_where_nothing_reads_that_input_after_it() {
+        let mut b = Builder::new("t", [2, 6, 6], 3);
+        let c = b
+            .conv(b.input(), "c", 4, 3, ConvParams::new(1, 1), true)
+            .unwrap();
+        let bn = b.bn(c, "bn");
+        // The batch norm's only reader: in place, kept or not.
+        let r1 = b.relu(bn);
+        // Reads a ReLU, whose backward needs its output: only when nothing
+        // is kept, and r1 is read again below, so not then either.
+        let r2 = b.relu(r1);
+        let s = b.add(r1, r2).unwrap();
+        // The sum's only reader: in place.
+        let r3 = b.relu(s);
+        // Reads the network's input, which the graph does not own.
+        let r4 = b.relu(b.input());
+        // The last of two readers: in place only when nothing is kept for
+        // a backward pass.
+        let c2 = b.conv(r3, "c2", 4, 3, ConvParams::new(1, 1), true).unwrap();
+        b.add(c2, r3).unwrap();
+        let r5 = b.relu(c2);
+        let g = b.finish();
+        let last = g.last_use();
+        let (kept, not_kept) = (g.relu_in_place(&last, true), g.relu_in_place(&last, false));
+        assert_eq!(
+            [r1, r2, r3, r4, r5].map(|j| (kept[j], not_kept[j])),
+            [
+                (true, true),
+                (false, false),
+                (true, true),
+                (false, false),
+                (false, true)
+            ]
+        );
+        assert!(!kept[c] && !kept[bn] && !kept[s]);
+    }
 }

@@ -620,9 +620,8 @@ pub(super) fn epilogue(y: &mut [f32], bias: Option<f32>, residual: Option<&[f32]
         y.iter_mut().zip(r).for_each(|(v, &r)| *v += r);
     }
     if relu {
-        // As `relu`: NaN stays NaN, -0 becomes 0.
         y.iter_mut()
-            .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v });
+            .for_each(|v| *v = super::elementwise::relu_value(*v));
     }
 }
 

@@ -16,13 +16,23 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> V
         .collect()
 }
 
+/// The ReLU of one value: a NaN stays NaN, -0 becomes 0.
+#[inline(always)]
+pub(super) fn relu_value(v: f32) -> f32 {
+    if v <= 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// `max(x, 0)`; a NaN stays NaN, as in PyTorch.
 pub(super) fn relu(x: &Tensor) -> Result<Tensor> {
     let y = x
         .data()
         .par_iter()
         .with_min_len(ELEMENTWISE_CHUNK)
-        .map(|&v| if v <= 0.0 { 0.0 } else { v })
+        .map(|&v| relu_value(v))
         .collect();
     Tensor::new(x.shape(), y)
 }
@@ -44,6 +54,29 @@ pub(super) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     expect_shape("y", y, dy.shape())?;
     let dx = zip_map(dy.data(), y.data(), relu_gate);
     Tensor::new(dy.shape(), dx)
+}
+
+/// [`relu`] written over `x`: no new buffer (a fresh one costs page faults
+/// or zeroing on top of the pass).
+pub(super) fn relu_in_place(mut x: Tensor) -> Tensor {
+    x.data_mut()
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = relu_value(*v)));
+    x
+}
+
+/// [`relu_backward`] written over `dy`.
+pub(super) fn relu_backward_in_place(mut dy: Tensor, y: &Tensor) -> Result<Tensor> {
+    expect_shape("y", y, dy.shape())?;
+    dy.data_mut()
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(y.data().par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|(g, y)| {
+            g.iter_mut()
+                .zip(y)
+                .for_each(|(g, &y)| *g = relu_gate(*g, y))
+        });
+    Ok(dy)
 }
 
 /// `a + b`, same shapes.
@@ -73,6 +106,25 @@ mod tests {
         let y = relu(&x).unwrap();
         assert_eq!(&y.data()[..4], &[0.0, 0.0, 0.5, 3.0]);
         assert!(y.data()[4].is_nan());
+    }
+
+    #[test]
+    fn relu_and_its_gradient_over_their_inputs_give_the_bits_of_the_copying_ops() {
+        let mut g = rng(4);
+        // Larger than one chunk, with -0, NaN and zeros among the values.
+        let mut x = uniform(&mut g, &[3, 70000], -1.0, 1.0).data().to_vec();
+        (x[0], x[1], x[2]) = (-0.0, f32::NAN, 0.0);
+        let x = Tensor::new(&[3, 70000], x).unwrap();
+        let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let y = relu(&x).unwrap();
+        assert_eq!(bits(&relu_in_place(x.clone())), bits(&y));
+        let dy = uniform(&mut g, x.shape(), -1.0, 1.0);
+        let want = relu_backward(&dy, &y).unwrap();
+        assert_eq!(
+            bits(&relu_backward_in_place(dy.clone(), &y).unwrap()),
+            bits(&want)
+        );
+        assert!(relu_backward_in_place(dy, &Tensor::zeros(&[3, 69999])).is_err());
     }
 
     #[test]

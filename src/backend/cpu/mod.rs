@@ -278,6 +278,14 @@ impl Backend for CpuBackend {
         elementwise::relu_backward(dy, y)
     }
 
+    fn relu_owned(&self, x: Tensor) -> Result<Tensor> {
+        Ok(elementwise::relu_in_place(x))
+    }
+
+    fn relu_backward_owned(&self, dy: Tensor, y: &Tensor) -> Result<Tensor> {
+        elementwise::relu_backward_in_place(dy, y)
+    }
+
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         elementwise::add(a, b)
     }
