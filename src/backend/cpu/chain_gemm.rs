@@ -447,19 +447,16 @@ pub(super) fn copy_into_panels(
         let col = j + done;
         let n = (NR - col % NR).min(src.len() - done);
         let (at, values) = (panel_index(kk, col, k), &src[done..done + n]);
-        if let Some(gate) = gate {
-            let dst = panels[at..at + n].iter_mut();
-            for ((d, &v), &y) in dst.zip(values).zip(&gate[done..done + n]) {
-                *d = super::elementwise::relu_gate(v, y);
-            }
-        } else if let (Ok(d), Ok(s)) = (
+        let gate = gate.map(|y| &y[done..done + n]);
+        if let (None, Ok(d), Ok(s)) = (
+            gate,
             <&mut [f32; NR]>::try_from(&mut panels[at..at + n]),
             <&[f32; NR]>::try_from(values),
         ) {
             // A whole panel row: one fixed-size move, not a `memcpy` call.
             *d = *s;
         } else {
-            panels[at..at + n].copy_from_slice(values);
+            super::elementwise::copy_gated(&mut panels[at..at + n], values, gate);
         }
         done += n;
     }

@@ -49,6 +49,20 @@ pub(super) fn relu_gate(g: f32, y: f32) -> f32 {
     }
 }
 
+/// Copies `src` into `dst`, through [`relu_gate`] where a `gate` (the
+/// ReLU's output beside `src`) is given: how backward-data reads `dY`.
+#[inline(always)]
+pub(super) fn copy_gated(dst: &mut [f32], src: &[f32], gate: Option<&[f32]>) {
+    match gate {
+        Some(gate) => {
+            for ((d, &v), &y) in dst.iter_mut().zip(src).zip(gate) {
+                *d = relu_gate(v, y);
+            }
+        }
+        None => dst.copy_from_slice(src),
+    }
+}
+
 /// `dy` where the ReLU's output `y` is positive, else 0.
 pub(super) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
     expect_shape("y", y, dy.shape())?;

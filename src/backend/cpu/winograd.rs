@@ -453,16 +453,8 @@ fn input_transform<V: Variant>(
                 // Columns of the padded row: input column `iw` sits at
                 // `iw + pad`; columns past `span` are never read.
                 let n = s.w.min(span.saturating_sub(s.pad));
-                let dst = &mut row[s.pad..s.pad + n];
-                match gate {
-                    Some(gate) => {
-                        let y = &gate[ih as usize * s.w..][..n];
-                        for ((d, &v), &y) in dst.iter_mut().zip(&src[..n]).zip(y) {
-                            *d = super::elementwise::relu_gate(v, y);
-                        }
-                    }
-                    None => dst.copy_from_slice(&src[..n]),
-                }
+                let gate = gate.map(|y| &y[ih as usize * s.w..][..n]);
+                super::elementwise::copy_gated(&mut row[s.pad..s.pad + n], &src[..n], gate);
             }
             row_step::<V>(&rows, &mut t, span);
             for tx in tx0..tx1 {
