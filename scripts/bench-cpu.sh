@@ -15,6 +15,9 @@
 #   MODELS        fwd+bwd-to-input plan, `ARCH[:CxHxW]:N;..` (default below)
 #   SEARCH        batched search plan, `ARCH[:CxHxW]:S,S..;..` (default below)
 #   TRAIN         training plan, `ARCH[:CxHxW]:N;..` (default below)
+#   CONVS         models whose distinct convolutions are timed one by one
+#                 (forward, backward-data, backward-filter), `ARCH[:CxHxW]:N;..`
+#                 (default below; `none` leaves them out)
 #   ROUNDS        rounds of (cwp, PyTorch), alternating (default: 1)
 #
 # Absolute speeds move with the host's load; the ratios, measured in the same
@@ -54,12 +57,13 @@ secs="${SECONDS_EACH:-2}"
 models="${MODELS:-smallcnn:128;resnet18:32;resnet50:16;preact_resnet18:32;vgg16:32;wrn28_10:8}"
 search="${SEARCH:-smallcnn:1,10,20;resnet18:1,10;resnet50:1,8;resnet50_imagenet:3x224x224:1,4}"
 train="${TRAIN:-smallcnn:128;resnet18:32}"
+convs="${CONVS:-smallcnn:128}"
 
 rounds="${ROUNDS:-1}"
 pairs=()
 for r in $(seq "$rounds"); do
     echo "round $r of $rounds: cwp bench on $threads threads..." >&2
-    "$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs none \
+    "$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs "$convs" \
         --seconds "$secs" --json "$out/cwp-$r.json" >"$out/cwp-$r.txt"
     echo "round $r of $rounds: PyTorch baseline on $threads threads..." >&2
     "$py" "$root/benches/pytorch_baseline.py" "$out/cwp-$r.json" "$out/torch-$r.json" \
@@ -125,5 +129,24 @@ for i, s in enumerate(rounds[0][0]["search"]):
     print(f"| {name} (per search; vs PyTorch batched alike) | {statistics.median(ours):.1f} steps/s | "
           f"{theirs} steps/s (authors' loop) | {ratio(vs_authors)} ({ratio(vs_same)}) |")
 per_image("train", "training")
+
+convs = rounds[0][0].get("convs", [])
+if convs:
+    print()
+    print("| convolution (count in the model) | forward | backward-data | backward-filter |")
+    print("|---|---|---|---|")
+    for i, c in enumerate(convs):
+        key = (tuple(c["x"]), tuple(c["w"]), c["stride"], c["pad"])
+        cells = []
+        for k in range(3):
+            rs = []
+            for cwp, torch in rounds:
+                t = {(tuple(x["x"]), tuple(x["w"]), x["stride"], x["pad"]): x for x in torch.get("convs", [])}.get(key)
+                if t:
+                    rs.append(cwp["convs"][i]["tflops"][k] / t["tflops"][k])
+            gf = statistics.median(cwp["convs"][i]["tflops"][k] for cwp, _ in rounds) * 1e3
+            cells.append(f"{gf:.0f} GFLOP/s, {ratio(rs)}")
+        name = f"{c['arch']} {c['w']} on {c['x']} s{c['stride']} p{c['pad']} (x{c['count']})"
+        print(f"| {name} | " + " | ".join(cells) + " |")
 EOF
 echo "(raw reports: $out/cwp-*.json, $out/torch-*.json)" >&2

@@ -45,7 +45,7 @@ pub struct BenchConfig {
     pub search: Plan,
     /// `(arch, input, batch sizes)` for training steps (train-mode BN, SGD).
     pub train: Plan,
-    /// `(arch, input, batch)` whose convolutions are timed one by one (GPU).
+    /// `(arch, input, batch)` whose convolutions are timed one by one.
     pub convs: Vec<(String, [usize; 3], usize)>,
     /// Seconds of timed repetitions per measurement (after warm-up).
     pub seconds: f64,
@@ -295,14 +295,15 @@ fn bench_cpu(
     }
     let search = search_rows(cpu, cfg, 1, &sync, progress)?;
     let train = train_rows(cpu, cfg, &sync, progress)?;
+    let (convs, conv_tflops_weighted) = conv_rows(cpu, cfg, &sync, progress)?;
     Ok(BenchReport {
         device: cpu.name(),
         fp32_peak_tflops: None,
         models,
         search,
         train,
-        convs: Vec::new(),
-        conv_tflops_weighted: None,
+        convs,
+        conv_tflops_weighted,
     })
 }
 
@@ -479,13 +480,37 @@ fn bench_gpu<D: Driver>(
     }
     let search = search_rows(gpu, cfg, GPU_WINDOW_STEPS, &sync, progress)?;
     let train = train_rows(gpu, cfg, &sync, progress)?;
+    let (convs, weighted) = conv_rows(gpu, cfg, &sync, progress)?;
+    let device = gpu.name();
+    Ok(BenchReport {
+        fp32_peak_tflops: fp32_peak(&device),
+        device,
+        models,
+        search,
+        train,
+        convs,
+        conv_tflops_weighted: weighted,
+    })
+}
+
+/// The plan's convolutions, each shape once ([`conv_layers`]), timed by
+/// [`time_conv`]; with their FLOP-weighted TFLOP/s per kernel and over all
+/// three (`None` without convolutions).
+#[allow(clippy::type_complexity)]
+fn conv_rows<B: Backend>(
+    be: &B,
+    cfg: &BenchConfig,
+    sync: &dyn Fn() -> Result<()>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<ConvRow>, Option<[f64; 4]>)> {
     let mut convs = Vec::new();
     for (arch, input, n) in &cfg.convs {
         let graph = model_graph(arch, *input)?;
         for (x_shape, w_shape, p, count) in conv_layers(&graph, *n) {
             progress(&format!("{arch} conv {w_shape:?} on {x_shape:?}"));
             convs.push(time_conv(
-                gpu,
+                be,
+                sync,
                 arch,
                 &x_shape,
                 &w_shape,
@@ -512,16 +537,7 @@ fn bench_gpu<D: Driver>(
             3.0 * total / (t[0] + t[1] + t[2]) / 1e12,
         ]
     });
-    let device = gpu.name();
-    Ok(BenchReport {
-        fp32_peak_tflops: fp32_peak(&device),
-        device,
-        models,
-        search,
-        train,
-        convs,
-        conv_tflops_weighted: weighted,
-    })
+    Ok((convs, weighted))
 }
 
 /// The distinct convolutions of a graph at batch `n`: `(x shape, w shape,
@@ -543,8 +559,10 @@ pub fn conv_layers(graph: &Graph, n: usize) -> Vec<(Vec<usize>, Vec<usize>, Conv
 }
 
 /// Times forward, backward-data and backward-filter of one convolution.
-pub fn time_conv<D: Driver>(
-    gpu: &GpuBackend<D>,
+#[allow(clippy::too_many_arguments)]
+pub fn time_conv<B: Backend>(
+    be: &B,
+    sync: &dyn Fn() -> Result<()>,
     arch: &str,
     x_shape: &[usize],
     w_shape: &[usize],
@@ -552,32 +570,31 @@ pub fn time_conv<D: Driver>(
     count: usize,
     seconds: f64,
 ) -> Result<ConvRow> {
-    let sync = || gpu.synchronize();
-    let x = gpu.upload(&Tensor::from_fn(x_shape, |i| {
+    let x = be.upload(&Tensor::from_fn(x_shape, |i| {
         ((i * 31) % 97) as f32 / 97.0 - 0.5
     }))?;
-    let w = gpu.upload(&Tensor::from_fn(w_shape, |i| {
+    let w = be.upload(&Tensor::from_fn(w_shape, |i| {
         ((i * 17) % 89) as f32 / 890.0 - 0.05
     }))?;
-    let y = gpu.conv2d(&x, &w, None, p)?;
-    let ys = y.shape().to_vec();
+    let y = be.conv2d(&x, &w, None, p)?;
+    let ys = be.shape(&y).to_vec();
     let flops = 2.0
         * (ys[0] * ys[2] * ys[3]) as f64
         * ys[1] as f64
         * (w_shape[1] * w_shape[2] * w_shape[3]) as f64;
-    let t0 = time(seconds, || gpu.conv2d(&x, &w, None, p).map(|_| ()), &sync)?;
+    let t0 = time(seconds, || be.conv2d(&x, &w, None, p).map(|_| ()), sync)?;
     let t1 = time(
         seconds,
-        || gpu.conv2d_backward_data(&y, &w, x_shape, p).map(|_| ()),
-        &sync,
+        || be.conv2d_backward_data(&y, &w, x_shape, p).map(|_| ()),
+        sync,
     )?;
     let t2 = time(
         seconds,
         || {
-            gpu.conv2d_backward_filter(&x, &y, w_shape, p, false)
+            be.conv2d_backward_filter(&x, &y, w_shape, p, false)
                 .map(|_| ())
         },
-        &sync,
+        sync,
     )?;
     Ok(ConvRow {
         arch: arch.to_string(),
@@ -647,33 +664,31 @@ pub fn format_report(r: &BenchReport) -> String {
                 .map_or(String::new(), |p| format!(" ({:.0}%)", 100.0 * t / p))
         };
         s += "\nconvolution kernels, TFLOP/s (share of the FP32 peak)\n";
+        // A CPU's figures are a fraction of a TFLOP/s: keep three digits.
+        let tf = |t: f64| {
+            let digits = if t < 1.0 { 3 } else { 1 };
+            format!("{t:.digits$}{}", pct(t))
+        };
         for c in &r.convs {
             s += &format!(
-                "{:?} on {:?} s{} p{} x{}: fwd {:.1}{} dgrad {:.1}{} wgrad {:.1}{}\n",
+                "{:?} on {:?} s{} p{} x{}: fwd {} dgrad {} wgrad {}\n",
                 c.w,
                 c.x,
                 c.stride,
                 c.pad,
                 c.count,
-                c.tflops[0],
-                pct(c.tflops[0]),
-                c.tflops[1],
-                pct(c.tflops[1]),
-                c.tflops[2],
-                pct(c.tflops[2])
+                tf(c.tflops[0]),
+                tf(c.tflops[1]),
+                tf(c.tflops[2]),
             );
         }
         if let Some(w) = r.conv_tflops_weighted {
             s += &format!(
-                "FLOP-weighted: fwd {:.1}{} dgrad {:.1}{} wgrad {:.1}{} all {:.1}{}\n",
-                w[0],
-                pct(w[0]),
-                w[1],
-                pct(w[1]),
-                w[2],
-                pct(w[2]),
-                w[3],
-                pct(w[3])
+                "FLOP-weighted: fwd {} dgrad {} wgrad {} all {}\n",
+                tf(w[0]),
+                tf(w[1]),
+                tf(w[2]),
+                tf(w[3]),
             );
         }
     }

@@ -265,7 +265,7 @@ struct BenchArgs {
     /// architectures), or `none`.
     #[arg(long)]
     train: Option<String>,
-    /// Time the convolutions of this model at this batch: `ARCH[:CxHxW]:N`, or `none`.
+    /// Time each distinct convolution of this model at this batch (forward, backward-data, backward-filter): `ARCH[:CxHxW]:N`, or `none`.
     #[arg(long)]
     convs: Option<String>,
     /// Seconds of timed repetitions per figure.

@@ -132,3 +132,56 @@ fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
     assert!(!o.status.success());
     assert!(msg.contains("--train"), "{msg}");
 }
+
+/// `cwp bench --convs` on the CPU times each distinct convolution of the
+/// model once (forward, backward-data, backward-filter), with how many
+/// layers share its shape, so a run can be set beside PyTorch's per layer.
+#[test]
+fn cwp_bench_times_each_distinct_convolution_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["bench", "--device", "cpu", "--models", "none"])
+        .args(["--search", "none", "--train", "none"])
+        .args(["--convs", "smallcnn:2", "--seconds", "0.02", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("convolution kernels"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["convs"].as_array().unwrap();
+    let filters: Vec<Vec<u64>> = rows
+        .iter()
+        .map(|r| {
+            let w = r["w"].as_array().unwrap();
+            w.iter().map(|v| v.as_u64().unwrap()).collect()
+        })
+        .collect();
+    // smallcnn: conv1..conv4, each its own shape.
+    assert_eq!(
+        filters,
+        [
+            [32, 1, 3, 3],
+            [32, 32, 3, 3],
+            [64, 32, 3, 3],
+            [64, 64, 3, 3]
+        ]
+    );
+    for r in rows {
+        assert_eq!(r["x"][0].as_u64(), Some(2), "{r}");
+        assert_eq!(r["count"].as_u64(), Some(1), "{r}");
+        for t in r["tflops"].as_array().unwrap() {
+            let t = t.as_f64().unwrap();
+            assert!(t.is_finite() && t > 0.0, "{r}");
+        }
+    }
+    let weighted = report["conv_tflops_weighted"].as_array().unwrap();
+    assert_eq!(weighted.len(), 4);
+}
