@@ -157,8 +157,8 @@ fn im2col_shifted(
         let shift = (kh * w + kw) as isize - (g.pad * w + g.pad) as isize;
         // Only an edge column can fall off the plane's ends; it is zeroed
         // below with the others.
-        let s0 = (v0 as isize + shift).max(0) as usize;
-        let s1 = ((v1 as isize + shift) as usize).min(hw);
+        let s0 = (v0 as isize + shift).clamp(0, hw as isize) as usize;
+        let s1 = (v1 as isize + shift).clamp(0, hw as isize) as usize;
         if s0 < s1 {
             let d0 = (s0 as isize - shift) as usize - p0;
             row[d0..d0 + s1 - s0].copy_from_slice(&plane[s0..s1]);
@@ -1555,7 +1555,11 @@ mod tests {
                     0.0
                 }
             };
-            for (p0, p1) in [(0, pos), (1, pos), (0, pos - 1), (pos / 3, pos * 2 / 3 + 1)] {
+            // Whole, cut at either end, a middle third, and every single
+            // position (a segment can be one column of a slice).
+            let ranges = [(0, pos), (1, pos), (0, pos - 1), (pos / 3, pos * 2 / 3 + 1)];
+            let singles = (0..pos).map(|p| (p, p + 1));
+            for (p0, p1) in ranges.into_iter().chain(singles) {
                 if p0 >= p1 {
                     continue;
                 }
