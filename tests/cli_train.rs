@@ -82,38 +82,38 @@ fn a_momentum_or_weight_decay_that_would_make_the_weights_meaningless_is_refused
     }
 }
 
-/// `cwp bench --train` times the training step and writes it to the JSON
-/// report, every other section left out with `none`; a malformed plan names
-/// `--train`.
-#[test]
-fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
+/// Runs `cwp bench --device cpu` on the plans `[models, search, train,
+/// convs]` for `seconds` a figure, with its JSON report in a temporary
+/// folder; it must succeed. Returns the printed table and the report.
+fn bench_cpu(plans: [&str; 4], seconds: &str) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
+    let [models, search, train, convs] = plans;
     let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args([
-            "bench", "--device", "cpu", "--models", "none", "--search", "none",
-        ])
-        .args([
-            "--train",
-            "smallcnn:4,8",
-            "--convs",
-            "none",
-            "--seconds",
-            "0.05",
-        ])
+        .args(["bench", "--device", "cpu", "--models", models])
+        .args(["--search", search, "--train", train, "--convs", convs])
+        .args(["--seconds", seconds])
         .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         o.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (text, report)
+}
+
+/// `cwp bench --train` times the training step and writes it to the JSON
+/// report, every other section left out with `none`; a malformed plan names
+/// `--train`.
+#[test]
+fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
+    let (text, report) = bench_cpu(["none", "none", "smallcnn:4,8", "none"], "0.05");
     assert!(text.contains("training steps"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["train"].as_array().unwrap();
     let batches: Vec<u64> = rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
     assert_eq!(batches, [4, 8]);
@@ -138,24 +138,8 @@ fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
 /// layers share its shape, so a run can be set beside PyTorch's per layer.
 #[test]
 fn cwp_bench_times_each_distinct_convolution_on_the_cpu() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args(["bench", "--device", "cpu", "--models", "none"])
-        .args(["--search", "none", "--train", "none"])
-        .args(["--convs", "smallcnn:2", "--seconds", "0.02", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (text, report) = bench_cpu(["none", "none", "none", "smallcnn:2"], "0.02");
     assert!(text.contains("convolution kernels"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["convs"].as_array().unwrap();
     let filters: Vec<Vec<u64>> = rows
         .iter()
