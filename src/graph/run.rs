@@ -319,7 +319,64 @@ impl Graph {
         dlogits: B::Buf,
         param_grads: bool,
     ) -> Result<Grads<B>> {
+        let (dx, params) = self.backward_from(be, params, trace, dlogits, param_grads, true)?;
+        let dx = dx.ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: the output does not depend on the input",
+                self.arch
+            ))
+        })?;
+        Ok(Grads { dx, params })
+    }
+
+    /// The parameter gradients of [`Graph::backward`] alone, for a training
+    /// step: no gradient is formed for a node with no parameter upstream of
+    /// it, so the first layer's input gradient (a whole backward-data
+    /// convolution) is never computed. Same bits as `backward`'s.
+    pub fn backward_params<B: Backend>(
+        &self,
+        be: &B,
+        params: &[B::Buf],
+        trace: &Trace<B>,
+        dlogits: B::Buf,
+    ) -> Result<ParamGrads<B>> {
+        Ok(self
+            .backward_from(be, params, trace, dlogits, true, false)?
+            .1)
+    }
+
+    /// Whether each node's output depends on a parameter (its own or one
+    /// upstream): only those outputs' gradients reach a parameter.
+    fn after_params(&self) -> Vec<bool> {
+        let mut after = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let own = matches!(
+                node.op,
+                Op::Conv { .. } | Op::FusedConv { .. } | Op::BatchNorm { .. } | Op::Linear { .. }
+            );
+            let upstream = node.inputs.iter().any(|&i| after[i]);
+            after.push(own || upstream);
+        }
+        after
+    }
+
+    /// [`Graph::backward`] and [`Graph::backward_params`]: with
+    /// `input_grad`, the input gradient as well (`None` when the output
+    /// does not depend on the input); without, only the gradients that
+    /// lead to a parameter are formed.
+    fn backward_from<B: Backend>(
+        &self,
+        be: &B,
+        params: &[B::Buf],
+        trace: &Trace<B>,
+        dlogits: B::Buf,
+        param_grads: bool,
+        input_grad: bool,
+    ) -> Result<(Option<B::Buf>, ParamGrads<B>)> {
         let n = self.nodes.len();
+        let after = self.after_params();
+        // Whether node `i`'s output gradient is of use.
+        let wanted = |i: usize| input_grad || after[i];
         let out_of = |i: usize| -> Result<&B::Buf> {
             if i == 0 {
                 Ok(&trace.input)
@@ -339,6 +396,9 @@ impl Graph {
 
         // Adds a gradient contribution to node `i`'s output gradient.
         let accumulate = |grads: &mut Vec<Option<B::Buf>>, i: usize, g: B::Buf| -> Result<()> {
+            if !wanted(i) {
+                return Ok(());
+            }
             match &mut grads[i] {
                 Some(acc) => be.add_assign(acc, &g),
                 slot => {
@@ -360,7 +420,9 @@ impl Graph {
                 Op::Conv { w, b, p } => {
                     let x = out_of(input)?;
                     let x_shape = be.shape(x).to_vec();
-                    let dx = be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p)?;
+                    let dx = wanted(input)
+                        .then(|| be.conv2d_backward_data(&dy, &params[*w], &x_shape, *p))
+                        .transpose()?;
                     if param_grads {
                         let w_shape = &self.params[*w].shape;
                         let (dw, db) =
@@ -370,7 +432,9 @@ impl Graph {
                             pgrads[*b] = Some(db);
                         }
                     }
-                    accumulate(&mut grads, input, dx)?;
+                    if let Some(dx) = dx {
+                        accumulate(&mut grads, input, dx)?;
+                    }
                 }
                 Op::FusedConv { w, p, relu, .. } => {
                     if param_grads {
@@ -461,7 +525,9 @@ impl Graph {
                     accumulate(&mut grads, input, be.reshape(&dy, &x_shape)?)?;
                 }
                 Op::Linear { w, b } => {
-                    let dx = be.linear_backward_data(&dy, &params[*w])?;
+                    let dx = wanted(input)
+                        .then(|| be.linear_backward_data(&dy, &params[*w]))
+                        .transpose()?;
                     if param_grads {
                         let (dw, db) =
                             be.linear_backward_weight(out_of(input)?, &dy, b.is_some())?;
@@ -470,7 +536,9 @@ impl Graph {
                             pgrads[*b] = Some(db);
                         }
                     }
-                    accumulate(&mut grads, input, dx)?;
+                    if let Some(dx) = dx {
+                        accumulate(&mut grads, input, dx)?;
+                    }
                 }
                 Op::Act(a) => {
                     let dx = be.activation_backward(&dy, out_of(input)?, *a)?;
@@ -514,13 +582,7 @@ impl Graph {
                 }
             }
         }
-        let dx = grads[0].take().ok_or_else(|| {
-            Error::Msg(format!(
-                "{}: the output does not depend on the input",
-                self.arch
-            ))
-        })?;
-        Ok(Grads { dx, params: pgrads })
+        Ok((grads[0].take(), pgrads))
     }
 }
 
@@ -538,6 +600,55 @@ fn gate_view<B: Backend>(be: &B, a: &B::Buf, g: &B::Buf) -> Result<B::Buf> {
 mod tests {
     use super::super::Builder;
     use crate::backend::ConvParams;
+
+    #[test]
+    fn a_training_step_gets_the_parameter_gradients_of_the_full_backward_without_the_input_one() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::backend::Backend;
+        use crate::selftest::{formula_input, formula_params};
+        use crate::zoo::{build, ModelSpec};
+        // A plain network from the input and a residual one with its own
+        // input normalisation: every parameter gradient bit for bit, and
+        // none formed for the nodes with no parameter upstream.
+        let be = CpuBackend;
+        for (arch, input) in [("smallcnn", [1, 12, 12]), ("resnet18", [3, 8, 8])] {
+            let mut spec = ModelSpec::new(arch, input, 5);
+            if arch == "resnet18" {
+                spec.normalization = Some((vec![0.5, 0.4, 0.3], vec![0.2, 0.25, 0.3]));
+            }
+            let graph = build(&spec).unwrap();
+            let mut p: Vec<_> = formula_params(&graph)
+                .iter()
+                .map(|t| be.upload(t).unwrap())
+                .collect();
+            let x = formula_input(&graph.input_shape(3));
+            let trace = graph.forward_train(&be, &mut p, x, 0.1).unwrap();
+            let labels = [0, 3, 4];
+            let (_, dl) = be
+                .softmax_cross_entropy(trace.logits(), &labels, &[1.0 / 3.0; 3])
+                .unwrap();
+            let dl2 = be.reshape(&dl, be.shape(&dl)).unwrap();
+            let full = graph.backward(&be, &p, &trace, dl, true).unwrap();
+            let params = graph.backward_params(&be, &p, &trace, dl2).unwrap();
+            assert_eq!(full.params.len(), params.len());
+            for (i, (a, b)) in full.params.iter().zip(&params).enumerate() {
+                let (a, b) = (a.as_ref(), b.as_ref());
+                assert_eq!(a.is_some(), b.is_some(), "{arch} param {i}");
+                if let (Some(a), Some(b)) = (a, b) {
+                    let bits = |t: &crate::Tensor| {
+                        t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(a), bits(b), "{arch} param {}", graph.params[i].name);
+                }
+            }
+            // The input, and its normalisation where there is one, lead to
+            // no parameter; the logits do.
+            let after = graph.after_params();
+            let leading = after.iter().take_while(|a| !**a).count();
+            assert_eq!(leading, if arch == "resnet18" { 2 } else { 1 }, "{arch}");
+            assert!(after[leading..].iter().all(|a| *a), "{arch}");
+        }
+    }
 
     #[test]
     fn a_relu_writes_over_its_input_only_where_nothing_reads_that_input_after_it() {

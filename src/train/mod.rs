@@ -405,10 +405,10 @@ pub fn train_step<B: Backend>(
     let (losses, dlogits) =
         be.softmax_cross_entropy(trace.logits(), labels, &vec![1.0 / n as f32; n])?;
     let preds = be.download(trace.logits())?.argmax_rows();
-    let grads = graph.backward(be, params, &trace, dlogits, true)?;
+    let grads = graph.backward_params(be, params, &trace, dlogits)?;
     drop(trace);
     for (i, spec) in graph.params.iter().enumerate() {
-        if let Some(g) = &grads.params[i] {
+        if let Some(g) = &grads[i] {
             let p = SgdParams {
                 lr,
                 momentum: cfg.momentum,
