@@ -135,13 +135,14 @@ if convs:
     print()
     print("| convolution (count in the model) | forward | backward-data | backward-filter |")
     print("|---|---|---|---|")
+    conv_key = lambda c: (tuple(c["x"]), tuple(c["w"]), c["stride"], c["pad"])
+    theirs = [{conv_key(x): x for x in torch.get("convs", [])} for _, torch in rounds]
     for i, c in enumerate(convs):
-        key = (tuple(c["x"]), tuple(c["w"]), c["stride"], c["pad"])
         cells = []
         for k in range(3):
             rs = []
-            for cwp, torch in rounds:
-                t = {(tuple(x["x"]), tuple(x["w"]), x["stride"], x["pad"]): x for x in torch.get("convs", [])}.get(key)
+            for (cwp, _), by_key in zip(rounds, theirs):
+                t = by_key.get(conv_key(c))
                 if t:
                     rs.append(cwp["convs"][i]["tflops"][k] / t["tflops"][k])
             gf = statistics.median(cwp["convs"][i]["tflops"][k] for cwp, _ in rounds) * 1e3

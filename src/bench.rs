@@ -493,16 +493,18 @@ fn bench_gpu<D: Driver>(
     })
 }
 
+/// Timed convolutions and their FLOP-weighted TFLOP/s per kernel and over
+/// all three (`None` without convolutions).
+type ConvFigures = (Vec<ConvRow>, Option<[f64; 4]>);
+
 /// The plan's convolutions, each shape once ([`conv_layers`]), timed by
-/// [`time_conv`]; with their FLOP-weighted TFLOP/s per kernel and over all
-/// three (`None` without convolutions).
-#[allow(clippy::type_complexity)]
+/// [`time_conv`].
 fn conv_rows<B: Backend>(
     be: &B,
     cfg: &BenchConfig,
     sync: &dyn Fn() -> Result<()>,
     progress: &mut dyn FnMut(&str),
-) -> Result<(Vec<ConvRow>, Option<[f64; 4]>)> {
+) -> Result<ConvFigures> {
     let mut convs = Vec::new();
     for (arch, input, n) in &cfg.convs {
         let graph = model_graph(arch, *input)?;

@@ -163,10 +163,8 @@ fn im2col_shifted(
             let d0 = (s0 as isize - shift) as usize - p0;
             row[d0..d0 + s1 - s0].copy_from_slice(&plane[s0..s1]);
         }
-        if ow_lo == 0 && ow_hi == w {
-            continue;
-        }
-        // An edge column at a time: a value every `w` positions.
+        // An edge column at a time (none for a 1-wide kernel): a value
+        // every `w` positions.
         for e in (0..ow_lo).chain(ow_hi..w) {
             let first = v0 - v0 % w + e;
             let first = if first < v0 { first + w } else { first };
