@@ -6,6 +6,12 @@
 //! request whose filters have the same bits, so a filter updated in place
 //! (training) is packed again, never served stale. The check reads the
 //! filters once in order, cheaper than packing them.
+//!
+//! A packing made for a buffer whose bits have since changed is dropped
+//! when that buffer is packed again: in training every step changes the
+//! filters in place, and keeping each step's packings until the cache was
+//! full held a gigabyte of dead ones (resnet18 at batch 32: 1.45 GB
+//! resident against 0.40 GB without them).
 
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +35,9 @@ pub(super) enum Packing {
 struct Entry {
     packing: Packing,
     shape: [usize; 4],
+    /// Where the filters were read from (address, length): only compared,
+    /// never dereferenced.
+    source: (usize, usize),
     filters: Vec<f32>,
     packed: Arc<Vec<PackedA>>,
     /// The request that last found or made this entry.
@@ -86,6 +95,7 @@ pub(super) fn packed(
     let entry = Entry {
         packing,
         shape,
+        source: (w.as_ptr() as usize, w.len()),
         filters: w.to_vec(),
         packed: Arc::new(make()),
         last_use: 0,
@@ -122,9 +132,14 @@ impl Cache {
     }
 
     /// Keeps `entry` if it fits within `limit` floats, after evicting what
-    /// has gone unused for a while (see [`packed`]).
+    /// has gone unused for a while (see [`packed`]) and what the same
+    /// buffer held before as the same packing: `entry` was made on a miss,
+    /// so that buffer's bits have changed since (the module doc).
     fn keep(&mut self, mut entry: Entry, limit: usize) {
         entry.last_use = self.tick;
+        self.entries.retain(|e| {
+            (e.packing, e.shape, e.source) != (entry.packing, entry.shape, entry.source)
+        });
         let window = (self.reuse.map(|r| 2 * r)).unwrap_or(4 * self.entries.len() as u64);
         let stale = self.tick.saturating_sub(window);
         let mut total: usize = self.entries.iter().map(Entry::size).sum();
@@ -150,6 +165,7 @@ mod tests {
         Entry {
             packing: Packing::Dense,
             shape: [1, w.len(), 1, 1],
+            source: (w.as_ptr() as usize, w.len()),
             filters: w.to_vec(),
             packed: Arc::new(pack(w)),
             last_use: 0,
@@ -201,6 +217,33 @@ mod tests {
         }
         for w in &layers[..2] {
             assert!(cache.find(any, w).is_some(), "{w:?} kept after training");
+        }
+    }
+
+    #[test]
+    fn filters_trained_in_place_hold_one_packing_per_buffer() {
+        // Two layers of one shape in their own buffers, changed in place
+        // after every pass as a training step changes them: each pass
+        // misses, and each buffer's new packing replaces its old one
+        // instead of piling up until the cache is full.
+        let mut cache = Cache::new();
+        let any = |_: &Entry| true;
+        let mut layers = [vec![1.0f32, 2.0], vec![3.0f32, 4.0]];
+        for _ in 0..20 {
+            for w in &layers {
+                assert!(cache.find(any, w).is_none(), "new bits never hit");
+                cache.keep(entry(w), 1 << 20);
+            }
+            for w in layers.iter_mut() {
+                w[0] += 0.5;
+            }
+        }
+        let held: Vec<Vec<f32>> = cache.entries.iter().map(|e| e.filters.clone()).collect();
+        assert_eq!(held, [vec![10.5, 2.0], vec![12.5, 4.0]]);
+        // Frozen again (a search after training): both are served.
+        for w in &mut layers {
+            w[0] -= 0.5;
+            assert!(cache.find(any, w).is_some(), "{w:?} served");
         }
     }
 
