@@ -102,6 +102,12 @@ impl PackedA {
     pub(super) fn blocks(&self) -> usize {
         self.rows.div_ceil(MR)
     }
+
+    /// The packed floats, for tests that compare two packings.
+    #[cfg(test)]
+    pub(super) fn data(&self) -> &[f32] {
+        &self.data
+    }
 }
 
 /// The `A` operand as the kernels read it: element `(i, kk)` of row block

@@ -79,6 +79,7 @@ impl Variant for F2 {
     }
 
     // G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]].
+    #[inline(always)]
     fn filter(g: [f64; 3]) -> [f64; 6] {
         [
             g[0],
@@ -134,6 +135,7 @@ impl Variant for F4 {
     // are transformed every step, and 63 f64 divisions per filter took 10%
     // of a resnet18 step. The f64 results differ by an ulp or two, far
     // below the f32 rounding that follows.
+    #[inline(always)]
     fn filter(g: [f64; 3]) -> [f64; 6] {
         const SIXTH: f64 = 1.0 / 6.0;
         const TWELFTH: f64 = 1.0 / 12.0;
@@ -297,24 +299,35 @@ fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) ->
             .collect();
         let live = MR.min(rows - blk * MR);
         for k in 0..inner {
-            for rr in 0..live {
+            // `g[r][b][lane]`: tap `(r, b)` of the filter of the block's
+            // row `lane` (the rows past `live` stay zero and are not
+            // written). The block's rows go side by side through each
+            // transform, which the compiler runs as vectors; each
+            // element's arithmetic is the same as one row at a time.
+            let filter = |rr: usize| -> Option<&[f32; 9]> {
                 let r = blk * MR + rr;
                 let (oi, ci) = if adjoint { (k, r) } else { (r, k) };
-                let f = &w[(oi * c + ci) * 9..][..9];
-                let g = |r: usize, b: usize| -> f64 {
-                    if adjoint {
-                        f[(2 - r) * 3 + (2 - b)] as f64
-                    } else {
-                        f[r * 3 + b] as f64
-                    }
-                };
-                // `G g` column by column, then `(G g) G^T` row by row.
-                let cols: [[f64; 6]; 3] =
-                    std::array::from_fn(|b| V::filter([g(0, b), g(1, b), g(2, b)]));
-                for i in 0..a {
-                    let t = V::filter([cols[0][i], cols[1][i], cols[2][i]]);
-                    for (j, v) in t[..a].iter().enumerate() {
-                        dst[i * a + j][k * MR + rr] = *v as f32;
+                (rr < live).then(|| w[(oi * c + ci) * 9..][..9].try_into().expect("9 taps"))
+            };
+            let filters: [Option<&[f32; 9]>; MR] = std::array::from_fn(filter);
+            // The flipped filter's tap `(r, b)` is tap `(2 - r, 2 - b)`, at
+            // `8 - (3 r + b)`.
+            let tap = |t: usize| -> [f64; MR] {
+                std::array::from_fn(|rr| {
+                    filters[rr].map_or(0.0, |f| (if adjoint { f[8 - t] } else { f[t] }) as f64)
+                })
+            };
+            let g: [[[f64; MR]; 3]; 3] =
+                std::array::from_fn(|r| std::array::from_fn(|b| tap(3 * r + b)));
+            // `G g` column by column, then `(G g) G^T` row by row.
+            let cols: [[[f64; MR]; 6]; 3] =
+                std::array::from_fn(|b| filter_rows::<V>([g[0][b], g[1][b], g[2][b]]));
+            for i in 0..a {
+                let t = filter_rows::<V>([cols[0][i], cols[1][i], cols[2][i]]);
+                for (j, tj) in t[..a].iter().enumerate() {
+                    let out = &mut dst[i * a + j][k * MR..][..live];
+                    for (o, v) in out.iter_mut().zip(tj) {
+                        *o = *v as f32;
                     }
                 }
             }
@@ -324,6 +337,20 @@ fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) ->
     mats.into_iter()
         .map(|m| PackedA::from_packed(m, rows, inner))
         .collect()
+}
+
+/// [`Variant::filter`] applied to each of [`MR`] filters side by side:
+/// `out[q][e] = filter(g[.][e])[q]`.
+#[inline(always)]
+fn filter_rows<V: Variant>(g: [[f64; MR]; 3]) -> [[f64; MR]; 6] {
+    let mut out = [[0.0f64; MR]; 6];
+    for e in 0..MR {
+        let r = V::filter([g[0][e], g[1][e], g[2][e]]);
+        for (o, v) in out.iter_mut().zip(r) {
+            o[e] = v;
+        }
+    }
+    out
 }
 
 /// Runs the convolution of `x` by the transformed filters `u`: tasks take a
@@ -564,6 +591,67 @@ fn output_transform<'m, V: Variant>(
                 }
                 let res = epi.residual.map(|r| &r[at..at + w]);
                 super::conv::epilogue(dst, bias, res, epi.relu);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::testutil::*;
+
+    /// `G g G^T` of one 3x3 filter, one element at a time: `G g` column by
+    /// column, then row by row, in f64, rounded once.
+    fn one_filter<V: Variant>(f: &[f32], adjoint: bool) -> Vec<f32> {
+        let g = |r: usize, b: usize| -> f64 {
+            let at = if adjoint {
+                (2 - r) * 3 + 2 - b
+            } else {
+                r * 3 + b
+            };
+            f[at] as f64
+        };
+        let cols: [[f64; 6]; 3] = std::array::from_fn(|b| V::filter([g(0, b), g(1, b), g(2, b)]));
+        (0..V::A)
+            .flat_map(|i| {
+                let t = V::filter([cols[0][i], cols[1][i], cols[2][i]]);
+                t.into_iter().take(V::A).map(|v| v as f32)
+            })
+            .collect()
+    }
+
+    fn check<V: Variant>(o: usize, c: usize, adjoint: bool) {
+        let w = uniform(&mut rng((o * 31 + c) as u64), &[o, c, 3, 3], -1.0, 1.0);
+        let got = filter_transform::<V>(w.data(), o, c, adjoint);
+        let (rows, inner) = if adjoint { (c, o) } else { (o, c) };
+        let per: Vec<Vec<f32>> = (0..rows * inner)
+            .map(|at| {
+                let (r, k) = (at / inner, at % inner);
+                let (oi, ci) = if adjoint { (k, r) } else { (r, k) };
+                one_filter::<V>(&w.data()[(oi * c + ci) * 9..][..9], adjoint)
+            })
+            .collect();
+        for (m, packed) in got.iter().enumerate() {
+            let matrix: Vec<f32> = per.iter().map(|u| u[m]).collect();
+            let want = PackedA::new(&matrix, rows, inner, inner, 1);
+            let what = format!(
+                "F({0}x{0}) element {m} of {o}x{c} (adjoint {adjoint})",
+                V::T
+            );
+            assert_bitwise(&what, packed.data(), want.data());
+        }
+    }
+
+    #[test]
+    fn the_filter_transform_packs_g_g_gt_of_every_filter_bit_for_bit() {
+        // Row counts that leave a partial block, both variants, both
+        // directions: every packed element (padding rows zero) is the
+        // transform of its own filter, computed one filter at a time.
+        for (o, c) in [(1, 1), (7, 5), (13, 16), (16, 6)] {
+            for adjoint in [false, true] {
+                check::<F2>(o, c, adjoint);
+                check::<F4>(o, c, adjoint);
             }
         }
     }
