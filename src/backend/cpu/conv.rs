@@ -7,6 +7,7 @@
 //! ([`chain_gemm`]) gives every output element one multiply-add chain whose
 //! order depends on the layer's shape only, never on the other columns.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -485,27 +486,13 @@ pub(super) fn fully_connected_backward_data(
     // `w`'s rows as whole panels: a `K` that is not whole panels gets
     // zero columns, which give columns of the product that are dropped.
     let kp = k.div_ceil(NR) * NR;
-    let w: std::borrow::Cow<'_, [f32]> = if kp == k {
-        w.into()
-    } else {
-        let mut padded = vec![0.0f32; o * kp];
-        for (dst, src) in padded.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
-            dst[..k].copy_from_slice(src);
-        }
-        padded.into()
-    };
+    let w = zero_extended(w, (o, k), (o, kp));
     let rows: Vec<usize> = (0..o).map(|r| r * kp).collect();
     let panels: Vec<usize> = (0..kp / NR).map(|p| p * NR).collect();
     let b = chain_gemm::Windows::new(&w, &rows, &panels);
     // `dy` in whole row blocks (the kernel reads every row of a block).
     let blocks = n.div_ceil(MR);
-    let dy: std::borrow::Cow<'_, [f32]> = if n % MR == 0 {
-        dy.into()
-    } else {
-        let mut padded = vec![0.0f32; blocks * MR * o];
-        padded[..n * o].copy_from_slice(dy);
-        padded.into()
-    };
+    let dy = zero_extended(dy, (n, o), (blocks * MR, o));
     let a = chain_gemm::AView::row_major(&dy, n, o, o);
     // Tasks: column ranges, and row groups where there are few of those.
     // Every element's chain is whole in one task, so the cut changes no bit.
@@ -534,6 +521,23 @@ pub(super) fn fully_connected_backward_data(
         })
     });
     dx
+}
+
+/// The row-major `rows x cols` matrix `m` with zero rows and columns
+/// appended up to `to`; `m` itself where that adds none.
+fn zero_extended(m: &[f32], (rows, cols): (usize, usize), to: (usize, usize)) -> Cow<'_, [f32]> {
+    if (rows, cols) == to {
+        return m.into();
+    }
+    let pad = Pad2d {
+        top: 0,
+        bottom: to.0 - rows,
+        left: 0,
+        right: to.1 - cols,
+    };
+    let mut out = vec![0.0f32; to.0 * to.1];
+    layout::pad_planes(m, (rows, cols), pad, &mut out);
+    out.into()
 }
 
 /// The geometry of [`fully_connected`]: `N` images of `K` channels, 1x1.

@@ -321,9 +321,9 @@ fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) ->
                 std::array::from_fn(|r| std::array::from_fn(|b| tap(3 * r + b)));
             // `G g` column by column, then `(G g) G^T` row by row.
             let cols: [[[f64; MR]; 6]; 3] =
-                std::array::from_fn(|b| filter_rows::<V>([g[0][b], g[1][b], g[2][b]]));
+                std::array::from_fn(|b| lanewise(&[g[0][b], g[1][b], g[2][b]], V::filter));
             for i in 0..a {
-                let t = filter_rows::<V>([cols[0][i], cols[1][i], cols[2][i]]);
+                let t = lanewise(&[cols[0][i], cols[1][i], cols[2][i]], V::filter);
                 for (j, tj) in t[..a].iter().enumerate() {
                     let out = &mut dst[i * a + j][k * MR..][..live];
                     for (o, v) in out.iter_mut().zip(tj) {
@@ -337,20 +337,6 @@ fn filter_transform<V: Variant>(w: &[f32], o: usize, c: usize, adjoint: bool) ->
     mats.into_iter()
         .map(|m| PackedA::from_packed(m, rows, inner))
         .collect()
-}
-
-/// [`Variant::filter`] applied to each of [`MR`] filters side by side:
-/// `out[q][e] = filter(g[.][e])[q]`.
-#[inline(always)]
-fn filter_rows<V: Variant>(g: [[f64; MR]; 3]) -> [[f64; MR]; 6] {
-    let mut out = [[0.0f64; MR]; 6];
-    for e in 0..MR {
-        let r = V::filter([g[0][e], g[1][e], g[2][e]]);
-        for (o, v) in out.iter_mut().zip(r) {
-            o[e] = v;
-        }
-    }
-    out
 }
 
 /// Runs the convolution of `x` by the transformed filters `u`: tasks take a
@@ -528,15 +514,26 @@ fn lane_at(src: &[f32], at: usize) -> Lane {
     src[at..at + NR].try_into().expect("a lane is NR long")
 }
 
-/// `f` applied lane by lane: `out[.][e] = f(d[.][e])` for the [`NR`] lanes
-/// `e`, written so that the compiler runs the lanes as one vector.
+/// `f` applied lane by lane over the [`NR`] tiles of a panel, the inputs
+/// past `V::A` zero (see [`lanewise`]).
 #[inline(always)]
 fn lanes<V: Variant, const R: usize>(d: &[Lane; 6], f: fn(&[f32; 6]) -> [f32; R]) -> [Lane; R] {
-    let mut out = [[0.0f32; NR]; R];
-    for e in 0..NR {
-        let r = f(&std::array::from_fn(
-            |k| if k < V::A { d[k][e] } else { 0.0 },
-        ));
+    lanewise(d, |x| {
+        f(&std::array::from_fn(|k| if k < V::A { x[k] } else { 0.0 }))
+    })
+}
+
+/// `f` applied lane by lane: `out[.][e] = f(d[.][e])` for each lane `e`
+/// (a panel's tiles, or a block's filters), written so that the compiler
+/// runs the lanes as one vector.
+#[inline(always)]
+fn lanewise<T: Copy + Default, const L: usize, const I: usize, const R: usize>(
+    d: &[[T; L]; I],
+    f: impl Fn([T; I]) -> [T; R],
+) -> [[T; L]; R] {
+    let mut out = [[T::default(); L]; R];
+    for e in 0..L {
+        let r = f(std::array::from_fn(|k| d[k][e]));
         for (o, rv) in out.iter_mut().zip(r) {
             o[e] = rv;
         }
