@@ -71,7 +71,7 @@ fn filled(shape: &[usize], seed: u32) -> Tensor {
 }
 
 fn conv_layers(c: &mut Criterion) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let mut group = c.benchmark_group("conv");
     group.sample_size(10);
     for l in &LAYERS {

@@ -30,7 +30,7 @@ fn images(graph: &Graph, batch: usize) -> Tensor {
 }
 
 fn fwd_bwd(c: &mut Criterion) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let mut g = c.benchmark_group("fwd_bwd_input");
     g.sample_size(10);
     for (arch, input, batch) in [
@@ -65,7 +65,7 @@ fn fwd_bwd(c: &mut Criterion) {
 fn search_step(c: &mut Criterion) {
     use classwise::device_model::DeviceModel;
     use classwise::search::optimize::{step, MaskConfig};
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let mut g = c.benchmark_group("search_step");
     g.sample_size(10);
     for (arch, input, searches) in [
@@ -111,7 +111,7 @@ fn cleanse(c: &mut Criterion) {
         return;
     };
     let model = classwise::models::BACKDOORED.load().unwrap();
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let dm = DeviceModel::upload(&be, &model.graph, &model.params).unwrap();
     let mut cfg = CleanseConfig::defaults(10);
     cfg.steps = 2;
@@ -139,7 +139,7 @@ fn cleanse(c: &mut Criterion) {
 /// parameter gradients, momentum update): `train::train_step` itself.
 fn train_step(c: &mut Criterion) {
     use classwise::train::{train_step, TrainConfig};
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let mut g = c.benchmark_group("train_step");
     g.sample_size(10);
     for (arch, input, batch) in [

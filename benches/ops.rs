@@ -17,7 +17,7 @@ fn t(shape: &[usize], salt: usize) -> Tensor {
 }
 
 fn ops(c: &mut Criterion) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let shape = [32, 128, 16, 16];
     let n: u64 = shape.iter().product::<usize>() as u64;
     let x = be.upload(&t(&shape, 1)).unwrap();

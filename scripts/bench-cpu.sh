@@ -19,6 +19,7 @@
 #                 (forward, backward-data, backward-filter), `ARCH[:CxHxW]:N;..`
 #                 (default below; `none` leaves them out)
 #   ROUNDS        rounds of (cwp, PyTorch), alternating (default: 1)
+#   CPU_FORWARD   cwp's --cpu-forward: direct (default, as cwp) or winograd
 #
 # Absolute speeds move with the host's load; the ratios, measured in the same
 # run, are the figures to quote. On a shared host whose speed drifts over
@@ -63,7 +64,8 @@ rounds="${ROUNDS:-1}"
 pairs=()
 for r in $(seq "$rounds"); do
     echo "round $r of $rounds: cwp bench on $threads threads..." >&2
-    "$cwp" bench --device cpu --models "$models" --search "$search" --train "$train" --convs "$convs" \
+    "$cwp" bench --device cpu --cpu-forward "${CPU_FORWARD:-direct}" \
+        --models "$models" --search "$search" --train "$train" --convs "$convs" \
         --seconds "$secs" --json "$out/cwp-$r.json" >"$out/cwp-$r.txt"
     echo "round $r of $rounds: PyTorch baseline on $threads threads..." >&2
     "$py" "$root/benches/pytorch_baseline.py" "$out/cwp-$r.json" "$out/torch-$r.json" \

@@ -284,6 +284,24 @@ struct DeviceArg {
     /// Convolution arithmetic: fp32, tf32x3, tf32, bf16 (tensor cores, f32 accumulation; cuda and emu only, the CPU refuses all but fp32). Default fp32: the faster modes have not passed the accuracy gate on a GPU yet.
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// The CPU's eval-mode 3x3 forward convolutions (searches, scans,
+    /// evaluations; training's own steps stay direct): direct (the reference,
+    /// within every float64 fixture's bound) or winograd (F(4x4,3x3): resnet18
+    /// searches about a third faster, but its few-ulp differences can flip a
+    /// ReLU or max-pool decision that sits on a near-tie, and on three
+    /// fixtures that moves the input gradient past its bound; see README). The
+    /// GPU's kernels are direct either way.
+    #[arg(long, value_enum, default_value_t = CpuForward::Direct)]
+    cpu_forward: CpuForward,
+}
+
+/// How the CPU computes eval-mode 3x3 forward convolutions (`--cpu-forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CpuForward {
+    /// Winograd F(4x4,3x3) (F(2x2) on images of 6x6 and less).
+    Winograd,
+    /// The direct product, as the reference computes it.
+    Direct,
 }
 
 #[derive(Args)]
@@ -560,11 +578,13 @@ fn select_device(spec: &str) -> Result<Device> {
     Ok(dev)
 }
 
-/// The backend of `--device` with its convolutions in `--precision`.
+/// The backend of `--device` with its convolutions in `--precision` and
+/// `--cpu-forward`.
 fn open_device(d: &DeviceArg) -> Result<Device> {
     let p: classwise::backend::Precision = d.precision.parse()?;
     let mut dev = select_device(&d.device)?;
     dev.set_precision(p)?;
+    dev.set_cpu_winograd_forward(d.cpu_forward == CpuForward::Winograd);
     Ok(dev)
 }
 

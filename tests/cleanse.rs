@@ -19,7 +19,7 @@ fn test_set() -> Dataset {
 
 fn cleanse(shipped: &Shipped, test: &Dataset, cfg: &CleanseConfig) -> CleanseReport {
     let model = shipped.load().unwrap();
-    let dm = DeviceModel::upload(&CpuBackend, &model.graph, &model.params).unwrap();
+    let dm = DeviceModel::upload(&CpuBackend::REFERENCE, &model.graph, &model.params).unwrap();
     cleanse::run(&dm, test, cfg, shipped.slug, true).unwrap()
 }
 

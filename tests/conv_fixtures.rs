@@ -134,13 +134,13 @@ fn check_pool<B: Backend>(be: &B, label: &str, name: &str) {
 
 /// One convolution fixture on the CPU reference and the emulated GPU.
 fn conv(name: &str) {
-    check_conv(&CpuBackend, "cpu", name);
+    check_conv(&CpuBackend::REFERENCE, "cpu", name);
     check_conv(&GpuBackend::new(EmuDriver::new()), "emu", name);
 }
 
 /// One pooling fixture on the CPU reference and the emulated GPU.
 fn pool(name: &str) {
-    check_pool(&CpuBackend, "cpu", name);
+    check_pool(&CpuBackend::REFERENCE, "cpu", name);
     check_pool(&GpuBackend::new(EmuDriver::new()), "emu", name);
 }
 

@@ -12,7 +12,7 @@ use classwise::Tensor;
 /// Logits and input gradient of a per-sample CE loss (weight 1 per image,
 /// so each image's gradient does not depend on the batch size).
 fn step(arch: &str, input: [usize; 3], x: &Tensor, labels: &[usize]) -> (Tensor, Tensor) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let graph = build(&ModelSpec::new(arch, input, 10)).unwrap();
     let params = formula_params(&graph);
     let n = x.shape()[0];

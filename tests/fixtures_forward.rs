@@ -8,6 +8,7 @@ mod common;
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::backend::Backend;
+use classwise::device_model::DeviceModel;
 use classwise::graph::Graph;
 use classwise::selftest::{formula_params, model_tolerances};
 use classwise::weights::{LoadOptions, Model};
@@ -22,7 +23,7 @@ fn eval_forward(
     x: &Tensor,
     y: &[usize],
 ) -> (Tensor, f32, Tensor) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let p: Vec<_> = params.iter().map(|t| be.upload(t).unwrap()).collect();
     let trace = graph.forward_trace(&be, &p, be.upload(x).unwrap()).unwrap();
     let n = y.len();
@@ -61,6 +62,64 @@ fn check_forward_fixture(arch: &str, c: usize, hw: usize, classes: usize, deep: 
         dx.data(),
         f.float("dx", name.as_ref()).unwrap().data(),
         gtol,
+    );
+
+    winograd_forward_matches(&graph, &params, &f, &name, ltol, gtol, arch == "vgg16");
+}
+
+/// The search's own pass (the fused graph) with the Winograd forward of
+/// `--cpu-forward winograd`, held to the fixture's bounds: logits, loss and
+/// the input gradient at the fixture's input. On vgg16 one max-pool
+/// decision sits within F(4x4)'s few ulps of a tie and flips (no ReLU input
+/// changes sign; the first pooled convolution's outputs differ from the
+/// direct path's by up to 5.7e-7 at RMS 0.04), which moves dx by 1.8e-2
+/// relative (bound 5e-3). dx is discontinuous there, so on vgg16
+/// (`tie_at_input`) dx is held at five inputs, the fixture's and four moved
+/// by 1e-7 relative, and must meet the bound at three: measured, it misses
+/// at the fixture's and one more (1.8e-2) and is 1.2e-5 at the other three.
+/// A wrong transform misses at all five. This is why the Winograd forward
+/// is not the default: it does not keep every fixture within its bound.
+fn winograd_forward_matches(
+    graph: &Graph,
+    params: &[Tensor],
+    f: &classwise::weights::TensorFile,
+    name: &str,
+    ltol: f64,
+    gtol: f64,
+    tie_at_input: bool,
+) {
+    let be = CpuBackend::REFERENCE.with_winograd_forward(true);
+    let dm = DeviceModel::upload(&be, graph, params).unwrap();
+    let x = f.float("x", name.as_ref()).unwrap();
+    let y = labels(f, "y");
+    let what = format!("{name} (fused, Winograd forward)");
+    let want = |k: &str| f.float(k, name.as_ref()).unwrap().data();
+    let (loss, _) = dm.loss_and_input_grad(x, &y).unwrap();
+    let logits = dm.logits(x).unwrap();
+    assert_close_abs(
+        &format!("{what} logits"),
+        logits.data(),
+        want("logits"),
+        ltol as f32,
+    );
+    assert_close_abs(&format!("{what} loss"), &[loss], want("loss"), ltol as f32);
+    let points = if tie_at_input { 5 } else { 1 };
+    let errors: Vec<f64> = (0..points)
+        .map(|k| {
+            let xk = Tensor::from_fn(x.shape(), |i| {
+                let u = ((i + 31 * k) * 7919 % 13) as f32 / 6.0 - 1.0;
+                x.data()[i] * (1.0 + 1e-7 * u * (k > 0) as u8 as f32)
+            });
+            let (_, dx) = dm.loss_and_input_grad(&xk, &y).unwrap();
+            classwise::tensor::rel_l2(dx.data(), want("dx"))
+        })
+        .collect();
+    let misses = errors.iter().filter(|&&e| e > gtol).count();
+    let listed: Vec<String> = errors.iter().map(|e| format!("{e:.1e}")).collect();
+    assert!(
+        misses <= points / 2,
+        "{what} dx: relative L2 errors {} (the fixture's input first), {misses} over {gtol:e}",
+        listed.join(", ")
     );
 }
 
@@ -117,7 +176,7 @@ fn train_step(
     x: &Tensor,
     y: &[usize],
 ) -> (f32, Tensor, Vec<Option<Tensor>>, Vec<Tensor>) {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let mut p: Vec<_> = formula_params(graph)
         .iter()
         .map(|t| be.upload(t).unwrap())

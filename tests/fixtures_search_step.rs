@@ -1,7 +1,8 @@
 //! One update of class-wise pattern search, through the search's own step
 //! function, reproduces PyTorch's float64 arithmetic (fixture
 //! `search_step_smallcnn_1x28`): composite, logits, CE, mask gradient
-//! (including the L1 term), and the signed, clamped step.
+//! (including the L1 term), and the signed, clamped step: on the reference
+//! backend and with the Winograd forward that `cwp` runs by default.
 
 mod common;
 
@@ -15,6 +16,15 @@ use common::*;
 
 #[test]
 fn one_search_step_matches_pytorch() {
+    check_step(CpuBackend::REFERENCE);
+}
+
+#[test]
+fn one_search_step_with_the_winograd_forward_matches_pytorch() {
+    check_step(CpuBackend::REFERENCE.with_winograd_forward(true));
+}
+
+fn check_step(be: CpuBackend) {
     let name = "search_step_smallcnn_1x28.safetensors";
     let f = fixture(name);
     let meta = |k: &str| -> f32 { f.metadata[k].parse().unwrap() };
@@ -30,7 +40,6 @@ fn one_search_step_matches_pytorch() {
     };
 
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
-    let be = CpuBackend;
     let p: Vec<_> = formula_params(&graph)
         .iter()
         .map(|t| be.upload(t).unwrap())

@@ -83,7 +83,7 @@ struct Outcome {
 }
 
 fn run(p: Precision) -> Outcome {
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::REFERENCE;
     let gpu = GpuBackend::new(EmuDriver::new()).with_precision(p);
     let f32gpu = GpuBackend::new(EmuDriver::new());
     let mut out = Outcome {

@@ -311,7 +311,7 @@ fn emu_search_run_matches_the_cpu_run() {
     };
     // One folder: the emulated GPU must not reuse the CPU's results.
     let out = tempfile::tempdir().unwrap();
-    let cpu = search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
+    let cpu = search::run(&CpuBackend::REFERENCE, &inputs, &cfg, out.path()).unwrap();
     let gpu = GpuBackend::new(EmuDriver::new());
     let emu = search::run(&gpu, &inputs, &cfg, out.path()).unwrap();
     assert_eq!(emu.reused, 0, "the emulated GPU reused the CPU's masks");
@@ -342,7 +342,14 @@ fn emu_search_run_matches_the_cpu_run() {
     // Shards run on different numerics are not merged into one report.
     let shards = tempfile::tempdir().unwrap();
     let shard = |i: &str| i.parse::<search::shard::Shard>().unwrap();
-    search::run_shard(&CpuBackend, &inputs, &cfg, shards.path(), shard("0/2")).unwrap();
+    search::run_shard(
+        &CpuBackend::REFERENCE,
+        &inputs,
+        &cfg,
+        shards.path(),
+        shard("0/2"),
+    )
+    .unwrap();
     search::run_shard(&gpu, &inputs, &cfg, shards.path(), shard("1/2")).unwrap();
     let err = search::shard::merge(&[shards.path().to_path_buf()])
         .unwrap_err()

@@ -51,7 +51,7 @@ fn check_on<B: Backend>(be: &B, name: &str, model: &Model) {
 /// Logits and dx against PyTorch on the CPU and on the emulated GPU.
 fn matches_pytorch(name: &str) -> Model {
     let model = load(name);
-    check_on(&CpuBackend, name, &model);
+    check_on(&CpuBackend::REFERENCE, name, &model);
     check_on(&GpuBackend::new(EmuDriver::new()), name, &model);
     model
 }
@@ -169,7 +169,7 @@ fn a_symbolic_spatial_axis_needs_input_shape() {
         ..Default::default()
     };
     let m = Model::load(&onnx("spatial_op17"), &opts).unwrap();
-    check_on(&CpuBackend, "spatial_op17", &m);
+    check_on(&CpuBackend::REFERENCE, "spatial_op17", &m);
     check_on(&GpuBackend::new(EmuDriver::new()), "spatial_op17", &m);
 }
 
@@ -542,7 +542,7 @@ fn a_constant_is_per_channel_only_where_onnx_broadcasting_makes_it_so() {
     let m = Model::load(&ok, &LoadOptions::default()).unwrap();
     assert!(ops(&m).iter().any(|o| matches!(o, Op::Affine { .. })));
     let x = Tensor::new(&[1, 2, 3, 3], vec![1.0; 18]).unwrap();
-    let out = classwise::forward::forward(&CpuBackend, &m, &x, &[0]).unwrap();
+    let out = classwise::forward::forward(&CpuBackend::REFERENCE, &m, &x, &[0]).unwrap();
     assert_eq!(out.logits.data(), &[1.0, 1.5]);
     // [3] lines up with W, not with the 2 channels: refused, not computed
     // as a per-channel shift.

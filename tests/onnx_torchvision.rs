@@ -142,7 +142,7 @@ fn matches_pytorch(name: &str) -> Model {
     let model = Model::load(&path, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.graph.input, [3, 32, 32]);
     assert_eq!(model.graph.num_classes, 10);
-    check_on(&CpuBackend, name, &model);
+    check_on(&CpuBackend::REFERENCE, name, &model);
     check_on(&GpuBackend::new(EmuDriver::new()), name, &model);
     model
 }
@@ -192,7 +192,7 @@ fn the_zoo_resnet18_from_onnx_is_the_zoo_graph_after_fusion_and_gives_its_logits
     let name = "zoo_resnet18";
     let (_tmp, path) = materialize(name);
     let onnx = Model::load(&path, &LoadOptions::default()).unwrap();
-    check_on(&CpuBackend, name, &onnx);
+    check_on(&CpuBackend::REFERENCE, name, &onnx);
 
     // Same fused graph as the zoo's resnet18: the search runs the same
     // kernels on the same shapes, so at the same speed.
@@ -217,7 +217,7 @@ fn the_zoo_resnet18_from_onnx_is_the_zoo_graph_after_fusion_and_gives_its_logits
         .collect();
     let f = expected(name);
     let x = f.float("x", Path::new(name)).unwrap();
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let a = DeviceModel::upload(&be, &zoo, &zparams)
         .unwrap()
         .logits(x)

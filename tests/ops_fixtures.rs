@@ -59,7 +59,7 @@ impl Fixture {
 
 /// Runs `f` on the CPU reference and on the emulated GPU.
 fn on_both(f: impl Fn(&dyn Fn(&str) -> String, &dyn Runner)) {
-    f(&|s| format!("cpu {s}"), &CpuBackend);
+    f(&|s| format!("cpu {s}"), &CpuBackend::REFERENCE);
     f(&|s| format!("emu {s}"), &GpuBackend::new(EmuDriver::new()));
 }
 

@@ -308,7 +308,14 @@ fn one_shard_run(out: &Path) {
         quiet: true,
         checkpoint_every: None,
     };
-    classwise::search::run_shard(&CpuBackend, &inputs, &cfg, out, "0/1".parse().unwrap()).unwrap();
+    classwise::search::run_shard(
+        &CpuBackend::REFERENCE,
+        &inputs,
+        &cfg,
+        out,
+        "0/1".parse().unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]

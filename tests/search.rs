@@ -26,7 +26,7 @@ fn run(
     cfg: &MaskConfig,
     test: &Dataset,
 ) -> Vec<Optimised> {
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     // Formula weights (tests/fixtures/README.md): a network whose CE
     // gradient is strong enough to move each pixel its own way.
@@ -203,7 +203,7 @@ fn tiny_run(
     out: &std::path::Path,
 ) -> classwise::search::RunReport {
     let cfg = tiny_cfg(model, lr);
-    classwise::search::run(&CpuBackend, &tiny_inputs(model, test), &cfg, out).unwrap()
+    classwise::search::run(&CpuBackend::REFERENCE, &tiny_inputs(model, test), &cfg, out).unwrap()
 }
 
 fn tiny_shard(
@@ -223,7 +223,14 @@ fn tiny_shard_with(
     out: &std::path::Path,
 ) -> classwise::search::shard::Manifest {
     let inputs = tiny_inputs(model, test);
-    classwise::search::run_shard(&CpuBackend, &inputs, cfg, out, shard.parse().unwrap()).unwrap()
+    classwise::search::run_shard(
+        &CpuBackend::REFERENCE,
+        &inputs,
+        cfg,
+        out,
+        shard.parse().unwrap(),
+    )
+    .unwrap()
 }
 
 fn formula_model() -> classwise::weights::Model {
@@ -391,7 +398,7 @@ fn a_learn_canvas_run_stores_the_learned_pixels_and_its_verdict_compares_them() 
     cfg.canvas = "auto:1+learn:0.5".into();
     cfg.mask.alpha = 1.0;
     let inputs = tiny_inputs(&model, &test);
-    let report = classwise::search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
+    let report = classwise::search::run(&CpuBackend::REFERENCE, &inputs, &cfg, out.path()).unwrap();
     assert_eq!(report.searches.len(), 6);
     let learned: Vec<_> = report
         .searches
@@ -410,7 +417,7 @@ fn a_learn_canvas_run_stores_the_learned_pixels_and_its_verdict_compares_them() 
     assert_eq!(report.verdict_canvas, "learned");
     assert!(report.other_verdicts.iter().any(|(k, _)| k == "natural"));
     // A rerun reuses the stored results, learned pixels included.
-    let again = classwise::search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap();
+    let again = classwise::search::run(&CpuBackend::REFERENCE, &inputs, &cfg, out.path()).unwrap();
     assert_eq!(again.reused, 6);
     for (a, b) in report.searches.iter().zip(&again.searches) {
         assert_eq!(a.canvas, b.canvas);

@@ -87,7 +87,13 @@ fn the_best_canvas_is_chosen_by_its_power_on_the_selection_images() {
     let mut cfg = small_cfg(&model);
     cfg.canvas = "auto:2+solid:1".into();
     let out = tempfile::tempdir().unwrap();
-    let report = search::run(&CpuBackend, &inputs(&model, &test), &cfg, out.path()).unwrap();
+    let report = search::run(
+        &CpuBackend::REFERENCE,
+        &inputs(&model, &test),
+        &cfg,
+        out.path(),
+    )
+    .unwrap();
     let sets = ImageSets::new(&test.class_indices(), &cfg);
     for c in &report.classes {
         let mine: Vec<usize> = (0..report.searches.len())
@@ -128,7 +134,7 @@ fn header_and_results(
     out: &std::path::Path,
 ) -> (search::RunHeader, Vec<search::SearchResult>) {
     let m = search::run_shard(
-        &CpuBackend,
+        &CpuBackend::REFERENCE,
         &inputs(model, test),
         cfg,
         out,
@@ -223,7 +229,13 @@ fn the_authors_imagenet_protocol_searches_every_image_and_counts_the_target_clas
     let sets = ImageSets::new(&test.class_indices(), &cfg);
     assert_eq!(sets.search_images(2), (0..200).collect::<Vec<_>>());
     let out = tempfile::tempdir().unwrap();
-    let report = search::run(&CpuBackend, &inputs(&model, &test), &cfg, out.path()).unwrap();
+    let report = search::run(
+        &CpuBackend::REFERENCE,
+        &inputs(&model, &test),
+        &cfg,
+        out.path(),
+    )
+    .unwrap();
     let s = &report.searches[0];
     assert_eq!(s.steps, 200 / 4);
     assert!(s.power.per_source.iter().any(|p| p.source == 2));
@@ -248,11 +260,23 @@ fn the_protocol_is_part_of_every_search_s_key() {
     cfg.mask.epochs = 1;
     cfg.k_sweep = Vec::new();
     let out = tempfile::tempdir().unwrap();
-    let a = search::run(&CpuBackend, &inputs(&model, &test), &cfg, out.path()).unwrap();
+    let a = search::run(
+        &CpuBackend::REFERENCE,
+        &inputs(&model, &test),
+        &cfg,
+        out.path(),
+    )
+    .unwrap();
     assert_eq!(a.reused, 0);
     // The same search set and optimisation, another protocol: not reused.
     cfg.protocol = Protocol::Cwp;
-    let b = search::run(&CpuBackend, &inputs(&model, &test), &cfg, out.path()).unwrap();
+    let b = search::run(
+        &CpuBackend::REFERENCE,
+        &inputs(&model, &test),
+        &cfg,
+        out.path(),
+    )
+    .unwrap();
     assert_eq!(b.reused, 0);
     assert_eq!(a.searches[0].mask, b.searches[0].mask);
     assert_ne!(

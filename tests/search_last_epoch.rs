@@ -17,7 +17,7 @@ fn the_last_epoch_average_is_the_mean_of_the_masks_after_each_update_of_the_last
     let spec: DataSpec = "fashion-mnist".parse().unwrap();
     let test = data::load(&spec, Split::Test, Some([1, 28, 28])).unwrap();
     let test = test.subset(&(0..200).collect::<Vec<_>>());
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     let params: Vec<_> = classwise::selftest::formula_params(&graph)
         .iter()
@@ -89,7 +89,7 @@ fn steps_restored_from_a_checkpoint_are_not_counted_as_run_so_the_throughput_is_
     let spec: DataSpec = "fashion-mnist".parse().unwrap();
     let test = data::load(&spec, Split::Test, Some([1, 28, 28])).unwrap();
     let test = test.subset(&(0..100).collect::<Vec<_>>());
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let graph = build(&ModelSpec::new("smallcnn", [1, 28, 28], 10)).unwrap();
     let dm =
         DeviceModel::upload(&be, &graph, &classwise::selftest::formula_params(&graph)).unwrap();

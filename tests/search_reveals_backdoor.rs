@@ -46,7 +46,7 @@ fn search(shipped: &Shipped) -> RunReport {
         checkpoint_every: None,
     };
     let out = tempfile::tempdir().unwrap();
-    search::run(&CpuBackend, &inputs, &cfg, out.path()).unwrap()
+    search::run(&CpuBackend::REFERENCE, &inputs, &cfg, out.path()).unwrap()
 }
 
 fn in_patch(p: usize) -> bool {
@@ -126,7 +126,7 @@ fn test_canvases_of_the_target_class_cannot_hold_the_trigger() {
     );
     // The canvas the search picks automatically is one of the dark ones.
     let model = models::BACKDOORED.load().unwrap();
-    let dm = DeviceModel::upload(&CpuBackend, &model.graph, &model.params).unwrap();
+    let dm = DeviceModel::upload(&CpuBackend::REFERENCE, &model.graph, &model.params).unwrap();
     let chosen =
         canvas::choose(&canvas::CanvasSpec::Auto(3), TARGET, &dm, &test, None, &[]).unwrap();
     for c in chosen {

@@ -19,7 +19,7 @@ use common::window::*;
 
 #[test]
 fn a_window_gives_the_bits_of_one_step_at_a_time_on_the_cpu() {
-    window_equals_step_by_step(&CpuBackend);
+    window_equals_step_by_step(&CpuBackend::REFERENCE);
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn a_window_copies_nothing_between_host_and_device_until_it_ends() {
 
 #[test]
 fn a_window_refuses_shapes_that_do_not_make_whole_steps() {
-    let cpu = CpuBackend;
+    let cpu = CpuBackend::REFERENCE;
     let g = graph();
     let model = DeviceModel::upload(&cpu, &g, &formula_params(&g)).unwrap();
     let cfg = cfg();

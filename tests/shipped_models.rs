@@ -20,7 +20,7 @@ fn test_set() -> classwise::data::Dataset {
 #[test]
 fn the_natural_model_is_accurate() {
     let m = models::NATURAL.load().unwrap();
-    let dm = DeviceModel::upload(&CpuBackend, &m.graph, &m.params).unwrap();
+    let dm = DeviceModel::upload(&CpuBackend::REFERENCE, &m.graph, &m.params).unwrap();
     let acc = eval::accuracy(&dm, &test_set(), 500, |_| {})
         .unwrap()
         .accuracy;
@@ -32,7 +32,7 @@ fn the_natural_model_is_accurate() {
 fn the_backdoored_model_keeps_its_accuracy_and_obeys_its_trigger() {
     let m = models::BACKDOORED.load().unwrap();
     let test = test_set();
-    let dm = DeviceModel::upload(&CpuBackend, &m.graph, &m.params).unwrap();
+    let dm = DeviceModel::upload(&CpuBackend::REFERENCE, &m.graph, &m.params).unwrap();
     let acc = eval::accuracy(&dm, &test, 500, |_| {}).unwrap().accuracy;
     // The trigger and target are read from the model's own metadata.
     let trigger: TriggerSpec = m.meta.extra["trigger"].parse().unwrap();
@@ -59,7 +59,7 @@ fn the_backdoored_model_keeps_its_accuracy_and_obeys_its_trigger() {
 fn the_adversarially_trained_model_resists_pgd() {
     let m = models::ADVERSARIAL.load().unwrap();
     let test = test_set();
-    let dm = DeviceModel::upload(&CpuBackend, &m.graph, &m.params).unwrap();
+    let dm = DeviceModel::upload(&CpuBackend::REFERENCE, &m.graph, &m.params).unwrap();
     let acc = eval::accuracy(&dm, &test, 500, |_| {}).unwrap().accuracy;
     let pgd = Attack::pgd(0.1, 0.025, 20).unwrap();
     let r = eval::robust_accuracy(&dm, &test, &pgd, 250, Some(1000), 0, |_| {}).unwrap();
@@ -71,7 +71,7 @@ fn the_adversarially_trained_model_resists_pgd() {
     );
     // The natural model, under the same attack, is far weaker.
     let n = models::NATURAL.load().unwrap();
-    let dn = DeviceModel::upload(&CpuBackend, &n.graph, &n.params).unwrap();
+    let dn = DeviceModel::upload(&CpuBackend::REFERENCE, &n.graph, &n.params).unwrap();
     let rn = eval::robust_accuracy(&dn, &test, &pgd, 250, Some(1000), 0, |_| {}).unwrap();
     assert!(
         r.robust_accuracy > rn.robust_accuracy + 0.3,

@@ -48,7 +48,16 @@ fn fit(
     test: &Dataset,
     out: &Path,
 ) -> (Model, Vec<EpochStats>) {
-    train(&CpuBackend, &spec(), train_set, test, cfg, out, false).unwrap()
+    train(
+        &CpuBackend::REFERENCE,
+        &spec(),
+        train_set,
+        test,
+        cfg,
+        out,
+        false,
+    )
+    .unwrap()
 }
 
 fn badnets() -> TriggerSpec {
@@ -105,7 +114,7 @@ fn adversarial_training_beats_natural_training_under_the_same_attack() {
     let mut cfg = config(2, 1);
     cfg.adversarial = Some(Attack::fgsm_rs(0.1).unwrap());
     let (robust, _) = fit(&cfg, &tr, &te, &dir.path().join("a.safetensors"));
-    let be = CpuBackend;
+    let be = CpuBackend::REFERENCE;
     let attack = Attack::pgd(0.1, 0.025, 10).unwrap();
     let acc = |m: &Model| {
         let dm = DeviceModel::upload(&be, &m.graph, &m.params).unwrap();

@@ -45,6 +45,17 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Lets the CPU's eval-mode forward convolutions take Winograd
+    /// (`--cpu-forward`; see [`CpuBackend::with_winograd_forward`]). The
+    /// GPU backends have direct kernels only and are left as they are.
+    pub fn set_cpu_winograd_forward(&mut self, on: bool) {
+        if let Device::Cpu(cpu) = self {
+            *cpu = cpu.with_winograd_forward(on);
+        }
+    }
+}
+
 /// Runs `$body` with `$be` bound to the backend inside a [`Device`].
 #[macro_export]
 macro_rules! with_device {
@@ -64,12 +75,12 @@ macro_rules! with_device {
 /// error naming what is missing.
 pub fn select_device(spec: &str) -> Result<(Device, Option<String>)> {
     match spec {
-        "cpu" => Ok((Device::Cpu(CpuBackend), None)),
+        "cpu" => Ok((Device::Cpu(CpuBackend::REFERENCE), None)),
         "emu" => Ok((Device::Emu(GpuBackend::new(EmuDriver::new())), None)),
         "auto" => match CudaDriver::new(0) {
             Ok(d) => Ok((Device::Cuda(GpuBackend::new(d)), None)),
             Err(e) => Ok((
-                Device::Cpu(CpuBackend),
+                Device::Cpu(CpuBackend::REFERENCE),
                 Some(format!("no usable CUDA device ({e}); running on the CPU")),
             )),
         },
@@ -91,5 +102,22 @@ pub fn select_device(spec: &str) -> Result<(Device, Option<String>)> {
             "--device",
             format!("unknown device `{other}` (auto, cpu, cuda[:N], emu)"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+
+    #[test]
+    fn the_cpu_winograd_forward_is_off_by_default_and_part_of_the_numerics() {
+        let (mut dev, _) = select_device("cpu").unwrap();
+        let numerics = |d: &Device| crate::with_device!(d, |be| be.numerics());
+        assert_eq!(numerics(&dev), "cpu fp32");
+        dev.set_cpu_winograd_forward(true);
+        assert_eq!(numerics(&dev), "cpu fp32 winograd-forward");
+        dev.set_cpu_winograd_forward(false);
+        assert_eq!(numerics(&dev), "cpu fp32");
     }
 }

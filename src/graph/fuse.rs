@@ -311,7 +311,7 @@ mod tests {
 
     /// Logits and input gradient of the mean cross-entropy on the CPU.
     fn logits_and_dx(g: &Graph, params: &[Tensor], x: &Tensor) -> (Tensor, Tensor) {
-        let be = CpuBackend;
+        let be = CpuBackend::REFERENCE;
         let n = x.shape()[0];
         let labels: Vec<usize> = (0..n).map(|i| i % g.num_classes).collect();
         let t = g.forward_trace(&be, params, x.clone()).unwrap();
@@ -328,7 +328,7 @@ mod tests {
         let f = fuse(g).unwrap();
         let params = formula_params(g);
         let mut fp = params.clone();
-        fp.extend(f.folded_params(&CpuBackend, &params).unwrap());
+        fp.extend(f.folded_params(&CpuBackend::REFERENCE, &params).unwrap());
         f.graph.check_params(&fp).unwrap();
         let x = formula_input(&g.input_shape(2));
         let (l, dx) = logits_and_dx(g, &params, &x);
@@ -499,7 +499,7 @@ mod tests {
         let f = fuse_and_compare(&g);
         assert_eq!(f.graph, g);
         assert!(f
-            .folded_params(&CpuBackend, &formula_params(&g))
+            .folded_params(&CpuBackend::REFERENCE, &formula_params(&g))
             .unwrap()
             .is_empty());
     }

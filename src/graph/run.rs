@@ -610,7 +610,7 @@ mod tests {
         // A plain network from the input and a residual one with its own
         // input normalisation: every parameter gradient bit for bit, and
         // none formed for the nodes with no parameter upstream.
-        let be = CpuBackend;
+        let be = CpuBackend::REFERENCE;
         for (arch, input) in [("smallcnn", [1, 12, 12]), ("resnet18", [3, 8, 8])] {
             let mut spec = ModelSpec::new(arch, input, 5);
             if arch == "resnet18" {

@@ -104,7 +104,7 @@ pub fn blend_batch(x: &mut Tensor, canvas: &[f32], mask: &[f32]) -> Result<()> {
     };
     let canvas = Tensor::new(&[1, canvas.len() / (h * w).max(1), h, w], canvas.to_vec())?;
     let mask = Tensor::new(&[1, h, w], mask.to_vec())?;
-    *x = CpuBackend.composite(&canvas, &mask, x)?;
+    *x = CpuBackend::REFERENCE.composite(&canvas, &mask, x)?;
     Ok(())
 }
 
@@ -305,7 +305,7 @@ mod tests {
         let mut blended = Tensor::new(&[n, c, h, w], x.clone()).unwrap();
         blend_batch(&mut blended, &canvas, &mask).unwrap();
 
-        let be = CpuBackend;
+        let be = CpuBackend::REFERENCE;
         let up = |shape: &[usize], v: &[f32]| be.upload(&Tensor::new(shape, v.to_vec()).unwrap());
         let composite = be
             .composite(

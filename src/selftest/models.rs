@@ -95,7 +95,7 @@ pub fn maxpool_near_ties(
     let mut ties = vec![0usize; n];
     let p = params
         .iter()
-        .map(|t| CpuBackend.upload(t))
+        .map(|t| CpuBackend::REFERENCE.upload(t))
         .collect::<Result<Vec<_>>>()?;
     for node in &graph.nodes {
         let crate::graph::Op::MaxPool(pp) = node.op else {
@@ -107,7 +107,7 @@ pub fn maxpool_near_ties(
         let a = if src == 0 {
             x.clone()
         } else {
-            g.forward(&CpuBackend, &p, x)?
+            g.forward(&CpuBackend::REFERENCE, &p, x)?
         };
         let (c, h, w) = (a.shape()[1], a.shape()[2], a.shape()[3]);
         let (oh, ow) = (pp.out_len(h), pp.out_len(w));
@@ -221,7 +221,7 @@ pub fn check_model_outputs<D: Driver>(
     let graph = build(&ModelSpec::new(case.arch, case.input, case.classes))?;
     let params = formula_params(&graph);
     let x = formula_input(&graph.input_shape(case.batch));
-    let (cl, cdx) = logits_and_input_grad(&CpuBackend, &graph, &params, &x)?;
+    let (cl, cdx) = logits_and_input_grad(&CpuBackend::REFERENCE, &graph, &params, &x)?;
     let ties = maxpool_near_ties(&graph, &params, &x, 1e-5)?;
     let group = format!(
         "{} {}x{}x{} batch {}",
@@ -263,8 +263,8 @@ pub fn check_model_outputs<D: Driver>(
         &ties,
         gtol,
     );
-    let cpu_fused = DeviceModel::upload(&CpuBackend, &graph, &params)?;
-    let out = cpu_fused.pass(CpuBackend.upload(&x)?, &labels, &weights)?;
+    let cpu_fused = DeviceModel::upload(&CpuBackend::REFERENCE, &graph, &params)?;
+    let out = cpu_fused.pass(CpuBackend::REFERENCE.upload(&x)?, &labels, &weights)?;
     s.metric(
         "logits (CPU fused graph against CPU graph)".into(),
         scaled_max_diff(out.logits.data(), cl.data()),
@@ -312,9 +312,9 @@ pub fn check_search_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Re
     // The reference: the CPU's plain graph.
     let cpu_params = params
         .iter()
-        .map(|t| CpuBackend.upload(t))
+        .map(|t| CpuBackend::REFERENCE.upload(t))
         .collect::<Result<Vec<_>>>()?;
-    let cpu_model = DeviceModel::generic(&CpuBackend, &graph, cpu_params);
+    let cpu_model = DeviceModel::generic(&CpuBackend::REFERENCE, &graph, cpu_params);
     let want = search_step(&cpu_model, &canvas, &mask, &others, &targets, &cfg, false)?;
     // The search's own model (the fused graph), and the plain graph on the
     // same device.
@@ -405,7 +405,7 @@ pub fn check_train_step<D: Driver>(gpu: &GpuBackend<D>, case: &ModelCase) -> Res
             .collect::<Result<Vec<_>>>()?;
         Ok((after, host_grads, dx))
     }
-    let (cp, cg, cdx) = step(&CpuBackend, &graph, &params, &x, &labels, sgd)?;
+    let (cp, cg, cdx) = step(&CpuBackend::REFERENCE, &graph, &params, &x, &labels, sgd)?;
     let (gp, gg, gdx) = step(gpu, &graph, &params, &x, &labels, sgd)?;
     let mut su = Suite::new(gpu, &format!("train step {} batch {n}", case.arch), 0);
     let (_, gtol) = model_tolerances_in(case.deep, gpu.precision(), gemm_layers(&graph));

@@ -58,7 +58,7 @@ impl<'a, D: Driver> Suite<'a, D> {
     pub(super) fn new(gpu: &'a GpuBackend<D>, group: &str, seed: u64) -> Self {
         Suite {
             gpu,
-            cpu: CpuBackend,
+            cpu: CpuBackend::REFERENCE,
             rng: ChaCha8Rng::seed_from_u64(seed),
             group: group.to_string(),
             out: Vec::new(),

@@ -154,7 +154,7 @@ impl Variant for F4 {
 /// The extents of one Winograd convolution: `x [n, c, h, w]` with
 /// `w [o, c, 3, 3]`, zero padding `pad`, output `[n, o, oh, ow]`.
 #[derive(Clone, Copy, Debug)]
-struct Shape {
+pub(super) struct Shape {
     n: usize,
     c: usize,
     h: usize,
@@ -192,15 +192,9 @@ const NO_EPILOGUE: Epilogue<'static> = Epilogue {
     relu: false,
 };
 
-/// The forward convolution of `x` by `w` (see [`applies`]) with the
-/// variant `V`.
-pub(super) fn forward<V: Variant>(
-    x: &[f32],
-    w: &[f32],
-    g: &ConvGeom,
-    epi: &Epilogue<'_>,
-) -> Vec<f32> {
-    let s = Shape {
+/// The shape of [`forward`]'s convolution.
+pub(super) fn forward_shape(g: &ConvGeom) -> Shape {
+    Shape {
         n: g.n,
         c: g.c,
         h: g.h,
@@ -209,7 +203,33 @@ pub(super) fn forward<V: Variant>(
         pad: g.pad,
         oh: g.oh,
         ow: g.ow,
-    };
+    }
+}
+
+/// Whether F(4x4) takes fewer products than F(2x2) on `s` (it does not on
+/// images of 6x6 and less, whose partial tiles waste most of it).
+pub(super) fn takes_f4(s: &Shape) -> bool {
+    s.products(F4::T) < s.products(F2::T)
+}
+
+/// The forward convolution of `x` by `w` (see [`applies`]) with its
+/// epilogue, with the variant of fewer products.
+pub(super) fn forward(x: &[f32], w: &[f32], g: &ConvGeom, epi: &Epilogue<'_>) -> Vec<f32> {
+    if takes_f4(&forward_shape(g)) {
+        forward_with::<F4>(x, w, g, epi)
+    } else {
+        forward_with::<F2>(x, w, g, epi)
+    }
+}
+
+/// [`forward`] with the variant `V`.
+pub(super) fn forward_with<V: Variant>(
+    x: &[f32],
+    w: &[f32],
+    g: &ConvGeom,
+    epi: &Epilogue<'_>,
+) -> Vec<f32> {
+    let s = forward_shape(g);
     let u = transformed_filters::<V>(w, s.o, s.c, false);
     conv::<V>(x, None, &u, &s, epi)
 }
@@ -228,12 +248,9 @@ fn adjoint_shape(g: &ConvGeom) -> Shape {
     }
 }
 
-/// Whether [`backward_data`] takes F(4x4): when it needs fewer products
-/// than F(2x2) (it does not on images of 6x6 and less, whose partial tiles
-/// waste most of it).
+/// Whether [`backward_data`] takes F(4x4) (see [`takes_f4`]).
 pub(super) fn backward_takes_f4(g: &ConvGeom) -> bool {
-    let s = adjoint_shape(g);
-    s.products(F4::T) < s.products(F2::T)
+    takes_f4(&adjoint_shape(g))
 }
 
 /// The input gradient of the forward convolution (see [`applies`]): a
