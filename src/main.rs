@@ -287,7 +287,7 @@ struct DeviceArg {
     /// The CPU's eval-mode 3x3 forward convolutions (searches, scans,
     /// evaluations; training's own steps stay direct): direct (the reference,
     /// within every float64 fixture's bound) or winograd (F(4x4,3x3): resnet18
-    /// searches about a third faster, but its few-ulp differences can flip a
+    /// searches about 1.15x as fast here, but its few-ulp differences can flip a
     /// ReLU or max-pool decision that sits on a near-tie, and on three
     /// fixtures that moves the input gradient past its bound; see README). The
     /// GPU's kernels are direct either way.

@@ -43,9 +43,7 @@ impl Device {
             }
         }
     }
-}
 
-impl Device {
     /// Lets the CPU's eval-mode forward convolutions take Winograd
     /// (`--cpu-forward`; see [`CpuBackend::with_winograd_forward`]). The
     /// GPU backends have direct kernels only and are left as they are.
