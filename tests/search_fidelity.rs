@@ -6,7 +6,9 @@
 
 use classwise::backend::cpu::CpuBackend;
 use classwise::data::{self, DataSpec, Dataset, Split};
-use classwise::search::{self, store::Store, ImageSets, Protocol, RunInputs, SearchConfig};
+use classwise::search::{
+    self, store::Store, ImageSets, Protocol, RunInputs, RunReport, SearchConfig,
+};
 use classwise::weights::Model;
 
 fn test_set(n: usize) -> Dataset {
@@ -42,6 +44,11 @@ fn inputs<'a>(model: &'a Model, test: &'a Dataset) -> RunInputs<'a> {
         quiet: true,
         checkpoint_every: None,
     }
+}
+
+/// A whole search run on the reference backend.
+fn run(model: &Model, test: &Dataset, cfg: &SearchConfig, out: &std::path::Path) -> RunReport {
+    search::run(&CpuBackend::REFERENCE, &inputs(model, test), cfg, out).unwrap()
 }
 
 #[test]
@@ -87,13 +94,7 @@ fn the_best_canvas_is_chosen_by_its_power_on_the_selection_images() {
     let mut cfg = small_cfg(&model);
     cfg.canvas = "auto:2+solid:1".into();
     let out = tempfile::tempdir().unwrap();
-    let report = search::run(
-        &CpuBackend::REFERENCE,
-        &inputs(&model, &test),
-        &cfg,
-        out.path(),
-    )
-    .unwrap();
+    let report = run(&model, &test, &cfg, out.path());
     let sets = ImageSets::new(&test.class_indices(), &cfg);
     for c in &report.classes {
         let mine: Vec<usize> = (0..report.searches.len())
@@ -229,13 +230,7 @@ fn the_authors_imagenet_protocol_searches_every_image_and_counts_the_target_clas
     let sets = ImageSets::new(&test.class_indices(), &cfg);
     assert_eq!(sets.search_images(2), (0..200).collect::<Vec<_>>());
     let out = tempfile::tempdir().unwrap();
-    let report = search::run(
-        &CpuBackend::REFERENCE,
-        &inputs(&model, &test),
-        &cfg,
-        out.path(),
-    )
-    .unwrap();
+    let report = run(&model, &test, &cfg, out.path());
     let s = &report.searches[0];
     assert_eq!(s.steps, 200 / 4);
     assert!(s.power.per_source.iter().any(|p| p.source == 2));
@@ -260,23 +255,11 @@ fn the_protocol_is_part_of_every_search_s_key() {
     cfg.mask.epochs = 1;
     cfg.k_sweep = Vec::new();
     let out = tempfile::tempdir().unwrap();
-    let a = search::run(
-        &CpuBackend::REFERENCE,
-        &inputs(&model, &test),
-        &cfg,
-        out.path(),
-    )
-    .unwrap();
+    let a = run(&model, &test, &cfg, out.path());
     assert_eq!(a.reused, 0);
     // The same search set and optimisation, another protocol: not reused.
     cfg.protocol = Protocol::Cwp;
-    let b = search::run(
-        &CpuBackend::REFERENCE,
-        &inputs(&model, &test),
-        &cfg,
-        out.path(),
-    )
-    .unwrap();
+    let b = run(&model, &test, &cfg, out.path());
     assert_eq!(b.reused, 0);
     assert_eq!(a.searches[0].mask, b.searches[0].mask);
     assert_ne!(
