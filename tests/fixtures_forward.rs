@@ -77,7 +77,8 @@ fn check_forward_fixture(arch: &str, c: usize, hw: usize, classes: usize, deep: 
 /// (`tie_at_input`) dx is held at five inputs, the fixture's and four moved
 /// by 1e-7 relative, and must meet the bound at three: measured, it misses
 /// at the fixture's and one more (1.8e-2) and is 1.2e-5 at the other three.
-/// A wrong transform misses at all five. This is why the Winograd forward
+/// That rule came after the measurement: it guards the option (a wrong
+/// transform misses at all five), it does not make vgg16 meet its bound. This is why the Winograd forward
 /// is not the default: it does not keep every fixture within its bound.
 fn winograd_forward_matches(
     graph: &Graph,

@@ -2,7 +2,7 @@
 //! function, reproduces PyTorch's float64 arithmetic (fixture
 //! `search_step_smallcnn_1x28`): composite, logits, CE, mask gradient
 //! (including the L1 term), and the signed, clamped step: on the reference
-//! backend and with the Winograd forward that `cwp` runs by default.
+//! backend and with the Winograd forward of `--cpu-forward winograd`.
 
 mod common;
 
@@ -19,12 +19,19 @@ fn one_search_step_matches_pytorch() {
     check_step(CpuBackend::REFERENCE);
 }
 
+/// The Winograd step is a second computation, not the reference's bits
+/// again, and it too meets every bound.
+
 #[test]
 fn one_search_step_with_the_winograd_forward_matches_pytorch() {
-    check_step(CpuBackend::REFERENCE.with_winograd_forward(true));
+    let winograd = check_step(CpuBackend::REFERENCE.with_winograd_forward(true));
+    let direct = check_step(CpuBackend::REFERENCE);
+    assert_ne!(winograd, direct, "the Winograd forward was not taken");
 }
 
-fn check_step(be: CpuBackend) {
+/// Runs the step on `be`, checks it against the fixture and returns its
+/// logits.
+fn check_step(be: CpuBackend) -> Vec<f32> {
     let name = "search_step_smallcnn_1x28.safetensors";
     let f = fixture(name);
     let meta = |k: &str| -> f32 { f.metadata[k].parse().unwrap() };
@@ -96,4 +103,5 @@ fn check_step(be: CpuBackend) {
         changed > 600,
         "the step moved only {changed} of 784 mask values"
     );
+    out.logits.data().to_vec()
 }
