@@ -173,6 +173,9 @@ pub struct ConvRow {
 pub struct BenchReport {
     /// Device description.
     pub device: String,
+    /// The backend's arithmetic (`cpu fp32 winograd-forward`, `cuda tf32`,
+    /// ...), so that a figure says which path it timed.
+    pub numerics: String,
     /// FP32 (non-tensor) peak used for the percentages, TFLOP/s, if known.
     pub fp32_peak_tflops: Option<f64>,
     /// Forward + backward-to-input throughput.
@@ -298,6 +301,7 @@ fn bench_cpu(
     let (convs, conv_tflops_weighted) = conv_rows(cpu, cfg, &sync, progress)?;
     Ok(BenchReport {
         device: cpu.name(),
+        numerics: cpu.numerics(),
         fp32_peak_tflops: None,
         models,
         search,
@@ -484,6 +488,7 @@ fn bench_gpu<D: Driver>(
     let device = gpu.name();
     Ok(BenchReport {
         fp32_peak_tflops: fp32_peak(&device),
+        numerics: gpu.numerics(),
         device,
         models,
         search,
@@ -617,7 +622,7 @@ fn shape(input: &[usize; 3]) -> String {
 
 /// The report as a plain-text table.
 pub fn format_report(r: &BenchReport) -> String {
-    let mut s = format!("device: {}\n", r.device);
+    let mut s = format!("device: {} ({})\n", r.device, r.numerics);
     s += "\nforward + backward to the input\n";
     s += &format!(
         "{:<20} {:>12} {:>6} {:>12} {:>10}\n",

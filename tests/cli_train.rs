@@ -133,6 +133,53 @@ fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
     assert!(msg.contains("--train"), "{msg}");
 }
 
+/// The bench report names the arithmetic it timed: the CPU's reference by
+/// default, the Winograd forward when `--cpu-forward winograd` asks for it
+/// (the same path a search then takes); an unknown choice names the option.
+#[test]
+fn cwp_bench_reports_the_cpu_forward_it_timed() {
+    let numerics = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("bench.json");
+        let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+            .args(["bench", "--device", "cpu", "--models", "none"])
+            .args([
+                "--search",
+                "smallcnn:1",
+                "--train",
+                "none",
+                "--convs",
+                "none",
+            ])
+            .args(["--seconds", "0.05"])
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let n = report["numerics"].as_str().unwrap().to_string();
+        assert!(text.contains(&format!("({n})")), "{text}");
+        n
+    };
+    assert_eq!(numerics(&[]), "cpu fp32");
+    assert_eq!(numerics(&["--cpu-forward", "direct"]), "cpu fp32");
+    assert_eq!(
+        numerics(&["--cpu-forward", "winograd"]),
+        "cpu fp32 winograd-forward"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["bench", "--device", "cpu", "--cpu-forward", "fft"])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(msg.contains("--cpu-forward"), "{msg}");
+}
+
 /// `cwp bench --convs` on the CPU times each distinct convolution of the
 /// model once (forward, backward-data, backward-filter), with how many
 /// layers share its shape, so a run can be set beside PyTorch's per layer.
