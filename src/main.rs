@@ -1496,25 +1496,9 @@ fn restore_sigpipe() {
     }
 }
 
-/// Keeps freed memory in the process for the next allocation instead of
-/// handing it back to the system. glibc maps every block over 32 MiB afresh
-/// and unmaps it when freed, so a search step's activations (51 MB a tensor
-/// for resnet50 at 224x224 with 16 images) came back as new pages on every
-/// step, and the kernel's faulting and zeroing of them took 9% of the step.
-/// Peak memory is unchanged; it is held until the process ends.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: `mallopt` only tunes the allocator; it is called before any
-    // other thread exists. -1 for the trim threshold turns trimming off.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
-    }
-}
-
 fn main() -> ExitCode {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    keep_freed_memory();
+    // Before the first large allocation (data, weights), not at the first op.
+    classwise::backend::cpu::tune_allocator();
     #[cfg(unix)]
     restore_sigpipe();
     let args = match utf8_args(std::env::args_os().collect()) {

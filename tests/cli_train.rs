@@ -107,6 +107,18 @@ fn bench_cpu(plans: [&str; 4], seconds: &str) -> (String, serde_json::Value) {
     (text, report)
 }
 
+/// Runs `cwp bench --device cpu` with `args`; it must fail. Returns its
+/// error output.
+fn bench_refused(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
+        .args(["bench", "--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
 /// `cwp bench --train` times the training step and writes it to the JSON
 /// report, every other section left out with `none`; a malformed plan names
 /// `--train`.
@@ -124,12 +136,7 @@ fn cwp_bench_times_training_steps_and_refuses_a_bad_plan() {
     assert!(report["models"].as_array().unwrap().is_empty());
     assert!(report["search"].as_array().unwrap().is_empty());
 
-    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args(["bench", "--device", "cpu", "--train", "smallcnn:0"])
-        .output()
-        .unwrap();
-    let msg = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let msg = bench_refused(&["--train", "smallcnn:0"]);
     assert!(msg.contains("--train"), "{msg}");
 }
 
@@ -171,12 +178,7 @@ fn cwp_bench_reports_the_cpu_forward_it_timed() {
         numerics(&["--cpu-forward", "winograd"]),
         "cpu fp32 winograd-forward"
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_cwp"))
-        .args(["bench", "--device", "cpu", "--cpu-forward", "fft"])
-        .output()
-        .unwrap();
-    let msg = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let msg = bench_refused(&["--cpu-forward", "fft"]);
     assert!(msg.contains("--cpu-forward"), "{msg}");
 }
 
