@@ -2,7 +2,7 @@
 //! shapes at batch 256: forward, backward-data and backward-filter, with
 //! FLOP throughput (criterion reports it as elements/s = FLOP/s). Skips with
 //! a message where no CUDA device exists. `cwp bench` prints the same
-//! figures as TFLOP/s and shares of the FP32 peak.
+//! figures as TFLOP/s and shares of the mode's dense peak.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -69,10 +69,13 @@ def plan(smoke):
     rest += [("search", "resnet50_imagenet", imnet, 1, "authors")]
     rest += [("search", "resnet50_imagenet", imnet, s, c) for s in (4, 16) for c in cfgs]
     rest += [("models", arch, inp, 256, c) for arch, inp in (("smallcnn", sc), ("resnet18", r32)) for c in cfgs]
+    # The inputs are lists (JSON-like), so the key that drops repeats is a
+    # tuple of the workload with its input as a tuple.
     seen, out = set(), []
     for t in first + rest:
-        if t not in seen:
-            seen.add(t)
+        key = (t[0], t[1], tuple(t[2]), t[3], t[4])
+        if key not in seen:
+            seen.add(key)
             out.append(t)
     return out
 

@@ -12,7 +12,9 @@
 #       sm_90 (`cwp precompile`, with the NVRTC wheel of scripts/setup.sh),
 #       and copies this script, scripts/gpu_check_report.py,
 #       benches/gpu_peers.py, tests/fixtures/zoo_torch.py, the shipped
-#       BadNets model and Fashion-MNIST's test split into DIR.
+#       models (a relative link when DIR is inside the checkout) and
+#       Fashion-MNIST's test split into DIR; cwp travels gzipped (a device
+#       call carries at most 64 MiB, the checkout included).
 #
 #   DIR/gpu-check.sh run [OUT]
 #       On the GPU machine, from DIR, with CWP_CACHE_DIR=DIR/kernel-cache so
@@ -20,7 +22,8 @@
 #       the whole under a budget (CWP_CHECK_BUDGET seconds, default 480):
 #         0. bare start: cwp selftest --quick with CWP_NVRTC_LIB pointing
 #            nowhere (every kernel must come from the precompiled cache)
-#         1. cwp selftest --device cuda   (equivalence suite, table of errors)
+#         1. cwp selftest --device cuda   (equivalence suite, table of errors),
+#            then once per tensor-core mode (--precision tf32x3, tf32, bf16)
 #         2. gpu_cuda tests               (ops, out of memory, damaged cache,
 #                                         a search window replayed as a CUDA graph)
 #         3. cwp bench, once per --precision mode if `cwp bench --help` lists
@@ -31,19 +34,25 @@
 #            channels_last, on the same workloads
 #         5. Neural Cleanse on the shipped BadNets model, all classes batched
 #            and then one class at a time (`--sequential`), 20 steps each
-#            (issue 13's target: batched at least 2x faster), before the
-#            benches of the remaining precision modes
-#         6. NVRTC probe: `cwp precompile` with no hint where NVRTC is
+#            (issue 13's target: batched at least 2x faster)
+#         6. issue 9's accuracy gate: `cwp search` with full defaults on each
+#            shipped model in every mode, and in fp32 with --seed 1 (the
+#            search's own spread), each compared with fp32's (about 7 s a
+#            search on an H200; CWP_CHECK_GATE_MODELS, _MODES and _ARGS narrow
+#            it); then the benches of the remaining precision modes
+#         7. NVRTC probe: `cwp precompile` with no hint where NVRTC is
 #       After every step, gpu_check_report.py rewrites OUT (defaults to $OUT,
 #       else DIR/out): gpu-check.json (ratios and verdicts against the issue's
-#       targets), bench.json, selftest.json, torch.json and log.txt, so a run
-#       cut short still leaves what it measured.
+#       targets), bench.json, selftest.json (every mode), torch.json,
+#       gate.json (each gate search's power and positions) and log.txt, so a
+#       run cut short still leaves what it measured.
 #       Exit status: 0 when the selftest and the tests passed.
 #
 #   Dry run without a GPU (checks the script and its JSON, not the GPU):
 #     CWP_CHECK_DEVICE=emu CWP_CHECK_SELFTEST_ARGS=--quick \
 #     CWP_CHECK_MODELS='smallcnn:2' CWP_CHECK_SEARCH='smallcnn:1,2' CWP_CHECK_CONVS='smallcnn:2' \
 #     CWP_CHECK_SECONDS=0.05 CWP_CHECK_NC_STEPS=1 CWP_CHECK_TORCH_ARGS=--smoke \
+#     CWP_CHECK_SELFTEST_MODES=tf32 CWP_CHECK_GATE_MODELS= \
 #     CWP_CHECK_PYTHON=/path/to/python-with-torch \
 #     DIR/gpu-check.sh run
 set -uo pipefail
@@ -65,6 +74,7 @@ prepare() {
   test_exe=$(exe_of gpu_cuda <<<"$exes")
   [ -x "$cwp" ] || die "could not build cwp"
   [ -x "$test_exe" ] || die "could not build the gpu_cuda test executable"
+  rm -f "$dir/cwp" "$dir/cwp.gz"
   cp "$cwp" "$dir/cwp"
   cp "$test_exe" "$dir/gpu_cuda"
   command -v strip >/dev/null && strip "$dir/cwp" "$dir/gpu_cuda" 2>/dev/null
@@ -78,14 +88,24 @@ prepare() {
   local zoo="$root/tests/fixtures/zoo_torch.py"
   [ -f "$zoo" ] || die "zoo_torch.py not found at $zoo"
   cp "$zoo" "$dir/zoo_torch.py"
-  # Neural Cleanse needs a model and clean images: the shipped BadNets
-  # smallcnn and Fashion-MNIST's test split (the GPU machine has no network).
-  cp "$root/models/smallcnn_fmnist_badnets.safetensors" "$dir/badnets.safetensors"
+  # Neural Cleanse and the whole searches need the shipped models and clean
+  # images: models/ and Fashion-MNIST's test split (the GPU machine has no
+  # network). Inside the checkout (which travels to the GPU machine anyway)
+  # models/ is a relative link, so that the models do not travel twice.
+  rm -rf "$dir/models" "$dir/badnets.safetensors"
+  case "$dir/" in
+    "$root/"*) ln -s "$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' \
+      "$root/models" "$dir")" "$dir/models" ;;
+    *) cp -r "$root/models" "$dir/models" ;;
+  esac
   mkdir -p "$dir/fashion-mnist"
   (cd "$root" && . scripts/setup.sh && ensure_apt dataset-fashion-mnist) || die "no Fashion-MNIST"
   cp /usr/share/datasets/fashion-mnist/t10k-*-ubyte.gz "$dir/fashion-mnist/" || die "Fashion-MNIST's test split not found"
   chmod +x "$dir/gpu-check.sh" "$dir/cwp" "$dir/gpu_cuda"
-  du -sh "$dir"
+  # A device call carries at most 64 MiB with the checkout: cwp travels
+  # compressed and `run` unpacks it.
+  gzip -9 "$dir/cwp" || die "cannot compress cwp"
+  du -shL "$dir"
   echo "gpu-check: ready; on the GPU machine run: $dir/gpu-check.sh run"
 }
 
@@ -126,6 +146,9 @@ run() {
   mkdir -p "$out" "$work" || die "cannot create $out or $work"
   out=$(cd "$out" && pwd)
   cd "$dir" || die "cannot enter $dir"
+  if [ ! -x cwp ] && [ -f cwp.gz ]; then
+    gunzip -kf cwp.gz && chmod +x cwp || die "cannot unpack cwp.gz"
+  fi
   local py=${CWP_CHECK_PYTHON:-python3}
   # Not in a pipeline: its exports must reach the steps.
   find_libs >"$work/env.txt"
@@ -175,6 +198,20 @@ run() {
     >"$work/selftest.txt" 2>"$work/selftest.err"
   local rc_self=$?
   tail -n 3 "$work/selftest.txt"; tail -n 2 "$work/selftest.err"
+
+  # The tensor-core modes against their own derived bounds (selftest.json
+  # above is fp32's), if this cwp has them.
+  local self_help
+  self_help=$(./cwp selftest --help 2>/dev/null)
+  if grep -q -- '--precision' <<<"$self_help"; then
+    local sm
+    for sm in ${CWP_CHECK_SELFTEST_MODES-tf32x3 tf32 bf16}; do
+      # shellcheck disable=SC2086
+      step "selftest_$sm" 60 ./cwp selftest --device "$dev" --precision "$sm" ${CWP_CHECK_SELFTEST_ARGS:-} \
+        --json "$work/selftest-$sm.json" >"$work/selftest-$sm.txt" 2>"$work/selftest-$sm.err"
+      tail -n 1 "$work/selftest-$sm.txt"
+    done
+  fi
 
   # The tests are #[ignore]d so that a machine without a GPU counts them as
   # ignored; here they are what we came for.
@@ -229,14 +266,35 @@ run() {
   tail -n 1 "$work/torch.txt"
 
   # Neural Cleanse batched over the classes against one class at a time.
-  if [ -f badnets.safetensors ]; then
+  if [ -f models/smallcnn_fmnist_badnets.safetensors ]; then
     local nc_mode
     for nc_mode in batched sequential; do
       local nc_flag=()
       [ "$nc_mode" = sequential ] && nc_flag=(--sequential)
-      step "nc_$nc_mode" 45 ./cwp cleanse --device "$dev" --weights badnets.safetensors \
+      step "nc_$nc_mode" 45 ./cwp cleanse --device "$dev" --weights models/smallcnn_fmnist_badnets.safetensors \
         --data "fashion-mnist:$dir/fashion-mnist" --steps "${CWP_CHECK_NC_STEPS:-20}" --quiet \
         "${nc_flag[@]}" --out "$work/nc-$nc_mode" >"$work/nc-$nc_mode.txt" 2>&1
+    done
+  fi
+
+  # Issue 9's accuracy gate: a whole search (full defaults) on each shipped
+  # model in each mode, and fp32 again with --seed 1 for the search's own
+  # spread; gpu_check_report.py compares each with fp32's.
+  if [ "$modes" != default ]; then
+    local model gm
+    # shellcheck disable=SC2086
+    for model in ${CWP_CHECK_GATE_MODELS-models/*.safetensors}; do
+      [ -f "$model" ] || continue
+      local mname
+      mname=$(basename "$model" .safetensors)
+      for gm in fp32 ${CWP_CHECK_GATE_MODES-tf32x3 tf32 bf16} fp32-seed1; do
+        local gflag=(--precision "${gm%-seed1}")
+        [ "$gm" = fp32-seed1 ] && gflag+=(--seed 1)
+        # shellcheck disable=SC2086
+        step "gate_${mname}_$gm" 40 ./cwp search --device "$dev" "${gflag[@]}" --weights "$model" \
+          --data "fashion-mnist:$dir/fashion-mnist" ${CWP_CHECK_GATE_ARGS:-} --quiet \
+          --out "$work/gate/$mname/$gm" >"$work/gate-$mname-$gm.txt" 2>&1
+      done
     done
   fi
 

@@ -4,11 +4,14 @@
 Usage: gpu_check_report.py WORK OUT
 
 WORK holds the raw outputs of the steps: steps.txt (one line per step:
-name, exit code, seconds), selftest.json, bench-MODE-PART.json (PART: models,
-search, convs), torch.json (benches/gpu_peers.py) and the steps' text logs.
-Writes to OUT: gpu-check.json (ratios and verdicts), bench.json (every cwp
-bench report by mode), selftest.json, torch.json and log.txt. It is run after
-every step, so a run cut short still leaves its figures.
+name, exit code, seconds), selftest.json (fp32) and selftest-MODE.json,
+bench-MODE-PART.json (PART: models, search, convs), torch.json
+(benches/gpu_peers.py), gate/MODEL/RUN/report.json (whole searches; RUN is a
+mode or fp32-seed1) and the steps' text logs. Writes to OUT: gpu-check.json
+(ratios and verdicts), bench.json (every cwp bench report by mode),
+selftest.json (every mode's checks), torch.json, gate.json (every gate
+search's power and first positions) and log.txt. It is run after every step,
+so a run cut short still leaves its figures.
 """
 
 import json
@@ -65,6 +68,58 @@ def benches(work):
     return out
 
 
+def selftests(work):
+    """{mode: selftest JSON}: selftest.json is the default (fp32) run."""
+    out = {}
+    for name in sorted(os.listdir(work)):
+        if name == "selftest.json" or (name.startswith("selftest-") and name.endswith(".json")):
+            rep = load(os.path.join(work, name))
+            if rep is not None:
+                out[rep.get("precision") or name[len("selftest-"):-len(".json")] or "fp32"] = rep
+    return out
+
+
+def gate_runs(work):
+    """{model: {run: report.json}} of the whole searches of the gate."""
+    out = {}
+    root = os.path.join(work, "gate")
+    if not os.path.isdir(root):
+        return out
+    for model in sorted(os.listdir(root)):
+        for run in sorted(os.listdir(os.path.join(root, model))):
+            rep = load(os.path.join(root, model, run, "report.json"))
+            if rep is not None:
+                out.setdefault(model, {})[run] = rep
+    return out
+
+
+def gate_compare(ref, other):
+    """Issue 9's gate of one search report against the reference's: the same
+    flagged classes, every search's power within 1 point and at least 9 of
+    its first 10 pattern positions the same."""
+    def key(s):
+        return (s["class"], s["canvas"]["id"])
+    theirs = {key(s): s for s in other.get("searches", [])}
+    rows = []
+    for s in ref.get("searches", []):
+        t = theirs.get(key(s))
+        if t is None:
+            continue
+        dp = abs(s["power"]["overall"] - t["power"]["overall"])
+        shared = len(set(s["positions"][:10]) & set(t["positions"][:10]))
+        rows.append({"class": s["class"], "canvas": s["canvas"]["id"], "power": [s["power"]["overall"],
+                     t["power"]["overall"]], "power_diff_pt": 100 * dp, "first10_shared": shared,
+                     "pass": dp <= 0.01 and shared >= 9})
+    diffs = sorted(r["power_diff_pt"] for r in rows)
+    same_flags = ref.get("flagged") == other.get("flagged")
+    return {"flagged": [ref.get("flagged"), other.get("flagged")], "same_flagged": same_flags,
+            "searches": len(rows), "searches_failing": sum(not r["pass"] for r in rows),
+            "median_power_diff_pt": diffs[len(diffs) // 2] if diffs else None,
+            "worst_power_diff_pt": diffs[-1] if diffs else None,
+            "fewest_first10_shared": min((r["first10_shared"] for r in rows), default=None),
+            "pass": bool(rows) and same_flags and all(r["pass"] for r in rows), "rows": rows}
+
+
 def large(x, w, stride, pad):
     """A convolution whose implicit GEMM is at least 256 in every dimension:
     one that can fill the tensor cores (the issue's "large layers")."""
@@ -80,6 +135,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     st = steps(work)
     selftest = load(os.path.join(work, "selftest.json"))
+    modes_selftest = selftests(work)
     torch = load(os.path.join(work, "torch.json")) or {}
     cwp = benches(work)
     modes = list(cwp)
@@ -103,6 +159,20 @@ def main():
         doc["selftest"] = {"device": selftest["device"], "checks": len(checks),
                            "failed": [c["group"] + ": " + c["name"] for c in checks if not c["pass"]],
                            "worst_ratio": max((c["ratio"] for c in checks), default=None)}
+    doc["selftest_modes"] = {m: {"checks": len(r["checks"]),
+                                 "failed": [c["group"] + ": " + c["name"] for c in r["checks"] if not c["pass"]],
+                                 "worst_ratio": max((c["ratio"] for c in r["checks"]), default=None)}
+                             for m, r in modes_selftest.items()}
+
+    # The accuracy gate: each run of a model against its fp32 run.
+    gate = {}
+    for model, runs in gate_runs(work).items():
+        ref = runs.get("fp32")
+        if ref is None:
+            continue
+        gate[model] = {run: gate_compare(ref, rep) for run, rep in runs.items() if run != "fp32"}
+    doc["gate"] = {model: {run: {k: v for k, v in c.items() if k != "rows"} for run, c in runs.items()}
+                   for model, runs in gate.items()}
 
     # Whole models, fwd + bwd-to-input.
     tm = {}
@@ -211,7 +281,12 @@ def main():
     with open(os.path.join(out, "bench.json.tmp"), "w") as f:
         json.dump(cwp, f, indent=1)
     os.replace(os.path.join(out, "bench.json.tmp"), os.path.join(out, "bench.json"))
-    for name in ("selftest.json", "torch.json"):
+    for name, data in (("selftest.json", modes_selftest), ("gate.json", gate)):
+        if data:
+            with open(os.path.join(out, name + ".tmp"), "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    for name in ("torch.json",):
         src = os.path.join(work, name)
         if os.path.exists(src):
             with open(src, "rb") as f:

@@ -12,7 +12,7 @@
 //!   and reads its results back once per window.
 //! - **Convolution kernels** (GPU): forward, backward-data and
 //!   backward-filter on every distinct convolution of a model at a batch
-//!   size, in TFLOP/s and as a share of the FP32 peak.
+//!   size, in TFLOP/s and as a share of the dense peak of the mode timed.
 //!
 //! Every figure is a median of timed repetitions after warm-up; GPU work is
 //! synchronised before a clock is read.
@@ -25,7 +25,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::driver::Driver;
 use crate::backend::gpu::GpuBackend;
 use crate::backend::Device;
-use crate::backend::{Backend, ConvParams};
+use crate::backend::{Backend, ConvParams, Precision};
 use crate::error::{Error, Result};
 use crate::graph::fuse::fuse;
 use crate::graph::{Graph, Op};
@@ -176,8 +176,10 @@ pub struct BenchReport {
     /// The backend's arithmetic (`cpu fp32 winograd-forward`, `cuda tf32`,
     /// ...), so that a figure says which path it timed.
     pub numerics: String,
-    /// FP32 (non-tensor) peak used for the percentages, TFLOP/s, if known.
-    pub fp32_peak_tflops: Option<f64>,
+    /// The dense peak of the arithmetic timed (the f32 units for `fp32`,
+    /// the tensor cores in the other modes), TFLOP/s, if known: the
+    /// percentages of the convolution table are shares of it.
+    pub peak_tflops: Option<f64>,
     /// Forward + backward-to-input throughput.
     pub models: Vec<ModelRow>,
     /// Search steps.
@@ -191,20 +193,27 @@ pub struct BenchReport {
     pub conv_tflops_weighted: Option<[f64; 4]>,
 }
 
-/// The FP32 non-tensor peak of a device, TFLOP/s: `CWP_FP32_PEAK_TFLOPS`,
-/// else a known part (H100/H200 SXM: 132 SMs x 128 lanes x 2 x 1.98 GHz).
-pub fn fp32_peak(device: &str) -> Option<f64> {
-    if let Some(v) = std::env::var("CWP_FP32_PEAK_TFLOPS")
+/// The dense peak of `device` in precision `p`, TFLOP/s:
+/// `CWP_PEAK_TFLOPS` when set, else that of a known part. H100/H200 SXM:
+/// f32 units 132 SMs x 128 lanes x 2 x 1.98 GHz = 66.9; bf16 tensor cores
+/// 790, as a product of 8192-square bf16 matrices measured on an H200
+/// (the datasheet's 989 is not reached); tf32 half of that; tf32x3 a
+/// third of tf32's, since it issues three products per term.
+pub fn mode_peak(device: &str, p: Precision) -> Option<f64> {
+    if let Some(v) = std::env::var("CWP_PEAK_TFLOPS")
         .ok()
         .and_then(|s| s.parse().ok())
     {
         return Some(v);
     }
-    if device.contains("H200") || device.contains("H100 80GB HBM3") || device.contains("H100 SXM") {
-        Some(66.9)
-    } else {
-        None
-    }
+    let hopper =
+        device.contains("H200") || device.contains("H100 80GB HBM3") || device.contains("H100 SXM");
+    hopper.then_some(match p {
+        Precision::Fp32 => 66.9,
+        Precision::Tf32x3 => 395.0 / 3.0,
+        Precision::Tf32 => 395.0,
+        Precision::Bf16 => 790.0,
+    })
 }
 
 /// Median seconds of `f` over repetitions filling about `seconds`, after
@@ -302,7 +311,7 @@ fn bench_cpu(
     Ok(BenchReport {
         device: cpu.name(),
         numerics: cpu.numerics(),
-        fp32_peak_tflops: None,
+        peak_tflops: None,
         models,
         search,
         train,
@@ -487,7 +496,7 @@ fn bench_gpu<D: Driver>(
     let (convs, weighted) = conv_rows(gpu, cfg, &sync, progress)?;
     let device = gpu.name();
     Ok(BenchReport {
-        fp32_peak_tflops: fp32_peak(&device),
+        peak_tflops: mode_peak(&device, gpu.precision()),
         numerics: gpu.numerics(),
         device,
         models,
@@ -667,10 +676,10 @@ pub fn format_report(r: &BenchReport) -> String {
     }
     if !r.convs.is_empty() {
         let pct = |t: f64| {
-            r.fp32_peak_tflops
+            r.peak_tflops
                 .map_or(String::new(), |p| format!(" ({:.0}%)", 100.0 * t / p))
         };
-        s += "\nconvolution kernels, TFLOP/s (share of the FP32 peak)\n";
+        s += "\nconvolution kernels, TFLOP/s (share of the dense peak of the arithmetic timed)\n";
         // A CPU's figures are a fraction of a TFLOP/s: keep three digits.
         let tf = |t: f64| {
             let digits = if t < 1.0 { 3 } else { 1 };

@@ -57,7 +57,8 @@ fn cuda_models_match_cpu_at_batch_8() {
 /// Asking for more memory than the device has is a clear error, not a
 /// crash or a hang, and the device stays usable afterwards: first by
 /// allocating 4 GiB tensors until the memory runs out, then (with all but
-/// 8 GiB of them still held) by a forward pass at a batch that needs more.
+/// 8 GiB of them still held) by a forward pass at a batch that needs more,
+/// and then by replaying a recorded step.
 #[test]
 #[ignore = "needs an NVIDIA GPU: run with --ignored on a GPU machine"]
 fn cuda_out_of_memory_is_a_clear_error() {
@@ -89,6 +90,20 @@ fn cuda_out_of_memory_is_a_clear_error() {
     drop(held);
     let y = gpu.upload(&classwise::Tensor::full(&[4], 1.5)).unwrap();
     assert_eq!(gpu.download(&y).unwrap().data(), &[1.5; 4]);
+    // The freed gigabytes sit in the stream's memory pool, which only
+    // allocations can reuse; a recorded step, whose instantiation and
+    // launch allocate outside the pool, must still run (it once failed
+    // here with CUDA_ERROR_OUT_OF_MEMORY at cuGraphLaunch).
+    use classwise::backend::gpu::Driver;
+    let mut acc = gpu.zeros(&[4]).unwrap();
+    let drv = gpu.driver();
+    drv.begin_capture().unwrap();
+    gpu.add_assign(&mut acc, &y).unwrap();
+    let step = drv.end_capture().unwrap();
+    for _ in 0..2 {
+        drv.launch_graph(step).unwrap();
+    }
+    assert_eq!(gpu.download(&acc).unwrap().data(), &[3.0; 4]);
 }
 
 /// A damaged entry of the kernel cache is rebuilt, not fatal.

@@ -183,6 +183,38 @@ impl CudaDriver {
         unsafe { cu::ctx::set_current(self.h.ctx) }.map_err(|e| err("cuCtxSetCurrent", e))
     }
 
+    /// Gives the memory the pool keeps from earlier frees back to the
+    /// device. The pool never releases it by itself (its release threshold
+    /// is the maximum, so that steady-state allocations cost nothing), but
+    /// only `cuMemAllocAsync` can reuse it: module loads, graph
+    /// instantiation and graph launches allocate outside the pool.
+    fn release_pooled(&self) {
+        // SAFETY: a live stream and the device's own default pool; the
+        // synchronisation completes the pending frees first.
+        unsafe {
+            let _ = cu::stream::synchronize(self.h.stream);
+            if let Ok(pool) = cu::device::get_default_mem_pool(self.dev) {
+                let _ = cu::mem_pool::trim_to(pool, 0);
+            }
+        }
+    }
+
+    /// Runs `f`, and once more after [`Self::release_pooled`] if it ran out
+    /// of memory: so that memory freed into the pool (after a batch that
+    /// filled the device, say) never makes a later launch fail.
+    fn retry_oom<T>(
+        &self,
+        mut f: impl FnMut() -> std::result::Result<T, cudarc::driver::DriverError>,
+    ) -> std::result::Result<T, cudarc::driver::DriverError> {
+        match f() {
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+                self.release_pooled();
+                f()
+            }
+            r => r,
+        }
+    }
+
     /// Compiles (or reads from the cache) and loads every kernel file now,
     /// so that the first timed launch does not include compilation.
     pub fn load_all(&self) -> Result<()> {
@@ -202,7 +234,7 @@ impl CudaDriver {
             bytes.push(0);
         }
         // SAFETY: a CUBIN or NUL-terminated PTX image, alive during the call.
-        match unsafe { cu::module::load_data(bytes.as_ptr() as *const c_void) } {
+        match self.retry_oom(|| unsafe { cu::module::load_data(bytes.as_ptr() as *const c_void) }) {
             Ok(m) => Ok(m),
             Err(e) if origin == Origin::Cache => {
                 // The cached entry was intact but the driver refused it:
@@ -272,10 +304,13 @@ fn poisoned<T>(_: T) -> Error {
 impl Drop for CudaDriver {
     fn drop(&mut self) {
         if self.bind().is_ok() {
-            // SAFETY: the stream and modules belong to this driver; nothing
-            // uses them after this point.
+            // The pool is the device's, not this driver's: what this driver
+            // freed into it goes back to the device with it (this also waits
+            // for the stream).
+            self.release_pooled();
+            // SAFETY: the stream, modules and context reference belong to
+            // this driver; nothing uses them after this point.
             unsafe {
-                let _ = cu::stream::synchronize(self.h.stream);
                 if let Ok(m) = self.modules.lock() {
                     for module in m.values() {
                         let _ = cu::module::unload(module.module);
@@ -307,7 +342,7 @@ impl Driver for CudaDriver {
     fn alloc(&self, bytes: usize) -> std::result::Result<DevPtr, AllocError> {
         self.bind().map_err(AllocError::Other)?;
         // SAFETY: a live stream; the memory is only used on it.
-        match unsafe { cu::malloc_async(self.h.stream, bytes) } {
+        match self.retry_oom(|| unsafe { cu::malloc_async(self.h.stream, bytes) }) {
             Ok(p) => Ok(p),
             Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
                 let info = cu::mem_get_info().ok();
@@ -368,7 +403,9 @@ impl Driver for CudaDriver {
         let f = self.function(kernel)?;
         self.bind()?;
         // SAFETY: the caller guarantees the argument list matches the kernel.
-        unsafe {
+        // (A launch allocates when the kernel needs more local memory than
+        // any before it.)
+        self.retry_oom(|| unsafe {
             cu::launch_kernel(
                 f.0,
                 (grid[0], grid[1], grid[2]),
@@ -377,7 +414,7 @@ impl Driver for CudaDriver {
                 self.h.stream,
                 args,
             )
-        }
+        })
         .map_err(|e| {
             err(
                 &format!("launch of `{kernel}` (grid {grid:?}, block {block:?})"),
@@ -421,7 +458,10 @@ impl Driver for CudaDriver {
             .map_err(|e| err("cuStreamEndCapture", e))?;
         let mut exec: sys::CUgraphExec = std::ptr::null_mut();
         // SAFETY: `graph` is the captured graph; it is not needed once instantiated.
-        let made = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result();
+        let made = self.retry_oom(|| {
+            // SAFETY: as above; a failed instantiation leaves `exec` unset.
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result()
+        });
         // SAFETY: as above.
         unsafe { sys::cuGraphDestroy(graph) };
         made.map_err(|e| err("cuGraphInstantiateWithFlags", e))?;
@@ -445,8 +485,7 @@ impl Driver for CudaDriver {
             .get(&graph)
             .ok_or_else(|| Error::Backend(format!("CUDA: no graph {graph}")))?;
         // SAFETY: an instantiated graph and a live stream.
-        unsafe { sys::cuGraphLaunch(exec.0, self.h.stream) }
-            .result()
+        self.retry_oom(|| unsafe { sys::cuGraphLaunch(exec.0, self.h.stream) }.result())
             .map_err(|e| err("cuGraphLaunch", e))
     }
 
