@@ -11,11 +11,14 @@
 // owning a TM x TN register tile. K is walked in steps of BK = 8 with two
 // shared-memory buffers: the next step's global loads are in registers while
 // the current step is multiplied, one barrier per step. Every accumulator
-// sums its K terms in increasing k order, whatever the tile shape, so the
-// forward and dgrad results do not depend on the tile configuration or the
-// batch size. wgrad splits K (the long N*P*Q axis) into fixed chunks whose
-// partial products are summed in chunk order by `conv_wgrad_reduce`:
-// deterministic, no atomics.
+// sums its K terms in increasing k order, whatever the tile shape. A forward
+// or dgrad GEMM with K of 2048 or more is split into K chunks fixed by K
+// alone (blockIdx.z; `gemm_k_splits` in src/backend/gpu/conv.rs), whose
+// partial products `conv_split_reduce` sums in chunk order and finishes with
+// the epilogue; so the forward and dgrad results depend neither on the tile
+// nor on the batch size. wgrad splits K (the long N*P*Q axis) into fixed
+// chunks whose partial products are summed in chunk order by
+// `conv_wgrad_reduce`: deterministic, no atomics.
 //
 // The forward epilogue fuses bias, a residual input and ReLU; dgrad can apply
 // a ReLU mask (the output y of a fused conv+ReLU) to dy on the way in. Both
@@ -42,6 +45,9 @@ struct FwdA {
   const float* __restrict__ w;
   int M, K, kk, m0;
   float v[E];
+  // K is the row length of w. A split's K range needs no bound of its own:
+  // its chunk is a whole number of K steps, so no step crosses its end
+  // except the last split's, at K.
   __device__ __forceinline__ FwdA(const float* __restrict__ w_, int M_, int K_, int mtile, int k_begin)
       : w(w_), M(M_), K(K_) {
     kk = threadIdx.x % BK;
@@ -158,16 +164,40 @@ __device__ __forceinline__ void gemm_main(LA& la, LB& lb, int k_begin, int k_end
 
 // ---- the three convolutions ---------------------------------------------------
 
+// A split's partial products, GEMM-shaped: out[split][m][n].
+template <int BM, int BN, int TM, int TN>
+__device__ __forceinline__ void store_partial(const ConvArgs& a, const float (&acc)[TM][TN], int mtile, int ntile,
+                                              float* __restrict__ out) {
+  typedef Tile<BM, BN, TM, TN> T;
+  float* o = out + (size_t)blockIdx.z * a.gm * a.gn;
+#pragma unroll
+  for (int i = 0; i < TM; i++) {
+    const int m = mtile + T::row(i);
+    if (m >= a.gm) continue;
+#pragma unroll
+    for (int j = 0; j < TN; j++) {
+      const int n = ntile + T::col(j);
+      if (n < a.gn) o[m * a.gn + n] = acc[i][j];
+    }
+  }
+}
+
 template <int BM, int BN, int TM, int TN>
 __device__ __forceinline__ void conv_fwd_impl(const ConvArgs& a, const float* __restrict__ x,
                                               const float* __restrict__ w, const float* __restrict__ bias,
                                               const float* __restrict__ residual, float* __restrict__ y) {
   typedef Tile<BM, BN, TM, TN> T;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  FwdA<BM, T::NT, T::LDA> la(w, a.gm, a.gk, mtile, 0);
-  Gathered<FwdGather<BK, BN, T::NT>, T::LDB> lb(x, a, ntile, 0);
+  const SplitK sk(a);
+  FwdA<BM, T::NT, T::LDA> la(w, a.gm, a.gk, mtile, sk.begin);
+  Gathered<FwdGather<BK, BN, T::NT>, T::LDB> lb(x, a, ntile, sk.begin);
+  lb.g.K = sk.end;
   float acc[TM][TN];
-  gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
+  gemm_main<BM, BN, TM, TN>(la, lb, sk.begin, sk.end, acc);
+  if (sk.split) {
+    store_partial<BM, BN, TM, TN>(a, acc, mtile, ntile, y);
+    return;
+  }
   const int PQ = a.p * a.q;
 #pragma unroll
   for (int j = 0; j < TN; j++) {
@@ -195,11 +225,18 @@ __device__ __forceinline__ void conv_dgrad_impl(const ConvArgs& a, const float* 
                                                 float* __restrict__ dx) {
   typedef Tile<BM, BN, TM, TN> T;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  Gathered<DgradAGather<BK, BM, T::NT>, T::LDA> la(w, a, mtile, 0);
+  const SplitK sk(a);
+  Gathered<DgradAGather<BK, BM, T::NT>, T::LDA> la(w, a, mtile, sk.begin);
+  la.g.K = sk.end;
   const float* mask = (a.flags & CONV_DY_MASK) ? ymask : nullptr;
-  Gathered<DgradGather<BK, BN, T::NT>, T::LDB> lb(dy, a, mask, ntile, 0);
+  Gathered<DgradGather<BK, BN, T::NT>, T::LDB> lb(dy, a, mask, ntile, sk.begin);
+  lb.g.K = sk.end;
   float acc[TM][TN];
-  gemm_main<BM, BN, TM, TN>(la, lb, 0, a.gk, acc);
+  gemm_main<BM, BN, TM, TN>(la, lb, sk.begin, sk.end, acc);
+  if (sk.split) {
+    store_partial<BM, BN, TM, TN>(a, acc, mtile, ntile, dx);
+    return;
+  }
   const int HW = a.h * a.w;
 #pragma unroll
   for (int j = 0; j < TN; j++) {
@@ -288,6 +325,32 @@ extern "C" __global__ void conv_wgrad_reduce(const ReduceArgs a, const float* __
 
 // Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],
 // one block of 256 threads per channel, accumulated in double.
+// The ordered sum of a split forward or dgrad GEMM's partial products
+// (out[split][m][n]) with the forward's epilogue, written in NCHW like the
+// unsplit kernels: ((p0 + p1) + p2)..., then bias, residual, ReLU. Each
+// thread walks the output in NCHW order, so reads and writes are coalesced.
+struct SplitReduceArgs {
+  int m, n, pq, splits, flags;
+};
+
+extern "C" __global__ void conv_split_reduce(const SplitReduceArgs a, const float* __restrict__ partial,
+                                             const float* __restrict__ bias, const float* __restrict__ residual,
+                                             float* __restrict__ out) {
+  const int total = a.m * a.n;
+  for (int i = grid_start(); i < total; i += grid_stride()) {
+    const int img = i / (a.m * a.pq);
+    const int rem = i - img * a.m * a.pq;
+    const int m = rem / a.pq;
+    const int col = img * a.pq + (rem - m * a.pq);
+    float v = 0.f;
+    for (int z = 0; z < a.splits; z++) v += partial[(size_t)z * total + m * a.n + col];
+    if (a.flags & CONV_BIAS) v += bias[m];
+    if (a.flags & CONV_RESIDUAL) v += residual[i];
+    if (a.flags & CONV_RELU) v = v > 0.f ? v : 0.f;
+    out[i] = v;
+  }
+}
+
 struct BiasGradArgs {
   int n, k, pq, pad_;
 };

@@ -21,8 +21,21 @@ struct ConvArgs {
   int stride, pad;
   int flags;        // CONV_* bits
   int gm, gn, gk;   // GEMM extents M, N, K
-  int k_chunk;      // wgrad: K values per split (a multiple of the K step)
-  int splits;       // wgrad: number of splits (gridDim.z)
+  int k_chunk;      // K values per split (a multiple of the K step)
+  int splits;       // number of K splits (gridDim.z; 0 or 1: unsplit)
+};
+
+// The K range of this block: a forward or dgrad GEMM split along K
+// (a.splits > 1, blockIdx.z the split) sums [z * k_chunk, (z + 1) * k_chunk)
+// into partial products for conv_split_reduce; unsplit, the whole K.
+struct SplitK {
+  int begin, end;
+  bool split;
+  __device__ __forceinline__ explicit SplitK(const ConvArgs& a) {
+    split = a.splits > 1;
+    begin = split ? (int)blockIdx.z * a.k_chunk : 0;
+    end = split ? min(a.gk, begin + a.k_chunk) : a.gk;
+  }
 };
 
 constexpr int CONV_BIAS = 1;      // forward: add bias[m]

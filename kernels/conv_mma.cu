@@ -26,9 +26,11 @@
 // bank conflicts); the B tile is k-major (rows padded to BN + 8 floats).
 //
 // Deterministic: no atomics; every output sums its K terms in BK steps from
-// k = 0 (forward, dgrad) or from its split's start (wgrad, whose splits are
-// then summed in order by conv_wgrad_reduce), whatever the tile, so the
-// forward and dgrad results do not depend on the tile or the batch size.
+// k = 0 or from its split's start (wgrad's splits, and the K chunks of a
+// forward or dgrad with K >= 2048, fixed by K alone), the splits then summed
+// in order by conv_wgrad_reduce or conv_split_reduce (conv.cu), whatever the
+// tile, so the forward and dgrad results do not depend on the tile or the
+// batch size.
 #include "mma.cuh"
 #include "conv_gather.cuh"
 
@@ -45,14 +47,16 @@ constexpr int LDA = BK + 4;
 // ---- operand loaders: each `issue` starts the cp.async copies of one BK
 // step into a stage (A: [BM][LDA], B: [BK][LDB]) and moves on by BK.
 
-// Forward A: A[m][k] = w[m*K + k]; 16-byte copies when K % 4 == 0.
+// Forward A: A[m][k] = w[m*K + k]; 16-byte copies when K % 4 == 0. Copies
+// start at `k_begin`; a split's chunk is a whole number of K steps, so no
+// step crosses its end except the last split's, at K.
 template <int BM, int NT>
 struct FwdA {
   const float* __restrict__ w;
   int M, K, k0;
   bool vec;
-  __device__ __forceinline__ FwdA(const float* __restrict__ w_, int M_, int K_)
-      : w(w_), M(M_), K(K_), k0(0) {
+  __device__ __forceinline__ FwdA(const float* __restrict__ w_, int M_, int K_, int k_begin)
+      : w(w_), M(M_), K(K_), k0(k_begin) {
     vec = (K % 4) == 0 && ((unsigned long long)w_ & 15) == 0;
   }
   __device__ __forceinline__ void issue(float* s) {
@@ -245,16 +249,31 @@ __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], int mt
       }
 }
 
+// A split's partial products, GEMM-shaped: out[split][m][n] (summed and
+// finished by conv_split_reduce in conv.cu).
+template <int WN>
+__device__ __forceinline__ void store_partial(const ConvArgs& a, const float (&acc)[2][4][4], int mtile, int ntile,
+                                              float* __restrict__ out) {
+  float* o = out + (size_t)blockIdx.z * a.gm * a.gn;
+  for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) { o[m * a.gn + n] = v; });
+}
+
 template <int BM, int BN, int WM, int WN, int P>
 __device__ __forceinline__ void fwd(const ConvArgs& a, const float* __restrict__ x, const float* __restrict__ w,
                                     const float* __restrict__ bias, const float* __restrict__ residual,
                                     float* __restrict__ y) {
   constexpr int NT = WM * WN * 32;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  FwdA<BM, NT> la(w + mtile * a.gk, a.gm - mtile, a.gk);
-  Gathered<FwdGather<BK, BN, NT>, BN + 8, false> lb(x, 0, a, ntile, 0);
+  const SplitK sk(a);
+  FwdA<BM, NT> la(w + mtile * a.gk, a.gm - mtile, a.gk, sk.begin);
+  Gathered<FwdGather<BK, BN, NT>, BN + 8, false> lb(x, sk.begin, a, ntile, sk.begin);
+  lb.g.K = sk.end;
   float acc[2][4][4];
-  mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
+  mma_main<BM, BN, WN, P>(la, lb, sk.begin, sk.end, acc);
+  if (sk.split) {
+    store_partial<WN>(a, acc, mtile, ntile, y);
+    return;
+  }
   const int PQ = a.p * a.q;
   for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) {
     const int img = n / PQ;
@@ -271,11 +290,18 @@ __device__ __forceinline__ void dgrad(const ConvArgs& a, const float* __restrict
                                       const float* __restrict__ ymask, float* __restrict__ dx) {
   constexpr int NT = WM * WN * 32;
   const int mtile = blockIdx.y * BM, ntile = blockIdx.x * BN;
-  Gathered<DgradAGather<BK, BM, NT>, LDA, true> la(w, 0, a, mtile, 0);
+  const SplitK sk(a);
+  Gathered<DgradAGather<BK, BM, NT>, LDA, true> la(w, sk.begin, a, mtile, sk.begin);
+  la.g.K = sk.end;
   const float* mask = (a.flags & CONV_DY_MASK) ? ymask : nullptr;
-  Gathered<DgradGather<BK, BN, NT>, BN + 8, false> lb(dy, 0, a, mask, ntile, 0);
+  Gathered<DgradGather<BK, BN, NT>, BN + 8, false> lb(dy, sk.begin, a, mask, ntile, sk.begin);
+  lb.g.K = sk.end;
   float acc[2][4][4];
-  mma_main<BM, BN, WN, P>(la, lb, 0, a.gk, acc);
+  mma_main<BM, BN, WN, P>(la, lb, sk.begin, sk.end, acc);
+  if (sk.split) {
+    store_partial<WN>(a, acc, mtile, ntile, dx);
+    return;
+  }
   const int HW = a.h * a.w;
   for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) {
     const int img = n / HW;

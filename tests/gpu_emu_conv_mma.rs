@@ -15,13 +15,14 @@ use classwise::tensor::Tensor;
 /// (n, c, h, w, o, k, stride, pad)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 6] = [
+const CASES: [Case; 7] = [
     (2, 1, 9, 7, 5, 3, 2, 1),      // one input channel, stride 2, padding
     (3, 3, 11, 10, 17, 3, 1, 1),   // three input channels: K = 27
     (2, 7, 8, 9, 70, 5, 2, 2),     // 5x5, K = 175, M over one 64-row tile
     (1, 20, 6, 6, 33, 1, 1, 0),    // 1x1, K = 20 (16-byte weight copies)
     (2, 16, 10, 10, 130, 3, 1, 1), // M = 130: two tall tiles and a sliver
     (8, 4, 16, 16, 8, 3, 1, 1),    // wgrad K = 2048: split and reduced
+    (2, 240, 3, 3, 232, 3, 1, 1),  // forward K = 2160, dgrad K = 2088: split
 ];
 
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -242,6 +243,59 @@ fn tensor_core_forward_is_batch_invariant() {
             )
             .unwrap();
         assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}");
+    }
+}
+
+/// Forward and backward-data GEMMs with a K of 2048 or more are split
+/// along K (into partial sums, then `conv_split_reduce`) in every mode; a
+/// shorter K is not. The split follows K alone, so an image gets the same
+/// bits alone as in a batch, through the split too.
+#[test]
+fn a_long_k_splits_forward_and_dgrad_by_k_alone_in_every_mode() {
+    let cp = ConvParams::new(1, 1);
+    for p in Precision::ALL {
+        let gpu = GpuBackend::new(EmuDriver::new()).with_precision(p);
+        let reduces = || gpu.driver().launches("conv_split_reduce");
+        let short = gpu.upload(&rand(&[2, 5, 6, 6], 90, 1.0)).unwrap();
+        let wshort = gpu.upload(&rand(&[7, 5, 3, 3], 91, 0.5)).unwrap();
+        gpu.conv2d(&short, &wshort, None, cp).unwrap();
+        assert_eq!(reduces(), 0, "{p}: K = 45 is not split");
+
+        let x = rand(&[3, 240, 3, 3], 92, 1.0);
+        let wt = rand(&[232, 240, 3, 3], 93, 0.5);
+        let gw = gpu.upload(&wt).unwrap();
+        let all = gpu
+            .download(&gpu.conv2d(&gpu.upload(&x).unwrap(), &gw, None, cp).unwrap())
+            .unwrap();
+        assert_eq!(reduces(), 1, "{p}: the forward's K = 2160 is split");
+        let one = gpu
+            .download(
+                &gpu.conv2d(&gpu.upload(&x.slice_rows(1, 2)).unwrap(), &gw, None, cp)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}: forward");
+
+        let dy = rand(&[3, 232, 3, 3], 94, 1.0);
+        let all = gpu
+            .download(
+                &gpu.conv2d_backward_data(&gpu.upload(&dy).unwrap(), &gw, x.shape(), cp)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(reduces(), 3, "{p}: the dgrad's K = 2088 is split");
+        let one = gpu
+            .download(
+                &gpu.conv2d_backward_data(
+                    &gpu.upload(&dy.slice_rows(1, 2)).unwrap(),
+                    &gw,
+                    &[1, 240, 3, 3],
+                    cp,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}: dgrad");
     }
 }
 

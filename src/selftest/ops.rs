@@ -483,6 +483,11 @@ impl<'a, D: Driver> Suite<'a, D> {
             (4, 8, 16, 16, 40, 3, cp(1, 1)),
             (2, 6, 12, 12, 100, 3, cp(1, 1)),
             (3, 3, 14, 14, 9, 3, cp(1, 1)),
+            // K of 2048 and more: forward and dgrad split K (3 chunks each
+            // here, strided too), a 1x1 from 2048 channels into 2.
+            (2, 240, 3, 3, 232, 3, cp(1, 1)),
+            (3, 256, 4, 4, 256, 3, cp(2, 1)),
+            (2, 2048, 2, 2, 20, 1, cp(1, 0)),
         ];
         for case in cases {
             self.conv_case(case)?;
@@ -535,6 +540,38 @@ impl<'a, D: Driver> Suite<'a, D> {
         )?;
         self.property(
             "conv2d batch invariant (bitwise)",
+            all.slice_rows(1, 2).data() == one.data(),
+        );
+        // The same where K is split (forward and dgrad): the split follows
+        // K alone, never the batch.
+        let x = self.rand(&[3, 240, 3, 3], -1.0, 1.0);
+        let wt = self.rand(&[232, 240, 3, 3], -0.5, 0.5);
+        let gw = self.up(&wt)?;
+        let all = self.down(&self.gpu.conv2d(&self.up(&x)?, &gw, None, p)?)?;
+        let one = self.down(
+            &self
+                .gpu
+                .conv2d(&self.up(&x.slice_rows(1, 2))?, &gw, None, p)?,
+        )?;
+        self.property(
+            "conv2d with K split batch invariant (bitwise)",
+            all.slice_rows(1, 2).data() == one.data(),
+        );
+        let dy = self.rand(&[3, 232, 3, 3], -1.0, 1.0);
+        let all = self.down(&self.gpu.conv2d_backward_data(
+            &self.up(&dy)?,
+            &gw,
+            x.shape(),
+            p,
+        )?)?;
+        let one = self.down(&self.gpu.conv2d_backward_data(
+            &self.up(&dy.slice_rows(1, 2))?,
+            &gw,
+            &[1, 240, 3, 3],
+            p,
+        )?)?;
+        self.property(
+            "conv2d_backward_data with K split batch invariant (bitwise)",
             all.slice_rows(1, 2).data() == one.data(),
         );
         Ok(())

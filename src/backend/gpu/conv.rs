@@ -154,6 +154,34 @@ pub fn wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
     (k.div_ceil(chunk.max(BK)).max(1), chunk.max(BK))
 }
 
+/// The shortest K at which a forward or backward-data GEMM splits its K
+/// axis (3x3 convolutions from 256 channels up, 1x1 from 2048).
+pub const SPLIT_K_MIN: usize = 2048;
+/// The longest K chunk of a split.
+const SPLIT_K_CHUNK: usize = 1024;
+/// Chunks are whole K steps of both kernel families (8 and 16).
+const SPLIT_K_ALIGN: usize = 16;
+
+/// `(splits, k_chunk)` of a forward or backward-data GEMM of K `k`.
+///
+/// The deep layers have few output tiles at search batch sizes (resnet18's
+/// last convolutions at 4 images: 16 tiles for 132 SMs) and a long K, so
+/// one block would walk all of K alone; splitting K multiplies the blocks.
+/// The split follows K alone, never the batch or the device: each output
+/// is the ordered sum of the same chunk sums whatever the batch, so results
+/// stay batch-invariant and bitwise reproducible. The partial sums cost at
+/// most `splits` times the layer's output (up to 5 for K = 4608), less than
+/// the network's largest activation, and 4 bytes of traffic per 2 x 1024
+/// products.
+pub fn gemm_k_splits(k: usize) -> (usize, usize) {
+    if k < SPLIT_K_MIN {
+        return (1, k);
+    }
+    let splits = k.div_ceil(SPLIT_K_CHUNK);
+    let chunk = k.div_ceil(splits).div_ceil(SPLIT_K_ALIGN) * SPLIT_K_ALIGN;
+    (k.div_ceil(chunk), chunk)
+}
+
 /// Convolution geometry, shared with the CPU reference so both refuse the
 /// same inputs; the kernel argument packing is GPU-only.
 pub(super) type Geom = ConvGeom;
@@ -237,6 +265,54 @@ impl<D: Driver> GpuBackend<D> {
         Ok(y)
     }
 
+    /// Runs a forward or backward-data GEMM (`gemm(args, out)`) whole, or,
+    /// when [`gemm_k_splits`] splits its K, into partial sums that
+    /// `conv_split_reduce` adds in split order and finishes with the
+    /// forward's epilogue (`a.flags`), writing NCHW `out` (`pq` values per
+    /// image and channel) just as the whole GEMM does.
+    fn split_k(
+        &self,
+        a: &ConvArgs,
+        pq: usize,
+        [bias, res, out]: [u64; 3],
+        gemm: impl FnOnce(&ConvArgs, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (m, n) = (a.gm as usize, a.gn as usize);
+        let (splits, chunk) = gemm_k_splits(a.gk as usize);
+        if splits == 1 || m * n == 0 {
+            return gemm(a, out);
+        }
+        check_extents("a split convolution's partial sums", &[m * n])?;
+        let split = ConvArgs {
+            splits: splits as i32,
+            k_chunk: chunk as i32,
+            ..*a
+        };
+        let partial = self.alloc(&[splits, m * n])?;
+        let pp = partial.ptr();
+        gemm(&split, pp)?;
+        #[repr(C)]
+        struct SplitReduceArgs {
+            m: i32,
+            n: i32,
+            pq: i32,
+            splits: i32,
+            flags: i32,
+        }
+        let r = SplitReduceArgs {
+            m: m as i32,
+            n: n as i32,
+            pq: pq as i32,
+            splits: splits as i32,
+            flags: a.flags & (CONV_BIAS | CONV_RESIDUAL | CONV_RELU),
+        };
+        self.launch_flat(
+            "conv_split_reduce",
+            m * n,
+            &mut [arg(&r), arg(&pp), arg(&bias), arg(&res), arg(&out)],
+        )
+    }
+
     /// Launches the forward GEMM on prepared arguments.
     pub(super) fn launch_fwd(
         &self,
@@ -247,18 +323,31 @@ impl<D: Driver> GpuBackend<D> {
         res: u64,
         y: u64,
     ) -> Result<()> {
-        if self.precision != Precision::Fp32 {
-            return self.launch_fwd_mma(a, x, w, bias, res, y);
-        }
+        let pq = (a.p * a.q) as usize;
+        self.split_k(a, pq, [bias, res, y], |a, y| {
+            if self.precision != Precision::Fp32 {
+                return self.launch_fwd_mma(a, x, w, bias, res, y);
+            }
+            let (t, grid) = self.tile_grid(a);
+            self.launch(
+                t.fwd,
+                a.gm as usize * a.gn as usize,
+                grid,
+                [t.threads, 1, 1],
+                &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
+            )
+        })
+    }
+
+    /// The f32 tile and grid of a forward or dgrad GEMM with `a.splits`
+    /// K splits: the tile fills the device with the splits' blocks counted.
+    fn tile_grid(&self, a: &ConvArgs) -> (TileCfg, [u32; 3]) {
         let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = pick_tile_for(m, n, self.drv.sm_count());
-        let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
-        self.launch(
-            t.fwd,
-            m * n,
-            grid,
-            [t.threads, 1, 1],
-            &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
+        let z = a.splits.max(1) as usize;
+        let t = pick_tile_for(m, n, self.drv.sm_count().div_ceil(z));
+        (
+            t,
+            [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z as u32],
         )
     }
 
@@ -308,19 +397,20 @@ impl<D: Driver> GpuBackend<D> {
         mask: u64,
         dx: u64,
     ) -> Result<()> {
-        if self.precision != Precision::Fp32 {
-            return self.launch_dgrad_mma(a, dy, w, mask, dx);
-        }
-        let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = pick_tile_for(m, n, self.drv.sm_count());
-        let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, 1];
-        self.launch(
-            t.dgrad,
-            m * n,
-            grid,
-            [t.threads, 1, 1],
-            &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
-        )
+        let hw = (a.h * a.w) as usize;
+        self.split_k(a, hw, [0, 0, dx], |a, dx| {
+            if self.precision != Precision::Fp32 {
+                return self.launch_dgrad_mma(a, dy, w, mask, dx);
+            }
+            let (t, grid) = self.tile_grid(a);
+            self.launch(
+                t.dgrad,
+                a.gm as usize * a.gn as usize,
+                grid,
+                [t.threads, 1, 1],
+                &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
+            )
+        })
     }
 
     /// The wgrad GEMM into a fresh `out_shape` buffer: split-K partial
@@ -508,6 +598,21 @@ pub(super) fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_k_splits_into_whole_k_steps_covering_k_once() {
+        assert_eq!(gemm_k_splits(2047), (1, 2047));
+        assert_eq!(gemm_k_splits(576), (1, 576));
+        for k in [2048, 2160, 2304, 4096, 4608, 9 * 1024, 12345] {
+            let (splits, chunk) = gemm_k_splits(k);
+            assert!(splits >= 2, "{k}");
+            assert!(chunk % 16 == 0 && chunk % BK == 0, "{k}: {chunk}");
+            assert!(chunk <= SPLIT_K_CHUNK, "{k}: {chunk}");
+            assert!(splits * chunk >= k && (splits - 1) * chunk < k, "{k}");
+        }
+        // resnet18's deepest 3x3 (512 channels): five chunks.
+        assert_eq!(gemm_k_splits(4608), (5, 928));
+    }
 
     #[test]
     fn only_a_stems_dgrad_runs_the_direct_kernel() {

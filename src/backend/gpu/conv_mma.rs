@@ -81,17 +81,22 @@ pub fn mma_wgrad_splits(k: usize, tiles: usize, mn: usize) -> (usize, usize) {
 }
 
 impl<D: Driver> GpuBackend<D> {
-    /// The tile and grid of a GEMM with `z` K splits: a split wgrad keeps
-    /// the shape's tile its split plan counted; otherwise the tile also
-    /// follows the SM count. No tile changes a result.
-    fn mma_grid(&self, a: &ConvArgs, z: u32) -> (MmaTile, [u32; 3]) {
+    /// The tile and grid of a GEMM with `a.splits` K splits: a wgrad keeps
+    /// the shape's tile its split plan counted; a forward or dgrad's tile
+    /// fills the device with the splits' blocks counted. No tile changes a
+    /// result.
+    fn mma_grid(&self, a: &ConvArgs, wgrad: bool) -> (MmaTile, [u32; 3]) {
         let (m, n) = (a.gm as usize, a.gn as usize);
-        let t = if z == 1 {
-            pick_mma_tile_for(m, n, self.drv.sm_count())
-        } else {
+        let z = a.splits.max(1) as usize;
+        let t = if wgrad {
             pick_mma_tile(m)
+        } else {
+            pick_mma_tile_for(m, n, self.drv.sm_count().div_ceil(z))
         };
-        (t, [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z])
+        (
+            t,
+            [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z as u32],
+        )
     }
 
     /// Tensor-core forward GEMM on prepared arguments (see `launch_fwd`).
@@ -104,7 +109,7 @@ impl<D: Driver> GpuBackend<D> {
         res: u64,
         y: u64,
     ) -> Result<()> {
-        let (t, grid) = self.mma_grid(a, 1);
+        let (t, grid) = self.mma_grid(a, false);
         let name = mma_kernel("fwd", self.precision, t)?;
         self.launch(
             &name,
@@ -124,7 +129,7 @@ impl<D: Driver> GpuBackend<D> {
         mask: u64,
         dx: u64,
     ) -> Result<()> {
-        let (t, grid) = self.mma_grid(a, 1);
+        let (t, grid) = self.mma_grid(a, false);
         let name = mma_kernel("dgrad", self.precision, t)?;
         self.launch(
             &name,
@@ -150,7 +155,7 @@ impl<D: Driver> GpuBackend<D> {
     /// Tensor-core wgrad partial products on planned arguments
     /// ([`Self::plan_wgrad_mma`]): `a.splits` slices of `M*N` to `out`.
     pub(super) fn launch_wgrad_mma(&self, a: &ConvArgs, x: u64, dy: u64, out: u64) -> Result<()> {
-        let (t, grid) = self.mma_grid(a, a.splits.max(1) as u32);
+        let (t, grid) = self.mma_grid(a, true);
         let name = mma_kernel("wgrad", self.precision, t)?;
         self.launch(
             &name,

@@ -43,6 +43,9 @@ pub struct EmuDriver {
     /// Recorded graphs by id.
     graphs: Mutex<HashMap<GraphId, Graph>>,
     next_graph: AtomicUsize,
+    /// Launches (direct or recorded) by kernel name, for
+    /// [`EmuDriver::launches`].
+    launches: Mutex<HashMap<String, usize>>,
 }
 
 /// The counters behind [`HostTraffic`].
@@ -132,6 +135,7 @@ impl EmuDriver {
             capture: Mutex::new(None),
             graphs: Mutex::new(HashMap::new()),
             next_graph: AtomicUsize::new(1),
+            launches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -201,6 +205,15 @@ impl EmuDriver {
                 Ok(())
             }
         }
+    }
+
+    /// How often `kernel` was launched (or recorded) so far: lets a test
+    /// see which kernels a backend op chose.
+    pub fn launches(&self, kernel: &str) -> usize {
+        self.launches
+            .lock()
+            .map(|m| m.get(kernel).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Host copies and waits made through this driver so far.
@@ -412,6 +425,9 @@ impl Driver for EmuDriver {
         let body = *bodies()
             .get(kernel)
             .ok_or_else(|| Error::Backend(format!("emu: no kernel named `{kernel}`")))?;
+        if let Ok(mut m) = self.launches.lock() {
+            *m.entry(kernel.to_string()).or_default() += 1;
+        }
         if self.capturing(|_| ()).is_none() {
             // SAFETY: the caller guarantees the argument list matches the kernel.
             return unsafe { run_kernel(kernel, body, grid, block, shared_bytes, args) };
