@@ -323,8 +323,6 @@ extern "C" __global__ void conv_wgrad_reduce(const ReduceArgs a, const float* __
   }
 }
 
-// Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],
-// one block of 256 threads per channel, accumulated in double.
 // The ordered sum of a split forward or dgrad GEMM's partial products
 // (out[split][m][n]) with the forward's epilogue, written in NCHW like the
 // unsplit kernels: ((p0 + p1) + p2)..., then bias, residual, ReLU. Each
@@ -351,6 +349,8 @@ extern "C" __global__ void conv_split_reduce(const SplitReduceArgs a, const floa
   }
 }
 
+// Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],
+// one block of 256 threads per channel, accumulated in double.
 struct BiasGradArgs {
   int n, k, pq, pad_;
 };
