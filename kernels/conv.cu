@@ -349,6 +349,42 @@ extern "C" __global__ void conv_split_reduce(const SplitReduceArgs a, const floa
   }
 }
 
+// A strided dgrad runs as stride^2 phases (src/backend/gpu/conv.rs,
+// `phase_dgrad`): the input positions (h0 + i*stride, w0 + j*stride) are
+// reached only by the taps (rh + i'*stride, rw + j'*stride), so each phase is
+// a stride-1 dgrad with that sub-filter and no product is a known zero.
+// conv_phase_filter gathers the sub-filter, out[ko][c][i][j] =
+// w[ko][c][rh + i*stride][rw + j*stride]; conv_phase_scatter writes a
+// phase's input gradient to its positions, dx[img][c][h0 + i*stride][w0 +
+// j*stride] = src[img][c][i][j].
+struct PhaseArgs {
+  int n, c, k;      // images (scatter) or output channels (filter); channels
+  int h, w;         // the full extent: filter R x S, or input H x W
+  int ph, pw;       // the phase's extent: sub-filter or phase input
+  int h0, w0;       // its first row and column in the full extent
+  int stride;
+};
+
+extern "C" __global__ void conv_phase_filter(const PhaseArgs a, const float* __restrict__ w,
+                                             float* __restrict__ out) {
+  const int total = a.k * a.c * a.ph * a.pw;
+  for (int i = grid_start(); i < total; i += grid_stride()) {
+    const int j = i % a.pw, t = i / a.pw;
+    const int r = t % a.ph, kc = t / a.ph;
+    out[i] = w[(kc * a.h + a.h0 + r * a.stride) * a.w + a.w0 + j * a.stride];
+  }
+}
+
+extern "C" __global__ void conv_phase_scatter(const PhaseArgs a, const float* __restrict__ src,
+                                              float* __restrict__ dx) {
+  const int total = a.n * a.c * a.ph * a.pw;
+  for (int i = grid_start(); i < total; i += grid_stride()) {
+    const int j = i % a.pw, t = i / a.pw;
+    const int r = t % a.ph, nc = t / a.ph;
+    dx[(nc * a.h + a.h0 + r * a.stride) * a.w + a.w0 + j * a.stride] = src[i];
+  }
+}
+
 // Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],
 // one block of 256 threads per channel, accumulated in double.
 struct BiasGradArgs {

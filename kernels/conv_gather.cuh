@@ -23,6 +23,8 @@ struct ConvArgs {
   int gm, gn, gk;   // GEMM extents M, N, K
   int k_chunk;      // K values per split (a multiple of the K step)
   int splits;       // number of K splits (gridDim.z; 0 or 1: unsplit)
+  int pad_w;        // forward and dgrad: the width's padding (`pad` is the
+                    // height's); they differ only in a phase of a strided dgrad
 };
 
 // The K range of this block: a forward or dgrad GEMM split along K
@@ -104,7 +106,7 @@ struct FwdGather {
     const int p = rem / a.q, q = rem - (rem / a.q) * a.q;
     base = img * a.c * HW;
     h0 = p * a.stride - a.pad;
-    w0 = q * a.stride - a.pad;
+    w0 = q * a.stride - a.pad_w;
   }
   __device__ __forceinline__ static int row(int i) { return threadIdx.x / BN + i * STEP; }
   __device__ __forceinline__ int k(int i) const { return row(i); }
@@ -145,7 +147,7 @@ struct DgradGather {
     const int h = rem / a.w, w = rem - (rem / a.w) * a.w;
     base = img * a.k * PQ;
     hh = h + a.pad;
-    ww = w + a.pad;
+    ww = w + a.pad_w;
   }
   __device__ __forceinline__ static int row(int i) { return threadIdx.x / BN + i * STEP; }
   __device__ __forceinline__ int k(int i) const { return row(i); }

@@ -246,6 +246,54 @@ fn tensor_core_forward_is_batch_invariant() {
     }
 }
 
+/// A strided dense dgrad runs phase by phase (a stride-1 dgrad of each
+/// phase's sub-filter), so no product is a known zero: four phases for a
+/// 3x3 stride-2 layer, one for a 1x1 stride-2 layer (its odd rows and
+/// columns get no tap and stay zero); a stride-1 dgrad is one GEMM. In
+/// every mode the result matches the CPU (the bounds of the cases above and
+/// of `cwp selftest`), here exactly where no tap reaches.
+#[test]
+fn a_strided_dgrad_runs_one_stride_one_gemm_per_phase_with_taps() {
+    for p in Precision::ALL {
+        let gpu = GpuBackend::new(EmuDriver::new()).with_precision(p);
+        let phases = || gpu.driver().launches("conv_phase_scatter");
+        let dgrad = |x: [usize; 4], o: usize, k: usize, cp: ConvParams| {
+            let wt = rand(&[o, x[1], k, k], 95, 0.5);
+            let y = CpuBackend::REFERENCE
+                .conv2d(&rand(&x, 96, 1.0), &wt, None, cp)
+                .unwrap();
+            let dy = rand(y.shape(), 97, 1.0);
+            let got = gpu
+                .download(
+                    &gpu.conv2d_backward_data(
+                        &gpu.upload(&dy).unwrap(),
+                        &gpu.upload(&wt).unwrap(),
+                        &x,
+                        cp,
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
+            let want = CpuBackend::REFERENCE
+                .conv2d_backward_data(&dy, &wt, &x, cp)
+                .unwrap();
+            (got, want)
+        };
+        dgrad([2, 6, 7, 7], 5, 3, ConvParams::new(1, 1));
+        assert_eq!(phases(), 0, "{p}: stride 1 is one GEMM");
+        dgrad([2, 6, 7, 8], 5, 3, ConvParams::new(2, 1));
+        assert_eq!(phases(), 4, "{p}: 3x3 stride 2: four phases");
+        let (got, want) = dgrad([2, 6, 7, 8], 5, 1, ConvParams::new(2, 0));
+        assert_eq!(phases(), 5, "{p}: 1x1 stride 2: one phase has taps");
+        for (i, (g, w)) in got.data().iter().zip(want.data()).enumerate() {
+            let (h, x) = ((i / 8) % 7, i % 8);
+            if h % 2 == 1 || x % 2 == 1 {
+                assert_eq!((*g, *w), (0.0, 0.0), "{p}: no tap reaches ({h}, {x})");
+            }
+        }
+    }
+}
+
 /// Forward and backward-data GEMMs with a K of 2048 or more are split
 /// along K (into partial sums, then `conv_split_reduce`) in every mode; a
 /// shorter K is not. The split follows K alone, so an image gets the same

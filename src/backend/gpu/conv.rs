@@ -30,6 +30,9 @@ pub struct ConvArgs {
     pub(super) gk: i32,
     pub(super) k_chunk: i32,
     pub(super) splits: i32,
+    /// The width's padding (`pad` is the height's): they differ only in a
+    /// phase of a strided dgrad.
+    pad_w: i32,
 }
 
 const CONV_BIAS: i32 = 1;
@@ -182,6 +185,22 @@ pub fn gemm_k_splits(k: usize) -> (usize, usize) {
     (k.div_ceil(chunk), chunk)
 }
 
+/// Arguments of `conv_phase_filter` and `conv_phase_scatter` (C twin
+/// `PhaseArgs` in kernels/conv.cu).
+#[repr(C)]
+struct PhaseArgs {
+    n: i32,
+    c: i32,
+    k: i32,
+    h: i32,
+    w: i32,
+    ph: i32,
+    pw: i32,
+    h0: i32,
+    w0: i32,
+    stride: i32,
+}
+
 /// Convolution geometry, shared with the CPU reference so both refuse the
 /// same inputs; the kernel argument packing is GPU-only.
 pub(super) type Geom = ConvGeom;
@@ -200,6 +219,7 @@ impl Geom {
             q: self.ow as i32,
             stride: self.stride as i32,
             pad: self.pad as i32,
+            pad_w: self.pad as i32,
             ..ConvArgs::default()
         }
     }
@@ -370,6 +390,9 @@ impl<D: Driver> GpuBackend<D> {
         if !g.is_dense() || direct_dgrad(g.c) {
             return self.gconv_dgrad(&g, dy, w, relu_y);
         }
+        if g.stride > 1 {
+            return self.phase_dgrad(&g, dy, w, relu_y);
+        }
         let dx = self.alloc(x_shape)?;
         let mut a = g.args();
         let gn = g.n * g.h * g.w;
@@ -411,6 +434,105 @@ impl<D: Driver> GpuBackend<D> {
                 &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
             )
         })
+    }
+
+    /// The input gradient of a strided dense convolution, phase by phase:
+    /// the input positions `(h0 + i*stride, w0 + j*stride)` are reached
+    /// only by the taps `(rh + i'*stride, rw + j'*stride)` with `rh = (h0 +
+    /// pad) % stride` (and alike for the width), at output rows `i +
+    /// (h0 + pad) / stride - i'`: a stride-1 dgrad of the sub-filter with
+    /// that offset as its padding. So no product is a known zero (a 3x3
+    /// stride-2 dgrad as one GEMM multiplies 3 zeros for each useful
+    /// product; a 1x1 one, 3 zero columns for each useful one). Positions
+    /// no tap reaches (a 1x1 stride-2 layer's odd rows) stay zero.
+    fn phase_dgrad(
+        &self,
+        g: &Geom,
+        dy: &GpuBuf<D>,
+        w: &GpuBuf<D>,
+        relu_y: Option<&GpuBuf<D>>,
+    ) -> Result<GpuBuf<D>> {
+        let dx = crate::backend::Backend::zeros(self, &[g.n, g.c, g.h, g.w])?;
+        let s = g.stride;
+        let launch_phase_kernel = |name: &str, count: usize, a: &PhaseArgs, src: u64, dst: u64| {
+            self.launch_flat(name, count, &mut [arg(a), arg(&src), arg(&dst)])
+        };
+        for h0 in 0..s.min(g.h) {
+            for w0 in 0..s.min(g.w) {
+                let (rh, rw) = ((h0 + g.pad) % s, (w0 + g.pad) % s);
+                if rh >= g.kh || rw >= g.kw {
+                    continue;
+                }
+                // The phase's sub-filter and input extents.
+                let (fr, fs) = ((g.kh - rh).div_ceil(s), (g.kw - rw).div_ceil(s));
+                let (ph, pw) = ((g.h - h0).div_ceil(s), (g.w - w0).div_ceil(s));
+                let filter = PhaseArgs {
+                    n: 0,
+                    c: g.c as i32,
+                    k: g.o as i32,
+                    h: g.kh as i32,
+                    w: g.kw as i32,
+                    ph: fr as i32,
+                    pw: fs as i32,
+                    h0: rh as i32,
+                    w0: rw as i32,
+                    stride: s as i32,
+                };
+                let wsub = self.alloc(&[g.o, g.c, fr, fs])?;
+                launch_phase_kernel(
+                    "conv_phase_filter",
+                    g.o * g.c * fr * fs,
+                    &filter,
+                    w.ptr(),
+                    wsub.ptr(),
+                )?;
+                let part = self.alloc(&[g.n, g.c, ph, pw])?;
+                let gn = g.n * ph * pw;
+                let gk = g.o * fr * fs;
+                check_extents("conv2d_backward_data", &[gn, gk])?;
+                let a = ConvArgs {
+                    h: ph as i32,
+                    w: pw as i32,
+                    r: fr as i32,
+                    s: fs as i32,
+                    stride: 1,
+                    pad: ((h0 + g.pad) / s) as i32,
+                    pad_w: ((w0 + g.pad) / s) as i32,
+                    gm: g.c as i32,
+                    gn: gn as i32,
+                    gk: gk as i32,
+                    flags: if relu_y.is_some() { CONV_DY_MASK } else { 0 },
+                    ..g.args()
+                };
+                self.launch_dgrad(
+                    &a,
+                    dy.ptr(),
+                    wsub.ptr(),
+                    relu_y.map_or(0, |y| y.ptr()),
+                    part.ptr(),
+                )?;
+                let scatter = PhaseArgs {
+                    n: g.n as i32,
+                    c: g.c as i32,
+                    k: 0,
+                    h: g.h as i32,
+                    w: g.w as i32,
+                    ph: ph as i32,
+                    pw: pw as i32,
+                    h0: h0 as i32,
+                    w0: w0 as i32,
+                    stride: s as i32,
+                };
+                launch_phase_kernel(
+                    "conv_phase_scatter",
+                    g.n * g.c * ph * pw,
+                    &scatter,
+                    part.ptr(),
+                    dx.ptr(),
+                )?;
+            }
+        }
+        Ok(dx)
     }
 
     /// The wgrad GEMM into a fresh `out_shape` buffer: split-K partial
@@ -592,6 +714,7 @@ pub(super) fn linear_args(n: usize, k: usize, o: usize, bias: bool) -> ConvArgs 
         gk: k as i32,
         k_chunk: 0,
         splits: 0,
+        pad_w: 0,
     }
 }
 
