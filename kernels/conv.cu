@@ -164,7 +164,8 @@ __device__ __forceinline__ void gemm_main(LA& la, LB& lb, int k_begin, int k_end
 
 // ---- the three convolutions ---------------------------------------------------
 
-// A split's partial products, GEMM-shaped: out[split][m][n].
+// A split's partial products, GEMM-shaped: out[split][m][n] (wgrad's, and
+// a split forward's or dgrad's).
 template <int BM, int BN, int TM, int TN>
 __device__ __forceinline__ void store_partial(const ConvArgs& a, const float (&acc)[TM][TN], int mtile, int ntile,
                                               float* __restrict__ out) {
@@ -263,17 +264,7 @@ __device__ __forceinline__ void conv_wgrad_impl(const ConvArgs& a, const float* 
   Gathered<WgradGather<BK, BN, T::NT>, T::LDB> lb(x, a, ntile, k_begin);
   float acc[TM][TN];
   gemm_main<BM, BN, TM, TN>(la, lb, k_begin, k_end, acc);
-  float* o = out + blockIdx.z * a.gm * a.gn;
-#pragma unroll
-  for (int i = 0; i < TM; i++) {
-    const int m = mtile + T::row(i);
-    if (m >= a.gm) continue;
-#pragma unroll
-    for (int j = 0; j < TN; j++) {
-      const int n = ntile + T::col(j);
-      if (n < a.gn) o[m * a.gn + n] = acc[i][j];
-    }
-  }
+  store_partial<BM, BN, TM, TN>(a, acc, mtile, ntile, out);
 }
 
 // Tile configurations: BMxBN with TMxTN per thread (threads = BM/TM * BN/TN),

@@ -249,8 +249,9 @@ __device__ __forceinline__ void for_each_acc(const float (&acc)[2][4][4], int mt
       }
 }
 
-// A split's partial products, GEMM-shaped: out[split][m][n] (summed and
-// finished by conv_split_reduce in conv.cu).
+// A split's partial products, GEMM-shaped: out[split][m][n] (wgrad's, and
+// a split forward's or dgrad's, summed by conv_wgrad_reduce or
+// conv_split_reduce in conv.cu).
 template <int WN>
 __device__ __forceinline__ void store_partial(const ConvArgs& a, const float (&acc)[2][4][4], int mtile, int ntile,
                                               float* __restrict__ out) {
@@ -323,8 +324,7 @@ __device__ __forceinline__ void wgrad(const ConvArgs& a, const float* __restrict
   lb.g.K = k_end;
   float acc[2][4][4];
   mma_main<BM, BN, WN, P>(la, lb, k_begin, k_end, acc);
-  float* o = out + blockIdx.z * a.gm * a.gn;
-  for_each_acc<WN>(acc, mtile, ntile, a.gm, a.gn, [&](int m, int n, float v) { o[m * a.gn + n] = v; });
+  store_partial<WN>(a, acc, mtile, ntile, out);
 }
 
 }  // namespace cmma

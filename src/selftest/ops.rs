@@ -527,51 +527,43 @@ impl<'a, D: Driver> Suite<'a, D> {
             );
             self.conv_case((n, c, h, w, o, k, cp(stride, pad)))?;
         }
-        // Batch invariance: image 1 alone gives the same bits as in a batch.
-        let p = cp(1, 1);
-        let x = self.rand(&[3, 5, 9, 9], -1.0, 1.0);
-        let wt = self.rand(&[12, 5, 3, 3], -0.5, 0.5);
-        let gw = self.up(&wt)?;
-        let all = self.down(&self.gpu.conv2d(&self.up(&x)?, &gw, None, p)?)?;
-        let one = self.down(
-            &self
-                .gpu
-                .conv2d(&self.up(&x.slice_rows(1, 2))?, &gw, None, p)?,
+        // Batch invariance: image 1 alone gives the same bits as in a batch,
+        // also where K is split (forward and dgrad: the split follows K
+        // alone, never the batch).
+        self.batch_invariance("conv2d", [3, 5, 9, 9], 12, false)?;
+        self.batch_invariance("conv2d with K split", [3, 240, 3, 3], 232, false)?;
+        self.batch_invariance(
+            "conv2d_backward_data with K split",
+            [3, 240, 3, 3],
+            232,
+            true,
         )?;
-        self.property(
-            "conv2d batch invariant (bitwise)",
-            all.slice_rows(1, 2).data() == one.data(),
-        );
-        // The same where K is split (forward and dgrad): the split follows
-        // K alone, never the batch.
-        let x = self.rand(&[3, 240, 3, 3], -1.0, 1.0);
-        let wt = self.rand(&[232, 240, 3, 3], -0.5, 0.5);
+        Ok(())
+    }
+
+    /// Checks that image 1 of a 3x3 padding-1 convolution of `x` (`o`
+    /// output channels; its input gradient when `dgrad`) has the same bits
+    /// alone as inside the batch.
+    fn batch_invariance(&mut self, what: &str, x: [usize; 4], o: usize, dgrad: bool) -> Result<()> {
+        let p = ConvParams::new(1, 1);
+        let wt = self.rand(&[o, x[1], 3, 3], -0.5, 0.5);
         let gw = self.up(&wt)?;
-        let all = self.down(&self.gpu.conv2d(&self.up(&x)?, &gw, None, p)?)?;
-        let one = self.down(
-            &self
-                .gpu
-                .conv2d(&self.up(&x.slice_rows(1, 2))?, &gw, None, p)?,
-        )?;
+        let run = |this: &mut Self, t: &Tensor, one: bool| -> Result<Tensor> {
+            let n = if one { 1 } else { x[0] };
+            let got = if dgrad {
+                this.gpu
+                    .conv2d_backward_data(&this.up(t)?, &gw, &[n, x[1], x[2], x[3]], p)?
+            } else {
+                this.gpu.conv2d(&this.up(t)?, &gw, None, p)?
+            };
+            this.down(&got)
+        };
+        // dgrad's input is a dy of the output's shape (3x3, padding 1: the same).
+        let input = self.rand(&[x[0], if dgrad { o } else { x[1] }, x[2], x[3]], -1.0, 1.0);
+        let all = run(self, &input, false)?;
+        let one = run(self, &input.slice_rows(1, 2), true)?;
         self.property(
-            "conv2d with K split batch invariant (bitwise)",
-            all.slice_rows(1, 2).data() == one.data(),
-        );
-        let dy = self.rand(&[3, 232, 3, 3], -1.0, 1.0);
-        let all = self.down(&self.gpu.conv2d_backward_data(
-            &self.up(&dy)?,
-            &gw,
-            x.shape(),
-            p,
-        )?)?;
-        let one = self.down(&self.gpu.conv2d_backward_data(
-            &self.up(&dy.slice_rows(1, 2))?,
-            &gw,
-            &[1, 240, 3, 3],
-            p,
-        )?)?;
-        self.property(
-            "conv2d_backward_data with K split batch invariant (bitwise)",
+            &format!("{what} batch invariant (bitwise)"),
             all.slice_rows(1, 2).data() == one.data(),
         );
         Ok(())

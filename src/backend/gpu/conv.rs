@@ -348,27 +348,28 @@ impl<D: Driver> GpuBackend<D> {
             if self.precision != Precision::Fp32 {
                 return self.launch_fwd_mma(a, x, w, bias, res, y);
             }
-            let (t, grid) = self.tile_grid(a);
-            self.launch(
-                t.fwd,
-                a.gm as usize * a.gn as usize,
-                grid,
-                [t.threads, 1, 1],
+            self.launch_tiled(
+                a,
+                |t| t.fwd,
                 &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
             )
         })
     }
 
-    /// The f32 tile and grid of a forward or dgrad GEMM with `a.splits`
-    /// K splits: the tile fills the device with the splits' blocks counted.
-    fn tile_grid(&self, a: &ConvArgs) -> (TileCfg, [u32; 3]) {
+    /// Launches the f32 kernel `kernel(tile)` of a forward or dgrad GEMM
+    /// with `a.splits` K splits: the tile fills the device with the splits'
+    /// blocks counted.
+    fn launch_tiled(
+        &self,
+        a: &ConvArgs,
+        kernel: fn(&TileCfg) -> &'static str,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
         let (m, n) = (a.gm as usize, a.gn as usize);
         let z = a.splits.max(1) as usize;
         let t = pick_tile_for(m, n, self.drv.sm_count().div_ceil(z));
-        (
-            t,
-            [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z as u32],
-        )
+        let grid = [n.div_ceil(t.bn) as u32, m.div_ceil(t.bm) as u32, z as u32];
+        self.launch(kernel(&t), m * n, grid, [t.threads, 1, 1], args)
     }
 
     /// Input gradient of a convolution. With `relu_y` (the output of a fused
@@ -425,12 +426,9 @@ impl<D: Driver> GpuBackend<D> {
             if self.precision != Precision::Fp32 {
                 return self.launch_dgrad_mma(a, dy, w, mask, dx);
             }
-            let (t, grid) = self.tile_grid(a);
-            self.launch(
-                t.dgrad,
-                a.gm as usize * a.gn as usize,
-                grid,
-                [t.threads, 1, 1],
+            self.launch_tiled(
+                a,
+                |t| t.dgrad,
                 &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
             )
         })
