@@ -344,36 +344,37 @@ extern "C" __global__ void conv_split_reduce(const SplitReduceArgs a, const floa
 // `phase_dgrad`): the input positions (h0 + i*stride, w0 + j*stride) are
 // reached only by the taps (rh + i'*stride, rw + j'*stride), so each phase is
 // a stride-1 dgrad with that sub-filter and no product is a known zero.
-// conv_phase_filter gathers the sub-filter, out[ko][c][i][j] =
-// w[ko][c][rh + i*stride][rw + j*stride]; conv_phase_scatter writes a
-// phase's input gradient to its positions, dx[img][c][h0 + i*stride][w0 +
-// j*stride] = src[img][c][i][j].
+// Both kernels walk the phase's `ph x pw` grid of each plane (a filter's
+// [ko][c], an input gradient's [img][c]) inside the full `h x w` one:
+// conv_phase_filter gathers the sub-filter, out[plane][i][j] =
+// w[plane][rh + i*stride][rw + j*stride]; conv_phase_scatter writes a
+// phase's input gradient to its positions, dx[plane][h0 + i*stride][w0 +
+// j*stride] = src[plane][i][j].
 struct PhaseArgs {
-  int n, c, k;      // images (scatter) or output channels (filter); channels
+  int planes;       // filter: output x input channels; scatter: images x channels
   int h, w;         // the full extent: filter R x S, or input H x W
   int ph, pw;       // the phase's extent: sub-filter or phase input
   int h0, w0;       // its first row and column in the full extent
   int stride;
 };
 
+// The full-extent index of element i of the phase grid.
+__device__ __forceinline__ int phase_index(const PhaseArgs& a, int i) {
+  const int j = i % a.pw, t = i / a.pw;
+  const int r = t % a.ph, plane = t / a.ph;
+  return (plane * a.h + a.h0 + r * a.stride) * a.w + a.w0 + j * a.stride;
+}
+
 extern "C" __global__ void conv_phase_filter(const PhaseArgs a, const float* __restrict__ w,
                                              float* __restrict__ out) {
-  const int total = a.k * a.c * a.ph * a.pw;
-  for (int i = grid_start(); i < total; i += grid_stride()) {
-    const int j = i % a.pw, t = i / a.pw;
-    const int r = t % a.ph, kc = t / a.ph;
-    out[i] = w[(kc * a.h + a.h0 + r * a.stride) * a.w + a.w0 + j * a.stride];
-  }
+  const int total = a.planes * a.ph * a.pw;
+  for (int i = grid_start(); i < total; i += grid_stride()) out[i] = w[phase_index(a, i)];
 }
 
 extern "C" __global__ void conv_phase_scatter(const PhaseArgs a, const float* __restrict__ src,
                                               float* __restrict__ dx) {
-  const int total = a.n * a.c * a.ph * a.pw;
-  for (int i = grid_start(); i < total; i += grid_stride()) {
-    const int j = i % a.pw, t = i / a.pw;
-    const int r = t % a.ph, nc = t / a.ph;
-    dx[(nc * a.h + a.h0 + r * a.stride) * a.w + a.w0 + j * a.stride] = src[i];
-  }
+  const int total = a.planes * a.ph * a.pw;
+  for (int i = grid_start(); i < total; i += grid_stride()) dx[phase_index(a, i)] = src[i];
 }
 
 // Bias gradient: db[ko] = sum over images and positions of dy[img][ko][.],

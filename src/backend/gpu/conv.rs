@@ -189,9 +189,7 @@ pub fn gemm_k_splits(k: usize) -> (usize, usize) {
 /// `PhaseArgs` in kernels/conv.cu).
 #[repr(C)]
 struct PhaseArgs {
-    n: i32,
-    c: i32,
-    k: i32,
+    planes: i32,
     h: i32,
     w: i32,
     ph: i32,
@@ -199,6 +197,33 @@ struct PhaseArgs {
     h0: i32,
     w0: i32,
     stride: i32,
+}
+
+impl PhaseArgs {
+    /// The `[ph, pw]` grid from `(h0, w0)` every `stride` of `planes`
+    /// planes of `[h, w]`.
+    fn new(
+        planes: usize,
+        [h, w]: [usize; 2],
+        [ph, pw]: [usize; 2],
+        [h0, w0]: [usize; 2],
+        stride: usize,
+    ) -> Self {
+        PhaseArgs {
+            planes: planes as i32,
+            h: h as i32,
+            w: w as i32,
+            ph: ph as i32,
+            pw: pw as i32,
+            h0: h0 as i32,
+            w0: w0 as i32,
+            stride: stride as i32,
+        }
+    }
+
+    fn count(&self) -> usize {
+        (self.planes * self.ph * self.pw) as usize
+    }
 }
 
 /// Convolution geometry, shared with the CPU reference so both refuse the
@@ -395,14 +420,13 @@ impl<D: Driver> GpuBackend<D> {
             return self.phase_dgrad(&g, dy, w, relu_y);
         }
         let dx = self.alloc(x_shape)?;
-        let mut a = g.args();
-        let gn = g.n * g.h * g.w;
-        let gk = g.o * g.kh * g.kw;
-        check_extents("conv2d_backward_data", &[gn, gk])?;
-        a.gm = g.c as i32;
-        a.gn = gn as i32;
-        a.gk = gk as i32;
-        a.flags = if relu_y.is_some() { CONV_DY_MASK } else { 0 };
+        let a = dgrad_args(
+            &g,
+            [g.h, g.w],
+            [g.kh, g.kw],
+            [g.pad, g.pad],
+            relu_y.is_some(),
+        )?;
         self.launch_dgrad(
             &a,
             dy.ptr(),
@@ -452,8 +476,8 @@ impl<D: Driver> GpuBackend<D> {
     ) -> Result<GpuBuf<D>> {
         let dx = crate::backend::Backend::zeros(self, &[g.n, g.c, g.h, g.w])?;
         let s = g.stride;
-        let launch_phase_kernel = |name: &str, count: usize, a: &PhaseArgs, src: u64, dst: u64| {
-            self.launch_flat(name, count, &mut [arg(a), arg(&src), arg(&dst)])
+        let copy = |name: &str, a: &PhaseArgs, src: u64, dst: u64| {
+            self.launch_flat(name, a.count(), &mut [arg(a), arg(&src), arg(&dst)])
         };
         for h0 in 0..s.min(g.h) {
             for w0 in 0..s.min(g.w) {
@@ -462,46 +486,14 @@ impl<D: Driver> GpuBackend<D> {
                     continue;
                 }
                 // The phase's sub-filter and input extents.
-                let (fr, fs) = ((g.kh - rh).div_ceil(s), (g.kw - rw).div_ceil(s));
-                let (ph, pw) = ((g.h - h0).div_ceil(s), (g.w - w0).div_ceil(s));
-                let filter = PhaseArgs {
-                    n: 0,
-                    c: g.c as i32,
-                    k: g.o as i32,
-                    h: g.kh as i32,
-                    w: g.kw as i32,
-                    ph: fr as i32,
-                    pw: fs as i32,
-                    h0: rh as i32,
-                    w0: rw as i32,
-                    stride: s as i32,
-                };
-                let wsub = self.alloc(&[g.o, g.c, fr, fs])?;
-                launch_phase_kernel(
-                    "conv_phase_filter",
-                    g.o * g.c * fr * fs,
-                    &filter,
-                    w.ptr(),
-                    wsub.ptr(),
-                )?;
-                let part = self.alloc(&[g.n, g.c, ph, pw])?;
-                let gn = g.n * ph * pw;
-                let gk = g.o * fr * fs;
-                check_extents("conv2d_backward_data", &[gn, gk])?;
-                let a = ConvArgs {
-                    h: ph as i32,
-                    w: pw as i32,
-                    r: fr as i32,
-                    s: fs as i32,
-                    stride: 1,
-                    pad: ((h0 + g.pad) / s) as i32,
-                    pad_w: ((w0 + g.pad) / s) as i32,
-                    gm: g.c as i32,
-                    gn: gn as i32,
-                    gk: gk as i32,
-                    flags: if relu_y.is_some() { CONV_DY_MASK } else { 0 },
-                    ..g.args()
-                };
+                let taps = [(g.kh - rh).div_ceil(s), (g.kw - rw).div_ceil(s)];
+                let extent = [(g.h - h0).div_ceil(s), (g.w - w0).div_ceil(s)];
+                let filter = PhaseArgs::new(g.o * g.c, [g.kh, g.kw], taps, [rh, rw], s);
+                let wsub = self.alloc(&[g.o, g.c, taps[0], taps[1]])?;
+                copy("conv_phase_filter", &filter, w.ptr(), wsub.ptr())?;
+                let part = self.alloc(&[g.n, g.c, extent[0], extent[1]])?;
+                let pads = [(h0 + g.pad) / s, (w0 + g.pad) / s];
+                let a = dgrad_args(g, extent, taps, pads, relu_y.is_some())?;
                 self.launch_dgrad(
                     &a,
                     dy.ptr(),
@@ -509,25 +501,8 @@ impl<D: Driver> GpuBackend<D> {
                     relu_y.map_or(0, |y| y.ptr()),
                     part.ptr(),
                 )?;
-                let scatter = PhaseArgs {
-                    n: g.n as i32,
-                    c: g.c as i32,
-                    k: 0,
-                    h: g.h as i32,
-                    w: g.w as i32,
-                    ph: ph as i32,
-                    pw: pw as i32,
-                    h0: h0 as i32,
-                    w0: w0 as i32,
-                    stride: s as i32,
-                };
-                launch_phase_kernel(
-                    "conv_phase_scatter",
-                    g.n * g.c * ph * pw,
-                    &scatter,
-                    part.ptr(),
-                    dx.ptr(),
-                )?;
+                let scatter = PhaseArgs::new(g.n * g.c, [g.h, g.w], extent, [h0, w0], s);
+                copy("conv_phase_scatter", &scatter, part.ptr(), dx.ptr())?;
             }
         }
         Ok(dx)
@@ -690,6 +665,36 @@ impl<D: Driver> GpuBackend<D> {
         self.launch_flat("conv_fold_bn", o * c * kh * kw, &mut args)?;
         Ok((w2, b2))
     }
+}
+
+/// Arguments of the stride-1 dgrad GEMM of `g`'s output gradient into an
+/// input of `[h, w]` through a filter of `[r, s]` taps padded by
+/// `[pad, pad_w]`: the whole layer when they are `g`'s own, or one phase of
+/// a strided layer (`phase_dgrad`).
+fn dgrad_args(
+    g: &Geom,
+    [h, w]: [usize; 2],
+    [r, s]: [usize; 2],
+    [pad, pad_w]: [usize; 2],
+    masked: bool,
+) -> Result<ConvArgs> {
+    let gn = g.n * h * w;
+    let gk = g.o * r * s;
+    check_extents("conv2d_backward_data", &[gn, gk])?;
+    Ok(ConvArgs {
+        h: h as i32,
+        w: w as i32,
+        r: r as i32,
+        s: s as i32,
+        stride: 1,
+        pad: pad as i32,
+        pad_w: pad_w as i32,
+        gm: g.c as i32,
+        gn: gn as i32,
+        gk: gk as i32,
+        flags: if masked { CONV_DY_MASK } else { 0 },
+        ..g.args()
+    })
 }
 
 /// Arguments of a linear layer as a 1x1 convolution of `[n, k, 1, 1]`.
