@@ -44,6 +44,8 @@ constexpr int CONV_BIAS = 1;      // forward: add bias[m]
 constexpr int CONV_RELU = 2;      // forward: max(., 0) last
 constexpr int CONV_RESIDUAL = 4;  // forward: add residual[same index] before the ReLU
 constexpr int CONV_DY_MASK = 8;   // dgrad: dy is multiplied by (y > 0)
+constexpr int CONV_K_RSC = 16;    // tensor cores: K runs (r, s, c), weights packed
+                                  // so (conv_pack_rsc); see RscGather
 
 // Moves a (c, r, s) filter-tap cursor on by one K step, given the step
 // split as (dc, dr, ds) in the same mixed radix (R, S): no division in the
@@ -168,6 +170,70 @@ struct DgradGather {
       if (ok && ymask != nullptr) ok = ymask[idx] > 0.f;
       f(i, ok, idx);
       crs.advance(i);
+    }
+  }
+};
+
+// Forward or dgrad B with K ordered (r, s, c), for a GEMM whose reduced
+// channels (the forward's Cin, the dgrad's Cout) are a multiple of the K
+// step KB: a step's KB rows then share one filter tap, so a column needs one
+// bounds check per step and its rows are whole planes apart, where the
+// (c, r, s) order (FwdGather, DgradGather) decodes every element. The A
+// operand must run in the same order (conv_pack_rsc). The chunks of a split
+// K are whole steps, so every step starts on a tap's first channel.
+//   forward: B[(r, s, c)][(img, p, q)] = x[img][c][p*st - pad + r][q*st - pad_w + s]
+//   dgrad (stride 1): B[(r, s, ko)][(img, h, w)] = dy[img][ko][h + pad - r][w + pad_w - s],
+//            0 where the ReLU mask (when given) is not positive.
+// n-fastest, as FwdGather.
+template <int KB, int BN, int NT, bool FWD>
+struct RscGather {
+  static constexpr int E = BN * KB / NT;
+  static constexpr int STEP = NT / BN;
+  const float* __restrict__ ymask;
+  int C, S, H, W, plane, base, h0, w0, c0, r, s;
+  bool nvalid;
+  __device__ __forceinline__ RscGather(const ConvArgs& a, const float* __restrict__ ymask_, int ntile, int k_begin)
+      : ymask(ymask_), S(a.s) {
+    C = FWD ? a.c : a.k;
+    H = FWD ? a.h : a.p;
+    W = FWD ? a.w : a.q;
+    plane = H * W;
+    const int n = ntile + (int)threadIdx.x % BN;
+    const int per_img = FWD ? a.p * a.q : a.h * a.w, cols = FWD ? a.q : a.w;
+    nvalid = n < a.gn;
+    const int img = nvalid ? n / per_img : 0;
+    const int rem = n - img * per_img;
+    const int y = rem / cols, x = rem - (rem / cols) * cols;
+    h0 = FWD ? y * a.stride - a.pad : y + a.pad;
+    w0 = FWD ? x * a.stride - a.pad_w : x + a.pad_w;
+    base = (img * C + (int)threadIdx.x / BN) * plane;
+    const int rs = k_begin / C;
+    c0 = k_begin - rs * C;
+    r = rs / S;
+    s = rs - r * S;
+  }
+  __device__ __forceinline__ static int row(int i) { return threadIdx.x / BN + i * STEP; }
+  __device__ __forceinline__ int k(int i) const { return row(i); }
+  __device__ __forceinline__ int mn(int) const { return threadIdx.x % BN; }
+  template <class F>
+  __device__ __forceinline__ void step(int, F f) {
+    const int h = FWD ? h0 + r : h0 - r, w = FWD ? w0 + s : w0 - s;
+    const bool ok = nvalid && (unsigned)h < (unsigned)H && (unsigned)w < (unsigned)W;
+    const int first = base + c0 * plane + h * W + w;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+      const int idx = first + i * STEP * plane;
+      bool on = ok;
+      if (!FWD && on && ymask != nullptr) on = ymask[idx] > 0.f;
+      f(i, on, idx);
+    }
+    c0 += KB;
+    if (c0 >= C) {
+      c0 = 0;
+      if (++s == S) {
+        s = 0;
+        r++;
+      }
     }
   }
 };

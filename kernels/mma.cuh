@@ -202,24 +202,42 @@ __device__ __forceinline__ void ldmatrix(unsigned (&d)[N], const void* row) {
 #endif
 }
 
+// A shared-memory location as cp.async addresses it: on the device the
+// 32-bit shared-window address, so a thread's slots are a base plus
+// constant byte offsets (32-bit adds, where pointers into shared memory
+// cost 64-bit arithmetic and a conversion per copy); under CWP_EMU the
+// pointer itself.
+#ifdef CWP_EMU
+typedef char* SmemAddr;
+__device__ __forceinline__ SmemAddr smem_addr(void* p) { return static_cast<char*>(p); }
+#else
+typedef unsigned SmemAddr;
+__device__ __forceinline__ SmemAddr smem_addr(void* p) { return cwp_smem_addr(p); }
+#endif
+
 // cp.async of BYTES (4, 8 or 16) from global `src` to shared `dst`; only the
 // first `src_bytes` are read, the rest of the destination is zero-filled
 // (src_bytes = 0 zero-fills and reads nothing). 16-byte copies bypass L1
 // (.cg), smaller ones cannot (.ca).
 template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+__device__ __forceinline__ void cp_async_to(SmemAddr dst, const void* src, int src_bytes) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef CWP_EMU
   cwp_emu_cp_async(dst, src, BYTES, src_bytes);
 #else
-  const unsigned s = cwp_smem_addr(dst);
   if (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(s), "l"(src), "n"(BYTES), "r"(src_bytes)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(BYTES), "r"(src_bytes)
                  : "memory");
   }
 #endif
+}
+
+// cp_async_to a pointer into shared memory.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  cp_async_to<BYTES>(smem_addr(dst), src, src_bytes);
 }
 
 // Closes this thread's current group of cp.async copies.

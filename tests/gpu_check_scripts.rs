@@ -151,3 +151,48 @@ fn the_report_holds_each_gate_search_against_fp32_by_power_and_first_positions()
         "{rows}"
     );
 }
+
+/// `scripts/sass_loops.py` (instructions issued per tensor-core instruction
+/// in each GEMM main loop, read off `cuobjdump -sass`) on a listing made up
+/// for it: a loop whose copies are skipped in its last iterations (a
+/// forward branch over them) and a loop without HMMA, which is not
+/// reported.
+#[test]
+fn the_sass_loop_counter_counts_each_way_through_a_tensor_core_loop() {
+    if !python_available() {
+        eprintln!("skipped: python3 not installed");
+        return;
+    }
+    let listing = r#"
+        Function : k_one
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R2, R3, PT ;
+        /*0020*/               @P0 BRA 0x60 ;
+        /*0030*/                   LDGSTS.E [R4], desc[UR4][R6.64] ;
+        /*0040*/                   LDGSTS.E [R5], desc[UR4][R8.64] ;
+        /*0050*/                   IADD3 R6, R6, 0x40, RZ ;
+        /*0060*/                   LDS R10, [R11] ;
+        /*0070*/                   HMMA.16816.F32.BF16 R12, R16, R20, R12 ;
+        /*0080*/                   HMMA.16816.F32.BF16 R24, R16, R22, R24 ;
+        /*0090*/              @!P1 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+        Function : k_two
+        /*0000*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0010*/              @!P0 BRA 0x0 ;
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.sass");
+    std::fs::write(&path, listing).unwrap();
+    let o = Command::new("python3")
+        .arg(Path::new(root()).join("scripts/sass_loops.py"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // Through the copies: 9 instructions (0x10..0x90); over them: 6.
+    assert_eq!(
+        out.trim(),
+        "k_one: 2 HMMA per iteration; instructions issued: 9-9 (4.5-4.5 per HMMA), 6 in the last iterations"
+    );
+}

@@ -15,7 +15,7 @@ use classwise::tensor::Tensor;
 /// (n, c, h, w, o, k, stride, pad)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 12] = [
     (2, 1, 9, 7, 5, 3, 2, 1),      // one input channel, stride 2, padding
     (3, 3, 11, 10, 17, 3, 1, 1),   // three input channels: K = 27
     (2, 7, 8, 9, 70, 5, 2, 2),     // 5x5, K = 175, M over one 64-row tile
@@ -23,6 +23,12 @@ const CASES: [Case; 7] = [
     (2, 16, 10, 10, 130, 3, 1, 1), // M = 130: two tall tiles and a sliver
     (8, 4, 16, 16, 8, 3, 1, 1),    // wgrad K = 2048: split and reduced
     (2, 240, 3, 3, 232, 3, 1, 1),  // forward K = 2160, dgrad K = 2088: split
+    // Channels in whole K steps (16): K runs tap by tap, the filter packed.
+    (2, 32, 7, 6, 48, 3, 1, 1),  // forward and dgrad both
+    (2, 16, 9, 8, 32, 3, 2, 1),  // strided: every phase's dgrad
+    (1, 32, 5, 5, 16, 1, 1, 0),  // 1x1: forward unpacked, dgrad transposed
+    (1, 256, 3, 3, 20, 3, 1, 1), // forward K = 2304: split, tap by tap
+    (1, 20, 4, 5, 256, 3, 1, 1), // dgrad K = 2304: split, tap by tap
 ];
 
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -72,6 +78,29 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .zip(b.data())
         .map(|(x, y)| (*x as f64 - *y as f64).abs())
         .fold(0.0, f64::max)
+}
+
+type Buf = classwise::backend::gpu::GpuBuf<EmuDriver>;
+
+/// `f` (an op on a batch on `gpu`) on all of `x`, and on its second image
+/// alone: that image's output bits must not depend on the batch around
+/// it. Returns the whole batch's output.
+fn second_image_as_in_batch(
+    gpu: &GpuBackend<EmuDriver>,
+    x: &Tensor,
+    f: impl Fn(&Buf) -> Buf,
+    tag: &str,
+) -> Tensor {
+    let all = gpu.download(&f(&gpu.upload(x).unwrap())).unwrap();
+    let one = gpu
+        .download(&f(&gpu.upload(&x.slice_rows(1, 2)).unwrap()))
+        .unwrap();
+    assert_eq!(
+        all.slice_rows(1, 2).data(),
+        one.data(),
+        "{tag}: an image alone differs from the same image in a batch"
+    );
+    all
 }
 
 struct Outcome {
@@ -233,16 +262,8 @@ fn tensor_core_forward_is_batch_invariant() {
         let x = rand(&[3, 5, 9, 9], 77, 1.0);
         let wt = rand(&[12, 5, 3, 3], 78, 0.5);
         let gw = gpu.upload(&wt).unwrap();
-        let all = gpu
-            .download(&gpu.conv2d(&gpu.upload(&x).unwrap(), &gw, None, cp).unwrap())
-            .unwrap();
-        let one = gpu
-            .download(
-                &gpu.conv2d(&gpu.upload(&x.slice_rows(1, 2)).unwrap(), &gw, None, cp)
-                    .unwrap(),
-            )
-            .unwrap();
-        assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}");
+        let conv = |b: &Buf| gpu.conv2d(b, &gw, None, cp).unwrap();
+        second_image_as_in_batch(&gpu, &x, conv, &p.to_string());
     }
 }
 
@@ -312,38 +333,146 @@ fn a_long_k_splits_forward_and_dgrad_by_k_alone_in_every_mode() {
         let x = rand(&[3, 240, 3, 3], 92, 1.0);
         let wt = rand(&[232, 240, 3, 3], 93, 0.5);
         let gw = gpu.upload(&wt).unwrap();
-        let all = gpu
-            .download(&gpu.conv2d(&gpu.upload(&x).unwrap(), &gw, None, cp).unwrap())
-            .unwrap();
-        assert_eq!(reduces(), 1, "{p}: the forward's K = 2160 is split");
-        let one = gpu
-            .download(
-                &gpu.conv2d(&gpu.upload(&x.slice_rows(1, 2)).unwrap(), &gw, None, cp)
-                    .unwrap(),
-            )
-            .unwrap();
-        assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}: forward");
+        let conv = |b: &Buf| gpu.conv2d(b, &gw, None, cp).unwrap();
+        second_image_as_in_batch(&gpu, &x, conv, &format!("{p}: forward"));
+        assert_eq!(reduces(), 2, "{p}: the forward's K = 2160 is split");
 
         let dy = rand(&[3, 232, 3, 3], 94, 1.0);
-        let all = gpu
-            .download(
-                &gpu.conv2d_backward_data(&gpu.upload(&dy).unwrap(), &gw, x.shape(), cp)
-                    .unwrap(),
-            )
-            .unwrap();
-        assert_eq!(reduces(), 3, "{p}: the dgrad's K = 2088 is split");
-        let one = gpu
-            .download(
-                &gpu.conv2d_backward_data(
-                    &gpu.upload(&dy.slice_rows(1, 2)).unwrap(),
-                    &gw,
-                    &[1, 240, 3, 3],
-                    cp,
+        let dgrad = |b: &Buf| {
+            gpu.conv2d_backward_data(b, &gw, &[b.shape()[0], 240, 3, 3], cp)
+                .unwrap()
+        };
+        second_image_as_in_batch(&gpu, &dy, dgrad, &format!("{p}: dgrad"));
+        assert_eq!(reduces(), 4, "{p}: the dgrad's K = 2088 is split");
+    }
+}
+
+/// A tensor-core GEMM whose reduced channels (the forward's Cin, a stride-1
+/// dgrad's Cout) are whole K steps runs K tap by tap, (r, s, c), with the
+/// filter packed to match once per call, in tf32 and bf16 rounded for the
+/// mode by the pack (so a forward 1x1, whose filter already runs that way,
+/// is packed in those modes only); other shapes, and fp32, keep (c, r, s).
+/// The order follows the shape alone, so an image gets the same bits alone
+/// as in a batch. (Accuracy in both orders: the CASES above.)
+#[test]
+fn channels_in_whole_k_steps_run_k_tap_by_tap_with_a_packed_filter() {
+    for p in Precision::ALL {
+        let gpu = GpuBackend::new(EmuDriver::new()).with_precision(p);
+        let kernel = match p {
+            Precision::Bf16 => "conv_pack_rsc_bf16",
+            Precision::Tf32 => "conv_pack_rsc_tf32",
+            _ => "conv_pack_rsc",
+        };
+        let packs = || gpu.driver().launches(kernel);
+        let tc = usize::from(p != Precision::Fp32);
+        let rounds = usize::from(matches!(p, Precision::Tf32 | Precision::Bf16));
+        let mut want = 0;
+        let mut fwd = |x: &[usize], o: usize, k: usize, cp: ConvParams, packed: usize| {
+            let x = rand(x, 101, 1.0);
+            let w = gpu
+                .upload(&rand(&[o, x.shape()[1], k, k], 102, 0.5))
+                .unwrap();
+            let tag = format!("{p}: forward of {:?} by {o}x{k}x{k}", x.shape());
+            let conv = |b: &Buf| gpu.conv2d(b, &w, None, cp).unwrap();
+            second_image_as_in_batch(&gpu, &x, conv, &tag);
+            // once per call: the batch and the image alone
+            want += 2 * packed * tc;
+            assert_eq!(packs(), want, "{tag}");
+        };
+        let s1 = ConvParams::new(1, 1);
+        fwd(&[2, 32, 6, 5], 24, 3, s1, 1);
+        fwd(&[2, 32, 6, 5], 24, 1, ConvParams::new(1, 0), rounds);
+        fwd(&[2, 20, 6, 5], 24, 3, s1, 0);
+        let dgrad = |c: usize, o: usize, cp: ConvParams, packed: usize| {
+            let x = [2, c, 7, 6];
+            let w = gpu.upload(&rand(&[o, c, 3, 3], 103, 0.5)).unwrap();
+            let y = gpu
+                .conv2d(&gpu.upload(&rand(&x, 104, 1.0)).unwrap(), &w, None, cp)
+                .unwrap();
+            let dy = rand(y.shape(), 105, 1.0);
+            let before = packs();
+            let tag = format!("{p}: dgrad of {o} into {c} channels, {cp:?}");
+            let dgrad = |b: &Buf| {
+                gpu.conv2d_backward_data(b, &w, &[b.shape()[0], c, 7, 6], cp)
+                    .unwrap()
+            };
+            second_image_as_in_batch(&gpu, &dy, dgrad, &tag);
+            assert_eq!(packs() - before, 2 * packed * tc, "{tag}");
+        };
+        dgrad(8, 32, s1, 1);
+        dgrad(8, 20, s1, 0);
+        // stride 2 on 7x6: four phases, each its own packed sub-filter
+        dgrad(8, 32, ConvParams::new(2, 1), 4);
+    }
+}
+
+/// `x` rounded as the tensor cores read it in mode `p`: tf32 by cvt.rna
+/// (nearest, ties away from zero), bf16 to nearest even.
+fn rounded(x: &Tensor, p: Precision) -> Tensor {
+    Tensor::from_fn(x.shape(), |i| {
+        let u = x.data()[i].to_bits();
+        f32::from_bits(match p {
+            Precision::Tf32 => (u + 0x1000) & 0xffff_e000,
+            Precision::Bf16 => ((u + 0x7fff + ((u >> 16) & 1)) >> 16) << 16,
+            _ => u,
+        })
+    })
+}
+
+/// In tf32 and bf16 a convolution is the f32 product of its operands
+/// rounded for the mode, whether the filter was rounded by the pack (K tap
+/// by tap) or fragment by fragment (K in (c, r, s)): against the CPU on
+/// rounded operands only the f32 accumulation differs, far inside the
+/// mode's own bound (a rounding off by one bf16 step in a tenth of the
+/// weights would already miss it).
+#[test]
+fn tf32_and_bf16_multiply_exactly_the_rounded_operands_in_both_k_orders() {
+    let cpu = CpuBackend::REFERENCE;
+    for p in [Precision::Tf32, Precision::Bf16] {
+        let gpu = GpuBackend::new(EmuDriver::new()).with_precision(p);
+        // (x, o, k, pad): tap by tap 3x3 and 1x1 (both directions), then
+        // (c, r, s) in both directions (20 channels)
+        for (xs, o, k, pad) in [
+            ([2, 32, 6, 5], 32, 3, 1),
+            ([2, 32, 6, 5], 48, 1, 0),
+            ([2, 20, 6, 5], 20, 3, 1),
+        ] {
+            let cp = ConvParams::new(1, pad);
+            let x = rand(&xs, 111, 1.0);
+            let w = rand(&[o, xs[1], k, k], 112, 0.5);
+            let want = cpu
+                .conv2d(&rounded(&x, p), &rounded(&w, p), None, cp)
+                .unwrap();
+            let gw = gpu.upload(&w).unwrap();
+            let got = gpu
+                .download(&gpu.conv2d(&gpu.upload(&x).unwrap(), &gw, None, cp).unwrap())
+                .unwrap();
+            let absref = cpu.conv2d(&abs(&x), &abs(&w), None, cp).unwrap();
+            let kf = xs[1] * k * k;
+            let r = worst(&got, &want, &absref, kf, Precision::Fp32);
+            assert!(
+                r <= 1.0,
+                "{p} forward {xs:?} by {o}x{k}x{k}: {r} x the f32 bound"
+            );
+            let dy = rand(want.shape(), 113, 1.0);
+            let want = cpu
+                .conv2d_backward_data(&rounded(&dy, p), &rounded(&w, p), &xs, cp)
+                .unwrap();
+            let got = gpu
+                .download(
+                    &gpu.conv2d_backward_data(&gpu.upload(&dy).unwrap(), &gw, &xs, cp)
+                        .unwrap(),
                 )
-                .unwrap(),
-            )
-            .unwrap();
-        assert_eq!(all.slice_rows(1, 2).data(), one.data(), "{p}: dgrad");
+                .unwrap();
+            let absref = cpu
+                .conv2d_backward_data(&abs(&dy), &abs(&w), &xs, cp)
+                .unwrap();
+            let r = worst(&got, &want, &absref, o * k * k, Precision::Fp32);
+            assert!(
+                r <= 1.0,
+                "{p} dgrad {xs:?} by {o}x{k}x{k}: {r} x the f32 bound"
+            );
+        }
     }
 }
 

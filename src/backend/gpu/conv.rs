@@ -39,6 +39,56 @@ const CONV_BIAS: i32 = 1;
 const CONV_RELU: i32 = 2;
 const CONV_RESIDUAL: i32 = 4;
 const CONV_DY_MASK: i32 = 8;
+/// Tensor cores: K runs (r, s, c) and the filter is packed to match
+/// (`CONV_K_RSC` in kernels/conv_gather.cuh).
+const CONV_K_RSC: i32 = 16;
+
+/// Arguments of the `conv_pack_rsc*` kernels (C twin `PackArgs` in
+/// kernels/conv_mma.cu): an OIHW filter of `o x c x rs` as the A operand of
+/// a GEMM with K in (r, s, c) order, `[o][rs][c]` for the forward,
+/// `[c][rs][o]` for dgrad.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PackArgs {
+    o: i32,
+    c: i32,
+    rs: i32,
+    dgrad: i32,
+}
+
+impl PackArgs {
+    /// Elements of the filter.
+    pub(super) fn len(&self) -> usize {
+        (self.o * self.c * self.rs) as usize
+    }
+}
+
+impl ConvArgs {
+    /// The tensor-core GEMM of these arguments with K in (r, s, c) order,
+    /// when its reduced channels (the forward's Cin, a dgrad's Cout) are a
+    /// whole number of `step`s and, for dgrad, the stride is 1 (every phase
+    /// of a strided dgrad is): the arguments flagged so, the packing of the
+    /// filter into that order, and whether the order needs it (a forward
+    /// 1x1's OIHW filter already runs that way).
+    pub(super) fn rsc_order(&self, dgrad: bool, step: usize) -> Option<(ConvArgs, PackArgs, bool)> {
+        let reduced = if dgrad { self.k } else { self.c };
+        if reduced <= 0 || !(reduced as usize).is_multiple_of(step) || (dgrad && self.stride != 1) {
+            return None;
+        }
+        let rs = self.r * self.s;
+        let pack = PackArgs {
+            o: self.k,
+            c: self.c,
+            rs,
+            dgrad: dgrad as i32,
+        };
+        let flagged = ConvArgs {
+            flags: self.flags | CONV_K_RSC,
+            ..*self
+        };
+        Some((flagged, pack, dgrad || rs > 1))
+    }
+}
 
 /// K step of the GEMM main loop (`BK` in conv.cu).
 const BK: usize = 8;

@@ -4,7 +4,7 @@
 //! plus ordered reduce are those of the f32 path; only the kernel differs.
 
 use super::conv::{wgrad_splits, ConvArgs};
-use super::{arg, Driver, GpuBackend};
+use super::{arg, Driver, GpuBackend, GpuBuf};
 use crate::backend::Precision;
 use crate::error::{Error, Result};
 
@@ -19,7 +19,8 @@ pub struct MmaTile {
     pub bm: usize,
     /// Columns (GEMM N) per block.
     pub bn: usize,
-    /// Threads per block (32 per 32x32 warp tile).
+    /// Threads per block (32 per warp; the tall tile's warps own 64x32, the
+    /// short one's 32x32).
     pub threads: u32,
 }
 
@@ -28,7 +29,7 @@ pub const MMA_TILES: [MmaTile; 2] = [
     MmaTile {
         bm: 128,
         bn: 64,
-        threads: 256,
+        threads: 128,
     },
     MmaTile {
         bm: 64,
@@ -99,6 +100,35 @@ impl<D: Driver> GpuBackend<D> {
         )
     }
 
+    /// The arguments and filter of a tensor-core forward or dgrad GEMM: in
+    /// (r, s, c) order with the filter packed for it where the shape allows
+    /// ([`ConvArgs::rsc_order`]), else as given. In tf32 and bf16 the pack
+    /// also rounds the filter for the mode (bf16 into 16 bits), so it runs
+    /// for a forward 1x1 too, whose order needs none. The packed copy lives
+    /// in `keep` until the launch has been queued.
+    fn mma_operands(
+        &self,
+        a: &ConvArgs,
+        w: u64,
+        dgrad: bool,
+        keep: &mut Option<GpuBuf<D>>,
+    ) -> Result<(ConvArgs, u64)> {
+        let Some((flagged, pack, reorders)) = a.rsc_order(dgrad, MMA_BK) else {
+            return Ok((*a, w));
+        };
+        let (kernel, floats) = match self.precision {
+            Precision::Bf16 => ("conv_pack_rsc_bf16", pack.len().div_ceil(2)),
+            Precision::Tf32 => ("conv_pack_rsc_tf32", pack.len()),
+            _ if reorders => ("conv_pack_rsc", pack.len()),
+            _ => return Ok((flagged, w)),
+        };
+        let packed = self.alloc(&[floats])?;
+        let out = packed.ptr();
+        self.launch_flat(kernel, pack.len(), &mut [arg(&pack), arg(&w), arg(&out)])?;
+        *keep = Some(packed);
+        Ok((flagged, out))
+    }
+
     /// Tensor-core forward GEMM on prepared arguments (see `launch_fwd`).
     pub(super) fn launch_fwd_mma(
         &self,
@@ -109,6 +139,9 @@ impl<D: Driver> GpuBackend<D> {
         res: u64,
         y: u64,
     ) -> Result<()> {
+        let mut keep = None;
+        let (a, w) = self.mma_operands(a, w, false, &mut keep)?;
+        let a = &a;
         let (t, grid) = self.mma_grid(a, false);
         let name = mma_kernel("fwd", self.precision, t)?;
         self.launch(
@@ -129,6 +162,9 @@ impl<D: Driver> GpuBackend<D> {
         mask: u64,
         dx: u64,
     ) -> Result<()> {
+        let mut keep = None;
+        let (a, w) = self.mma_operands(a, w, true, &mut keep)?;
+        let a = &a;
         let (t, grid) = self.mma_grid(a, false);
         let name = mma_kernel("dgrad", self.precision, t)?;
         self.launch(
@@ -197,6 +233,9 @@ mod tests {
                     assert!(file.kernels.contains(&name.as_str()), "{name}");
                 }
             }
+        }
+        for pack in ["conv_pack_rsc", "conv_pack_rsc_tf32", "conv_pack_rsc_bf16"] {
+            assert!(file.kernels.contains(&pack), "{pack}");
         }
         assert!(mma_kernel("fwd", Precision::Fp32, MMA_TILES[0]).is_err());
     }
