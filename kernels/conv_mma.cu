@@ -364,7 +364,8 @@ __device__ __forceinline__ void fwd(const ConvArgs& a, const float* __restrict__
 }
 
 // `w` is the layer's OIHW filter, or with CONV_K_RSC its transpose packed
-// as [Cin][R][S][Cout] by conv_pack_rsc.
+// as [Cin][R][S][Cout] by conv_pack_rsc* (rounded for the mode in tf32 and
+// bf16, as in the forward).
 template <int BM, int BN, int WM, int WN, int MI, int P>
 __device__ __forceinline__ void dgrad(const ConvArgs& a, const float* __restrict__ dy, const float* __restrict__ w,
                                       const float* __restrict__ ymask, float* __restrict__ dx) {
