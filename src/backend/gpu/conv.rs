@@ -421,7 +421,7 @@ impl<D: Driver> GpuBackend<D> {
         let pq = (a.p * a.q) as usize;
         self.split_k(a, pq, [bias, res, y], |a, y| {
             if self.precision != Precision::Fp32 {
-                return self.launch_fwd_mma(a, x, w, bias, res, y);
+                return self.launch_rows_mma(false, a, x, w, &[bias, res, y]);
             }
             self.launch_tiled(
                 a,
@@ -498,7 +498,7 @@ impl<D: Driver> GpuBackend<D> {
         let hw = (a.h * a.w) as usize;
         self.split_k(a, hw, [0, 0, dx], |a, dx| {
             if self.precision != Precision::Fp32 {
-                return self.launch_dgrad_mma(a, dy, w, mask, dx);
+                return self.launch_rows_mma(true, a, dy, w, &[mask, dx]);
             }
             self.launch_tiled(
                 a,

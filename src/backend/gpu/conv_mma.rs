@@ -129,50 +129,30 @@ impl<D: Driver> GpuBackend<D> {
         Ok((flagged, out))
     }
 
-    /// Tensor-core forward GEMM on prepared arguments (see `launch_fwd`).
-    pub(super) fn launch_fwd_mma(
+    /// Tensor-core forward (`dgrad` false: arguments `x, w, bias, res, y`,
+    /// see `launch_fwd`) or dgrad GEMM (`dy, w, mask, dx`, see
+    /// `launch_dgrad`) on prepared arguments: `src`, the filter `w`, then
+    /// `rest`, with the filter packed first where the shape allows.
+    pub(super) fn launch_rows_mma(
         &self,
+        dgrad: bool,
         a: &ConvArgs,
-        x: u64,
+        src: u64,
         w: u64,
-        bias: u64,
-        res: u64,
-        y: u64,
+        rest: &[u64],
     ) -> Result<()> {
         let mut keep = None;
-        let (a, w) = self.mma_operands(a, w, false, &mut keep)?;
-        let a = &a;
-        let (t, grid) = self.mma_grid(a, false);
-        let name = mma_kernel("fwd", self.precision, t)?;
+        let (a, w) = self.mma_operands(a, w, dgrad, &mut keep)?;
+        let (t, grid) = self.mma_grid(&a, false);
+        let name = mma_kernel(if dgrad { "dgrad" } else { "fwd" }, self.precision, t)?;
+        let mut list = vec![arg(&a), arg(&src), arg(&w)];
+        list.extend(rest.iter().map(arg));
         self.launch(
             &name,
             a.gm as usize * a.gn as usize,
             grid,
             [t.threads, 1, 1],
-            &mut [arg(a), arg(&x), arg(&w), arg(&bias), arg(&res), arg(&y)],
-        )
-    }
-
-    /// Tensor-core dgrad GEMM on prepared arguments (see `launch_dgrad`).
-    pub(super) fn launch_dgrad_mma(
-        &self,
-        a: &ConvArgs,
-        dy: u64,
-        w: u64,
-        mask: u64,
-        dx: u64,
-    ) -> Result<()> {
-        let mut keep = None;
-        let (a, w) = self.mma_operands(a, w, true, &mut keep)?;
-        let a = &a;
-        let (t, grid) = self.mma_grid(a, false);
-        let name = mma_kernel("dgrad", self.precision, t)?;
-        self.launch(
-            &name,
-            a.gm as usize * a.gn as usize,
-            grid,
-            [t.threads, 1, 1],
-            &mut [arg(a), arg(&dy), arg(&w), arg(&mask), arg(&dx)],
+            &mut list,
         )
     }
 
