@@ -357,6 +357,24 @@ pub trait Backend: Send + Sync {
         momentum: f32,
         eps: f32,
     ) -> Result<(Self::Buf, BnSaved<Self::Buf>)>;
+    /// [`Backend::batch_norm_train`] and a ReLU after it, for a batch norm
+    /// that only the ReLU reads: returns the ReLU's output, which a backend
+    /// may write in the same pass as the normalisation.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_relu(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<(Self::Buf, BnSaved<Self::Buf>)> {
+        let (y, saved) =
+            self.batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps)?;
+        Ok((self.relu_owned(y)?, saved))
+    }
     /// Gradients of `batch_norm_train`: `(dx, dgamma, dbeta)`.
     fn batch_norm_train_backward(
         &self,
@@ -365,6 +383,17 @@ pub trait Backend: Send + Sync {
         gamma: &Self::Buf,
         saved: &BnSaved<Self::Buf>,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// [`Backend::batch_norm_train_backward`] of a `dy` the caller gives
+    /// up, so a backend may write `dx` over it.
+    fn batch_norm_train_backward_owned(
+        &self,
+        dy: Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        saved: &BnSaved<Self::Buf>,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        self.batch_norm_train_backward(&dy, x, gamma, saved)
+    }
 
     /// `max(x, 0)`.
     fn relu(&self, x: &Self::Buf) -> Result<Self::Buf>;
@@ -395,6 +424,20 @@ pub trait Backend: Send + Sync {
         dy: &Self::Buf,
         p: PoolParams,
     ) -> Result<Self::Buf>;
+    /// The gradient through a ReLU and the max pool that reads it, from the
+    /// pool's output gradient `dy`, with `x` the pool's input (the ReLU's
+    /// output): [`Backend::max_pool2d_backward`], then
+    /// [`Backend::relu_backward`] gated by `x`, which a backend may do in
+    /// one pass.
+    fn max_pool2d_relu_backward(
+        &self,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        p: PoolParams,
+    ) -> Result<Self::Buf> {
+        let dx = self.max_pool2d_backward(x, dy, p)?;
+        self.relu_backward_owned(dx, x)
+    }
     /// Average pooling; the divisor follows `p.count_include_pad`.
     fn avg_pool2d(&self, x: &Self::Buf, p: PoolParams) -> Result<Self::Buf>;
     /// Gradient of `avg_pool2d` with respect to an input of shape `x_shape`.

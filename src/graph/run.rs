@@ -103,6 +103,34 @@ impl Graph {
         last
     }
 
+    /// How many nodes read each node's output.
+    fn readers(&self) -> Vec<usize> {
+        let mut readers = vec![0usize; self.nodes.len()];
+        for node in &self.nodes {
+            for &i in &node.inputs {
+                readers[i] += 1;
+            }
+        }
+        readers
+    }
+
+    /// For each node, the ReLU that it may hand its output to in the same
+    /// pass ([`Backend::batch_norm_train_relu`]): a train-mode batch norm
+    /// whose only reader is a ReLU that writes over it (see
+    /// [`Graph::relu_in_place`]).
+    fn relu_after(&self, in_place: &[bool], train: bool) -> Vec<Option<usize>> {
+        let mut after = vec![None; self.nodes.len()];
+        if train {
+            for (j, node) in self.nodes.iter().enumerate() {
+                let i = node.inputs.first().copied().unwrap_or(0);
+                if in_place[j] && matches!(self.nodes[i].op, Op::BatchNorm { .. }) {
+                    after[i] = Some(j);
+                }
+            }
+        }
+        after
+    }
+
     /// For each node, whether it is a ReLU that may write over its input's
     /// output (see [`Backend::relu_owned`]): nothing reads that output
     /// after it. Without `keep` that is any input the ReLU reads last; with
@@ -110,12 +138,7 @@ impl Graph {
     /// reader, and the input must not read its own output in its backward
     /// (a ReLU, or a convolution with one fused).
     fn relu_in_place(&self, last_use: &[usize], keep: bool) -> Vec<bool> {
-        let mut readers = vec![0usize; self.nodes.len()];
-        for node in &self.nodes {
-            for &i in &node.inputs {
-                readers[i] += 1;
-            }
-        }
+        let readers = self.readers();
         let reads_own_output = |op: &Op| matches!(op, Op::Relu | Op::FusedConv { relu: true, .. });
         self.nodes
             .iter()
@@ -143,10 +166,15 @@ impl Graph {
         let n = self.nodes.len();
         let last_use = self.last_use();
         let in_place = self.relu_in_place(&last_use, keep);
+        let relu_after = self.relu_after(&in_place, matches!(params, Params::Train(..)));
         let mut outs: Vec<Option<B::Buf>> = (0..n).map(|_| None).collect();
         let mut bn: Vec<Option<BnSaved<B::Buf>>> = (0..n).map(|_| None).collect();
         for j in 1..n {
             let node = &self.nodes[j];
+            if in_place[j] && outs[j].is_some() {
+                // Written with its batch norm.
+                continue;
+            }
             if in_place[j] {
                 let i = node.inputs[0];
                 let x = outs[i].take().ok_or_else(|| {
@@ -206,8 +234,15 @@ impl Graph {
                             .map_err(|e| {
                                 Error::Msg(format!("graph: BN parameters overlap: {e}"))
                             })?;
-                        let (y, saved) =
-                            be.batch_norm_train(arg(0)?, g, bt, rm, rv, *momentum, *eps)?;
+                        let x = arg(0)?;
+                        if let Some(r) = relu_after[j] {
+                            let (y, saved) =
+                                be.batch_norm_train_relu(x, g, bt, rm, rv, *momentum, *eps)?;
+                            bn[j] = Some(saved);
+                            outs[r] = Some(y);
+                            continue;
+                        }
+                        let (y, saved) = be.batch_norm_train(x, g, bt, rm, rv, *momentum, *eps)?;
                         bn[j] = Some(saved);
                         y
                     }
@@ -375,6 +410,7 @@ impl Graph {
     ) -> Result<(Option<B::Buf>, ParamGrads<B>)> {
         let n = self.nodes.len();
         let after = self.after_params();
+        let readers = self.readers();
         // Whether node `i`'s output gradient is of use.
         let wanted = |i: usize| input_grad || after[i];
         let out_of = |i: usize| -> Result<&B::Buf> {
@@ -472,8 +508,8 @@ impl Graph {
                 } => {
                     let dx = match (trace.mode, &trace.bn[j]) {
                         (Mode::Train { .. }, Some(saved)) => {
-                            let (dx, dg, db) = be.batch_norm_train_backward(
-                                &dy,
+                            let (dx, dg, db) = be.batch_norm_train_backward_owned(
+                                dy,
                                 out_of(input)?,
                                 &params[*gamma],
                                 saved,
@@ -500,10 +536,20 @@ impl Graph {
                     accumulate(&mut grads, a, copy)?;
                     accumulate(&mut grads, b, dy)?;
                 }
-                Op::MaxPool(p) => {
-                    let dx = be.max_pool2d_backward(out_of(input)?, &dy, *p)?;
-                    accumulate(&mut grads, input, dx)?;
-                }
+                Op::MaxPool(p) => match &self.nodes[input] {
+                    // Through the ReLU that only this pool reads, in one
+                    // pass; the ReLU then gets no gradient of its own.
+                    relu @ super::Node { op: Op::Relu, .. }
+                        if input != 0 && readers[input] == 1 =>
+                    {
+                        let dx = be.max_pool2d_relu_backward(out_of(input)?, &dy, *p)?;
+                        accumulate(&mut grads, relu.inputs[0], dx)?;
+                    }
+                    _ => {
+                        let dx = be.max_pool2d_backward(out_of(input)?, &dy, *p)?;
+                        accumulate(&mut grads, input, dx)?;
+                    }
+                },
                 Op::AvgPool(p) => {
                     let x_shape = be.shape(out_of(input)?).to_vec();
                     accumulate(

@@ -8,6 +8,7 @@
 //! order depends on the layer's shape only, never on the other columns.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -332,11 +333,12 @@ fn segments(cols: Range<usize>, pos: usize) -> impl Iterator<Item = (usize, Rang
 }
 
 /// A mutable slice that parallel tasks write through, each into a region
-/// no other task touches.
+/// no other task touches; possibly not yet initialised
+/// ([`SharedOut::uninit`]), then written with [`SharedOut::put`].
 pub(super) struct SharedOut<'a> {
     ptr: *mut f32,
     len: usize,
-    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+    _borrow: std::marker::PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
 // SAFETY: the pointer comes from a `&mut [f32]` held for `'a`; tasks only
@@ -351,6 +353,30 @@ impl<'a> SharedOut<'a> {
             len: data.len(),
             _borrow: std::marker::PhantomData,
         }
+    }
+
+    /// Over memory not yet initialised: only [`SharedOut::put`] may touch
+    /// it.
+    pub(super) fn uninit(data: &'a mut [MaybeUninit<f32>]) -> Self {
+        SharedOut {
+            ptr: data.as_mut_ptr().cast(),
+            len: data.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `src` at `start` and returns that sub-slice, now initialised.
+    ///
+    /// # Safety
+    /// No other live slice from this `SharedOut` may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn put(&self, start: usize, src: &[f32]) -> &mut [f32] {
+        assert!(
+            start + src.len() <= self.len,
+            "SharedOut: put out of bounds"
+        );
+        std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(start), src.len());
+        std::slice::from_raw_parts_mut(self.ptr.add(start), src.len())
     }
 
     /// The sub-slice `start..start + len`.
@@ -717,37 +743,40 @@ where
     let a = &a[0];
     let (chunk, parts) = plan_tasks(task.cols, k, a.blocks());
     let per_part = a.blocks().div_ceil(parts);
-    let mut y = vec![0.0f32; g.n * g.out_len()];
-    let out = SharedOut::new(&mut y);
-    let tasks = task.cols.div_ceil(chunk) * parts;
-    (0..tasks).into_par_iter().for_each(|t| {
-        let c0 = t / parts * chunk;
-        let cols = c0..(c0 + chunk).min(task.cols);
-        let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
-        if blocks.is_empty() {
-            return;
-        }
-        let ld = padded_stride(cols.len());
-        let pieces = (task.pieces)(cols.clone());
-        let lens = [(task.scratch)(cols.len()), blocks.len() * MR * ld];
-        with_scratch(lens, |[b, c]| {
-            (task.product)(cols.clone(), a, blocks.clone(), b, c, ld);
-            let o0 = blocks.start * MR;
-            for o in o0..(blocks.end * MR).min(g.o) {
-                let c_row = &c[(o - o0) * ld..];
-                for &(img, p0, j0, n) in &pieces {
-                    let at = img * g.out_len() + o * pos + p0;
-                    // SAFETY: tasks cover disjoint (channel, column) sets,
-                    // so no two write the same outputs.
-                    let dst = unsafe { out.region(at, n) };
-                    dst.copy_from_slice(&c_row[j0..j0 + n]);
-                    let res = epi.residual.map(|r| &r[at..at + n]);
-                    epilogue(dst, epi.bias.map(|b| b[o]), res, epi.relu);
-                }
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        let out = SharedOut::uninit(y);
+        let tasks = task.cols.div_ceil(chunk) * parts;
+        (0..tasks).into_par_iter().for_each(|t| {
+            let c0 = t / parts * chunk;
+            let cols = c0..(c0 + chunk).min(task.cols);
+            let blocks = (t % parts) * per_part..((t % parts + 1) * per_part).min(a.blocks());
+            if blocks.is_empty() {
+                return;
             }
-        })
-    });
-    y
+            let ld = padded_stride(cols.len());
+            let pieces = (task.pieces)(cols.clone());
+            let lens = [(task.scratch)(cols.len()), blocks.len() * MR * ld];
+            with_scratch(lens, |[b, c]| {
+                (task.product)(cols.clone(), a, blocks.clone(), b, c, ld);
+                let o0 = blocks.start * MR;
+                for o in o0..(blocks.end * MR).min(g.o) {
+                    let c_row = &c[(o - o0) * ld..];
+                    for &(img, p0, j0, n) in &pieces {
+                        let at = img * g.out_len() + o * pos + p0;
+                        // SAFETY: tasks cover disjoint (channel, column) sets,
+                        // so no two write the same outputs.
+                        let dst = unsafe { out.put(at, &c_row[j0..j0 + n]) };
+                        let res = epi.residual.map(|r| &r[at..at + n]);
+                        epilogue(dst, epi.bias.map(|b| b[o]), res, epi.relu);
+                    }
+                }
+            })
+        });
+    };
+    // SAFETY: the tasks' column ranges and row blocks cover every
+    // (channel, column), and each task's pieces are every output among its
+    // columns (the unit tests' NaN fill would show a miss).
+    unsafe { super::filled_by(g.n * g.out_len(), fill) }
 }
 
 /// The output pieces that the columns `cols` of [`forward_windows`] hold:
@@ -1076,17 +1105,14 @@ fn transpose_block(src: &[f32], lds: usize, h: usize, w: usize, dst: &mut [f32],
 }
 
 /// The bias gradient `[O]`: the sum of `dy` over images and positions, in
-/// f64 and in order, rounded once.
+/// f64 over [`super::norm::channel_sums`]'s fixed lanes (one chain would
+/// wait on every add's latency), rounded once.
 fn bias_grad(dy: &Tensor, g: &Geom) -> Result<Tensor> {
-    let pos = g.positions();
+    let dims = (g.n, g.o, g.positions());
     let sums: Vec<f32> = (0..g.o)
         .into_par_iter()
         .map(|o| {
-            let mut s = 0.0f64;
-            for img in 0..g.n {
-                let plane = &dy.data()[img * g.out_len() + o * pos..][..pos];
-                s += plane.iter().map(|&v| v as f64).sum::<f64>();
-            }
+            let [s] = super::norm::channel_sums(dims, o, |i| [dy.data()[i] as f64]);
             s as f32
         })
         .collect();

@@ -292,7 +292,39 @@ impl Backend for CpuBackend {
         momentum: f32,
         eps: f32,
     ) -> Result<(Tensor, BnSaved<Tensor>)> {
-        norm::batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps)
+        norm::batch_norm_train(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            false,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_relu(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<(Tensor, BnSaved<Tensor>)> {
+        norm::batch_norm_train(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            true,
+        )
     }
 
     fn batch_norm_train_backward(
@@ -303,6 +335,16 @@ impl Backend for CpuBackend {
         saved: &BnSaved<Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         norm::batch_norm_train_backward(dy, x, gamma, saved)
+    }
+
+    fn batch_norm_train_backward_owned(
+        &self,
+        dy: Tensor,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &BnSaved<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        norm::batch_norm_train_backward_owned(dy, x, gamma, saved)
     }
 
     fn relu(&self, x: &Tensor) -> Result<Tensor> {
@@ -334,7 +376,11 @@ impl Backend for CpuBackend {
     }
 
     fn max_pool2d_backward(&self, x: &Tensor, dy: &Tensor, p: PoolParams) -> Result<Tensor> {
-        pool::max_pool2d_backward(x, dy, p)
+        pool::max_pool2d_backward(x, dy, p, false)
+    }
+
+    fn max_pool2d_relu_backward(&self, x: &Tensor, dy: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::max_pool2d_backward(x, dy, p, true)
     }
 
     fn avg_pool2d(&self, x: &Tensor, p: PoolParams) -> Result<Tensor> {
@@ -479,6 +525,26 @@ use crate::backend::check::{dims2, dims4};
 /// Fails unless `t` has exactly `shape`.
 fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     crate::error::check_shape(name, shape, t.shape())
+}
+
+/// A new buffer of `len` floats, each written by `fill`, without clearing
+/// it first: `vec![0.0; len]` reuses freed heap memory (see
+/// [`tune_allocator`]) and so zeroes it in a pass of its own, about 5% of
+/// a smallcnn training step when every output is then overwritten anyway.
+/// The unit tests fill the buffer with NaN first, so that a value `fill`
+/// misses shows in their results.
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+unsafe fn filled_by(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+    let mut buf = Box::<[f32]>::new_uninit_slice(len);
+    #[cfg(test)]
+    buf.iter_mut().for_each(|v| {
+        v.write(f32::NAN);
+    });
+    fill(&mut buf);
+    // SAFETY: the caller's promise: `fill` initialised every element.
+    unsafe { buf.assume_init() }.into_vec()
 }
 
 /// Elementwise ops split their work into chunks of this many values: large

@@ -5,10 +5,12 @@
 //! contiguous plane per (image, channel). Per-channel reductions run
 //! sequentially inside each channel, in f64, one channel per task.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::elementwise::relu_value;
 use super::expect_shape;
 use crate::backend::check::channel_dims;
 use crate::backend::BnSaved;
@@ -17,11 +19,11 @@ use crate::tensor::Tensor;
 
 /// Calls `f(channel, range of the plane in the flat data, output plane)` for
 /// every (image, channel) plane of `out`, in parallel.
-fn for_each_plane(
-    out: &mut [f32],
+fn for_each_plane<T: Send>(
+    out: &mut [T],
     c: usize,
     plane: usize,
-    f: impl Fn(usize, Range<usize>, &mut [f32]) + Sync + Send,
+    f: impl Fn(usize, Range<usize>, &mut [T]) + Sync + Send,
 ) {
     if plane == 0 {
         return;
@@ -39,8 +41,8 @@ const LANES: usize = 8;
 /// sums at once, in f64. Value `j` of each image's plane goes to lane
 /// `j % LANES`, the lanes run over the images in order and are added in
 /// order at the end: the order depends on the shape alone, never on the
-/// thread count.
-fn channel_sums<const K: usize>(
+/// thread count. Also the convolution's bias gradient.
+pub(super) fn channel_sums<const K: usize>(
     (n, c, plane): (usize, usize, usize),
     ch: usize,
     f: impl Fn(usize) -> [f64; K],
@@ -178,7 +180,9 @@ pub(super) fn batch_norm_eval_backward(
 }
 
 /// Batch norm with batch statistics; updates the running statistics with
-/// `momentum` and the unbiased variance, as PyTorch does.
+/// `momentum` and the unbiased variance, as PyTorch does. With `relu`, the
+/// output goes through a ReLU on its way out (the same bits as applying
+/// one after, without a second pass over memory).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn batch_norm_train(
     x: &Tensor,
@@ -188,6 +192,7 @@ pub(super) fn batch_norm_train(
     running_var: &mut Tensor,
     momentum: f32,
     eps: f32,
+    relu: bool,
 ) -> Result<(Tensor, BnSaved<Tensor>)> {
     let dims @ (n, c, plane) = channel_dims("x", x.shape())?;
     expect_shape("gamma", gamma, &[c])?;
@@ -227,13 +232,16 @@ pub(super) fn batch_norm_train(
         .iter()
         .map(|s| (1.0 / (s.1 + eps as f64).sqrt()) as f32)
         .collect();
-    let mut y = vec![0.0f32; x.len()];
-    for_each_plane(&mut y, c, plane, |ch, range, dst| {
+    let normalise = |ch: usize, range: Range<usize>, dst: &mut [MaybeUninit<f32>]| {
         let (m, s, b) = (mean[ch], invstd[ch] * gamma.data()[ch], beta.data()[ch]);
         for (d, &v) in dst.iter_mut().zip(&x.data()[range]) {
-            *d = (v - m) * s + b;
+            let y = (v - m) * s + b;
+            d.write(if relu { relu_value(y) } else { y });
         }
-    });
+    };
+    // SAFETY: the planes cover `y`, and each plane's values are all
+    // written (`dst` and the input plane have the same length).
+    let y = unsafe { super::filled_by(x.len(), |y| for_each_plane(y, c, plane, normalise)) };
     let saved = BnSaved {
         mean: Tensor::new(&[c], mean)?,
         invstd: Tensor::new(&[c], invstd)?,
@@ -250,8 +258,20 @@ pub(super) fn batch_norm_train_backward(
     gamma: &Tensor,
     saved: &BnSaved<Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_backward_owned(dy.clone(), x, gamma, saved)
+}
+
+/// [`batch_norm_train_backward`] with `dx` written over `dy`: each value
+/// of `dx` needs only the `dy` at its own place once the sums are taken, so
+/// no second buffer (and no pass to clear one) is needed.
+pub(super) fn batch_norm_train_backward_owned(
+    mut dy: Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved<Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dims @ (n, c, plane) = channel_dims("x", x.shape())?;
-    expect_shape("dy", dy, x.shape())?;
+    expect_shape("dy", &dy, x.shape())?;
     expect_shape("gamma", gamma, &[c])?;
     expect_shape("saved mean", &saved.mean, &[c])?;
     expect_shape("saved invstd", &saved.invstd, &[c])?;
@@ -269,28 +289,19 @@ pub(super) fn batch_norm_train_backward(
         })
         .collect();
     let count = (n * plane).max(1) as f64;
-    let mut dx = vec![0.0f32; x.len()];
-    for_each_plane(&mut dx, c, plane, |ch, range, dst| {
+    for_each_plane(dy.data_mut(), c, plane, |ch, range, dst| {
         let (m, s) = (mean[ch], invstd[ch]);
         let k = gamma.data()[ch] * s;
         let mean_dy = (sums[ch].0 / count) as f32;
         let mean_dy_xhat = (sums[ch].1 / count) as f32;
-        for ((d, &g), &v) in dst
-            .iter_mut()
-            .zip(&dy.data()[range.clone()])
-            .zip(&x.data()[range])
-        {
+        for (d, &v) in dst.iter_mut().zip(&x.data()[range]) {
             let xhat = (v - m) * s;
-            *d = k * (g - mean_dy - xhat * mean_dy_xhat);
+            *d = k * (*d - mean_dy - xhat * mean_dy_xhat);
         }
     });
     let dgamma = sums.iter().map(|s| s.1 as f32).collect();
     let dbeta = sums.iter().map(|s| s.0 as f32).collect();
-    Ok((
-        Tensor::new(x.shape(), dx)?,
-        Tensor::new(&[c], dgamma)?,
-        Tensor::new(&[c], dbeta)?,
-    ))
+    Ok((dy, Tensor::new(&[c], dgamma)?, Tensor::new(&[c], dbeta)?))
 }
 
 /// Checks a per-channel statistic has one value per channel (and, for a
@@ -432,12 +443,38 @@ mod tests {
     }
 
     #[test]
+    fn train_forward_with_its_relu_gives_the_bits_of_a_relu_after_it() {
+        let d = bn_data(&[5, 4, 6, 7], 7);
+        let run = |relu| {
+            let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
+            let (y, saved) =
+                batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS, relu)
+                    .unwrap();
+            (y, saved, rm, rv)
+        };
+        let (y, saved, rm, rv) = run(false);
+        let (y_relu, saved_relu, rm_relu, rv_relu) = run(true);
+        let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let after = super::super::elementwise::relu(&y).unwrap();
+        assert!(y.data().iter().any(|&v| v < 0.0), "the ReLU must shut some");
+        assert_eq!(bits(&y_relu), bits(&after));
+        for (a, b) in [
+            (&saved.mean, &saved_relu.mean),
+            (&saved.invstd, &saved_relu.invstd),
+            (&rm, &rm_relu),
+            (&rv, &rv_relu),
+        ] {
+            assert_eq!(bits(a), bits(b));
+        }
+    }
+
+    #[test]
     fn train_forward_matches_f64_and_dx_dgamma_dbeta_match_central_differences() {
         let shape = [3, 2, 2, 3];
         let d = bn_data(&shape, 2);
         let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
         let (y, saved) =
-            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS, false).unwrap();
         let (xd, gd, bd, rd) = (f64s(&d.x), f64s(&d.gamma), f64s(&d.beta), f64s(&d.r));
         assert_close(
             "train forward",
@@ -479,7 +516,8 @@ mod tests {
         let (rm0, rv0) = ([0.5, -1.0], [1.0, 2.0]);
         let mut rm = Tensor::new(&[2], rm0.to_vec()).unwrap();
         let mut rv = Tensor::new(&[2], rv0.to_vec()).unwrap();
-        let (y, saved) = batch_norm_train(&x, &ones, &zeros, &mut rm, &mut rv, 0.1, EPS).unwrap();
+        let (y, saved) =
+            batch_norm_train(&x, &ones, &zeros, &mut rm, &mut rv, 0.1, EPS, false).unwrap();
         let blend = |old: f32, new: f64| 0.9 * old as f64 + 0.1 * new;
         let want_rm = [blend(rm0[0], 2.5), blend(rm0[1], 2.0)];
         let want_rv = [blend(rv0[0], 5.0 / 3.0), blend(rv0[1], 16.0)];
@@ -496,7 +534,7 @@ mod tests {
         let x = Tensor::zeros(&[1, 3, 1, 1]);
         let c3 = Tensor::zeros(&[3]);
         let (mut rm, mut rv) = (c3.clone(), c3.clone());
-        let Err(err) = batch_norm_train(&x, &c3, &c3, &mut rm, &mut rv, 0.1, EPS) else {
+        let Err(err) = batch_norm_train(&x, &c3, &c3, &mut rm, &mut rv, 0.1, EPS, false) else {
             panic!("a batch of one 1x1 image was accepted");
         };
         assert!(err.to_string().contains("more than one value"), "{err}");
@@ -543,7 +581,8 @@ mod tests {
         assert_thread_independent("batch norm", || {
             let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
             let (y, saved) =
-                batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+                batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS, false)
+                    .unwrap();
             let (dx, dg, db) = batch_norm_train_backward(&d.r, &d.x, &d.gamma, &saved).unwrap();
             let ye = batch_norm_eval(&d.x, &d.gamma, &d.beta, &d.mean, &d.var, EPS).unwrap();
             let dxe = batch_norm_eval_backward(&d.r, &d.gamma, &d.var, EPS).unwrap();
@@ -578,10 +617,12 @@ mod tests {
         .is_err());
         assert!(batch_norm_eval_backward(&d.r, &d.gamma, &c2, EPS).is_err());
         let (mut rm, mut rv) = (c2.clone(), d.var.clone());
-        assert!(batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).is_err());
+        assert!(
+            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS, false).is_err()
+        );
         let (mut rm, mut rv) = (d.mean.clone(), d.var.clone());
         let (_, saved) =
-            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS).unwrap();
+            batch_norm_train(&d.x, &d.gamma, &d.beta, &mut rm, &mut rv, 0.1, EPS, false).unwrap();
         assert!(
             batch_norm_train_backward(&Tensor::zeros(&[2, 3, 2, 1]), &d.x, &d.gamma, &saved)
                 .is_err()

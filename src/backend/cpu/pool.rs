@@ -2,8 +2,11 @@
 //! (image, channel) plane is independent and computed sequentially, one
 //! plane per task.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use super::elementwise::relu_gate;
 use super::{dims2, dims4, expect_shape};
 use crate::backend::check::PoolGeom;
 use crate::backend::PoolParams;
@@ -103,23 +106,50 @@ pub(super) fn max_pool2d(x: &Tensor, p: PoolParams) -> Result<Tensor> {
     Tensor::new(&g.out_shape(), y)
 }
 
-/// Gradient of [`max_pool2d`], routed to the first maximum of each window.
-pub(super) fn max_pool2d_backward(x: &Tensor, dy: &Tensor, p: PoolParams) -> Result<Tensor> {
+/// Gradient of [`max_pool2d`], routed to the first maximum of each window;
+/// when `gated` (`x` is a ReLU's output), also through that ReLU's
+/// gradient ([`relu_gate`] by `x`), in the same pass.
+pub(super) fn max_pool2d_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    p: PoolParams,
+    gated: bool,
+) -> Result<Tensor> {
     let g = Geom::new(x.shape(), p)?;
     expect_shape("dy", dy, &g.out_shape())?;
     let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
-    let mut dx = vec![0.0f32; x.len()];
-    let plane = if g.is_pairs() {
-        pairs_max_backward
-    } else {
-        walk_max_backward
-    };
-    if out_plane > 0 {
-        dx.par_chunks_mut(in_plane)
-            .zip(x.data().par_chunks(in_plane))
-            .zip(dy.data().par_chunks(out_plane))
-            .for_each(|((dxp, xp), dyp)| plane(&g, xp, dyp, dxp));
+    if out_plane == 0 {
+        return Tensor::new(x.shape(), vec![0.0; x.len()]);
     }
+    let planes = x
+        .data()
+        .par_chunks(in_plane)
+        .zip(dy.data().par_chunks(out_plane));
+    if g.is_pairs() {
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(in_plane)
+                .zip(planes)
+                .for_each(|(dxp, (xp, dyp))| match gated {
+                    true => pairs_max_backward::<true>(&g, xp, dyp, dxp),
+                    false => pairs_max_backward::<false>(&g, xp, dyp, dxp),
+                });
+        };
+        // SAFETY: the planes cover `dx`, and `pairs_max_backward` writes
+        // every value of its plane.
+        let dx = unsafe { super::filled_by(x.len(), fill) };
+        return Tensor::new(x.shape(), dx);
+    }
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(in_plane)
+        .zip(planes)
+        .for_each(|(dxp, (xp, dyp))| {
+            walk_max_backward(&g, xp, dyp, dxp);
+            if gated {
+                dxp.iter_mut()
+                    .zip(xp)
+                    .for_each(|(d, &y)| *d = relu_gate(*d, y));
+            }
+        });
     Tensor::new(x.shape(), dx)
 }
 
@@ -154,21 +184,51 @@ fn pairs_max(g: &Geom, xp: &[f32], yp: &mut [f32]) {
     }
 }
 
-/// [`walk_max_backward`] for a [`Geom::is_pairs`] pool. The windows do not
-/// overlap, so each covered input is written once, the gradient or 0.
-fn pairs_max_backward(g: &Geom, xp: &[f32], dyp: &[f32], dxp: &mut [f32]) {
+/// [`walk_max_backward`] for a [`Geom::is_pairs`] pool, gated by the
+/// input when `GATED`. The windows do not overlap, so each covered input is
+/// written once, the gradient or 0; the inputs no window covers (an odd
+/// last row or column) get 0.
+fn pairs_max_backward<const GATED: bool>(
+    g: &Geom,
+    xp: &[f32],
+    dyp: &[f32],
+    dxp: &mut [MaybeUninit<f32>],
+) {
+    // `first_max4` without branches, so that the compiler can take the
+    // windows eight at a time: the same selects, the same winner.
+    let pass = |won: bool, d: f32, x: f32| -> f32 {
+        let v = if won { d } else { 0.0 };
+        if GATED {
+            relu_gate(v, x)
+        } else {
+            v
+        }
+    };
     for (oh, dyr) in dyp.chunks_exact(g.ow).enumerate() {
         let (top, bottom) = g.row_pair(xp, oh);
         let (dtop, dbottom) = dxp[2 * oh * g.w..][..2 * g.w].split_at_mut(g.w);
         let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
         let grads = dtop.chunks_exact_mut(2).zip(dbottom.chunks_exact_mut(2));
         for ((&d, (t, b)), (dt, db)) in dyr.iter().zip(windows).zip(grads) {
-            let k = first_max4([t[0], t[1], b[0], b[1]]).0;
-            dt[0] = if k == 0 { d } else { 0.0 };
-            dt[1] = if k == 1 { d } else { 0.0 };
-            db[0] = if k == 2 { d } else { 0.0 };
-            db[1] = if k == 3 { d } else { 0.0 };
+            let v = [t[0], t[1], b[0], b[1]];
+            let mut k = 0u32;
+            let mut best = v[0];
+            for (i, &x) in v.iter().enumerate().skip(1) {
+                let wins = x > best || x.is_nan();
+                k = if wins { i as u32 } else { k };
+                best = if wins { x } else { best };
+            }
+            dt[0].write(pass(k == 0, d, v[0]));
+            dt[1].write(pass(k == 1, d, v[1]));
+            db[0].write(pass(k == 2, d, v[2]));
+            db[1].write(pass(k == 3, d, v[3]));
         }
+        for v in dtop[2 * g.ow..].iter_mut().chain(&mut dbottom[2 * g.ow..]) {
+            v.write(0.0);
+        }
+    }
+    for v in &mut dxp[2 * g.oh * g.w..] {
+        v.write(0.0);
     }
 }
 
@@ -381,7 +441,7 @@ mod tests {
             let y = max_pool2d(&xm, p).unwrap();
             let f = |x: &[f64]| f64_pool(x, SHAPE, p, true);
             assert_close(&format!("max {p:?}"), y.data(), &f(&f64s(&xm)), 1e-7);
-            let dx = max_pool2d_backward(&xm, &r, p).unwrap();
+            let dx = max_pool2d_backward(&xm, &r, p, false).unwrap();
             let num = numeric_grad(&f64s(&xm), |x| dot(&f(x), &f64s(&r)));
             assert_close(&format!("max dx {p:?}"), dx.data(), &num, 1e-4);
         }
@@ -405,7 +465,7 @@ mod tests {
             let f = |x: &[f64]| f64_pool(x, SHAPE, p, true);
             assert_close(&format!("max {p:?}"), y.data(), &f(&f64s(&x)), 1e-7);
             let r = uniform(&mut g, y.shape(), -1.0, 1.0);
-            let dx = max_pool2d_backward(&x, &r, p).unwrap();
+            let dx = max_pool2d_backward(&x, &r, p, false).unwrap();
             let num = numeric_grad(&f64s(&x), |x| dot(&f(x), &f64s(&r)));
             assert_close(&format!("max dx {p:?}"), dx.data(), &num, 1e-4);
         }
@@ -414,7 +474,8 @@ mod tests {
     #[test]
     fn max_pool_routes_ties_to_the_first_maximum_in_row_major_order() {
         let x = Tensor::full(&[1, 1, 2, 2], 1.0);
-        let dx = max_pool2d_backward(&x, &Tensor::full(&[1, 1, 1, 1], 1.0), pp(2, 2, 0)).unwrap();
+        let dx =
+            max_pool2d_backward(&x, &Tensor::full(&[1, 1, 1, 1], 1.0), pp(2, 2, 0), false).unwrap();
         assert_eq!(dx.data(), &[1.0, 0.0, 0.0, 0.0]);
 
         // 3x3/2 pad 1 over 4x4: window (0,0) ties (0,1) with (1,0); window
@@ -427,7 +488,7 @@ mod tests {
             0., 0., 0., 5.,
         ]).unwrap();
         let dy = Tensor::new(&[1, 1, 2, 2], vec![1., 2., 3., 4.]).unwrap();
-        let dx = max_pool2d_backward(&x, &dy, pp(3, 2, 1)).unwrap();
+        let dx = max_pool2d_backward(&x, &dy, pp(3, 2, 1), false).unwrap();
         #[rustfmt::skip]
         let want = [
             0., 3., 0., 0.,
@@ -464,12 +525,38 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             let y = max_pool2d(&x, pp(2, 2, 0)).unwrap();
             assert_eq!(bits(y.data()), bits(&y_walk), "forward {shape:?}");
-            let dx = max_pool2d_backward(&x, &dy, pp(2, 2, 0)).unwrap();
+            let dx = max_pool2d_backward(&x, &dy, pp(2, 2, 0), false).unwrap();
             assert_eq!(bits(dx.data()), bits(&dx_walk), "backward {shape:?}");
         }
         // Ceil mode with an odd extent has a partial last window: not pairs.
         let g = Geom::new(&[1, 1, 5, 5], pp(2, 2, 0).with_ceil_mode(true)).unwrap();
         assert!(!g.is_pairs());
+    }
+
+    #[test]
+    fn the_pool_gradient_gated_by_its_relu_gives_the_bits_of_the_two_passes() {
+        let mut r = rng(10);
+        let modes = [pp(2, 2, 0), pp(3, 2, 1), pp(2, 2, 0).with_ceil_mode(true)];
+        for (h, w) in [(4, 4), (5, 6), (7, 5), (28, 28)] {
+            for p in modes {
+                let shape = [2, 3, h, w];
+                // Levels around 0 so windows tie and the gate shuts, and
+                // NaNs, which the gate shuts too.
+                let levels = uniform(&mut r, &shape, -2.0, 2.0);
+                let mut x = levels.data().iter().map(|v| v.floor()).collect::<Vec<_>>();
+                for i in (0..x.len()).step_by(11) {
+                    x[i] = f32::NAN;
+                }
+                let x = Tensor::new(&shape, x).unwrap();
+                let g = Geom::new(&shape, p).unwrap();
+                let dy = uniform(&mut r, &g.out_shape(), -1.0, 1.0);
+                let two = max_pool2d_backward(&x, &dy, p, false).unwrap();
+                let two = super::super::elementwise::relu_backward(&two, &x).unwrap();
+                let one = max_pool2d_backward(&x, &dy, p, true).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(one.data()), bits(two.data()), "{shape:?} {p:?}");
+            }
+        }
     }
 
     #[test]
@@ -528,10 +615,10 @@ mod tests {
                 avg_pool2d_backward(dy, &[dy.shape()[0], 5, 9, 8], p).unwrap()
             });
             // The max-pool gradient reads x and dy of the same image.
-            let batch = max_pool2d_backward(&x, &dy, p).unwrap();
+            let batch = max_pool2d_backward(&x, &dy, p, false).unwrap();
             for i in 0..7 {
                 let (xi, dyi) = (x.slice_rows(i, i + 1), dy.slice_rows(i, i + 1));
-                let alone = max_pool2d_backward(&xi, &dyi, p).unwrap();
+                let alone = max_pool2d_backward(&xi, &dyi, p, false).unwrap();
                 assert_bitwise(
                     "max backward",
                     alone.data(),
@@ -541,7 +628,7 @@ mod tests {
             assert_thread_independent(&format!("pools {p:?}"), || {
                 let outs = [
                     max_pool2d(&x, p).unwrap(),
-                    max_pool2d_backward(&x, &dy, p).unwrap(),
+                    max_pool2d_backward(&x, &dy, p, false).unwrap(),
                     avg_pool2d(&x, p).unwrap(),
                     avg_pool2d_backward(&dy, x.shape(), p).unwrap(),
                     global_avg_pool(&x).unwrap(),
@@ -570,7 +657,9 @@ mod tests {
         assert!(avg_pool2d(&x, pp(2, 0, 0)).is_err(), "stride 0");
         assert!(avg_pool2d(&Tensor::zeros(&[2, 4, 4]), pp(2, 2, 0)).is_err());
         assert!(max_pool2d(&Tensor::zeros(&[1, 2, 0, 4]), pp(1, 1, 0)).is_err());
-        assert!(max_pool2d_backward(&x, &Tensor::zeros(&[1, 2, 3, 2]), pp(2, 2, 0)).is_err());
+        assert!(
+            max_pool2d_backward(&x, &Tensor::zeros(&[1, 2, 3, 2]), pp(2, 2, 0), false).is_err()
+        );
         assert!(
             avg_pool2d_backward(&Tensor::zeros(&[1, 2, 3, 2]), x.shape(), pp(2, 2, 0)).is_err()
         );
