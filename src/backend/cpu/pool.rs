@@ -175,12 +175,37 @@ fn walk_max_backward(g: &Geom, xp: &[f32], dyp: &[f32], dxp: &mut [f32]) {
 /// [`walk_max`] for a [`Geom::is_pairs`] pool: a row pair at a time, with
 /// no window arithmetic.
 fn pairs_max(g: &Geom, xp: &[f32], yp: &mut [f32]) {
+    let vector = has_avx2();
     for (oh, yr) in yp.chunks_exact_mut(g.ow).enumerate() {
         let (top, bottom) = g.row_pair(xp, oh);
-        let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-        for (y, (t, b)) in yr.iter_mut().zip(windows) {
-            *y = first_max4([t[0], t[1], b[0], b[1]]).1;
-        }
+        pairs_row(top, bottom, yr, vector);
+    }
+}
+
+/// Whether the 2x2 walks may take [`avx2`].
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One output row of [`pairs_max`] from its two input rows (`2 y.len()`
+/// values each), its whole blocks of eight windows through [`avx2`] when
+/// `vector` (which the caller has checked with [`has_avx2`]).
+fn pairs_row(top: &[f32], bottom: &[f32], y: &mut [f32], vector: bool) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the caller found AVX2.
+        done = unsafe { avx2::pairs_row(top, bottom, y) };
+    }
+    let _ = vector;
+    let windows = top[2 * done..]
+        .chunks_exact(2)
+        .zip(bottom[2 * done..].chunks_exact(2));
+    for (y, (t, b)) in y[done..].iter_mut().zip(windows) {
+        *y = first_max4([t[0], t[1], b[0], b[1]]).1;
     }
 }
 
@@ -194,8 +219,39 @@ fn pairs_max_backward<const GATED: bool>(
     dyp: &[f32],
     dxp: &mut [MaybeUninit<f32>],
 ) {
-    // `first_max4` without branches, so that the compiler can take the
-    // windows eight at a time: the same selects, the same winner.
+    let vector = has_avx2();
+    for (oh, dyr) in dyp.chunks_exact(g.ow).enumerate() {
+        let (top, bottom) = g.row_pair(xp, oh);
+        let (dtop, dbottom) = dxp[2 * oh * g.w..][..2 * g.w].split_at_mut(g.w);
+        pairs_row_backward::<GATED>(top, bottom, dyr, dtop, dbottom, vector);
+        for v in dtop[2 * g.ow..].iter_mut().chain(&mut dbottom[2 * g.ow..]) {
+            v.write(0.0);
+        }
+    }
+    for v in &mut dxp[2 * g.oh * g.w..] {
+        v.write(0.0);
+    }
+}
+
+/// One output row's share of [`pairs_max_backward`]: the first `2
+/// dy.len()` values of both gradient rows, through [`avx2`] when `vector`.
+fn pairs_row_backward<const GATED: bool>(
+    top: &[f32],
+    bottom: &[f32],
+    dy: &[f32],
+    dtop: &mut [MaybeUninit<f32>],
+    dbottom: &mut [MaybeUninit<f32>],
+    vector: bool,
+) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the caller found AVX2.
+        done = unsafe { avx2::pairs_row_backward::<GATED>(top, bottom, dy, dtop, dbottom) };
+    }
+    let _ = vector;
+    let (top, bottom, dy) = (&top[2 * done..], &bottom[2 * done..], &dy[done..]);
+    let (dtop, dbottom) = (&mut dtop[2 * done..], &mut dbottom[2 * done..]);
     let pass = |won: bool, d: f32, x: f32| -> f32 {
         let v = if won { d } else { 0.0 };
         if GATED {
@@ -204,31 +260,137 @@ fn pairs_max_backward<const GATED: bool>(
             v
         }
     };
-    for (oh, dyr) in dyp.chunks_exact(g.ow).enumerate() {
-        let (top, bottom) = g.row_pair(xp, oh);
-        let (dtop, dbottom) = dxp[2 * oh * g.w..][..2 * g.w].split_at_mut(g.w);
-        let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-        let grads = dtop.chunks_exact_mut(2).zip(dbottom.chunks_exact_mut(2));
-        for ((&d, (t, b)), (dt, db)) in dyr.iter().zip(windows).zip(grads) {
-            let v = [t[0], t[1], b[0], b[1]];
-            let mut k = 0u32;
-            let mut best = v[0];
-            for (i, &x) in v.iter().enumerate().skip(1) {
-                let wins = x > best || x.is_nan();
-                k = if wins { i as u32 } else { k };
-                best = if wins { x } else { best };
-            }
-            dt[0].write(pass(k == 0, d, v[0]));
-            dt[1].write(pass(k == 1, d, v[1]));
-            db[0].write(pass(k == 2, d, v[2]));
-            db[1].write(pass(k == 3, d, v[3]));
+    let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+    let grads = dtop.chunks_exact_mut(2).zip(dbottom.chunks_exact_mut(2));
+    for ((&d, (t, b)), (dt, db)) in dy.iter().zip(windows).zip(grads) {
+        let v = [t[0], t[1], b[0], b[1]];
+        let k = first_max4(v).0;
+        dt[0].write(pass(k == 0, d, v[0]));
+        dt[1].write(pass(k == 1, d, v[1]));
+        db[0].write(pass(k == 2, d, v[2]));
+        db[1].write(pass(k == 3, d, v[3]));
+    }
+}
+
+/// The 2x2 walks eight windows at a time: the two rows are split into the
+/// windows' left and right values, and [`first_max4`]'s comparisons run as
+/// vector compares and blends, in its order, so the winner, and so every
+/// bit, is the scalar walk's. Whole blocks of eight only: the scalar walk
+/// finishes a row (masked loads and stores cost more than it on Zen 3).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// Values `2 j .. 2 j + 16` of a row, split into the left and right
+    /// values of windows `j .. j + 8`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn split(row: &[f32], j: usize) -> (__m256, __m256) {
+        let p = row[2 * j..][..16].as_ptr();
+        let (lo, hi) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        let left = in_order(_mm256_shuffle_ps(lo, hi, 0x88));
+        let right = in_order(_mm256_shuffle_ps(lo, hi, 0xDD));
+        (left, right)
+    }
+
+    /// `[l0 l2 h0 h2 | l4 l6 h4 h6]` (a shuffle of two rows' halves `l`
+    /// and `h`) as `[l0 l2 l4 l6 h0 h2 h4 h6]`: its 64-bit pieces reordered.
+    #[target_feature(enable = "avx2")]
+    fn in_order(v: __m256) -> __m256 {
+        _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8))
+    }
+
+    /// The inverse of [`split`]: windows' left and right values stored as
+    /// row values `2 j .. 2 j + 16`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn join(row: &mut [MaybeUninit<f32>], j: usize, left: __m256, right: __m256) {
+        let (a, b) = (
+            _mm256_unpacklo_ps(left, right),
+            _mm256_unpackhi_ps(left, right),
+        );
+        let p = row[2 * j..][..16].as_mut_ptr().cast::<f32>();
+        _mm256_storeu_ps(p, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+
+    /// [`first_max4`](super::first_max4) of eight windows: the winner's
+    /// position (as 0..4 in each lane) and value.
+    #[target_feature(enable = "avx2")]
+    fn first_max(v: [__m256; 4]) -> (__m256i, __m256) {
+        let mut best = v[0];
+        let mut k = _mm256_setzero_si256();
+        for (i, &x) in v.iter().enumerate().skip(1) {
+            let wins = _mm256_or_ps(
+                _mm256_cmp_ps(x, best, _CMP_GT_OQ),
+                _mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+            );
+            best = _mm256_blendv_ps(best, x, wins);
+            k = _mm256_castps_si256(_mm256_blendv_ps(
+                _mm256_castsi256_ps(k),
+                _mm256_castsi256_ps(_mm256_set1_epi32(i as i32)),
+                wins,
+            ));
         }
-        for v in dtop[2 * g.ow..].iter_mut().chain(&mut dbottom[2 * g.ow..]) {
-            v.write(0.0);
+        (k, best)
+    }
+
+    /// The gradient that position `i` of eight windows gets: `d` where it
+    /// won (and, when `GATED`, where its input `x` is positive), else 0.
+    #[target_feature(enable = "avx2")]
+    fn routed<const GATED: bool>(k: __m256i, i: i32, d: __m256, x: __m256) -> __m256 {
+        let won = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(i)));
+        let g = _mm256_and_ps(won, d);
+        if GATED {
+            _mm256_and_ps(g, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ))
+        } else {
+            g
         }
     }
-    for v in &mut dxp[2 * g.oh * g.w..] {
-        v.write(0.0);
+
+    /// The first whole blocks of eight of one output row of the 2x2 max
+    /// pool; returns how many windows it did.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pairs_row(top: &[f32], bottom: &[f32], y: &mut [f32]) -> usize {
+        let blocks = y.len() / 8 * 8;
+        for j in (0..blocks).step_by(8) {
+            let (t0, t1) = split(top, j);
+            let (b0, b1) = split(bottom, j);
+            let (_, best) = first_max([t0, t1, b0, b1]);
+            _mm256_storeu_ps(y[j..][..8].as_mut_ptr(), best);
+        }
+        blocks
+    }
+
+    /// The first whole blocks of eight of one output row of the 2x2 max
+    /// pool's gradient, through the ReLU that `top` and `bottom` are the
+    /// output of when `GATED`: each window's winner gets its `dy` (0 where
+    /// the gate shuts), the other three 0. Returns how many windows it did.
+    ///
+    /// # Safety
+    /// AVX2 must be present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pairs_row_backward<const GATED: bool>(
+        top: &[f32],
+        bottom: &[f32],
+        dy: &[f32],
+        dtop: &mut [MaybeUninit<f32>],
+        dbottom: &mut [MaybeUninit<f32>],
+    ) -> usize {
+        let blocks = dy.len() / 8 * 8;
+        for j in (0..blocks).step_by(8) {
+            let d = _mm256_loadu_ps(dy[j..][..8].as_ptr());
+            let (t0, t1) = split(top, j);
+            let (b0, b1) = split(bottom, j);
+            let (k, _) = first_max([t0, t1, b0, b1]);
+            let (g0, g1) = (routed::<GATED>(k, 0, d, t0), routed::<GATED>(k, 1, d, t1));
+            let (g2, g3) = (routed::<GATED>(k, 2, d, b0), routed::<GATED>(k, 3, d, b1));
+            join(dtop, j, g0, g1);
+            join(dbottom, j, g2, g3);
+        }
+        blocks
     }
 }
 
@@ -555,6 +717,59 @@ mod tests {
                 let one = max_pool2d_backward(&x, &dy, p, true).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(one.data()), bits(two.data()), "{shape:?} {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_2x2_rows_give_the_scalar_rows_bits_at_every_length() {
+        if !has_avx2() {
+            return;
+        }
+        let mut r = rng(11);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for n in 1..=27 {
+            // Levels around 0 (ties, shut gates), NaNs, and a tail past
+            // the rows that neither path may read or write.
+            let levels = uniform(&mut r, &[2, 2 * n + 3], -2.0, 2.0);
+            let mut x: Vec<f32> = levels.data().iter().map(|v| v.floor()).collect();
+            for i in (n % 5..x.len()).step_by(9) {
+                x[i] = f32::NAN;
+            }
+            let (top, bottom) = x.split_at(2 * n + 3);
+            let dy = uniform(&mut r, &[n], -1.0, 1.0);
+            let forward = |vector| {
+                let mut y = vec![7.0; n + 2];
+                pairs_row(top, bottom, &mut y[..n], vector);
+                y
+            };
+            assert_eq!(
+                bits(&forward(true)),
+                bits(&forward(false)),
+                "forward, {n} windows"
+            );
+            for gated in [false, true] {
+                let backward = |vector| {
+                    let mut d = vec![MaybeUninit::new(7.0f32); 2 * (2 * n + 3)];
+                    let (dt, db) = d.split_at_mut(2 * n + 3);
+                    match gated {
+                        true => pairs_row_backward::<true>(top, bottom, dy.data(), dt, db, vector),
+                        false => {
+                            pairs_row_backward::<false>(top, bottom, dy.data(), dt, db, vector)
+                        }
+                    }
+                    // SAFETY: every value was initialised (to 7, then
+                    // possibly written).
+                    d.iter()
+                        .map(|v| unsafe { v.assume_init() })
+                        .collect::<Vec<_>>()
+                };
+                let (v, s) = (backward(true), backward(false));
+                assert_eq!(bits(&v), bits(&s), "backward, gated {gated}, {n} windows");
+                assert!(
+                    s[2 * n..2 * n + 3].iter().all(|&v| v == 7.0),
+                    "past the row"
+                );
             }
         }
     }
