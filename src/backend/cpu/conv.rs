@@ -379,6 +379,33 @@ impl<'a> SharedOut<'a> {
         std::slice::from_raw_parts_mut(self.ptr.add(start), src.len())
     }
 
+    /// [`SharedOut::put`] of the first `len` (at most 4) values of `src`,
+    /// without a call to `memcpy`, which costs more than the copy at this
+    /// size (Winograd writes its outputs four at a time).
+    ///
+    /// # Safety
+    /// As [`SharedOut::put`].
+    #[allow(clippy::mut_from_ref)]
+    pub(super) unsafe fn put4(&self, start: usize, src: [f32; 4], len: usize) -> &mut [f32] {
+        assert!(
+            len <= 4 && start + len <= self.len,
+            "SharedOut: put4 out of bounds"
+        );
+        let p = self.ptr.add(start);
+        // Each length its own fixed-size store (a loop would become a
+        // `memcpy` call again).
+        match len {
+            4 => p.cast::<[f32; 4]>().write_unaligned(src),
+            3 => p
+                .cast::<[f32; 3]>()
+                .write_unaligned([src[0], src[1], src[2]]),
+            2 => p.cast::<[f32; 2]>().write_unaligned([src[0], src[1]]),
+            1 => p.write(src[0]),
+            _ => {}
+        }
+        std::slice::from_raw_parts_mut(p, len)
+    }
+
     /// The sub-slice `start..start + len`.
     ///
     /// # Safety

@@ -567,6 +567,7 @@ fn lanewise<T: Copy + Default, const L: usize, const I: usize, const R: usize>(
 /// `Y = A^T M A` for output channel `o` over the tiles `tiles` (`m(xi)`
 /// the products of that channel, one column per tile, in whole panels),
 /// with the epilogue, written to the outputs that lie inside the image.
+#[inline(always)]
 fn output_transform<'m, V: Variant>(
     s: &Shape,
     o: usize,
@@ -606,7 +607,7 @@ fn output_transform<'m, V: Variant>(
                 let row: [f32; 4] = std::array::from_fn(|dx| y[dx][e]);
                 // SAFETY: tasks cover disjoint (channel, tile) sets, and
                 // tiles do not overlap, so each output has one writer.
-                let dst = unsafe { out.put(at, &row[..w]) };
+                let dst = unsafe { out.put4(at, row, w) };
                 let res = epi.residual.map(|r| &r[at..at + w]);
                 super::conv::epilogue(dst, bias, res, epi.relu);
             }
