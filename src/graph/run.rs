@@ -697,6 +697,103 @@ mod tests {
     }
 
     #[test]
+    fn a_training_step_through_the_fused_norm_relu_and_pool_relu_gives_the_bits_of_the_ops_one_by_one(
+    ) {
+        use crate::backend::cpu::CpuBackend;
+        use crate::backend::{Backend, PoolParams};
+        use crate::selftest::{formula_input, formula_params};
+        // conv -> BN -> ReLU -> max pool: the runner writes the ReLU with
+        // the batch norm, and the pool's gradient through the ReLU, in one
+        // pass each; here every op runs on its own, in order.
+        let mut b = Builder::new("t", [2, 7, 6], 3);
+        let cp = ConvParams::new(1, 1);
+        let c = b.conv(b.input(), "c", 4, 3, cp, true).unwrap();
+        let bn = b.bn(c, "bn");
+        let r = b.relu(bn);
+        let pool = PoolParams::new(2, 2, 0);
+        let m = b.max_pool_with(r, pool).unwrap();
+        let f = b.flatten(m);
+        b.linear(f, "fc", 3, true);
+        let g = b.finish();
+        let be = CpuBackend::REFERENCE;
+        let params: Vec<_> = formula_params(&g)
+            .iter()
+            .map(|t| be.upload(t).unwrap())
+            .collect();
+        let x = formula_input(&g.input_shape(3));
+        let labels = [0, 2, 1];
+        let weights = [1.0 / 3.0; 3];
+
+        let mut p = params.clone();
+        let trace = g.forward_train(&be, &mut p, x.clone(), 0.1).unwrap();
+        let (_, dl) = be
+            .softmax_cross_entropy(trace.logits(), &labels, &weights)
+            .unwrap();
+        let grads = g.backward_params(&be, &p, &trace, dl).unwrap();
+
+        let id = |name: &str| g.param_id(name).unwrap();
+        let mut q = params.clone();
+        let y1 = be
+            .conv2d(&x, &q[id("c.weight")], Some(&q[id("c.bias")]), cp)
+            .unwrap();
+        let (mut rm, mut rv) = (
+            q[id("bn.running_mean")].clone(),
+            q[id("bn.running_var")].clone(),
+        );
+        let (y2, saved) = be
+            .batch_norm_train(
+                &y1,
+                &q[id("bn.weight")],
+                &q[id("bn.bias")],
+                &mut rm,
+                &mut rv,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+        (q[id("bn.running_mean")], q[id("bn.running_var")]) = (rm, rv);
+        let y3 = be.relu(&y2).unwrap();
+        let y4 = be.max_pool2d(&y3, pool).unwrap();
+        let flat = be.reshape(&y4, &[3, 4 * 3 * 3]).unwrap();
+        let logits = be
+            .linear(&flat, &q[id("fc.weight")], Some(&q[id("fc.bias")]))
+            .unwrap();
+        let (_, dl) = be
+            .softmax_cross_entropy(&logits, &labels, &weights)
+            .unwrap();
+        let (dfw, dfb) = be.linear_backward_weight(&flat, &dl, true).unwrap();
+        let dflat = be.linear_backward_data(&dl, &q[id("fc.weight")]).unwrap();
+        let dy4 = be.reshape(&dflat, be.shape(&y4)).unwrap();
+        let dy3 = be.max_pool2d_backward(&y3, &dy4, pool).unwrap();
+        let dy2 = be.relu_backward(&dy3, &y3).unwrap();
+        let (dy1, dgamma, dbeta) = be
+            .batch_norm_train_backward(&dy2, &y1, &q[id("bn.weight")], &saved)
+            .unwrap();
+        let w_shape = be.shape(&q[id("c.weight")]).to_vec();
+        let (dw, db) = be
+            .conv2d_backward_filter(&x, &dy1, &w_shape, cp, true)
+            .unwrap();
+
+        let bits = |t: &crate::Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let want = [
+            ("c.weight", dw),
+            ("c.bias", db.unwrap()),
+            ("bn.weight", dgamma),
+            ("bn.bias", dbeta),
+            ("fc.weight", dfw),
+            ("fc.bias", dfb.unwrap()),
+        ];
+        for (name, w) in &want {
+            let got = grads[id(name)].as_ref().unwrap();
+            assert_eq!(bits(got), bits(w), "gradient of {name}");
+        }
+        for name in ["bn.running_mean", "bn.running_var"] {
+            assert_eq!(bits(&p[id(name)]), bits(&q[id(name)]), "{name}");
+        }
+        assert!(y3.data().contains(&0.0), "the ReLU must shut some");
+    }
+
+    #[test]
     fn a_relu_writes_over_its_input_only_where_nothing_reads_that_input_after_it() {
         let mut b = Builder::new("t", [2, 6, 6], 3);
         let c = b
