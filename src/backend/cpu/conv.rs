@@ -341,8 +341,9 @@ pub(super) struct SharedOut<'a> {
     _borrow: std::marker::PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
-// SAFETY: the pointer comes from a `&mut [f32]` held for `'a`; tasks only
-// form disjoint sub-slices through `region`.
+// SAFETY: the pointer comes from a `&mut [f32]` (or `[MaybeUninit<f32>]`)
+// held for `'a`; tasks only form disjoint sub-slices through `region`,
+// `put` and `put4`.
 unsafe impl Send for SharedOut<'_> {}
 unsafe impl Sync for SharedOut<'_> {}
 

@@ -18,9 +18,8 @@
 //! the forward, used only where asked (see `conv::WINOGRAD_FORWARD`), is
 //! F(2x2), the more accurate.
 
-use std::sync::Arc;
-
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
