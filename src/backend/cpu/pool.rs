@@ -68,8 +68,7 @@ impl Geom {
 
 /// [`Geom::argmax`] of one 2x2 window in row-major order: the position
 /// (0..4) and value of its first maximum, or of its last NaN. Written as
-/// selects, not branches: on activations the winner is a coin toss that a
-/// branch predictor loses half the time.
+/// selects, not branches, since the winner depends on the data alone.
 #[inline(always)]
 fn first_max4(v: [f32; 4]) -> (usize, f32) {
     let (mut k, mut best) = (0, v[0]);
